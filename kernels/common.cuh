@@ -1,0 +1,103 @@
+/*
+ * Helpers shared by every kernel family: dtype conversion and the
+ * deterministic two-stage reduction.
+ *
+ * No CUDA headers are included so that NVRTC (which has none) compiles the
+ * same source as nvcc. f16 and bf16 are carried as raw 16-bit patterns and
+ * converted with the same rounding (round to nearest even) as the `half`
+ * crate the CPU backend uses.
+ */
+#pragma once
+#include "pl_kernel_abi.h"
+
+#define PL_BLOCK 256
+#define PL_WARPS (PL_BLOCK / 32)
+
+struct pl_f16 { unsigned short bits; };
+struct pl_bf16 { unsigned short bits; };
+
+__device__ __forceinline__ float pl_to_f32(float v) { return v; }
+__device__ __forceinline__ float pl_to_f32(pl_f16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ float pl_to_f32(pl_bf16 v) {
+    return __uint_as_float(((unsigned int)v.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T pl_from_f32(float v);
+template <> __device__ __forceinline__ float pl_from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ pl_f16 pl_from_f32<pl_f16>(float v) {
+    pl_f16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+    return h;
+}
+template <> __device__ __forceinline__ pl_bf16 pl_from_f32<pl_bf16>(float v) {
+    unsigned int u = __float_as_uint(v);
+    pl_bf16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        b.bits = (unsigned short)((u >> 16) | 0x40u);  // keep NaN a (quiet) NaN
+    } else {
+        u += 0x7fffu + ((u >> 16) & 1u);                // round to nearest even
+        b.bits = (unsigned short)(u >> 16);
+    }
+    return b;
+}
+
+/* Writes beta * old + value in T; old is not read when beta == 0, so a
+ * poisoned or uninitialised gradient buffer is fully overwritten. */
+template <typename T>
+__device__ __forceinline__ void pl_store_grad(T *grad, int64_t i, float value, float beta) {
+    if (beta != 0.0f) value = fmaf(beta, pl_to_f32(grad[i]), value);
+    grad[i] = pl_from_f32<T>(value);
+}
+
+/* Sum over the block in a fixed shuffle/tree order, so the result does not
+ * depend on scheduling. Every thread must call it; thread 0 gets the sum. */
+__device__ __forceinline__ double pl_block_sum(double v) {
+    __shared__ double warp_sums[PL_WARPS];
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = v;
+    __syncthreads();  // warp_sums complete before the first warp reads them
+    v = (threadIdx.x < PL_WARPS) ? warp_sums[threadIdx.x] : 0.0;
+    if (warp == 0) {
+        for (int off = PL_WARPS / 2; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    }
+    __syncthreads();  // warp_sums may be reused by the next call
+    return v;
+}
+
+/* Stores this block's partial, then reports whether this block is the last
+ * of `total_blocks` to finish. Only the integer counter is atomic; the float
+ * sum is done afterwards by that last block in a fixed order. */
+__device__ __forceinline__ bool pl_publish_partial(const pl_k_reduce &r, int64_t slot,
+                                                   double block_sum, unsigned int total_blocks) {
+    __shared__ bool is_last;
+    if (threadIdx.x == 0) {
+        r.partials[slot] = block_sum;
+        __threadfence();  // partial visible device-wide before the count says so
+        unsigned int done = atomicAdd(r.counter, 1u);
+        is_last = (done == total_blocks - 1);
+    }
+    __syncthreads();  // every thread sees is_last
+    if (is_last) __threadfence();  // order the partial reads after the count
+    return is_last;
+}
+
+/* Last block only: the counter goes back to zero for the next launch. */
+__device__ __forceinline__ void pl_reset_counter(const pl_k_reduce &r) {
+    if (threadIdx.x == 0) *r.counter = 0u;
+}
+
+/* Reads a partial written by another block (bypasses the non-coherent L1). */
+__device__ __forceinline__ double pl_load_partial(const double *p, int64_t i) {
+    return __ldcg(p + i);
+}
+
+/* Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. */
+#define PL_INSTANTIATE(NAME, PARAMS, BODY)                                                     \
+    extern "C" __global__ void __launch_bounds__(PL_BLOCK) NAME##_f32(PARAMS p) { BODY<float>(p); } \
+    extern "C" __global__ void __launch_bounds__(PL_BLOCK) NAME##_f16(PARAMS p) { BODY<pl_f16>(p); } \
+    extern "C" __global__ void __launch_bounds__(PL_BLOCK) NAME##_bf16(PARAMS p) { BODY<pl_bf16>(p); }

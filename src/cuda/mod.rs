@@ -1,0 +1,66 @@
+//! CUDA launchers: one module per kernel family, each turning a validated
+//! call into the launch-parameter struct of `kernels/pl_kernel_abi.h`.
+
+#[rustfmt::skip]
+#[allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::all)]
+pub(crate) mod abi;
+pub(crate) mod feature;
+pub(crate) mod tv;
+
+use crate::device::CudaDevice;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+/// One kernel family as embedded by build.rs: the nvcc fatbin when nvcc was
+/// found at build time, and always the source for NVRTC.
+pub(crate) struct KernelImage {
+    pub name: &'static str,
+    pub fatbin: Option<&'static [u8]>,
+    pub source: &'static str,
+}
+
+pub(crate) mod kernels {
+    use super::KernelImage;
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+// SAFETY: plain C structs of integers, floats and device addresses, laid
+// out identically on host and device (bindgen's layout tests check it).
+unsafe impl DeviceRepr for abi::pl_k_tv_params {}
+unsafe impl DeviceRepr for abi::pl_k_feature_params {}
+
+/// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
+pub(crate) const BLOCK: u32 = 256;
+
+pub(crate) fn kernel_dtype(dtype: DType) -> i32 {
+    (match dtype {
+        DType::F32 => abi::pl_k_dtype_PL_K_F32,
+        DType::F16 => abi::pl_k_dtype_PL_K_F16,
+        DType::BF16 => abi::pl_k_dtype_PL_K_BF16,
+    }) as i32
+}
+
+/// Launches `{family}_{dtype}` of `image` with `params` as its one argument.
+pub(crate) fn launch<P: DeviceRepr>(
+    dev: &CudaDevice,
+    image: &KernelImage,
+    family: &str,
+    dtype: DType,
+    grid: (u32, u32),
+    params: &P,
+) -> Result<()> {
+    let symbol = format!("{family}_{}", dtype.name());
+    let func = dev.function(image, &symbol)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut builder = dev.stream().launch_builder(&func);
+    builder.arg(params);
+    // SAFETY: `params` matches the kernel's single by-value argument (the
+    // shared header), and the caller validated every address and size in it.
+    unsafe { builder.launch(cfg) }.map_err(|e| Error::cuda(&format!("launching {symbol}"), e))?;
+    Ok(())
+}

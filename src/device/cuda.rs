@@ -1,0 +1,296 @@
+//! One CUDA device and stream: kernel modules (loaded once per device per
+//! process), the reduction scratch memory, and pointer checks.
+
+use super::require_driver;
+use crate::cuda::abi::pl_k_reduce;
+use crate::cuda::KernelImage;
+use crate::error::{Error, Result};
+use cudarc::driver::sys::{CUdeviceptr, CUpointer_attribute, CUresult, CUstream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+/// What every `Device` of one ordinal shares: the context and loaded kernels.
+struct Shared {
+    ctx: Arc<CudaContext>,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: RwLock<HashMap<String, CudaFunction>>,
+}
+
+/// Per-process registry, so kernels load once per device however many
+/// `Device` values (streams) point at it.
+fn shared(ordinal: usize) -> Result<Arc<Shared>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<usize, Arc<Shared>>>> = OnceLock::new();
+    let mut reg = REGISTRY
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| poisoned())?;
+    if let Some(s) = reg.get(&ordinal) {
+        return Ok(s.clone());
+    }
+    require_driver()?;
+    let count =
+        CudaContext::device_count().map_err(|e| Error::NoCuda(format!("cuInit failed: {e}")))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(Error::NoCuda(format!(
+            "CUDA device {ordinal} requested but {count} present"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda("creating the context", e))?;
+    // Our scratch memory is only ever used on the stream that allocated it,
+    // so cudarc's cross-stream event tracking is pure overhead.
+    // SAFETY: no slice of this context is shared between streams.
+    unsafe { ctx.disable_event_tracking() };
+    let s = Arc::new(Shared {
+        ctx,
+        modules: Default::default(),
+        functions: Default::default(),
+    });
+    reg.insert(ordinal, s.clone());
+    Ok(s)
+}
+
+fn poisoned() -> Error {
+    Error::Internal("a lock was poisoned by an earlier panic".into())
+}
+
+/// A CUDA device plus the stream its work goes to.
+pub(crate) struct CudaDevice {
+    shared: Arc<Shared>,
+    stream: Arc<CudaStream>,
+    workspace: Mutex<Option<CudaSlice<u8>>>,
+}
+
+/// Scratch memory for one launch, held locked until the launch is queued.
+pub(crate) struct Workspace<'a> {
+    _guard: MutexGuard<'a, Option<CudaSlice<u8>>>,
+    pub reduce: pl_k_reduce,
+}
+
+const COUNTER_BYTES: usize = 256;
+
+impl CudaDevice {
+    pub(crate) fn new(ordinal: usize, stream: Option<CUstream>) -> Result<Self> {
+        let shared = shared(ordinal)?;
+        let stream = match stream {
+            None => shared
+                .ctx
+                .new_stream()
+                .map_err(|e| Error::cuda("creating a stream", e))?,
+            Some(s) if s.is_null() => shared.ctx.default_stream(),
+            // SAFETY: the caller of Device::cuda_on_stream vouches for the stream.
+            Some(s) => unsafe { shared.ctx.wrap_borrowed_stream(s) },
+        };
+        Ok(CudaDevice {
+            shared,
+            stream,
+            workspace: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn ordinal(&self) -> usize {
+        self.shared.ctx.ordinal()
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.shared
+            .ctx
+            .name()
+            .unwrap_or_else(|_| format!("cuda:{}", self.ordinal()))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::cuda("synchronizing the stream", e))
+    }
+
+    /// The kernel `{family}_{dtype}` of `image`, loading the module on first use.
+    pub(crate) fn function(&self, image: &KernelImage, symbol: &str) -> Result<CudaFunction> {
+        if let Some(f) = self
+            .shared
+            .functions
+            .read()
+            .map_err(|_| poisoned())?
+            .get(symbol)
+        {
+            return Ok(f.clone());
+        }
+        let module = self.module(image)?;
+        let f = module
+            .load_function(symbol)
+            .map_err(|e| Error::cuda(&format!("loading kernel {symbol}"), e))?;
+        self.shared
+            .functions
+            .write()
+            .map_err(|_| poisoned())?
+            .insert(symbol.to_string(), f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, image: &KernelImage) -> Result<Arc<CudaModule>> {
+        let mut modules = self.shared.modules.lock().map_err(|_| poisoned())?;
+        if let Some(m) = modules.get(image.name) {
+            return Ok(m.clone());
+        }
+        let ctx = &self.shared.ctx;
+        // The embedded fatbin first; NVRTC when there is none or the driver
+        // cannot use it (a GPU older than the fatbin's targets).
+        let from_fatbin = image
+            .fatbin
+            .map(|bin| ctx.load_module(Ptx::from_binary(bin.to_vec())));
+        let module = match from_fatbin {
+            Some(Ok(m)) => m,
+            _ => {
+                let ptx = nvrtc_ptx(
+                    image,
+                    ctx.compute_capability()
+                        .map_err(|e| Error::cuda("querying the GPU", e))?,
+                )?;
+                ctx.load_module(ptx)
+                    .map_err(|e| Error::cuda(&format!("loading the {} kernels", image.name), e))?
+            }
+        };
+        modules.insert(image.name, module.clone());
+        Ok(module)
+    }
+
+    /// Scratch for a deterministic reduction over `partials` block sums and
+    /// `images` per-image values; grows (never shrinks) and stays allocated.
+    pub(crate) fn workspace(&self, images: usize, partials: usize) -> Result<Workspace<'_>> {
+        let mut guard = self.workspace.lock().map_err(|_| poisoned())?;
+        let need = COUNTER_BYTES + 8 * (images + partials);
+        if guard.as_ref().is_none_or(|ws| ws.len() < need) {
+            // Zeroed: the counter must start at 0 (each launch leaves it at 0).
+            let size = need.next_power_of_two().max(4096);
+            *guard = None; // free the old block first (stream-ordered)
+            *guard = Some(
+                self.stream
+                    .alloc_zeros::<u8>(size)
+                    .map_err(|e| Error::cuda("allocating scratch memory", e))?,
+            );
+        }
+        let base = {
+            let ws = guard.as_ref().expect("allocated above");
+            let (ptr, _sync) = ws.device_ptr(&self.stream);
+            ptr
+        };
+        let image_scale = base + COUNTER_BYTES as u64;
+        let reduce = pl_k_reduce {
+            counter: base as *mut u32,
+            image_scale: image_scale as *mut f64,
+            partials: (image_scale + 8 * images as u64) as *mut f64,
+            loss: std::ptr::null_mut(),
+            per_sample: std::ptr::null_mut(),
+        };
+        Ok(Workspace {
+            _guard: guard,
+            reduce,
+        })
+    }
+
+    /// Checks that `[ptr, ptr + bytes)` lies inside one allocation of this
+    /// device, so a wrong pointer or size is an error instead of a fault.
+    pub(crate) fn check_buffer(
+        &self,
+        ptr: u64,
+        bytes: usize,
+        align: usize,
+        what: &str,
+    ) -> Result<()> {
+        if ptr == 0 {
+            return Err(Error::arg(format!("{what} is a NULL device pointer")));
+        }
+        if !ptr.is_multiple_of(align as u64) {
+            return Err(Error::arg(format!(
+                "{what} ({ptr:#x}) is not aligned to {align} bytes"
+            )));
+        }
+        self.shared
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("binding the context", e))?;
+        let attr = |a: CUpointer_attribute| -> Result<u64> {
+            let mut value: u64 = 0;
+            // SAFETY: both attributes write one CUdeviceptr/size_t (8 bytes).
+            let r = unsafe {
+                cudarc::driver::sys::cuPointerGetAttribute(
+                    (&mut value as *mut u64).cast(),
+                    a,
+                    ptr as CUdeviceptr,
+                )
+            };
+            if r == CUresult::CUDA_SUCCESS {
+                Ok(value)
+            } else {
+                Err(Error::arg(format!(
+                    "{what} ({ptr:#x}) is not memory known to CUDA ({r:?}); a CUDA context needs device pointers"
+                )))
+            }
+        };
+        let mut ordinal: i32 = -1;
+        // SAFETY: DEVICE_ORDINAL writes one int.
+        let r = unsafe {
+            cudarc::driver::sys::cuPointerGetAttribute(
+                (&mut ordinal as *mut i32).cast(),
+                CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+                ptr as CUdeviceptr,
+            )
+        };
+        if r == CUresult::CUDA_SUCCESS && ordinal >= 0 && ordinal as usize != self.ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "{what} is on CUDA device {ordinal}, the context on device {}",
+                self.ordinal()
+            )));
+        }
+        let start = attr(CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)?;
+        let size = attr(CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE)?;
+        let end = ptr.checked_add(bytes as u64);
+        if end.is_none_or(|end| end > start + size) {
+            return Err(Error::arg(format!(
+                "{what} needs {bytes} bytes at {ptr:#x} but its allocation ends {} bytes after it",
+                (start + size).saturating_sub(ptr)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// PTX compiled at run time from the embedded source, once per process per
+/// kernel family and compute capability.
+fn nvrtc_ptx(image: &KernelImage, (major, minor): (i32, i32)) -> Result<Ptx> {
+    /// PTX text by (kernel family, compute capability major, minor).
+    type Cache = HashMap<(&'static str, i32, i32), String>;
+    static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| poisoned())?;
+    if let Some(src) = cache.get(&(image.name, major, minor)) {
+        return Ok(Ptx::from_src(src.clone()));
+    }
+    // SAFETY: only probes whether the shared library can be opened.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::NoCuda(format!(
+            "the {} kernels were built without nvcc and libnvrtc was not found to compile them",
+            image.name
+        )));
+    }
+    let opts = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture=compute_{major}{minor}"),
+            "-std=c++17".into(),
+        ],
+        name: Some(format!("{}.cu", image.name)),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(image.source, opts)
+        .map_err(|e| Error::cuda(&format!("NVRTC compiling the {} kernels", image.name), e))?;
+    cache.insert((image.name, major, minor), ptx.to_src());
+    Ok(ptx)
+}

@@ -1,0 +1,366 @@
+//! Tensor descriptions: element types, NCHW shapes, and borrowed views of
+//! host or CUDA memory that the loss calls read and write.
+//!
+//! A view never owns memory. Host views borrow a slice; CUDA views borrow a
+//! `cudarc` slice (or wrap a raw device address, for the C ABI). Work on a
+//! CUDA view is queued on the computing [`Device`](crate::Device)'s stream:
+//! the memory must be ready on that stream and stay alive until the stream
+//! has finished with it. Allocating it on [`Device::cuda_stream`](crate::Device::cuda_stream)
+//! gives both for free.
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
+use half::{bf16, f16};
+
+/// Element type of a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Lower-case name, as in error messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// A floating-point type the losses accept: `f32`, [`half::f16`], [`half::bf16`].
+pub trait Element:
+    Copy + Send + Sync + 'static + sealed::Sealed + cudarc::driver::DeviceRepr
+{
+    /// The matching [`DType`].
+    const DTYPE: DType;
+    /// Exact widening.
+    fn to_f64(self) -> f64;
+    /// Rounds to the nearest representable value (ties to even).
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Element for f16 {
+    const DTYPE: DType = DType::F16;
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        f16::from_f64(v)
+    }
+}
+
+impl Element for bf16 {
+    const DTYPE: DType = DType::BF16;
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn from_f64(v: f64) -> Self {
+        bf16::from_f64(v)
+    }
+}
+
+/// An N x C x H x W shape (contiguous, row-major). Flat data such as a loss
+/// value or per-sample losses uses [`Shape::flat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Height.
+    pub h: usize,
+    /// Width.
+    pub w: usize,
+}
+
+impl Shape {
+    /// An NCHW shape.
+    pub const fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        Shape { n, c, h, w }
+    }
+
+    /// `len` elements in a row, as `len x 1 x 1 x 1`.
+    pub const fn flat(len: usize) -> Self {
+        Shape::new(len, 1, 1, 1)
+    }
+
+    /// Number of elements; an error if a dimension is zero or the count
+    /// overflows (it must also fit an `i64`, the kernels' index type).
+    pub fn numel(&self) -> Result<usize> {
+        if self.n == 0 || self.c == 0 || self.h == 0 || self.w == 0 {
+            return Err(Error::shape(format!("{self} has a zero dimension")));
+        }
+        self.n
+            .checked_mul(self.c)
+            .and_then(|v| v.checked_mul(self.h))
+            .and_then(|v| v.checked_mul(self.w))
+            .filter(|&v| i64::try_from(v).is_ok())
+            .ok_or_else(|| Error::shape(format!("{self} has too many elements")))
+    }
+
+    /// Number of bytes at `dtype`, with the same checks as [`Shape::numel`].
+    pub fn bytes(&self, dtype: DType) -> Result<usize> {
+        self.numel()?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::shape(format!("{self} of {} overflows", dtype.name())))
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {}, {}, {}]", self.n, self.c, self.h, self.w)
+    }
+}
+
+impl From<[usize; 4]> for Shape {
+    fn from(d: [usize; 4]) -> Self {
+        Shape::new(d[0], d[1], d[2], d[3])
+    }
+}
+
+/// Host data of any supported dtype.
+#[derive(Debug)]
+pub(crate) enum HostRef<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+/// Writable host data of any supported dtype.
+#[derive(Debug)]
+pub(crate) enum HostMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+/// Where a view's elements live.
+#[derive(Debug)]
+pub(crate) enum Storage<H> {
+    Host(H),
+    /// A device address on CUDA device `ordinal`.
+    Cuda {
+        ptr: u64,
+        ordinal: usize,
+    },
+}
+
+/// A read-only view of a contiguous NCHW tensor on the host or a CUDA device.
+#[derive(Debug)]
+pub struct TensorRef<'a> {
+    pub(crate) storage: Storage<HostRef<'a>>,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Shape,
+}
+
+/// A writable view of a contiguous NCHW tensor on the host or a CUDA device.
+#[derive(Debug)]
+pub struct TensorMut<'a> {
+    pub(crate) storage: Storage<HostMut<'a>>,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Shape,
+}
+
+fn check_len(len: usize, shape: Shape, what: &str) -> Result<()> {
+    let numel = shape.numel()?;
+    if len != numel {
+        return Err(Error::shape(format!(
+            "{what} holds {len} elements but shape {shape} needs {numel}"
+        )));
+    }
+    Ok(())
+}
+
+/// Moves typed host slices in and out of the dtype-erased views.
+pub(crate) trait HostSliceKind<'a>: Element {
+    fn host_ref(s: &'a [Self]) -> HostRef<'a>;
+    fn host_mut(s: &'a mut [Self]) -> HostMut<'a>;
+    /// The slice when `h` holds this type.
+    fn typed_ref<'t>(h: &'t HostRef<'a>) -> Option<&'t [Self]>;
+    /// The slice when `h` holds this type.
+    fn typed_mut<'t>(h: &'t mut HostMut<'a>) -> Option<&'t mut [Self]>;
+}
+
+macro_rules! host_kind {
+    ($t:ty, $v:ident) => {
+        impl<'a> HostSliceKind<'a> for $t {
+            fn host_ref(s: &'a [Self]) -> HostRef<'a> {
+                HostRef::$v(s)
+            }
+            fn host_mut(s: &'a mut [Self]) -> HostMut<'a> {
+                HostMut::$v(s)
+            }
+            fn typed_ref<'t>(h: &'t HostRef<'a>) -> Option<&'t [Self]> {
+                match h {
+                    HostRef::$v(s) => Some(s),
+                    _ => None,
+                }
+            }
+            fn typed_mut<'t>(h: &'t mut HostMut<'a>) -> Option<&'t mut [Self]> {
+                match h {
+                    HostMut::$v(s) => Some(s),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+host_kind!(f32, F32);
+host_kind!(f16, F16);
+host_kind!(bf16, BF16);
+
+impl<'a> TensorRef<'a> {
+    /// Views host memory; `data.len()` must equal the shape's element count.
+    #[allow(private_bounds)]
+    pub fn host<T: HostSliceKind<'a>>(data: &'a [T], shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        check_len(data.len(), shape, "host slice")?;
+        Ok(TensorRef {
+            storage: Storage::Host(T::host_ref(data)),
+            dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// Views a CUDA allocation; its length must equal the shape's element count.
+    pub fn cuda<T: Element>(data: &'a CudaSlice<T>, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        check_len(data.len(), shape, "CUDA slice")?;
+        let (ptr, _sync) = data.device_ptr(data.stream());
+        Ok(TensorRef {
+            storage: Storage::Cuda {
+                ptr,
+                ordinal: data.ordinal(),
+            },
+            dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// Wraps a raw device address.
+    ///
+    /// # Safety
+    /// `ptr` must address at least `shape.numel() * dtype.size()` readable
+    /// bytes on CUDA device `ordinal`, valid until the computing stream has
+    /// finished with them.
+    pub unsafe fn from_raw_cuda(
+        ptr: u64,
+        ordinal: usize,
+        dtype: DType,
+        shape: impl Into<Shape>,
+    ) -> Self {
+        TensorRef {
+            storage: Storage::Cuda { ptr, ordinal },
+            dtype,
+            shape: shape.into(),
+        }
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
+
+impl<'a> TensorMut<'a> {
+    /// Views writable host memory; `data.len()` must equal the shape's element count.
+    #[allow(private_bounds)]
+    pub fn host<T: HostSliceKind<'a>>(data: &'a mut [T], shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        check_len(data.len(), shape, "host slice")?;
+        Ok(TensorMut {
+            storage: Storage::Host(T::host_mut(data)),
+            dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// Views a writable CUDA allocation; its length must equal the shape's element count.
+    pub fn cuda<T: Element>(data: &'a mut CudaSlice<T>, shape: impl Into<Shape>) -> Result<Self> {
+        let shape = shape.into();
+        check_len(data.len(), shape, "CUDA slice")?;
+        let ordinal = data.ordinal();
+        let stream = data.stream().clone();
+        let (ptr, _sync) = data.device_ptr_mut(&stream);
+        Ok(TensorMut {
+            storage: Storage::Cuda { ptr, ordinal },
+            dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// A one-element f32 view for a loss value.
+    pub fn scalar(value: &'a mut f32) -> Self {
+        TensorMut {
+            storage: Storage::Host(HostMut::F32(std::slice::from_mut(value))),
+            dtype: DType::F32,
+            shape: Shape::flat(1),
+        }
+    }
+
+    /// Wraps a raw device address.
+    ///
+    /// # Safety
+    /// `ptr` must address at least `shape.numel() * dtype.size()` writable
+    /// bytes on CUDA device `ordinal` that nothing else reads or writes until
+    /// the computing stream has finished with them.
+    pub unsafe fn from_raw_cuda(
+        ptr: u64,
+        ordinal: usize,
+        dtype: DType,
+        shape: impl Into<Shape>,
+    ) -> Self {
+        TensorMut {
+            storage: Storage::Cuda { ptr, ordinal },
+            dtype,
+            shape: shape.into(),
+        }
+    }
+
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape.
+    pub fn shape(&self) -> Shape {
+        self.shape
+    }
+}
