@@ -4,8 +4,8 @@
  * (a and b read once, the gradient written once). The gradient of MAE at
  * a == b is 0. The perceptual loss calls this at every tapped layer.
  *
- * Grid-stride loop over a grid fixed by the element count, f32 per-thread
- * sums, f64 partials and a last-block final sum: bit-identical run to run.
+ * Grid-stride loop over a grid fixed by the element count, f32 terms, f64
+ * per-thread sums and partials and a last-block final sum: bit-identical run to run.
  */
 #include "common.cuh"
 
@@ -18,16 +18,16 @@ __device__ void feature_kernel(pl_k_feature_params p) {
     const float scale = (float)((double)p.weight / (double)p.count);
     const int64_t stride = (int64_t)gridDim.x * PL_BLOCK;
 
-    float acc = 0.0f;
+    double acc = 0.0;
     for (int64_t i = (int64_t)blockIdx.x * PL_BLOCK + threadIdx.x; i < p.count; i += stride) {
         float d = pl_to_f32(a[i]) - pl_to_f32(b[i]);
-        acc += mse ? d * d : fabsf(d);
+        acc += (double)(mse ? d * d : fabsf(d));
         if (grad) {
             float g = mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)));
             pl_store_grad(grad, i, g * scale, p.beta);
         }
     }
-    double block_sum = pl_block_sum((double)acc);
+    double block_sum = pl_block_sum(acc);
     if (pl_publish_partial(p.reduce, blockIdx.x, block_sum, gridDim.x)) {
         double total = 0.0;
         for (int64_t k = threadIdx.x; k < gridDim.x; k += PL_BLOCK)

@@ -73,6 +73,7 @@ typedef struct pl_k_tv_params {
     void *grad;           /* same shape and dtype, or NULL for no gradient */
     pl_k_reduce reduce;
     int64_t n, c, h, w;
+    int64_t rows_per_block;  /* of the C*H rows of an image; set by the host */
     int32_t dtype;        /* pl_k_dtype */
     int32_t variant;      /* pl_k_tv_variant */
     int32_t pass;         /* pl_k_tv_pass */

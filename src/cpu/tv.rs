@@ -58,7 +58,7 @@ pub(crate) fn tv<T: Element>(
                         let dw = at(ch, i, j + 1) - at(ch, i, j);
                         let t = (dh * dh + dw * dw + eps).sqrt();
                         sum += t;
-                        if want_grad && t > 0.0 {
+                        if want_grad && t != 0.0 {
                             g[idx + w] += dh / t;
                             g[idx + 1] += dw / t;
                             g[idx] -= (dh + dw) / t;
@@ -96,7 +96,7 @@ pub(crate) fn tv<T: Element>(
         let (score, grad_scale) = match cfg.variant {
             TvVariant::L2 => {
                 let root = sum.sqrt();
-                let scale = if root > 0.0 {
+                let scale = if root != 0.0 {
                     weight * batch_scale / (2.0 * root)
                 } else {
                     0.0

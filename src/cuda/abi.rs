@@ -52,6 +52,7 @@ pub struct pl_k_tv_params {
     pub c: i64,
     pub h: i64,
     pub w: i64,
+    pub rows_per_block: i64,
     pub dtype: i32,
     pub variant: i32,
     pub pass: i32,
@@ -63,7 +64,7 @@ pub struct pl_k_tv_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tv_params"][::std::mem::size_of::<pl_k_tv_params>() - 120usize];
+    ["Size of pl_k_tv_params"][::std::mem::size_of::<pl_k_tv_params>() - 128usize];
     ["Alignment of pl_k_tv_params"][::std::mem::align_of::<pl_k_tv_params>() - 8usize];
     ["Offset of field: pl_k_tv_params::x"][::std::mem::offset_of!(pl_k_tv_params, x) - 0usize];
     ["Offset of field: pl_k_tv_params::grad"]
@@ -74,22 +75,24 @@ const _: () = {
     ["Offset of field: pl_k_tv_params::c"][::std::mem::offset_of!(pl_k_tv_params, c) - 64usize];
     ["Offset of field: pl_k_tv_params::h"][::std::mem::offset_of!(pl_k_tv_params, h) - 72usize];
     ["Offset of field: pl_k_tv_params::w"][::std::mem::offset_of!(pl_k_tv_params, w) - 80usize];
+    ["Offset of field: pl_k_tv_params::rows_per_block"]
+        [::std::mem::offset_of!(pl_k_tv_params, rows_per_block) - 88usize];
     ["Offset of field: pl_k_tv_params::dtype"]
-        [::std::mem::offset_of!(pl_k_tv_params, dtype) - 88usize];
+        [::std::mem::offset_of!(pl_k_tv_params, dtype) - 96usize];
     ["Offset of field: pl_k_tv_params::variant"]
-        [::std::mem::offset_of!(pl_k_tv_params, variant) - 92usize];
+        [::std::mem::offset_of!(pl_k_tv_params, variant) - 100usize];
     ["Offset of field: pl_k_tv_params::pass"]
-        [::std::mem::offset_of!(pl_k_tv_params, pass) - 96usize];
+        [::std::mem::offset_of!(pl_k_tv_params, pass) - 104usize];
     ["Offset of field: pl_k_tv_params::blocks_per_image"]
-        [::std::mem::offset_of!(pl_k_tv_params, blocks_per_image) - 100usize];
+        [::std::mem::offset_of!(pl_k_tv_params, blocks_per_image) - 108usize];
     ["Offset of field: pl_k_tv_params::weight"]
-        [::std::mem::offset_of!(pl_k_tv_params, weight) - 104usize];
+        [::std::mem::offset_of!(pl_k_tv_params, weight) - 112usize];
     ["Offset of field: pl_k_tv_params::batch_scale"]
-        [::std::mem::offset_of!(pl_k_tv_params, batch_scale) - 108usize];
+        [::std::mem::offset_of!(pl_k_tv_params, batch_scale) - 116usize];
     ["Offset of field: pl_k_tv_params::beta"]
-        [::std::mem::offset_of!(pl_k_tv_params, beta) - 112usize];
+        [::std::mem::offset_of!(pl_k_tv_params, beta) - 120usize];
     ["Offset of field: pl_k_tv_params::eps"]
-        [::std::mem::offset_of!(pl_k_tv_params, eps) - 116usize];
+        [::std::mem::offset_of!(pl_k_tv_params, eps) - 124usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

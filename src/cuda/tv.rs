@@ -18,7 +18,9 @@ const MAX_GRID_Y: usize = 65535;
 pub(crate) fn tv(dev: &CudaDevice, call: &TvCall<'_>) -> Result<()> {
     let s = call.shape;
     let rows = s.c * s.h;
-    let blocks_per_image = rows.min(TARGET_BLOCKS.div_ceil(s.n)).max(1);
+    let rows_per_block = rows.div_ceil(TARGET_BLOCKS.div_ceil(s.n).min(rows));
+    // Recomputed so that no block is left without rows.
+    let blocks_per_image = rows.div_ceil(rows_per_block);
     let ws = dev.workspace(s.n, blocks_per_image * s.n)?;
     let mut reduce = ws.reduce;
     reduce.loss = call.loss as *mut f32;
@@ -33,6 +35,7 @@ pub(crate) fn tv(dev: &CudaDevice, call: &TvCall<'_>) -> Result<()> {
         c: s.c as i64,
         h: s.h as i64,
         w: s.w as i64,
+        rows_per_block: rows_per_block as i64,
         dtype: kernel_dtype(call.dtype),
         variant: variant.kernel_id(),
         pass: pl_k_tv_pass_PL_K_TV_PASS_FUSED as i32,

@@ -139,10 +139,13 @@ impl CudaDevice {
             return Ok(m.clone());
         }
         let ctx = &self.shared.ctx;
-        // The embedded fatbin first; NVRTC when there is none or the driver
-        // cannot use it (a GPU older than the fatbin's targets).
+        // The embedded fatbin first; NVRTC when there is none, the driver
+        // cannot use it (a GPU older than the fatbin's targets), or
+        // PERCEPTUAL_LOSS_FORCE_NVRTC=1 asks for it (to test that path).
+        let force_nvrtc = std::env::var_os("PERCEPTUAL_LOSS_FORCE_NVRTC").is_some_and(|v| v == "1");
         let from_fatbin = image
             .fatbin
+            .filter(|_| !force_nvrtc)
             .map(|bin| ctx.load_module(Ptx::from_binary(bin.to_vec())));
         let module = match from_fatbin {
             Some(Ok(m)) => m,

@@ -1,0 +1,204 @@
+//! The C ABI end to end: tests/c/tv_check.c compiled with the system C
+//! compiler against include/perceptual_loss.h and the static library, then
+//! run. Also the same entry points called from Rust.
+
+mod common;
+
+use perceptual_loss::ffi::*;
+use std::ffi::CStr;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// target/<profile>/, where cargo puts the staticlib next to deps/.
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn c_program_runs_against_the_static_library() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let lib = target_dir().join("libperceptual_loss.a");
+    assert!(lib.exists(), "{} not built", lib.display());
+    let exe = target_dir().join("tv_check_c");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join("tests/c/tv_check.c"))
+        .arg(&lib)
+        .args(["-lpthread", "-ldl", "-lm", "-o"])
+        .arg(&exe)
+        .output()
+        .expect("run the C compiler");
+    assert!(
+        out.status.success(),
+        "{cc} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new(&exe).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success() && stdout.trim() == "ok",
+        "C checks failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+fn last_error() -> String {
+    // SAFETY: pl_last_error never returns NULL and the string stays valid
+    // until the next failing call on this thread.
+    unsafe { CStr::from_ptr(pl_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn rust_caller_sees_statuses_and_messages() {
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(
+            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
+            PL_OK
+        );
+        let x: Vec<f32> = (0..2 * 3 * 4 * 5)
+            .map(|i| ((i * 7919) % 13) as f32 / 13.0)
+            .collect();
+        let mut grad = vec![f32::NAN; x.len()];
+        let mut loss = f32::NAN;
+        let st = pl_tv_loss(
+            ctx,
+            x.as_ptr().cast(),
+            PL_F32,
+            2,
+            3,
+            4,
+            5,
+            PL_TV_ISOTROPIC_SUM,
+            2.0,
+            &mut loss,
+            grad.as_mut_ptr().cast(),
+        );
+        assert_eq!(st, PL_OK, "{}", last_error());
+        // Independent formula: isotropic, summed over the batch, weight 2.
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let want = common::tv_loss(
+            common::Formula::Isotropic(0.0),
+            &x64,
+            perceptual_loss::Shape::new(2, 3, 4, 5),
+            2.0,
+            false,
+        );
+        common::assert_rel(loss as f64, want, 1e-6, "isotropic sum via C ABI");
+        assert!(grad.iter().all(|g| g.is_finite()));
+
+        // f16 through the C ABI.
+        let xh: Vec<perceptual_loss::half::f16> = x
+            .iter()
+            .map(|&v| perceptual_loss::half::f16::from_f32(v))
+            .collect();
+        let st = pl_tv_loss(
+            ctx,
+            xh.as_ptr().cast(),
+            PL_F16,
+            2,
+            3,
+            4,
+            5,
+            PL_TV_L2,
+            1.0,
+            &mut loss,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_OK, "{}", last_error());
+
+        // Overflowing dimensions.
+        let st = pl_tv_loss(
+            ctx,
+            x.as_ptr().cast(),
+            PL_F32,
+            i64::MAX,
+            2,
+            2,
+            2,
+            PL_TV_L1,
+            1.0,
+            &mut loss,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_ERR_INVALID_SHAPE);
+        assert!(
+            last_error().contains("too many elements"),
+            "{}",
+            last_error()
+        );
+        // Zero dimension.
+        let st = pl_tv_loss(
+            ctx,
+            x.as_ptr().cast(),
+            PL_F32,
+            1,
+            0,
+            2,
+            2,
+            PL_TV_L1,
+            1.0,
+            &mut loss,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_ERR_INVALID_SHAPE);
+        // Non-finite weight.
+        let st = pl_tv_loss(
+            ctx,
+            x.as_ptr().cast(),
+            PL_F32,
+            1,
+            1,
+            2,
+            2,
+            PL_TV_L1,
+            f32::NAN,
+            &mut loss,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("weight"), "{}", last_error());
+        // Loss output overlapping x.
+        let st = pl_tv_loss(
+            ctx,
+            x.as_ptr().cast(),
+            PL_F32,
+            1,
+            1,
+            2,
+            2,
+            PL_TV_L1,
+            1.0,
+            x.as_ptr() as *mut f32,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        assert_eq!(
+            pl_context_synchronize(std::ptr::null_mut()),
+            PL_ERR_INVALID_ARGUMENT
+        );
+        pl_context_destroy(ctx);
+    }
+}
+
+#[test]
+fn cuda_context_without_a_device_is_a_clean_error() {
+    if common::gpu_present() {
+        println!("skipped: a CUDA device is present");
+        return;
+    }
+    let mut ctx = std::ptr::null_mut();
+    let st = unsafe { pl_context_create(PL_DEVICE_CUDA, 0, std::ptr::null_mut(), &mut ctx) };
+    assert_eq!(st, PL_ERR_NO_CUDA, "{}", last_error());
+    assert!(ctx.is_null());
+    assert!(
+        last_error().starts_with("no CUDA device"),
+        "{}",
+        last_error()
+    );
+}

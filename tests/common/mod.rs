@@ -1,0 +1,165 @@
+//! Helpers shared by the integration tests: a seeded generator, independent
+//! f64 formulas (written from DESIGN.md / ANCHORS.md, not from the crate),
+//! finite differences, tolerance checks and the GPU gate.
+#![allow(dead_code)]
+
+use perceptual_loss::{Device, Shape};
+
+/// splitmix64: small, seeded, reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    pub fn vec(&mut self, len: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..len).map(|_| self.uniform(lo, hi)).collect()
+    }
+}
+
+pub fn numel(s: Shape) -> usize {
+    s.n * s.c * s.h * s.w
+}
+
+/// The TV variants as the anchors define them, computed the way the seed
+/// article does: whole shifted-difference arrays, then sums.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Formula {
+    Article,
+    L1,
+    L2Squared,
+    L2,
+    Isotropic(f64),
+}
+
+/// Per-image score s_n of `x` (f64, one image of c*h*w values).
+pub fn tv_score(f: Formula, img: &[f64], c: usize, h: usize, w: usize) -> f64 {
+    let px = |ch: usize, i: usize, j: usize| img[(ch * h + i) * w + j];
+    // x[:, :, 1:, :] - x[:, :, :-1, :] and x[:, :, :, 1:] - x[:, :, :, :-1]
+    let mut dh = Vec::new();
+    let mut dw = Vec::new();
+    for ch in 0..c {
+        for i in 0..h - 1 {
+            for j in 0..w {
+                dh.push(px(ch, i + 1, j) - px(ch, i, j));
+            }
+        }
+        for i in 0..h {
+            for j in 0..w - 1 {
+                dw.push(px(ch, i, j + 1) - px(ch, i, j));
+            }
+        }
+    }
+    let sq = |v: &[f64]| v.iter().map(|d| d * d).sum::<f64>();
+    match f {
+        Formula::Article => {
+            let count_h = (c * (h - 1) * w) as f64;
+            let count_w = (c * h * (w - 1)) as f64;
+            2.0 * (sq(&dh) / count_h + sq(&dw) / count_w)
+        }
+        Formula::L1 => dh.iter().chain(&dw).map(|d| d.abs()).sum(),
+        Formula::L2Squared => sq(&dh) + sq(&dw),
+        Formula::L2 => (sq(&dh) + sq(&dw)).sqrt(),
+        Formula::Isotropic(eps) => {
+            let mut s = 0.0;
+            for ch in 0..c {
+                for i in 0..h - 1 {
+                    for j in 0..w - 1 {
+                        let a = px(ch, i + 1, j) - px(ch, i, j);
+                        let b = px(ch, i, j + 1) - px(ch, i, j);
+                        s += (a * a + b * b + eps).sqrt();
+                    }
+                }
+            }
+            s
+        }
+    }
+}
+
+/// weight * reduction over the batch of the per-image scores.
+pub fn tv_loss(f: Formula, x: &[f64], s: Shape, weight: f64, mean: bool) -> f64 {
+    let image = s.c * s.h * s.w;
+    let total: f64 = (0..s.n)
+        .map(|n| tv_score(f, &x[n * image..(n + 1) * image], s.c, s.h, s.w))
+        .sum();
+    weight * total / if mean { s.n as f64 } else { 1.0 }
+}
+
+/// Central finite differences of `loss` at `x`, step `h`.
+pub fn finite_diff(x: &[f64], h: f64, mut loss: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut p = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = p[i];
+            p[i] = orig + h;
+            let up = loss(&p);
+            p[i] = orig - h;
+            let down = loss(&p);
+            p[i] = orig;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| elementwise, naming the
+/// first mismatches.
+pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let bad: Vec<String> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .filter(|(_, (g, w))| !((*g - *w).abs() <= atol + rtol * w.abs()))
+        .take(5)
+        .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} mismatches, first: {}",
+        bad.len(),
+        bad.join(", ")
+    );
+}
+
+/// Relative error of a scalar.
+pub fn assert_rel(got: f64, want: f64, rtol: f64, what: &str) {
+    let err = (got - want).abs() / want.abs().max(1e-30);
+    assert!(
+        err <= rtol || got == want,
+        "{what}: got {got} want {want} (rel err {err:e} > {rtol:e})"
+    );
+}
+
+/// The CUDA device for GPU tests, or `None` (after printing why) when there
+/// is none; with PERCEPTUAL_LOSS_REQUIRE_GPU=1 a missing device fails.
+pub fn gpu() -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let required = std::env::var("PERCEPTUAL_LOSS_REQUIRE_GPU").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "PERCEPTUAL_LOSS_REQUIRE_GPU=1 but no CUDA device: {e}"
+            );
+            println!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Whether a CUDA device can be used, without printing or failing.
+pub fn gpu_present() -> bool {
+    Device::cuda(0).is_ok()
+}
