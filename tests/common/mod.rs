@@ -121,7 +121,7 @@ pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str)
         .iter()
         .zip(want)
         .enumerate()
-        .filter(|(_, (g, w))| !((*g - *w).abs() <= atol + rtol * w.abs()))
+        .filter(|(_, (g, w))| !within(**g, **w, rtol, atol))
         .take(5)
         .map(|(i, (g, w))| format!("[{i}] got {g} want {w}"))
         .collect();
@@ -131,6 +131,11 @@ pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str)
         bad.len(),
         bad.join(", ")
     );
+}
+
+/// |got - want| <= atol + rtol * |want|; false for NaN.
+pub fn within(got: f64, want: f64, rtol: f64, atol: f64) -> bool {
+    (got - want).abs() <= atol + rtol * want.abs()
 }
 
 /// Relative error of a scalar.
