@@ -99,6 +99,16 @@ fn main() {
         )
         .unwrap();
     }
+    let all: Vec<String> = results
+        .iter()
+        .map(|(name, _)| format!("&{}", name.to_uppercase()))
+        .collect();
+    writeln!(
+        rs,
+        "pub const ALL: &[&KernelImage] = &[{}];",
+        all.join(", ")
+    )
+    .unwrap();
     fs::write(out.join("kernels.rs"), rs).unwrap();
 }
 

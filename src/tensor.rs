@@ -203,52 +203,66 @@ fn check_len(len: usize, shape: Shape, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Moves typed host slices in and out of the dtype-erased views.
-pub(crate) trait HostSliceKind<'a>: Element {
-    fn host_ref(s: &'a [Self]) -> HostRef<'a>;
-    fn host_mut(s: &'a mut [Self]) -> HostMut<'a>;
-    /// The slice when `h` holds this type.
-    fn typed_ref<'t>(h: &'t HostRef<'a>) -> Option<&'t [Self]>;
-    /// The slice when `h` holds this type.
-    fn typed_mut<'t>(h: &'t mut HostMut<'a>) -> Option<&'t mut [Self]>;
+/// Reinterprets a slice of one element type as another of the same dtype.
+/// `Element` is sealed and each of its three types has its own `DTYPE`, so
+/// equal dtypes mean equal types.
+fn cast<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
+    // SAFETY: T and U are the same type (see above).
+    (T::DTYPE == U::DTYPE)
+        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) })
 }
 
-macro_rules! host_kind {
-    ($t:ty, $v:ident) => {
-        impl<'a> HostSliceKind<'a> for $t {
-            fn host_ref(s: &'a [Self]) -> HostRef<'a> {
-                HostRef::$v(s)
-            }
-            fn host_mut(s: &'a mut [Self]) -> HostMut<'a> {
-                HostMut::$v(s)
-            }
-            fn typed_ref<'t>(h: &'t HostRef<'a>) -> Option<&'t [Self]> {
-                match h {
-                    HostRef::$v(s) => Some(s),
-                    _ => None,
-                }
-            }
-            fn typed_mut<'t>(h: &'t mut HostMut<'a>) -> Option<&'t mut [Self]> {
-                match h {
-                    HostMut::$v(s) => Some(s),
-                    _ => None,
-                }
-            }
-        }
-    };
+fn cast_mut<T: Element, U: Element>(s: &mut [T]) -> Option<&mut [U]> {
+    // SAFETY: T and U are the same type (see `cast`).
+    (T::DTYPE == U::DTYPE)
+        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<U>(), s.len()) })
 }
-host_kind!(f32, F32);
-host_kind!(f16, F16);
-host_kind!(bf16, BF16);
+
+impl<'a> HostRef<'a> {
+    fn new<T: Element>(s: &'a [T]) -> Self {
+        match T::DTYPE {
+            DType::F32 => HostRef::F32(cast(s).expect("dtype checked")),
+            DType::F16 => HostRef::F16(cast(s).expect("dtype checked")),
+            DType::BF16 => HostRef::BF16(cast(s).expect("dtype checked")),
+        }
+    }
+
+    /// The data as `T`, `None` when it holds another type.
+    pub(crate) fn typed<T: Element>(&self) -> Option<&[T]> {
+        match self {
+            HostRef::F32(s) => cast(s),
+            HostRef::F16(s) => cast(s),
+            HostRef::BF16(s) => cast(s),
+        }
+    }
+}
+
+impl<'a> HostMut<'a> {
+    fn new<T: Element>(s: &'a mut [T]) -> Self {
+        match T::DTYPE {
+            DType::F32 => HostMut::F32(cast_mut(s).expect("dtype checked")),
+            DType::F16 => HostMut::F16(cast_mut(s).expect("dtype checked")),
+            DType::BF16 => HostMut::BF16(cast_mut(s).expect("dtype checked")),
+        }
+    }
+
+    /// The data as `T`, `None` when it holds another type.
+    pub(crate) fn typed<T: Element>(&mut self) -> Option<&mut [T]> {
+        match self {
+            HostMut::F32(s) => cast_mut(s),
+            HostMut::F16(s) => cast_mut(s),
+            HostMut::BF16(s) => cast_mut(s),
+        }
+    }
+}
 
 impl<'a> TensorRef<'a> {
     /// Views host memory; `data.len()` must equal the shape's element count.
-    #[allow(private_bounds)]
-    pub fn host<T: HostSliceKind<'a>>(data: &'a [T], shape: impl Into<Shape>) -> Result<Self> {
+    pub fn host<T: Element>(data: &'a [T], shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
         check_len(data.len(), shape, "host slice")?;
         Ok(TensorRef {
-            storage: Storage::Host(T::host_ref(data)),
+            storage: Storage::Host(HostRef::new(data)),
             dtype: T::DTYPE,
             shape,
         })
@@ -301,12 +315,11 @@ impl<'a> TensorRef<'a> {
 
 impl<'a> TensorMut<'a> {
     /// Views writable host memory; `data.len()` must equal the shape's element count.
-    #[allow(private_bounds)]
-    pub fn host<T: HostSliceKind<'a>>(data: &'a mut [T], shape: impl Into<Shape>) -> Result<Self> {
+    pub fn host<T: Element>(data: &'a mut [T], shape: impl Into<Shape>) -> Result<Self> {
         let shape = shape.into();
         check_len(data.len(), shape, "host slice")?;
         Ok(TensorMut {
-            storage: Storage::Host(T::host_mut(data)),
+            storage: Storage::Host(HostMut::new(data)),
             dtype: T::DTYPE,
             shape,
         })

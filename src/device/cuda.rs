@@ -266,7 +266,7 @@ impl CudaDevice {
 
 /// PTX compiled at run time from the embedded source, once per process per
 /// kernel family and compute capability.
-fn nvrtc_ptx(image: &KernelImage, (major, minor): (i32, i32)) -> Result<Ptx> {
+pub(crate) fn nvrtc_ptx(image: &KernelImage, (major, minor): (i32, i32)) -> Result<Ptx> {
     /// PTX text by (kernel family, compute capability major, minor).
     type Cache = HashMap<(&'static str, i32, i32), String>;
     static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
@@ -296,4 +296,44 @@ fn nvrtc_ptx(image: &KernelImage, (major, minor): (i32, i32)) -> Result<Ptx> {
         .map_err(|e| Error::cuda(&format!("NVRTC compiling the {} kernels", image.name), e))?;
     cache.insert((image.name, major, minor), ptx.to_src());
     Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cuda::kernels;
+
+    /// The NVRTC fallback compiles what build.rs embedded (no GPU needed,
+    /// only libnvrtc). PERCEPTUAL_LOSS_REQUIRE_NVRTC=1 makes a missing
+    /// libnvrtc a failure, as CI sets it.
+    #[test]
+    fn embedded_sources_compile_with_nvrtc() {
+        // SAFETY: only probes whether the shared library can be opened.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            let required = std::env::var("PERCEPTUAL_LOSS_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
+            assert!(
+                !required,
+                "PERCEPTUAL_LOSS_REQUIRE_NVRTC=1 but libnvrtc was not found"
+            );
+            println!("skipped: no libnvrtc");
+            return;
+        }
+        for image in kernels::ALL {
+            for arch in [(8, 0), (9, 0)] {
+                let ptx = nvrtc_ptx(image, arch)
+                    .unwrap_or_else(|e| panic!("{}: {e}", image.name))
+                    .to_src();
+                for dtype in ["f32", "f16", "bf16"] {
+                    let entry = format!(".entry pl_{}_{dtype}", image.name);
+                    assert!(
+                        ptx.contains(&entry),
+                        "{} for sm_{}{}: no {entry}",
+                        image.name,
+                        arch.0,
+                        arch.1
+                    );
+                }
+            }
+        }
+    }
 }

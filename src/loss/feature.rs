@@ -13,7 +13,7 @@ use super::{
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostSliceKind, TensorRef};
+use crate::tensor::{DType, Element, TensorRef};
 use half::{bf16, f16};
 
 /// The distance between features.
@@ -133,18 +133,20 @@ impl FeatureLoss {
         })
     }
 
-    fn cpu<T: for<'b> HostSliceKind<'b>>(
+    fn cpu<T: Element>(
         &self,
         a: &TensorRef<'_>,
         b: &TensorRef<'_>,
         out: &mut LossOutputs<'_>,
     ) -> Result<()> {
-        let a_s = T::typed_ref(host_in(a, "a")?).ok_or_else(dtype_bug)?;
-        let b_s = T::typed_ref(host_in(b, "b")?).ok_or_else(dtype_bug)?;
+        let a_s = host_in(a, "a")?.typed::<T>().ok_or_else(dtype_bug)?;
+        let b_s = host_in(b, "b")?.typed::<T>().ok_or_else(dtype_bug)?;
         let beta = out.beta;
         let grad = match out.grad.as_mut() {
             Some(g) => Some((
-                T::typed_mut(host_out(g, "gradient")?).ok_or_else(dtype_bug)?,
+                host_out(g, "gradient")?
+                    .typed::<T>()
+                    .ok_or_else(dtype_bug)?,
                 beta,
             )),
             None => None,

@@ -21,7 +21,7 @@ use super::{
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostSliceKind, Shape, TensorRef};
+use crate::tensor::{DType, Element, Shape, TensorRef};
 use half::{bf16, f16};
 
 /// Which total-variation formula (see the module docs).
@@ -211,16 +211,14 @@ impl TvLoss {
         })
     }
 
-    fn cpu<T: for<'b> HostSliceKind<'b>>(
-        &self,
-        x: &TensorRef<'_>,
-        out: &mut LossOutputs<'_>,
-    ) -> Result<()> {
-        let xs = T::typed_ref(host_in(x, "x")?).ok_or_else(dtype_bug)?;
+    fn cpu<T: Element>(&self, x: &TensorRef<'_>, out: &mut LossOutputs<'_>) -> Result<()> {
+        let xs = host_in(x, "x")?.typed::<T>().ok_or_else(dtype_bug)?;
         let beta = out.beta;
         let grad = match out.grad.as_mut() {
             Some(g) => Some((
-                T::typed_mut(host_out(g, "gradient")?).ok_or_else(dtype_bug)?,
+                host_out(g, "gradient")?
+                    .typed::<T>()
+                    .ok_or_else(dtype_bug)?,
                 beta,
             )),
             None => None,
