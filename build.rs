@@ -105,7 +105,7 @@ fn main() {
         .collect();
     writeln!(
         rs,
-        "pub const ALL: &[&KernelImage] = &[{}];",
+        "#[cfg(test)]\npub const ALL: &[&KernelImage] = &[{}];",
         all.join(", ")
     )
     .unwrap();
