@@ -39,6 +39,8 @@
 //! block writes an f64 partial and the last block sums them in a fixed
 //! order, so the same input gives a bit-identical loss on every run.
 
+#![warn(missing_docs)]
+
 mod cpu;
 mod cuda;
 mod device;

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Builds everything the GPU machine runs into .gpu-bundle/ (ignored by git):
+# release test binaries, the TV benchmark, the example, and run.sh, which
+# runs them all with PERCEPTUAL_LOSS_REQUIRE_GPU=1 and prints a short table
+# last. The GPU machine has no Rust toolchain; build here, then run there:
+#
+#   scripts/gpu-check.sh                      # here
+#   bash .gpu-bundle/run.sh                   # there, with .gpu-bundle carried
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=.gpu-bundle
+rm -rf "$bundle"
+mkdir -p "$bundle/bin"
+export CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=debuginfo
+
+# Copies the executables cargo reports for one build command into bin/,
+# named <kind>-<target>.
+collect() {
+    python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") != "compiler-artifact" or not msg.get("executable"):
+        continue
+    kind = msg["target"]["kind"][0]
+    kind = "lib" if kind in ("lib", "rlib", "cdylib", "staticlib") else kind
+    shutil.copy(msg["executable"], "'"$bundle"'/bin/%s-%s" % (kind, msg["target"]["name"]))
+'
+}
+cargo test --release --no-run --message-format=json | collect
+cargo bench --bench tv --no-run --message-format=json | collect
+cargo build --release --examples --message-format=json | collect
+# The C ABI test compiles C against this checkout: it stays a CPU-only test.
+rm -f "$bundle/bin/test-c_abi"
+cp scripts/torch_tv_bench.py "$bundle/"
+
+cat >"$bundle/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# Runs every GPU test, the benchmarks and the example; a table comes last.
+cd "$(dirname "$0")"
+export PERCEPTUAL_LOSS_REQUIRE_GPU=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+summary=()
+for t in bin/lib-perceptual_loss bin/test-*; do
+    [ -x "$t" ] || continue
+    start=$(date +%s%N)
+    if "./$t" --test-threads=1 >"$t.log" 2>&1; then verdict=pass; else verdict=FAIL; fi
+    line=$(grep -E '^test result:' "$t.log" | tail -1)
+    summary+=("| ${t#bin/} | $verdict | ${line#test result: } | $(( ($(date +%s%N) - start) / 1000000 )) ms |")
+    [ $verdict = pass ] || { echo "=== $t failed:"; grep -vE '^test .* ok$' "$t.log" | tail -60; }
+done
+echo "=== example"
+./bin/example-losses 2>&1 | tail -12
+echo "=== PyTorch TV anchors on this card"
+python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch benchmark failed)"
+echo "=== crate benchmark"
+./bin/bench-tv 2>&1 | tail -10
+echo
+echo "| test binary | verdict | counts | wall |"
+echo "|---|---|---|---|"
+printf '%s\n' "${summary[@]}"
+RUN
+chmod +x "$bundle/run.sh"
+du -sh "$bundle"
+echo "run on the GPU machine: bash $bundle/run.sh (carry $bundle)"
