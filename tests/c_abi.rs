@@ -6,21 +6,31 @@ mod common;
 
 use perceptual_loss::ffi::*;
 use std::ffi::CStr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// target/<profile>/, where cargo puts the staticlib next to deps/.
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+/// Builds the static library: `cargo test` builds only the rlib. A target
+/// directory of its own keeps clear of the lock the running `cargo test`
+/// holds on target/.
+fn static_library(root: &Path) -> PathBuf {
+    let target = root.join("target/c-abi");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--lib", "--quiet", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the static library failed");
+    target.join("debug/libperceptual_loss.a")
 }
 
 #[test]
 fn c_program_runs_against_the_static_library() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let lib = target_dir().join("libperceptual_loss.a");
-    assert!(lib.exists(), "{} not built", lib.display());
-    let exe = target_dir().join("tv_check_c");
+    let lib = static_library(&root);
+    let exe = root.join("target/c-abi/tv_check_c");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])

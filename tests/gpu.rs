@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_close, assert_rel, gpu, numel, Rng};
+use common::{assert_close, assert_rel, gpu, numel, tv_configs, Rng};
 use perceptual_loss::cudarc::driver::{CudaSlice, CudaStream};
 use perceptual_loss::half::{bf16, f16};
 use perceptual_loss::{
@@ -94,37 +94,6 @@ fn tv_on<T: Element>(
     }
 }
 
-fn configs() -> Vec<TvConfig> {
-    let mut v = vec![
-        TvConfig::default(),
-        TvConfig {
-            weight: 0.25,
-            ..Default::default()
-        },
-    ];
-    for variant in [
-        TvVariant::L1,
-        TvVariant::L2Squared,
-        TvVariant::L2,
-        TvVariant::Isotropic,
-    ] {
-        for reduction in [Reduction::Mean, Reduction::Sum] {
-            v.push(TvConfig {
-                variant,
-                reduction,
-                weight: 1.5,
-                eps: 0.0,
-            });
-        }
-    }
-    v.push(TvConfig {
-        variant: TvVariant::Isotropic,
-        eps: 1e-3,
-        ..Default::default()
-    });
-    v
-}
-
 /// (loss rtol, gradient rtol, gradient atol as a fraction of max |grad|).
 fn tolerance(dtype: DType) -> (f64, f64, f64) {
     match dtype {
@@ -179,7 +148,7 @@ fn tv_matches_cpu_for_every_variant_dtype_and_shape() {
     ];
     for s in shapes {
         let x = rng.vec(numel(s), -1.0, 1.0);
-        for cfg in configs() {
+        for cfg in tv_configs() {
             compare_tv::<f32>(&dev, cfg, &x, s, 0.0, None);
             compare_tv::<f16>(&dev, cfg, &x, s, 0.0, None);
             compare_tv::<bf16>(&dev, cfg, &x, s, 0.0, None);
@@ -194,7 +163,7 @@ fn tv_gradient_accumulates() {
     let s = Shape::new(3, 2, 19, 45);
     let x = rng.vec(numel(s), -1.0, 1.0);
     let old = rng.vec(numel(s), -1.0, 1.0);
-    for cfg in configs() {
+    for cfg in tv_configs() {
         compare_tv::<f32>(&dev, cfg, &x, s, 1.0, Some(&old));
         compare_tv::<bf16>(&dev, cfg, &x, s, 0.5, Some(&old));
     }
@@ -205,7 +174,7 @@ fn tv_constant_image_gives_zero_without_nan() {
     let Some(dev) = gpu() else { return };
     let s = Shape::new(2, 3, 8, 9);
     let x = vec![0.5f32; numel(s)];
-    for cfg in configs().into_iter().filter(|c| c.eps == 0.0) {
+    for cfg in tv_configs().into_iter().filter(|c| c.eps == 0.0) {
         let r = tv_on::<f32>(&dev, cfg, &x, s, 0.0, None);
         assert_eq!(r.loss, 0.0, "{cfg:?}");
         assert!(r.grad.iter().all(|&g| g == 0.0), "{cfg:?}");
@@ -237,7 +206,7 @@ fn tv_nan_input_propagates() {
     let s = Shape::new(1, 1, 4, 4);
     let mut x = vec![0.5f32; 16];
     x[5] = f32::NAN;
-    for cfg in configs() {
+    for cfg in tv_configs() {
         let r = tv_on::<f32>(&dev, cfg, &x, s, 0.0, None);
         assert!(r.loss.is_nan() && r.grad[5].is_nan(), "{cfg:?}");
     }

@@ -3,10 +3,11 @@
 
 mod common;
 
-use common::{assert_close, assert_rel, finite_diff, numel, tv_loss, Formula, Rng};
+use common::{assert_close, assert_rel, finite_diff, formula, numel, tv_configs, tv_loss, Rng};
 use perceptual_loss::half::{bf16, f16};
 use perceptual_loss::{
-    Device, Error, LossOutputs, Reduction, Shape, TensorMut, TensorRef, TvConfig, TvLoss, TvVariant,
+    Device, Element, Error, LossOutputs, Reduction, Shape, TensorMut, TensorRef, TvConfig, TvLoss,
+    TvVariant,
 };
 
 struct Out {
@@ -34,47 +35,6 @@ fn run(cfg: TvConfig, x: &[f32], s: Shape) -> Out {
         grad,
         per_sample,
     }
-}
-
-fn formula(cfg: &TvConfig) -> Formula {
-    match cfg.variant {
-        TvVariant::Article => Formula::Article,
-        TvVariant::L1 => Formula::L1,
-        TvVariant::L2Squared => Formula::L2Squared,
-        TvVariant::L2 => Formula::L2,
-        TvVariant::Isotropic => Formula::Isotropic(cfg.eps as f64),
-    }
-}
-
-fn all_configs() -> Vec<TvConfig> {
-    let mut v = vec![
-        TvConfig::default(),
-        TvConfig {
-            weight: 0.37,
-            ..Default::default()
-        },
-    ];
-    for variant in [
-        TvVariant::L1,
-        TvVariant::L2Squared,
-        TvVariant::L2,
-        TvVariant::Isotropic,
-    ] {
-        for reduction in [Reduction::Mean, Reduction::Sum] {
-            v.push(TvConfig {
-                variant,
-                reduction,
-                weight: 1.5,
-                eps: 0.0,
-            });
-        }
-    }
-    v.push(TvConfig {
-        variant: TvVariant::Isotropic,
-        eps: 1e-3,
-        ..Default::default()
-    });
-    v
 }
 
 const SHAPES: [Shape; 5] = [
@@ -135,7 +95,7 @@ fn every_variant_matches_the_formulas_on_odd_shapes() {
     for s in SHAPES {
         let x = rng.vec(numel(s), -1.0, 1.0);
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        for cfg in all_configs() {
+        for cfg in tv_configs() {
             let out = run(cfg, &x, s);
             let mean = cfg.reduction == Reduction::Mean;
             let want = tv_loss(formula(&cfg), &x64, s, cfg.weight as f64, mean);
@@ -165,7 +125,7 @@ fn gradients_match_finite_differences() {
     for s in SHAPES {
         let x = rng.vec(numel(s), -1.0, 1.0);
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        for cfg in all_configs() {
+        for cfg in tv_configs() {
             let mean = cfg.reduction == Reduction::Mean;
             let fd = finite_diff(&x64, 1e-6, |p| {
                 tv_loss(formula(&cfg), p, s, cfg.weight as f64, mean)
@@ -181,7 +141,7 @@ fn gradients_match_finite_differences() {
 fn constant_and_identical_inputs_give_zero_and_no_nan() {
     let s = Shape::new(2, 3, 4, 5);
     let x = vec![0.25f32; numel(s)];
-    for cfg in all_configs() {
+    for cfg in tv_configs() {
         let out = run(cfg, &x, s);
         let eps_floor = if cfg.variant == TvVariant::Isotropic {
             cfg.eps
@@ -198,72 +158,58 @@ fn constant_and_identical_inputs_give_zero_and_no_nan() {
     }
 }
 
+/// Loss and gradient (as f64) of `x` rounded to T.
+fn run_typed<T: Element>(cfg: TvConfig, x: &[f32], s: Shape) -> (f32, Vec<f64>) {
+    let xt: Vec<T> = x.iter().map(|&v| T::from_f64(v as f64)).collect();
+    let mut g: Vec<T> = vec![T::from_f64(f64::NAN); x.len()];
+    let mut loss = 0f32;
+    TvLoss::new(cfg)
+        .unwrap()
+        .compute(
+            &Device::cpu(),
+            &TensorRef::host(&xt, s).unwrap(),
+            LossOutputs::new(TensorMut::scalar(&mut loss))
+                .with_grad(TensorMut::host(&mut g, s).unwrap()),
+        )
+        .unwrap();
+    (loss, g.iter().map(|v| v.to_f64()).collect())
+}
+
+/// The f16/bf16 loss equals the f32 loss of the same rounded values; the
+/// gradient matches it to the output type's precision.
+fn check_half<T: Element>(cfg: TvConfig, x32: &[f32], s: Shape) {
+    let rounded: Vec<f32> = x32
+        .iter()
+        .map(|&v| T::from_f64(v as f64).to_f64() as f32)
+        .collect();
+    let reference = run(cfg, &rounded, s);
+    let (loss, grad) = run_typed::<T>(cfg, x32, s);
+    let name = T::DTYPE.name();
+    assert_rel(
+        loss as f64,
+        reference.loss as f64,
+        1e-6,
+        &format!("{name} loss {cfg:?}"),
+    );
+    let want: Vec<f64> = reference.grad.iter().map(|&v| v as f64).collect();
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert_close(
+        &grad,
+        &want,
+        1e-2,
+        1e-3 * scale,
+        &format!("{name} grad {cfg:?}"),
+    );
+}
+
 #[test]
 fn half_precision_inputs_and_gradients() {
     let mut rng = Rng::new(3);
     let s = Shape::new(2, 3, 5, 9);
     let x32 = rng.vec(numel(s), -1.0, 1.0);
-    for cfg in all_configs() {
-        // The f16/bf16 losses equal the f32 loss of the same rounded values.
-        for (name, rounded) in [
-            (
-                "f16",
-                x32.iter()
-                    .map(|&v| f16::from_f32(v).to_f32())
-                    .collect::<Vec<_>>(),
-            ),
-            (
-                "bf16",
-                x32.iter()
-                    .map(|&v| bf16::from_f32(v).to_f32())
-                    .collect::<Vec<_>>(),
-            ),
-        ] {
-            let reference = run(cfg, &rounded, s);
-            let mut loss = 0f32;
-            let got_grad: Vec<f64> = if name == "f16" {
-                let x: Vec<f16> = rounded.iter().map(|&v| f16::from_f32(v)).collect();
-                let mut g = vec![f16::NAN; x.len()];
-                TvLoss::new(cfg)
-                    .unwrap()
-                    .compute(
-                        &Device::cpu(),
-                        &TensorRef::host(&x, s).unwrap(),
-                        LossOutputs::new(TensorMut::scalar(&mut loss))
-                            .with_grad(TensorMut::host(&mut g, s).unwrap()),
-                    )
-                    .unwrap();
-                g.iter().map(|v| v.to_f64()).collect()
-            } else {
-                let x: Vec<bf16> = rounded.iter().map(|&v| bf16::from_f32(v)).collect();
-                let mut g = vec![bf16::NAN; x.len()];
-                TvLoss::new(cfg)
-                    .unwrap()
-                    .compute(
-                        &Device::cpu(),
-                        &TensorRef::host(&x, s).unwrap(),
-                        LossOutputs::new(TensorMut::scalar(&mut loss))
-                            .with_grad(TensorMut::host(&mut g, s).unwrap()),
-                    )
-                    .unwrap();
-                g.iter().map(|v| v.to_f64()).collect()
-            };
-            assert_rel(
-                loss as f64,
-                reference.loss as f64,
-                1e-6,
-                &format!("{name} loss {cfg:?}"),
-            );
-            let want: Vec<f64> = reference.grad.iter().map(|&v| v as f64).collect();
-            let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            assert_close(
-                &got_grad,
-                &want,
-                1e-2,
-                1e-3 * scale,
-                &format!("{name} grad {cfg:?}"),
-            );
-        }
+    for cfg in tv_configs() {
+        check_half::<f16>(cfg, &x32, s);
+        check_half::<bf16>(cfg, &x32, s);
     }
 }
 
@@ -300,7 +246,7 @@ fn non_finite_inputs_propagate() {
     let s = Shape::new(1, 1, 3, 3);
     let mut x = vec![0.5f32; 9];
     x[4] = f32::NAN;
-    for cfg in all_configs() {
+    for cfg in tv_configs() {
         let out = run(cfg, &x, s);
         assert!(out.loss.is_nan(), "{cfg:?}: NaN input must give a NaN loss");
         assert!(
@@ -477,7 +423,7 @@ fn same_input_gives_bit_identical_loss() {
     let mut rng = Rng::new(5);
     let s = Shape::new(4, 3, 16, 17);
     let x = rng.vec(numel(s), -1.0, 1.0);
-    for cfg in all_configs() {
+    for cfg in tv_configs() {
         let a = run(cfg, &x, s);
         let b = run(cfg, &x, s);
         assert_eq!(a.loss.to_bits(), b.loss.to_bits());

@@ -6,10 +6,7 @@
 //! 0 where a == b. The target `b` is a constant: no gradient is taken for it.
 //! NaN or infinite inputs propagate as IEEE arithmetic says.
 
-use super::tv::dtype_bug;
-use super::{
-    check_weight, cuda_in, cuda_out, host_in, host_out, host_scalar, no_overlap, LossOutputs,
-};
+use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -139,18 +136,9 @@ impl FeatureLoss {
         b: &TensorRef<'_>,
         out: &mut LossOutputs<'_>,
     ) -> Result<()> {
-        let a_s = host_in(a, "a")?.typed::<T>().ok_or_else(dtype_bug)?;
-        let b_s = host_in(b, "b")?.typed::<T>().ok_or_else(dtype_bug)?;
-        let beta = out.beta;
-        let grad = match out.grad.as_mut() {
-            Some(g) => Some((
-                host_out(g, "gradient")?
-                    .typed::<T>()
-                    .ok_or_else(dtype_bug)?,
-                beta,
-            )),
-            None => None,
-        };
+        let a_s = host_in::<T>(a, "a")?;
+        let b_s = host_in::<T>(b, "b")?;
+        let grad = out.host_grad::<T>()?;
         let loss = cpu::feature::feature(a_s, b_s, grad, self.criterion, self.weight);
         host_scalar(&mut out.loss, "loss output")?[0] = loss as f32;
         Ok(())

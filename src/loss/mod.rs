@@ -5,7 +5,7 @@ pub mod tv;
 
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, HostMut, HostRef, Shape, Storage, TensorMut, TensorRef};
+use crate::tensor::{DType, Element, HostMut, Shape, Storage, TensorMut, TensorRef};
 
 /// Where a loss call writes its results.
 ///
@@ -50,6 +50,20 @@ impl<'a> LossOutputs<'a> {
     pub fn with_per_sample(mut self, per_sample: TensorMut<'a>) -> Self {
         self.per_sample = Some(per_sample);
         self
+    }
+
+    /// The gradient slice and beta for the CPU backend, when one is asked for.
+    pub(crate) fn host_grad<T: Element>(&mut self) -> Result<Option<(&mut [T], f32)>> {
+        let beta = self.beta;
+        match self.grad.as_mut() {
+            Some(g) => Ok(Some((
+                host_out(g, "gradient")?
+                    .typed::<T>()
+                    .ok_or_else(dtype_bug)?,
+                beta,
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// Checks what every loss shares: an f32 scalar loss, f32 per-sample
@@ -135,11 +149,16 @@ fn host_on_cuda(what: &str) -> Error {
     Error::DeviceMismatch(format!("{what} is host memory but the device is CUDA"))
 }
 
-pub(crate) fn host_in<'t, 'a>(t: &'t TensorRef<'a>, what: &str) -> Result<&'t HostRef<'a>> {
+/// The elements of a host input as `T` (its validated dtype).
+pub(crate) fn host_in<'t, T: Element>(t: &'t TensorRef<'_>, what: &str) -> Result<&'t [T]> {
     match &t.storage {
-        Storage::Host(h) => Ok(h),
+        Storage::Host(h) => h.typed::<T>().ok_or_else(dtype_bug),
         Storage::Cuda { .. } => Err(cuda_on_host(what)),
     }
+}
+
+fn dtype_bug() -> Error {
+    Error::Internal("a validated dtype did not match its data".into())
 }
 
 pub(crate) fn host_out<'t, 'a>(

@@ -15,9 +15,7 @@
 //! gradient is 0. NaN or infinite inputs are not rejected: they propagate
 //! into the loss and gradient as IEEE arithmetic says, as in PyTorch.
 
-use super::{
-    check_weight, cuda_in, cuda_out, host_in, host_out, host_scalar, no_overlap, LossOutputs,
-};
+use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -212,17 +210,8 @@ impl TvLoss {
     }
 
     fn cpu<T: Element>(&self, x: &TensorRef<'_>, out: &mut LossOutputs<'_>) -> Result<()> {
-        let xs = host_in(x, "x")?.typed::<T>().ok_or_else(dtype_bug)?;
-        let beta = out.beta;
-        let grad = match out.grad.as_mut() {
-            Some(g) => Some((
-                host_out(g, "gradient")?
-                    .typed::<T>()
-                    .ok_or_else(dtype_bug)?,
-                beta,
-            )),
-            None => None,
-        };
+        let xs = host_in::<T>(x, "x")?;
+        let grad = out.host_grad::<T>()?;
         let values = cpu::tv::tv(
             xs,
             grad,
@@ -241,8 +230,4 @@ impl TvLoss {
         }
         Ok(())
     }
-}
-
-pub(crate) fn dtype_bug() -> Error {
-    Error::Internal("a validated dtype did not match its data".into())
 }

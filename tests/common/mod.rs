@@ -3,7 +3,7 @@
 //! finite differences, tolerance checks and the GPU gate.
 #![allow(dead_code)]
 
-use perceptual_loss::{Device, Shape};
+use perceptual_loss::{Device, Reduction, Shape, TvConfig, TvVariant};
 
 /// splitmix64: small, seeded, reproducible.
 pub struct Rng(u64);
@@ -167,4 +167,47 @@ pub fn gpu() -> Option<Device> {
 /// Whether a CUDA device can be used, without printing or failing.
 pub fn gpu_present() -> bool {
     Device::cuda(0).is_ok()
+}
+
+/// Every TV variant and reduction, a non-unit weight, and a nonzero eps.
+pub fn tv_configs() -> Vec<TvConfig> {
+    let mut v = vec![
+        TvConfig::default(),
+        TvConfig {
+            weight: 0.37,
+            ..Default::default()
+        },
+    ];
+    for variant in [
+        TvVariant::L1,
+        TvVariant::L2Squared,
+        TvVariant::L2,
+        TvVariant::Isotropic,
+    ] {
+        for reduction in [Reduction::Mean, Reduction::Sum] {
+            v.push(TvConfig {
+                variant,
+                reduction,
+                weight: 1.5,
+                eps: 0.0,
+            });
+        }
+    }
+    v.push(TvConfig {
+        variant: TvVariant::Isotropic,
+        eps: 1e-3,
+        ..Default::default()
+    });
+    v
+}
+
+/// The anchor formula a config computes.
+pub fn formula(cfg: &TvConfig) -> Formula {
+    match cfg.variant {
+        TvVariant::Article => Formula::Article,
+        TvVariant::L1 => Formula::L1,
+        TvVariant::L2Squared => Formula::L2Squared,
+        TvVariant::L2 => Formula::L2,
+        TvVariant::Isotropic => Formula::Isotropic(cfg.eps as f64),
+    }
 }
