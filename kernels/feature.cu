@@ -33,10 +33,7 @@ __device__ void feature_kernel(pl_k_feature_params p) {
         for (int64_t k = threadIdx.x; k < gridDim.x; k += PL_BLOCK)
             total += pl_load_partial(p.reduce.partials, k);
         total = pl_block_sum(total);
-        if (threadIdx.x == 0) {
-            *p.reduce.loss = (float)(total * p.weight / (double)p.count);
-            if (p.reduce.per_sample) *p.reduce.per_sample = *p.reduce.loss;
-        }
+        if (threadIdx.x == 0) *p.reduce.loss = (float)(total * p.weight / (double)p.count);
         pl_reset_counter(p.reduce);
     }
 }

@@ -169,3 +169,11 @@ fn mismatched_inputs_are_errors() {
         Err(Error::InvalidArgument(_))
     ));
 }
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Device>();
+    shareable::<FeatureLoss>();
+    shareable::<perceptual_loss::TvLoss>();
+}
