@@ -15,8 +15,14 @@ pub enum Error {
     NoCuda(String),
     /// A tensor lives on another device than the one asked to compute.
     DeviceMismatch(String),
-    /// A CUDA driver, NVRTC or kernel launch call failed.
+    /// A CUDA driver, NVRTC, cuDNN or kernel launch call failed.
     Cuda(String),
+    /// A weights file is malformed: the text names the tensor.
+    InvalidWeights(String),
+    /// A file could not be read.
+    Io(String),
+    /// The operation is not available for this device or configuration.
+    Unsupported(String),
     /// Something inside the library went wrong (a caught panic, a broken
     /// invariant); please report it.
     Internal(String),
@@ -44,6 +50,9 @@ impl fmt::Display for Error {
             Error::NoCuda(m) => write!(f, "no CUDA device: {m}"),
             Error::DeviceMismatch(m) => write!(f, "device mismatch: {m}"),
             Error::Cuda(m) => write!(f, "CUDA error: {m}"),
+            Error::InvalidWeights(m) => write!(f, "invalid weights: {m}"),
+            Error::Io(m) => write!(f, "I/O error: {m}"),
+            Error::Unsupported(m) => write!(f, "unsupported: {m}"),
             Error::Internal(m) => write!(f, "internal error: {m}"),
         }
     }

@@ -38,6 +38,12 @@ pub const PL_ERR_DEVICE_MISMATCH: pl_status = 4;
 pub const PL_ERR_CUDA: pl_status = 5;
 /// A bug inside the library (including a caught panic).
 pub const PL_ERR_INTERNAL: pl_status = 6;
+/// A weights file is malformed (the message names the tensor).
+pub const PL_ERR_INVALID_WEIGHTS: pl_status = 7;
+/// A file could not be read.
+pub const PL_ERR_IO: pl_status = 8;
+/// The operation is not available for this device or configuration.
+pub const PL_ERR_UNSUPPORTED: pl_status = 9;
 
 /// Device kind for `pl_context_create`.
 pub type pl_device_kind = i32;
@@ -98,6 +104,9 @@ fn status_of(err: &Error) -> pl_status {
         Error::DeviceMismatch(_) => PL_ERR_DEVICE_MISMATCH,
         Error::Cuda(_) => PL_ERR_CUDA,
         Error::Internal(_) => PL_ERR_INTERNAL,
+        Error::InvalidWeights(_) => PL_ERR_INVALID_WEIGHTS,
+        Error::Io(_) => PL_ERR_IO,
+        Error::Unsupported(_) => PL_ERR_UNSUPPORTED,
     }
 }
 

@@ -48,13 +48,16 @@ mod error;
 pub mod ffi;
 mod loss;
 mod tensor;
+mod vgg;
 
 pub use device::{Device, DeviceKind};
 pub use error::{Error, Result};
 pub use loss::feature::{Criterion, FeatureLoss};
+pub use loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
 pub use loss::tv::{Reduction, TvConfig, TvLoss, TvVariant};
 pub use loss::LossOutputs;
 pub use tensor::{DType, Element, Shape, TensorMut, TensorRef};
+pub use vgg::{Pooling, Vgg, VggArch, VggOptions, WeightsSource};
 
 /// Re-exported so callers can name CUDA slices and streams without a
 /// separate dependency on the same `cudarc` version.

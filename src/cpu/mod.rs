@@ -5,7 +5,9 @@
 //! indexing code.
 
 pub(crate) mod feature;
+pub(crate) mod perceptual;
 pub(crate) mod tv;
+pub(crate) mod vgg;
 
 use crate::tensor::Element;
 

@@ -1,6 +1,7 @@
 //! Loss objects: validated configs plus the dispatch to a backend.
 
 pub mod feature;
+pub mod perceptual;
 pub mod tv;
 
 use crate::device::{CudaDevice, Device};

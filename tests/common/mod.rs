@@ -211,3 +211,4 @@ pub fn formula(cfg: &TvConfig) -> Formula {
         TvVariant::Isotropic => Formula::Isotropic(cfg.eps as f64),
     }
 }
+pub mod vgg;

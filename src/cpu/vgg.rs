@@ -1,0 +1,209 @@
+//! VGG building blocks on one CHW image, f32: 3x3 convolution (im2col +
+//! sgemm) and its input gradient, ReLU, and 2x2 pooling with its gradient.
+
+use crate::vgg::{ConvWeights, Pooling};
+
+/// Unfolds a C x H x W image into rows (c, ky, kx) and columns (i, j), with
+/// zeros where the 3x3 window hangs over the padding.
+fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
+    let hw = h * w;
+    cols.clear();
+    cols.resize(c * 9 * hw, 0.0);
+    for ch in 0..c {
+        let plane = &x[ch * hw..(ch + 1) * hw];
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let row = &mut cols[((ch * 3 + ky) * 3 + kx) * hw..][..hw];
+                for i in 0..h {
+                    let si = i + ky;
+                    if si < 1 || si > h {
+                        continue;
+                    }
+                    for j in 0..w {
+                        let sj = j + kx;
+                        if sj >= 1 && sj <= w {
+                            row[i * w + j] = plane[(si - 1) * w + sj - 1];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col`: adds each column entry back to its pixel.
+fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
+    let hw = h * w;
+    dx.iter_mut().for_each(|v| *v = 0.0);
+    for ch in 0..c {
+        let plane = &mut dx[ch * hw..(ch + 1) * hw];
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let row = &cols[((ch * 3 + ky) * 3 + kx) * hw..][..hw];
+                for i in 0..h {
+                    let si = i + ky;
+                    if si < 1 || si > h {
+                        continue;
+                    }
+                    for j in 0..w {
+                        let sj = j + kx;
+                        if sj >= 1 && sj <= w {
+                            plane[(si - 1) * w + sj - 1] += row[i * w + j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// C = A B with row-major A (m x k) and B (k x n); `a_t` reads A transposed
+/// from a row-major k x m array.
+fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], c: &mut [f32]) {
+    let (rsa, csa) = if a_t {
+        (1, m as isize)
+    } else {
+        (k as isize, 1)
+    };
+    // SAFETY: the slices hold m*k, k*n and m*n elements at the given strides.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            n as isize,
+            1,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// out = conv3x3(x) + bias, padding 1; x is in_c x h x w, out out_c x h x w.
+pub(crate) fn conv(
+    x: &[f32],
+    h: usize,
+    w: usize,
+    p: &ConvWeights,
+    out: &mut Vec<f32>,
+    cols: &mut Vec<f32>,
+) {
+    im2col(x, p.in_c, h, w, cols);
+    out.resize(p.out_c * h * w, 0.0);
+    sgemm(p.out_c, p.in_c * 9, h * w, &p.weight, false, cols, out);
+    for (plane, b) in out.chunks_exact_mut(h * w).zip(&p.bias) {
+        plane.iter_mut().for_each(|v| *v += b);
+    }
+}
+
+/// dx = conv3x3^T(dout): the gradient w.r.t. the convolution's input.
+pub(crate) fn conv_backward(
+    dout: &[f32],
+    h: usize,
+    w: usize,
+    p: &ConvWeights,
+    dx: &mut Vec<f32>,
+    cols: &mut Vec<f32>,
+) {
+    cols.resize(p.in_c * 9 * h * w, 0.0);
+    sgemm(p.in_c * 9, p.out_c, h * w, &p.weight, true, dout, cols);
+    dx.resize(p.in_c * h * w, 0.0);
+    col2im(cols, p.in_c, h, w, dx);
+}
+
+/// In-place ReLU; `mask` (when given) records which outputs are positive.
+pub(crate) fn relu(x: &mut [f32], mask: Option<&mut Vec<bool>>) {
+    x.iter_mut()
+        .for_each(|v| *v = if *v > 0.0 || v.is_nan() { *v } else { 0.0 });
+    if let Some(m) = mask {
+        m.clear();
+        m.extend(x.iter().map(|&v| v > 0.0));
+    }
+}
+
+/// ReLU's gradient: zero where the output was not positive.
+pub(crate) fn relu_backward(g: &mut [f32], mask: &[bool]) {
+    g.iter_mut().zip(mask).for_each(|(v, &m)| {
+        if !m {
+            *v = 0.0
+        }
+    });
+}
+
+/// 2x2 stride-2 pooling, floor mode. For max-pooling `argmax` (when given)
+/// records the window position (0..4, row-major) of each output; the first
+/// maximum wins and NaN propagates, as in PyTorch.
+pub(crate) fn pool(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    kind: Pooling,
+    out: &mut Vec<f32>,
+    mut argmax: Option<&mut Vec<u8>>,
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    out.clear();
+    if let Some(a) = argmax.as_deref_mut() {
+        a.clear();
+    }
+    for ch in 0..c {
+        let plane = &x[ch * h * w..(ch + 1) * h * w];
+        for i in 0..oh {
+            for j in 0..ow {
+                let win = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .map(|(di, dj)| plane[(2 * i + di) * w + 2 * j + dj]);
+                match kind {
+                    Pooling::Max => {
+                        let mut best = 0;
+                        for (k, &v) in win.iter().enumerate().skip(1) {
+                            if v > win[best] || (v.is_nan() && !win[best].is_nan()) {
+                                best = k;
+                            }
+                        }
+                        out.push(win[best]);
+                        if let Some(a) = argmax.as_deref_mut() {
+                            a.push(best as u8);
+                        }
+                    }
+                    Pooling::Avg => out.push(win.iter().sum::<f32>() * 0.25),
+                }
+            }
+        }
+    }
+}
+
+/// Pooling's gradient w.r.t. its c x h x w input (rows/columns dropped by
+/// the floor get 0).
+pub(crate) fn pool_backward(
+    g: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    kind: Pooling,
+    argmax: &[u8],
+    dx: &mut Vec<f32>,
+) {
+    let (oh, ow) = (h / 2, w / 2);
+    dx.clear();
+    dx.resize(c * h * w, 0.0);
+    for ch in 0..c {
+        for i in 0..oh {
+            for j in 0..ow {
+                let o = (ch * oh + i) * ow + j;
+                let at = |k: usize| ch * h * w + (2 * i + k / 2) * w + 2 * j + k % 2;
+                match kind {
+                    Pooling::Max => dx[at(argmax[o] as usize)] = g[o],
+                    Pooling::Avg => (0..4).for_each(|k| dx[at(k)] = 0.25 * g[o]),
+                }
+            }
+        }
+    }
+}

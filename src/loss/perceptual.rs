@@ -1,0 +1,275 @@
+//! VGG perceptual loss (DESIGN.md section 3).
+//!
+//! loss = weight * sum_j w_j * D(phi_j(norm(pred)), phi_j(norm(target))),
+//! phi_j the output of `features` module j (torchvision indexing), D the
+//! mean over all N*C*H*W elements of (a-b)^2 (MSE) or |a-b| (MAE). The
+//! defaults are the seed article's: VGG16, taps [3, 8, 15, 22] (relu1_2,
+//! relu2_2, relu3_3, relu4_3), MSE, unit weights, no normalisation. The
+//! gradient is w.r.t. pred; target is a constant. A 1-channel input is
+//! replicated to 3 channels (its gradient summed back).
+
+use super::{check_weight, host_in, host_scalar, LossOutputs};
+use crate::error::{Error, Result};
+use crate::loss::feature::Criterion;
+use crate::tensor::{DType, Element, Shape, TensorRef};
+use crate::vgg::{Module, Pooling, Vgg};
+use half::{bf16, f16};
+use std::sync::Arc;
+
+/// A tapped module: by torchvision index or by name (`"relu3_3"`, `"conv5_4"`, `"pool2"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// Module index in `features`.
+    Index(usize),
+    /// Module name.
+    Name(String),
+}
+
+impl From<usize> for Tap {
+    fn from(i: usize) -> Self {
+        Tap::Index(i)
+    }
+}
+
+impl From<&str> for Tap {
+    fn from(s: &str) -> Self {
+        Tap::Name(s.to_string())
+    }
+}
+
+/// How inputs are normalised before VGG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum InputNorm {
+    /// Used as given (the article's default).
+    #[default]
+    None,
+    /// ImageNet mean/std for inputs in [0, 1].
+    Imagenet,
+    /// Inputs in [-1, 1]: mapped by (x + 1) / 2, then ImageNet mean/std.
+    ImagenetFromPm1,
+}
+
+const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+impl InputNorm {
+    /// (scale, shift) with normalised = x * scale + shift, for channel `c`.
+    pub(crate) fn affine(self, c: usize) -> (f64, f64) {
+        match self {
+            InputNorm::None => (1.0, 0.0),
+            InputNorm::Imagenet => (1.0 / STD[c], -MEAN[c] / STD[c]),
+            InputNorm::ImagenetFromPm1 => (0.5 / STD[c], (0.5 - MEAN[c]) / STD[c]),
+        }
+    }
+}
+
+/// Configuration of a [`PerceptualLoss`]; `Default` is the article's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerceptualConfig {
+    /// Tapped modules, compared at their outputs; default [3, 8, 15, 22].
+    pub taps: Vec<Tap>,
+    /// One weight per tap; empty means all 1.
+    pub tap_weights: Vec<f32>,
+    /// MSE (default) or MAE.
+    pub criterion: Criterion,
+    /// Input normalisation; default none.
+    pub input_norm: InputNorm,
+    /// Max (default) or average pooling.
+    pub pooling: Pooling,
+    /// Overall weight; default 1.
+    pub weight: f32,
+}
+
+impl Default for PerceptualConfig {
+    fn default() -> Self {
+        PerceptualConfig {
+            taps: [3, 8, 15, 22].into_iter().map(Tap::Index).collect(),
+            tap_weights: Vec::new(),
+            criterion: Criterion::Mse,
+            input_norm: InputNorm::None,
+            pooling: Pooling::Max,
+            weight: 1.0,
+        }
+    }
+}
+
+/// A validated configuration, resolved against the loaded network.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    /// (module index, tap weight), ascending by index.
+    pub taps: Vec<(usize, f64)>,
+    pub criterion: Criterion,
+    pub norm: InputNorm,
+    pub pooling: Pooling,
+    pub weight: f64,
+}
+
+impl Plan {
+    pub fn deepest(&self) -> usize {
+        self.taps.last().map_or(0, |t| t.0)
+    }
+
+    pub fn tap_weight(&self, index: usize) -> Option<f64> {
+        self.taps.iter().find(|t| t.0 == index).map(|t| t.1)
+    }
+}
+
+/// A perceptual loss over a shared, resident [`Vgg`].
+#[derive(Debug, Clone)]
+pub struct PerceptualLoss {
+    vgg: Arc<Vgg>,
+    plan: Plan,
+}
+
+impl PerceptualLoss {
+    /// Resolves and checks `config` against `vgg`: every tap exists and is
+    /// loaded, taps are distinct, one weight per tap, finite weights.
+    pub fn new(vgg: Arc<Vgg>, config: &PerceptualConfig) -> Result<Self> {
+        check_weight(config.weight)?;
+        if config.taps.is_empty() {
+            return Err(Error::arg("a perceptual loss needs at least one tap"));
+        }
+        if !config.tap_weights.is_empty() && config.tap_weights.len() != config.taps.len() {
+            return Err(Error::arg(format!(
+                "{} taps but {} tap weights",
+                config.taps.len(),
+                config.tap_weights.len()
+            )));
+        }
+        let arch = vgg.arch();
+        let mut taps = Vec::with_capacity(config.taps.len());
+        for (k, tap) in config.taps.iter().enumerate() {
+            let index = match tap {
+                Tap::Index(i) => arch.resolve(&i.to_string())?,
+                Tap::Name(n) => arch.resolve(n)?,
+            };
+            if index > vgg.depth() {
+                return Err(Error::arg(format!(
+                    "tap {} ({index}) is deeper than the loaded weights (up to module {}, {})",
+                    arch.layer_name(index).unwrap_or_default(),
+                    vgg.depth(),
+                    arch.layer_name(vgg.depth()).unwrap_or_default()
+                )));
+            }
+            let w = config.tap_weights.get(k).copied().unwrap_or(1.0);
+            check_weight(w)?;
+            if taps.iter().any(|&(i, _)| i == index) {
+                return Err(Error::arg(format!("tap {index} is listed twice")));
+            }
+            taps.push((index, w as f64));
+        }
+        taps.sort_by_key(|t| t.0);
+        let plan = Plan {
+            taps,
+            criterion: config.criterion,
+            norm: config.input_norm,
+            pooling: config.pooling,
+            weight: config.weight as f64,
+        };
+        Ok(PerceptualLoss { vgg, plan })
+    }
+
+    /// The network this loss runs.
+    pub fn vgg(&self) -> &Arc<Vgg> {
+        &self.vgg
+    }
+
+    /// The tapped module indices, ascending.
+    pub fn taps(&self) -> Vec<usize> {
+        self.plan.taps.iter().map(|t| t.0).collect()
+    }
+
+    /// Computes the loss of `pred` against `target` (same shape and dtype,
+    /// N x 1 or 3 x H x W) on the network's device; the gradient w.r.t.
+    /// pred only when `out` asks for it (otherwise nothing is kept for
+    /// backward). Per-sample values are each image's loss.
+    pub fn compute(
+        &self,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        mut out: LossOutputs<'_>,
+    ) -> Result<()> {
+        let s = pred.shape;
+        if target.shape != s || target.dtype != pred.dtype {
+            return Err(Error::arg(format!(
+                "pred and target must have one shape and dtype, got {} {} and {} {}",
+                pred.dtype.name(),
+                s,
+                target.dtype.name(),
+                target.shape
+            )));
+        }
+        s.numel()?;
+        if s.c != 1 && s.c != 3 {
+            return Err(Error::shape(format!(
+                "VGG takes 3 channels (or 1, replicated), got {s}"
+            )));
+        }
+        self.check_size(s)?;
+        out.validate(pred.dtype, s, s.n)?;
+        if self.vgg.device().cuda_device().is_some() {
+            return Err(Error::Unsupported(
+                "the perceptual loss runs on the CPU backend only so far".into(),
+            ));
+        }
+        match pred.dtype {
+            DType::F32 => self.cpu::<f32>(pred, target, &mut out),
+            DType::F16 => self.cpu::<f16>(pred, target, &mut out),
+            DType::BF16 => self.cpu::<bf16>(pred, target, &mut out),
+        }
+    }
+
+    /// Convenience: the loss value, waiting for the device.
+    pub fn value(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<f32> {
+        super::value_on(self.vgg.device(), |loss| {
+            self.compute(pred, target, LossOutputs::new(loss))
+        })
+    }
+
+    /// Every pool before the deepest tap halves H and W (floor): the image
+    /// must keep at least one pixel.
+    fn check_size(&self, s: Shape) -> Result<()> {
+        let pools = self.vgg.layers()[..=self.plan.deepest()]
+            .iter()
+            .filter(|l| l.module == Module::Pool)
+            .count() as u32;
+        if s.h >> pools == 0 || s.w >> pools == 0 {
+            return Err(Error::shape(format!(
+                "{s} is too small: the deepest tap follows {pools} poolings, which need H and W of at least {}",
+                1usize << pools
+            )));
+        }
+        Ok(())
+    }
+
+    fn cpu<T: Element>(
+        &self,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        out: &mut LossOutputs<'_>,
+    ) -> Result<()> {
+        let p = host_in::<T>(pred, "pred")?;
+        let t = host_in::<T>(target, "target")?;
+        let mut per_sample = vec![0.0; pred.shape.n];
+        let grad = out.host_grad::<T>()?;
+        let loss = crate::cpu::perceptual::perceptual(
+            &self.vgg,
+            &self.plan,
+            p,
+            t,
+            pred.shape,
+            grad,
+            &mut per_sample,
+        );
+        host_scalar(&mut out.loss, "loss output")?[0] = loss as f32;
+        if let Some(ps) = out.per_sample.as_mut() {
+            for (slot, v) in host_scalar(ps, "per-sample output")?
+                .iter_mut()
+                .zip(&per_sample)
+            {
+                *slot = *v as f32;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! The VGG feature network: architecture tables and resident weights.
+//!
+//! A [`Vgg`] is loaded once (from a path or bytes; nothing is ever
+//! downloaded), converted to the compute dtype, and shared by `Arc` between
+//! any number of losses and threads.
+
+mod arch;
+mod weights;
+
+pub use arch::VggArch;
+pub(crate) use arch::{Layer, Module};
+pub(crate) use weights::ConvWeights;
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::DType;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The 2x2 pooling between blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pooling {
+    /// Max-pooling, as in VGG (default).
+    #[default]
+    Max,
+    /// Average pooling (a common choice for style transfer).
+    Avg,
+}
+
+/// Where the weights come from.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightsSource<'a> {
+    /// A safetensors file.
+    Path(&'a Path),
+    /// The bytes of a safetensors file.
+    Bytes(&'a [u8]),
+}
+
+/// How to load a [`Vgg`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VggOptions {
+    /// VGG16 (default) or VGG19.
+    pub arch: VggArch,
+    /// The dtype convolutions run in on the GPU. The CPU backend always
+    /// computes in f32 with f64 loss sums.
+    pub compute: DType,
+    /// The deepest module to load, by torchvision index (`Some(22)` loads
+    /// up to relu4_3); `None` loads all of `features`. Losses can tap only
+    /// loaded modules.
+    pub up_to: Option<usize>,
+}
+
+impl Default for VggOptions {
+    fn default() -> Self {
+        VggOptions {
+            arch: VggArch::Vgg16,
+            compute: DType::F32,
+            up_to: None,
+        }
+    }
+}
+
+/// Resident VGG `features` weights on one device. `Send + Sync`: share it
+/// with `Arc` between losses, threads and streams.
+#[derive(Debug)]
+pub struct Vgg {
+    arch: VggArch,
+    compute: DType,
+    device: Device,
+    layers: Vec<Layer>,
+    convs: Vec<ConvWeights>,
+}
+
+impl Vgg {
+    /// Loads `arch` from `source` for `device`, all of `features`.
+    pub fn load(
+        device: &Device,
+        source: WeightsSource<'_>,
+        arch: VggArch,
+        compute: DType,
+    ) -> Result<Arc<Vgg>> {
+        Vgg::load_with(
+            device,
+            source,
+            VggOptions {
+                arch,
+                compute,
+                up_to: None,
+            },
+        )
+    }
+
+    /// Loads with explicit options.
+    pub fn load_with(
+        device: &Device,
+        source: WeightsSource<'_>,
+        options: VggOptions,
+    ) -> Result<Arc<Vgg>> {
+        let mut layers = options.arch.layers();
+        if let Some(last) = options.up_to {
+            if last >= layers.len() {
+                return Err(Error::arg(format!(
+                    "up_to = {last} but {} has modules 0..{}",
+                    options.arch.name(),
+                    layers.len() - 1
+                )));
+            }
+            layers.truncate(last + 1);
+        }
+        let owned;
+        let bytes = match source {
+            WeightsSource::Bytes(b) => b,
+            WeightsSource::Path(p) => {
+                owned = std::fs::read(p)
+                    .map_err(|e| Error::Io(format!("reading weights {}: {e}", p.display())))?;
+                &owned
+            }
+        };
+        let convs = weights::read(bytes, options.arch, &layers)?;
+        Ok(Arc::new(Vgg {
+            arch: options.arch,
+            compute: options.compute,
+            device: device.clone(),
+            layers,
+            convs,
+        }))
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> VggArch {
+        self.arch
+    }
+
+    /// The compute dtype.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Index of the deepest loaded module.
+    pub fn depth(&self) -> usize {
+        self.layers.len() - 1
+    }
+
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    pub(crate) fn convs(&self) -> &[ConvWeights] {
+        &self.convs
+    }
+}

@@ -1,0 +1,274 @@
+//! An f64 VGG oracle written from the definitions (direct 3x3 convolution
+//! loops, no im2col, no GEMM), and seeded weight files for the tests.
+
+use super::Rng;
+use perceptual_loss::VggArch;
+use safetensors::{tensor::TensorView, Dtype};
+
+/// VGG `features` channel lists (0 = 2x2 max-pool), from torchvision.
+pub fn cfg(arch: VggArch) -> Vec<usize> {
+    let v16 = [
+        64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
+    ];
+    let v19 = [
+        64, 64, 0, 128, 128, 0, 256, 256, 256, 256, 0, 512, 512, 512, 512, 0, 512, 512, 512, 512, 0,
+    ];
+    match arch {
+        VggArch::Vgg16 => v16.to_vec(),
+        VggArch::Vgg19 => v19.to_vec(),
+    }
+}
+
+pub enum Op {
+    Conv {
+        in_c: usize,
+        out_c: usize,
+        w: Vec<f64>,
+        b: Vec<f64>,
+    },
+    Relu,
+    Pool,
+}
+
+/// A seeded network: modules in torchvision order, He-scaled weights.
+pub struct Net {
+    pub ops: Vec<Op>,
+}
+
+impl Net {
+    pub fn random(arch: VggArch, seed: u64) -> Net {
+        let mut rng = Rng::new(seed);
+        let mut ops = Vec::new();
+        let mut in_c = 3;
+        for c in cfg(arch) {
+            if c == 0 {
+                ops.push(Op::Pool);
+                continue;
+            }
+            let scale = (6.0 / (in_c * 9) as f32).sqrt();
+            let w = rng
+                .vec(c * in_c * 9, -scale, scale)
+                .into_iter()
+                .map(|v| v as f64)
+                .collect();
+            let b = rng
+                .vec(c, -0.1, 0.1)
+                .into_iter()
+                .map(|v| v as f64)
+                .collect();
+            ops.push(Op::Conv {
+                in_c,
+                out_c: c,
+                w,
+                b,
+            });
+            ops.push(Op::Relu);
+            in_c = c;
+        }
+        Net { ops }
+    }
+
+    /// safetensors bytes with torchvision names, stored as `dtype`
+    /// (F32, F16 or BF16), optionally with a name prefix. Tensors whose
+    /// name `skip` returns true for are left out. The values are rounded to
+    /// `dtype` in place, so the oracle uses exactly what the file holds.
+    pub fn to_safetensors(
+        &mut self,
+        dtype: Dtype,
+        prefix: &str,
+        skip: impl Fn(&str) -> bool,
+    ) -> Vec<u8> {
+        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (index, op) in self.ops.iter_mut().enumerate() {
+            if let Op::Conv { in_c, out_c, w, b } = op {
+                for (suffix, shape, values) in [
+                    ("weight", vec![*out_c, *in_c, 3, 3], w),
+                    ("bias", vec![*out_c], b),
+                ] {
+                    let name = format!("{prefix}features.{index}.{suffix}");
+                    let mut bytes = Vec::new();
+                    for v in values.iter_mut() {
+                        match dtype {
+                            Dtype::F32 => {
+                                *v = *v as f32 as f64;
+                                bytes.extend((*v as f32).to_le_bytes());
+                            }
+                            Dtype::F16 => {
+                                let h = perceptual_loss::half::f16::from_f64(*v);
+                                *v = h.to_f64();
+                                bytes.extend(h.to_le_bytes());
+                            }
+                            Dtype::BF16 => {
+                                let h = perceptual_loss::half::bf16::from_f64(*v);
+                                *v = h.to_f64();
+                                bytes.extend(h.to_le_bytes());
+                            }
+                            _ => panic!("test weights are F32, F16 or BF16"),
+                        }
+                    }
+                    if !skip(&name) {
+                        blobs.push((name, shape, bytes));
+                    }
+                }
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = blobs
+            .iter()
+            .map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    /// Module outputs of one C x H x W image for modules 0..=last.
+    pub fn features(
+        &self,
+        x: &[f64],
+        h: usize,
+        w: usize,
+        last: usize,
+        avg_pool: bool,
+    ) -> Vec<Vec<f64>> {
+        let (mut c, mut h, mut w) = (3, h, w);
+        let mut cur = x.to_vec();
+        let mut outs = Vec::new();
+        for op in &self.ops[..=last] {
+            cur = match op {
+                Op::Conv {
+                    in_c,
+                    out_c,
+                    w: k,
+                    b,
+                } => {
+                    let mut y = vec![0.0; out_c * h * w];
+                    for o in 0..*out_c {
+                        for i in 0..h {
+                            for j in 0..w {
+                                let mut acc = b[o];
+                                for ci in 0..*in_c {
+                                    for dy in 0..3 {
+                                        for dx in 0..3 {
+                                            let (si, sj) = (
+                                                i as isize + dy as isize - 1,
+                                                j as isize + dx as isize - 1,
+                                            );
+                                            if si >= 0
+                                                && sj >= 0
+                                                && (si as usize) < h
+                                                && (sj as usize) < w
+                                            {
+                                                acc += k[((o * in_c + ci) * 3 + dy) * 3 + dx]
+                                                    * cur[(ci * h + si as usize) * w + sj as usize];
+                                            }
+                                        }
+                                    }
+                                }
+                                y[(o * h + i) * w + j] = acc;
+                            }
+                        }
+                    }
+                    c = *out_c;
+                    y
+                }
+                Op::Relu => cur.iter().map(|&v| v.max(0.0)).collect(),
+                Op::Pool => {
+                    let (oh, ow) = (h / 2, w / 2);
+                    let mut y = Vec::with_capacity(c * oh * ow);
+                    for ch in 0..c {
+                        for i in 0..oh {
+                            for j in 0..ow {
+                                let win: Vec<f64> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                                    .iter()
+                                    .map(|(a, b)| cur[(ch * h + 2 * i + a) * w + 2 * j + b])
+                                    .collect();
+                                y.push(if avg_pool {
+                                    win.iter().sum::<f64>() / 4.0
+                                } else {
+                                    win.iter().cloned().fold(f64::MIN, f64::max)
+                                });
+                            }
+                        }
+                    }
+                    h = oh;
+                    w = ow;
+                    y
+                }
+            };
+            outs.push(cur.clone());
+        }
+        outs
+    }
+}
+
+/// Everything the oracle needs to know about a perceptual configuration.
+pub struct Spec {
+    pub taps: Vec<(usize, f64)>,
+    pub mae: bool,
+    /// (scale, shift) per channel: normalised = x * scale + shift.
+    pub affine: [(f64, f64); 3],
+    pub avg_pool: bool,
+    pub weight: f64,
+}
+
+pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+/// The perceptual loss of an N x C x H x W batch (C = 1 replicated).
+pub fn perceptual(
+    net: &Net,
+    spec: &Spec,
+    pred: &[f64],
+    target: &[f64],
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> f64 {
+    let last = spec.taps.iter().map(|t| t.0).max().unwrap();
+    let image = c * h * w;
+    let prep = |x: &[f64]| -> Vec<f64> {
+        (0..3)
+            .flat_map(|ch| {
+                let src = if c == 1 { 0 } else { ch };
+                let (s, t) = spec.affine[ch];
+                x[src * h * w..(src + 1) * h * w]
+                    .iter()
+                    .map(move |v| v * s + t)
+            })
+            .collect()
+    };
+    let mut sums = vec![0.0; spec.taps.len()];
+    let mut counts = vec![0usize; spec.taps.len()];
+    for k in 0..n {
+        let fp = net.features(
+            &prep(&pred[k * image..(k + 1) * image]),
+            h,
+            w,
+            last,
+            spec.avg_pool,
+        );
+        let ft = net.features(
+            &prep(&target[k * image..(k + 1) * image]),
+            h,
+            w,
+            last,
+            spec.avg_pool,
+        );
+        for (j, (tap, _)) in spec.taps.iter().enumerate() {
+            for (a, b) in fp[*tap].iter().zip(&ft[*tap]) {
+                sums[j] += if spec.mae {
+                    (a - b).abs()
+                } else {
+                    (a - b) * (a - b)
+                };
+            }
+            counts[j] += fp[*tap].len();
+        }
+    }
+    spec.weight
+        * spec
+            .taps
+            .iter()
+            .enumerate()
+            .map(|(j, t)| t.1 * sums[j] / counts[j] as f64)
+            .sum::<f64>()
+}

@@ -1,0 +1,483 @@
+//! Perceptual loss on the CPU backend against the f64 oracle in
+//! tests/common/vgg.rs (direct convolutions, written from the definitions)
+//! and finite differences; weight files are written by the tests.
+
+mod common;
+
+use common::vgg::{perceptual, Net, Spec, IMAGENET_MEAN, IMAGENET_STD};
+use common::{assert_close, assert_rel, Rng};
+use perceptual_loss::half::{bf16, f16};
+use perceptual_loss::{
+    Criterion, DType, Device, Element, Error, InputNorm, LossOutputs, PerceptualConfig,
+    PerceptualLoss, Pooling, Shape, Tap, TensorMut, TensorRef, Vgg, VggArch, VggOptions,
+    WeightsSource,
+};
+use safetensors::Dtype;
+use std::sync::Arc;
+
+fn load(net: &mut Net, arch: VggArch) -> Arc<Vgg> {
+    let bytes = net.to_safetensors(Dtype::F32, "", |_| false);
+    Vgg::load(
+        &Device::cpu(),
+        WeightsSource::Bytes(&bytes),
+        arch,
+        DType::F32,
+    )
+    .unwrap()
+}
+
+struct Out {
+    loss: f64,
+    grad: Vec<f64>,
+    per_sample: Vec<f64>,
+}
+
+fn run<T: Element>(
+    loss: &PerceptualLoss,
+    pred: &[f32],
+    target: &[f32],
+    s: Shape,
+    beta: f32,
+    old: Option<&[f32]>,
+) -> Out {
+    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>();
+    let (p, t) = (conv(pred), conv(target));
+    let mut g = match old {
+        Some(o) => conv(o),
+        None => vec![T::from_f64(f64::NAN); pred.len()],
+    };
+    let (mut value, mut per) = (f32::NAN, vec![f32::NAN; s.n]);
+    loss.compute(
+        &TensorRef::host(&p, s).unwrap(),
+        &TensorRef::host(&t, s).unwrap(),
+        LossOutputs::new(TensorMut::scalar(&mut value))
+            .with_grad(TensorMut::host(&mut g, s).unwrap())
+            .accumulate(beta)
+            .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
+    )
+    .unwrap();
+    Out {
+        loss: value as f64,
+        grad: g.iter().map(|v| v.to_f64()).collect(),
+        per_sample: per.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+fn spec_of(vgg: &Vgg, cfg: &PerceptualConfig, taps: &[usize]) -> Spec {
+    let weights: Vec<f64> = if cfg.tap_weights.is_empty() {
+        vec![1.0; taps.len()]
+    } else {
+        cfg.tap_weights.iter().map(|&w| w as f64).collect()
+    };
+    let affine = std::array::from_fn(|c| match cfg.input_norm {
+        InputNorm::None => (1.0, 0.0),
+        InputNorm::Imagenet => (1.0 / IMAGENET_STD[c], -IMAGENET_MEAN[c] / IMAGENET_STD[c]),
+        InputNorm::ImagenetFromPm1 => (
+            0.5 / IMAGENET_STD[c],
+            (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c],
+        ),
+    });
+    let _ = vgg;
+    Spec {
+        taps: taps.iter().copied().zip(weights).collect(),
+        mae: cfg.criterion == Criterion::Mae,
+        affine,
+        avg_pool: cfg.pooling == Pooling::Avg,
+        weight: cfg.weight as f64,
+    }
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Loss, per-sample values and FD gradient at `probes` random pixels.
+fn check_against_oracle(
+    arch: VggArch,
+    cfg: PerceptualConfig,
+    taps_by_index: &[usize],
+    s: Shape,
+    seed: u64,
+    probes: usize,
+) {
+    let mut net = Net::random(arch, seed);
+    let vgg = load(&mut net, arch);
+    let loss = PerceptualLoss::new(vgg.clone(), &cfg).unwrap();
+    let mut rng = Rng::new(seed + 1);
+    let n = s.n * s.c * s.h * s.w;
+    let (pred, target) = (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0));
+    let out = run::<f32>(&loss, &pred, &target, s, 0.0, None);
+    let spec = spec_of(&vgg, &cfg, taps_by_index);
+    let (p64, t64) = (f64s(&pred), f64s(&target));
+    let oracle = |p: &[f64]| perceptual(&net, &spec, p, &t64, s.n, s.c, s.h, s.w);
+    let want = oracle(&p64);
+    let what = format!("{arch:?} {cfg:?} {s}");
+    assert_rel(out.loss, want, 2e-5, &format!("loss {what}"));
+    let per: Vec<f64> = (0..s.n)
+        .map(|k| {
+            let img = s.c * s.h * s.w;
+            perceptual(
+                &net,
+                &spec,
+                &p64[k * img..(k + 1) * img],
+                &t64[k * img..(k + 1) * img],
+                1,
+                s.c,
+                s.h,
+                s.w,
+            )
+        })
+        .collect();
+    assert_close(
+        &out.per_sample,
+        &per,
+        2e-5,
+        0.0,
+        &format!("per-sample {what}"),
+    );
+    let scale = out.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    for _ in 0..probes {
+        let i = (rng.next_u64() % n as u64) as usize;
+        let h = 1e-6;
+        let mut p = p64.clone();
+        p[i] += h;
+        let up = oracle(&p);
+        p[i] -= 2.0 * h;
+        let down = oracle(&p);
+        let fd = (up - down) / (2.0 * h);
+        assert!(
+            (out.grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
+            "{what}: grad[{i}] = {} but finite difference {fd}",
+            out.grad[i]
+        );
+    }
+}
+
+#[test]
+fn article_defaults_match_the_oracle() {
+    check_against_oracle(
+        VggArch::Vgg16,
+        PerceptualConfig::default(),
+        &[3, 8, 15, 22],
+        Shape::new(1, 3, 20, 28),
+        1,
+        6,
+    );
+}
+
+#[test]
+fn odd_sizes_where_pooling_floors() {
+    check_against_oracle(
+        VggArch::Vgg16,
+        PerceptualConfig::default(),
+        &[3, 8, 15, 22],
+        Shape::new(2, 3, 17, 23),
+        2,
+        4,
+    );
+}
+
+#[test]
+fn vgg19_names_weights_mae_imagenet_avg_pool() {
+    let cfg = PerceptualConfig {
+        taps: vec![
+            "conv1_2".into(),
+            "relu2_2".into(),
+            "pool2".into(),
+            Tap::Name("conv3_4".into()),
+        ],
+        tap_weights: vec![0.1, 1.0, 0.5, 2.0],
+        criterion: Criterion::Mae,
+        input_norm: InputNorm::Imagenet,
+        pooling: Pooling::Avg,
+        weight: 0.5,
+    };
+    // VGG19: conv1_2 = 2, relu2_2 = 8, pool2 = 9, conv3_4 = 16.
+    check_against_oracle(
+        VggArch::Vgg19,
+        cfg,
+        &[2, 8, 9, 16],
+        Shape::new(2, 3, 12, 14),
+        3,
+        0,
+    );
+}
+
+#[test]
+fn gradients_of_shallow_taps_match_finite_differences() {
+    let cfg = PerceptualConfig {
+        taps: vec![3.into(), 8.into()],
+        tap_weights: vec![1.0, 3.0],
+        ..Default::default()
+    };
+    check_against_oracle(
+        VggArch::Vgg16,
+        cfg,
+        &[3, 8],
+        Shape::new(2, 3, 12, 10),
+        4,
+        40,
+    );
+}
+
+#[test]
+fn grayscale_from_pm1_is_replicated() {
+    let cfg = PerceptualConfig {
+        taps: vec![8.into(), 15.into()],
+        input_norm: InputNorm::ImagenetFromPm1,
+        ..Default::default()
+    };
+    check_against_oracle(
+        VggArch::Vgg16,
+        cfg,
+        &[8, 15],
+        Shape::new(1, 1, 16, 12),
+        5,
+        20,
+    );
+}
+
+#[test]
+fn identical_inputs_give_zero_loss_and_gradient() {
+    let mut net = Net::random(VggArch::Vgg16, 6);
+    let vgg = load(&mut net, VggArch::Vgg16);
+    let s = Shape::new(2, 3, 16, 16);
+    let x = Rng::new(7).vec(s.n * s.c * s.h * s.w, 0.0, 1.0);
+    for criterion in [Criterion::Mse, Criterion::Mae] {
+        let loss = PerceptualLoss::new(
+            vgg.clone(),
+            &PerceptualConfig {
+                criterion,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let out = run::<f32>(&loss, &x, &x, s, 0.0, None);
+        assert_eq!(out.loss, 0.0);
+        assert!(out.grad.iter().all(|&g| g == 0.0), "{criterion:?}");
+    }
+}
+
+#[test]
+fn half_precision_inputs_and_accumulation() {
+    let mut net = Net::random(VggArch::Vgg16, 8);
+    let vgg = load(&mut net, VggArch::Vgg16);
+    let loss = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap();
+    let s = Shape::new(1, 3, 16, 20);
+    let mut rng = Rng::new(9);
+    let n = s.n * s.c * s.h * s.w;
+    let (pred, target) = (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0));
+    let round = |v: &[f32], bf: bool| -> Vec<f32> {
+        v.iter()
+            .map(|&x| {
+                if bf {
+                    bf16::from_f32(x).to_f32()
+                } else {
+                    f16::from_f32(x).to_f32()
+                }
+            })
+            .collect()
+    };
+    for bf in [false, true] {
+        let reference = run::<f32>(&loss, &round(&pred, bf), &round(&target, bf), s, 0.0, None);
+        let got = if bf {
+            run::<bf16>(&loss, &pred, &target, s, 0.0, None)
+        } else {
+            run::<f16>(&loss, &pred, &target, s, 0.0, None)
+        };
+        assert_rel(got.loss, reference.loss, 1e-6, "half loss");
+        let scale = reference.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert_close(&got.grad, &reference.grad, 1e-2, 1e-2 * scale, "half grad");
+    }
+    let old = rng.vec(n, -1.0, 1.0);
+    let fresh = run::<f32>(&loss, &pred, &target, s, 0.0, None);
+    let acc = run::<f32>(&loss, &pred, &target, s, 2.0, Some(&old));
+    let want: Vec<f64> = old
+        .iter()
+        .zip(&fresh.grad)
+        .map(|(o, g)| 2.0 * *o as f64 + g)
+        .collect();
+    assert_close(&acc.grad, &want, 1e-6, 1e-9, "accumulated grad");
+}
+
+#[test]
+fn forward_only_writes_no_gradient() {
+    let mut net = Net::random(VggArch::Vgg16, 10);
+    let vgg = load(&mut net, VggArch::Vgg16);
+    let loss = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap();
+    let s = Shape::new(1, 3, 16, 16);
+    let mut rng = Rng::new(11);
+    let (p, t) = (rng.vec(768, 0.0, 1.0), rng.vec(768, 0.0, 1.0));
+    let with_grad = run::<f32>(&loss, &p, &t, s, 0.0, None).loss;
+    let value = loss
+        .value(
+            &TensorRef::host(&p, s).unwrap(),
+            &TensorRef::host(&t, s).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(value as f64, with_grad);
+}
+
+fn weights_error(bytes: &[u8]) -> String {
+    let e = Vgg::load(
+        &Device::cpu(),
+        WeightsSource::Bytes(bytes),
+        VggArch::Vgg16,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::InvalidWeights(_)), "{e}");
+    e.to_string()
+}
+
+#[test]
+fn malformed_weight_files_name_the_tensor() {
+    let mut net = Net::random(VggArch::Vgg16, 12);
+    let good = net.to_safetensors(Dtype::F32, "", |_| false);
+    assert!(weights_error(&good[..good.len() / 2]).contains("safetensors"));
+    assert!(weights_error(b"not a safetensors file at all").contains("safetensors"));
+    let missing = net.to_safetensors(Dtype::F32, "", |n| n == "features.12.bias");
+    assert!(weights_error(&missing).contains("features.12.bias"));
+    // VGG19 weights read as VGG16: VGG16's conv at 17 is a ReLU in VGG19.
+    let mut net19 = Net::random(VggArch::Vgg19, 13);
+    assert!(
+        weights_error(&net19.to_safetensors(Dtype::F32, "", |_| false))
+            .contains("features.17.weight")
+    );
+    // A 5x5 kernel where VGG has 3x3.
+    let five = vec![0u8; 64 * 3 * 25 * 4];
+    let view = safetensors::tensor::TensorView::new(Dtype::F32, vec![64, 3, 5, 5], &five).unwrap();
+    let msg = weights_error(&safetensors::serialize([("features.0.weight", view)], None).unwrap());
+    assert!(
+        msg.contains("features.0.weight") && msg.contains("shape"),
+        "{msg}"
+    );
+    // Non-finite weights.
+    if let common::vgg::Op::Conv { w, .. } = &mut net.ops[5] {
+        w[3] = f64::NAN;
+    }
+    let nan = net.to_safetensors(Dtype::F32, "", |_| false);
+    assert!(weights_error(&nan).contains("features.5.weight"));
+    // A tensor of an integer dtype.
+    let ints = vec![0u8; 64 * 3 * 9 * 4];
+    let view = safetensors::tensor::TensorView::new(Dtype::I32, vec![64, 3, 3, 3], &ints).unwrap();
+    let bytes = safetensors::serialize([("features.0.weight", view)], None).unwrap();
+    assert!(weights_error(&bytes).contains("features.0.weight"));
+    // A file that is not there.
+    let e = Vgg::load(
+        &Device::cpu(),
+        WeightsSource::Path("/nonexistent/vgg16.safetensors".as_ref()),
+        VggArch::Vgg16,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Io(_)), "{e}");
+}
+
+#[test]
+fn prefixes_storage_dtypes_and_partial_depth() {
+    let mut net = Net::random(VggArch::Vgg16, 14);
+    for (dtype, prefix) in [
+        (Dtype::F16, "vgg16."),
+        (Dtype::BF16, "model."),
+        (Dtype::F32, ""),
+    ] {
+        let bytes = net.to_safetensors(dtype, prefix, |_| false);
+        let vgg = Vgg::load(
+            &Device::cpu(),
+            WeightsSource::Bytes(&bytes),
+            VggArch::Vgg16,
+            DType::F32,
+        )
+        .unwrap();
+        assert_eq!(vgg.depth(), 30);
+    }
+    // Only up to relu2_2 in the file: loads with up_to, and deeper taps are refused.
+    let shallow = net.to_safetensors(Dtype::F32, "", |n| {
+        n.split('.').nth(1).unwrap().parse::<usize>().unwrap() > 8
+    });
+    let options = VggOptions {
+        up_to: Some(8),
+        ..Default::default()
+    };
+    let vgg = Vgg::load_with(&Device::cpu(), WeightsSource::Bytes(&shallow), options).unwrap();
+    assert_eq!(vgg.depth(), 8);
+    let e = PerceptualLoss::new(vgg.clone(), &PerceptualConfig::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("deeper than the loaded weights"),
+        "{e}"
+    );
+    PerceptualLoss::new(
+        vgg,
+        &PerceptualConfig {
+            taps: vec![3.into(), "relu2_2".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(Vgg::load(
+        &Device::cpu(),
+        WeightsSource::Bytes(&shallow),
+        VggArch::Vgg16,
+        DType::F32
+    )
+    .is_err());
+}
+
+#[test]
+fn misconfiguration_and_bad_inputs_are_errors() {
+    let mut net = Net::random(VggArch::Vgg16, 15);
+    let vgg = load(&mut net, VggArch::Vgg16);
+    let bad = |cfg: PerceptualConfig| {
+        PerceptualLoss::new(vgg.clone(), &cfg)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(bad(PerceptualConfig {
+        taps: vec!["relu9_9".into()],
+        ..Default::default()
+    })
+    .contains("relu9_9"));
+    assert!(bad(PerceptualConfig {
+        taps: vec![31.into()],
+        ..Default::default()
+    })
+    .contains("no layer"));
+    assert!(bad(PerceptualConfig {
+        tap_weights: vec![1.0],
+        ..Default::default()
+    })
+    .contains("tap weights"));
+    assert!(bad(PerceptualConfig {
+        taps: vec![3.into(), "relu1_2".into()],
+        ..Default::default()
+    })
+    .contains("twice"));
+    assert!(bad(PerceptualConfig {
+        taps: vec![],
+        ..Default::default()
+    })
+    .contains("at least one tap"));
+    assert!(bad(PerceptualConfig {
+        weight: f32::NAN,
+        ..Default::default()
+    })
+    .contains("finite"));
+
+    let loss = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap();
+    let x = vec![0f32; 2 * 7 * 7 * 3];
+    let err = |s: Shape, t: Shape| {
+        let n = s.n * s.c * s.h * s.w;
+        let m = t.n * t.c * t.h * t.w;
+        loss.value(
+            &TensorRef::host(&x[..n], s).unwrap(),
+            &TensorRef::host(&x[..m], t).unwrap(),
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    // relu4_3 follows three poolings: 7x7 becomes 0x0 at the third.
+    assert!(err(Shape::new(1, 3, 7, 7), Shape::new(1, 3, 7, 7)).contains("too small"));
+    assert!(err(Shape::new(1, 2, 7, 7), Shape::new(1, 2, 7, 7)).contains("3 channels"));
+    assert!(err(Shape::new(1, 3, 7, 7), Shape::new(1, 3, 7, 6)).contains("one shape"));
+}
