@@ -16,7 +16,7 @@ use safetensors::Dtype;
 use std::sync::Arc;
 
 fn load(net: &mut Net, arch: VggArch) -> Arc<Vgg> {
-    let bytes = net.to_safetensors(Dtype::F32, "", |_| false);
+    let bytes = net.export_safetensors(Dtype::F32, "", |_| false);
     Vgg::load(
         &Device::cpu(),
         WeightsSource::Bytes(&bytes),
@@ -109,7 +109,7 @@ fn check_against_oracle(
     let out = run::<f32>(&loss, &pred, &target, s, 0.0, None);
     let spec = spec_of(&vgg, &cfg, taps_by_index);
     let (p64, t64) = (f64s(&pred), f64s(&target));
-    let oracle = |p: &[f64]| perceptual(&net, &spec, p, &t64, s.n, s.c, s.h, s.w);
+    let oracle = |p: &[f64]| perceptual(&net, &spec, p, &t64, s);
     let want = oracle(&p64);
     let what = format!("{arch:?} {cfg:?} {s}");
     assert_rel(out.loss, want, 2e-5, &format!("loss {what}"));
@@ -121,10 +121,7 @@ fn check_against_oracle(
                 &spec,
                 &p64[k * img..(k + 1) * img],
                 &t64[k * img..(k + 1) * img],
-                1,
-                s.c,
-                s.h,
-                s.w,
+                Shape::new(1, s.c, s.h, s.w),
             )
         })
         .collect();
@@ -333,15 +330,15 @@ fn weights_error(bytes: &[u8]) -> String {
 #[test]
 fn malformed_weight_files_name_the_tensor() {
     let mut net = Net::random(VggArch::Vgg16, 12);
-    let good = net.to_safetensors(Dtype::F32, "", |_| false);
+    let good = net.export_safetensors(Dtype::F32, "", |_| false);
     assert!(weights_error(&good[..good.len() / 2]).contains("safetensors"));
     assert!(weights_error(b"not a safetensors file at all").contains("safetensors"));
-    let missing = net.to_safetensors(Dtype::F32, "", |n| n == "features.12.bias");
+    let missing = net.export_safetensors(Dtype::F32, "", |n| n == "features.12.bias");
     assert!(weights_error(&missing).contains("features.12.bias"));
     // VGG19 weights read as VGG16: VGG16's conv at 17 is a ReLU in VGG19.
     let mut net19 = Net::random(VggArch::Vgg19, 13);
     assert!(
-        weights_error(&net19.to_safetensors(Dtype::F32, "", |_| false))
+        weights_error(&net19.export_safetensors(Dtype::F32, "", |_| false))
             .contains("features.17.weight")
     );
     // A 5x5 kernel where VGG has 3x3.
@@ -356,7 +353,7 @@ fn malformed_weight_files_name_the_tensor() {
     if let common::vgg::Op::Conv { w, .. } = &mut net.ops[5] {
         w[3] = f64::NAN;
     }
-    let nan = net.to_safetensors(Dtype::F32, "", |_| false);
+    let nan = net.export_safetensors(Dtype::F32, "", |_| false);
     assert!(weights_error(&nan).contains("features.5.weight"));
     // A tensor of an integer dtype.
     let ints = vec![0u8; 64 * 3 * 9 * 4];
@@ -382,7 +379,7 @@ fn prefixes_storage_dtypes_and_partial_depth() {
         (Dtype::BF16, "model."),
         (Dtype::F32, ""),
     ] {
-        let bytes = net.to_safetensors(dtype, prefix, |_| false);
+        let bytes = net.export_safetensors(dtype, prefix, |_| false);
         let vgg = Vgg::load(
             &Device::cpu(),
             WeightsSource::Bytes(&bytes),
@@ -393,7 +390,7 @@ fn prefixes_storage_dtypes_and_partial_depth() {
         assert_eq!(vgg.depth(), 30);
     }
     // Only up to relu2_2 in the file: loads with up_to, and deeper taps are refused.
-    let shallow = net.to_safetensors(Dtype::F32, "", |n| {
+    let shallow = net.export_safetensors(Dtype::F32, "", |n| {
         n.split('.').nth(1).unwrap().parse::<usize>().unwrap() > 8
     });
     let options = VggOptions {

@@ -2,7 +2,7 @@
 //! loops, no im2col, no GEMM), and seeded weight files for the tests.
 
 use super::Rng;
-use perceptual_loss::VggArch;
+use perceptual_loss::{Shape, VggArch};
 use safetensors::{tensor::TensorView, Dtype};
 
 /// VGG `features` channel lists (0 = 2x2 max-pool), from torchvision.
@@ -72,7 +72,7 @@ impl Net {
     /// (F32, F16 or BF16), optionally with a name prefix. Tensors whose
     /// name `skip` returns true for are left out. The values are rounded to
     /// `dtype` in place, so the oracle uses exactly what the file holds.
-    pub fn to_safetensors(
+    pub fn export_safetensors(
         &mut self,
         dtype: Dtype,
         prefix: &str,
@@ -213,16 +213,8 @@ pub const IMAGENET_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 pub const IMAGENET_STD: [f64; 3] = [0.229, 0.224, 0.225];
 
 /// The perceptual loss of an N x C x H x W batch (C = 1 replicated).
-pub fn perceptual(
-    net: &Net,
-    spec: &Spec,
-    pred: &[f64],
-    target: &[f64],
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-) -> f64 {
+pub fn perceptual(net: &Net, spec: &Spec, pred: &[f64], target: &[f64], s: Shape) -> f64 {
+    let (n, c, h, w) = (s.n, s.c, s.h, s.w);
     let last = spec.taps.iter().map(|t| t.0).max().unwrap();
     let image = c * h * w;
     let prep = |x: &[f64]| -> Vec<f64> {
