@@ -1,6 +1,6 @@
 /*
- * perceptual-loss C ABI: total-variation loss with gradients on the CPU or
- * a CUDA device. Every function returns a pl_status (PL_OK = 0) and, on
+ * perceptual-loss C ABI: total-variation and VGG perceptual losses with
+ * gradients, on the CPU or a CUDA device. Every function returns a pl_status (PL_OK = 0) and, on
  * failure, leaves a message for pl_last_error() and writes no output.
  */
 
@@ -15,6 +15,16 @@
  * An opaque compute context: one device and one stream.
  */
 typedef struct pl_context pl_context;
+
+/**
+ * A perceptual loss; it keeps its VGG alive.
+ */
+typedef struct pl_perceptual pl_perceptual;
+
+/**
+ * Resident VGG weights on one context's device.
+ */
+typedef struct pl_vgg pl_vgg;
 
 /**
  * Result of every call: `PL_OK` (0) or an error code.
@@ -35,6 +45,67 @@ typedef int32_t pl_dtype;
  * Total-variation formula and batch reduction (see DESIGN.md section 3).
  */
 typedef int32_t pl_tv_variant;
+
+/**
+ * VGG variant for `pl_vgg_load`.
+ */
+typedef int32_t pl_vgg_arch;
+
+/**
+ * Feature distance of a perceptual loss.
+ */
+typedef int32_t pl_criterion;
+
+/**
+ * Input normalisation of a perceptual loss.
+ */
+typedef int32_t pl_input_norm;
+
+/**
+ * Pooling of the VGG network.
+ */
+typedef int32_t pl_pooling;
+
+/**
+ * Perceptual loss options. Zero or NULL fields mean the article's
+ * defaults: taps 3, 8, 15, 22 (relu1_2, relu2_2, relu3_3, relu4_3), unit
+ * tap weights, MSE, no normalisation, max-pooling, overall weight 1.
+ */
+typedef struct pl_perceptual_config {
+  /**
+   * Tapped module indices (torchvision `features`), or NULL.
+   */
+  const int32_t *taps;
+  /**
+   * Tapped module names such as "relu3_3" or "conv5_4", or NULL; give
+   * taps or tap_names, not both.
+   */
+  const char *const *tap_names;
+  /**
+   * Number of entries in taps or tap_names (0 = the defaults).
+   */
+  size_t num_taps;
+  /**
+   * One weight per tap, or NULL for all 1.
+   */
+  const float *tap_weights;
+  /**
+   * PL_MSE (0) or PL_MAE.
+   */
+  pl_criterion criterion;
+  /**
+   * PL_NORM_NONE (0), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
+   */
+  pl_input_norm input_norm;
+  /**
+   * PL_POOL_MAX (0) or PL_POOL_AVG.
+   */
+  pl_pooling pooling;
+  /**
+   * Overall weight; 0 means 1.
+   */
+  float weight;
+} pl_perceptual_config;
 
 /**
  * Success.
@@ -70,6 +141,21 @@ typedef int32_t pl_tv_variant;
  * A bug inside the library (including a caught panic).
  */
 #define PL_ERR_INTERNAL 6
+
+/**
+ * A weights file is malformed (the message names the tensor).
+ */
+#define PL_ERR_INVALID_WEIGHTS 7
+
+/**
+ * A file could not be read.
+ */
+#define PL_ERR_IO 8
+
+/**
+ * The operation is not available for this device or configuration.
+ */
+#define PL_ERR_UNSUPPORTED 9
 
 /**
  * The CPU backend; pointers are host memory.
@@ -140,6 +226,51 @@ typedef int32_t pl_tv_variant;
  * Isotropic sqrt(dh^2 + dw^2), sum over the batch.
  */
 #define PL_TV_ISOTROPIC_SUM 8
+
+/**
+ * VGG16.
+ */
+#define PL_VGG16 0
+
+/**
+ * VGG19.
+ */
+#define PL_VGG19 1
+
+/**
+ * Mean squared error (the default).
+ */
+#define PL_MSE 0
+
+/**
+ * Mean absolute error.
+ */
+#define PL_MAE 1
+
+/**
+ * Inputs used as given (the default).
+ */
+#define PL_NORM_NONE 0
+
+/**
+ * ImageNet mean/std, inputs in [0, 1].
+ */
+#define PL_NORM_IMAGENET 1
+
+/**
+ * Inputs in [-1, 1] mapped to [0, 1], then ImageNet mean/std.
+ */
+#define PL_NORM_IMAGENET_FROM_PM1 2
+
+/**
+ * Max-pooling (the default).
+ */
+#define PL_POOL_MAX 0
+
+/**
+ * Average pooling.
+ */
+#define PL_POOL_AVG 1
 
 #ifdef __cplusplus
 extern "C" {
@@ -212,6 +343,68 @@ pl_status pl_tv_loss(struct pl_context *ctx,
                      float weight,
                      float *loss_out,
                      void *grad_out);
+
+/**
+ * Loads VGG `features` weights (safetensors, torchvision names) from
+ * `safetensors_path` onto the context's device, converted to `compute`.
+ *
+ * # Safety
+ * `ctx` must be a live context, `safetensors_path` a NUL-terminated path,
+ * `out` writable.
+ */
+pl_status pl_vgg_load(struct pl_context *ctx,
+                      const char *safetensors_path,
+                      pl_vgg_arch arch,
+                      pl_dtype compute,
+                      struct pl_vgg **out);
+
+/**
+ * Releases a VGG handle; NULL is ignored. Perceptual losses made from it
+ * keep the weights alive until they are destroyed.
+ *
+ * # Safety
+ * `vgg` must be NULL or a handle from `pl_vgg_load`, not used again.
+ */
+void pl_vgg_destroy(struct pl_vgg *vgg);
+
+/**
+ * Creates a perceptual loss over `vgg` with `config` (NULL = defaults).
+ *
+ * # Safety
+ * `vgg` must be a live handle, `config` NULL or valid, `out` writable.
+ */
+pl_status pl_perceptual_create(struct pl_vgg *vgg,
+                               const struct pl_perceptual_config *config,
+                               struct pl_perceptual **out);
+
+/**
+ * Destroys a perceptual loss; NULL is ignored.
+ *
+ * # Safety
+ * `loss` must be NULL or a handle from `pl_perceptual_create`, not used again.
+ */
+void pl_perceptual_destroy(struct pl_perceptual *loss);
+
+/**
+ * Perceptual loss of `pred` against `target` (contiguous NCHW, c = 1 or
+ * 3, same dtype), on the device its VGG was loaded for. Writes the loss
+ * (one float) to `loss_out` and, when `grad_out` is not NULL, dL/dpred in
+ * `dtype` and pred's layout.
+ *
+ * # Safety
+ * `loss` must be a live handle; `pred`, `target` and `grad_out` must
+ * address n*c*h*w elements and `loss_out` one float on that device.
+ */
+pl_status pl_perceptual_loss(struct pl_perceptual *loss,
+                             const void *pred,
+                             const void *target,
+                             pl_dtype dtype,
+                             int64_t n,
+                             int64_t c,
+                             int64_t h,
+                             int64_t w,
+                             float *loss_out,
+                             void *grad_out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -13,14 +13,18 @@
 #![allow(non_camel_case_types)]
 
 use crate::error::Error;
+use crate::loss::feature::Criterion;
+use crate::loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
 use crate::loss::tv::{Reduction, TvConfig, TvLoss, TvVariant};
 use crate::loss::LossOutputs;
 use crate::tensor::{DType, Shape, TensorMut, TensorRef};
+use crate::vgg::{Pooling, Vgg, VggArch, WeightsSource};
 use crate::Device;
 use half::{bf16, f16};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 /// Result of every call: `PL_OK` (0) or an error code.
 pub type pl_status = i32;
@@ -81,6 +85,70 @@ pub const PL_TV_L2_SUM: pl_tv_variant = 6;
 pub const PL_TV_ISOTROPIC: pl_tv_variant = 7;
 /// Isotropic sqrt(dh^2 + dw^2), sum over the batch.
 pub const PL_TV_ISOTROPIC_SUM: pl_tv_variant = 8;
+
+/// VGG variant for `pl_vgg_load`.
+pub type pl_vgg_arch = i32;
+/// VGG16.
+pub const PL_VGG16: pl_vgg_arch = 0;
+/// VGG19.
+pub const PL_VGG19: pl_vgg_arch = 1;
+
+/// Feature distance of a perceptual loss.
+pub type pl_criterion = i32;
+/// Mean squared error (the default).
+pub const PL_MSE: pl_criterion = 0;
+/// Mean absolute error.
+pub const PL_MAE: pl_criterion = 1;
+
+/// Input normalisation of a perceptual loss.
+pub type pl_input_norm = i32;
+/// Inputs used as given (the default).
+pub const PL_NORM_NONE: pl_input_norm = 0;
+/// ImageNet mean/std, inputs in [0, 1].
+pub const PL_NORM_IMAGENET: pl_input_norm = 1;
+/// Inputs in [-1, 1] mapped to [0, 1], then ImageNet mean/std.
+pub const PL_NORM_IMAGENET_FROM_PM1: pl_input_norm = 2;
+
+/// Pooling of the VGG network.
+pub type pl_pooling = i32;
+/// Max-pooling (the default).
+pub const PL_POOL_MAX: pl_pooling = 0;
+/// Average pooling.
+pub const PL_POOL_AVG: pl_pooling = 1;
+
+/// Perceptual loss options. Zero or NULL fields mean the article's
+/// defaults: taps 3, 8, 15, 22 (relu1_2, relu2_2, relu3_3, relu4_3), unit
+/// tap weights, MSE, no normalisation, max-pooling, overall weight 1.
+#[repr(C)]
+pub struct pl_perceptual_config {
+    /// Tapped module indices (torchvision `features`), or NULL.
+    pub taps: *const i32,
+    /// Tapped module names such as "relu3_3" or "conv5_4", or NULL; give
+    /// taps or tap_names, not both.
+    pub tap_names: *const *const c_char,
+    /// Number of entries in taps or tap_names (0 = the defaults).
+    pub num_taps: usize,
+    /// One weight per tap, or NULL for all 1.
+    pub tap_weights: *const f32,
+    /// PL_MSE (0) or PL_MAE.
+    pub criterion: pl_criterion,
+    /// PL_NORM_NONE (0), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
+    pub input_norm: pl_input_norm,
+    /// PL_POOL_MAX (0) or PL_POOL_AVG.
+    pub pooling: pl_pooling,
+    /// Overall weight; 0 means 1.
+    pub weight: f32,
+}
+
+/// Resident VGG weights on one context's device.
+pub struct pl_vgg {
+    vgg: Arc<Vgg>,
+}
+
+/// A perceptual loss; it keeps its VGG alive.
+pub struct pl_perceptual {
+    loss: PerceptualLoss,
+}
 
 /// An opaque compute context: one device and one stream.
 pub struct pl_context {
@@ -178,55 +246,84 @@ fn tv_config(variant: pl_tv_variant, weight: f32) -> Result<TvConfig, Error> {
     })
 }
 
-/// Host views over caller pointers, after checking alignment and overlap
-/// (overlapping `&` and `&mut` slices would be undefined behaviour).
-struct HostArgs<'a> {
-    input: TensorRef<'a>,
-    loss: TensorMut<'a>,
-    grad: Option<TensorMut<'a>>,
+/// The tensors of one call as views on the context's device.
+struct CallArgs<'a> {
+    inputs: Vec<TensorRef<'a>>,
+    outputs: LossOutputs<'a>,
 }
 
+/// Views over caller pointers: device addresses for a CUDA context (checked
+/// against their allocations by the loss call), host slices for the CPU
+/// after checking alignment and that no output overlaps anything else
+/// (overlapping `&` and `&mut` slices would be undefined behaviour).
+///
 /// # Safety
-/// The pointers must address `shape` elements (one f32 for `loss`) of host
-/// memory valid for the call.
-unsafe fn host_args<'a>(
-    x: *const c_void,
+/// Each input and `grad` must address `shape` elements of `dtype`, and
+/// `loss` one f32, on the context's device, valid for the call.
+unsafe fn call_args<'a>(
+    device: &Device,
+    inputs: &[(*const c_void, &str)],
     dtype: DType,
     shape: Shape,
     loss: *mut f32,
     grad: *mut c_void,
-) -> Result<HostArgs<'a>, Error> {
+) -> Result<CallArgs<'a>, Error> {
+    for &(p, what) in inputs {
+        non_null(p, what)?;
+    }
+    non_null(loss, "loss_out")?;
+    if let Some(ordinal) = device.ordinal() {
+        let mut outputs = LossOutputs::new(TensorMut::from_raw_cuda(
+            loss as u64,
+            ordinal,
+            DType::F32,
+            Shape::flat(1),
+        ));
+        if !grad.is_null() {
+            outputs =
+                outputs.with_grad(TensorMut::from_raw_cuda(grad as u64, ordinal, dtype, shape));
+        }
+        let inputs = inputs
+            .iter()
+            .map(|&(p, _)| TensorRef::from_raw_cuda(p as u64, ordinal, dtype, shape))
+            .collect();
+        return Ok(CallArgs { inputs, outputs });
+    }
     let numel = shape.numel()?;
     let bytes = shape.bytes(dtype)?;
     let aligned = |p: *const c_void, align: usize, what: &str| {
-        if !(p as usize).is_multiple_of(align) {
+        if (p as usize).is_multiple_of(align) {
+            Ok(())
+        } else {
             Err(Error::arg(format!(
                 "{what} ({p:?}) is not aligned to {align} bytes"
             )))
-        } else {
-            Ok(())
         }
     };
-    aligned(x, dtype.size(), "x")?;
+    let mut spans: Vec<(u64, usize, &str)> = Vec::new();
+    for &(p, what) in inputs {
+        aligned(p, dtype.size(), what)?;
+        spans.push((p as u64, bytes, what));
+    }
     aligned(loss as *const c_void, 4, "loss_out")?;
-    let span = |p: *const c_void, len: usize| (p as u64, len);
-    crate::loss::no_overlap(
-        span(x, bytes),
-        span(loss as *const c_void, 4),
-        "x and loss_out",
-    )?;
+    let mut outs = vec![(loss as u64, 4, "loss_out")];
     if !grad.is_null() {
         aligned(grad, dtype.size(), "grad_out")?;
-        crate::loss::no_overlap(span(x, bytes), span(grad, bytes), "x and grad_out")?;
-        crate::loss::no_overlap(
-            span(grad, bytes),
-            span(loss as *const c_void, 4),
-            "grad_out and loss_out",
-        )?;
+        outs.push((grad as u64, bytes, "grad_out"));
+    }
+    for (k, &(o, olen, oname)) in outs.iter().enumerate() {
+        for &(p, len, name) in spans.iter().chain(&outs[k + 1..]) {
+            crate::loss::no_overlap((o, olen), (p, len), &format!("{name} and {oname}"))?;
+        }
     }
     macro_rules! typed {
         ($t:ty) => {{
-            let input = TensorRef::host(std::slice::from_raw_parts(x as *const $t, numel), shape)?;
+            let inputs = inputs
+                .iter()
+                .map(|&(p, _)| {
+                    TensorRef::host(std::slice::from_raw_parts(p as *const $t, numel), shape)
+                })
+                .collect::<Result<Vec<_>, Error>>()?;
             let grad = match grad.is_null() {
                 true => None,
                 false => Some(TensorMut::host(
@@ -234,19 +331,19 @@ unsafe fn host_args<'a>(
                     shape,
                 )?),
             };
-            (input, grad)
+            (inputs, grad)
         }};
     }
-    let (input, grad) = match dtype {
+    let (inputs, grad) = match dtype {
         DType::F32 => typed!(f32),
         DType::F16 => typed!(f16),
         DType::BF16 => typed!(bf16),
     };
-    Ok(HostArgs {
-        input,
-        loss: TensorMut::scalar(&mut *loss),
-        grad,
-    })
+    let mut outputs = LossOutputs::new(TensorMut::scalar(&mut *loss));
+    if let Some(g) = grad {
+        outputs = outputs.with_grad(g);
+    }
+    Ok(CallArgs { inputs, outputs })
 }
 
 /// The library version, e.g. "0.1.0". Never NULL.
@@ -349,36 +446,184 @@ pub unsafe extern "C" fn pl_tv_loss(
 ) -> pl_status {
     guard(|| {
         non_null(ctx, "ctx")?;
-        non_null(x, "x")?;
-        non_null(loss_out, "loss_out")?;
         let dtype = dtype_of(dtype)?;
         let shape = shape_of(n, c, h, w)?;
         let tv = TvLoss::new(tv_config(variant, weight)?)?;
         let device = &(*ctx).device;
-        match device.ordinal() {
-            None => {
-                let args = host_args(x, dtype, shape, loss_out, grad_out)?;
-                let mut out = LossOutputs::new(args.loss);
-                if let Some(g) = args.grad {
-                    out = out.with_grad(g);
-                }
-                tv.compute(device, &args.input, out)
-            }
-            Some(ordinal) => {
-                let input = TensorRef::from_raw_cuda(x as u64, ordinal, dtype, shape);
-                let loss =
-                    TensorMut::from_raw_cuda(loss_out as u64, ordinal, DType::F32, Shape::flat(1));
-                let mut out = LossOutputs::new(loss);
-                if !grad_out.is_null() {
-                    out = out.with_grad(TensorMut::from_raw_cuda(
-                        grad_out as u64,
-                        ordinal,
-                        dtype,
-                        shape,
-                    ));
-                }
-                tv.compute(device, &input, out)
-            }
+        let args = call_args(device, &[(x, "x")], dtype, shape, loss_out, grad_out)?;
+        tv.compute(device, &args.inputs[0], args.outputs)
+    })
+}
+
+/// Converts a C config (NULL = all defaults) into the Rust one.
+///
+/// # Safety
+/// The arrays in `c` must hold `num_taps` entries; names must be
+/// NUL-terminated strings.
+unsafe fn perceptual_config(c: *const pl_perceptual_config) -> Result<PerceptualConfig, Error> {
+    let mut cfg = PerceptualConfig::default();
+    let Some(c) = c.as_ref() else { return Ok(cfg) };
+    if c.num_taps > 0 {
+        cfg.taps = match (c.taps.is_null(), c.tap_names.is_null()) {
+            (false, true) => std::slice::from_raw_parts(c.taps, c.num_taps)
+                .iter()
+                .map(|&i| {
+                    usize::try_from(i)
+                        .map(Tap::Index)
+                        .map_err(|_| Error::arg(format!("tap {i} is negative")))
+                })
+                .collect::<Result<_, _>>()?,
+            (true, false) => std::slice::from_raw_parts(c.tap_names, c.num_taps)
+                .iter()
+                .map(|&p| {
+                    non_null(p, "a tap name")?;
+                    Ok(Tap::Name(CStr::from_ptr(p).to_string_lossy().into_owned()))
+                })
+                .collect::<Result<_, Error>>()?,
+            (true, true) => return Err(Error::arg("num_taps > 0 but taps and tap_names are NULL")),
+            (false, false) => return Err(Error::arg("give taps or tap_names, not both")),
+        };
+    }
+    if !c.tap_weights.is_null() {
+        if c.num_taps == 0 {
+            return Err(Error::arg("tap_weights needs num_taps"));
         }
+        cfg.tap_weights = std::slice::from_raw_parts(c.tap_weights, c.num_taps).to_vec();
+    }
+    cfg.criterion = match c.criterion {
+        PL_MSE => Criterion::Mse,
+        PL_MAE => Criterion::Mae,
+        v => return Err(Error::arg(format!("unknown pl_criterion {v}"))),
+    };
+    cfg.input_norm = match c.input_norm {
+        PL_NORM_NONE => InputNorm::None,
+        PL_NORM_IMAGENET => InputNorm::Imagenet,
+        PL_NORM_IMAGENET_FROM_PM1 => InputNorm::ImagenetFromPm1,
+        v => return Err(Error::arg(format!("unknown pl_input_norm {v}"))),
+    };
+    cfg.pooling = match c.pooling {
+        PL_POOL_MAX => Pooling::Max,
+        PL_POOL_AVG => Pooling::Avg,
+        v => return Err(Error::arg(format!("unknown pl_pooling {v}"))),
+    };
+    cfg.weight = if c.weight == 0.0 { 1.0 } else { c.weight };
+    Ok(cfg)
+}
+
+/// Loads VGG `features` weights (safetensors, torchvision names) from
+/// `safetensors_path` onto the context's device, converted to `compute`.
+///
+/// # Safety
+/// `ctx` must be a live context, `safetensors_path` a NUL-terminated path,
+/// `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pl_vgg_load(
+    ctx: *mut pl_context,
+    safetensors_path: *const c_char,
+    arch: pl_vgg_arch,
+    compute: pl_dtype,
+    out: *mut *mut pl_vgg,
+) -> pl_status {
+    guard(|| {
+        non_null(ctx, "ctx")?;
+        non_null(safetensors_path, "safetensors_path")?;
+        non_null(out, "out")?;
+        let arch = match arch {
+            PL_VGG16 => VggArch::Vgg16,
+            PL_VGG19 => VggArch::Vgg19,
+            _ => return Err(Error::arg(format!("unknown pl_vgg_arch {arch}"))),
+        };
+        let path = CStr::from_ptr(safetensors_path)
+            .to_str()
+            .map_err(|_| Error::arg("safetensors_path is not UTF-8"))?;
+        let vgg = Vgg::load(
+            &(*ctx).device,
+            WeightsSource::Path(path.as_ref()),
+            arch,
+            dtype_of(compute)?,
+        )?;
+        *out = Box::into_raw(Box::new(pl_vgg { vgg }));
+        Ok(())
+    })
+}
+
+/// Releases a VGG handle; NULL is ignored. Perceptual losses made from it
+/// keep the weights alive until they are destroyed.
+///
+/// # Safety
+/// `vgg` must be NULL or a handle from `pl_vgg_load`, not used again.
+#[no_mangle]
+pub unsafe extern "C" fn pl_vgg_destroy(vgg: *mut pl_vgg) {
+    if !vgg.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(vgg))));
+    }
+}
+
+/// Creates a perceptual loss over `vgg` with `config` (NULL = defaults).
+///
+/// # Safety
+/// `vgg` must be a live handle, `config` NULL or valid, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_create(
+    vgg: *mut pl_vgg,
+    config: *const pl_perceptual_config,
+    out: *mut *mut pl_perceptual,
+) -> pl_status {
+    guard(|| {
+        non_null(vgg, "vgg")?;
+        non_null(out, "out")?;
+        let loss = PerceptualLoss::new((*vgg).vgg.clone(), &perceptual_config(config)?)?;
+        *out = Box::into_raw(Box::new(pl_perceptual { loss }));
+        Ok(())
+    })
+}
+
+/// Destroys a perceptual loss; NULL is ignored.
+///
+/// # Safety
+/// `loss` must be NULL or a handle from `pl_perceptual_create`, not used again.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_destroy(loss: *mut pl_perceptual) {
+    if !loss.is_null() {
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(loss))));
+    }
+}
+
+/// Perceptual loss of `pred` against `target` (contiguous NCHW, c = 1 or
+/// 3, same dtype), on the device its VGG was loaded for. Writes the loss
+/// (one float) to `loss_out` and, when `grad_out` is not NULL, dL/dpred in
+/// `dtype` and pred's layout.
+///
+/// # Safety
+/// `loss` must be a live handle; `pred`, `target` and `grad_out` must
+/// address n*c*h*w elements and `loss_out` one float on that device.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_loss(
+    loss: *mut pl_perceptual,
+    pred: *const c_void,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    loss_out: *mut f32,
+    grad_out: *mut c_void,
+) -> pl_status {
+    guard(|| {
+        non_null(loss, "loss")?;
+        let dtype = dtype_of(dtype)?;
+        let shape = shape_of(n, c, h, w)?;
+        let perceptual = &(*loss).loss;
+        let device = perceptual.vgg().device();
+        let args = call_args(
+            device,
+            &[(pred, "pred"), (target, "target")],
+            dtype,
+            shape,
+            loss_out,
+            grad_out,
+        )?;
+        perceptual.compute(&args.inputs[0], &args.inputs[1], args.outputs)
     })
 }

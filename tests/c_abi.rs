@@ -26,16 +26,16 @@ fn static_library(root: &Path) -> PathBuf {
     target.join("debug/libperceptual_loss.a")
 }
 
-#[test]
-fn c_program_runs_against_the_static_library() {
+/// Compiles tests/c/<name>.c against the header and the static library.
+fn build_c(name: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let lib = static_library(&root);
-    let exe = root.join("target/c-abi/tv_check_c");
+    let exe = root.join("target/c-abi").join(name);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(root.join("include"))
-        .arg(root.join("tests/c/tv_check.c"))
+        .arg(root.join(format!("tests/c/{name}.c")))
         .arg(&lib)
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
@@ -46,12 +46,84 @@ fn c_program_runs_against_the_static_library() {
         "{cc} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = Command::new(&exe).output().unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    exe
+}
+
+/// Runs a C program; its stdout when it exits 0.
+fn run_c(exe: &Path, args: &[&Path]) -> String {
+    let run = Command::new(exe).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
     assert!(
-        run.status.success() && stdout.trim() == "ok",
+        run.status.success(),
         "C checks failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn c_program_runs_against_the_static_library() {
+    assert_eq!(run_c(&build_c("tv_check"), &[]).trim(), "ok");
+}
+
+#[test]
+fn c_perceptual_program_matches_the_oracle() {
+    use common::vgg::{perceptual, Net, Spec, IMAGENET_MEAN, IMAGENET_STD};
+    use perceptual_loss::{Shape, VggArch};
+    let mut net = Net::random(VggArch::Vgg16, 41);
+    let bytes = net.export_safetensors(safetensors::Dtype::F32, "", |_| false);
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/c-abi/vgg16-test.safetensors");
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    let out = run_c(&build_c("perceptual_check"), &[&path]);
+    let value = |key: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {out}"));
+        line[key.len()..].trim().parse().unwrap()
+    };
+    // The images perceptual_check.c builds.
+    let count = 3 * 16 * 16;
+    let pred: Vec<f64> = (0..count)
+        .map(|i| ((i * 37) % 101) as f32 as f64 / 101.0)
+        .collect();
+    let target: Vec<f64> = (0..count)
+        .map(|i| ((i * 53) % 97) as f32 as f64 / 97.0)
+        .collect();
+    let (pred, target): (Vec<f64>, Vec<f64>) = (
+        pred.iter().map(|&v| v as f32 as f64).collect(),
+        target.iter().map(|&v| v as f32 as f64).collect(),
+    );
+    let s = Shape::new(1, 3, 16, 16);
+    let defaults = Spec {
+        taps: [3, 8, 15, 22].map(|t| (t, 1.0)).to_vec(),
+        mae: false,
+        affine: [(1.0, 0.0); 3],
+        avg_pool: false,
+        weight: 1.0,
+    };
+    common::assert_rel(
+        value("loss"),
+        perceptual(&net, &defaults, &pred, &target, s),
+        2e-5,
+        "C default loss",
+    );
+    let named = Spec {
+        taps: vec![(8, 1.0), (15, 0.5)],
+        mae: true,
+        affine: std::array::from_fn(|c| {
+            (1.0 / IMAGENET_STD[c], -IMAGENET_MEAN[c] / IMAGENET_STD[c])
+        }),
+        avg_pool: false,
+        weight: 2.0,
+    };
+    common::assert_rel(
+        value("named"),
+        perceptual(&net, &named, &pred, &target, s),
+        2e-5,
+        "C named loss",
     );
 }
 
