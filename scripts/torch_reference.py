@@ -1,0 +1,77 @@
+"""Recomputes a perceptual loss and its gradient with torchvision's VGG and
+autograd, from the weights file and a dump written by the crate's
+`perceptual_dump` example, and prints the relative errors.
+
+    python3 scripts/torch_reference.py WEIGHTS DUMP [--device cuda|cpu]
+
+The reference runs in float64 on the given device (TF32 is irrelevant
+there), so the errors printed are the crate's own.
+"""
+import argparse
+import json
+
+import torch
+import torchvision
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+# The presets of examples/perceptual_dump.rs: arch, taps (features indices),
+# tap weights, criterion, ImageNet input normalisation.
+PRESETS = {
+    "article": ("vgg16", [3, 8, 15, 22], [1.0, 1.0, 1.0, 1.0], "mse", False),
+    # VGG19 conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (pre-activation).
+    "basicsr": ("vgg19", [2, 7, 16, 25, 34], [0.1, 0.1, 1.0, 1.0, 1.0], "l1", True),
+}
+
+
+def reference(features, pred, target, taps, weights, criterion, imagenet):
+    if imagenet:
+        mean, std = MEAN.to(pred), STD.to(pred)
+        pred, target = (pred - mean) / std, (target - mean) / std
+    loss = 0.0
+    x, y = pred, target
+    for i, module in enumerate(features[: max(taps) + 1]):
+        # Out of place: torchvision's ReLUs are inplace and would overwrite a
+        # conv output that is itself a tap.
+        x = torch.relu(x) if isinstance(module, torch.nn.ReLU) else module(x)
+        y = torch.relu(y) if isinstance(module, torch.nn.ReLU) else module(y)
+        if i in taps:
+            d = x - y
+            dist = d.abs().mean() if criterion == "l1" else d.pow(2).mean()
+            loss = loss + weights[taps.index(i)] * dist
+    return loss
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights")
+    ap.add_argument("dump")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    with safe_open(args.dump, "pt") as f:
+        meta = f.metadata()
+    dump = load_file(args.dump)
+    arch, taps, weights, criterion, imagenet = PRESETS[meta["preset"]]
+    model = getattr(torchvision.models, arch)(weights=None)
+    state = {k.removeprefix("features."): v.double() for k, v in load_file(args.weights).items() if k.startswith("features.")}
+    model.features.load_state_dict(state)
+    features = model.features.double().to(args.device).eval()
+    pred = dump["pred"].double().to(args.device).requires_grad_(True)
+    target = dump["target"].double().to(args.device)
+    loss = reference(features, pred, target, taps, weights, criterion, imagenet)
+    loss.backward()
+    got_loss, got_grad = dump["loss"].double().item(), dump["grad"].double().to(args.device)
+    loss_err = abs(got_loss - loss.item()) / abs(loss.item())
+    grad_err = ((got_grad - pred.grad).norm() / pred.grad.norm()).item()
+    print(json.dumps({
+        "preset": meta["preset"], "dtype": meta["dtype"], "device": meta["device"],
+        "loss": got_loss, "torch_loss": loss.item(),
+        "loss_rel_err": loss_err, "grad_rel_err": grad_err,
+    }))
+
+
+if __name__ == "__main__":
+    main()
