@@ -45,6 +45,28 @@ template <> __device__ __forceinline__ pl_bf16 pl_from_f32<pl_bf16>(float v) {
     return b;
 }
 
+/* Element i of a buffer whose dtype is only known at run time (the VGG
+ * kernels take it as a parameter: the branch is uniform across the grid). */
+__device__ __forceinline__ float pl_load(const void *p, int dtype, int64_t i) {
+    switch (dtype) {
+    case PL_K_F16: return pl_to_f32(static_cast<const pl_f16 *>(p)[i]);
+    case PL_K_BF16: return pl_to_f32(static_cast<const pl_bf16 *>(p)[i]);
+    default: return static_cast<const float *>(p)[i];
+    }
+}
+
+__device__ __forceinline__ void pl_store(void *p, int dtype, int64_t i, float v) {
+    switch (dtype) {
+    case PL_K_F16: static_cast<pl_f16 *>(p)[i] = pl_from_f32<pl_f16>(v); break;
+    case PL_K_BF16: static_cast<pl_bf16 *>(p)[i] = pl_from_f32<pl_bf16>(v); break;
+    default: static_cast<float *>(p)[i] = v;
+    }
+}
+
+/* Grid-stride loop over [0, count). */
+#define PL_FOR_EACH(i, count) \
+    for (int64_t i = (int64_t)blockIdx.x * PL_BLOCK + threadIdx.x; i < (count); i += (int64_t)gridDim.x * PL_BLOCK)
+
 /* Writes beta * old + value in T; old is not read when beta == 0, so a
  * poisoned or uninitialised gradient buffer is fully overwritten. */
 template <typename T>

@@ -18,6 +18,7 @@
 typedef long long int64_t;
 typedef int int32_t;
 typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
 #else
 #include <stdint.h>
 #endif
@@ -95,5 +96,110 @@ typedef struct pl_k_feature_params {
     float weight;         /* user weight; the 1/count of the mean is applied inside */
     float beta;           /* grad = beta * grad + dL/da; 0 means grad is not read */
 } pl_k_feature_params;
+
+/*
+ * VGG helper kernels (kernels/vgg.cu). Activations are NHWC in the compute
+ * dtype, with pred images first and target images after them in one batch
+ * of 2N. Only the pred half keeps what backward needs: a 1-bit ReLU mask
+ * (bit k of word k/32, elements in NHWC order) and a pool argmax (0..3,
+ * row-major in the 2x2 window, one byte per output).
+ */
+
+/* Caller NCHW pred/target -> normalised NHWC batch, channels zero-padded. */
+typedef struct pl_k_preprocess_params {
+    const void *pred;
+    const void *target;
+    void *out;            /* [2N][H][W][cpad] */
+    int64_t n, h, w;
+    int32_t c;            /* 1 (replicated) or 3 */
+    int32_t cpad;         /* channels of out, >= 3 */
+    int32_t in_dtype;     /* pl_k_dtype of pred/target */
+    int32_t out_dtype;    /* the compute dtype */
+    float scale[3];       /* normalised = x * scale + shift */
+    float shift[3];
+} pl_k_preprocess_params;
+
+/* x = act(x + bias) in place over [2N][HW][C]; mask of the pred half. */
+typedef struct pl_k_bias_act_params {
+    void *x;
+    const float *bias;    /* [C] or NULL */
+    uint32_t *mask;       /* pred half's ReLU mask, or NULL */
+    int64_t count;        /* 2N*H*W*C */
+    int64_t pred_count;   /* N*H*W*C, a multiple of 32 */
+    int32_t c;
+    int32_t dtype;
+    int32_t relu;         /* 0 or 1 */
+    int32_t reserved;
+} pl_k_bias_act_params;
+
+/* 2x2 stride-2 pooling (floor) of [2N][H][W][C]; argmax of the pred half. */
+typedef struct pl_k_pool_params {
+    const void *x;
+    void *y;              /* [2N][H/2][W/2][C] */
+    uint8_t *argmax;      /* pred half, or NULL; max-pooling only */
+    int64_t images;       /* 2N */
+    int64_t pred_images;  /* N */
+    int64_t h, w;
+    int32_t c;
+    int32_t dtype;
+    int32_t avg;          /* 0 max, 1 average */
+    int32_t reserved;
+} pl_k_pool_params;
+
+/* Feature distance at a tap between the pred and target halves of one
+ * activation, with the gradient for the pred half; the loss and per-image
+ * values are written (accumulate = 0) or added to (accumulate = 1). */
+typedef struct pl_k_tap_params {
+    const void *x;        /* [2N][per_image] */
+    void *grad;           /* [N][per_image] in dtype, or NULL */
+    pl_k_reduce reduce;   /* per_sample may be NULL */
+    int64_t n;
+    int64_t per_image;    /* H*W*C */
+    int64_t per_block;    /* elements of one image per block; set by the host */
+    int32_t blocks_per_image;
+    int32_t dtype;
+    int32_t criterion;    /* pl_k_criterion */
+    int32_t accumulate;
+    float weight;         /* tap weight times the overall weight */
+    int32_t reserved;
+} pl_k_tap_params;
+
+/* One backward step over [N][HW][C] in place:
+ * g = (g + before) * mask + after, each term optional (NULL). */
+typedef struct pl_k_grad_step_params {
+    void *g;
+    const void *before;   /* tap gradient at this module's output */
+    const uint32_t *mask; /* ReLU mask; NULL for none */
+    const void *after;    /* tap gradient at the previous module's output */
+    int64_t count;
+    int32_t dtype;
+    int32_t reserved;
+} pl_k_grad_step_params;
+
+/* Gradient through 2x2 pooling: [N][H/2][W/2][C] (+ before) -> [N][H][W][C]. */
+typedef struct pl_k_unpool_params {
+    const void *gy;
+    const void *before;   /* tap gradient at the pool output, or NULL */
+    void *gx;
+    const uint8_t *argmax;/* max-pooling; NULL for average */
+    int64_t n, h, w;      /* of gx */
+    int32_t c;
+    int32_t dtype;
+} pl_k_unpool_params;
+
+/* dL/dx of the caller: NHWC [N][H][W][cpad] -> NCHW in the caller's dtype,
+ * through the normalisation (and the grayscale replication). */
+typedef struct pl_k_input_grad_params {
+    const void *g;
+    void *grad;
+    int64_t n, h, w;
+    int32_t c;            /* 1 or 3 */
+    int32_t cpad;
+    int32_t g_dtype;
+    int32_t out_dtype;
+    float scale[3];
+    float beta;           /* grad = beta * grad + dL/dx; 0: grad not read */
+    int32_t reserved;
+} pl_k_input_grad_params;
 
 #endif /* PL_KERNEL_ABI_H */

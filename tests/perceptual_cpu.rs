@@ -188,6 +188,7 @@ fn vgg19_names_weights_mae_imagenet_avg_pool() {
         input_norm: InputNorm::Imagenet,
         pooling: Pooling::Avg,
         weight: 0.5,
+        ..Default::default()
     };
     // VGG19: conv1_2 = 2, relu2_2 = 8, pool2 = 9, conv3_4 = 16.
     check_against_oracle(

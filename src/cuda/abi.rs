@@ -130,3 +130,278 @@ const _: () = {
     ["Offset of field: pl_k_feature_params::beta"]
         [::std::mem::offset_of!(pl_k_feature_params, beta) - 84usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_preprocess_params {
+    pub pred: *const ::std::os::raw::c_void,
+    pub target: *const ::std::os::raw::c_void,
+    pub out: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub cpad: i32,
+    pub in_dtype: i32,
+    pub out_dtype: i32,
+    pub scale: [f32; 3usize],
+    pub shift: [f32; 3usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_preprocess_params"][::std::mem::size_of::<pl_k_preprocess_params>() - 88usize];
+    ["Alignment of pl_k_preprocess_params"]
+        [::std::mem::align_of::<pl_k_preprocess_params>() - 8usize];
+    ["Offset of field: pl_k_preprocess_params::pred"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, pred) - 0usize];
+    ["Offset of field: pl_k_preprocess_params::target"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, target) - 8usize];
+    ["Offset of field: pl_k_preprocess_params::out"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, out) - 16usize];
+    ["Offset of field: pl_k_preprocess_params::n"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, n) - 24usize];
+    ["Offset of field: pl_k_preprocess_params::h"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, h) - 32usize];
+    ["Offset of field: pl_k_preprocess_params::w"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, w) - 40usize];
+    ["Offset of field: pl_k_preprocess_params::c"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, c) - 48usize];
+    ["Offset of field: pl_k_preprocess_params::cpad"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, cpad) - 52usize];
+    ["Offset of field: pl_k_preprocess_params::in_dtype"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, in_dtype) - 56usize];
+    ["Offset of field: pl_k_preprocess_params::out_dtype"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, out_dtype) - 60usize];
+    ["Offset of field: pl_k_preprocess_params::scale"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, scale) - 64usize];
+    ["Offset of field: pl_k_preprocess_params::shift"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, shift) - 76usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_bias_act_params {
+    pub x: *mut ::std::os::raw::c_void,
+    pub bias: *const f32,
+    pub mask: *mut u32,
+    pub count: i64,
+    pub pred_count: i64,
+    pub c: i32,
+    pub dtype: i32,
+    pub relu: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_bias_act_params"][::std::mem::size_of::<pl_k_bias_act_params>() - 56usize];
+    ["Alignment of pl_k_bias_act_params"][::std::mem::align_of::<pl_k_bias_act_params>() - 8usize];
+    ["Offset of field: pl_k_bias_act_params::x"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, x) - 0usize];
+    ["Offset of field: pl_k_bias_act_params::bias"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, bias) - 8usize];
+    ["Offset of field: pl_k_bias_act_params::mask"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, mask) - 16usize];
+    ["Offset of field: pl_k_bias_act_params::count"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, count) - 24usize];
+    ["Offset of field: pl_k_bias_act_params::pred_count"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, pred_count) - 32usize];
+    ["Offset of field: pl_k_bias_act_params::c"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, c) - 40usize];
+    ["Offset of field: pl_k_bias_act_params::dtype"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, dtype) - 44usize];
+    ["Offset of field: pl_k_bias_act_params::relu"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, relu) - 48usize];
+    ["Offset of field: pl_k_bias_act_params::reserved"]
+        [::std::mem::offset_of!(pl_k_bias_act_params, reserved) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_pool_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub argmax: *mut u8,
+    pub images: i64,
+    pub pred_images: i64,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub dtype: i32,
+    pub avg: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_pool_params"][::std::mem::size_of::<pl_k_pool_params>() - 72usize];
+    ["Alignment of pl_k_pool_params"][::std::mem::align_of::<pl_k_pool_params>() - 8usize];
+    ["Offset of field: pl_k_pool_params::x"][::std::mem::offset_of!(pl_k_pool_params, x) - 0usize];
+    ["Offset of field: pl_k_pool_params::y"][::std::mem::offset_of!(pl_k_pool_params, y) - 8usize];
+    ["Offset of field: pl_k_pool_params::argmax"]
+        [::std::mem::offset_of!(pl_k_pool_params, argmax) - 16usize];
+    ["Offset of field: pl_k_pool_params::images"]
+        [::std::mem::offset_of!(pl_k_pool_params, images) - 24usize];
+    ["Offset of field: pl_k_pool_params::pred_images"]
+        [::std::mem::offset_of!(pl_k_pool_params, pred_images) - 32usize];
+    ["Offset of field: pl_k_pool_params::h"][::std::mem::offset_of!(pl_k_pool_params, h) - 40usize];
+    ["Offset of field: pl_k_pool_params::w"][::std::mem::offset_of!(pl_k_pool_params, w) - 48usize];
+    ["Offset of field: pl_k_pool_params::c"][::std::mem::offset_of!(pl_k_pool_params, c) - 56usize];
+    ["Offset of field: pl_k_pool_params::dtype"]
+        [::std::mem::offset_of!(pl_k_pool_params, dtype) - 60usize];
+    ["Offset of field: pl_k_pool_params::avg"]
+        [::std::mem::offset_of!(pl_k_pool_params, avg) - 64usize];
+    ["Offset of field: pl_k_pool_params::reserved"]
+        [::std::mem::offset_of!(pl_k_pool_params, reserved) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_tap_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub grad: *mut ::std::os::raw::c_void,
+    pub reduce: pl_k_reduce,
+    pub n: i64,
+    pub per_image: i64,
+    pub per_block: i64,
+    pub blocks_per_image: i32,
+    pub dtype: i32,
+    pub criterion: i32,
+    pub accumulate: i32,
+    pub weight: f32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 104usize];
+    ["Alignment of pl_k_tap_params"][::std::mem::align_of::<pl_k_tap_params>() - 8usize];
+    ["Offset of field: pl_k_tap_params::x"][::std::mem::offset_of!(pl_k_tap_params, x) - 0usize];
+    ["Offset of field: pl_k_tap_params::grad"]
+        [::std::mem::offset_of!(pl_k_tap_params, grad) - 8usize];
+    ["Offset of field: pl_k_tap_params::reduce"]
+        [::std::mem::offset_of!(pl_k_tap_params, reduce) - 16usize];
+    ["Offset of field: pl_k_tap_params::n"][::std::mem::offset_of!(pl_k_tap_params, n) - 56usize];
+    ["Offset of field: pl_k_tap_params::per_image"]
+        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 64usize];
+    ["Offset of field: pl_k_tap_params::per_block"]
+        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 72usize];
+    ["Offset of field: pl_k_tap_params::blocks_per_image"]
+        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 80usize];
+    ["Offset of field: pl_k_tap_params::dtype"]
+        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 84usize];
+    ["Offset of field: pl_k_tap_params::criterion"]
+        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 88usize];
+    ["Offset of field: pl_k_tap_params::accumulate"]
+        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 92usize];
+    ["Offset of field: pl_k_tap_params::weight"]
+        [::std::mem::offset_of!(pl_k_tap_params, weight) - 96usize];
+    ["Offset of field: pl_k_tap_params::reserved"]
+        [::std::mem::offset_of!(pl_k_tap_params, reserved) - 100usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_grad_step_params {
+    pub g: *mut ::std::os::raw::c_void,
+    pub before: *const ::std::os::raw::c_void,
+    pub mask: *const u32,
+    pub after: *const ::std::os::raw::c_void,
+    pub count: i64,
+    pub dtype: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_grad_step_params"][::std::mem::size_of::<pl_k_grad_step_params>() - 48usize];
+    ["Alignment of pl_k_grad_step_params"]
+        [::std::mem::align_of::<pl_k_grad_step_params>() - 8usize];
+    ["Offset of field: pl_k_grad_step_params::g"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, g) - 0usize];
+    ["Offset of field: pl_k_grad_step_params::before"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, before) - 8usize];
+    ["Offset of field: pl_k_grad_step_params::mask"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, mask) - 16usize];
+    ["Offset of field: pl_k_grad_step_params::after"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, after) - 24usize];
+    ["Offset of field: pl_k_grad_step_params::count"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, count) - 32usize];
+    ["Offset of field: pl_k_grad_step_params::dtype"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, dtype) - 40usize];
+    ["Offset of field: pl_k_grad_step_params::reserved"]
+        [::std::mem::offset_of!(pl_k_grad_step_params, reserved) - 44usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_unpool_params {
+    pub gy: *const ::std::os::raw::c_void,
+    pub before: *const ::std::os::raw::c_void,
+    pub gx: *mut ::std::os::raw::c_void,
+    pub argmax: *const u8,
+    pub n: i64,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub dtype: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_unpool_params"][::std::mem::size_of::<pl_k_unpool_params>() - 64usize];
+    ["Alignment of pl_k_unpool_params"][::std::mem::align_of::<pl_k_unpool_params>() - 8usize];
+    ["Offset of field: pl_k_unpool_params::gy"]
+        [::std::mem::offset_of!(pl_k_unpool_params, gy) - 0usize];
+    ["Offset of field: pl_k_unpool_params::before"]
+        [::std::mem::offset_of!(pl_k_unpool_params, before) - 8usize];
+    ["Offset of field: pl_k_unpool_params::gx"]
+        [::std::mem::offset_of!(pl_k_unpool_params, gx) - 16usize];
+    ["Offset of field: pl_k_unpool_params::argmax"]
+        [::std::mem::offset_of!(pl_k_unpool_params, argmax) - 24usize];
+    ["Offset of field: pl_k_unpool_params::n"]
+        [::std::mem::offset_of!(pl_k_unpool_params, n) - 32usize];
+    ["Offset of field: pl_k_unpool_params::h"]
+        [::std::mem::offset_of!(pl_k_unpool_params, h) - 40usize];
+    ["Offset of field: pl_k_unpool_params::w"]
+        [::std::mem::offset_of!(pl_k_unpool_params, w) - 48usize];
+    ["Offset of field: pl_k_unpool_params::c"]
+        [::std::mem::offset_of!(pl_k_unpool_params, c) - 56usize];
+    ["Offset of field: pl_k_unpool_params::dtype"]
+        [::std::mem::offset_of!(pl_k_unpool_params, dtype) - 60usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_input_grad_params {
+    pub g: *const ::std::os::raw::c_void,
+    pub grad: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub cpad: i32,
+    pub g_dtype: i32,
+    pub out_dtype: i32,
+    pub scale: [f32; 3usize],
+    pub beta: f32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_input_grad_params"][::std::mem::size_of::<pl_k_input_grad_params>() - 80usize];
+    ["Alignment of pl_k_input_grad_params"]
+        [::std::mem::align_of::<pl_k_input_grad_params>() - 8usize];
+    ["Offset of field: pl_k_input_grad_params::g"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, g) - 0usize];
+    ["Offset of field: pl_k_input_grad_params::grad"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, grad) - 8usize];
+    ["Offset of field: pl_k_input_grad_params::n"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, n) - 16usize];
+    ["Offset of field: pl_k_input_grad_params::h"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, h) - 24usize];
+    ["Offset of field: pl_k_input_grad_params::w"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, w) - 32usize];
+    ["Offset of field: pl_k_input_grad_params::c"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, c) - 40usize];
+    ["Offset of field: pl_k_input_grad_params::cpad"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, cpad) - 44usize];
+    ["Offset of field: pl_k_input_grad_params::g_dtype"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, g_dtype) - 48usize];
+    ["Offset of field: pl_k_input_grad_params::out_dtype"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, out_dtype) - 52usize];
+    ["Offset of field: pl_k_input_grad_params::scale"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, scale) - 56usize];
+    ["Offset of field: pl_k_input_grad_params::beta"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, beta) - 68usize];
+    ["Offset of field: pl_k_input_grad_params::reserved"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, reserved) - 72usize];
+};

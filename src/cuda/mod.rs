@@ -4,7 +4,9 @@
 #[rustfmt::skip]
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod abi;
+pub(crate) mod cudnn;
 pub(crate) mod feature;
+pub(crate) mod perceptual;
 pub(crate) mod tv;
 
 use crate::device::CudaDevice;
@@ -29,6 +31,13 @@ pub(crate) mod kernels {
 // out identically on host and device (bindgen's layout tests check it).
 unsafe impl DeviceRepr for abi::pl_k_tv_params {}
 unsafe impl DeviceRepr for abi::pl_k_feature_params {}
+unsafe impl DeviceRepr for abi::pl_k_preprocess_params {}
+unsafe impl DeviceRepr for abi::pl_k_bias_act_params {}
+unsafe impl DeviceRepr for abi::pl_k_pool_params {}
+unsafe impl DeviceRepr for abi::pl_k_tap_params {}
+unsafe impl DeviceRepr for abi::pl_k_grad_step_params {}
+unsafe impl DeviceRepr for abi::pl_k_unpool_params {}
+unsafe impl DeviceRepr for abi::pl_k_input_grad_params {}
 
 /// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
 pub(crate) const BLOCK: u32 = 256;
@@ -50,8 +59,30 @@ pub(crate) fn launch<P: DeviceRepr>(
     grid: (u32, u32),
     params: &P,
 ) -> Result<()> {
-    let symbol = format!("{family}_{}", dtype.name());
-    let func = dev.function(image, &symbol)?;
+    launch_symbol(
+        dev,
+        image,
+        &format!("{family}_{}", dtype.name()),
+        grid,
+        params,
+    )
+}
+
+/// Blocks for a grid-stride pass over `count` elements: enough to fill any
+/// current GPU, capped so each thread handles several elements.
+pub(crate) fn grid_for(count: usize) -> (u32, u32) {
+    (count.div_ceil(BLOCK as usize).clamp(1, 8192) as u32, 1)
+}
+
+/// Launches kernel `symbol` of `image` with `params` as its one argument.
+pub(crate) fn launch_symbol<P: DeviceRepr>(
+    dev: &CudaDevice,
+    image: &KernelImage,
+    symbol: &str,
+    grid: (u32, u32),
+    params: &P,
+) -> Result<()> {
+    let func = dev.function(image, symbol)?;
     let cfg = LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
         block_dim: (BLOCK, 1, 1),

@@ -60,6 +60,7 @@ pub(crate) struct CudaDevice {
     shared: Arc<Shared>,
     stream: Arc<CudaStream>,
     workspace: Mutex<Option<CudaSlice<u8>>>,
+    cudnn: Mutex<Option<crate::cuda::cudnn::Handle>>,
 }
 
 /// Scratch memory for one launch, held locked until the launch is queued.
@@ -86,6 +87,7 @@ impl CudaDevice {
             shared,
             stream,
             workspace: Mutex::new(None),
+            cudnn: Mutex::new(None),
         })
     }
 
@@ -161,6 +163,23 @@ impl CudaDevice {
         };
         modules.insert(image.name, module.clone());
         Ok(module)
+    }
+
+    /// Runs `f` with this stream's cuDNN handle (created on first use),
+    /// holding it for the duration: a handle is not thread-safe.
+    pub(crate) fn with_cudnn<R>(
+        &self,
+        f: impl FnOnce(&crate::cuda::cudnn::Handle) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self.cudnn.lock().map_err(|_| poisoned())?;
+        if guard.is_none() {
+            self.shared
+                .ctx
+                .bind_to_thread()
+                .map_err(|e| Error::cuda("binding the context", e))?;
+            *guard = Some(crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?);
+        }
+        f(guard.as_ref().expect("created above"))
     }
 
     /// Scratch for a deterministic reduction over `partials` block sums and
@@ -303,6 +322,29 @@ mod tests {
     use super::*;
     use crate::cuda::kernels;
 
+    /// The `extern "C"` kernels a source defines: written out, or made by
+    /// `PL_INSTANTIATE(name, ...)` for each dtype.
+    fn entry_points(source: &str) -> Vec<String> {
+        let ident = |s: &str| {
+            s.chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<String>()
+        };
+        let mut names: Vec<String> = source
+            .split("__launch_bounds__(PL_BLOCK) ")
+            .skip(1)
+            .map(ident)
+            .filter(|n| n.starts_with("pl_"))
+            .collect();
+        for part in source.split("PL_INSTANTIATE(").skip(1) {
+            let family = ident(part);
+            if family.starts_with("pl_") {
+                names.extend(["f32", "f16", "bf16"].map(|d| format!("{family}_{d}")));
+            }
+        }
+        names
+    }
+
     /// The NVRTC fallback compiles what build.rs embedded (no GPU needed,
     /// only libnvrtc). PERCEPTUAL_LOSS_REQUIRE_NVRTC=1 makes a missing
     /// libnvrtc a failure, as CI sets it.
@@ -319,14 +361,15 @@ mod tests {
             return;
         }
         for image in kernels::ALL {
+            let entries = entry_points(image.source);
+            assert!(!entries.is_empty(), "{}: no kernels found", image.name);
             for arch in [(8, 0), (9, 0)] {
                 let ptx = nvrtc_ptx(image, arch)
                     .unwrap_or_else(|e| panic!("{}: {e}", image.name))
                     .to_src();
-                for dtype in ["f32", "f16", "bf16"] {
-                    let entry = format!(".entry pl_{}_{dtype}", image.name);
+                for entry in &entries {
                     assert!(
-                        ptx.contains(&entry),
+                        ptx.contains(&format!(".entry {entry}(")),
                         "{} for sm_{}{}: no {entry}",
                         image.name,
                         arch.0,

@@ -8,13 +8,16 @@
 //! gradient is w.r.t. pred; target is a constant. A 1-channel input is
 //! replicated to 3 channels (its gradient summed back).
 
-use super::{check_weight, host_in, host_scalar, LossOutputs};
+use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
+use crate::cuda::perceptual::{PerceptualCall, ShapePlan};
+use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::feature::Criterion;
 use crate::tensor::{DType, Element, Shape, TensorRef};
 use crate::vgg::{Module, Pooling, Vgg};
 use half::{bf16, f16};
 use std::sync::Arc;
+use std::sync::Mutex;
 
 /// A tapped module: by torchvision index or by name (`"relu3_3"`, `"conv5_4"`, `"pool2"`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +81,9 @@ pub struct PerceptualConfig {
     pub pooling: Pooling,
     /// Overall weight; default 1.
     pub weight: f32,
+    /// Lets f32 convolutions on CUDA use TF32 tensor cores (faster, about
+    /// 1e-3 relative error); default off. No effect on f16/bf16 or the CPU.
+    pub allow_tf32: bool,
 }
 
 impl Default for PerceptualConfig {
@@ -89,6 +95,7 @@ impl Default for PerceptualConfig {
             input_norm: InputNorm::None,
             pooling: Pooling::Max,
             weight: 1.0,
+            allow_tf32: false,
         }
     }
 }
@@ -102,6 +109,7 @@ pub(crate) struct Plan {
     pub norm: InputNorm,
     pub pooling: Pooling,
     pub weight: f64,
+    pub tf32: bool,
 }
 
 impl Plan {
@@ -114,11 +122,25 @@ impl Plan {
     }
 }
 
-/// A perceptual loss over a shared, resident [`Vgg`].
+/// A perceptual loss over a shared, resident [`Vgg`]. Clones share the
+/// CUDA plans (buffers per input shape), and calls through them are
+/// serialised.
 #[derive(Debug, Clone)]
 pub struct PerceptualLoss {
     vgg: Arc<Vgg>,
     plan: Plan,
+    shapes: Arc<ShapePlans>,
+}
+
+/// CUDA buffers and cuDNN plans, one per input shape seen.
+#[derive(Default)]
+struct ShapePlans(Mutex<Vec<ShapePlan>>);
+
+impl std::fmt::Debug for ShapePlans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map(|p| p.len()).unwrap_or(0);
+        write!(f, "ShapePlans({n})")
+    }
 }
 
 impl PerceptualLoss {
@@ -165,8 +187,13 @@ impl PerceptualLoss {
             norm: config.input_norm,
             pooling: config.pooling,
             weight: config.weight as f64,
+            tf32: config.allow_tf32,
         };
-        Ok(PerceptualLoss { vgg, plan })
+        Ok(PerceptualLoss {
+            vgg,
+            plan,
+            shapes: Default::default(),
+        })
     }
 
     /// The network this loss runs.
@@ -207,10 +234,8 @@ impl PerceptualLoss {
         }
         self.check_size(s)?;
         out.validate(pred.dtype, s, s.n)?;
-        if self.vgg.device().cuda_device().is_some() {
-            return Err(Error::Unsupported(
-                "the perceptual loss runs on the CPU backend only so far".into(),
-            ));
+        if let Some(dev) = self.vgg.device().cuda_device() {
+            return self.cuda(dev, pred, target, &out);
         }
         match pred.dtype {
             DType::F32 => self.cpu::<f32>(pred, target, &mut out),
@@ -223,6 +248,101 @@ impl PerceptualLoss {
     pub fn value(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<f32> {
         super::value_on(self.vgg.device(), |loss| {
             self.compute(pred, target, LossOutputs::new(loss))
+        })
+    }
+
+    /// Device bytes of the buffers and cuDNN workspace a CUDA call on
+    /// `shape` holds (built now if not yet seen); `None` on the CPU.
+    pub fn plan_footprint(&self, shape: Shape) -> Result<Option<usize>> {
+        let Some(dev) = self.vgg.device().cuda_device() else {
+            return Ok(None);
+        };
+        self.check_size(shape)?;
+        self.with_shape_plan(dev, shape, |_, sp| Ok(Some(sp.footprint)))
+    }
+
+    /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
+    fn with_shape_plan<R>(
+        &self,
+        dev: &CudaDevice,
+        shape: Shape,
+        f: impl FnOnce(&crate::cuda::cudnn::Handle, &mut ShapePlan) -> Result<R>,
+    ) -> Result<R> {
+        dev.with_cudnn(|handle| {
+            let mut plans = self
+                .shapes
+                .0
+                .lock()
+                .map_err(|_| Error::Internal("a lock was poisoned".into()))?;
+            let compute = self.vgg.compute_dtype();
+            let k = match plans
+                .iter()
+                .position(|p| p.matches(shape, compute, self.plan.tf32))
+            {
+                Some(k) => k,
+                None => {
+                    plans.push(ShapePlan::new(
+                        dev,
+                        handle,
+                        self.vgg.layers(),
+                        &self.plan,
+                        shape,
+                        compute,
+                    )?);
+                    plans.len() - 1
+                }
+            };
+            f(handle, &mut plans[k])
+        })
+    }
+
+    fn cuda(
+        &self,
+        dev: &CudaDevice,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        out: &LossOutputs<'_>,
+    ) -> Result<()> {
+        let s = pred.shape;
+        let bytes = s.bytes(pred.dtype)?;
+        let (p, t) = (cuda_in(dev, pred, "pred")?, cuda_in(dev, target, "target")?);
+        let grad = match &out.grad {
+            Some(g) => {
+                let gp = cuda_out(dev, g, "gradient")?;
+                no_overlap((p, bytes), (gp, bytes), "pred and the gradient")?;
+                no_overlap((t, bytes), (gp, bytes), "target and the gradient")?;
+                Some(gp)
+            }
+            None => None,
+        };
+        let per_sample = match &out.per_sample {
+            Some(ps) => Some(cuda_out(dev, ps, "per-sample output")?),
+            None => None,
+        };
+        let call = PerceptualCall {
+            pred: p,
+            target: t,
+            dtype: pred.dtype,
+            shape: s,
+            grad,
+            beta: out.beta,
+            loss: cuda_out(dev, &out.loss, "loss output")?,
+            per_sample,
+        };
+        let weights = self
+            .vgg
+            .cuda_weights()
+            .ok_or_else(|| Error::Internal("CUDA weights missing".into()))?;
+        self.with_shape_plan(dev, s, |handle, sp| {
+            crate::cuda::perceptual::perceptual(
+                dev,
+                handle,
+                weights,
+                self.vgg.layers(),
+                &self.plan,
+                sp,
+                &call,
+            )
         })
     }
 

@@ -69,6 +69,7 @@ pub struct Vgg {
     device: Device,
     layers: Vec<Layer>,
     convs: Vec<ConvWeights>,
+    cuda: Option<crate::cuda::perceptual::DeviceWeights>,
 }
 
 impl Vgg {
@@ -117,12 +118,24 @@ impl Vgg {
             }
         };
         let convs = weights::read(bytes, options.arch, &layers)?;
+        let cuda = match device.cuda_device() {
+            Some(dev) => {
+                crate::cuda::cudnn::require()?;
+                Some(crate::cuda::perceptual::upload(
+                    dev,
+                    &convs,
+                    options.compute,
+                )?)
+            }
+            None => None,
+        };
         Ok(Arc::new(Vgg {
             arch: options.arch,
             compute: options.compute,
             device: device.clone(),
             layers,
             convs,
+            cuda,
         }))
     }
 
@@ -152,5 +165,10 @@ impl Vgg {
 
     pub(crate) fn convs(&self) -> &[ConvWeights] {
         &self.convs
+    }
+
+    /// The resident copy on a CUDA device.
+    pub(crate) fn cuda_weights(&self) -> Option<&crate::cuda::perceptual::DeviceWeights> {
+        self.cuda.as_ref()
     }
 }

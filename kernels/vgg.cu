@@ -1,0 +1,173 @@
+/*
+ * VGG helper kernels for the perceptual loss; cuDNN does the convolutions.
+ *
+ * Forward (pred and target batched as 2N images, NHWC, compute dtype):
+ * preprocess -> [conv (cuDNN) -> bias+ReLU (+mask)] ... -> pool (+argmax),
+ * and at each tap one fused pass computing the distance and the tap's
+ * gradient. Backward (pred half only): grad_step (tap adds and the ReLU
+ * mask in one pass), unpool, conv backward-data (cuDNN), and input_grad,
+ * which writes the caller's gradient in its dtype and NCHW layout.
+ *
+ * All are memory-bound elementwise passes: grid-stride loops, one read and
+ * one write per element, dtype switches that are uniform across the grid.
+ * The tap loss uses the same deterministic two-stage reduction as the other
+ * losses (common.cuh), so the loss is bit-identical run to run.
+ */
+#include "common.cuh"
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_preprocess(pl_k_preprocess_params p) {
+    const int64_t hw = p.h * p.w, count = 2 * p.n * hw * p.cpad;
+    PL_FOR_EACH(idx, count) {
+        int64_t ch = idx % p.cpad, pix = idx / p.cpad;
+        int64_t img = pix / hw, ij = pix - img * hw;
+        float v = 0.0f;  // padding channels stay zero
+        if (ch < 3) {
+            const void *src = img < p.n ? p.pred : p.target;
+            int64_t n = img < p.n ? img : img - p.n;
+            int64_t sc = p.c == 1 ? 0 : ch;
+            v = pl_load(src, p.in_dtype, (n * p.c + sc) * hw + ij) * p.scale[ch] + p.shift[ch];
+        }
+        pl_store(p.out, p.out_dtype, idx, v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias_act_params p) {
+    // Whole warps walk aligned groups of 32 elements so that one ballot
+    // makes one mask word.
+    const int lane = threadIdx.x & 31;
+    const int64_t warps = (int64_t)gridDim.x * PL_WARPS;
+    for (int64_t base = ((int64_t)blockIdx.x * PL_WARPS + (threadIdx.x >> 5)) * 32; base < p.count; base += warps * 32) {
+        int64_t idx = base + lane;
+        bool valid = idx < p.count, positive = false;
+        if (valid) {
+            float v = pl_load(p.x, p.dtype, idx);
+            if (p.bias) v += p.bias[idx % p.c];
+            if (p.relu && !(v > 0.0f) && v == v) v = 0.0f;  // NaN propagates, as in PyTorch
+            positive = v > 0.0f;
+            pl_store(p.x, p.dtype, idx, v);
+        }
+        unsigned int word = __ballot_sync(0xffffffffu, valid && positive);
+        if (p.mask && lane == 0 && base < p.pred_count) p.mask[base / 32] = word;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_params p) {
+    const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
+    PL_FOR_EACH(idx, count) {
+        int64_t ch = idx % p.c, rest = idx / p.c;
+        int64_t j = rest % ow;
+        rest /= ow;
+        int64_t i = rest % oh, img = rest / oh;
+        const int64_t row = p.w * p.c;
+        int64_t at = ((img * p.h + 2 * i) * p.w + 2 * j) * p.c + ch;
+        float v[4] = {pl_load(p.x, p.dtype, at), pl_load(p.x, p.dtype, at + p.c),
+                      pl_load(p.x, p.dtype, at + row), pl_load(p.x, p.dtype, at + row + p.c)};
+        float out;
+        if (p.avg) {
+            out = 0.25f * ((v[0] + v[1]) + (v[2] + v[3]));
+        } else {
+            int best = 0;  // the first maximum wins; NaN propagates (PyTorch's rule)
+            for (int k = 1; k < 4; ++k)
+                if (v[k] > v[best] || (v[k] != v[k] && v[best] == v[best])) best = k;
+            out = v[best];
+            if (p.argmax && img < p.pred_images) p.argmax[idx] = (uint8_t)best;
+        }
+        pl_store(p.y, p.dtype, idx, out);
+    }
+}
+
+/* Last block of a tap: per-image means, then the weighted batch mean. */
+__device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
+    double total = 0.0;
+    for (int64_t n = threadIdx.x; n < p.n; n += PL_BLOCK) {
+        const double *part = p.reduce.partials + n * p.blocks_per_image;
+        double s = 0.0;
+        for (int b = 0; b < p.blocks_per_image; ++b) s += pl_load_partial(part, b);
+        double mean = s / (double)p.per_image;
+        if (p.reduce.per_sample) {
+            float v = (float)(p.weight * mean);
+            p.reduce.per_sample[n] = p.accumulate ? p.reduce.per_sample[n] + v : v;
+        }
+        total += mean;
+    }
+    total = pl_block_sum(total);
+    if (threadIdx.x == 0) {
+        float v = (float)(total * p.weight / (double)p.n);
+        *p.reduce.loss = p.accumulate ? *p.reduce.loss + v : v;
+    }
+    pl_reset_counter(p.reduce);
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_params p) {
+    const bool mse = p.criterion == PL_K_MSE;
+    // d(weight * mean_n(mean_image D)) / d a
+    const float scale = (float)((double)p.weight / ((double)p.n * (double)p.per_image));
+    const int64_t begin = blockIdx.x * p.per_block;
+    const int64_t end = min(p.per_image, begin + p.per_block);
+    const int64_t target_offset = p.n * p.per_image;
+    for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
+        double acc = 0.0;
+        for (int64_t k = begin + threadIdx.x; k < end; k += PL_BLOCK) {
+            int64_t i = n * p.per_image + k;
+            float d = pl_load(p.x, p.dtype, i) - pl_load(p.x, p.dtype, target_offset + i);
+            acc += (double)(mse ? d * d : fabsf(d));
+            if (p.grad) {
+                float g = mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)));
+                pl_store(p.grad, p.dtype, i, g * scale);
+            }
+        }
+        double block_sum = pl_block_sum(acc);
+        unsigned int total = (unsigned int)(p.blocks_per_image * p.n);
+        if (pl_publish_partial(p.reduce, n * p.blocks_per_image + blockIdx.x, block_sum, total)) tap_finish(p);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_grad_step(pl_k_grad_step_params p) {
+    PL_FOR_EACH(i, p.count) {
+        float v = pl_load(p.g, p.dtype, i);
+        if (p.before) v += pl_load(p.before, p.dtype, i);
+        if (p.mask && !((p.mask[i >> 5] >> (i & 31)) & 1u)) v = 0.0f;
+        if (p.after) v += pl_load(p.after, p.dtype, i);
+        pl_store(p.g, p.dtype, i, v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool_params p) {
+    // One thread per input element gathers from its window's output: no atomics.
+    const int64_t oh = p.h / 2, ow = p.w / 2, count = p.n * p.h * p.w * p.c;
+    PL_FOR_EACH(idx, count) {
+        int64_t ch = idx % p.c, rest = idx / p.c;
+        int64_t j = rest % p.w;
+        rest /= p.w;
+        int64_t i = rest % p.h, img = rest / p.h;
+        float v = 0.0f;  // rows and columns the floor dropped get no gradient
+        if (i / 2 < oh && j / 2 < ow) {
+            int64_t o = ((img * oh + i / 2) * ow + j / 2) * p.c + ch;
+            int pos = (int)((i & 1) * 2 + (j & 1));
+            if (!p.argmax || p.argmax[o] == pos) {
+                v = pl_load(p.gy, p.dtype, o);
+                if (p.before) v += pl_load(p.before, p.dtype, o);
+                if (!p.argmax) v *= 0.25f;
+            }
+        }
+        pl_store(p.gx, p.dtype, idx, v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_input_grad(pl_k_input_grad_params p) {
+    const int64_t hw = p.h * p.w, count = p.n * p.c * hw;
+    PL_FOR_EACH(idx, count) {
+        int64_t ij = idx % hw, rest = idx / hw;
+        int64_t ch = rest % p.c, n = rest / p.c;
+        const int64_t at = (n * hw + ij) * p.cpad;
+        float v;
+        if (p.c == 1) {  // the gray channel fed all three
+            v = pl_load(p.g, p.g_dtype, at) * p.scale[0] + pl_load(p.g, p.g_dtype, at + 1) * p.scale[1] +
+                pl_load(p.g, p.g_dtype, at + 2) * p.scale[2];
+        } else {
+            v = pl_load(p.g, p.g_dtype, at + ch) * p.scale[ch];
+        }
+        if (p.beta != 0.0f) v = fmaf(p.beta, pl_load(p.grad, p.out_dtype, idx), v);
+        pl_store(p.grad, p.out_dtype, idx, v);
+    }
+}

@@ -1,0 +1,564 @@
+//! Perceptual loss on CUDA (DESIGN.md section 5): one preprocessing pass
+//! into an NHWC [pred; target] batch, cuDNN convolutions, fused bias+ReLU
+//! passes that keep a 1-bit mask for the pred half, pooling with a stored
+//! argmax, one fused distance+gradient pass per tap, and a backward over
+//! the pred half only (weights are frozen: backward-data needs no
+//! activations). Buffers, descriptors and algorithms are built once per
+//! input shape and dtype (a [`ShapePlan`]) and reused.
+
+use super::abi::*;
+use super::cudnn::{ConvPlan, Handle};
+use super::{grid_for, kernel_dtype, kernels, launch_symbol, BLOCK};
+use crate::device::CudaDevice;
+use crate::error::{Error, Result};
+use crate::loss::perceptual::Plan;
+use crate::tensor::{DType, Shape};
+use crate::vgg::{ConvWeights, Layer, Module};
+use cudarc::driver::{CudaSlice, DevicePtr};
+use half::{bf16, f16};
+
+/// Channels the 3-channel input is padded to, for tensor-core friendly strides.
+const INPUT_CHANNELS: usize = 8;
+
+/// One convolution's parameters on the device: the filter in the compute
+/// dtype, KRSC (NHWC) layout, input channels padded for the first layer,
+/// and the bias in f32.
+pub(crate) struct DeviceConv {
+    weight: CudaSlice<u8>,
+    bias: CudaSlice<f32>,
+}
+
+/// The network's resident parameters on one device.
+pub(crate) struct DeviceWeights {
+    convs: Vec<DeviceConv>,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for DeviceWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceWeights({} convs, {})",
+            self.convs.len(),
+            self.dtype.name()
+        )
+    }
+}
+
+fn to_bytes(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
+        DType::F16 => values
+            .flat_map(|v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+fn upload_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::cuda(what, e)
+}
+
+/// Uploads every convolution once, converted to `dtype`, and waits so the
+/// weights are ready for any stream.
+pub(crate) fn upload(
+    dev: &CudaDevice,
+    convs: &[ConvWeights],
+    dtype: DType,
+) -> Result<DeviceWeights> {
+    let st = dev.stream();
+    let mut out = Vec::with_capacity(convs.len());
+    for p in convs {
+        let in_c = if p.in_c < INPUT_CHANNELS {
+            INPUT_CHANNELS
+        } else {
+            p.in_c
+        };
+        // [out][in][ky][kx] -> [out][ky][kx][in_padded]
+        let krsc = (0..p.out_c).flat_map(|o| {
+            (0..9).flat_map(move |k| {
+                (0..in_c).map(move |c| {
+                    if c < p.in_c {
+                        p.weight[(o * p.in_c + c) * 9 + k]
+                    } else {
+                        0.0
+                    }
+                })
+            })
+        });
+        out.push(DeviceConv {
+            weight: st
+                .clone_htod(&to_bytes(krsc, dtype))
+                .map_err(upload_err("uploading weights"))?,
+            bias: st
+                .clone_htod(&p.bias)
+                .map_err(upload_err("uploading biases"))?,
+        });
+    }
+    dev.synchronize()?;
+    Ok(DeviceWeights { convs: out, dtype })
+}
+
+fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+    s.device_ptr(dev.stream()).0
+}
+
+fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
+    // SAFETY: every buffer is written before it is read (see ShapePlan).
+    unsafe { dev.stream().alloc::<u8>(bytes.max(256)) }
+        .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
+}
+
+/// Output (c, h, w) of every module up to the deepest tap.
+fn module_dims(layers: &[Layer], s: Shape) -> Vec<(usize, usize, usize)> {
+    let (mut c, mut h, mut w) = (INPUT_CHANNELS, s.h, s.w);
+    layers
+        .iter()
+        .map(|l| {
+            match l.module {
+                Module::Conv { out_c, .. } => c = out_c,
+                Module::Relu => {}
+                Module::Pool => {
+                    h /= 2;
+                    w /= 2;
+                }
+            }
+            (c, h, w)
+        })
+        .collect()
+}
+
+/// Everything one input shape needs, allocated once.
+pub(crate) struct ShapePlan {
+    key: (Shape, DType, bool),
+    convs: Vec<Option<ConvPlan>>,
+    act: [CudaSlice<u8>; 2],
+    grad: [CudaSlice<u8>; 2],
+    masks: Vec<Option<CudaSlice<u8>>>,
+    argmax: Vec<Option<CudaSlice<u8>>>,
+    tap_grads: Vec<Option<CudaSlice<u8>>>,
+    workspace: CudaSlice<u8>,
+    /// Device bytes held by this plan.
+    pub footprint: usize,
+}
+
+impl ShapePlan {
+    pub(crate) fn matches(&self, s: Shape, dtype: DType, tf32: bool) -> bool {
+        self.key == (s, dtype, tf32)
+    }
+
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        handle: &Handle,
+        layers: &[Layer],
+        plan: &Plan,
+        s: Shape,
+        compute: DType,
+    ) -> Result<Self> {
+        let layers = &layers[..=plan.deepest()];
+        let dims = module_dims(layers, s);
+        let es = compute.size();
+        let n = s.n;
+        let input = s.h * s.w * INPUT_CHANNELS;
+        let largest = dims
+            .iter()
+            .map(|(c, h, w)| c * h * w)
+            .chain([input])
+            .max()
+            .unwrap_or(input);
+        let mut footprint = 0;
+        let mut buffer = |bytes: usize, what: &str| -> Result<CudaSlice<u8>> {
+            footprint += bytes.max(256);
+            alloc(dev, bytes, what)
+        };
+        let act = [
+            buffer(2 * n * largest * es, "activations")?,
+            buffer(2 * n * largest * es, "activations")?,
+        ];
+        let grad = [
+            buffer(n * largest * es, "gradients")?,
+            buffer(n * largest * es, "gradients")?,
+        ];
+        let (mut convs, mut masks, mut argmax, mut tap_grads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut workspace = 0;
+        let mut in_dims = (INPUT_CHANNELS, s.h, s.w);
+        for (layer, &(c, h, w)) in layers.iter().zip(&dims) {
+            let elems = n * c * h * w;
+            convs.push(match layer.module {
+                Module::Conv { out_c, .. } => {
+                    let p = ConvPlan::new(
+                        handle,
+                        compute,
+                        (2 * n, n),
+                        (in_dims.0, out_c, h, w),
+                        plan.tf32,
+                    )?;
+                    workspace = workspace.max(p.workspace);
+                    Some(p)
+                }
+                _ => None,
+            });
+            masks.push(match layer.module {
+                Module::Relu => Some(buffer(elems.div_ceil(32) * 4, "ReLU masks")?),
+                _ => None,
+            });
+            argmax.push(match layer.module {
+                Module::Pool => Some(buffer(elems, "pool argmax")?),
+                _ => None,
+            });
+            let inner_tap = plan.tap_weight(layer.index).is_some() && layer.index != plan.deepest();
+            tap_grads.push(if inner_tap {
+                Some(buffer(elems * es, "tap gradients")?)
+            } else {
+                None
+            });
+            in_dims = (c, h, w);
+        }
+        let workspace = buffer(workspace, "cuDNN workspace")?;
+        Ok(ShapePlan {
+            key: (s, compute, plan.tf32),
+            convs,
+            act,
+            grad,
+            masks,
+            argmax,
+            tap_grads,
+            workspace,
+            footprint,
+        })
+    }
+}
+
+/// Device addresses of one call.
+pub(crate) struct PerceptualCall {
+    pub pred: u64,
+    pub target: u64,
+    pub dtype: DType,
+    pub shape: Shape,
+    pub grad: Option<u64>,
+    pub beta: f32,
+    pub loss: u64,
+    pub per_sample: Option<u64>,
+}
+
+fn run(
+    dev: &CudaDevice,
+    symbol: &str,
+    grid: (u32, u32),
+    params: &impl cudarc::driver::DeviceRepr,
+) -> Result<()> {
+    launch_symbol(dev, &kernels::VGG, symbol, grid, params)
+}
+
+/// Queues the whole loss (and gradient) on `dev`'s stream.
+pub(crate) fn perceptual(
+    dev: &CudaDevice,
+    handle: &Handle,
+    weights: &DeviceWeights,
+    layers: &[Layer],
+    plan: &Plan,
+    sp: &mut ShapePlan,
+    call: &PerceptualCall,
+) -> Result<()> {
+    let s = call.shape;
+    let n = s.n as i64;
+    let cd = kernel_dtype(weights.dtype);
+    let layers = &layers[..=plan.deepest()];
+    let dims = module_dims(layers, s);
+    let want_grad = call.grad.is_some();
+    let null = std::ptr::null_mut();
+    let (mut scale, mut shift) = ([0f32; 3], [0f32; 3]);
+    for c in 0..3 {
+        let (a, b) = plan.norm.affine(c);
+        scale[c] = a as f32;
+        shift[c] = b as f32;
+    }
+
+    let act = [addr(&sp.act[0], dev), addr(&sp.act[1], dev)];
+    let grad = [addr(&sp.grad[0], dev), addr(&sp.grad[1], dev)];
+    let workspace = addr(&sp.workspace, dev);
+    let pre = pl_k_preprocess_params {
+        pred: call.pred as *const _,
+        target: call.target as *const _,
+        out: act[0] as *mut _,
+        n,
+        h: s.h as i64,
+        w: s.w as i64,
+        c: s.c as i32,
+        cpad: INPUT_CHANNELS as i32,
+        in_dtype: kernel_dtype(call.dtype),
+        out_dtype: cd,
+        scale,
+        shift,
+    };
+    run(
+        dev,
+        "pl_vgg_preprocess",
+        grid_for(2 * s.n * s.h * s.w * INPUT_CHANNELS),
+        &pre,
+    )?;
+
+    // Forward over [pred; target].
+    let mut cur = 0;
+    let mut first_tap = true;
+    for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
+        let elems = s.n * c * h * w;
+        let mask = |sp: &ShapePlan| {
+            sp.masks[k]
+                .as_ref()
+                .filter(|_| want_grad)
+                .map_or(null, |m| addr(m, dev) as *mut u32)
+        };
+        match layer.module {
+            Module::Conv { conv, .. } => {
+                let p = sp.convs[k]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("no plan for a convolution".into()))?;
+                let dc = &weights.convs[conv];
+                // SAFETY: the plan's buffers hold the planned shapes.
+                unsafe {
+                    p.forward(
+                        handle,
+                        act[cur],
+                        addr(&dc.weight, dev),
+                        act[1 - cur],
+                        workspace,
+                    )?
+                };
+                cur = 1 - cur;
+                if plan.tap_weight(layer.index).is_some() {
+                    // A pre-activation tap: the bias now, the ReLU after the tap.
+                    bias_act(
+                        dev,
+                        act[cur],
+                        addr(&dc.bias, dev) as *const f32,
+                        null,
+                        2 * elems,
+                        elems,
+                        c,
+                        cd,
+                        false,
+                    )?;
+                }
+            }
+            Module::Relu => {
+                let conv = &layers[k - 1];
+                let Module::Conv { conv: ci, .. } = conv.module else {
+                    return Err(Error::Internal("a ReLU must follow a convolution".into()));
+                };
+                let bias = if plan.tap_weight(conv.index).is_some() {
+                    std::ptr::null()
+                } else {
+                    addr(&weights.convs[ci].bias, dev) as *const f32
+                };
+                bias_act(dev, act[cur], bias, mask(sp), 2 * elems, elems, c, cd, true)?;
+            }
+            Module::Pool => {
+                let (_, ih, iw) = if k == 0 {
+                    (INPUT_CHANNELS, s.h, s.w)
+                } else {
+                    dims[k - 1]
+                };
+                let argmax = sp.argmax[k]
+                    .as_ref()
+                    .filter(|_| want_grad && plan.pooling == crate::vgg::Pooling::Max);
+                let p = pl_k_pool_params {
+                    x: act[cur] as *const _,
+                    y: act[1 - cur] as *mut _,
+                    argmax: argmax.map_or(std::ptr::null_mut(), |a| addr(a, dev) as *mut u8),
+                    images: 2 * n,
+                    pred_images: n,
+                    h: ih as i64,
+                    w: iw as i64,
+                    c: c as i32,
+                    dtype: cd,
+                    avg: (plan.pooling == crate::vgg::Pooling::Avg) as i32,
+                    reserved: 0,
+                };
+                run(dev, "pl_vgg_pool", grid_for(2 * elems), &p)?;
+                cur = 1 - cur;
+            }
+        }
+        if let Some(tap_weight) = plan.tap_weight(layer.index) {
+            let tap_grad = match (&sp.tap_grads[k], want_grad) {
+                (_, false) => 0,
+                (Some(b), true) => addr(b, dev),
+                (None, true) => grad[0], // the deepest tap starts the backward pass
+            };
+            tap(
+                dev,
+                act[cur],
+                tap_grad,
+                call,
+                (c * h * w, tap_weight * plan.weight, !first_tap),
+                plan,
+                cd,
+            )?;
+            first_tap = false;
+        }
+    }
+    let Some(caller_grad) = call.grad else {
+        return Ok(());
+    };
+
+    // Backward over pred only.
+    let mut cur = 0;
+    for (k, layer) in layers.iter().enumerate().rev() {
+        let (c, h, w) = dims[k];
+        let elems = s.n * c * h * w;
+        let before = sp.tap_grads[k]
+            .as_ref()
+            .map_or(std::ptr::null(), |b| addr(b, dev) as *const _);
+        match layer.module {
+            Module::Relu => {
+                // A tap on the convolution before adds after the mask.
+                let after = sp.tap_grads[k - 1]
+                    .as_ref()
+                    .map_or(std::ptr::null(), |b| addr(b, dev) as *const _);
+                let mask = sp.masks[k]
+                    .as_ref()
+                    .map_or(std::ptr::null(), |m| addr(m, dev) as *const u32);
+                let p = pl_k_grad_step_params {
+                    g: grad[cur] as *mut _,
+                    before,
+                    mask,
+                    after,
+                    count: elems as i64,
+                    dtype: cd,
+                    reserved: 0,
+                };
+                run(dev, "pl_vgg_grad_step", grid_for(elems), &p)?;
+            }
+            Module::Pool => {
+                let (_, ih, iw) = dims[k - 1];
+                let argmax = sp.argmax[k]
+                    .as_ref()
+                    .filter(|_| plan.pooling == crate::vgg::Pooling::Max);
+                let p = pl_k_unpool_params {
+                    gy: grad[cur] as *const _,
+                    before,
+                    gx: grad[1 - cur] as *mut _,
+                    argmax: argmax.map_or(std::ptr::null(), |a| addr(a, dev) as *const u8),
+                    n,
+                    h: ih as i64,
+                    w: iw as i64,
+                    c: c as i32,
+                    dtype: cd,
+                };
+                run(dev, "pl_vgg_unpool", grid_for(s.n * ih * iw * c), &p)?;
+                cur = 1 - cur;
+            }
+            Module::Conv { conv, .. } => {
+                let p = sp.convs[k]
+                    .as_ref()
+                    .ok_or_else(|| Error::Internal("no plan for a convolution".into()))?;
+                // SAFETY: the plan's buffers hold the planned shapes.
+                unsafe {
+                    p.backward_data(
+                        handle,
+                        addr(&weights.convs[conv].weight, dev),
+                        grad[cur],
+                        grad[1 - cur],
+                        workspace,
+                    )?
+                };
+                cur = 1 - cur;
+            }
+        }
+    }
+    let p = pl_k_input_grad_params {
+        g: grad[cur] as *const _,
+        grad: caller_grad as *mut _,
+        n,
+        h: s.h as i64,
+        w: s.w as i64,
+        c: s.c as i32,
+        cpad: INPUT_CHANNELS as i32,
+        g_dtype: cd,
+        out_dtype: kernel_dtype(call.dtype),
+        scale,
+        beta: call.beta,
+        reserved: 0,
+    };
+    run(
+        dev,
+        "pl_vgg_input_grad",
+        grid_for(s.n * s.c * s.h * s.w),
+        &p,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bias_act(
+    dev: &CudaDevice,
+    x: u64,
+    bias: *const f32,
+    mask: *mut u32,
+    count: usize,
+    pred_count: usize,
+    c: usize,
+    dtype: i32,
+    relu: bool,
+) -> Result<()> {
+    let p = pl_k_bias_act_params {
+        x: x as *mut _,
+        bias,
+        mask,
+        count: count as i64,
+        pred_count: pred_count as i64,
+        c: c as i32,
+        dtype,
+        relu: relu as i32,
+        reserved: 0,
+    };
+    run(dev, "pl_vgg_bias_act", grid_for(count), &p)
+}
+
+/// Blocks in flight a tap aims for; fixed, so the loss bits depend only on the shape.
+const TAP_BLOCKS: usize = 1024;
+
+/// The distance at one tap: `(per_image elements, weight, accumulate)`.
+fn tap(
+    dev: &CudaDevice,
+    x: u64,
+    grad: u64,
+    call: &PerceptualCall,
+    (per_image, weight, accumulate): (usize, f64, bool),
+    plan: &Plan,
+    dtype: i32,
+) -> Result<()> {
+    let n = call.shape.n;
+    let target_blocks = TAP_BLOCKS
+        .div_ceil(n)
+        .min(per_image.div_ceil(BLOCK as usize))
+        .max(1);
+    let per_block = per_image.div_ceil(target_blocks);
+    let blocks_per_image = per_image.div_ceil(per_block);
+    let ws = dev.workspace(0, blocks_per_image * n)?;
+    let mut reduce = ws.reduce;
+    reduce.loss = call.loss as *mut f32;
+    reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
+    let p = pl_k_tap_params {
+        x: x as *const _,
+        grad: grad as *mut _,
+        reduce,
+        n: n as i64,
+        per_image: per_image as i64,
+        per_block: per_block as i64,
+        blocks_per_image: blocks_per_image as i32,
+        dtype,
+        criterion: plan.criterion.kernel_id(),
+        accumulate: accumulate as i32,
+        weight: weight as f32,
+        reserved: 0,
+    };
+    run(
+        dev,
+        "pl_vgg_tap",
+        (blocks_per_image as u32, n.min(65535) as u32),
+        &p,
+    )
+}

@@ -1,0 +1,350 @@
+//! Perceptual loss on CUDA against the CPU backend (itself checked against
+//! the f64 oracle in tests/perceptual_cpu.rs). Without a device every test
+//! prints `skipped: no CUDA device`; PERCEPTUAL_LOSS_REQUIRE_GPU=1 makes
+//! that a failure. Outputs are poisoned (NaN) before each call.
+
+mod common;
+
+use common::vgg::Net;
+use common::{assert_close, assert_rel, gpu, Rng};
+use perceptual_loss::half::bf16;
+use perceptual_loss::{
+    Criterion, DType, Device, Element, InputNorm, LossOutputs, PerceptualConfig, PerceptualLoss,
+    Pooling, Shape, Tap, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
+};
+use safetensors::Dtype;
+
+struct Out {
+    loss: f64,
+    grad: Vec<f64>,
+    per_sample: Vec<f64>,
+}
+
+/// Loss, gradient and per-sample values of `loss` on its device.
+fn run<T: Element>(
+    loss: &PerceptualLoss,
+    pred: &[f32],
+    target: &[f32],
+    s: Shape,
+    beta: f32,
+    old: Option<&[f32]>,
+) -> Out {
+    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>();
+    let nan = vec![f32::NAN; pred.len()];
+    let (p, t, g0) = (conv(pred), conv(target), conv(old.unwrap_or(&nan)));
+    let dev = loss.vgg().device();
+    match dev.cuda_stream() {
+        None => {
+            let mut g = g0;
+            let (mut value, mut per) = (f32::NAN, vec![f32::NAN; s.n]);
+            loss.compute(
+                &TensorRef::host(&p, s).unwrap(),
+                &TensorRef::host(&t, s).unwrap(),
+                LossOutputs::new(TensorMut::scalar(&mut value))
+                    .with_grad(TensorMut::host(&mut g, s).unwrap())
+                    .accumulate(beta)
+                    .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
+            )
+            .unwrap();
+            Out {
+                loss: value as f64,
+                grad: g.iter().map(|v| v.to_f64()).collect(),
+                per_sample: per.iter().map(|&v| v as f64).collect(),
+            }
+        }
+        Some(st) => {
+            let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
+            let mut gd = st.clone_htod(&g0).unwrap();
+            let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
+            let mut psd = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
+            loss.compute(
+                &TensorRef::cuda(&pd, s).unwrap(),
+                &TensorRef::cuda(&td, s).unwrap(),
+                LossOutputs::new(TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap())
+                    .with_grad(TensorMut::cuda(&mut gd, s).unwrap())
+                    .accumulate(beta)
+                    .with_per_sample(TensorMut::cuda(&mut psd, Shape::flat(s.n)).unwrap()),
+            )
+            .unwrap();
+            Out {
+                loss: st.clone_dtoh(&ld).unwrap()[0] as f64,
+                grad: st
+                    .clone_dtoh(&gd)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .collect(),
+                per_sample: st
+                    .clone_dtoh(&psd)
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect(),
+            }
+        }
+    }
+}
+
+/// The same weights on the CPU and on `gpu` (computing in `compute`).
+fn losses(
+    gpu: &Device,
+    arch: VggArch,
+    cfg: &PerceptualConfig,
+    compute: DType,
+    seed: u64,
+) -> (PerceptualLoss, PerceptualLoss) {
+    let bytes = Net::random(arch, seed).export_safetensors(Dtype::F32, "", |_| false);
+    let make = |d: &Device, c| {
+        let vgg = Vgg::load(d, WeightsSource::Bytes(&bytes), arch, c).unwrap();
+        PerceptualLoss::new(vgg, cfg).unwrap()
+    };
+    (make(&Device::cpu(), DType::F32), make(gpu, compute))
+}
+
+fn rel_norm_err(got: &[f64], want: &[f64]) -> f64 {
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    diff / want.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-30)
+}
+
+fn compare(
+    gpu: &Device,
+    arch: VggArch,
+    cfg: PerceptualConfig,
+    compute: DType,
+    s: Shape,
+    seed: u64,
+) {
+    let (cpu, cuda) = losses(gpu, arch, &cfg, compute, seed);
+    let mut rng = Rng::new(seed);
+    let n = s.n * s.c * s.h * s.w;
+    let (pred, target) = (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0));
+    let what = format!("{arch:?} {} {cfg:?} {s}", compute.name());
+    let want = run::<f32>(&cpu, &pred, &target, s, 0.0, None);
+    let got = run::<f32>(&cuda, &pred, &target, s, 0.0, None);
+    let tol = if compute == DType::F32 { 1e-4 } else { 3e-2 };
+    assert_rel(got.loss, want.loss, tol, &format!("loss {what}"));
+    assert_close(
+        &got.per_sample,
+        &want.per_sample,
+        tol,
+        0.0,
+        &format!("per-sample {what}"),
+    );
+    assert!(
+        got.grad.iter().all(|g| g.is_finite()),
+        "{what}: unwritten or non-finite gradient"
+    );
+    let err = rel_norm_err(&got.grad, &want.grad);
+    assert!(
+        err <= tol,
+        "{what}: gradient relative error {err:e} > {tol:e}"
+    );
+    if compute == DType::F32 {
+        let scale = want.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        assert_close(
+            &got.grad,
+            &want.grad,
+            1e-3,
+            1e-4 * scale,
+            &format!("grad {what}"),
+        );
+    }
+}
+
+#[test]
+fn article_defaults_f32_and_bf16() {
+    let Some(dev) = gpu() else { return };
+    for compute in [DType::F32, DType::BF16, DType::F16] {
+        compare(
+            &dev,
+            VggArch::Vgg16,
+            PerceptualConfig::default(),
+            compute,
+            Shape::new(2, 3, 32, 40),
+            51,
+        );
+    }
+}
+
+#[test]
+fn odd_sizes_where_pooling_floors() {
+    let Some(dev) = gpu() else { return };
+    for s in [
+        Shape::new(1, 3, 20, 28),
+        Shape::new(2, 3, 17, 23),
+        Shape::new(3, 3, 9, 31),
+    ] {
+        compare(
+            &dev,
+            VggArch::Vgg16,
+            PerceptualConfig::default(),
+            DType::F32,
+            s,
+            52,
+        );
+    }
+}
+
+#[test]
+fn every_option() {
+    let Some(dev) = gpu() else { return };
+    let basicsr = PerceptualConfig {
+        taps: ["conv1_2", "conv2_2", "conv3_4", "conv4_4", "conv5_4"]
+            .into_iter()
+            .map(Tap::from)
+            .collect(),
+        tap_weights: vec![0.1, 0.1, 1.0, 1.0, 1.0],
+        criterion: Criterion::Mae,
+        input_norm: InputNorm::Imagenet,
+        ..Default::default()
+    };
+    compare(
+        &dev,
+        VggArch::Vgg19,
+        basicsr.clone(),
+        DType::F32,
+        Shape::new(2, 3, 32, 32),
+        53,
+    );
+    compare(
+        &dev,
+        VggArch::Vgg19,
+        basicsr,
+        DType::BF16,
+        Shape::new(2, 3, 32, 32),
+        53,
+    );
+    let pools = PerceptualConfig {
+        taps: vec!["pool1".into(), "relu2_1".into(), "pool3".into()],
+        pooling: Pooling::Avg,
+        input_norm: InputNorm::ImagenetFromPm1,
+        weight: 2.5,
+        ..Default::default()
+    };
+    compare(
+        &dev,
+        VggArch::Vgg16,
+        pools,
+        DType::F32,
+        Shape::new(2, 3, 24, 20),
+        54,
+    );
+    let max_pools = PerceptualConfig {
+        taps: vec!["pool2".into(), "relu3_1".into()],
+        ..Default::default()
+    };
+    compare(
+        &dev,
+        VggArch::Vgg16,
+        max_pools,
+        DType::F32,
+        Shape::new(1, 3, 16, 16),
+        55,
+    );
+    // Grayscale, replicated to three channels.
+    compare(
+        &dev,
+        VggArch::Vgg16,
+        PerceptualConfig::default(),
+        DType::F32,
+        Shape::new(2, 1, 16, 24),
+        56,
+    );
+}
+
+#[test]
+fn identical_inputs_accumulation_and_determinism() {
+    let Some(dev) = gpu() else { return };
+    let (cpu, cuda) = losses(
+        &dev,
+        VggArch::Vgg16,
+        &PerceptualConfig::default(),
+        DType::F32,
+        57,
+    );
+    let s = Shape::new(2, 3, 32, 32);
+    let mut rng = Rng::new(58);
+    let n = s.n * s.c * s.h * s.w;
+    let (pred, target, old) = (
+        rng.vec(n, 0.0, 1.0),
+        rng.vec(n, 0.0, 1.0),
+        rng.vec(n, -1.0, 1.0),
+    );
+    let same = run::<f32>(&cuda, &pred, &pred, s, 0.0, None);
+    assert_eq!(same.loss, 0.0);
+    assert!(same.grad.iter().all(|&g| g == 0.0));
+    let want = run::<f32>(&cpu, &pred, &target, s, 1.0, Some(&old));
+    let got = run::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
+    let scale = want.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert_close(
+        &got.grad,
+        &want.grad,
+        1e-3,
+        1e-4 * scale,
+        "accumulated gradient",
+    );
+    let again = run::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
+    assert_eq!(
+        got.loss.to_bits(),
+        again.loss.to_bits(),
+        "loss is bit-identical run to run"
+    );
+    assert_eq!(got.grad, again.grad, "gradient is identical run to run");
+    // bf16 inputs and outputs against the CPU on the same rounded values.
+    let rounded = |v: &[f32]| {
+        v.iter()
+            .map(|&x| bf16::from_f32(x).to_f32())
+            .collect::<Vec<_>>()
+    };
+    let want = run::<f32>(&cpu, &rounded(&pred), &rounded(&target), s, 0.0, None);
+    let got = run::<bf16>(&cuda, &pred, &target, s, 0.0, None);
+    assert_rel(got.loss, want.loss, 1e-4, "bf16 input loss");
+    assert!(
+        rel_norm_err(&got.grad, &want.grad) <= 1e-2,
+        "bf16 input gradient"
+    );
+}
+
+#[test]
+fn forward_only_and_footprint() {
+    let Some(dev) = gpu() else { return };
+    let (cpu, cuda) = losses(
+        &dev,
+        VggArch::Vgg16,
+        &PerceptualConfig::default(),
+        DType::BF16,
+        59,
+    );
+    let s = Shape::new(1, 3, 64, 64);
+    let mut rng = Rng::new(60);
+    let (p, t) = (
+        rng.vec(3 * 64 * 64, 0.0, 1.0),
+        rng.vec(3 * 64 * 64, 0.0, 1.0),
+    );
+    let st = dev.cuda_stream().unwrap();
+    let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
+    let value = cuda
+        .value(
+            &TensorRef::cuda(&pd, s).unwrap(),
+            &TensorRef::cuda(&td, s).unwrap(),
+        )
+        .unwrap();
+    let want = cpu
+        .value(
+            &TensorRef::host(&p, s).unwrap(),
+            &TensorRef::host(&t, s).unwrap(),
+        )
+        .unwrap();
+    assert_rel(value as f64, want as f64, 3e-2, "forward-only bf16");
+    let bytes = cuda.plan_footprint(s).unwrap().unwrap();
+    println!(
+        "plan footprint for {s} bf16: {:.1} MiB",
+        bytes as f64 / (1 << 20) as f64
+    );
+    assert!(bytes > 0);
+}
