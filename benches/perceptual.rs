@@ -1,13 +1,20 @@
 //! Perceptual loss timing: VGG16 taps [3, 8, 15, 22], forward + backward.
 //!
 //! CPU: 1x3x64x64 f32 (the fallback's target: well under a second on two
-//! cores). Weights are seeded random (timing does not depend on them).
+//! cores). GPU: 8x3x256x256 bf16 (the headline figure; PyTorch on the same
+//! card: scripts/torch_perceptual_bench.py), plus f32 with TF32 off and a
+//! small launch-bound batch; each the median of CUDA-event-timed runs, with
+//! the device memory the call holds (its plan: buffers and cuDNN
+//! workspace) and the drop in free device memory it caused. Weights are
+//! deterministic pseudo-random (timing does not depend on them).
 //!
 //! `cargo bench --bench perceptual`
 
+use perceptual_loss::cudarc::driver::sys::CUevent_flags;
+use perceptual_loss::half::bf16;
 use perceptual_loss::{
-    DType, Device, LossOutputs, PerceptualConfig, PerceptualLoss, Shape, TensorMut, TensorRef, Vgg,
-    VggArch, WeightsSource,
+    DType, Device, Element, LossOutputs, PerceptualConfig, PerceptualLoss, Shape, TensorMut,
+    TensorRef, Vgg, VggArch, WeightsSource,
 };
 use safetensors::{tensor::TensorView, Dtype};
 use std::time::Instant;
@@ -49,6 +56,73 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// (median ms, plan MiB, free-memory drop MiB) of forward + backward on `dev`.
+fn gpu_case<T: Element>(
+    dev: &Device,
+    bytes: &[u8],
+    compute: DType,
+    s: Shape,
+    tf32: bool,
+) -> (f64, f64, f64) {
+    let st = dev.cuda_stream().unwrap().clone();
+    let ctx = st.context().clone();
+    let vgg = Vgg::load(dev, WeightsSource::Bytes(bytes), VggArch::Vgg16, compute).unwrap();
+    let loss = PerceptualLoss::new(
+        vgg,
+        &PerceptualConfig {
+            allow_tf32: tf32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let n = s.n * s.c * s.h * s.w;
+    let host = |m: usize| {
+        (0..n)
+            .map(|i| T::from_f64(((i * m) % 1000) as f64 / 1000.0))
+            .collect::<Vec<T>>()
+    };
+    let (pred, target) = (
+        st.clone_htod(&host(7919)).unwrap(),
+        st.clone_htod(&host(104_729)).unwrap(),
+    );
+    let mut grad = st.clone_htod(&host(1)).unwrap();
+    let mut value = st.alloc_zeros::<f32>(1).unwrap();
+    dev.synchronize().unwrap();
+    let free_before = ctx.mem_get_info().unwrap().0;
+    let mut step = || {
+        let out = LossOutputs::new(TensorMut::cuda(&mut value, Shape::flat(1)).unwrap())
+            .with_grad(TensorMut::cuda(&mut grad, s).unwrap());
+        loss.compute(
+            &TensorRef::cuda(&pred, s).unwrap(),
+            &TensorRef::cuda(&target, s).unwrap(),
+            out,
+        )
+        .unwrap();
+    };
+    step();
+    dev.synchronize().unwrap();
+    let drop = free_before.saturating_sub(ctx.mem_get_info().unwrap().0);
+    for _ in 0..5 {
+        step();
+    }
+    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let samples = (0..30)
+        .map(|_| {
+            let start = st.record_event(timing).unwrap();
+            step();
+            let end = st.record_event(timing).unwrap();
+            end.synchronize().unwrap();
+            start.elapsed_ms(&end).unwrap() as f64
+        })
+        .collect();
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    (
+        median(samples),
+        mib(loss.plan_footprint(s).unwrap().unwrap_or(0)),
+        mib(drop),
+    )
+}
+
 fn main() {
     let bytes = weights();
     let vgg = Vgg::load(
@@ -87,4 +161,40 @@ fn main() {
     println!("|---|---|");
     println!("| {s} f32 forward + backward | {fwd_bwd:.1} |");
     println!("| {s} f32 forward only | {fwd:.1} |");
+
+    let dev = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => return println!("\nGPU: skipped: no CUDA device ({e})"),
+    };
+    println!(
+        "\n| perceptual VGG16 [3,8,15,22] on {} | median ms | plan MiB | free-memory drop MiB |",
+        dev.name()
+    );
+    println!("|---|---|---|---|");
+    let cases = [
+        (Shape::new(8, 3, 256, 256), DType::BF16, false),
+        (Shape::new(8, 3, 256, 256), DType::F32, false),
+        (Shape::new(8, 3, 256, 256), DType::F32, true),
+        (Shape::new(16, 3, 128, 128), DType::BF16, false),
+        (Shape::new(1, 3, 64, 64), DType::BF16, false),
+    ];
+    for (s, compute, tf32) in cases {
+        let (ms, plan, drop) = match compute {
+            DType::BF16 => gpu_case::<bf16>(&dev, &bytes, compute, s, tf32),
+            _ => gpu_case::<f32>(&dev, &bytes, compute, s, tf32),
+        };
+        let tf = if compute == DType::F32 {
+            if tf32 {
+                " (TF32 on)"
+            } else {
+                " (TF32 off)"
+            }
+        } else {
+            ""
+        };
+        println!(
+            "| {s} {}{tf} fwd+bwd | {ms:.3} | {plan:.0} | {drop:.0} |",
+            compute.name()
+        );
+    }
 }

@@ -28,11 +28,11 @@ for line in sys.stdin:
 '
 }
 cargo test --release --no-run --message-format=json | collect
-cargo bench --bench tv --no-run --message-format=json | collect
+cargo bench --bench tv --bench perceptual --no-run --message-format=json | collect
 cargo build --release --examples --message-format=json | collect
 # The C ABI test compiles C against this checkout: it stays a CPU-only test.
 rm -f "$bundle/bin/test-c_abi"
-cp scripts/torch_tv_bench.py "$bundle/"
+cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py "$bundle/"
 
 cat >"$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -51,11 +51,28 @@ for t in bin/lib-perceptual_loss bin/test-*; do
 done
 echo "=== example"
 ./bin/example-losses 2>&1 | tail -12
-echo "=== PyTorch TV anchors on this card"
-python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch benchmark failed)"
-echo "=== crate benchmark"
+echo "=== PyTorch parity (float64 torchvision + autograd vs the crate)"
+parity=()
+python3 export_vgg.py --arch vgg16 --random-seed 0 --out /tmp/vgg16.safetensors >/dev/null &&
+python3 export_vgg.py --arch vgg19 --random-seed 0 --out /tmp/vgg19.safetensors >/dev/null || echo "(export failed)"
+for run in "vgg16 article f32" "vgg16 article bf16" "vgg19 basicsr f32" "vgg19 basicsr bf16"; do
+    set -- $run
+    dump=/tmp/dump-$2-$3.safetensors
+    if ./bin/example-perceptual_dump /tmp/$1.safetensors "$dump" --preset "$2" --dtype "$3" >/dev/null 2>&1; then
+        parity+=("$(python3 torch_reference.py /tmp/$1.safetensors "$dump" 2>&1 | tail -1)")
+    else
+        parity+=("$run: perceptual_dump failed: $(./bin/example-perceptual_dump /tmp/$1.safetensors "$dump" --preset "$2" --dtype "$3" 2>&1 | tail -1)")
+    fi
+done
+printf '%s\n' "${parity[@]}"
+echo "=== PyTorch anchors on this card"
+python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed)"
+python3 torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed)"
+echo "=== crate benchmarks"
 ./bin/bench-tv 2>&1 | tail -10
+./bin/bench-perceptual 2>&1 | tail -10
 echo
+printf 'parity: %s\n' "${parity[@]}"
 echo "| test binary | verdict | counts | wall |"
 echo "|---|---|---|---|"
 printf '%s\n' "${summary[@]}"

@@ -1,0 +1,76 @@
+"""PyTorch baselines for the perceptual benchmark, on the same card and in
+the same run as the crate's (scripts/gpu-check.sh): VGG16 features up to
+relu4_3, taps [3, 8, 15, 22], MSE, forward(pred, target) + backward(pred),
+median of CUDA-event-timed runs and peak memory above the inputs and
+weights. Random weights (weights=None): timing does not depend on them."""
+import statistics
+
+import torch
+import torchvision
+
+TAPS = [3, 8, 15, 22]
+
+
+def loss_fn(features):
+    def f(pred, target):
+        loss = 0.0
+        x, y = pred, target
+        for i, m in enumerate(features):
+            x, y = m(x), m(y)
+            if i in TAPS:
+                loss = loss + torch.nn.functional.mse_loss(x, y)
+        return loss
+    return f
+
+
+def bench(fn, pred, target, reps=30):
+    for _ in range(5):
+        pred.grad = None
+        fn(pred, target).backward()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        pred.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(pred, target).backward()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def case(n, h, w, dtype, compile_):
+    torch.backends.cudnn.allow_tf32 = False
+    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].cuda().eval()
+    for p in features.parameters():
+        p.requires_grad_(False)
+    # Out-of-place ReLUs, so a tap is not overwritten by the next module.
+    for i, m in enumerate(features):
+        if isinstance(m, torch.nn.ReLU):
+            features[i] = torch.nn.ReLU(inplace=False)
+    features = features.to(dtype=dtype, memory_format=torch.channels_last)
+    pred = torch.rand(n, 3, h, w, device="cuda", dtype=dtype).to(memory_format=torch.channels_last).requires_grad_(True)
+    target = torch.rand(n, 3, h, w, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+    fn = loss_fn(features)
+    if compile_:
+        fn = torch.compile(fn)
+    return bench(fn, pred, target)
+
+
+def main():
+    print(f"| torch {torch.__version__} on {torch.cuda.get_device_name()} | median ms | peak extra MiB |")
+    print("|---|---|---|")
+    for n, h, w, dtype, name in [(8, 256, 256, torch.bfloat16, "bf16"), (8, 256, 256, torch.float32, "f32 (TF32 off)"),
+                                 (16, 128, 128, torch.bfloat16, "bf16"), (1, 64, 64, torch.bfloat16, "bf16")]:
+        # torch.compile only for the headline case: compiling costs ~1 min a shape.
+        for compile_ in (False, True) if (n, h, dtype) == (8, 256, torch.bfloat16) else (False,):
+            ms, mib = case(n, h, w, dtype, compile_)
+            kind = "torch.compile" if compile_ else "eager"
+            print(f"| {kind} {n}x3x{h}x{w} {name} fwd+bwd | {ms:.3f} | {mib:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
