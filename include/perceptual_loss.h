@@ -105,6 +105,14 @@ typedef struct pl_perceptual_config {
    * Overall weight; 0 means 1.
    */
   float weight;
+  /**
+   * Nonzero lets f32 convolutions on CUDA use TF32 (off by default).
+   */
+  int32_t allow_tf32;
+  /**
+   * On CUDA, at most this many images at a time; 0 = the whole batch.
+   */
+  size_t max_chunk_images;
 } pl_perceptual_config;
 
 /**

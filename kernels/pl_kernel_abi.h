@@ -153,7 +153,8 @@ typedef struct pl_k_tap_params {
     const void *x;        /* [2N][per_image] */
     void *grad;           /* [N][per_image] in dtype, or NULL */
     pl_k_reduce reduce;   /* per_sample may be NULL */
-    int64_t n;
+    int64_t n;            /* images in this launch */
+    int64_t batch;        /* images the loss averages over (n, or more when chunked) */
     int64_t per_image;    /* H*W*C */
     int64_t per_block;    /* elements of one image per block; set by the host */
     int32_t blocks_per_image;

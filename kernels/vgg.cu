@@ -92,7 +92,7 @@ __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
     }
     total = pl_block_sum(total);
     if (threadIdx.x == 0) {
-        float v = (float)(total * p.weight / (double)p.n);
+        float v = (float)(total * p.weight / (double)p.batch);
         *p.reduce.loss = p.accumulate ? *p.reduce.loss + v : v;
     }
     pl_reset_counter(p.reduce);
@@ -100,8 +100,8 @@ __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_params p) {
     const bool mse = p.criterion == PL_K_MSE;
-    // d(weight * mean_n(mean_image D)) / d a
-    const float scale = (float)((double)p.weight / ((double)p.n * (double)p.per_image));
+    // d(weight * mean over the batch of mean_image D) / d a
+    const float scale = (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
     const int64_t begin = blockIdx.x * p.per_block;
     const int64_t end = min(p.per_image, begin + p.per_block);
     const int64_t target_offset = p.n * p.per_image;

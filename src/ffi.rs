@@ -138,6 +138,10 @@ pub struct pl_perceptual_config {
     pub pooling: pl_pooling,
     /// Overall weight; 0 means 1.
     pub weight: f32,
+    /// Nonzero lets f32 convolutions on CUDA use TF32 (off by default).
+    pub allow_tf32: i32,
+    /// On CUDA, at most this many images at a time; 0 = the whole batch.
+    pub max_chunk_images: usize,
 }
 
 /// Resident VGG weights on one context's device.
@@ -507,6 +511,8 @@ unsafe fn perceptual_config(c: *const pl_perceptual_config) -> Result<Perceptual
         v => return Err(Error::arg(format!("unknown pl_pooling {v}"))),
     };
     cfg.weight = if c.weight == 0.0 { 1.0 } else { c.weight };
+    cfg.allow_tf32 = c.allow_tf32 != 0;
+    cfg.max_chunk_images = (c.max_chunk_images > 0).then_some(c.max_chunk_images);
     Ok(cfg)
 }
 

@@ -348,3 +348,26 @@ fn forward_only_and_footprint() {
     );
     assert!(bytes > 0);
 }
+
+#[test]
+fn chunked_batches_give_the_same_loss_with_less_memory() {
+    let Some(dev) = gpu() else { return };
+    let whole = PerceptualConfig::default();
+    let chunked = PerceptualConfig {
+        max_chunk_images: Some(2),
+        ..Default::default()
+    };
+    let s = Shape::new(5, 3, 32, 32);
+    // 5 images in chunks of 2, 2 and 1, against the CPU.
+    compare(&dev, VggArch::Vgg16, chunked.clone(), DType::F32, s, 61);
+    let (_, a) = losses(&dev, VggArch::Vgg16, &whole, DType::F32, 62);
+    let (_, b) = losses(&dev, VggArch::Vgg16, &chunked, DType::F32, 62);
+    let (fa, fb) = (
+        a.plan_footprint(s).unwrap().unwrap(),
+        b.plan_footprint(s).unwrap().unwrap(),
+    );
+    assert!(
+        fb < fa,
+        "chunk footprint {fb} should be below the whole batch's {fa}"
+    );
+}

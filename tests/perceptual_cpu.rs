@@ -461,6 +461,11 @@ fn misconfiguration_and_bad_inputs_are_errors() {
         ..Default::default()
     })
     .contains("finite"));
+    assert!(bad(PerceptualConfig {
+        max_chunk_images: Some(0),
+        ..Default::default()
+    })
+    .contains("max_chunk_images"));
 
     let loss = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap();
     let x = vec![0f32; 2 * 7 * 7 * 3];

@@ -256,6 +256,7 @@ pub struct pl_k_tap_params {
     pub grad: *mut ::std::os::raw::c_void,
     pub reduce: pl_k_reduce,
     pub n: i64,
+    pub batch: i64,
     pub per_image: i64,
     pub per_block: i64,
     pub blocks_per_image: i32,
@@ -267,7 +268,7 @@ pub struct pl_k_tap_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 104usize];
+    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 112usize];
     ["Alignment of pl_k_tap_params"][::std::mem::align_of::<pl_k_tap_params>() - 8usize];
     ["Offset of field: pl_k_tap_params::x"][::std::mem::offset_of!(pl_k_tap_params, x) - 0usize];
     ["Offset of field: pl_k_tap_params::grad"]
@@ -275,22 +276,24 @@ const _: () = {
     ["Offset of field: pl_k_tap_params::reduce"]
         [::std::mem::offset_of!(pl_k_tap_params, reduce) - 16usize];
     ["Offset of field: pl_k_tap_params::n"][::std::mem::offset_of!(pl_k_tap_params, n) - 56usize];
+    ["Offset of field: pl_k_tap_params::batch"]
+        [::std::mem::offset_of!(pl_k_tap_params, batch) - 64usize];
     ["Offset of field: pl_k_tap_params::per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 64usize];
+        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 72usize];
     ["Offset of field: pl_k_tap_params::per_block"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 72usize];
+        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 80usize];
     ["Offset of field: pl_k_tap_params::blocks_per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 80usize];
+        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 88usize];
     ["Offset of field: pl_k_tap_params::dtype"]
-        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 84usize];
+        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 92usize];
     ["Offset of field: pl_k_tap_params::criterion"]
-        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 88usize];
+        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 96usize];
     ["Offset of field: pl_k_tap_params::accumulate"]
-        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 92usize];
+        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 100usize];
     ["Offset of field: pl_k_tap_params::weight"]
-        [::std::mem::offset_of!(pl_k_tap_params, weight) - 96usize];
+        [::std::mem::offset_of!(pl_k_tap_params, weight) - 104usize];
     ["Offset of field: pl_k_tap_params::reserved"]
-        [::std::mem::offset_of!(pl_k_tap_params, reserved) - 100usize];
+        [::std::mem::offset_of!(pl_k_tap_params, reserved) - 108usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

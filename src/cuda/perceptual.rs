@@ -232,8 +232,12 @@ impl ShapePlan {
     }
 }
 
-/// Device addresses of one call.
+/// Device addresses of one call (or one chunk of images of it).
 pub(crate) struct PerceptualCall {
+    /// Images the loss averages over: the whole batch when chunked.
+    pub batch: usize,
+    /// Whether the loss already holds earlier chunks' share.
+    pub accumulate: bool,
     pub pred: u64,
     pub target: u64,
     pub dtype: DType,
@@ -303,7 +307,7 @@ pub(crate) fn perceptual(
 
     // Forward over [pred; target].
     let mut cur = 0;
-    let mut first_tap = true;
+    let mut first_tap = !call.accumulate;
     for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
         let elems = s.n * c * h * w;
         let mask = |sp: &ShapePlan| {
@@ -546,6 +550,7 @@ fn tap(
         grad: grad as *mut _,
         reduce,
         n: n as i64,
+        batch: call.batch as i64,
         per_image: per_image as i64,
         per_block: per_block as i64,
         blocks_per_image: blocks_per_image as i32,

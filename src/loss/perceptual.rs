@@ -81,6 +81,10 @@ pub struct PerceptualConfig {
     pub pooling: Pooling,
     /// Overall weight; default 1.
     pub weight: f32,
+    /// On CUDA, run at most this many images at a time (pred and target
+    /// each), so device memory follows the chunk instead of the batch;
+    /// `None` runs the whole batch at once. The loss is the same.
+    pub max_chunk_images: Option<usize>,
     /// Lets f32 convolutions on CUDA use TF32 tensor cores (faster, about
     /// 1e-3 relative error); default off. No effect on f16/bf16 or the CPU.
     pub allow_tf32: bool,
@@ -95,6 +99,7 @@ impl Default for PerceptualConfig {
             input_norm: InputNorm::None,
             pooling: Pooling::Max,
             weight: 1.0,
+            max_chunk_images: None,
             allow_tf32: false,
         }
     }
@@ -110,6 +115,7 @@ pub(crate) struct Plan {
     pub pooling: Pooling,
     pub weight: f64,
     pub tf32: bool,
+    pub chunk: Option<usize>,
 }
 
 impl Plan {
@@ -148,6 +154,9 @@ impl PerceptualLoss {
     /// loaded, taps are distinct, one weight per tap, finite weights.
     pub fn new(vgg: Arc<Vgg>, config: &PerceptualConfig) -> Result<Self> {
         check_weight(config.weight)?;
+        if config.max_chunk_images == Some(0) {
+            return Err(Error::arg("max_chunk_images must be at least 1"));
+        }
         if config.taps.is_empty() {
             return Err(Error::arg("a perceptual loss needs at least one tap"));
         }
@@ -188,6 +197,7 @@ impl PerceptualLoss {
             pooling: config.pooling,
             weight: config.weight as f64,
             tf32: config.allow_tf32,
+            chunk: config.max_chunk_images,
         };
         Ok(PerceptualLoss {
             vgg,
@@ -252,13 +262,18 @@ impl PerceptualLoss {
     }
 
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on
-    /// `shape` holds (built now if not yet seen); `None` on the CPU.
+    /// `shape` holds (for one chunk when chunked; built now if not yet
+    /// seen); `None` on the CPU.
     pub fn plan_footprint(&self, shape: Shape) -> Result<Option<usize>> {
         let Some(dev) = self.vgg.device().cuda_device() else {
             return Ok(None);
         };
         self.check_size(shape)?;
-        self.with_shape_plan(dev, shape, |_, sp| Ok(Some(sp.footprint)))
+        let chunk = Shape {
+            n: self.plan.chunk.unwrap_or(shape.n).min(shape.n),
+            ..shape
+        };
+        self.with_shape_plan(dev, chunk, |_, sp| Ok(Some(sp.footprint)))
     }
 
     /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
@@ -319,31 +334,43 @@ impl PerceptualLoss {
             Some(ps) => Some(cuda_out(dev, ps, "per-sample output")?),
             None => None,
         };
-        let call = PerceptualCall {
-            pred: p,
-            target: t,
-            dtype: pred.dtype,
-            shape: s,
-            grad,
-            beta: out.beta,
-            loss: cuda_out(dev, &out.loss, "loss output")?,
-            per_sample,
-        };
+        let loss = cuda_out(dev, &out.loss, "loss output")?;
         let weights = self
             .vgg
             .cuda_weights()
             .ok_or_else(|| Error::Internal("CUDA weights missing".into()))?;
-        self.with_shape_plan(dev, s, |handle, sp| {
-            crate::cuda::perceptual::perceptual(
-                dev,
-                handle,
-                weights,
-                self.vgg.layers(),
-                &self.plan,
-                sp,
-                &call,
-            )
-        })
+        // Images are independent: a chunk is a smaller batch at an offset,
+        // scaled by the whole batch and added to the earlier chunks' loss.
+        let chunk = self.plan.chunk.unwrap_or(s.n).min(s.n);
+        let image_bytes = (bytes / s.n) as u64; // pred, target and gradient alike
+        for start in (0..s.n).step_by(chunk) {
+            let images = chunk.min(s.n - start);
+            let at = start as u64;
+            let call = PerceptualCall {
+                batch: s.n,
+                accumulate: start > 0,
+                pred: p + at * image_bytes,
+                target: t + at * image_bytes,
+                dtype: pred.dtype,
+                shape: Shape::new(images, s.c, s.h, s.w),
+                grad: grad.map(|g| g + at * image_bytes),
+                beta: out.beta,
+                loss,
+                per_sample: per_sample.map(|ps| ps + at * 4),
+            };
+            self.with_shape_plan(dev, call.shape, |handle, sp| {
+                crate::cuda::perceptual::perceptual(
+                    dev,
+                    handle,
+                    weights,
+                    self.vgg.layers(),
+                    &self.plan,
+                    sp,
+                    &call,
+                )
+            })?;
+        }
+        Ok(())
     }
 
     /// Every pool before the deepest tap halves H and W (floor): the image
