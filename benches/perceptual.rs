@@ -13,43 +13,10 @@
 use perceptual_loss::cudarc::driver::sys::CUevent_flags;
 use perceptual_loss::half::bf16;
 use perceptual_loss::{
-    DType, Device, Element, LossOutputs, PerceptualConfig, PerceptualLoss, Shape, TensorMut,
-    TensorRef, Vgg, VggArch, WeightsSource,
+    seeded_safetensors, DType, Device, Element, LossOutputs, PerceptualConfig, PerceptualLoss,
+    Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
 };
-use safetensors::{tensor::TensorView, Dtype};
 use std::time::Instant;
-
-/// A VGG16 `features` safetensors image with small deterministic weights.
-fn weights() -> Vec<u8> {
-    let cfg = [
-        64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512, 0,
-    ];
-    let (mut blobs, mut index, mut in_c) = (Vec::new(), 0, 3);
-    for c in cfg {
-        if c == 0 {
-            index += 1;
-            continue;
-        }
-        let n = c * in_c * 9;
-        let w: Vec<u8> = (0..n)
-            .flat_map(|i| ((((i * 7919) % 2001) as f32 / 1000.0 - 1.0) * 0.05).to_le_bytes())
-            .collect();
-        blobs.push((format!("features.{index}.weight"), vec![c, in_c, 3, 3], w));
-        blobs.push((format!("features.{index}.bias"), vec![c], vec![0u8; c * 4]));
-        index += 2;
-        in_c = c;
-    }
-    let views: Vec<(String, TensorView)> = blobs
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize(views, None).unwrap()
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -124,7 +91,7 @@ fn gpu_case<T: Element>(
 }
 
 fn main() {
-    let bytes = weights();
+    let bytes = seeded_safetensors(VggArch::Vgg16, 0).unwrap();
     let vgg = Vgg::load(
         &Device::cpu(),
         WeightsSource::Bytes(&bytes),

@@ -1,13 +1,18 @@
-//! The main job: TV and feature losses with gradients on generated images,
-//! on the best device (CUDA device 0 when usable, else the CPU), printing
-//! values and timings.
+//! The main job: TV, feature and VGG16 perceptual losses with gradients on
+//! generated images, on the best device (CUDA device 0 when usable, else
+//! the CPU), printing values and timings.
 //!
-//! `cargo run --release --example losses`
+//! `cargo run --release --example losses [-- --weights vgg16.safetensors]`
+//!
+//! Without `--weights` the perceptual loss uses seeded stand-in weights
+//! (`seeded_safetensors`); real runs use weights exported from torchvision
+//! with `scripts/export_vgg.py`.
 
 use perceptual_loss::cudarc::driver::{CudaSlice, CudaStream};
 use perceptual_loss::{
-    Criterion, Device, Error, FeatureLoss, LossOutputs, Reduction, Result, Shape, TensorMut,
-    TensorRef, TvConfig, TvLoss, TvVariant,
+    seeded_safetensors, Criterion, DType, Device, Error, FeatureLoss, LossOutputs,
+    PerceptualConfig, PerceptualLoss, Reduction, Result, Shape, TensorMut, TensorRef, TvConfig,
+    TvLoss, TvVariant, Vgg, VggArch, WeightsSource,
 };
 use std::sync::Arc;
 use std::time::Instant;
@@ -178,5 +183,41 @@ fn main() -> Result<()> {
             f.compute(&device, &p, &t, out)
         })?;
     }
+
+    let args: Vec<String> = std::env::args().collect();
+    let (bytes, source) = match args.iter().position(|a| a == "--weights") {
+        Some(i) => {
+            let path = args
+                .get(i + 1)
+                .ok_or_else(|| Error::InvalidArgument("--weights needs a path".into()))?;
+            (
+                std::fs::read(path).map_err(|e| Error::Io(format!("{path}: {e}")))?,
+                path.clone(),
+            )
+        }
+        None => (
+            seeded_safetensors(VggArch::Vgg16, 0)?,
+            "seeded stand-in weights; real runs pass --weights".to_string(),
+        ),
+    };
+    let compute = if device.cuda_stream().is_some() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    let vgg = Vgg::load(
+        &device,
+        WeightsSource::Bytes(&bytes),
+        VggArch::Vgg16,
+        compute,
+    )?;
+    let perceptual = PerceptualLoss::new(vgg, &PerceptualConfig::default())?;
+    report(
+        format!(
+            "perceptual VGG16 relu1_2..relu4_3, {} ({source})",
+            compute.name()
+        ),
+        &|p, t, out| perceptual.compute(&p, &t, out),
+    )?;
     Ok(())
 }

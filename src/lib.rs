@@ -57,7 +57,7 @@ pub use loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
 pub use loss::tv::{Reduction, TvConfig, TvLoss, TvVariant};
 pub use loss::LossOutputs;
 pub use tensor::{DType, Element, Shape, TensorMut, TensorRef};
-pub use vgg::{Pooling, Vgg, VggArch, VggOptions, WeightsSource};
+pub use vgg::{seeded_safetensors, Pooling, Vgg, VggArch, VggOptions, WeightsSource};
 
 /// Re-exported so callers can name CUDA slices and streams without a
 /// separate dependency on the same `cudarc` version.

@@ -484,3 +484,36 @@ fn misconfiguration_and_bad_inputs_are_errors() {
     assert!(err(Shape::new(1, 2, 7, 7), Shape::new(1, 2, 7, 7)).contains("3 channels"));
     assert!(err(Shape::new(1, 3, 7, 7), Shape::new(1, 3, 7, 6)).contains("one shape"));
 }
+
+#[test]
+fn seeded_weights_load_and_are_reproducible() {
+    let a = perceptual_loss::seeded_safetensors(VggArch::Vgg19, 3).unwrap();
+    assert_eq!(
+        a,
+        perceptual_loss::seeded_safetensors(VggArch::Vgg19, 3).unwrap()
+    );
+    assert_ne!(
+        a,
+        perceptual_loss::seeded_safetensors(VggArch::Vgg19, 4).unwrap()
+    );
+    let vgg = Vgg::load(
+        &Device::cpu(),
+        WeightsSource::Bytes(&a),
+        VggArch::Vgg19,
+        DType::F32,
+    )
+    .unwrap();
+    assert_eq!(vgg.depth(), 36);
+    // He-uniform: |w| <= sqrt(6 / fan_in), fan_in = 3 * 9 for the first layer.
+    let file = safetensors::SafeTensors::deserialize(&a).unwrap();
+    let first = file.tensor("features.0.weight").unwrap();
+    let bound = (6.0f32 / 27.0).sqrt();
+    let values: Vec<f32> = first
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert!(
+        values.iter().all(|v| v.abs() <= bound) && values.iter().any(|v| v.abs() > bound / 2.0)
+    );
+}

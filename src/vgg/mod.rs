@@ -5,10 +5,12 @@
 //! any number of losses and threads.
 
 mod arch;
+mod seeded;
 mod weights;
 
 pub use arch::VggArch;
 pub(crate) use arch::{Layer, Module};
+pub use seeded::seeded_safetensors;
 pub(crate) use weights::ConvWeights;
 
 use crate::device::Device;
