@@ -1,11 +1,14 @@
-//! Training losses for image models, on CUDA or the CPU: total variation
-//! and feature MSE/MAE, with gradients and a C ABI.
+//! Training losses for image models, on CUDA or the CPU: total variation,
+//! feature MSE/MAE and VGG16/VGG19 perceptual loss, with gradients and a C
+//! ABI.
 //!
 //! # Quick start
 //!
 //! 1. Pick a device: [`Device::best`] is CUDA device 0 when one can be
 //!    used, else the CPU (the reference backend, always available).
-//! 2. Build a loss from a config: [`TvLoss::new`], [`FeatureLoss::new`].
+//! 2. Build a loss from a config: [`TvLoss::new`], [`FeatureLoss::new`],
+//!    or load VGG weights once with [`Vgg::load`] and build any number of
+//!    [`PerceptualLoss`]es over them.
 //! 3. Describe the tensors with [`TensorRef`]/[`TensorMut`] (host slices, or
 //!    CUDA slices allocated on [`Device::cuda_stream`]) and call `compute`
 //!    with [`LossOutputs`] naming where the loss and gradient go.
