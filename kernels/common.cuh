@@ -118,6 +118,13 @@ __device__ __forceinline__ double pl_load_partial(const double *p, int64_t i) {
     return __ldcg(p + i);
 }
 
+/* Image n's sum: its blocks' partials (laid out [image][block]) in order. */
+__device__ __forceinline__ double pl_image_sum(const pl_k_reduce &r, int64_t n, int blocks_per_image) {
+    double s = 0.0;
+    for (int b = 0; b < blocks_per_image; ++b) s += pl_load_partial(r.partials, n * blocks_per_image + b);
+    return s;
+}
+
 /* Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. */
 #define PL_INSTANTIATE(NAME, PARAMS, BODY)                                                     \
     extern "C" __global__ void __launch_bounds__(PL_BLOCK) NAME##_f32(PARAMS p) { BODY<float>(p); } \

@@ -102,9 +102,7 @@ __device__ __forceinline__ double tv_pixel(const pl_k_tv_params &p, const T *pla
 __device__ __forceinline__ void tv_finish(const pl_k_tv_params &p) {
     double total = 0.0;
     for (int64_t n = threadIdx.x; n < p.n; n += PL_BLOCK) {
-        const double *part = p.reduce.partials + n * p.blocks_per_image;
-        double s = 0.0;
-        for (int b = 0; b < p.blocks_per_image; ++b) s += pl_load_partial(part, b);
+        double s = pl_image_sum(p.reduce, n, p.blocks_per_image);
         double score = s;
         if (p.variant == PL_K_TV_L2) {
             score = sqrt(s);

@@ -80,10 +80,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_par
 __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
     double total = 0.0;
     for (int64_t n = threadIdx.x; n < p.n; n += PL_BLOCK) {
-        const double *part = p.reduce.partials + n * p.blocks_per_image;
-        double s = 0.0;
-        for (int b = 0; b < p.blocks_per_image; ++b) s += pl_load_partial(part, b);
-        double mean = s / (double)p.per_image;
+        double mean = pl_image_sum(p.reduce, n, p.blocks_per_image) / (double)p.per_image;
         if (p.reduce.per_sample) {
             float v = (float)(p.weight * mean);
             p.reduce.per_sample[n] = p.accumulate ? p.reduce.per_sample[n] + v : v;

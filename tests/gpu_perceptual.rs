@@ -5,85 +5,14 @@
 
 mod common;
 
-use common::vgg::Net;
+use common::vgg::{run_perceptual, Net};
 use common::{assert_close, assert_rel, gpu, Rng};
 use perceptual_loss::half::bf16;
 use perceptual_loss::{
-    Criterion, DType, Device, Element, InputNorm, LossOutputs, PerceptualConfig, PerceptualLoss,
-    Pooling, Shape, Tap, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
+    Criterion, DType, Device, InputNorm, PerceptualConfig, PerceptualLoss, Pooling, Shape, Tap,
+    TensorRef, Vgg, VggArch, WeightsSource,
 };
 use safetensors::Dtype;
-
-struct Out {
-    loss: f64,
-    grad: Vec<f64>,
-    per_sample: Vec<f64>,
-}
-
-/// Loss, gradient and per-sample values of `loss` on its device.
-fn run<T: Element>(
-    loss: &PerceptualLoss,
-    pred: &[f32],
-    target: &[f32],
-    s: Shape,
-    beta: f32,
-    old: Option<&[f32]>,
-) -> Out {
-    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>();
-    let nan = vec![f32::NAN; pred.len()];
-    let (p, t, g0) = (conv(pred), conv(target), conv(old.unwrap_or(&nan)));
-    let dev = loss.vgg().device();
-    match dev.cuda_stream() {
-        None => {
-            let mut g = g0;
-            let (mut value, mut per) = (f32::NAN, vec![f32::NAN; s.n]);
-            loss.compute(
-                &TensorRef::host(&p, s).unwrap(),
-                &TensorRef::host(&t, s).unwrap(),
-                LossOutputs::new(TensorMut::scalar(&mut value))
-                    .with_grad(TensorMut::host(&mut g, s).unwrap())
-                    .accumulate(beta)
-                    .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
-            )
-            .unwrap();
-            Out {
-                loss: value as f64,
-                grad: g.iter().map(|v| v.to_f64()).collect(),
-                per_sample: per.iter().map(|&v| v as f64).collect(),
-            }
-        }
-        Some(st) => {
-            let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
-            let mut gd = st.clone_htod(&g0).unwrap();
-            let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
-            let mut psd = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
-            loss.compute(
-                &TensorRef::cuda(&pd, s).unwrap(),
-                &TensorRef::cuda(&td, s).unwrap(),
-                LossOutputs::new(TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap())
-                    .with_grad(TensorMut::cuda(&mut gd, s).unwrap())
-                    .accumulate(beta)
-                    .with_per_sample(TensorMut::cuda(&mut psd, Shape::flat(s.n)).unwrap()),
-            )
-            .unwrap();
-            Out {
-                loss: st.clone_dtoh(&ld).unwrap()[0] as f64,
-                grad: st
-                    .clone_dtoh(&gd)
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.to_f64())
-                    .collect(),
-                per_sample: st
-                    .clone_dtoh(&psd)
-                    .unwrap()
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect(),
-            }
-        }
-    }
-}
 
 /// The same weights on the CPU and on `gpu` (computing in `compute`).
 fn losses(
@@ -124,8 +53,8 @@ fn compare(
     let n = s.n * s.c * s.h * s.w;
     let (pred, target) = (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0));
     let what = format!("{arch:?} {} {cfg:?} {s}", compute.name());
-    let want = run::<f32>(&cpu, &pred, &target, s, 0.0, None);
-    let got = run::<f32>(&cuda, &pred, &target, s, 0.0, None);
+    let want = run_perceptual::<f32>(&cpu, &pred, &target, s, 0.0, None);
+    let got = run_perceptual::<f32>(&cuda, &pred, &target, s, 0.0, None);
     let tol = if compute == DType::F32 { 1e-4 } else { 3e-2 };
     assert_rel(got.loss, want.loss, tol, &format!("loss {what}"));
     assert_close(
@@ -275,11 +204,11 @@ fn identical_inputs_accumulation_and_determinism() {
         rng.vec(n, 0.0, 1.0),
         rng.vec(n, -1.0, 1.0),
     );
-    let same = run::<f32>(&cuda, &pred, &pred, s, 0.0, None);
+    let same = run_perceptual::<f32>(&cuda, &pred, &pred, s, 0.0, None);
     assert_eq!(same.loss, 0.0);
     assert!(same.grad.iter().all(|&g| g == 0.0));
-    let want = run::<f32>(&cpu, &pred, &target, s, 1.0, Some(&old));
-    let got = run::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
+    let want = run_perceptual::<f32>(&cpu, &pred, &target, s, 1.0, Some(&old));
+    let got = run_perceptual::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
     let scale = want.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
     assert_close(
         &got.grad,
@@ -288,7 +217,7 @@ fn identical_inputs_accumulation_and_determinism() {
         1e-4 * scale,
         "accumulated gradient",
     );
-    let again = run::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
+    let again = run_perceptual::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
     assert_eq!(
         got.loss.to_bits(),
         again.loss.to_bits(),
@@ -301,8 +230,8 @@ fn identical_inputs_accumulation_and_determinism() {
             .map(|&x| bf16::from_f32(x).to_f32())
             .collect::<Vec<_>>()
     };
-    let want = run::<f32>(&cpu, &rounded(&pred), &rounded(&target), s, 0.0, None);
-    let got = run::<bf16>(&cuda, &pred, &target, s, 0.0, None);
+    let want = run_perceptual::<f32>(&cpu, &rounded(&pred), &rounded(&target), s, 0.0, None);
+    let got = run_perceptual::<bf16>(&cuda, &pred, &target, s, 0.0, None);
     assert_rel(got.loss, want.loss, 1e-4, "bf16 input loss");
     assert!(
         rel_norm_err(&got.grad, &want.grad) <= 1e-2,

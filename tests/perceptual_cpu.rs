@@ -4,13 +4,12 @@
 
 mod common;
 
-use common::vgg::{perceptual, Net, Spec, IMAGENET_MEAN, IMAGENET_STD};
+use common::vgg::{perceptual, run_perceptual, Net, Spec, IMAGENET_MEAN, IMAGENET_STD};
 use common::{assert_close, assert_rel, Rng};
 use perceptual_loss::half::{bf16, f16};
 use perceptual_loss::{
-    Criterion, DType, Device, Element, Error, InputNorm, LossOutputs, PerceptualConfig,
-    PerceptualLoss, Pooling, Shape, Tap, TensorMut, TensorRef, Vgg, VggArch, VggOptions,
-    WeightsSource,
+    Criterion, DType, Device, Error, InputNorm, PerceptualConfig, PerceptualLoss, Pooling, Shape,
+    Tap, TensorRef, Vgg, VggArch, VggOptions, WeightsSource,
 };
 use safetensors::Dtype;
 use std::sync::Arc;
@@ -24,43 +23,6 @@ fn load(net: &mut Net, arch: VggArch) -> Arc<Vgg> {
         DType::F32,
     )
     .unwrap()
-}
-
-struct Out {
-    loss: f64,
-    grad: Vec<f64>,
-    per_sample: Vec<f64>,
-}
-
-fn run<T: Element>(
-    loss: &PerceptualLoss,
-    pred: &[f32],
-    target: &[f32],
-    s: Shape,
-    beta: f32,
-    old: Option<&[f32]>,
-) -> Out {
-    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>();
-    let (p, t) = (conv(pred), conv(target));
-    let mut g = match old {
-        Some(o) => conv(o),
-        None => vec![T::from_f64(f64::NAN); pred.len()],
-    };
-    let (mut value, mut per) = (f32::NAN, vec![f32::NAN; s.n]);
-    loss.compute(
-        &TensorRef::host(&p, s).unwrap(),
-        &TensorRef::host(&t, s).unwrap(),
-        LossOutputs::new(TensorMut::scalar(&mut value))
-            .with_grad(TensorMut::host(&mut g, s).unwrap())
-            .accumulate(beta)
-            .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
-    )
-    .unwrap();
-    Out {
-        loss: value as f64,
-        grad: g.iter().map(|v| v.to_f64()).collect(),
-        per_sample: per.iter().map(|&v| v as f64).collect(),
-    }
 }
 
 fn spec_of(vgg: &Vgg, cfg: &PerceptualConfig, taps: &[usize]) -> Spec {
@@ -106,7 +68,7 @@ fn check_against_oracle(
     let mut rng = Rng::new(seed + 1);
     let n = s.n * s.c * s.h * s.w;
     let (pred, target) = (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0));
-    let out = run::<f32>(&loss, &pred, &target, s, 0.0, None);
+    let out = run_perceptual::<f32>(&loss, &pred, &target, s, 0.0, None);
     let spec = spec_of(&vgg, &cfg, taps_by_index);
     let (p64, t64) = (f64s(&pred), f64s(&target));
     let oracle = |p: &[f64]| perceptual(&net, &spec, p, &t64, s);
@@ -250,7 +212,7 @@ fn identical_inputs_give_zero_loss_and_gradient() {
             },
         )
         .unwrap();
-        let out = run::<f32>(&loss, &x, &x, s, 0.0, None);
+        let out = run_perceptual::<f32>(&loss, &x, &x, s, 0.0, None);
         assert_eq!(out.loss, 0.0);
         assert!(out.grad.iter().all(|&g| g == 0.0), "{criterion:?}");
     }
@@ -277,19 +239,20 @@ fn half_precision_inputs_and_accumulation() {
             .collect()
     };
     for bf in [false, true] {
-        let reference = run::<f32>(&loss, &round(&pred, bf), &round(&target, bf), s, 0.0, None);
+        let reference =
+            run_perceptual::<f32>(&loss, &round(&pred, bf), &round(&target, bf), s, 0.0, None);
         let got = if bf {
-            run::<bf16>(&loss, &pred, &target, s, 0.0, None)
+            run_perceptual::<bf16>(&loss, &pred, &target, s, 0.0, None)
         } else {
-            run::<f16>(&loss, &pred, &target, s, 0.0, None)
+            run_perceptual::<f16>(&loss, &pred, &target, s, 0.0, None)
         };
         assert_rel(got.loss, reference.loss, 1e-6, "half loss");
         let scale = reference.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         assert_close(&got.grad, &reference.grad, 1e-2, 1e-2 * scale, "half grad");
     }
     let old = rng.vec(n, -1.0, 1.0);
-    let fresh = run::<f32>(&loss, &pred, &target, s, 0.0, None);
-    let acc = run::<f32>(&loss, &pred, &target, s, 2.0, Some(&old));
+    let fresh = run_perceptual::<f32>(&loss, &pred, &target, s, 0.0, None);
+    let acc = run_perceptual::<f32>(&loss, &pred, &target, s, 2.0, Some(&old));
     let want: Vec<f64> = old
         .iter()
         .zip(&fresh.grad)
@@ -306,7 +269,7 @@ fn forward_only_writes_no_gradient() {
     let s = Shape::new(1, 3, 16, 16);
     let mut rng = Rng::new(11);
     let (p, t) = (rng.vec(768, 0.0, 1.0), rng.vec(768, 0.0, 1.0));
-    let with_grad = run::<f32>(&loss, &p, &t, s, 0.0, None).loss;
+    let with_grad = run_perceptual::<f32>(&loss, &p, &t, s, 0.0, None).loss;
     let value = loss
         .value(
             &TensorRef::host(&p, s).unwrap(),

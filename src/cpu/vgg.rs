@@ -3,27 +3,18 @@
 
 use crate::vgg::{ConvWeights, Pooling};
 
-/// Unfolds a C x H x W image into rows (c, ky, kx) and columns (i, j), with
-/// zeros where the 3x3 window hangs over the padding.
-fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
+/// Calls `f(column entry, pixel)` for every pair that the im2col
+/// unfolding of a C x H x W image links: rows (c, ky, kx), columns (i, j),
+/// pixel (c, i + ky - 1, j + kx - 1); pairs in the padding are skipped.
+fn for_each_window_pair(c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
     let hw = h * w;
-    cols.clear();
-    cols.resize(c * 9 * hw, 0.0);
     for ch in 0..c {
-        let plane = &x[ch * hw..(ch + 1) * hw];
         for ky in 0..3 {
             for kx in 0..3 {
-                let row = &mut cols[((ch * 3 + ky) * 3 + kx) * hw..][..hw];
-                for i in 0..h {
-                    let si = i + ky;
-                    if si < 1 || si > h {
-                        continue;
-                    }
-                    for j in 0..w {
-                        let sj = j + kx;
-                        if sj >= 1 && sj <= w {
-                            row[i * w + j] = plane[(si - 1) * w + sj - 1];
-                        }
+                let row = ((ch * 3 + ky) * 3 + kx) * hw;
+                for i in (1usize.saturating_sub(ky))..h.min(h + 1 - ky) {
+                    for j in (1usize.saturating_sub(kx))..w.min(w + 1 - kx) {
+                        f(row + i * w + j, ch * hw + (i + ky - 1) * w + j + kx - 1);
                     }
                 }
             }
@@ -31,30 +22,18 @@ fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
     }
 }
 
+/// Unfolds a C x H x W image into rows (c, ky, kx) and columns (i, j),
+/// with zeros where the 3x3 window hangs over the padding.
+fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
+    cols.clear();
+    cols.resize(c * 9 * h * w, 0.0);
+    for_each_window_pair(c, h, w, |col, pix| cols[col] = x[pix]);
+}
+
 /// The adjoint of `im2col`: adds each column entry back to its pixel.
 fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
-    let hw = h * w;
     dx.iter_mut().for_each(|v| *v = 0.0);
-    for ch in 0..c {
-        let plane = &mut dx[ch * hw..(ch + 1) * hw];
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let row = &cols[((ch * 3 + ky) * 3 + kx) * hw..][..hw];
-                for i in 0..h {
-                    let si = i + ky;
-                    if si < 1 || si > h {
-                        continue;
-                    }
-                    for j in 0..w {
-                        let sj = j + kx;
-                        if sj >= 1 && sj <= w {
-                            plane[(si - 1) * w + sj - 1] += row[i * w + j];
-                        }
-                    }
-                }
-            }
-        }
-    }
+    for_each_window_pair(c, h, w, |col, pix| dx[pix] += cols[col]);
 }
 
 /// C = A B with row-major A (m x k) and B (k x n); `a_t` reads A transposed

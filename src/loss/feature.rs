@@ -6,7 +6,7 @@
 //! 0 where a == b. The target `b` is a constant: no gradient is taken for it.
 //! NaN or infinite inputs propagate as IEEE arithmetic says.
 
-use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
+use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -100,15 +100,7 @@ impl FeatureLoss {
         };
         let bytes = a.shape.bytes(a.dtype)?;
         let (ap, bp) = (cuda_in(dev, a, "a")?, cuda_in(dev, b, "b")?);
-        let grad = match &out.grad {
-            Some(g) => {
-                let gp = cuda_out(dev, g, "gradient")?;
-                no_overlap((ap, bytes), (gp, bytes), "a and the gradient")?;
-                no_overlap((bp, bytes), (gp, bytes), "b and the gradient")?;
-                Some(gp)
-            }
-            None => None,
-        };
+        let o = out.cuda_addresses(dev, &[(ap, "a"), (bp, "b")], bytes)?;
         let call = FeatureCall {
             criterion: self.criterion,
             weight: self.weight,
@@ -116,9 +108,9 @@ impl FeatureLoss {
             count,
             a: ap,
             b: bp,
-            grad,
+            grad: o.grad,
             beta: out.beta,
-            loss: cuda_out(dev, &out.loss, "loss output")?,
+            loss: o.loss,
         };
         crate::cuda::feature::feature(dev, &call)
     }

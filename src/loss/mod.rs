@@ -67,6 +67,35 @@ impl<'a> LossOutputs<'a> {
         }
     }
 
+    /// Device addresses of the outputs, each checked against its
+    /// allocation, and the gradient against every input (`bytes` each).
+    pub(crate) fn cuda_addresses(
+        &self,
+        dev: &CudaDevice,
+        inputs: &[(u64, &str)],
+        bytes: usize,
+    ) -> Result<CudaOutputs> {
+        let grad = match &self.grad {
+            Some(g) => {
+                let gp = cuda_out(dev, g, "gradient")?;
+                for &(p, name) in inputs {
+                    no_overlap((p, bytes), (gp, bytes), &format!("{name} and the gradient"))?;
+                }
+                Some(gp)
+            }
+            None => None,
+        };
+        let per_sample = match &self.per_sample {
+            Some(p) => Some(cuda_out(dev, p, "per-sample output")?),
+            None => None,
+        };
+        Ok(CudaOutputs {
+            loss: cuda_out(dev, &self.loss, "loss output")?,
+            grad,
+            per_sample,
+        })
+    }
+
     /// Checks what every loss shares: an f32 scalar loss, f32 per-sample
     /// values, a gradient shaped like `input`, and a finite beta.
     pub(crate) fn validate(
@@ -112,6 +141,13 @@ impl<'a> LossOutputs<'a> {
     }
 }
 
+/// Where a CUDA call writes: device addresses.
+pub(crate) struct CudaOutputs {
+    pub loss: u64,
+    pub grad: Option<u64>,
+    pub per_sample: Option<u64>,
+}
+
 /// Device address of an input on `dev`, checked against its allocation.
 pub(crate) fn cuda_in(dev: &CudaDevice, t: &TensorRef<'_>, what: &str) -> Result<u64> {
     match t.storage {
@@ -121,7 +157,7 @@ pub(crate) fn cuda_in(dev: &CudaDevice, t: &TensorRef<'_>, what: &str) -> Result
 }
 
 /// Device address of an output on `dev`, checked against its allocation.
-pub(crate) fn cuda_out(dev: &CudaDevice, t: &TensorMut<'_>, what: &str) -> Result<u64> {
+fn cuda_out(dev: &CudaDevice, t: &TensorMut<'_>, what: &str) -> Result<u64> {
     match t.storage {
         Storage::Cuda { ptr, ordinal } => cuda_checked(dev, ptr, ordinal, t.dtype, t.shape, what),
         Storage::Host(_) => Err(host_on_cuda(what)),

@@ -8,7 +8,7 @@
 //! gradient is w.r.t. pred; target is a constant. A 1-channel input is
 //! replicated to 3 channels (its gradient summed back).
 
-use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
+use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
 use crate::cuda::perceptual::{PerceptualCall, ShapePlan};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
@@ -321,20 +321,7 @@ impl PerceptualLoss {
         let s = pred.shape;
         let bytes = s.bytes(pred.dtype)?;
         let (p, t) = (cuda_in(dev, pred, "pred")?, cuda_in(dev, target, "target")?);
-        let grad = match &out.grad {
-            Some(g) => {
-                let gp = cuda_out(dev, g, "gradient")?;
-                no_overlap((p, bytes), (gp, bytes), "pred and the gradient")?;
-                no_overlap((t, bytes), (gp, bytes), "target and the gradient")?;
-                Some(gp)
-            }
-            None => None,
-        };
-        let per_sample = match &out.per_sample {
-            Some(ps) => Some(cuda_out(dev, ps, "per-sample output")?),
-            None => None,
-        };
-        let loss = cuda_out(dev, &out.loss, "loss output")?;
+        let o = out.cuda_addresses(dev, &[(p, "pred"), (t, "target")], bytes)?;
         let weights = self
             .vgg
             .cuda_weights()
@@ -353,10 +340,10 @@ impl PerceptualLoss {
                 target: t + at * image_bytes,
                 dtype: pred.dtype,
                 shape: Shape::new(images, s.c, s.h, s.w),
-                grad: grad.map(|g| g + at * image_bytes),
+                grad: o.grad.map(|g| g + at * image_bytes),
                 beta: out.beta,
-                loss,
-                per_sample: per_sample.map(|ps| ps + at * 4),
+                loss: o.loss,
+                per_sample: o.per_sample.map(|ps| ps + at * 4),
             };
             self.with_shape_plan(dev, call.shape, |handle, sp| {
                 crate::cuda::perceptual::perceptual(

@@ -15,7 +15,7 @@
 //! gradient is 0. NaN or infinite inputs are not rejected: they propagate
 //! into the loss and gradient as IEEE arithmetic says, as in PyTorch.
 
-use super::{check_weight, cuda_in, cuda_out, host_in, host_scalar, no_overlap, LossOutputs};
+use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
 use crate::cpu;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -176,27 +176,16 @@ impl TvLoss {
         };
         let bytes = shape.bytes(x.dtype)?;
         let xp = cuda_in(dev, x, "x")?;
-        let grad = match &out.grad {
-            Some(g) => {
-                let gp = cuda_out(dev, g, "gradient")?;
-                no_overlap((xp, bytes), (gp, bytes), "x and the gradient")?;
-                Some(gp)
-            }
-            None => None,
-        };
-        let per_sample = match &out.per_sample {
-            Some(p) => Some(cuda_out(dev, p, "per-sample output")?),
-            None => None,
-        };
+        let o = out.cuda_addresses(dev, &[(xp, "x")], bytes)?;
         let call = TvCall {
             config: &self.config,
             shape,
             dtype: x.dtype,
             x: xp,
-            grad,
+            grad: o.grad,
             beta: out.beta,
-            loss: cuda_out(dev, &out.loss, "loss output")?,
-            per_sample,
+            loss: o.loss,
+            per_sample: o.per_sample,
         };
         crate::cuda::tv::tv(dev, &call)
     }

@@ -7,19 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "perceptual_loss.h"
-
-static int failures = 0;
-
-#define CHECK(cond, ...)                                         \
-    do {                                                         \
-        if (!(cond)) {                                           \
-            fprintf(stderr, "FAIL line %d: ", __LINE__);         \
-            fprintf(stderr, __VA_ARGS__);                        \
-            fprintf(stderr, " (last error: %s)\n", pl_last_error()); \
-            failures++;                                          \
-        }                                                        \
-    } while (0)
+#include "check.h"
 
 int main(void) {
     pl_context *ctx = NULL;

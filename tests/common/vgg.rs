@@ -2,7 +2,7 @@
 //! loops, no im2col, no GEMM), and seeded weight files for the tests.
 
 use super::Rng;
-use perceptual_loss::{Shape, VggArch};
+use perceptual_loss::{Element, LossOutputs, PerceptualLoss, Shape, TensorMut, TensorRef, VggArch};
 use safetensors::{tensor::TensorView, Dtype};
 
 /// VGG `features` channel lists (0 = 2x2 max-pool), from torchvision.
@@ -263,4 +263,76 @@ pub fn perceptual(net: &Net, spec: &Spec, pred: &[f64], target: &[f64], s: Shape
             .enumerate()
             .map(|(j, t)| t.1 * sums[j] / counts[j] as f64)
             .sum::<f64>()
+}
+
+/// A perceptual call's results, read back to the host as f64.
+pub struct Out {
+    pub loss: f64,
+    pub grad: Vec<f64>,
+    pub per_sample: Vec<f64>,
+}
+
+/// Loss, gradient and per-sample values of `loss` on its device.
+pub fn run_perceptual<T: Element>(
+    loss: &PerceptualLoss,
+    pred: &[f32],
+    target: &[f32],
+    s: Shape,
+    beta: f32,
+    old: Option<&[f32]>,
+) -> Out {
+    let conv = |v: &[f32]| v.iter().map(|&x| T::from_f64(x as f64)).collect::<Vec<T>>();
+    let nan = vec![f32::NAN; pred.len()];
+    let (p, t, g0) = (conv(pred), conv(target), conv(old.unwrap_or(&nan)));
+    let dev = loss.vgg().device();
+    match dev.cuda_stream() {
+        None => {
+            let mut g = g0;
+            let (mut value, mut per) = (f32::NAN, vec![f32::NAN; s.n]);
+            loss.compute(
+                &TensorRef::host(&p, s).unwrap(),
+                &TensorRef::host(&t, s).unwrap(),
+                LossOutputs::new(TensorMut::scalar(&mut value))
+                    .with_grad(TensorMut::host(&mut g, s).unwrap())
+                    .accumulate(beta)
+                    .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
+            )
+            .unwrap();
+            Out {
+                loss: value as f64,
+                grad: g.iter().map(|v| v.to_f64()).collect(),
+                per_sample: per.iter().map(|&v| v as f64).collect(),
+            }
+        }
+        Some(st) => {
+            let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
+            let mut gd = st.clone_htod(&g0).unwrap();
+            let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
+            let mut psd = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
+            loss.compute(
+                &TensorRef::cuda(&pd, s).unwrap(),
+                &TensorRef::cuda(&td, s).unwrap(),
+                LossOutputs::new(TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap())
+                    .with_grad(TensorMut::cuda(&mut gd, s).unwrap())
+                    .accumulate(beta)
+                    .with_per_sample(TensorMut::cuda(&mut psd, Shape::flat(s.n)).unwrap()),
+            )
+            .unwrap();
+            Out {
+                loss: st.clone_dtoh(&ld).unwrap()[0] as f64,
+                grad: st
+                    .clone_dtoh(&gd)
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_f64())
+                    .collect(),
+                per_sample: st
+                    .clone_dtoh(&psd)
+                    .unwrap()
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect(),
+            }
+        }
+    }
 }
