@@ -12,12 +12,13 @@
 #include <stdint.h>
 
 /**
- * An opaque compute context: one device and one stream.
+ * An opaque compute context: one device and its current stream.
  */
 typedef struct pl_context pl_context;
 
 /**
- * A perceptual loss; it keeps its VGG alive.
+ * A perceptual loss; it keeps its VGG alive and runs on its context's
+ * current stream.
  */
 typedef struct pl_perceptual pl_perceptual;
 
@@ -413,6 +414,28 @@ pl_status pl_perceptual_loss(struct pl_perceptual *loss,
                              int64_t w,
                              float *loss_out,
                              void *grad_out);
+
+/**
+ * Makes `cuda_stream` (a `CUstream` / `cudaStream_t` of the context's
+ * device, or NULL for the legacy default stream) the stream all later
+ * calls through this context and the handles made from it are queued on,
+ * for example PyTorch's current stream. Work already queued stays on its
+ * stream. A CPU context accepts only NULL.
+ *
+ * # Safety
+ * `ctx` must be a live context; the stream must outlive its use.
+ */
+pl_status pl_context_set_stream(struct pl_context *ctx, void *cuda_stream);
+
+/**
+ * Writes seeded stand-in VGG weights (He-uniform, zero biases; the same
+ * for the same seed) to a safetensors file at `path`, for demos and tests
+ * on machines without the pretrained weights.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string.
+ */
+pl_status pl_seeded_weights_write(const char *path, pl_vgg_arch arch, uint64_t seed);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,9 +22,10 @@ use crate::vgg::{Pooling, Vgg, VggArch, WeightsSource};
 use crate::Device;
 use half::{bf16, f16};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Result of every call: `PL_OK` (0) or an error code.
 pub type pl_status = i32;
@@ -147,16 +148,44 @@ pub struct pl_perceptual_config {
 /// Resident VGG weights on one context's device.
 pub struct pl_vgg {
     vgg: Arc<Vgg>,
+    streams: Arc<Streams>,
 }
 
-/// A perceptual loss; it keeps its VGG alive.
+/// A perceptual loss; it keeps its VGG alive and runs on its context's
+/// current stream.
 pub struct pl_perceptual {
     loss: PerceptualLoss,
+    streams: Arc<Streams>,
 }
 
-/// An opaque compute context: one device and one stream.
+/// An opaque compute context: one device and its current stream.
 pub struct pl_context {
-    device: Device,
+    streams: Arc<Streams>,
+}
+
+/// A context's device on its current stream, shared with the handles made
+/// from it, and one `Device` per stream seen so that switching back and
+/// forth reuses their scratch memory and cuDNN handles.
+struct Streams {
+    current: RwLock<Device>,
+    seen: Mutex<HashMap<usize, Device>>,
+}
+
+impl Streams {
+    fn new(device: Device, stream: *mut c_void) -> Arc<Self> {
+        let seen = Mutex::new(HashMap::from([(stream as usize, device.clone())]));
+        Arc::new(Streams {
+            current: RwLock::new(device),
+            seen,
+        })
+    }
+
+    fn current(&self) -> Result<Device, Error> {
+        self.current
+            .read()
+            .map(|d| d.clone())
+            .map_err(|_| Error::Internal("a lock was poisoned".into()))
+    }
 }
 
 thread_local! {
@@ -394,7 +423,9 @@ pub unsafe extern "C" fn pl_context_create(
             }
             _ => return Err(Error::arg(format!("unknown pl_device_kind {kind}"))),
         };
-        *out = Box::into_raw(Box::new(pl_context { device }));
+        *out = Box::into_raw(Box::new(pl_context {
+            streams: Streams::new(device, cuda_stream),
+        }));
         Ok(())
     })
 }
@@ -419,7 +450,7 @@ pub unsafe extern "C" fn pl_context_destroy(ctx: *mut pl_context) {
 pub unsafe extern "C" fn pl_context_synchronize(ctx: *mut pl_context) -> pl_status {
     guard(|| {
         non_null(ctx, "ctx")?;
-        (*ctx).device.synchronize()
+        (*ctx).streams.current()?.synchronize()
     })
 }
 
@@ -453,10 +484,18 @@ pub unsafe extern "C" fn pl_tv_loss(
         let dtype = dtype_of(dtype)?;
         let shape = shape_of(n, c, h, w)?;
         let tv = TvLoss::new(tv_config(variant, weight)?)?;
-        let device = &(*ctx).device;
+        let device = &(*ctx).streams.current()?;
         let args = call_args(device, &[(x, "x")], dtype, shape, loss_out, grad_out)?;
         tv.compute(device, &args.inputs[0], args.outputs)
     })
+}
+
+fn vgg_arch(arch: pl_vgg_arch) -> Result<VggArch, Error> {
+    match arch {
+        PL_VGG16 => Ok(VggArch::Vgg16),
+        PL_VGG19 => Ok(VggArch::Vgg19),
+        _ => Err(Error::arg(format!("unknown pl_vgg_arch {arch}"))),
+    }
 }
 
 /// Converts a C config (NULL = all defaults) into the Rust one.
@@ -534,21 +573,18 @@ pub unsafe extern "C" fn pl_vgg_load(
         non_null(ctx, "ctx")?;
         non_null(safetensors_path, "safetensors_path")?;
         non_null(out, "out")?;
-        let arch = match arch {
-            PL_VGG16 => VggArch::Vgg16,
-            PL_VGG19 => VggArch::Vgg19,
-            _ => return Err(Error::arg(format!("unknown pl_vgg_arch {arch}"))),
-        };
+        let arch = vgg_arch(arch)?;
         let path = CStr::from_ptr(safetensors_path)
             .to_str()
             .map_err(|_| Error::arg("safetensors_path is not UTF-8"))?;
+        let streams = (*ctx).streams.clone();
         let vgg = Vgg::load(
-            &(*ctx).device,
+            &streams.current()?,
             WeightsSource::Path(path.as_ref()),
             arch,
             dtype_of(compute)?,
         )?;
-        *out = Box::into_raw(Box::new(pl_vgg { vgg }));
+        *out = Box::into_raw(Box::new(pl_vgg { vgg, streams }));
         Ok(())
     })
 }
@@ -579,7 +615,8 @@ pub unsafe extern "C" fn pl_perceptual_create(
         non_null(vgg, "vgg")?;
         non_null(out, "out")?;
         let loss = PerceptualLoss::new((*vgg).vgg.clone(), &perceptual_config(config)?)?;
-        *out = Box::into_raw(Box::new(pl_perceptual { loss }));
+        let streams = (*vgg).streams.clone();
+        *out = Box::into_raw(Box::new(pl_perceptual { loss, streams }));
         Ok(())
     })
 }
@@ -621,15 +658,75 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         let dtype = dtype_of(dtype)?;
         let shape = shape_of(n, c, h, w)?;
         let perceptual = &(*loss).loss;
-        let device = perceptual.vgg().device();
+        let device = (*loss).streams.current()?;
         let args = call_args(
-            device,
+            &device,
             &[(pred, "pred"), (target, "target")],
             dtype,
             shape,
             loss_out,
             grad_out,
         )?;
-        perceptual.compute(&args.inputs[0], &args.inputs[1], args.outputs)
+        perceptual.compute_on(&device, &args.inputs[0], &args.inputs[1], args.outputs)
+    })
+}
+
+/// Makes `cuda_stream` (a `CUstream` / `cudaStream_t` of the context's
+/// device, or NULL for the legacy default stream) the stream all later
+/// calls through this context and the handles made from it are queued on,
+/// for example PyTorch's current stream. Work already queued stays on its
+/// stream. A CPU context accepts only NULL.
+///
+/// # Safety
+/// `ctx` must be a live context; the stream must outlive its use.
+#[no_mangle]
+pub unsafe extern "C" fn pl_context_set_stream(
+    ctx: *mut pl_context,
+    cuda_stream: *mut c_void,
+) -> pl_status {
+    guard(|| {
+        non_null(ctx, "ctx")?;
+        let streams = &(*ctx).streams;
+        let poisoned = || Error::Internal("a lock was poisoned".into());
+        let current = streams.current()?;
+        let Some(ordinal) = current.ordinal() else {
+            return match cuda_stream.is_null() {
+                true => Ok(()),
+                false => Err(Error::arg("a CPU context has no CUDA stream")),
+            };
+        };
+        let mut seen = streams.seen.lock().map_err(|_| poisoned())?;
+        let device = match seen.get(&(cuda_stream as usize)) {
+            Some(d) => d.clone(),
+            None => {
+                let d = Device::cuda_on_stream(ordinal, cuda_stream.cast())?;
+                seen.insert(cuda_stream as usize, d.clone());
+                d
+            }
+        };
+        *streams.current.write().map_err(|_| poisoned())? = device;
+        Ok(())
+    })
+}
+
+/// Writes seeded stand-in VGG weights (He-uniform, zero biases; the same
+/// for the same seed) to a safetensors file at `path`, for demos and tests
+/// on machines without the pretrained weights.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn pl_seeded_weights_write(
+    path: *const c_char,
+    arch: pl_vgg_arch,
+    seed: u64,
+) -> pl_status {
+    guard(|| {
+        non_null(path, "path")?;
+        let path = CStr::from_ptr(path)
+            .to_str()
+            .map_err(|_| Error::arg("path is not UTF-8"))?;
+        let bytes = crate::vgg::seeded_safetensors(vgg_arch(arch)?, seed)?;
+        std::fs::write(path, bytes).map_err(|e| Error::Io(format!("writing {path}: {e}")))
     })
 }

@@ -284,3 +284,69 @@ fn cuda_context_without_a_device_is_a_clean_error() {
         last_error()
     );
 }
+
+#[test]
+fn seeded_weights_and_streams_through_the_c_abi() {
+    use std::ffi::CString;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/c-abi");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = CString::new(dir.join("seeded-vgg19.safetensors").to_str().unwrap()).unwrap();
+    unsafe {
+        assert_eq!(
+            pl_seeded_weights_write(path.as_ptr(), PL_VGG19, 7),
+            PL_OK,
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            pl_seeded_weights_write(path.as_ptr(), 5, 7),
+            PL_ERR_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            pl_seeded_weights_write(std::ptr::null(), PL_VGG16, 7),
+            PL_ERR_INVALID_ARGUMENT
+        );
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(
+            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
+            PL_OK
+        );
+        // A CPU context has no stream but NULL.
+        assert_eq!(pl_context_set_stream(ctx, std::ptr::null_mut()), PL_OK);
+        assert_eq!(
+            pl_context_set_stream(ctx, 8 as *mut _),
+            PL_ERR_INVALID_ARGUMENT
+        );
+        let mut vgg = std::ptr::null_mut();
+        assert_eq!(
+            pl_vgg_load(ctx, path.as_ptr(), PL_VGG19, PL_F32, &mut vgg),
+            PL_OK,
+            "{}",
+            last_error()
+        );
+        let mut loss = std::ptr::null_mut();
+        assert_eq!(
+            pl_perceptual_create(vgg, std::ptr::null(), &mut loss),
+            PL_OK
+        );
+        let x = vec![0.5f32; 3 * 8 * 8];
+        let mut value = f32::NAN;
+        let st = pl_perceptual_loss(
+            loss,
+            x.as_ptr().cast(),
+            x.as_ptr().cast(),
+            PL_F32,
+            1,
+            3,
+            8,
+            8,
+            &mut value,
+            std::ptr::null_mut(),
+        );
+        assert_eq!(st, PL_OK, "{}", last_error());
+        assert_eq!(value, 0.0, "identical inputs");
+        pl_perceptual_destroy(loss);
+        pl_vgg_destroy(vgg);
+        pl_context_destroy(ctx);
+    }
+}

@@ -300,3 +300,52 @@ fn chunked_batches_give_the_same_loss_with_less_memory() {
         "chunk footprint {fb} should be below the whole batch's {fa}"
     );
 }
+
+#[test]
+fn one_loss_on_two_streams() {
+    let Some(dev) = gpu() else { return };
+    let (cpu, cuda) = losses(
+        &dev,
+        VggArch::Vgg16,
+        &PerceptualConfig::default(),
+        DType::F32,
+        63,
+    );
+    let other = Device::cuda(0).unwrap(); // a second stream of the same GPU
+    let s = Shape::new(1, 3, 16, 16);
+    let mut rng = Rng::new(64);
+    let (p, t) = (rng.vec(768, 0.0, 1.0), rng.vec(768, 0.0, 1.0));
+    let st = other.cuda_stream().unwrap();
+    let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
+    let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
+    cuda.compute_on(
+        &other,
+        &TensorRef::cuda(&pd, s).unwrap(),
+        &TensorRef::cuda(&td, s).unwrap(),
+        perceptual_loss::LossOutputs::new(
+            perceptual_loss::TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap(),
+        ),
+    )
+    .unwrap();
+    let got = st.clone_dtoh(&ld).unwrap()[0];
+    let want = cpu
+        .value(
+            &TensorRef::host(&p, s).unwrap(),
+            &TensorRef::host(&t, s).unwrap(),
+        )
+        .unwrap();
+    assert_rel(got as f64, want as f64, 1e-4, "loss on a second stream");
+    // The CPU is not the network's device.
+    let e = cuda
+        .compute_on(
+            &Device::cpu(),
+            &TensorRef::host(&p, s).unwrap(),
+            &TensorRef::host(&t, s).unwrap(),
+            perceptual_loss::LossOutputs::new(perceptual_loss::TensorMut::scalar(&mut 0.0)),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e, perceptual_loss::Error::DeviceMismatch(_)),
+        "{e}"
+    );
+}

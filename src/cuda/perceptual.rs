@@ -101,6 +101,10 @@ pub(crate) fn upload(
     Ok(DeviceWeights { convs: out, dtype })
 }
 
+fn stream_id(dev: &CudaDevice) -> usize {
+    dev.stream().cu_stream() as usize
+}
+
 fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
     s.device_ptr(dev.stream()).0
 }
@@ -132,7 +136,8 @@ fn module_dims(layers: &[Layer], s: Shape) -> Vec<(usize, usize, usize)> {
 
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
-    key: (Shape, DType, bool),
+    /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
+    key: (Shape, DType, bool, usize),
     convs: Vec<Option<ConvPlan>>,
     act: [CudaSlice<u8>; 2],
     grad: [CudaSlice<u8>; 2],
@@ -145,8 +150,8 @@ pub(crate) struct ShapePlan {
 }
 
 impl ShapePlan {
-    pub(crate) fn matches(&self, s: Shape, dtype: DType, tf32: bool) -> bool {
-        self.key == (s, dtype, tf32)
+    pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
+        self.key == (s, dtype, tf32, stream_id(dev))
     }
 
     pub(crate) fn new(
@@ -219,7 +224,7 @@ impl ShapePlan {
         }
         let workspace = buffer(workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
-            key: (s, compute, plan.tf32),
+            key: (s, compute, plan.tf32, stream_id(dev)),
             convs,
             act,
             grad,

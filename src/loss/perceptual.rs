@@ -11,6 +11,7 @@
 use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
 use crate::cuda::perceptual::{PerceptualCall, ShapePlan};
 use crate::device::CudaDevice;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::loss::feature::Criterion;
 use crate::tensor::{DType, Element, Shape, TensorRef};
@@ -224,8 +225,28 @@ impl PerceptualLoss {
         &self,
         pred: &TensorRef<'_>,
         target: &TensorRef<'_>,
+        out: LossOutputs<'_>,
+    ) -> Result<()> {
+        self.compute_on(self.vgg.device(), pred, target, out)
+    }
+
+    /// [`compute`](Self::compute) on another stream of the network's
+    /// device (`device` must be the same GPU, or the CPU for a CPU
+    /// network). Each stream gets its own buffers, so streams never share
+    /// scratch memory.
+    pub fn compute_on(
+        &self,
+        device: &Device,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
         mut out: LossOutputs<'_>,
     ) -> Result<()> {
+        if device.ordinal() != self.vgg.device().ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "the network lives on {:?}, the call asks for {device:?}",
+                self.vgg.device()
+            )));
+        }
         let s = pred.shape;
         if target.shape != s || target.dtype != pred.dtype {
             return Err(Error::arg(format!(
@@ -244,7 +265,7 @@ impl PerceptualLoss {
         }
         self.check_size(s)?;
         out.validate(pred.dtype, s, s.n)?;
-        if let Some(dev) = self.vgg.device().cuda_device() {
+        if let Some(dev) = device.cuda_device() {
             return self.cuda(dev, pred, target, &out);
         }
         match pred.dtype {
@@ -292,7 +313,7 @@ impl PerceptualLoss {
             let compute = self.vgg.compute_dtype();
             let k = match plans
                 .iter()
-                .position(|p| p.matches(shape, compute, self.plan.tf32))
+                .position(|p| p.matches(dev, shape, compute, self.plan.tf32))
             {
                 Some(k) => k,
                 None => {
