@@ -30,8 +30,13 @@ for line in sys.stdin:
 cargo test --release --no-run --message-format=json | collect
 cargo bench --bench tv --bench perceptual --no-run --message-format=json | collect
 cargo build --release --examples --message-format=json | collect
-# The C ABI test compiles C against this checkout: it stays a CPU-only test.
-rm -f "$bundle/bin/test-c_abi"
+# The C ABI and Python runner tests build against this checkout: they stay
+# CPU-only tests; the Python package runs there directly, torch included.
+rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python"
+cargo build --release --lib
+mkdir -p "$bundle/lib"
+cp target/release/libperceptual_loss.so "$bundle/lib/"
+cp -r bindings/python "$bundle/python"
 cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py "$bundle/"
 
 cat >"$bundle/run.sh" <<'RUN'
@@ -49,6 +54,11 @@ for t in bin/lib-perceptual_loss bin/test-*; do
     summary+=("| ${t#bin/} | $verdict | ${line#test result: } | $(( ($(date +%s%N) - start) / 1000000 )) ms |")
     [ $verdict = pass ] || { echo "=== $t failed:"; grep -vE '^test .* ok$' "$t.log" | tail -60; }
 done
+echo "=== Python package (NumPy and PyTorch paths)"
+if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" python3 -m pytest -q -p no:cacheprovider python/tests >python.log 2>&1; then
+    verdict=pass; else verdict=FAIL; fi
+tail -15 python.log
+summary+=("| python (pytest) | $verdict | $(tail -1 python.log) | |")
 echo "=== example"
 ./bin/example-losses 2>&1 | tail -12
 echo "=== PyTorch parity (float64 torchvision + autograd vs the crate)"

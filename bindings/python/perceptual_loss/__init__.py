@@ -1,0 +1,221 @@
+"""perceptual-loss from Python: total-variation, feature and VGG perceptual
+losses with gradients, over the library's C ABI.
+
+NumPy arrays (and CPU tensors) run on the CPU backend; CUDA tensors run on
+their GPU, on PyTorch's current stream, without copies. The PyTorch
+modules live in `perceptual_loss.torch` (imported on demand).
+
+    import numpy as np, perceptual_loss as pl
+    loss, grad = pl.tv_loss(np.random.rand(2, 3, 64, 64).astype(np.float32))
+"""
+import ctypes
+
+import numpy as np
+
+from . import _lib
+
+__all__ = ["Error", "Context", "Vgg", "Perceptual", "tv_loss", "write_seeded_weights", "version", "TVLoss", "PerceptualLoss"]
+
+
+def __getattr__(name):
+    # The PyTorch modules import torch only when asked for.
+    if name in ("TVLoss", "PerceptualLoss"):
+        from . import torch_modules
+
+        return getattr(torch_modules, name)
+    raise AttributeError(name)
+
+TV_VARIANTS = {
+    "article": 0, "l1": 1, "l1_sum": 2, "l2_squared": 3, "l2_squared_sum": 4,
+    "l2": 5, "l2_sum": 6, "isotropic": 7, "isotropic_sum": 8,
+}
+DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+ARCHS = {"vgg16": 0, "vgg19": 1}
+CRITERIA = {"mse": 0, "mae": 1}
+NORMS = {"none": 0, "imagenet": 1, "imagenet_from_pm1": 2}
+POOLINGS = {"max": 0, "avg": 1}
+
+
+class Error(RuntimeError):
+    """A failed library call; the message is the library's."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+def _check(status):
+    if status != 0:
+        raise Error(status, _lib.pl_last_error().decode("utf-8", "replace"))
+
+
+def _choice(table, value, what):
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"unknown {what} {value!r}; one of {sorted(table)}") from None
+
+
+def version():
+    """The library version."""
+    return _lib.pl_version().decode()
+
+
+class Context:
+    """A device and its current stream: `Context("cpu")`, or
+    `Context("cuda", ordinal, stream)` with a `cudaStream_t` as an int
+    (0 = the default stream)."""
+
+    def __init__(self, kind="cpu", ordinal=0, stream=0):
+        kinds = {"cpu": 0, "cuda": 1}
+        handle = ctypes.c_void_p()
+        _check(_lib.pl_context_create(_choice(kinds, kind, "device kind"), ordinal, ctypes.c_void_p(stream or None), ctypes.byref(handle)))
+        self.kind, self.ordinal, self._handle = kind, ordinal, handle
+
+    def set_stream(self, stream):
+        """Queues later calls on `stream` (a `cudaStream_t` as an int)."""
+        _check(_lib.pl_context_set_stream(self._handle, ctypes.c_void_p(stream or None)))
+
+    def synchronize(self):
+        _check(_lib.pl_context_synchronize(self._handle))
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _lib.pl_context_destroy(self._handle)
+            self._handle = None
+
+
+_cpu = None
+
+
+def _cpu_context():
+    global _cpu
+    if _cpu is None:
+        _cpu = Context("cpu")
+    return _cpu
+
+
+def _as_image_batch(x, name):
+    """A C-contiguous float32/float16 NCHW array, or a clear error."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"{name} must be N x C x H x W, got shape {x.shape}")
+    if x.dtype.name not in ("float32", "float16"):
+        raise TypeError(f"{name} must be float32 or float16, got {x.dtype}")
+    if not x.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"{name} must be C-contiguous (use np.ascontiguousarray)")
+    return x
+
+
+def tv_loss(x, variant="article", weight=1.0, grad=True):
+    """Total-variation loss of a NumPy batch on the CPU. Returns
+    (loss, dL/dx or None); variants as in the README ("article", "l1",
+    "l1_sum", "l2_squared", "l2", "isotropic", ... with "_sum" for a sum
+    over the batch)."""
+    x = _as_image_batch(x, "x")
+    g = np.empty_like(x) if grad else None
+    loss = np.zeros(1, np.float32)
+    _check(
+        _lib.pl_tv_loss(
+            _cpu_context()._handle, x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
+            _choice(TV_VARIANTS, variant, "TV variant"), weight,
+            loss.ctypes.data, None if g is None else g.ctypes.data,
+        )
+    )
+    return float(loss[0]), g
+
+
+def write_seeded_weights(path, arch="vgg16", seed=0):
+    """Writes deterministic stand-in VGG weights (for demos and tests; real
+    runs use weights exported with scripts/export_vgg.py)."""
+    _check(_lib.pl_seeded_weights_write(str(path).encode(), _choice(ARCHS, arch, "arch"), seed))
+
+
+class Vgg:
+    """VGG `features` weights from a safetensors file, resident on the
+    context's device; shared by any number of `Perceptual` losses."""
+
+    def __init__(self, path, arch="vgg16", compute="float32", context=None):
+        self.context = context or _cpu_context()
+        handle = ctypes.c_void_p()
+        _check(
+            _lib.pl_vgg_load(
+                self.context._handle, str(path).encode(), _choice(ARCHS, arch, "arch"),
+                _choice(DTYPES, compute, "compute dtype"), ctypes.byref(handle),
+            )
+        )
+        self.arch, self._handle = arch, handle
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _lib.pl_vgg_destroy(self._handle)
+            self._handle = None
+
+
+class Perceptual:
+    """A perceptual loss over `vgg`. Defaults are the article's: taps
+    relu1_2, relu2_2, relu3_3, relu4_3, MSE, unit weights, no input
+    normalisation. `taps` are indices or names ("relu3_3", "conv5_4")."""
+
+    def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
+                 weight=1.0, allow_tf32=False, max_chunk_images=0):
+        cfg = _lib.PerceptualConfig()
+        keep = []  # arrays the config points into, alive until create returns
+        if taps:
+            if all(isinstance(t, str) for t in taps):
+                names = (ctypes.c_char_p * len(taps))(*[t.encode() for t in taps])
+                keep.append(names)
+                cfg.tap_names = ctypes.cast(names, ctypes.POINTER(ctypes.c_char_p))
+            elif all(isinstance(t, int) for t in taps):
+                idx = (ctypes.c_int32 * len(taps))(*taps)
+                keep.append(idx)
+                cfg.taps = ctypes.cast(idx, ctypes.POINTER(ctypes.c_int32))
+            else:
+                raise TypeError("taps must be all indices or all names")
+            cfg.num_taps = len(taps)
+        if tap_weights is not None:
+            # The C struct has one count for both arrays: check it here.
+            if taps and len(tap_weights) != len(taps):
+                raise ValueError(f"{len(taps)} taps but {len(tap_weights)} tap weights")
+            if not taps and len(tap_weights) != 4:
+                raise ValueError(f"the 4 default taps but {len(tap_weights)} tap weights")
+            w = (ctypes.c_float * len(tap_weights))(*tap_weights)
+            keep.append(w)
+            cfg.tap_weights = ctypes.cast(w, ctypes.POINTER(ctypes.c_float))
+            if not taps:  # weights for the default taps
+                idx = (ctypes.c_int32 * 4)(3, 8, 15, 22)
+                keep.append(idx)
+                cfg.taps = ctypes.cast(idx, ctypes.POINTER(ctypes.c_int32))
+                cfg.num_taps = 4
+        cfg.criterion = _choice(CRITERIA, criterion, "criterion")
+        cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
+        cfg.pooling = _choice(POOLINGS, pooling, "pooling")
+        if weight == 0:
+            raise ValueError("weight 0 would mean the default (1) in the C ABI; drop the loss instead")
+        cfg.weight = weight
+        cfg.allow_tf32 = int(bool(allow_tf32))
+        cfg.max_chunk_images = max_chunk_images
+        handle = ctypes.c_void_p()
+        _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
+        self.vgg, self._handle = vgg, handle
+
+    def raw(self, pred_ptr, target_ptr, dtype, shape, loss_ptr, grad_ptr):
+        """The C call on raw addresses (device addresses for a CUDA context)."""
+        _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, loss_ptr, grad_ptr))
+
+    def __call__(self, pred, target, grad=True):
+        """Loss and dL/dpred of NumPy batches (CPU networks only)."""
+        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
+        if pred.shape != target.shape or pred.dtype != target.dtype:
+            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        g = np.empty_like(pred) if grad else None
+        loss = np.zeros(1, np.float32)
+        self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, loss.ctypes.data,
+                 None if g is None else g.ctypes.data)
+        return float(loss[0]), g
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _lib.pl_perceptual_destroy(self._handle)
+            self._handle = None

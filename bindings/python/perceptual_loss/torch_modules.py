@@ -1,0 +1,107 @@
+"""PyTorch modules over the C ABI: the forward runs on the tensors' own
+memory (CUDA tensors on their GPU and PyTorch's current stream; CPU tensors
+on the CPU backend), computes the gradient in the same pass and keeps it
+for backward, which scales it by the incoming gradient. No copies."""
+import ctypes
+
+import torch
+
+from . import Context, DTYPES, Perceptual, TV_VARIANTS, Vgg, _check, _choice, _lib
+
+_TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_contexts = {}
+
+
+def _context(device):
+    """One context per device, on PyTorch's current stream of that device."""
+    key = (device.type, device.index)
+    if key not in _contexts:
+        _contexts[key] = Context("cpu") if device.type == "cpu" else Context("cuda", device.index or 0)
+    ctx = _contexts[key]
+    if device.type == "cuda":
+        ctx.set_stream(torch.cuda.current_stream(device).cuda_stream)
+    return ctx
+
+
+def _check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be N x C x H x W, got shape {tuple(x.shape)}")
+    if x.dtype not in _TORCH_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous NCHW (call .contiguous())")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {x.device}; CPU and CUDA tensors are supported")
+
+
+class _LossFunction(torch.autograd.Function):
+    """forward(run, x, *others) -> loss; `run(loss_out, grad_out)` fills both."""
+
+    @staticmethod
+    def forward(ctx, run, x, *others):
+        loss = torch.empty(1, dtype=torch.float32, device=x.device)
+        grad = torch.empty_like(x) if x.requires_grad else None
+        run(loss.data_ptr(), None if grad is None else grad.data_ptr())
+        ctx.save_for_backward(grad)
+        return loss.reshape(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        scaled = None if grad is None else grad * grad_output.to(grad.dtype)
+        # No gradient for `run` or the constant inputs (the target).
+        return (None, scaled) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class TVLoss(torch.nn.Module):
+    """Total-variation loss; `variant` as in `perceptual_loss.tv_loss`."""
+
+    def __init__(self, variant="article", weight=1.0):
+        super().__init__()
+        self.variant = _choice(TV_VARIANTS, variant, "TV variant")
+        self.weight = float(weight)
+
+    def forward(self, x):
+        _check_tensor(x, "x")
+        ctx = _context(x.device)
+
+        def run(loss_ptr, grad_ptr):
+            _check(_lib.pl_tv_loss(ctx._handle, x.data_ptr(), DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, self.variant,
+                                   self.weight, loss_ptr, grad_ptr))
+
+        return _LossFunction.apply(run, x)
+
+
+class PerceptualLoss(torch.nn.Module):
+    """VGG perceptual loss of `pred` against a constant `target`. Weights
+    come from a safetensors file (scripts/export_vgg.py) and are loaded once
+    per device, on first use there. Options as in `perceptual_loss.Perceptual`."""
+
+    def __init__(self, weights, arch="vgg16", compute="float32", **options):
+        super().__init__()
+        self.weights, self.arch, self.compute, self.options = str(weights), arch, compute, options
+        self._losses = {}
+
+    def _loss(self, device):
+        key = (device.type, device.index)
+        if key not in self._losses:
+            ctx = _context(device)
+            self._losses[key] = Perceptual(Vgg(self.weights, self.arch, self.compute, context=ctx), **self.options)
+        _context(device)  # follow the current stream
+        return self._losses[key]
+
+    def forward(self, pred, target):
+        _check_tensor(pred, "pred")
+        _check_tensor(target, "target")
+        if pred.shape != target.shape or pred.dtype != target.dtype or pred.device != target.device:
+            raise ValueError(f"pred and target differ: {pred.dtype}{tuple(pred.shape)}@{pred.device} vs "
+                             f"{target.dtype}{tuple(target.shape)}@{target.device}")
+        loss = self._loss(pred.device)
+        target = target.detach()
+
+        def run(loss_ptr, grad_ptr):
+            loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), loss_ptr, grad_ptr)
+
+        return _LossFunction.apply(run, pred, target)

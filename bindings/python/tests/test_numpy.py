@@ -1,0 +1,169 @@
+"""The NumPy/CPU path of the Python package, against hand-derived values,
+NumPy formulas written from the definitions, and finite differences."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import perceptual_loss as pl
+
+EXAMPLE = np.array([1, 2, 4, 7, 11, 16, 22, 29, 37], np.float32).reshape(1, 1, 3, 3)
+
+
+def tv_reference(x, variant):
+    """TV of float64 x, as DESIGN.md / ANCHORS.md define it."""
+    n, c, h, w = x.shape
+    dh = x[:, :, 1:, :] - x[:, :, :-1, :]
+    dw = x[:, :, :, 1:] - x[:, :, :, :-1]
+    if variant == "article":
+        return 2 * ((dh**2).sum() / (c * (h - 1) * w) + (dw**2).sum() / (c * h * (w - 1))) / n
+    per_image = {
+        "l1": lambda: np.abs(dh).sum((1, 2, 3)) + np.abs(dw).sum((1, 2, 3)),
+        "l2_squared": lambda: (dh**2).sum((1, 2, 3)) + (dw**2).sum((1, 2, 3)),
+        "l2": lambda: np.sqrt((dh**2).sum((1, 2, 3)) + (dw**2).sum((1, 2, 3))),
+        "isotropic": lambda: np.sqrt(dh[:, :, :, :-1] ** 2 + dw[:, :, :-1, :] ** 2).sum((1, 2, 3)),
+    }[variant.removesuffix("_sum")]()
+    return per_image.sum() if variant.endswith("_sum") else per_image.mean()
+
+
+def test_article_hand_derived():
+    loss, grad = pl.tv_loss(EXAMPLE)
+    assert loss == 470.0  # 2 * (1251 / 6 + 159 / 6)
+    assert grad[0, 0, 0, 0] == pytest.approx(-7 * 4 / 6)
+
+
+@pytest.mark.parametrize("variant", ["article", "l1", "l1_sum", "l2_squared", "l2_squared_sum", "l2", "l2_sum", "isotropic", "isotropic_sum"])
+def test_tv_variants_match_formula_and_finite_differences(variant):
+    rng = np.random.default_rng(1)
+    x = rng.uniform(-1, 1, (2, 3, 5, 7)).astype(np.float32)
+    loss, grad = pl.tv_loss(x, variant, weight=1.5)
+    x64 = x.astype(np.float64)
+    assert loss == pytest.approx(1.5 * tv_reference(x64, variant), rel=1e-6)
+    for idx in [(0, 0, 0, 0), (1, 2, 4, 6), (0, 1, 2, 3), (1, 0, 3, 1)]:
+        step = np.zeros_like(x64)
+        step[idx] = 1e-6
+        fd = 1.5 * (tv_reference(x64 + step, variant) - tv_reference(x64 - step, variant)) / 2e-6
+        assert grad[idx] == pytest.approx(fd, rel=1e-4, abs=1e-5)
+
+
+def test_float16_and_loss_only():
+    x = np.random.default_rng(2).uniform(0, 1, (1, 3, 8, 8)).astype(np.float16)
+    loss, grad = pl.tv_loss(x, "l1", grad=False)
+    assert grad is None
+    assert loss == pytest.approx(tv_reference(x.astype(np.float64), "l1"), rel=1e-6)
+
+
+def test_bad_inputs_raise_with_the_library_message():
+    with pytest.raises(pl.Error, match="H-1") as e:
+        pl.tv_loss(np.zeros((1, 1, 1, 8), np.float32))
+    assert e.value.status == 2
+    with pytest.raises(ValueError, match="contiguous"):
+        pl.tv_loss(np.zeros((1, 1, 8, 8), np.float32)[:, :, :, ::2])
+    with pytest.raises(TypeError, match="float32 or float16"):
+        pl.tv_loss(np.zeros((1, 1, 8, 8), np.int32))
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        pl.tv_loss(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match="unknown TV variant"):
+        pl.tv_loss(EXAMPLE, "tv9")
+
+
+def read_safetensors(path):
+    """Float32 tensors of a safetensors file, parsed by hand (format: an
+    8-byte little-endian header length, a JSON header, then the data)."""
+    raw = open(path, "rb").read()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + size])
+    data = raw[8 + size :]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        assert info["dtype"] == "F32"
+        out[name] = np.frombuffer(data[begin:end], np.float32).reshape(info["shape"]).astype(np.float64)
+    return out
+
+
+def vgg16_features(weights, x, last):
+    """Outputs of VGG16 `features` modules 0..last for one C x H x W image."""
+    cfg = [64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0]
+    outs, index = [], 0
+    for c in cfg:
+        if index > last:
+            break
+        if c == 0:
+            h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+            x = x[:, :h, :w].reshape(x.shape[0], h // 2, 2, w // 2, 2).max((2, 4))
+            outs.append(x)
+            index += 1
+            continue
+        k, b = weights[f"features.{index}.weight"], weights[f"features.{index}.bias"]
+        p = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+        win = np.stack([p[:, dy : dy + x.shape[1], dx : dx + x.shape[2]] for dy in range(3) for dx in range(3)], 1)
+        x = np.einsum("ock,ckhw->ohw", k.reshape(k.shape[0], k.shape[1], 9), win) + b[:, None, None]
+        outs.append(x)
+        x = np.maximum(x, 0)
+        outs.append(x)
+        index += 2
+    return outs
+
+
+def perceptual_reference(weights, pred, target, taps, tap_weights):
+    total = 0.0
+    for j, tap in enumerate(taps):
+        sq, count = 0.0, 0
+        for n in range(pred.shape[0]):
+            fp = vgg16_features(weights, pred[n], tap)[tap]
+            ft = vgg16_features(weights, target[n], tap)[tap]
+            sq += ((fp - ft) ** 2).sum()
+            count += fp.size
+        total += tap_weights[j] * sq / count
+    return total
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "vgg16.safetensors"
+    pl.write_seeded_weights(path, "vgg16", seed=3)
+    return path
+
+
+def test_perceptual_matches_numpy_vgg_and_finite_differences(seeded):
+    weights = read_safetensors(seeded)
+    vgg = pl.Vgg(seeded)
+    taps, tap_weights = [3, 8], [1.0, 2.0]
+    loss = pl.Perceptual(vgg, taps=taps, tap_weights=tap_weights)
+    rng = np.random.default_rng(4)
+    pred = rng.uniform(0, 1, (2, 3, 10, 12)).astype(np.float32)
+    target = rng.uniform(0, 1, (2, 3, 10, 12)).astype(np.float32)
+    value, grad = loss(pred, target)
+    p64, t64 = pred.astype(np.float64), target.astype(np.float64)
+    assert value == pytest.approx(perceptual_reference(weights, p64, t64, taps, tap_weights), rel=2e-5)
+    for idx in [(0, 0, 0, 0), (1, 2, 9, 11), (0, 1, 5, 6)]:
+        step = np.zeros_like(p64)
+        step[idx] = 1e-6
+        up = perceptual_reference(weights, p64 + step, t64, taps, tap_weights)
+        down = perceptual_reference(weights, p64 - step, t64, taps, tap_weights)
+        assert grad[idx] == pytest.approx((up - down) / 2e-6, rel=2e-3, abs=1e-6)
+
+
+def test_perceptual_defaults_names_and_errors(seeded):
+    vgg = pl.Vgg(seeded)
+    x = np.random.default_rng(5).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)
+    value, grad = pl.Perceptual(vgg)(x, x)
+    assert value == 0.0 and not grad.any()
+    named = pl.Perceptual(vgg, taps=["relu1_2", "relu2_2"], criterion="mae", input_norm="imagenet")
+    value, _ = named(x, np.ascontiguousarray(x[:, ::-1]))
+    assert value > 0
+    with pytest.raises(pl.Error, match="relu9_9"):
+        pl.Perceptual(vgg, taps=["relu9_9"])
+    with pytest.raises(ValueError, match="tap weights"):
+        pl.Perceptual(vgg, taps=[3, 8], tap_weights=[1.0])
+    with pytest.raises(ValueError, match="unknown criterion"):
+        pl.Perceptual(vgg, criterion="l3")
+    with pytest.raises(pl.Error, match="3 channels"):
+        pl.Perceptual(vgg)(np.zeros((1, 2, 16, 16), np.float32), np.zeros((1, 2, 16, 16), np.float32))
+    with pytest.raises(pl.Error) as e:
+        pl.Vgg(seeded, arch="vgg19")
+    assert "features." in str(e.value)
