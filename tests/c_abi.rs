@@ -28,14 +28,19 @@ fn static_library(root: &Path) -> PathBuf {
 
 /// Compiles tests/c/<name>.c against the header and the static library.
 fn build_c(name: &str) -> PathBuf {
+    build_c_file(&format!("tests/c/{name}.c"), name)
+}
+
+/// Compiles the C file at `source` (relative to the repository) into `exe`.
+fn build_c_file(source: &str, exe: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let lib = static_library(&root);
-    let exe = root.join("target/c-abi").join(name);
+    let exe = root.join("target/c-abi").join(exe);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
         .arg(root.join("include"))
-        .arg(root.join(format!("tests/c/{name}.c")))
+        .arg(root.join(source))
         .arg(&lib)
         .args(["-lpthread", "-ldl", "-lm", "-o"])
         .arg(&exe)
@@ -59,6 +64,36 @@ fn run_c(exe: &Path, args: &[&Path]) -> String {
         String::from_utf8_lossy(&run.stderr)
     );
     stdout
+}
+
+#[test]
+fn c_example_runs() {
+    let exe = build_c_file("examples/c/perceptual_demo.c", "perceptual_demo");
+    let run = Command::new(&exe)
+        .current_dir(exe.parent().unwrap())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // Shape of the output, and the values are real numbers.
+    for key in ["perceptual loss ", "tv loss "] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key:?} in {out}"));
+        let value: f64 = line[key.len()..]
+            .split(',')
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(value.is_finite() && value > 0.0, "{line}");
+    }
 }
 
 #[test]
