@@ -12,6 +12,7 @@ const ELEMS_PER_THREAD: usize = 8;
 const MAX_BLOCKS: usize = 1024;
 
 pub(crate) fn feature(dev: &CudaDevice, call: &FeatureCall) -> Result<()> {
+    let _range = super::nvtx::range(|| format!("feature {:?} {}", call.criterion, call.count));
     let blocks = call
         .count
         .div_ceil(BLOCK as usize * ELEMS_PER_THREAD)

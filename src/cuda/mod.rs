@@ -6,6 +6,7 @@
 pub(crate) mod abi;
 pub(crate) mod cudnn;
 pub(crate) mod feature;
+pub(crate) mod nvtx;
 pub(crate) mod perceptual;
 pub(crate) mod tv;
 

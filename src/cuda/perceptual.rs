@@ -8,7 +8,7 @@
 
 use super::abi::*;
 use super::cudnn::{ConvPlan, Handle};
-use super::{grid_for, kernel_dtype, kernels, launch_symbol, BLOCK};
+use super::{grid_for, kernel_dtype, kernels, launch_symbol, nvtx, BLOCK};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::perceptual::Plan;
@@ -286,6 +286,7 @@ pub(crate) fn perceptual(
         shift[c] = b as f32;
     }
 
+    let _call = nvtx::range(|| format!("perceptual {}x{}x{}x{}", s.n, s.c, s.h, s.w));
     let act = [addr(&sp.act[0], dev), addr(&sp.act[1], dev)];
     let grad = [addr(&sp.grad[0], dev), addr(&sp.grad[1], dev)];
     let workspace = addr(&sp.workspace, dev);
@@ -303,6 +304,7 @@ pub(crate) fn perceptual(
         scale,
         shift,
     };
+    let stage = nvtx::range(|| "preprocess".into());
     run(
         dev,
         "pl_vgg_preprocess",
@@ -310,11 +312,14 @@ pub(crate) fn perceptual(
         &pre,
     )?;
 
+    drop(stage);
+
     // Forward over [pred; target].
     let mut cur = 0;
     let mut first_tap = !call.accumulate;
     for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
         let elems = s.n * c * h * w;
+        let _stage = nvtx::range(|| format!("forward {}", layer.name));
         let mask = |sp: &ShapePlan| {
             sp.masks[k]
                 .as_ref()
@@ -418,6 +423,7 @@ pub(crate) fn perceptual(
     for (k, layer) in layers.iter().enumerate().rev() {
         let (c, h, w) = dims[k];
         let elems = s.n * c * h * w;
+        let _stage = nvtx::range(|| format!("backward {}", layer.name));
         let before = sp.tap_grads[k]
             .as_ref()
             .map_or(std::ptr::null(), |b| addr(b, dev) as *const _);
@@ -478,6 +484,7 @@ pub(crate) fn perceptual(
             }
         }
     }
+    let _stage = nvtx::range(|| "input gradient".into());
     let p = pl_k_input_grad_params {
         g: grad[cur] as *const _,
         grad: caller_grad as *mut _,
@@ -550,6 +557,7 @@ fn tap(
     let mut reduce = ws.reduce;
     reduce.loss = call.loss as *mut f32;
     reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
+    let _stage = nvtx::range(|| "tap loss".into());
     let p = pl_k_tap_params {
         x: x as *const _,
         grad: grad as *mut _,

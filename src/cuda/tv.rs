@@ -17,6 +17,7 @@ const MAX_GRID_Y: usize = 65535;
 
 pub(crate) fn tv(dev: &CudaDevice, call: &TvCall<'_>) -> Result<()> {
     let s = call.shape;
+    let _range = super::nvtx::range(|| format!("tv {:?} {s}", call.config.variant));
     let rows = s.c * s.h;
     let rows_per_block = rows.div_ceil(TARGET_BLOCKS.div_ceil(s.n).min(rows));
     // Recomputed so that no block is left without rows.
