@@ -49,6 +49,7 @@ mod cuda;
 mod device;
 mod error;
 pub mod ffi;
+pub mod images;
 mod loss;
 mod tensor;
 mod vgg;

@@ -1,0 +1,417 @@
+//! `perceptual-loss`: compare images with the perceptual and TV losses.
+//!
+//! ```text
+//! perceptual-loss compare A B [options]
+//! ```
+//! A and B are two images, or two folders whose images are matched by file
+//! name. Prints each pair's perceptual loss and the TV loss of each side,
+//! then the means, as a table, JSON or CSV.
+
+use indicatif::{ProgressBar, ProgressStyle};
+use perceptual_loss::images::load_rgb;
+use perceptual_loss::{
+    seeded_safetensors, Criterion, DType, Device, Error, InputNorm, PerceptualConfig,
+    PerceptualLoss, Result, Shape, Tap, TensorRef, TvConfig, TvLoss, TvVariant, Vgg, VggArch,
+    WeightsSource,
+};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: perceptual-loss compare A B [options]
+
+A and B are two images (PNG or JPEG) or two folders of images matched by name.
+
+options:
+  --weights PATH        VGG weights, safetensors with torchvision names
+                        (write them with scripts/export_vgg.py)
+  --seeded-weights      deterministic stand-in weights instead (demos only)
+  --arch vgg16|vgg19    network (default vgg16)
+  --layers L1,L2,...    tapped layers by name or index (default relu1_2,relu2_2,relu3_3,relu4_3)
+  --criterion mse|mae   feature distance (default mse)
+  --norm none|imagenet|imagenet_from_pm1   input normalisation (default none)
+  --tv VARIANT          article|l1|l2_squared|l2|isotropic (default article)
+  --device cpu|cuda|cuda:N   (default: CUDA device 0 when usable, else the CPU)
+  --dtype f32|f16|bf16  compute dtype on CUDA (default f32)
+  --format table|json|csv   (default table)";
+
+struct Options {
+    a: PathBuf,
+    b: PathBuf,
+    weights: Option<PathBuf>,
+    seeded: bool,
+    arch: VggArch,
+    layers: Option<Vec<Tap>>,
+    criterion: Criterion,
+    norm: InputNorm,
+    tv: TvVariant,
+    device: Option<String>,
+    dtype: DType,
+    format: String,
+}
+
+fn usage(msg: &str) -> Error {
+    Error::InvalidArgument(format!("{msg}\n\n{USAGE}"))
+}
+
+fn parse(args: &[String]) -> Result<Options> {
+    let mut positional = Vec::new();
+    let mut o = Options {
+        a: PathBuf::new(),
+        b: PathBuf::new(),
+        weights: None,
+        seeded: false,
+        arch: VggArch::Vgg16,
+        layers: None,
+        criterion: Criterion::Mse,
+        norm: InputNorm::None,
+        tv: TvVariant::Article,
+        device: None,
+        dtype: DType::F32,
+        format: "table".into(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| usage(&format!("{name} needs a value")))
+        };
+        match arg.as_str() {
+            "--weights" => o.weights = Some(value("--weights")?.into()),
+            "--seeded-weights" => o.seeded = true,
+            "--arch" => {
+                o.arch = match value("--arch")?.as_str() {
+                    "vgg16" => VggArch::Vgg16,
+                    "vgg19" => VggArch::Vgg19,
+                    v => return Err(usage(&format!("unknown --arch {v}"))),
+                }
+            }
+            "--layers" => {
+                let list = value("--layers")?;
+                o.layers = Some(
+                    list.split(',')
+                        .map(|t| {
+                            t.trim()
+                                .parse::<usize>()
+                                .map_or(Tap::from(t.trim()), Tap::Index)
+                        })
+                        .collect(),
+                );
+            }
+            "--criterion" => {
+                o.criterion = match value("--criterion")?.as_str() {
+                    "mse" => Criterion::Mse,
+                    "mae" => Criterion::Mae,
+                    v => return Err(usage(&format!("unknown --criterion {v}"))),
+                }
+            }
+            "--norm" => {
+                o.norm = match value("--norm")?.as_str() {
+                    "none" => InputNorm::None,
+                    "imagenet" => InputNorm::Imagenet,
+                    "imagenet_from_pm1" => InputNorm::ImagenetFromPm1,
+                    v => return Err(usage(&format!("unknown --norm {v}"))),
+                }
+            }
+            "--tv" => {
+                o.tv = match value("--tv")?.as_str() {
+                    "article" => TvVariant::Article,
+                    "l1" => TvVariant::L1,
+                    "l2_squared" => TvVariant::L2Squared,
+                    "l2" => TvVariant::L2,
+                    "isotropic" => TvVariant::Isotropic,
+                    v => return Err(usage(&format!("unknown --tv {v}"))),
+                }
+            }
+            "--device" => o.device = Some(value("--device")?),
+            "--dtype" => {
+                o.dtype = match value("--dtype")?.as_str() {
+                    "f32" => DType::F32,
+                    "f16" => DType::F16,
+                    "bf16" => DType::BF16,
+                    v => return Err(usage(&format!("unknown --dtype {v}"))),
+                }
+            }
+            "--format" => {
+                o.format = value("--format")?;
+                if !["table", "json", "csv"].contains(&o.format.as_str()) {
+                    return Err(usage(&format!("unknown --format {}", o.format)));
+                }
+            }
+            "-h" | "--help" => return Err(usage("")),
+            flag if flag.starts_with("--") => return Err(usage(&format!("unknown option {flag}"))),
+            path => positional.push(PathBuf::from(path)),
+        }
+    }
+    let [a, b] = <[PathBuf; 2]>::try_from(positional)
+        .map_err(|_| usage("compare takes two paths, A and B"))?;
+    (o.a, o.b) = (a, b);
+    if o.weights.is_none() && !o.seeded {
+        return Err(usage(
+            "no VGG weights: pass --weights PATH (export them with scripts/export_vgg.py) or --seeded-weights for a demo",
+        ));
+    }
+    Ok(o)
+}
+
+fn device(spec: Option<&str>) -> Result<Device> {
+    match spec {
+        None => Ok(Device::best()),
+        Some("cpu") => Ok(Device::cpu()),
+        Some("cuda") => Device::cuda(0),
+        Some(s) => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Device::cuda(n),
+            None => Err(usage(&format!("unknown --device {s}"))),
+        },
+    }
+}
+
+/// The pairs to compare: (name, a, b).
+fn pairs(a: &Path, b: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+    match (a.is_dir(), b.is_dir()) {
+        (false, false) => Ok(vec![(
+            a.file_name()
+                .map_or("a".into(), |n| n.to_string_lossy().into_owned()),
+            a.into(),
+            b.into(),
+        )]),
+        (true, true) => {
+            let is_image = |p: &Path| {
+                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                    ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str())
+                })
+            };
+            let mut names: Vec<String> = std::fs::read_dir(a)
+                .map_err(|e| Error::Io(format!("cannot list {}: {e}", a.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_image(p))
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect();
+            names.sort();
+            if names.is_empty() {
+                return Err(Error::Io(format!(
+                    "no PNG or JPEG images in {}",
+                    a.display()
+                )));
+            }
+            Ok(names
+                .into_iter()
+                .map(|n| (n.clone(), a.join(&n), b.join(&n)))
+                .collect())
+        }
+        _ => Err(usage("A and B must both be files or both be folders")),
+    }
+}
+
+struct Row {
+    name: String,
+    result: Result<[f64; 3]>, // perceptual, tv(a), tv(b)
+}
+
+fn compare_pair(
+    device: &Device,
+    perceptual: &PerceptualLoss,
+    tv: &TvLoss,
+    a: &Path,
+    b: &Path,
+) -> Result<[f64; 3]> {
+    let (sa, va) = load_rgb(a)?;
+    if !b.exists() {
+        return Err(Error::Io(format!(
+            "{} has no counterpart {}",
+            a.display(),
+            b.display()
+        )));
+    }
+    let (sb, vb) = load_rgb(b)?;
+    if sa != sb {
+        return Err(Error::InvalidShape(format!(
+            "sizes differ: {} is {}x{}, {} is {}x{}",
+            a.display(),
+            sa.w,
+            sa.h,
+            b.display(),
+            sb.w,
+            sb.h
+        )));
+    }
+    let s: Shape = sa;
+    match device.cuda_stream() {
+        None => {
+            let (ta, tb) = (TensorRef::host(&va, s)?, TensorRef::host(&vb, s)?);
+            Ok([
+                perceptual.value(&ta, &tb)? as f64,
+                tv.value(device, &ta)? as f64,
+                tv.value(device, &tb)? as f64,
+            ])
+        }
+        Some(st) => {
+            let err = |e: perceptual_loss::cudarc::driver::DriverError| Error::Cuda(e.to_string());
+            let (da, db) = (
+                st.clone_htod(&va).map_err(err)?,
+                st.clone_htod(&vb).map_err(err)?,
+            );
+            let (ta, tb) = (TensorRef::cuda(&da, s)?, TensorRef::cuda(&db, s)?);
+            Ok([
+                perceptual.value(&ta, &tb)? as f64,
+                tv.value(device, &ta)? as f64,
+                tv.value(device, &tb)? as f64,
+            ])
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out + "\""
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn print(rows: &[Row], format: &str) {
+    let ok: Vec<&[f64; 3]> = rows.iter().filter_map(|r| r.result.as_ref().ok()).collect();
+    let mean: Option<[f64; 3]> = (!ok.is_empty())
+        .then(|| std::array::from_fn(|k| ok.iter().map(|v| v[k]).sum::<f64>() / ok.len() as f64));
+    match format {
+        "json" => {
+            let items: Vec<String> = rows
+                .iter()
+                .map(|r| match &r.result {
+                    Ok(v) => format!(
+                        "{{\"name\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+                        json_string(&r.name),
+                        v[0],
+                        v[1],
+                        v[2]
+                    ),
+                    Err(e) => format!(
+                        "{{\"name\": {}, \"error\": {}}}",
+                        json_string(&r.name),
+                        json_string(&e.to_string())
+                    ),
+                })
+                .collect();
+            let mean = mean.map_or("null".into(), |m| {
+                format!(
+                    "{{\"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+                    m[0], m[1], m[2]
+                )
+            });
+            println!("{{\"pairs\": [{}], \"mean\": {mean}}}", items.join(", "));
+        }
+        "csv" => {
+            println!("name,perceptual,tv_a,tv_b,error");
+            for r in rows {
+                match &r.result {
+                    Ok(v) => println!("{},{},{},{},", csv_field(&r.name), v[0], v[1], v[2]),
+                    Err(e) => println!("{},,,,{}", csv_field(&r.name), csv_field(&e.to_string())),
+                }
+            }
+            if let Some(m) = mean {
+                println!("mean,{},{},{},", m[0], m[1], m[2]);
+            }
+        }
+        _ => {
+            let width = rows
+                .iter()
+                .map(|r| r.name.len())
+                .chain([4])
+                .max()
+                .unwrap_or(4);
+            println!(
+                "{:width$}  {:>12}  {:>12}  {:>12}",
+                "pair", "perceptual", "tv(A)", "tv(B)"
+            );
+            for r in rows {
+                match &r.result {
+                    Ok(v) => println!(
+                        "{:width$}  {:>12.6}  {:>12.6}  {:>12.6}",
+                        r.name, v[0], v[1], v[2]
+                    ),
+                    Err(e) => println!("{:width$}  error: {e}", r.name),
+                }
+            }
+            if let Some(m) = mean {
+                println!(
+                    "{:width$}  {:>12.6}  {:>12.6}  {:>12.6}",
+                    "mean", m[0], m[1], m[2]
+                );
+            }
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<bool> {
+    match args.first().map(String::as_str) {
+        Some("compare") => {}
+        Some("-h" | "--help") | None => return Err(usage("")),
+        Some(other) => return Err(usage(&format!("unknown command {other}"))),
+    }
+    let o = parse(&args[1..])?;
+    let device = device(o.device.as_deref())?;
+    let bytes = match &o.weights {
+        Some(p) => std::fs::read(p)
+            .map_err(|e| Error::Io(format!("cannot read weights {}: {e}", p.display())))?,
+        None => seeded_safetensors(o.arch, 0)?,
+    };
+    let vgg = Vgg::load(&device, WeightsSource::Bytes(&bytes), o.arch, o.dtype)?;
+    let mut config = PerceptualConfig {
+        criterion: o.criterion,
+        input_norm: o.norm,
+        ..Default::default()
+    };
+    if let Some(layers) = o.layers {
+        config.taps = layers;
+    }
+    let perceptual = PerceptualLoss::new(vgg, &config)?;
+    let tv = TvLoss::new(TvConfig::new(o.tv))?;
+    let pairs = pairs(&o.a, &o.b)?;
+    let bar = if pairs.len() > 1 {
+        let bar = ProgressBar::new(pairs.len() as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+    let rows: Vec<Row> = pairs
+        .into_iter()
+        .map(|(name, a, b)| {
+            bar.set_message(name.clone());
+            let result = compare_pair(&device, &perceptual, &tv, &a, &b);
+            bar.inc(1);
+            Row { name, result }
+        })
+        .collect();
+    bar.finish_and_clear();
+    print(&rows, &o.format);
+    Ok(rows.iter().all(|r| r.result.is_ok()))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("perceptual-loss: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
