@@ -3,6 +3,8 @@
 //! `scripts/torch_reference.py` to recompute with PyTorch.
 //!
 //! `cargo run --release --example perceptual_dump -- WEIGHTS OUT [--cpu] [--dtype f32|f16|bf16] [--preset article|basicsr]`
+//!
+//! WEIGHTS is a safetensors file, or `seeded` for the stand-in weights.
 
 use perceptual_loss::half::{bf16, f16};
 use perceptual_loss::{
@@ -129,12 +131,14 @@ fn main() -> Result<()> {
     let a = args()?;
     let device = if a.cpu { Device::cpu() } else { Device::best() };
     let (arch, cfg) = preset(&a.preset)?;
-    let vgg = Vgg::load(
-        &device,
-        WeightsSource::Path(a.weights.as_ref()),
-        arch,
-        a.dtype,
-    )?;
+    let seeded;
+    let source = if a.weights == "seeded" {
+        seeded = perceptual_loss::seeded_safetensors(arch, 0)?;
+        WeightsSource::Bytes(&seeded)
+    } else {
+        WeightsSource::Path(a.weights.as_ref())
+    };
+    let vgg = Vgg::load(&device, source, arch, a.dtype)?;
     let loss = PerceptualLoss::new(vgg, &cfg)?;
     let s = Shape::new(2, 3, 64, 48);
     let n = s.n * s.c * s.h * s.w;
