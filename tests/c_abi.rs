@@ -9,23 +9,6 @@ use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Builds the static library: `cargo test` builds only the rlib. A target
-/// directory of its own keeps clear of the lock the running `cargo test`
-/// holds on target/.
-fn static_library(root: &Path) -> PathBuf {
-    let target = root.join("target/c-abi");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--lib", "--quiet", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the static library failed");
-    target.join("debug/libperceptual_loss.a")
-}
-
 /// Compiles tests/c/<name>.c against the header and the static library.
 fn build_c(name: &str) -> PathBuf {
     build_c_file(&format!("tests/c/{name}.c"), name)
@@ -34,7 +17,7 @@ fn build_c(name: &str) -> PathBuf {
 /// Compiles the C file at `source` (relative to the repository) into `exe`.
 fn build_c_file(source: &str, exe: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let lib = static_library(&root);
+    let lib = common::built_libraries().join("libperceptual_loss.a");
     let exe = root.join("target/c-abi").join(exe);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)

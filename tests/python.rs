@@ -3,6 +3,8 @@
 //! print why and pass; PERCEPTUAL_LOSS_REQUIRE_PYTHON=1 (CI) makes that a
 //! failure. PERCEPTUAL_LOSS_PYTHON picks the interpreter.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -22,24 +24,11 @@ fn python_package_tests() {
         println!("skipped: {python} with numpy and pytest not found");
         return;
     }
-    // A target directory of its own keeps clear of the running cargo's lock.
-    let target = root.join("target/c-abi");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "--lib", "--quiet", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("run cargo");
-    assert!(built.success(), "building the shared library failed");
+    let libs = common::built_libraries();
     let out = Command::new(&python)
         .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
         .arg(root.join("bindings/python/tests"))
-        .env(
-            "PERCEPTUAL_LOSS_LIB",
-            target.join("debug/libperceptual_loss.so"),
-        )
+        .env("PERCEPTUAL_LOSS_LIB", libs.join("libperceptual_loss.so"))
         .output()
         .expect("run pytest");
     let text =

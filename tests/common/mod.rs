@@ -212,3 +212,21 @@ pub fn formula(cfg: &TvConfig) -> Formula {
     }
 }
 pub mod vgg;
+
+/// Builds the library's static and shared forms (`cargo test` builds only
+/// the rlib) and returns the folder holding them. A target directory of its
+/// own keeps clear of the lock the running `cargo test` holds on target/.
+pub fn built_libraries() -> std::path::PathBuf {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("target/c-abi");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--lib", "--quiet", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "building the library failed");
+    target.join("debug")
+}
