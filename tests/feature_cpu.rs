@@ -176,4 +176,6 @@ fn handles_are_send_and_sync() {
     shareable::<Device>();
     shareable::<FeatureLoss>();
     shareable::<perceptual_loss::TvLoss>();
+    shareable::<perceptual_loss::Vgg>();
+    shareable::<perceptual_loss::PerceptualLoss>();
 }
