@@ -42,6 +42,7 @@ cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vg
 cat >"$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
 # Runs every GPU test, the benchmarks and the example; a table comes last.
+# Each step has a timeout so that one hang cannot spend the device budget.
 cd "$(dirname "$0")"
 export PERCEPTUAL_LOSS_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -49,13 +50,13 @@ summary=()
 for t in bin/lib-perceptual_loss bin/test-*; do
     [ -x "$t" ] || continue
     start=$(date +%s%N)
-    if "./$t" --test-threads=1 >"$t.log" 2>&1; then verdict=pass; else verdict=FAIL; fi
+    if timeout 240 "./$t" --test-threads=1 >"$t.log" 2>&1; then verdict=pass; else verdict=FAIL; fi
     line=$(grep -E '^test result:' "$t.log" | tail -1)
     summary+=("| ${t#bin/} | $verdict | ${line#test result: } | $(( ($(date +%s%N) - start) / 1000000 )) ms |")
     [ $verdict = pass ] || { echo "=== $t failed:"; grep -vE '^test .* ok$' "$t.log" | tail -60; }
 done
 echo "=== Python package (NumPy and PyTorch paths)"
-if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" python3 -m pytest -q -p no:cacheprovider python/tests >python.log 2>&1; then
+if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" timeout 300 python3 -m pytest -q -p no:cacheprovider python/tests >python.log 2>&1; then
     verdict=pass; else verdict=FAIL; fi
 tail -15 python.log
 summary+=("| python (pytest) | $verdict | $(tail -1 python.log) | |")
@@ -76,11 +77,11 @@ for run in "vgg16 article f32" "vgg16 article bf16" "vgg19 basicsr f32" "vgg19 b
 done
 printf '%s\n' "${parity[@]}"
 echo "=== PyTorch anchors on this card"
-python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed)"
-python3 torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed)"
+timeout 120 python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed or timed out)"
+timeout 300 python3 torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
 echo "=== crate benchmarks"
-./bin/bench-tv 2>&1 | tail -10
-./bin/bench-perceptual 2>&1 | tail -10
+timeout 120 ./bin/bench-tv 2>&1 | tail -10
+timeout 180 ./bin/bench-perceptual 2>&1 | tail -10
 echo
 printf 'parity: %s\n' "${parity[@]}"
 echo "| test binary | verdict | counts | wall |"
