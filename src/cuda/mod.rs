@@ -8,6 +8,7 @@ pub(crate) mod cudnn;
 pub(crate) mod feature;
 pub(crate) mod nvtx;
 pub(crate) mod perceptual;
+pub(crate) mod schedule;
 pub(crate) mod tv;
 
 use crate::device::CudaDevice;

@@ -8,17 +8,16 @@
 
 use super::abi::*;
 use super::cudnn::{ConvPlan, Handle};
+use super::schedule::{layer_dims, schedule, Step, TapGrad, INPUT_CHANNELS};
 use super::{grid_for, kernel_dtype, kernels, launch_symbol, nvtx, BLOCK};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::perceptual::Plan;
 use crate::tensor::{DType, Shape};
+use crate::vgg::Pooling;
 use crate::vgg::{ConvWeights, Layer, Module};
 use cudarc::driver::{CudaSlice, DevicePtr};
 use half::{bf16, f16};
-
-/// Channels the 3-channel input is padded to, for tensor-core friendly strides.
-const INPUT_CHANNELS: usize = 8;
 
 /// One convolution's parameters on the device: the filter in the compute
 /// dtype, KRSC (NHWC) layout, input channels padded for the first layer,
@@ -115,25 +114,6 @@ fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
         .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
 }
 
-/// Output (c, h, w) of every module up to the deepest tap.
-fn module_dims(layers: &[Layer], s: Shape) -> Vec<(usize, usize, usize)> {
-    let (mut c, mut h, mut w) = (INPUT_CHANNELS, s.h, s.w);
-    layers
-        .iter()
-        .map(|l| {
-            match l.module {
-                Module::Conv { out_c, .. } => c = out_c,
-                Module::Relu => {}
-                Module::Pool => {
-                    h /= 2;
-                    w /= 2;
-                }
-            }
-            (c, h, w)
-        })
-        .collect()
-}
-
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
     /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
@@ -163,7 +143,7 @@ impl ShapePlan {
         compute: DType,
     ) -> Result<Self> {
         let layers = &layers[..=plan.deepest()];
-        let dims = module_dims(layers, s);
+        let dims = layer_dims(layers, s.h, s.w);
         let es = compute.size();
         let n = s.n;
         let input = s.h * s.w * INPUT_CHANNELS;
@@ -262,7 +242,8 @@ fn run(
     launch_symbol(dev, &kernels::VGG, symbol, grid, params)
 }
 
-/// Queues the whole loss (and gradient) on `dev`'s stream.
+/// Queues the whole loss (and gradient) on `dev`'s stream: the steps of
+/// [`schedule`], each a kernel launch or a cuDNN call.
 pub(crate) fn perceptual(
     dev: &CudaDevice,
     handle: &Handle,
@@ -275,262 +256,219 @@ pub(crate) fn perceptual(
     let s = call.shape;
     let n = s.n as i64;
     let cd = kernel_dtype(weights.dtype);
-    let layers = &layers[..=plan.deepest()];
-    let dims = module_dims(layers, s);
-    let want_grad = call.grad.is_some();
-    let null = std::ptr::null_mut();
     let (mut scale, mut shift) = ([0f32; 3], [0f32; 3]);
     for c in 0..3 {
         let (a, b) = plan.norm.affine(c);
         scale[c] = a as f32;
         shift[c] = b as f32;
     }
-
     let _call = nvtx::range(|| format!("perceptual {}x{}x{}x{}", s.n, s.c, s.h, s.w));
     let act = [addr(&sp.act[0], dev), addr(&sp.act[1], dev)];
     let grad = [addr(&sp.grad[0], dev), addr(&sp.grad[1], dev)];
     let workspace = addr(&sp.workspace, dev);
-    let pre = pl_k_preprocess_params {
-        pred: call.pred as *const _,
-        target: call.target as *const _,
-        out: act[0] as *mut _,
-        n,
-        h: s.h as i64,
-        w: s.w as i64,
-        c: s.c as i32,
-        cpad: INPUT_CHANNELS as i32,
-        in_dtype: kernel_dtype(call.dtype),
-        out_dtype: cd,
-        scale,
-        shift,
-    };
-    let stage = nvtx::range(|| "preprocess".into());
-    run(
-        dev,
-        "pl_vgg_preprocess",
-        grid_for(2 * s.n * s.h * s.w * INPUT_CHANNELS),
-        &pre,
-    )?;
-
-    drop(stage);
-
-    // Forward over [pred; target].
-    let mut cur = 0;
-    let mut first_tap = !call.accumulate;
-    for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
-        let elems = s.n * c * h * w;
-        let _stage = nvtx::range(|| format!("forward {}", layer.name));
-        let mask = |sp: &ShapePlan| {
-            sp.masks[k]
+    let side = |bufs: &[Option<CudaSlice<u8>>], k: Option<usize>| -> Result<u64> {
+        match k {
+            None => Ok(0),
+            Some(k) => bufs[k]
                 .as_ref()
-                .filter(|_| want_grad)
-                .map_or(null, |m| addr(m, dev) as *mut u32)
-        };
-        match layer.module {
-            Module::Conv { conv, .. } => {
-                let p = sp.convs[k]
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("no plan for a convolution".into()))?;
-                let dc = &weights.convs[conv];
+                .map(|b| addr(b, dev))
+                .ok_or_else(|| Error::Internal(format!("no buffer for layer {k}"))),
+        }
+    };
+    let conv_plan = |k: usize| {
+        sp.convs[k]
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
+    };
+    let name = |k: usize| layers[k].name.as_str();
+
+    for step in schedule(layers, plan, s.h, s.w, call.grad.is_some(), call.accumulate) {
+        match step {
+            Step::Preprocess => {
+                let _r = nvtx::range(|| "preprocess".into());
+                let p = pl_k_preprocess_params {
+                    pred: call.pred as *const _,
+                    target: call.target as *const _,
+                    out: act[0] as *mut _,
+                    n,
+                    h: s.h as i64,
+                    w: s.w as i64,
+                    c: s.c as i32,
+                    cpad: INPUT_CHANNELS as i32,
+                    in_dtype: kernel_dtype(call.dtype),
+                    out_dtype: cd,
+                    scale,
+                    shift,
+                };
+                run(
+                    dev,
+                    "pl_vgg_preprocess",
+                    grid_for(2 * s.n * s.h * s.w * INPUT_CHANNELS),
+                    &p,
+                )?;
+            }
+            Step::ConvForward { k, conv, from, to } => {
+                let _r = nvtx::range(|| format!("forward {}", name(k)));
                 // SAFETY: the plan's buffers hold the planned shapes.
                 unsafe {
-                    p.forward(
+                    conv_plan(k)?.forward(
                         handle,
-                        act[cur],
-                        addr(&dc.weight, dev),
-                        act[1 - cur],
+                        act[from],
+                        addr(&weights.convs[conv].weight, dev),
+                        act[to],
                         workspace,
                     )?
                 };
-                cur = 1 - cur;
-                if plan.tap_weight(layer.index).is_some() {
-                    // A pre-activation tap: the bias now, the ReLU after the tap.
-                    bias_act(
-                        dev,
-                        act[cur],
-                        addr(&dc.bias, dev) as *const f32,
-                        null,
-                        2 * elems,
-                        elems,
-                        c,
-                        cd,
-                        false,
-                    )?;
-                }
             }
-            Module::Relu => {
-                let conv = &layers[k - 1];
-                let Module::Conv { conv: ci, .. } = conv.module else {
-                    return Err(Error::Internal("a ReLU must follow a convolution".into()));
-                };
-                let bias = if plan.tap_weight(conv.index).is_some() {
-                    std::ptr::null()
-                } else {
-                    addr(&weights.convs[ci].bias, dev) as *const f32
-                };
-                bias_act(dev, act[cur], bias, mask(sp), 2 * elems, elems, c, cd, true)?;
-            }
-            Module::Pool => {
-                let (_, ih, iw) = if k == 0 {
-                    (INPUT_CHANNELS, s.h, s.w)
-                } else {
-                    dims[k - 1]
-                };
-                let argmax = sp.argmax[k]
-                    .as_ref()
-                    .filter(|_| want_grad && plan.pooling == crate::vgg::Pooling::Max);
-                let p = pl_k_pool_params {
-                    x: act[cur] as *const _,
-                    y: act[1 - cur] as *mut _,
-                    argmax: argmax.map_or(std::ptr::null_mut(), |a| addr(a, dev) as *mut u8),
-                    images: 2 * n,
-                    pred_images: n,
-                    h: ih as i64,
-                    w: iw as i64,
+            Step::BiasAct {
+                act: a,
+                bias,
+                relu,
+                mask,
+                dims: (c, h, w),
+            } => {
+                let elems = s.n * c * h * w;
+                let p = pl_k_bias_act_params {
+                    x: act[a] as *mut _,
+                    bias: bias.map_or(std::ptr::null(), |b| {
+                        addr(&weights.convs[b].bias, dev) as *const f32
+                    }),
+                    mask: side(&sp.masks, mask)? as *mut u32,
+                    count: 2 * elems as i64,
+                    pred_count: elems as i64,
                     c: c as i32,
                     dtype: cd,
-                    avg: (plan.pooling == crate::vgg::Pooling::Avg) as i32,
+                    relu: relu as i32,
                     reserved: 0,
                 };
-                run(dev, "pl_vgg_pool", grid_for(2 * elems), &p)?;
-                cur = 1 - cur;
+                run(dev, "pl_vgg_bias_act", grid_for(2 * elems), &p)?;
             }
-        }
-        if let Some(tap_weight) = plan.tap_weight(layer.index) {
-            let tap_grad = match (&sp.tap_grads[k], want_grad) {
-                (_, false) => 0,
-                (Some(b), true) => addr(b, dev),
-                (None, true) => grad[0], // the deepest tap starts the backward pass
-            };
-            tap(
-                dev,
-                act[cur],
-                tap_grad,
-                call,
-                (c * h * w, tap_weight * plan.weight, !first_tap),
-                plan,
-                cd,
-            )?;
-            first_tap = false;
-        }
-    }
-    let Some(caller_grad) = call.grad else {
-        return Ok(());
-    };
-
-    // Backward over pred only.
-    let mut cur = 0;
-    for (k, layer) in layers.iter().enumerate().rev() {
-        let (c, h, w) = dims[k];
-        let elems = s.n * c * h * w;
-        let _stage = nvtx::range(|| format!("backward {}", layer.name));
-        let before = sp.tap_grads[k]
-            .as_ref()
-            .map_or(std::ptr::null(), |b| addr(b, dev) as *const _);
-        match layer.module {
-            Module::Relu => {
-                // A tap on the convolution before adds after the mask.
-                let after = sp.tap_grads[k - 1]
-                    .as_ref()
-                    .map_or(std::ptr::null(), |b| addr(b, dev) as *const _);
-                let mask = sp.masks[k]
-                    .as_ref()
-                    .map_or(std::ptr::null(), |m| addr(m, dev) as *const u32);
+            Step::Pool {
+                from,
+                to,
+                argmax,
+                input: (c, h, w),
+            } => {
+                let p = pl_k_pool_params {
+                    x: act[from] as *const _,
+                    y: act[to] as *mut _,
+                    argmax: side(&sp.argmax, argmax)? as *mut u8,
+                    images: 2 * n,
+                    pred_images: n,
+                    h: h as i64,
+                    w: w as i64,
+                    c: c as i32,
+                    dtype: cd,
+                    avg: (plan.pooling == Pooling::Avg) as i32,
+                    reserved: 0,
+                };
+                run(
+                    dev,
+                    "pl_vgg_pool",
+                    grid_for(2 * s.n * c * (h / 2) * (w / 2)),
+                    &p,
+                )?;
+            }
+            Step::Tap {
+                act: a,
+                grad: g,
+                dims: (c, h, w),
+                weight,
+                accumulate,
+            } => {
+                let target = match g {
+                    None => 0,
+                    Some(TapGrad::Start) => grad[0],
+                    Some(TapGrad::Inner(k)) => side(&sp.tap_grads, Some(k))?,
+                };
+                tap(
+                    dev,
+                    act[a],
+                    target,
+                    call,
+                    (c * h * w, weight, accumulate),
+                    plan,
+                    cd,
+                )?;
+            }
+            Step::ReluBackward {
+                g,
+                before,
+                mask,
+                after,
+                dims: (c, h, w),
+            } => {
+                let elems = s.n * c * h * w;
                 let p = pl_k_grad_step_params {
-                    g: grad[cur] as *mut _,
-                    before,
-                    mask,
-                    after,
+                    g: grad[g] as *mut _,
+                    before: side(&sp.tap_grads, before)? as *const _,
+                    mask: side(&sp.masks, mask)? as *const u32,
+                    after: side(&sp.tap_grads, after)? as *const _,
                     count: elems as i64,
                     dtype: cd,
                     reserved: 0,
                 };
                 run(dev, "pl_vgg_grad_step", grid_for(elems), &p)?;
             }
-            Module::Pool => {
-                let (_, ih, iw) = dims[k - 1];
-                let argmax = sp.argmax[k]
-                    .as_ref()
-                    .filter(|_| plan.pooling == crate::vgg::Pooling::Max);
+            Step::Unpool {
+                from,
+                to,
+                before,
+                argmax,
+                input: (c, h, w),
+            } => {
                 let p = pl_k_unpool_params {
-                    gy: grad[cur] as *const _,
-                    before,
-                    gx: grad[1 - cur] as *mut _,
-                    argmax: argmax.map_or(std::ptr::null(), |a| addr(a, dev) as *const u8),
+                    gy: grad[from] as *const _,
+                    before: side(&sp.tap_grads, before)? as *const _,
+                    gx: grad[to] as *mut _,
+                    argmax: side(&sp.argmax, argmax)? as *const u8,
                     n,
-                    h: ih as i64,
-                    w: iw as i64,
+                    h: h as i64,
+                    w: w as i64,
                     c: c as i32,
                     dtype: cd,
                 };
-                run(dev, "pl_vgg_unpool", grid_for(s.n * ih * iw * c), &p)?;
-                cur = 1 - cur;
+                run(dev, "pl_vgg_unpool", grid_for(s.n * c * h * w), &p)?;
             }
-            Module::Conv { conv, .. } => {
-                let p = sp.convs[k]
-                    .as_ref()
-                    .ok_or_else(|| Error::Internal("no plan for a convolution".into()))?;
+            Step::ConvBackward { k, conv, from, to } => {
+                let _r = nvtx::range(|| format!("backward {}", name(k)));
                 // SAFETY: the plan's buffers hold the planned shapes.
                 unsafe {
-                    p.backward_data(
+                    conv_plan(k)?.backward_data(
                         handle,
                         addr(&weights.convs[conv].weight, dev),
-                        grad[cur],
-                        grad[1 - cur],
+                        grad[from],
+                        grad[to],
                         workspace,
                     )?
                 };
-                cur = 1 - cur;
+            }
+            Step::InputGrad { g } => {
+                let _r = nvtx::range(|| "input gradient".into());
+                let p = pl_k_input_grad_params {
+                    g: grad[g] as *const _,
+                    grad: call.grad.unwrap_or(0) as *mut _,
+                    n,
+                    h: s.h as i64,
+                    w: s.w as i64,
+                    c: s.c as i32,
+                    cpad: INPUT_CHANNELS as i32,
+                    g_dtype: cd,
+                    out_dtype: kernel_dtype(call.dtype),
+                    scale,
+                    beta: call.beta,
+                    reserved: 0,
+                };
+                run(
+                    dev,
+                    "pl_vgg_input_grad",
+                    grid_for(s.n * s.c * s.h * s.w),
+                    &p,
+                )?;
             }
         }
     }
-    let _stage = nvtx::range(|| "input gradient".into());
-    let p = pl_k_input_grad_params {
-        g: grad[cur] as *const _,
-        grad: caller_grad as *mut _,
-        n,
-        h: s.h as i64,
-        w: s.w as i64,
-        c: s.c as i32,
-        cpad: INPUT_CHANNELS as i32,
-        g_dtype: cd,
-        out_dtype: kernel_dtype(call.dtype),
-        scale,
-        beta: call.beta,
-        reserved: 0,
-    };
-    run(
-        dev,
-        "pl_vgg_input_grad",
-        grid_for(s.n * s.c * s.h * s.w),
-        &p,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn bias_act(
-    dev: &CudaDevice,
-    x: u64,
-    bias: *const f32,
-    mask: *mut u32,
-    count: usize,
-    pred_count: usize,
-    c: usize,
-    dtype: i32,
-    relu: bool,
-) -> Result<()> {
-    let p = pl_k_bias_act_params {
-        x: x as *mut _,
-        bias,
-        mask,
-        count: count as i64,
-        pred_count: pred_count as i64,
-        c: c as i32,
-        dtype,
-        relu: relu as i32,
-        reserved: 0,
-    };
-    run(dev, "pl_vgg_bias_act", grid_for(count), &p)
+    Ok(())
 }
 
 /// Blocks in flight a tap aims for; fixed, so the loss bits depend only on the shape.

@@ -207,6 +207,12 @@ impl PerceptualLoss {
         })
     }
 
+    /// The resolved configuration.
+    #[cfg(test)]
+    pub(crate) fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// The network this loss runs.
     pub fn vgg(&self) -> &Arc<Vgg> {
         &self.vgg
