@@ -10,18 +10,15 @@
 //!
 //! `cargo bench --bench perceptual`
 
-use perceptual_loss::cudarc::driver::sys::CUevent_flags;
+mod common;
+
+use common::{median, time_gpu};
 use perceptual_loss::half::bf16;
 use perceptual_loss::{
     seeded_safetensors, DType, Device, Element, LossOutputs, PerceptualConfig, PerceptualLoss,
     Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
 };
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// (median ms, plan MiB, free-memory drop MiB) of forward + backward on `dev`.
 fn gpu_case<T: Element>(
@@ -69,22 +66,10 @@ fn gpu_case<T: Element>(
     step();
     dev.synchronize().unwrap();
     let drop = free_before.saturating_sub(ctx.mem_get_info().unwrap().0);
-    for _ in 0..5 {
-        step();
-    }
-    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let samples = (0..30)
-        .map(|_| {
-            let start = st.record_event(timing).unwrap();
-            step();
-            let end = st.record_event(timing).unwrap();
-            end.synchronize().unwrap();
-            start.elapsed_ms(&end).unwrap() as f64
-        })
-        .collect();
+    let ms = time_gpu(dev, 30, &mut step);
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     (
-        median(samples),
+        ms,
         mib(loss.plan_footprint(s).unwrap().unwrap_or(0)),
         mib(drop),
     )

@@ -7,7 +7,9 @@
 //!
 //! `cargo bench --bench tv` (the GPU part is skipped without a device).
 
-use perceptual_loss::cudarc::driver::sys::CUevent_flags;
+mod common;
+
+use common::{median, time_gpu};
 use perceptual_loss::{
     Criterion, Device, FeatureLoss, LossOutputs, Shape, TensorMut, TensorRef, TvConfig, TvLoss,
     TvVariant,
@@ -17,34 +19,10 @@ use std::time::Instant;
 const REPS: usize = 50;
 const CEILING_GBS: f64 = 4300.0;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 struct Row {
     what: String,
     ms: f64,
     bytes: f64,
-}
-
-/// Median milliseconds of `op` over REPS event-timed runs after a warm-up.
-fn time_gpu(dev: &Device, mut op: impl FnMut()) -> f64 {
-    let st = dev.cuda_stream().unwrap();
-    for _ in 0..5 {
-        op();
-    }
-    let timing = Some(CUevent_flags::CU_EVENT_DEFAULT);
-    let samples = (0..REPS)
-        .map(|_| {
-            let start = st.record_event(timing).unwrap();
-            op();
-            let end = st.record_event(timing).unwrap();
-            end.synchronize().unwrap();
-            start.elapsed_ms(&end).unwrap() as f64
-        })
-        .collect();
-    median(samples)
 }
 
 fn gpu_rows(dev: &Device) -> Vec<Row> {
@@ -67,7 +45,7 @@ fn gpu_rows(dev: &Device) -> Vec<Row> {
         TvVariant::Isotropic,
     ] {
         let tv = TvLoss::new(TvConfig::new(variant)).unwrap();
-        let ms = time_gpu(dev, || {
+        let ms = time_gpu(dev, REPS, || {
             let out = LossOutputs::new(TensorMut::cuda(&mut loss, Shape::flat(1)).unwrap())
                 .with_grad(TensorMut::cuda(&mut grad, s).unwrap());
             tv.compute(dev, &TensorRef::cuda(&x, s).unwrap(), out)
@@ -82,7 +60,7 @@ fn gpu_rows(dev: &Device) -> Vec<Row> {
         });
     }
     let tv = TvLoss::new(TvConfig::default()).unwrap();
-    let ms = time_gpu(dev, || {
+    let ms = time_gpu(dev, REPS, || {
         let out = LossOutputs::new(TensorMut::cuda(&mut loss, Shape::flat(1)).unwrap());
         tv.compute(dev, &TensorRef::cuda(&x, s).unwrap(), out)
             .unwrap();
@@ -93,7 +71,7 @@ fn gpu_rows(dev: &Device) -> Vec<Row> {
         bytes,
     });
     let mse = FeatureLoss::new(Criterion::Mse, 1.0).unwrap();
-    let ms = time_gpu(dev, || {
+    let ms = time_gpu(dev, REPS, || {
         let out = LossOutputs::new(TensorMut::cuda(&mut loss, Shape::flat(1)).unwrap())
             .with_grad(TensorMut::cuda(&mut grad, s).unwrap());
         mse.compute(
