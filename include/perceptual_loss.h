@@ -162,11 +162,6 @@ typedef struct pl_perceptual_config {
 #define PL_ERR_IO 8
 
 /**
- * The operation is not available for this device or configuration.
- */
-#define PL_ERR_UNSUPPORTED 9
-
-/**
  * The CPU backend; pointers are host memory.
  */
 #define PL_DEVICE_CPU 0

@@ -21,8 +21,6 @@ pub enum Error {
     InvalidWeights(String),
     /// A file could not be read.
     Io(String),
-    /// The operation is not available for this device or configuration.
-    Unsupported(String),
     /// Something inside the library went wrong (a caught panic, a broken
     /// invariant); please report it.
     Internal(String),
@@ -52,7 +50,6 @@ impl fmt::Display for Error {
             Error::Cuda(m) => write!(f, "CUDA error: {m}"),
             Error::InvalidWeights(m) => write!(f, "invalid weights: {m}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
-            Error::Unsupported(m) => write!(f, "unsupported: {m}"),
             Error::Internal(m) => write!(f, "internal error: {m}"),
         }
     }

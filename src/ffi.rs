@@ -47,8 +47,6 @@ pub const PL_ERR_INTERNAL: pl_status = 6;
 pub const PL_ERR_INVALID_WEIGHTS: pl_status = 7;
 /// A file could not be read.
 pub const PL_ERR_IO: pl_status = 8;
-/// The operation is not available for this device or configuration.
-pub const PL_ERR_UNSUPPORTED: pl_status = 9;
 
 /// Device kind for `pl_context_create`.
 pub type pl_device_kind = i32;
@@ -207,7 +205,6 @@ fn status_of(err: &Error) -> pl_status {
         Error::Internal(_) => PL_ERR_INTERNAL,
         Error::InvalidWeights(_) => PL_ERR_INVALID_WEIGHTS,
         Error::Io(_) => PL_ERR_IO,
-        Error::Unsupported(_) => PL_ERR_UNSUPPORTED,
     }
 }
 
