@@ -172,14 +172,19 @@ impl CudaDevice {
         f: impl FnOnce(&crate::cuda::cudnn::Handle) -> Result<R>,
     ) -> Result<R> {
         let mut guard = self.cudnn.lock().map_err(|_| poisoned())?;
-        if guard.is_none() {
-            self.shared
-                .ctx
-                .bind_to_thread()
-                .map_err(|e| Error::cuda("binding the context", e))?;
-            *guard = Some(crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?);
-        }
-        f(guard.as_ref().expect("created above"))
+        // cuDNN works on the calling thread's current context, and this
+        // thread may not have made ours current yet.
+        self.shared
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("binding the context", e))?;
+        let handle = match guard.take() {
+            Some(h) => h,
+            None => crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?,
+        };
+        let result = f(&handle);
+        *guard = Some(handle);
+        result
     }
 
     /// Scratch for a deterministic reduction over `partials` block sums and
