@@ -63,6 +63,16 @@ __device__ __forceinline__ void pl_store(void *p, int dtype, int64_t i, float v)
     }
 }
 
+/* a / b and a % b for non-negative a and positive b: 32-bit arithmetic
+ * when a fits (the usual case; a 64-bit division is a called subroutine of
+ * ~70 instructions), 64-bit otherwise. */
+__device__ __forceinline__ int64_t pl_div(int64_t a, int64_t b) {
+    return (a <= 0xffffffffLL && b <= 0xffffffffLL) ? (int64_t)((uint32_t)a / (uint32_t)b) : a / b;
+}
+__device__ __forceinline__ int64_t pl_mod(int64_t a, int64_t b) {
+    return (a <= 0xffffffffLL && b <= 0xffffffffLL) ? (int64_t)((uint32_t)a % (uint32_t)b) : a % b;
+}
+
 /* Grid-stride loop over [0, count). */
 #define PL_FOR_EACH(i, count) \
     for (int64_t i = (int64_t)blockIdx.x * PL_BLOCK + threadIdx.x; i < (count); i += (int64_t)gridDim.x * PL_BLOCK)

@@ -18,8 +18,8 @@
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_preprocess(pl_k_preprocess_params p) {
     const int64_t hw = p.h * p.w, count = 2 * p.n * hw * p.cpad;
     PL_FOR_EACH(idx, count) {
-        int64_t ch = idx % p.cpad, pix = idx / p.cpad;
-        int64_t img = pix / hw, ij = pix - img * hw;
+        int64_t pix = pl_div(idx, p.cpad), ch = idx - pix * p.cpad;
+        int64_t img = pl_div(pix, hw), ij = pix - img * hw;
         float v = 0.0f;  // padding channels stay zero
         if (ch < 3) {
             const void *src = img < p.n ? p.pred : p.target;
@@ -41,7 +41,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias
         bool valid = idx < p.count, positive = false;
         if (valid) {
             float v = pl_load(p.x, p.dtype, idx);
-            if (p.bias) v += p.bias[idx % p.c];
+            if (p.bias) v += p.bias[pl_mod(idx, p.c)];
             if (p.relu && !(v > 0.0f) && v == v) v = 0.0f;  // NaN propagates, as in PyTorch
             positive = v > 0.0f;
             pl_store(p.x, p.dtype, idx, v);
@@ -54,10 +54,9 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_params p) {
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
     PL_FOR_EACH(idx, count) {
-        int64_t ch = idx % p.c, rest = idx / p.c;
-        int64_t j = rest % ow;
-        rest /= ow;
-        int64_t i = rest % oh, img = rest / oh;
+        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
+        int64_t next = pl_div(rest, ow), j = rest - next * ow;
+        int64_t img = pl_div(next, oh), i = next - img * oh;
         const int64_t row = p.w * p.c;
         int64_t at = ((img * p.h + 2 * i) * p.w + 2 * j) * p.c + ch;
         float v[4] = {pl_load(p.x, p.dtype, at), pl_load(p.x, p.dtype, at + p.c),
@@ -133,10 +132,9 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
     // One thread per input element gathers from its window's output: no atomics.
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.n * p.h * p.w * p.c;
     PL_FOR_EACH(idx, count) {
-        int64_t ch = idx % p.c, rest = idx / p.c;
-        int64_t j = rest % p.w;
-        rest /= p.w;
-        int64_t i = rest % p.h, img = rest / p.h;
+        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
+        int64_t next = pl_div(rest, p.w), j = rest - next * p.w;
+        int64_t img = pl_div(next, p.h), i = next - img * p.h;
         float v = 0.0f;  // rows and columns the floor dropped get no gradient
         if (i / 2 < oh && j / 2 < ow) {
             int64_t o = ((img * oh + i / 2) * ow + j / 2) * p.c + ch;
@@ -154,8 +152,8 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_input_grad(pl_k_input_grad_params p) {
     const int64_t hw = p.h * p.w, count = p.n * p.c * hw;
     PL_FOR_EACH(idx, count) {
-        int64_t ij = idx % hw, rest = idx / hw;
-        int64_t ch = rest % p.c, n = rest / p.c;
+        int64_t rest = pl_div(idx, hw), ij = idx - rest * hw;
+        int64_t n = pl_div(rest, p.c), ch = rest - n * p.c;
         const int64_t at = (n * hw + ij) * p.cpad;
         float v;
         if (p.c == 1) {  // the gray channel fed all three
