@@ -30,9 +30,9 @@ for line in sys.stdin:
 cargo test --release --no-run --message-format=json | collect
 cargo bench --bench tv --bench perceptual --no-run --message-format=json | collect
 cargo build --release --examples --message-format=json | collect
-# The C ABI and Python runner tests build against this checkout: they stay
+# The C ABI, CLI and Python runner tests use this checkout's paths: they stay
 # CPU-only tests; the Python package runs there directly, torch included.
-rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python"
+rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli"
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"
