@@ -5,7 +5,14 @@
 use super::{feature::feature, store_grad, vgg as ops};
 use crate::loss::perceptual::Plan;
 use crate::tensor::{Element, Shape};
-use crate::vgg::{Module, Vgg};
+use crate::vgg::{ConvWeights, Layer, Module};
+
+/// The network on the host: its layers and their f32 parameters.
+#[derive(Clone, Copy)]
+pub(crate) struct Net<'a> {
+    pub layers: &'a [Layer],
+    pub convs: &'a [ConvWeights],
+}
 
 /// What backward needs from one module's forward (pred only).
 enum Saved {
@@ -38,10 +45,10 @@ fn preprocess<T: Element>(x: &[T], c: usize, hw: usize, plan: &Plan) -> Vec<f32>
     out
 }
 
-/// Forward through `vgg` to the deepest tap; calls `at_tap(module, tap
+/// Forward through the network to the deepest tap; calls `at_tap(module, tap
 /// weight, features)` and, when `saved` is given, keeps what backward needs.
 fn forward(
-    vgg: &Vgg,
+    net: Net<'_>,
     plan: &Plan,
     mut x: Vec<f32>,
     h: usize,
@@ -51,10 +58,10 @@ fn forward(
 ) {
     let (mut c, mut h, mut w) = (3, h, w);
     let (mut next, mut cols) = (Vec::new(), Vec::new());
-    for layer in &vgg.layers()[..=plan.deepest()] {
+    for layer in &net.layers[..=plan.deepest()] {
         match layer.module {
             Module::Conv { out_c, conv, .. } => {
-                ops::conv(&x, h, w, &vgg.convs()[conv], &mut next, &mut cols);
+                ops::conv(&x, h, w, &net.convs[conv], &mut next, &mut cols);
                 std::mem::swap(&mut x, &mut next);
                 c = out_c;
                 if let Some(s) = saved.as_deref_mut() {
@@ -88,7 +95,7 @@ fn forward(
 /// The batch loss; fills `per_sample` and, when given, writes
 /// `beta * grad + dL/dpred`.
 pub(crate) fn perceptual<T: Element>(
-    vgg: &Vgg,
+    net: Net<'_>,
     plan: &Plan,
     pred: &[T],
     target: &[T],
@@ -103,7 +110,7 @@ pub(crate) fn perceptual<T: Element>(
         // Target features at each tap.
         let mut target_taps = Vec::new();
         forward(
-            vgg,
+            net,
             plan,
             preprocess(&target[range.clone()], s.c, hw, plan),
             s.h,
@@ -117,7 +124,7 @@ pub(crate) fn perceptual<T: Element>(
         let mut image_loss = 0.0;
         let mut k = 0;
         forward(
-            vgg,
+            net,
             plan,
             preprocess(&pred[range.clone()], s.c, hw, plan),
             s.h,
@@ -141,7 +148,7 @@ pub(crate) fn perceptual<T: Element>(
         };
         let mut g: Vec<f32> = Vec::new();
         let (mut next, mut cols) = (Vec::new(), Vec::new());
-        for (layer, step) in vgg.layers()[..=plan.deepest()].iter().zip(saved).rev() {
+        for (layer, step) in net.layers[..=plan.deepest()].iter().zip(saved).rev() {
             if let Some(pos) = tap_grads.iter().position(|(i, _)| *i == layer.index) {
                 let tg = std::mem::take(&mut tap_grads[pos].1);
                 if g.is_empty() {
@@ -152,7 +159,7 @@ pub(crate) fn perceptual<T: Element>(
             }
             match step {
                 Saved::Conv { conv, h, w } => {
-                    ops::conv_backward(&g, h, w, &vgg.convs()[conv], &mut next, &mut cols);
+                    ops::conv_backward(&g, h, w, &net.convs[conv], &mut next, &mut cols);
                     std::mem::swap(&mut g, &mut next);
                 }
                 Saved::Relu(mask) => ops::relu_backward(&mut g, &mask),

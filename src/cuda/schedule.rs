@@ -309,7 +309,7 @@ mod tests {
                 }
                 Step::ConvForward { k, conv, from, to } => {
                     let ((ci, h, w), (co, _, _)) = (self.input(k), self.output(k));
-                    let p = &self.vgg.convs()[conv];
+                    let p = &self.vgg.host_convs().unwrap()[conv];
                     let x = &self.act[from];
                     let mut y = vec![0f32; 2 * n * h * w * co];
                     for img in 0..2 * n {
@@ -352,7 +352,7 @@ mod tests {
                     let mut bits = vec![0u32; pred_count / 32];
                     for (idx, v) in self.act[act].iter_mut().enumerate() {
                         if let Some(b) = bias {
-                            *v += self.vgg.convs()[b].bias[idx % c];
+                            *v += self.vgg.host_convs().unwrap()[b].bias[idx % c];
                         }
                         if relu && *v <= 0.0 {
                             *v = 0.0;
@@ -473,7 +473,7 @@ mod tests {
                 }
                 Step::ConvBackward { k, conv, from, to } => {
                     let ((ci, h, w), (co, _, _)) = (self.input(k), self.output(k));
-                    let p = &self.vgg.convs()[conv];
+                    let p = &self.vgg.host_convs().unwrap()[conv];
                     let dy = &self.grad[from];
                     let mut dx = vec![0f32; n * h * w * ci];
                     for img in 0..n {

@@ -413,8 +413,16 @@ impl PerceptualLoss {
         let t = host_in::<T>(target, "target")?;
         let mut per_sample = vec![0.0; pred.shape.n];
         let grad = out.host_grad::<T>()?;
+        let convs = self
+            .vgg
+            .host_convs()
+            .ok_or_else(|| Error::Internal("host weights missing".into()))?;
+        let net = crate::cpu::perceptual::Net {
+            layers: self.vgg.layers(),
+            convs,
+        };
         let loss = crate::cpu::perceptual::perceptual(
-            &self.vgg,
+            net,
             &self.plan,
             p,
             t,

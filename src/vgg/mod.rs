@@ -70,8 +70,15 @@ pub struct Vgg {
     compute: DType,
     device: Device,
     layers: Vec<Layer>,
-    convs: Vec<ConvWeights>,
-    cuda: Option<crate::cuda::perceptual::DeviceWeights>,
+    resident: Resident,
+}
+
+/// The parameters, kept once where they are used: f32 on the host for the
+/// CPU backend, or converted and uploaded for a CUDA device (no host copy).
+#[derive(Debug)]
+enum Resident {
+    Host(Vec<ConvWeights>),
+    Cuda(crate::cuda::perceptual::DeviceWeights),
 }
 
 impl Vgg {
@@ -120,24 +127,23 @@ impl Vgg {
             }
         };
         let convs = weights::read(bytes, options.arch, &layers)?;
-        let cuda = match device.cuda_device() {
+        let resident = match device.cuda_device() {
             Some(dev) => {
                 crate::cuda::cudnn::require()?;
-                Some(crate::cuda::perceptual::upload(
+                Resident::Cuda(crate::cuda::perceptual::upload(
                     dev,
                     &convs,
                     options.compute,
                 )?)
             }
-            None => None,
+            None => Resident::Host(convs),
         };
         Ok(Arc::new(Vgg {
             arch: options.arch,
             compute: options.compute,
             device: device.clone(),
             layers,
-            convs,
-            cuda,
+            resident,
         }))
     }
 
@@ -165,12 +171,19 @@ impl Vgg {
         &self.layers
     }
 
-    pub(crate) fn convs(&self) -> &[ConvWeights] {
-        &self.convs
+    /// The parameters of a network loaded for the CPU.
+    pub(crate) fn host_convs(&self) -> Option<&[ConvWeights]> {
+        match &self.resident {
+            Resident::Host(c) => Some(c),
+            Resident::Cuda(_) => None,
+        }
     }
 
-    /// The resident copy on a CUDA device.
+    /// The parameters of a network loaded for a CUDA device.
     pub(crate) fn cuda_weights(&self) -> Option<&crate::cuda::perceptual::DeviceWeights> {
-        self.cuda.as_ref()
+        match &self.resident {
+            Resident::Host(_) => None,
+            Resident::Cuda(w) => Some(w),
+        }
     }
 }
