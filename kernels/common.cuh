@@ -18,9 +18,15 @@ struct pl_bf16 { unsigned short bits; };
 
 __device__ __forceinline__ float pl_to_f32(float v) { return v; }
 __device__ __forceinline__ float pl_to_f32(pl_f16 v) {
+#ifdef PL_HOST_EMULATION  /* kernels/host: the compiler's own IEEE binary16 */
+    _Float16 h;
+    memcpy(&h, &v.bits, 2);
+    return (float)h;
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
     return f;
+#endif
 }
 __device__ __forceinline__ float pl_to_f32(pl_bf16 v) {
     return __uint_as_float(((unsigned int)v.bits) << 16);
@@ -30,7 +36,12 @@ template <typename T> __device__ __forceinline__ T pl_from_f32(float v);
 template <> __device__ __forceinline__ float pl_from_f32<float>(float v) { return v; }
 template <> __device__ __forceinline__ pl_f16 pl_from_f32<pl_f16>(float v) {
     pl_f16 h;
+#ifdef PL_HOST_EMULATION
+    _Float16 r = (_Float16)v;  // round to nearest even, as cvt.rn
+    memcpy(&h.bits, &r, 2);
+#else
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+#endif
     return h;
 }
 template <> __device__ __forceinline__ pl_bf16 pl_from_f32<pl_bf16>(float v) {

@@ -147,8 +147,10 @@ typedef struct pl_k_pool_params {
 } pl_k_pool_params;
 
 /* Feature distance at a tap between the pred and target halves of one
- * activation, with the gradient for the pred half; the loss and per-image
- * values are written (accumulate = 0) or added to (accumulate = 1). */
+ * activation, with the gradient for the pred half. The loss is written
+ * (accumulate = 0) or added to (1); so are the per-image values, with
+ * their own flag: a later chunk of a batch adds to the loss but writes
+ * its own images' values first. */
 typedef struct pl_k_tap_params {
     const void *x;        /* [2N][per_image] */
     void *grad;           /* [N][per_image] in dtype, or NULL */
@@ -162,7 +164,7 @@ typedef struct pl_k_tap_params {
     int32_t criterion;    /* pl_k_criterion */
     int32_t accumulate;
     float weight;         /* tap weight times the overall weight */
-    int32_t reserved;
+    int32_t accumulate_per_sample;
 } pl_k_tap_params;
 
 /* One backward step over [N][HW][C] in place:

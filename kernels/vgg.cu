@@ -82,7 +82,7 @@ __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
         double mean = pl_image_sum(p.reduce, n, p.blocks_per_image) / (double)p.per_image;
         if (p.reduce.per_sample) {
             float v = (float)(p.weight * mean);
-            p.reduce.per_sample[n] = p.accumulate ? p.reduce.per_sample[n] + v : v;
+            p.reduce.per_sample[n] = p.accumulate_per_sample ? p.reduce.per_sample[n] + v : v;
         }
         total += mean;
     }

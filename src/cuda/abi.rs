@@ -264,7 +264,7 @@ pub struct pl_k_tap_params {
     pub criterion: i32,
     pub accumulate: i32,
     pub weight: f32,
-    pub reserved: i32,
+    pub accumulate_per_sample: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -292,8 +292,8 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 100usize];
     ["Offset of field: pl_k_tap_params::weight"]
         [::std::mem::offset_of!(pl_k_tap_params, weight) - 104usize];
-    ["Offset of field: pl_k_tap_params::reserved"]
-        [::std::mem::offset_of!(pl_k_tap_params, reserved) - 108usize];
+    ["Offset of field: pl_k_tap_params::accumulate_per_sample"]
+        [::std::mem::offset_of!(pl_k_tap_params, accumulate_per_sample) - 108usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

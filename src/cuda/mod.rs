@@ -5,7 +5,10 @@
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod abi;
 pub(crate) mod cudnn;
+#[cfg(test)]
+pub(crate) mod emulator;
 pub(crate) mod feature;
+pub(crate) mod layout;
 pub(crate) mod nvtx;
 pub(crate) mod perceptual;
 pub(crate) mod schedule;
@@ -14,6 +17,7 @@ pub(crate) mod tv;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::tensor::DType;
+use abi::pl_k_reduce;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 /// One kernel family as embedded by build.rs: the nvcc fatbin when nvcc was
@@ -52,22 +56,41 @@ pub(crate) fn kernel_dtype(dtype: DType) -> i32 {
     }) as i32
 }
 
-/// Launches `{family}_{dtype}` of `image` with `params` as its one argument.
-pub(crate) fn launch<P: DeviceRepr>(
-    dev: &CudaDevice,
-    image: &KernelImage,
-    family: &str,
-    dtype: DType,
-    grid: (u32, u32),
-    params: &P,
-) -> Result<()> {
-    launch_symbol(
-        dev,
-        image,
-        &format!("{family}_{}", dtype.name()),
-        grid,
-        params,
-    )
+/// What the launchers queue work on: a CUDA device's stream or, in the
+/// tests, the host emulator of `emulator.rs`, which runs the same kernels on
+/// the CPU.
+pub(crate) trait Gpu {
+    /// Launches kernel `symbol` of `image` on `grid` blocks of [`BLOCK`]
+    /// threads, with `params` as its one argument.
+    fn launch_symbol<P: DeviceRepr + Copy>(
+        &self,
+        image: &KernelImage,
+        symbol: &str,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()>;
+
+    /// Calls `f` with reduction scratch for `images` per-image scales and
+    /// `partials` block partials, counter zero, held until `f` has queued
+    /// its launches.
+    fn with_reduce<R>(
+        &self,
+        images: usize,
+        partials: usize,
+        f: impl FnOnce(pl_k_reduce) -> Result<R>,
+    ) -> Result<R>;
+
+    /// Launches `{family}_{dtype}` of `image` with `params` as its one argument.
+    fn launch<P: DeviceRepr + Copy>(
+        &self,
+        image: &KernelImage,
+        family: &str,
+        dtype: DType,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        self.launch_symbol(image, &format!("{family}_{}", dtype.name()), grid, params)
+    }
 }
 
 /// Blocks for a grid-stride pass over `count` elements: enough to fill any
@@ -76,24 +99,36 @@ pub(crate) fn grid_for(count: usize) -> (u32, u32) {
     (count.div_ceil(BLOCK as usize).clamp(1, 8192) as u32, 1)
 }
 
-/// Launches kernel `symbol` of `image` with `params` as its one argument.
-pub(crate) fn launch_symbol<P: DeviceRepr>(
-    dev: &CudaDevice,
-    image: &KernelImage,
-    symbol: &str,
-    grid: (u32, u32),
-    params: &P,
-) -> Result<()> {
-    let func = dev.function(image, symbol)?;
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let mut builder = dev.stream().launch_builder(&func);
-    builder.arg(params);
-    // SAFETY: `params` matches the kernel's single by-value argument (the
-    // shared header), and the caller validated every address and size in it.
-    unsafe { builder.launch(cfg) }.map_err(|e| Error::cuda(&format!("launching {symbol}"), e))?;
-    Ok(())
+impl Gpu for CudaDevice {
+    fn launch_symbol<P: DeviceRepr + Copy>(
+        &self,
+        image: &KernelImage,
+        symbol: &str,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        let func = self.function(image, symbol)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = self.stream().launch_builder(&func);
+        builder.arg(params);
+        // SAFETY: `params` matches the kernel's single by-value argument (the
+        // shared header), and the caller validated every address and size in it.
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| Error::cuda(&format!("launching {symbol}"), e))?;
+        Ok(())
+    }
+
+    fn with_reduce<R>(
+        &self,
+        images: usize,
+        partials: usize,
+        f: impl FnOnce(pl_k_reduce) -> Result<R>,
+    ) -> Result<R> {
+        let ws = self.workspace(images, partials)?;
+        f(ws.reduce)
+    }
 }

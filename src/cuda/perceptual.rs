@@ -4,12 +4,14 @@
 //! argmax, one fused distance+gradient pass per tap, and a backward over
 //! the pred half only (weights are frozen: backward-data needs no
 //! activations). Buffers, descriptors and algorithms are built once per
-//! input shape and dtype (a [`ShapePlan`]) and reused.
+//! input shape and dtype (a [`ShapePlan`]) and reused; the buffers share
+//! one allocation laid out by their lifetimes (`layout.rs`).
 
 use super::abi::*;
 use super::cudnn::{ConvPlan, Handle};
-use super::schedule::{layer_dims, schedule, Step, TapGrad, INPUT_CHANNELS};
-use super::{grid_for, kernel_dtype, kernels, launch_symbol, nvtx, BLOCK};
+use super::layout::Layout;
+use super::schedule::{layer_dims, schedule, Buf, Schedule, Step, INPUT_CHANNELS};
+use super::{grid_for, kernel_dtype, kernels, nvtx, Gpu, BLOCK};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::perceptual::Plan;
@@ -44,6 +46,13 @@ impl std::fmt::Debug for DeviceWeights {
     }
 }
 
+/// Device addresses of one convolution's filter and bias.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvAddrs {
+    pub weight: u64,
+    pub bias: u64,
+}
+
 fn to_bytes(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
@@ -54,6 +63,29 @@ fn to_bytes(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
             .flat_map(|v| bf16::from_f32(v).to_le_bytes())
             .collect(),
     }
+}
+
+/// Input channels of a convolution as the device sees them.
+fn padded_in(in_c: usize) -> usize {
+    in_c.max(INPUT_CHANNELS)
+}
+
+/// A filter as the device keeps it: [out][in][ky][kx] ->
+/// [out][ky][kx][in padded], in `dtype`.
+pub(crate) fn krsc_bytes(p: &ConvWeights, dtype: DType) -> Vec<u8> {
+    let in_c = padded_in(p.in_c);
+    let krsc = (0..p.out_c).flat_map(|o| {
+        (0..9).flat_map(move |k| {
+            (0..in_c).map(move |c| {
+                if c < p.in_c {
+                    p.weight[(o * p.in_c + c) * 9 + k]
+                } else {
+                    0.0
+                }
+            })
+        })
+    });
+    to_bytes(krsc, dtype)
 }
 
 fn upload_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
@@ -70,26 +102,9 @@ pub(crate) fn upload(
     let st = dev.stream();
     let mut out = Vec::with_capacity(convs.len());
     for p in convs {
-        let in_c = if p.in_c < INPUT_CHANNELS {
-            INPUT_CHANNELS
-        } else {
-            p.in_c
-        };
-        // [out][in][ky][kx] -> [out][ky][kx][in_padded]
-        let krsc = (0..p.out_c).flat_map(|o| {
-            (0..9).flat_map(move |k| {
-                (0..in_c).map(move |c| {
-                    if c < p.in_c {
-                        p.weight[(o * p.in_c + c) * 9 + k]
-                    } else {
-                        0.0
-                    }
-                })
-            })
-        });
         out.push(DeviceConv {
             weight: st
-                .clone_htod(&to_bytes(krsc, dtype))
+                .clone_htod(&krsc_bytes(p, dtype))
                 .map_err(upload_err("uploading weights"))?,
             bias: st
                 .clone_htod(&p.bias)
@@ -98,6 +113,18 @@ pub(crate) fn upload(
     }
     dev.synchronize()?;
     Ok(DeviceWeights { convs: out, dtype })
+}
+
+impl DeviceWeights {
+    pub(crate) fn addrs(&self, dev: &CudaDevice) -> Vec<ConvAddrs> {
+        self.convs
+            .iter()
+            .map(|c| ConvAddrs {
+                weight: addr(&c.weight, dev),
+                bias: addr(&c.bias, dev),
+            })
+            .collect()
+    }
 }
 
 fn stream_id(dev: &CudaDevice) -> usize {
@@ -109,9 +136,51 @@ fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
 }
 
 fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
-    // SAFETY: every buffer is written before it is read (see ShapePlan).
+    // SAFETY: every buffer is written before it is read (the schedule).
     unsafe { dev.stream().alloc::<u8>(bytes.max(256)) }
         .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
+}
+
+/// The convolutions of a schedule: cuDNN on the device, a direct loop in
+/// the emulator tests. Addresses are device addresses in NHWC; filters KRSC.
+pub(crate) trait Convs {
+    /// `y = conv_k(x)` over the 2N batch.
+    ///
+    /// # Safety
+    /// Every address holds the planned shape of layer `k`.
+    unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()>;
+    /// `dx = conv_k^T(dy)` over the pred half.
+    ///
+    /// # Safety
+    /// As for `forward`.
+    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()>;
+}
+
+/// cuDNN with the plan's algorithms and workspace.
+struct Cudnn<'a> {
+    handle: &'a Handle,
+    plans: &'a [Option<ConvPlan>],
+    workspace: u64,
+}
+
+impl Cudnn<'_> {
+    fn plan(&self, k: usize) -> Result<&ConvPlan> {
+        self.plans[k]
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
+    }
+}
+
+impl Convs for Cudnn<'_> {
+    unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()> {
+        self.plan(k)?
+            .forward(self.handle, x, weight, y, self.workspace)
+    }
+
+    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
+        self.plan(k)?
+            .backward_data(self.handle, weight, dy, dx, self.workspace)
+    }
 }
 
 /// Everything one input shape needs, allocated once.
@@ -119,11 +188,9 @@ pub(crate) struct ShapePlan {
     /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
     key: (Shape, DType, bool, usize),
     convs: Vec<Option<ConvPlan>>,
-    act: [CudaSlice<u8>; 2],
-    grad: [CudaSlice<u8>; 2],
-    masks: Vec<Option<CudaSlice<u8>>>,
-    argmax: Vec<Option<CudaSlice<u8>>>,
-    tap_grads: Vec<Option<CudaSlice<u8>>>,
+    /// Every buffer of the schedule, at `layout`'s offsets.
+    arena: CudaSlice<u8>,
+    layout: Layout,
     workspace: CudaSlice<u8>,
     /// Device bytes held by this plan.
     pub footprint: usize,
@@ -144,41 +211,17 @@ impl ShapePlan {
     ) -> Result<Self> {
         let layers = &layers[..=plan.deepest()];
         let dims = layer_dims(layers, s.h, s.w);
-        let es = compute.size();
-        let n = s.n;
-        let input = s.h * s.w * INPUT_CHANNELS;
-        let largest = dims
-            .iter()
-            .map(|(c, h, w)| c * h * w)
-            .chain([input])
-            .max()
-            .unwrap_or(input);
-        let mut footprint = 0;
-        let mut buffer = |bytes: usize, what: &str| -> Result<CudaSlice<u8>> {
-            footprint += bytes.max(256);
-            alloc(dev, bytes, what)
-        };
-        let act = [
-            buffer(2 * n * largest * es, "activations")?,
-            buffer(2 * n * largest * es, "activations")?,
-        ];
-        let grad = [
-            buffer(n * largest * es, "gradients")?,
-            buffer(n * largest * es, "gradients")?,
-        ];
-        let (mut convs, mut masks, mut argmax, mut tap_grads) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut convs = Vec::new();
         let mut workspace = 0;
-        let mut in_dims = (INPUT_CHANNELS, s.h, s.w);
+        let mut in_c = INPUT_CHANNELS;
         for (layer, &(c, h, w)) in layers.iter().zip(&dims) {
-            let elems = n * c * h * w;
             convs.push(match layer.module {
                 Module::Conv { out_c, .. } => {
                     let p = ConvPlan::new(
                         handle,
                         compute,
-                        (2 * n, n),
-                        (in_dims.0, out_c, h, w),
+                        (2 * s.n, s.n),
+                        (in_c, out_c, h, w),
                         plan.tf32,
                     )?;
                     workspace = workspace.max(p.workspace);
@@ -186,34 +229,53 @@ impl ShapePlan {
                 }
                 _ => None,
             });
-            masks.push(match layer.module {
-                Module::Relu => Some(buffer(elems.div_ceil(32) * 4, "ReLU masks")?),
-                _ => None,
-            });
-            argmax.push(match layer.module {
-                Module::Pool => Some(buffer(elems, "pool argmax")?),
-                _ => None,
-            });
-            let inner_tap = plan.tap_weight(layer.index).is_some() && layer.index != plan.deepest();
-            tap_grads.push(if inner_tap {
-                Some(buffer(elems * es, "tap gradients")?)
-            } else {
-                None
-            });
-            in_dims = (c, h, w);
+            in_c = c;
         }
-        let workspace = buffer(workspace, "cuDNN workspace")?;
+        // The call with the gradient uses every buffer a forward-only call does.
+        let layout = Layout::new(
+            &schedule(layers, plan, (s.n, s.h, s.w), true, false),
+            compute.size(),
+        );
+        let arena = alloc(dev, layout.bytes, "activations and gradients")?;
+        let workspace = alloc(dev, workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
             key: (s, compute, plan.tf32, stream_id(dev)),
             convs,
-            act,
-            grad,
-            masks,
-            argmax,
-            tap_grads,
+            footprint: layout.bytes.max(256) + workspace.len(),
+            arena,
+            layout,
             workspace,
-            footprint,
         })
+    }
+
+    /// Queues `call` on `dev`'s stream.
+    pub(crate) fn run(
+        &mut self,
+        dev: &CudaDevice,
+        handle: &Handle,
+        weights: &DeviceWeights,
+        layers: &[Layer],
+        plan: &Plan,
+        call: &PerceptualCall,
+    ) -> Result<()> {
+        let cudnn = Cudnn {
+            handle,
+            plans: &self.convs,
+            workspace: addr(&self.workspace, dev),
+        };
+        let net = Net {
+            layers,
+            weights: &weights.addrs(dev),
+            compute: weights.dtype,
+        };
+        perceptual(
+            dev,
+            &cudnn,
+            net,
+            plan,
+            (&self.layout, addr(&self.arena, dev)),
+            call,
+        )
     }
 }
 
@@ -233,29 +295,68 @@ pub(crate) struct PerceptualCall {
     pub per_sample: Option<u64>,
 }
 
-fn run(
-    dev: &CudaDevice,
-    symbol: &str,
-    grid: (u32, u32),
-    params: &impl cudarc::driver::DeviceRepr,
-) -> Result<()> {
-    launch_symbol(dev, &kernels::VGG, symbol, grid, params)
+impl PerceptualCall {
+    /// The call split into runs of at most `chunk` images. Images are
+    /// independent: a chunk is a smaller batch at an offset, scaled by the
+    /// whole batch and added to the earlier chunks' loss.
+    pub(crate) fn chunks(&self, chunk: usize) -> Vec<PerceptualCall> {
+        let s = self.shape;
+        let chunk = chunk.clamp(1, s.n);
+        // pred, target and gradient share the image size
+        let image_bytes = (s.c * s.h * s.w * self.dtype.size()) as u64;
+        (0..s.n)
+            .step_by(chunk)
+            .map(|start| {
+                let at = start as u64;
+                PerceptualCall {
+                    batch: self.batch,
+                    accumulate: self.accumulate || start > 0,
+                    pred: self.pred + at * image_bytes,
+                    target: self.target + at * image_bytes,
+                    dtype: self.dtype,
+                    shape: Shape::new(chunk.min(s.n - start), s.c, s.h, s.w),
+                    grad: self.grad.map(|g| g + at * image_bytes),
+                    beta: self.beta,
+                    loss: self.loss,
+                    per_sample: self.per_sample.map(|ps| ps + at * 4),
+                }
+            })
+            .collect()
+    }
 }
 
-/// Queues the whole loss (and gradient) on `dev`'s stream: the steps of
-/// [`schedule`], each a kernel launch or a cuDNN call.
+/// The network as the kernels see it.
+#[derive(Clone, Copy)]
+pub(crate) struct Net<'a> {
+    pub layers: &'a [Layer],
+    pub weights: &'a [ConvAddrs],
+    pub compute: DType,
+}
+
+fn vgg_kernel(
+    gpu: &impl Gpu,
+    symbol: &str,
+    grid: (u32, u32),
+    params: &(impl cudarc::driver::DeviceRepr + Copy),
+) -> Result<()> {
+    gpu.launch_symbol(&kernels::VGG, symbol, grid, params)
+}
+
+/// Queues the whole loss (and gradient): the steps of [`schedule`], each a
+/// kernel launch or a convolution, on buffers at `base` + the layout's
+/// offsets. The layout must come from the gradient schedule of the same
+/// shape (it holds every buffer either schedule uses).
 pub(crate) fn perceptual(
-    dev: &CudaDevice,
-    handle: &Handle,
-    weights: &DeviceWeights,
-    layers: &[Layer],
+    gpu: &impl Gpu,
+    convs: &impl Convs,
+    net: Net<'_>,
     plan: &Plan,
-    sp: &mut ShapePlan,
+    (layout, base): (&Layout, u64),
     call: &PerceptualCall,
 ) -> Result<()> {
     let s = call.shape;
     let n = s.n as i64;
-    let cd = kernel_dtype(weights.dtype);
+    let cd = kernel_dtype(net.compute);
     let (mut scale, mut shift) = ([0f32; 3], [0f32; 3]);
     for c in 0..3 {
         let (a, b) = plan.norm.affine(c);
@@ -263,33 +364,28 @@ pub(crate) fn perceptual(
         shift[c] = b as f32;
     }
     let _call = nvtx::range(|| format!("perceptual {}x{}x{}x{}", s.n, s.c, s.h, s.w));
-    let act = [addr(&sp.act[0], dev), addr(&sp.act[1], dev)];
-    let grad = [addr(&sp.grad[0], dev), addr(&sp.grad[1], dev)];
-    let workspace = addr(&sp.workspace, dev);
-    let side = |bufs: &[Option<CudaSlice<u8>>], k: Option<usize>| -> Result<u64> {
-        match k {
-            None => Ok(0),
-            Some(k) => bufs[k]
-                .as_ref()
-                .map(|b| addr(b, dev))
-                .ok_or_else(|| Error::Internal(format!("no buffer for layer {k}"))),
-        }
-    };
-    let conv_plan = |k: usize| {
-        sp.convs[k]
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
-    };
-    let name = |k: usize| layers[k].name.as_str();
+    let sched: Schedule = schedule(
+        net.layers,
+        plan,
+        (s.n, s.h, s.w),
+        call.grad.is_some(),
+        call.accumulate,
+    );
+    if layout.offsets.len() < sched.buffers.len() {
+        return Err(Error::Internal("a layout from another schedule".into()));
+    }
+    let at = |b: Buf| base + layout.offsets[b] as u64;
+    let opt = |b: Option<Buf>| b.map_or(0, at);
+    let name = |k: usize| net.layers[k].name.as_str();
 
-    for step in schedule(layers, plan, s.h, s.w, call.grad.is_some(), call.accumulate) {
-        match step {
-            Step::Preprocess => {
+    for step in &sched.steps {
+        match *step {
+            Step::Preprocess { out } => {
                 let _r = nvtx::range(|| "preprocess".into());
                 let p = pl_k_preprocess_params {
                     pred: call.pred as *const _,
                     target: call.target as *const _,
-                    out: act[0] as *mut _,
+                    out: at(out) as *mut _,
                     n,
                     h: s.h as i64,
                     w: s.w as i64,
@@ -300,28 +396,20 @@ pub(crate) fn perceptual(
                     scale,
                     shift,
                 };
-                run(
-                    dev,
+                vgg_kernel(
+                    gpu,
                     "pl_vgg_preprocess",
                     grid_for(2 * s.n * s.h * s.w * INPUT_CHANNELS),
                     &p,
                 )?;
             }
-            Step::ConvForward { k, conv, from, to } => {
+            Step::ConvForward { k, conv, x, y } => {
                 let _r = nvtx::range(|| format!("forward {}", name(k)));
-                // SAFETY: the plan's buffers hold the planned shapes.
-                unsafe {
-                    conv_plan(k)?.forward(
-                        handle,
-                        act[from],
-                        addr(&weights.convs[conv].weight, dev),
-                        act[to],
-                        workspace,
-                    )?
-                };
+                // SAFETY: the layout's buffers hold the planned shapes.
+                unsafe { convs.forward(k, at(x), net.weights[conv].weight, at(y))? };
             }
             Step::BiasAct {
-                act: a,
+                x,
                 bias,
                 relu,
                 mask,
@@ -329,11 +417,9 @@ pub(crate) fn perceptual(
             } => {
                 let elems = s.n * c * h * w;
                 let p = pl_k_bias_act_params {
-                    x: act[a] as *mut _,
-                    bias: bias.map_or(std::ptr::null(), |b| {
-                        addr(&weights.convs[b].bias, dev) as *const f32
-                    }),
-                    mask: side(&sp.masks, mask)? as *mut u32,
+                    x: at(x) as *mut _,
+                    bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
+                    mask: opt(mask) as *mut u32,
                     count: 2 * elems as i64,
                     pred_count: elems as i64,
                     c: c as i32,
@@ -341,18 +427,18 @@ pub(crate) fn perceptual(
                     relu: relu as i32,
                     reserved: 0,
                 };
-                run(dev, "pl_vgg_bias_act", grid_for(2 * elems), &p)?;
+                vgg_kernel(gpu, "pl_vgg_bias_act", grid_for(2 * elems), &p)?;
             }
             Step::Pool {
-                from,
-                to,
+                x,
+                y,
                 argmax,
                 input: (c, h, w),
             } => {
                 let p = pl_k_pool_params {
-                    x: act[from] as *const _,
-                    y: act[to] as *mut _,
-                    argmax: side(&sp.argmax, argmax)? as *mut u8,
+                    x: at(x) as *const _,
+                    y: at(y) as *mut _,
+                    argmax: opt(argmax) as *mut u8,
                     images: 2 * n,
                     pred_images: n,
                     h: h as i64,
@@ -362,34 +448,28 @@ pub(crate) fn perceptual(
                     avg: (plan.pooling == Pooling::Avg) as i32,
                     reserved: 0,
                 };
-                run(
-                    dev,
+                vgg_kernel(
+                    gpu,
                     "pl_vgg_pool",
                     grid_for(2 * s.n * c * (h / 2) * (w / 2)),
                     &p,
                 )?;
             }
             Step::Tap {
-                act: a,
-                grad: g,
+                x,
+                grad,
                 dims: (c, h, w),
                 weight,
                 accumulate,
+                first,
             } => {
-                let target = match g {
-                    None => 0,
-                    Some(TapGrad::Start) => grad[0],
-                    Some(TapGrad::Inner(k)) => side(&sp.tap_grads, Some(k))?,
+                let sum = TapSum {
+                    per_image: c * h * w,
+                    weight,
+                    accumulate,
+                    first,
                 };
-                tap(
-                    dev,
-                    act[a],
-                    target,
-                    call,
-                    (c * h * w, weight, accumulate),
-                    plan,
-                    cd,
-                )?;
+                tap(gpu, at(x), opt(grad), call, sum, plan, cd)?;
             }
             Step::ReluBackward {
                 g,
@@ -400,53 +480,45 @@ pub(crate) fn perceptual(
             } => {
                 let elems = s.n * c * h * w;
                 let p = pl_k_grad_step_params {
-                    g: grad[g] as *mut _,
-                    before: side(&sp.tap_grads, before)? as *const _,
-                    mask: side(&sp.masks, mask)? as *const u32,
-                    after: side(&sp.tap_grads, after)? as *const _,
+                    g: at(g) as *mut _,
+                    before: opt(before) as *const _,
+                    mask: at(mask) as *const u32,
+                    after: opt(after) as *const _,
                     count: elems as i64,
                     dtype: cd,
                     reserved: 0,
                 };
-                run(dev, "pl_vgg_grad_step", grid_for(elems), &p)?;
+                vgg_kernel(gpu, "pl_vgg_grad_step", grid_for(elems), &p)?;
             }
             Step::Unpool {
-                from,
-                to,
+                gy,
+                gx,
                 before,
                 argmax,
                 input: (c, h, w),
             } => {
                 let p = pl_k_unpool_params {
-                    gy: grad[from] as *const _,
-                    before: side(&sp.tap_grads, before)? as *const _,
-                    gx: grad[to] as *mut _,
-                    argmax: side(&sp.argmax, argmax)? as *const u8,
+                    gy: at(gy) as *const _,
+                    before: opt(before) as *const _,
+                    gx: at(gx) as *mut _,
+                    argmax: opt(argmax) as *const u8,
                     n,
                     h: h as i64,
                     w: w as i64,
                     c: c as i32,
                     dtype: cd,
                 };
-                run(dev, "pl_vgg_unpool", grid_for(s.n * c * h * w), &p)?;
+                vgg_kernel(gpu, "pl_vgg_unpool", grid_for(s.n * c * h * w), &p)?;
             }
-            Step::ConvBackward { k, conv, from, to } => {
+            Step::ConvBackward { k, conv, dy, dx } => {
                 let _r = nvtx::range(|| format!("backward {}", name(k)));
-                // SAFETY: the plan's buffers hold the planned shapes.
-                unsafe {
-                    conv_plan(k)?.backward_data(
-                        handle,
-                        addr(&weights.convs[conv].weight, dev),
-                        grad[from],
-                        grad[to],
-                        workspace,
-                    )?
-                };
+                // SAFETY: the layout's buffers hold the planned shapes.
+                unsafe { convs.backward_data(k, net.weights[conv].weight, at(dy), at(dx))? };
             }
             Step::InputGrad { g } => {
                 let _r = nvtx::range(|| "input gradient".into());
                 let p = pl_k_input_grad_params {
-                    g: grad[g] as *const _,
+                    g: at(g) as *const _,
                     grad: call.grad.unwrap_or(0) as *mut _,
                     n,
                     h: s.h as i64,
@@ -459,8 +531,8 @@ pub(crate) fn perceptual(
                     beta: call.beta,
                     reserved: 0,
                 };
-                run(
-                    dev,
+                vgg_kernel(
+                    gpu,
                     "pl_vgg_input_grad",
                     grid_for(s.n * s.c * s.h * s.w),
                     &p,
@@ -474,16 +546,29 @@ pub(crate) fn perceptual(
 /// Blocks in flight a tap aims for; fixed, so the loss bits depend only on the shape.
 const TAP_BLOCKS: usize = 1024;
 
-/// The distance at one tap: `(per_image elements, weight, accumulate)`.
+/// What one tap adds to the loss.
+struct TapSum {
+    /// Elements of one image's activation.
+    per_image: usize,
+    /// Tap weight times the overall weight.
+    weight: f64,
+    /// Add to the loss rather than write it.
+    accumulate: bool,
+    /// The call's first tap: writes the per-image values.
+    first: bool,
+}
+
+/// The distance at one tap.
 fn tap(
-    dev: &CudaDevice,
+    gpu: &impl Gpu,
     x: u64,
     grad: u64,
     call: &PerceptualCall,
-    (per_image, weight, accumulate): (usize, f64, bool),
+    sum: TapSum,
     plan: &Plan,
     dtype: i32,
 ) -> Result<()> {
+    let per_image = sum.per_image;
     let n = call.shape.n;
     let target_blocks = TAP_BLOCKS
         .div_ceil(n)
@@ -491,30 +576,360 @@ fn tap(
         .max(1);
     let per_block = per_image.div_ceil(target_blocks);
     let blocks_per_image = per_image.div_ceil(per_block);
-    let ws = dev.workspace(0, blocks_per_image * n)?;
-    let mut reduce = ws.reduce;
-    reduce.loss = call.loss as *mut f32;
-    reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
     let _stage = nvtx::range(|| "tap loss".into());
-    let p = pl_k_tap_params {
-        x: x as *const _,
-        grad: grad as *mut _,
-        reduce,
-        n: n as i64,
-        batch: call.batch as i64,
-        per_image: per_image as i64,
-        per_block: per_block as i64,
-        blocks_per_image: blocks_per_image as i32,
-        dtype,
-        criterion: plan.criterion.kernel_id(),
-        accumulate: accumulate as i32,
-        weight: weight as f32,
-        reserved: 0,
-    };
-    run(
-        dev,
-        "pl_vgg_tap",
-        (blocks_per_image as u32, n.min(65535) as u32),
-        &p,
-    )
+    gpu.with_reduce(0, blocks_per_image * n, |mut reduce| {
+        reduce.loss = call.loss as *mut f32;
+        reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
+        let p = pl_k_tap_params {
+            x: x as *const _,
+            grad: grad as *mut _,
+            reduce,
+            n: n as i64,
+            batch: call.batch as i64,
+            per_image: per_image as i64,
+            per_block: per_block as i64,
+            blocks_per_image: blocks_per_image as i32,
+            dtype,
+            criterion: plan.criterion.kernel_id(),
+            accumulate: sum.accumulate as i32,
+            weight: sum.weight as f32,
+            accumulate_per_sample: !sum.first as i32,
+        };
+        vgg_kernel(
+            gpu,
+            "pl_vgg_tap",
+            (blocks_per_image as u32, n.min(65535) as u32),
+            &p,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The whole CUDA path — schedule, layout, launch parameters and the
+    //! kernels themselves — run by the host emulator, with a direct
+    //! convolution in cuDNN's place, against the CPU backend.
+
+    use super::*;
+    use crate::cuda::emulator::{addr, addr_mut, assert_close, values, Emulator};
+    use crate::cuda::schedule::Dims;
+    use crate::loss::feature::Criterion;
+    use crate::loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+    use crate::tensor::Element;
+    use crate::vgg::{seeded_safetensors, Vgg, VggArch, WeightsSource};
+    use crate::{Device, LossOutputs, TensorMut, TensorRef};
+
+    /// Values of `dtype` at a host address.
+    unsafe fn load(base: u64, dtype: DType, len: usize) -> Vec<f32> {
+        match dtype {
+            DType::F32 => std::slice::from_raw_parts(base as *const f32, len).to_vec(),
+            DType::F16 => std::slice::from_raw_parts(base as *const f16, len)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+            DType::BF16 => std::slice::from_raw_parts(base as *const bf16, len)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+        }
+    }
+
+    unsafe fn store(base: u64, dtype: DType, v: &[f32]) {
+        let bytes = to_bytes(v.iter().copied(), dtype);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), base as *mut u8, bytes.len());
+    }
+
+    /// What cuDNN computes: NHWC, KRSC filters, zero padding 1, f32 sums,
+    /// results rounded to the compute dtype.
+    struct DirectConvs {
+        n: usize,
+        /// Per layer: input and output dims.
+        dims: Vec<(Dims, Dims)>,
+        dtype: DType,
+    }
+
+    impl DirectConvs {
+        fn new(layers: &[Layer], n: usize, h: usize, w: usize, dtype: DType) -> Self {
+            let out = layer_dims(layers, h, w);
+            let dims = (0..out.len())
+                .map(|k| {
+                    let input = if k == 0 {
+                        (INPUT_CHANNELS, h, w)
+                    } else {
+                        out[k - 1]
+                    };
+                    (input, out[k])
+                })
+                .collect();
+            DirectConvs { n, dims, dtype }
+        }
+
+        /// Calls `f(output pixel, tap, input pixel)` for every in-bounds
+        /// 3x3 tap, pixels numbered over all images.
+        fn windows(images: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize)) {
+            for img in 0..images {
+                for i in 0..h {
+                    for j in 0..w {
+                        for t in 0..9 {
+                            let (si, sj) =
+                                ((i + t / 3).wrapping_sub(1), (j + t % 3).wrapping_sub(1));
+                            if si < h && sj < w {
+                                f((img * h + i) * w + j, t, (img * h + si) * w + sj);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    impl Convs for DirectConvs {
+        unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()> {
+            let ((ci, h, w), (co, _, _)) = self.dims[k];
+            let images = 2 * self.n;
+            let xs = load(x, self.dtype, images * h * w * ci);
+            let ws = load(weight, self.dtype, co * 9 * ci);
+            let mut ys = vec![0f32; images * h * w * co];
+            Self::windows(images, h, w, |out, t, src| {
+                for o in 0..co {
+                    let f = &ws[(o * 9 + t) * ci..][..ci];
+                    let v = &xs[src * ci..][..ci];
+                    ys[out * co + o] += f.iter().zip(v).map(|(a, b)| a * b).sum::<f32>();
+                }
+            });
+            store(y, self.dtype, &ys);
+            Ok(())
+        }
+
+        unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
+            let ((ci, h, w), (co, _, _)) = self.dims[k];
+            let dys = load(dy, self.dtype, self.n * h * w * co);
+            let ws = load(weight, self.dtype, co * 9 * ci);
+            let mut dxs = vec![0f32; self.n * h * w * ci];
+            Self::windows(self.n, h, w, |out, t, src| {
+                for o in 0..co {
+                    let g = dys[out * co + o];
+                    let f = &ws[(o * 9 + t) * ci..][..ci];
+                    for (d, f) in dxs[src * ci..][..ci].iter_mut().zip(f) {
+                        *d += f * g;
+                    }
+                }
+            });
+            store(dx, self.dtype, &dxs);
+            Ok(())
+        }
+    }
+
+    struct Case {
+        arch: VggArch,
+        config: PerceptualConfig,
+        shape: Shape,
+        compute: DType,
+        want_grad: bool,
+        tol: f64,
+    }
+
+    /// Loss, per-sample losses and gradient (beta 0.5 over old values)
+    /// through the emulated CUDA path and through the CPU backend.
+    fn check<T: Element>(case: Case) {
+        let Some(emu) = Emulator::get() else { return };
+        let Case {
+            arch,
+            config,
+            shape: s,
+            compute,
+            want_grad,
+            tol,
+        } = case;
+        let bytes = seeded_safetensors(arch, 9).unwrap();
+        let vgg = Vgg::load(
+            &Device::cpu(),
+            WeightsSource::Bytes(&bytes),
+            arch,
+            DType::F32,
+        )
+        .unwrap();
+        let loss = PerceptualLoss::new(vgg, &config).unwrap();
+        let (vgg, plan) = (loss.vgg().as_ref(), loss.plan());
+        let count = s.n * s.c * s.h * s.w;
+        let (pred, target) = (values::<T>(count, 1), values::<T>(count, 2));
+        let old = values::<T>(count, 3);
+        let beta = 0.5;
+
+        let convs = vgg.host_convs().unwrap();
+        let filters: Vec<Vec<u8>> = convs.iter().map(|p| krsc_bytes(p, compute)).collect();
+        let weights: Vec<ConvAddrs> = convs
+            .iter()
+            .zip(&filters)
+            .map(|(p, f)| ConvAddrs {
+                weight: addr(f),
+                bias: addr(&p.bias),
+            })
+            .collect();
+        let net = Net {
+            layers: vgg.layers(),
+            weights: &weights,
+            compute,
+        };
+        let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
+        let mut got_grad = old.clone();
+        let whole = PerceptualCall {
+            batch: s.n,
+            accumulate: false,
+            pred: addr(&pred),
+            target: addr(&target),
+            dtype: T::DTYPE,
+            shape: s,
+            grad: want_grad.then(|| addr_mut(&mut got_grad)),
+            beta,
+            loss: &mut got as *mut f32 as u64,
+            per_sample: Some(addr_mut(&mut got_per)),
+        };
+        for call in whole.chunks(plan.chunk.unwrap_or(s.n)) {
+            let n = call.shape.n;
+            let layers = &vgg.layers()[..=plan.deepest()];
+            let layout = Layout::new(
+                &schedule(layers, plan, (n, s.h, s.w), true, false),
+                compute.size(),
+            );
+            // Poisoned, so a read before a write shows.
+            let mut arena = vec![u64::MAX; layout.bytes.div_ceil(8)];
+            let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
+            perceptual(
+                emu,
+                &direct,
+                net,
+                plan,
+                (&layout, addr_mut(&mut arena)),
+                &call,
+            )
+            .unwrap();
+        }
+
+        let (mut want, mut want_per) = (0f32, vec![0f32; s.n]);
+        let mut want_g = old.clone();
+        let mut out = LossOutputs::new(TensorMut::scalar(&mut want))
+            .with_per_sample(TensorMut::host(&mut want_per, Shape::new(s.n, 1, 1, 1)).unwrap());
+        if want_grad {
+            out = out
+                .with_grad(TensorMut::host(&mut want_g, s).unwrap())
+                .accumulate(beta);
+        }
+        loss.compute(
+            &TensorRef::host(&pred, s).unwrap(),
+            &TensorRef::host(&target, s).unwrap(),
+            out,
+        )
+        .unwrap();
+
+        let what = format!(
+            "{arch:?} {config:?} {s} {} via {}",
+            T::DTYPE.name(),
+            compute.name()
+        );
+        assert!(
+            (got as f64 - want as f64).abs() <= tol * want.abs() as f64,
+            "{what}: loss {got} vs {want}"
+        );
+        assert_close(&format!("{what} per sample"), &got_per, &want_per, tol);
+        assert_close(&format!("{what} gradient"), &got_grad, &want_g, 10.0 * tol);
+    }
+
+    fn taps(names: &[&str]) -> Vec<Tap> {
+        names.iter().map(|&n| Tap::from(n)).collect()
+    }
+
+    #[test]
+    fn article_defaults_in_every_dtype() {
+        let case = |compute, tol| Case {
+            arch: VggArch::Vgg16,
+            config: PerceptualConfig::default(),
+            shape: Shape::new(2, 3, 16, 12),
+            compute,
+            want_grad: true,
+            tol,
+        };
+        check::<f32>(case(DType::F32, 1e-4));
+        check::<bf16>(case(DType::BF16, 3e-2));
+        check::<f16>(case(DType::F16, 1e-2));
+        check::<f32>(case(DType::BF16, 3e-2));
+    }
+
+    #[test]
+    fn chunks_add_up_to_the_batch() {
+        let config = PerceptualConfig {
+            max_chunk_images: Some(2),
+            ..Default::default()
+        };
+        check::<f32>(Case {
+            arch: VggArch::Vgg16,
+            config,
+            shape: Shape::new(3, 3, 16, 12),
+            compute: DType::F32,
+            want_grad: true,
+            tol: 1e-4,
+        });
+    }
+
+    #[test]
+    fn conv_taps_mae_imagenet_vgg19() {
+        let config = PerceptualConfig {
+            taps: taps(&["conv1_2", "relu2_1", "conv3_4"]),
+            tap_weights: vec![0.5, 1.0, 2.0],
+            criterion: Criterion::Mae,
+            input_norm: InputNorm::Imagenet,
+            ..Default::default()
+        };
+        check::<f32>(Case {
+            arch: VggArch::Vgg19,
+            config,
+            shape: Shape::new(2, 3, 12, 16),
+            compute: DType::F32,
+            want_grad: true,
+            tol: 1e-4,
+        });
+    }
+
+    #[test]
+    fn pool_taps_average_pooling_grayscale_odd_sizes() {
+        let config = PerceptualConfig {
+            taps: taps(&["pool1", "relu2_2", "pool2"]),
+            pooling: Pooling::Avg,
+            input_norm: InputNorm::ImagenetFromPm1,
+            weight: 3.0,
+            ..Default::default()
+        };
+        check::<f32>(Case {
+            arch: VggArch::Vgg16,
+            config,
+            shape: Shape::new(2, 1, 13, 11),
+            compute: DType::F32,
+            want_grad: true,
+            tol: 1e-4,
+        });
+        let max_pools = PerceptualConfig {
+            taps: taps(&["pool1", "pool2"]),
+            ..Default::default()
+        };
+        check::<f32>(Case {
+            arch: VggArch::Vgg16,
+            config: max_pools,
+            shape: Shape::new(1, 3, 20, 28),
+            compute: DType::F32,
+            want_grad: true,
+            tol: 1e-4,
+        });
+    }
+
+    #[test]
+    fn forward_only() {
+        check::<bf16>(Case {
+            arch: VggArch::Vgg16,
+            config: PerceptualConfig::default(),
+            shape: Shape::new(2, 3, 16, 16),
+            compute: DType::BF16,
+            want_grad: false,
+            tol: 3e-2,
+        });
+    }
 }

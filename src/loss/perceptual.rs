@@ -353,35 +353,21 @@ impl PerceptualLoss {
             .vgg
             .cuda_weights()
             .ok_or_else(|| Error::Internal("CUDA weights missing".into()))?;
-        // Images are independent: a chunk is a smaller batch at an offset,
-        // scaled by the whole batch and added to the earlier chunks' loss.
-        let chunk = self.plan.chunk.unwrap_or(s.n).min(s.n);
-        let image_bytes = (bytes / s.n) as u64; // pred, target and gradient alike
-        for start in (0..s.n).step_by(chunk) {
-            let images = chunk.min(s.n - start);
-            let at = start as u64;
-            let call = PerceptualCall {
-                batch: s.n,
-                accumulate: start > 0,
-                pred: p + at * image_bytes,
-                target: t + at * image_bytes,
-                dtype: pred.dtype,
-                shape: Shape::new(images, s.c, s.h, s.w),
-                grad: o.grad.map(|g| g + at * image_bytes),
-                beta: out.beta,
-                loss: o.loss,
-                per_sample: o.per_sample.map(|ps| ps + at * 4),
-            };
+        let whole = PerceptualCall {
+            batch: s.n,
+            accumulate: false,
+            pred: p,
+            target: t,
+            dtype: pred.dtype,
+            shape: s,
+            grad: o.grad,
+            beta: out.beta,
+            loss: o.loss,
+            per_sample: o.per_sample,
+        };
+        for call in whole.chunks(self.plan.chunk.unwrap_or(s.n)) {
             self.with_shape_plan(dev, call.shape, |handle, sp| {
-                crate::cuda::perceptual::perceptual(
-                    dev,
-                    handle,
-                    weights,
-                    self.vgg.layers(),
-                    &self.plan,
-                    sp,
-                    &call,
-                )
+                sp.run(dev, handle, weights, self.vgg.layers(), &self.plan, &call)
             })?;
         }
         Ok(())
