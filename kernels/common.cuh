@@ -74,6 +74,15 @@ __device__ __forceinline__ void pl_store(void *p, int dtype, int64_t i, float v)
     }
 }
 
+/* v rounded to dtype, as a store and a load would leave it. */
+__device__ __forceinline__ float pl_round(float v, int dtype) {
+    switch (dtype) {
+    case PL_K_F16: return pl_to_f32(pl_from_f32<pl_f16>(v));
+    case PL_K_BF16: return pl_to_f32(pl_from_f32<pl_bf16>(v));
+    default: return v;
+    }
+}
+
 /* a / b and a % b for non-negative a and positive b: 32-bit arithmetic
  * when a fits (the usual case; a 64-bit division is a called subroutine of
  * ~70 instructions), 64-bit otherwise. */

@@ -146,6 +146,25 @@ typedef struct pl_k_pool_params {
     int32_t reserved;
 } pl_k_pool_params;
 
+/* Fused ReLU layer and the 2x2 pooling after it, over [2N][H][W][C] with
+ * H and W even and C a multiple of 32: x + bias, ReLU, the pred half's
+ * mask, then the pooled output and argmax. The ReLU output is written back
+ * to x only when a tap reads it (keep = 1). */
+typedef struct pl_k_bias_act_pool_params {
+    void *x;
+    void *y;              /* [2N][H/2][W/2][C] */
+    const float *bias;    /* [C] or NULL */
+    uint32_t *mask;       /* pred half's ReLU mask, or NULL */
+    uint8_t *argmax;      /* pred half, or NULL; max-pooling only */
+    int64_t images;       /* 2N */
+    int64_t pred_images;  /* N */
+    int64_t h, w;
+    int32_t c;
+    int32_t dtype;
+    int32_t avg;          /* 0 max, 1 average */
+    int32_t keep;         /* 1: write the ReLU output back to x */
+} pl_k_bias_act_pool_params;
+
 /* Feature distance at a tap between the pred and target halves of one
  * activation, with the gradient for the pred half. The loss is written
  * (accumulate = 0) or added to (1); so are the per-image values, with
@@ -179,12 +198,17 @@ typedef struct pl_k_grad_step_params {
     int32_t reserved;
 } pl_k_grad_step_params;
 
-/* Gradient through 2x2 pooling: [N][H/2][W/2][C] (+ before) -> [N][H][W][C]. */
+/* Gradient through 2x2 pooling: [N][H/2][W/2][C] (+ before) -> [N][H][W][C],
+ * and, when the pool follows a ReLU, through that ReLU in the same pass:
+ * gx = (unpooled + relu_before) * mask + after. */
 typedef struct pl_k_unpool_params {
     const void *gy;
     const void *before;   /* tap gradient at the pool output, or NULL */
     void *gx;
     const uint8_t *argmax;/* max-pooling; NULL for average */
+    const void *relu_before; /* tap gradient at the ReLU output, or NULL */
+    const uint32_t *mask; /* the ReLU's mask, or NULL for no ReLU */
+    const void *after;    /* tap gradient at the ReLU's input, or NULL */
     int64_t n, h, w;      /* of gx */
     int32_t c;
     int32_t dtype;

@@ -2,11 +2,13 @@
  * VGG helper kernels for the perceptual loss; cuDNN does the convolutions.
  *
  * Forward (pred and target batched as 2N images, NHWC, compute dtype):
- * preprocess -> [conv (cuDNN) -> bias+ReLU (+mask)] ... -> pool (+argmax),
- * and at each tap one fused pass computing the distance and the tap's
- * gradient. Backward (pred half only): grad_step (tap adds and the ReLU
- * mask in one pass), unpool, conv backward-data (cuDNN), and input_grad,
- * which writes the caller's gradient in its dtype and NCHW layout.
+ * preprocess -> [conv (cuDNN) -> bias+ReLU (+mask)] ... -> bias+ReLU+pool
+ * in one pass (+mask, +argmax; pool alone where H or W is odd), and at each
+ * tap one fused pass computing the distance and the tap's gradient.
+ * Backward (pred half only): grad_step (tap adds and the ReLU mask in one
+ * pass), unpool (with the ReLU before it in the same pass), conv
+ * backward-data (cuDNN), and input_grad, which writes the caller's
+ * gradient in its dtype and NCHW layout.
  *
  * All are memory-bound elementwise passes: grid-stride loops, one read and
  * one write per element, dtype switches that are uniform across the grid.
@@ -51,6 +53,16 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias
     }
 }
 
+/* 2x2 window -> pooled value; for max, the first maximum wins and NaN
+ * propagates (PyTorch's rule), and `best` is its position (row-major). */
+__device__ __forceinline__ float pool_window(const float v[4], bool avg, int &best) {
+    best = 0;
+    if (avg) return 0.25f * ((v[0] + v[1]) + (v[2] + v[3]));
+    for (int k = 1; k < 4; ++k)
+        if (v[k] > v[best] || (v[k] != v[k] && v[best] == v[best])) best = k;
+    return v[best];
+}
+
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_params p) {
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
     PL_FOR_EACH(idx, count) {
@@ -61,16 +73,43 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_par
         int64_t at = ((img * p.h + 2 * i) * p.w + 2 * j) * p.c + ch;
         float v[4] = {pl_load(p.x, p.dtype, at), pl_load(p.x, p.dtype, at + p.c),
                       pl_load(p.x, p.dtype, at + row), pl_load(p.x, p.dtype, at + row + p.c)};
-        float out;
-        if (p.avg) {
-            out = 0.25f * ((v[0] + v[1]) + (v[2] + v[3]));
-        } else {
-            int best = 0;  // the first maximum wins; NaN propagates (PyTorch's rule)
-            for (int k = 1; k < 4; ++k)
-                if (v[k] > v[best] || (v[k] != v[k] && v[best] == v[best])) best = k;
-            out = v[best];
-            if (p.argmax && img < p.pred_images) p.argmax[idx] = (uint8_t)best;
+        int best;
+        float out = pool_window(v, p.avg, best);
+        if (!p.avg && p.argmax && img < p.pred_images) p.argmax[idx] = (uint8_t)best;
+        pl_store(p.y, p.dtype, idx, out);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k_bias_act_pool_params p) {
+    // Whole warps walk aligned groups of 32 pooled outputs: with C a
+    // multiple of 32 they are 32 channels of one pixel, so each of the 4
+    // window positions is 32 consecutive, aligned inputs, and one ballot
+    // per position makes one mask word.
+    const int lane = threadIdx.x & 31;
+    const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
+    const int64_t warps = (int64_t)gridDim.x * PL_WARPS;
+    for (int64_t base = ((int64_t)blockIdx.x * PL_WARPS + (threadIdx.x >> 5)) * 32; base < count; base += warps * 32) {
+        int64_t idx = base + lane;  // count is a multiple of 32: every lane is in range
+        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
+        int64_t next = pl_div(rest, ow), j = rest - next * ow;
+        int64_t img = pl_div(next, oh), i = next - img * oh;
+        const bool pred = img < p.pred_images;  // uniform across the warp
+        const float b = p.bias ? p.bias[ch] : 0.0f;
+        float v[4];
+        for (int q = 0; q < 4; ++q) {
+            int64_t at = ((img * p.h + 2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
+            float x = pl_load(p.x, p.dtype, at) + b;
+            if (!(x > 0.0f) && x == x) x = 0.0f;  // NaN propagates, as in PyTorch
+            // Rounded as stored, so the pooled value is the pool of the stored ReLU output.
+            x = pl_round(x, p.dtype);
+            if (p.keep) pl_store(p.x, p.dtype, at, x);
+            unsigned int word = __ballot_sync(0xffffffffu, x > 0.0f);
+            if (p.mask && pred && lane == 0) p.mask[at >> 5] = word;
+            v[q] = x;
         }
+        int best;
+        float out = pool_window(v, p.avg, best);
+        if (!p.avg && p.argmax && pred) p.argmax[idx] = (uint8_t)best;
         pl_store(p.y, p.dtype, idx, out);
     }
 }
@@ -145,6 +184,10 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
                 if (!p.argmax) v *= 0.25f;
             }
         }
+        // The ReLU before the pool, as pl_vgg_grad_step would do it.
+        if (p.relu_before) v += pl_load(p.relu_before, p.dtype, idx);
+        if (p.mask && !((p.mask[idx >> 5] >> (idx & 31)) & 1u)) v = 0.0f;
+        if (p.after) v += pl_load(p.after, p.dtype, idx);
         pl_store(p.gx, p.dtype, idx, v);
     }
 }

@@ -251,6 +251,56 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct pl_k_bias_act_pool_params {
+    pub x: *mut ::std::os::raw::c_void,
+    pub y: *mut ::std::os::raw::c_void,
+    pub bias: *const f32,
+    pub mask: *mut u32,
+    pub argmax: *mut u8,
+    pub images: i64,
+    pub pred_images: i64,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub dtype: i32,
+    pub avg: i32,
+    pub keep: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_bias_act_pool_params"]
+        [::std::mem::size_of::<pl_k_bias_act_pool_params>() - 88usize];
+    ["Alignment of pl_k_bias_act_pool_params"]
+        [::std::mem::align_of::<pl_k_bias_act_pool_params>() - 8usize];
+    ["Offset of field: pl_k_bias_act_pool_params::x"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, x) - 0usize];
+    ["Offset of field: pl_k_bias_act_pool_params::y"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, y) - 8usize];
+    ["Offset of field: pl_k_bias_act_pool_params::bias"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, bias) - 16usize];
+    ["Offset of field: pl_k_bias_act_pool_params::mask"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, mask) - 24usize];
+    ["Offset of field: pl_k_bias_act_pool_params::argmax"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, argmax) - 32usize];
+    ["Offset of field: pl_k_bias_act_pool_params::images"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, images) - 40usize];
+    ["Offset of field: pl_k_bias_act_pool_params::pred_images"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, pred_images) - 48usize];
+    ["Offset of field: pl_k_bias_act_pool_params::h"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, h) - 56usize];
+    ["Offset of field: pl_k_bias_act_pool_params::w"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, w) - 64usize];
+    ["Offset of field: pl_k_bias_act_pool_params::c"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, c) - 72usize];
+    ["Offset of field: pl_k_bias_act_pool_params::dtype"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, dtype) - 76usize];
+    ["Offset of field: pl_k_bias_act_pool_params::avg"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, avg) - 80usize];
+    ["Offset of field: pl_k_bias_act_pool_params::keep"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, keep) - 84usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct pl_k_tap_params {
     pub x: *const ::std::os::raw::c_void,
     pub grad: *mut ::std::os::raw::c_void,
@@ -333,6 +383,9 @@ pub struct pl_k_unpool_params {
     pub before: *const ::std::os::raw::c_void,
     pub gx: *mut ::std::os::raw::c_void,
     pub argmax: *const u8,
+    pub relu_before: *const ::std::os::raw::c_void,
+    pub mask: *const u32,
+    pub after: *const ::std::os::raw::c_void,
     pub n: i64,
     pub h: i64,
     pub w: i64,
@@ -341,7 +394,7 @@ pub struct pl_k_unpool_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_unpool_params"][::std::mem::size_of::<pl_k_unpool_params>() - 64usize];
+    ["Size of pl_k_unpool_params"][::std::mem::size_of::<pl_k_unpool_params>() - 88usize];
     ["Alignment of pl_k_unpool_params"][::std::mem::align_of::<pl_k_unpool_params>() - 8usize];
     ["Offset of field: pl_k_unpool_params::gy"]
         [::std::mem::offset_of!(pl_k_unpool_params, gy) - 0usize];
@@ -351,16 +404,22 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_unpool_params, gx) - 16usize];
     ["Offset of field: pl_k_unpool_params::argmax"]
         [::std::mem::offset_of!(pl_k_unpool_params, argmax) - 24usize];
+    ["Offset of field: pl_k_unpool_params::relu_before"]
+        [::std::mem::offset_of!(pl_k_unpool_params, relu_before) - 32usize];
+    ["Offset of field: pl_k_unpool_params::mask"]
+        [::std::mem::offset_of!(pl_k_unpool_params, mask) - 40usize];
+    ["Offset of field: pl_k_unpool_params::after"]
+        [::std::mem::offset_of!(pl_k_unpool_params, after) - 48usize];
     ["Offset of field: pl_k_unpool_params::n"]
-        [::std::mem::offset_of!(pl_k_unpool_params, n) - 32usize];
+        [::std::mem::offset_of!(pl_k_unpool_params, n) - 56usize];
     ["Offset of field: pl_k_unpool_params::h"]
-        [::std::mem::offset_of!(pl_k_unpool_params, h) - 40usize];
+        [::std::mem::offset_of!(pl_k_unpool_params, h) - 64usize];
     ["Offset of field: pl_k_unpool_params::w"]
-        [::std::mem::offset_of!(pl_k_unpool_params, w) - 48usize];
+        [::std::mem::offset_of!(pl_k_unpool_params, w) - 72usize];
     ["Offset of field: pl_k_unpool_params::c"]
-        [::std::mem::offset_of!(pl_k_unpool_params, c) - 56usize];
+        [::std::mem::offset_of!(pl_k_unpool_params, c) - 80usize];
     ["Offset of field: pl_k_unpool_params::dtype"]
-        [::std::mem::offset_of!(pl_k_unpool_params, dtype) - 60usize];
+        [::std::mem::offset_of!(pl_k_unpool_params, dtype) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -429,6 +429,33 @@ pub(crate) fn perceptual(
                 };
                 vgg_kernel(gpu, "pl_vgg_bias_act", grid_for(2 * elems), &p)?;
             }
+            Step::BiasActPool {
+                x,
+                y,
+                bias,
+                mask,
+                argmax,
+                keep,
+                input: (c, h, w),
+            } => {
+                let p = pl_k_bias_act_pool_params {
+                    x: at(x) as *mut _,
+                    y: at(y) as *mut _,
+                    bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
+                    mask: opt(mask) as *mut u32,
+                    argmax: opt(argmax) as *mut u8,
+                    images: 2 * n,
+                    pred_images: n,
+                    h: h as i64,
+                    w: w as i64,
+                    c: c as i32,
+                    dtype: cd,
+                    avg: (plan.pooling == Pooling::Avg) as i32,
+                    keep: keep as i32,
+                };
+                let pooled = 2 * s.n * c * (h / 2) * (w / 2);
+                vgg_kernel(gpu, "pl_vgg_bias_act_pool", grid_for(pooled), &p)?;
+            }
             Step::Pool {
                 x,
                 y,
@@ -495,6 +522,7 @@ pub(crate) fn perceptual(
                 gx,
                 before,
                 argmax,
+                relu,
                 input: (c, h, w),
             } => {
                 let p = pl_k_unpool_params {
@@ -502,6 +530,9 @@ pub(crate) fn perceptual(
                     before: opt(before) as *const _,
                     gx: at(gx) as *mut _,
                     argmax: opt(argmax) as *const u8,
+                    relu_before: opt(relu.and_then(|r| r.before)) as *const _,
+                    mask: opt(relu.map(|r| r.mask)) as *const u32,
+                    after: opt(relu.and_then(|r| r.after)) as *const _,
                     n,
                     h: h as i64,
                     w: w as i64,
@@ -899,14 +930,16 @@ mod tests {
             weight: 3.0,
             ..Default::default()
         };
-        check::<f32>(Case {
-            arch: VggArch::Vgg16,
-            config,
-            shape: Shape::new(2, 1, 13, 11),
-            compute: DType::F32,
-            want_grad: true,
-            tol: 1e-4,
-        });
+        for shape in [Shape::new(2, 1, 13, 11), Shape::new(1, 1, 16, 8)] {
+            check::<f32>(Case {
+                arch: VggArch::Vgg16,
+                config: config.clone(),
+                shape,
+                compute: DType::F32,
+                want_grad: true,
+                tol: 1e-4,
+            });
+        }
         let max_pools = PerceptualConfig {
             taps: taps(&["pool1", "pool2"]),
             ..Default::default()

@@ -59,6 +59,19 @@ pub(crate) enum Step {
         mask: Option<Buf>,
         dims: Dims,
     },
+    /// A ReLU layer and the pooling after it in one pass over `x` (of
+    /// `input` dims): + bias of conv `bias`, ReLU, the pred half's mask,
+    /// then `y` and its argmax. `keep`: a tap reads the ReLU output, so it
+    /// is written back to `x`.
+    BiasActPool {
+        x: Buf,
+        y: Buf,
+        bias: Option<usize>,
+        mask: Option<Buf>,
+        argmax: Option<Buf>,
+        keep: bool,
+        input: Dims,
+    },
     /// `x` (of `input` dims) -> `y`, the pred half's argmax into `argmax`.
     Pool {
         x: Buf,
@@ -85,12 +98,14 @@ pub(crate) enum Step {
         after: Option<Buf>,
         dims: Dims,
     },
-    /// `gy` (+ `before`) -> `gx` of `input` dims through a pool.
+    /// `gy` (+ `before`) -> `gx` of `input` dims through a pool, and
+    /// through the ReLU before it when `relu` is set.
     Unpool {
         gy: Buf,
         gx: Buf,
         before: Option<Buf>,
         argmax: Option<Buf>,
+        relu: Option<ReluGrad>,
         input: Dims,
     },
     /// `dy` -> `dx` through conv `conv` of layer `k`, transposed (pred half).
@@ -104,6 +119,21 @@ pub(crate) enum Step {
     InputGrad { g: Buf },
 }
 
+/// A ReLU's backward folded into the pass after it: g = (g + `before`) * `mask` + `after`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ReluGrad {
+    pub before: Option<Buf>,
+    pub mask: Buf,
+    pub after: Option<Buf>,
+}
+
+/// Whether a ReLU layer of `dims` and the pool after it run as one pass:
+/// the pool must cover every pixel, and each warp's 32 outputs must be
+/// channels of one pixel.
+fn fuses_with_pool((c, h, w): Dims) -> bool {
+    h % 2 == 0 && w % 2 == 0 && c % 32 == 0
+}
+
 impl Step {
     /// Every buffer the step reads or writes.
     pub(crate) fn buffers(&self) -> Vec<Buf> {
@@ -111,6 +141,12 @@ impl Step {
             Step::Preprocess { out } => vec![out],
             Step::ConvForward { x, y, .. } => vec![x, y],
             Step::BiasAct { x, mask, .. } => [Some(x), mask].into_iter().flatten().collect(),
+            Step::BiasActPool {
+                x, y, mask, argmax, ..
+            } => [Some(x), Some(y), mask, argmax]
+                .into_iter()
+                .flatten()
+                .collect(),
             Step::Pool { x, y, argmax, .. } => {
                 [Some(x), Some(y), argmax].into_iter().flatten().collect()
             }
@@ -130,11 +166,20 @@ impl Step {
                 gx,
                 before,
                 argmax,
+                relu,
                 ..
-            } => [Some(gy), Some(gx), before, argmax]
-                .into_iter()
-                .flatten()
-                .collect(),
+            } => [
+                Some(gy),
+                Some(gx),
+                before,
+                argmax,
+                relu.and_then(|r| r.before),
+                relu.map(|r| r.mask),
+                relu.and_then(|r| r.after),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             Step::ConvBackward { dy, dx, .. } => vec![dy, dx],
             Step::InputGrad { g } => vec![g],
         }
@@ -153,6 +198,20 @@ impl Schedule {
         self.buffers.push(size);
         self.buffers.len() - 1
     }
+}
+
+/// A pool layer's argmax (max-pooling) and output buffers.
+fn pool_buffers(
+    s: &mut Schedule,
+    saved: &mut [Option<Buf>],
+    k: usize,
+    n: usize,
+    (c, h, w): Dims,
+    max: bool,
+) -> (Option<Buf>, Buf) {
+    let argmax = max.then(|| s.buffer(Size::Bytes(n * c * h * w)));
+    saved[k] = argmax;
+    (argmax, s.buffer(Size::Values(2 * n * c * h * w)))
 }
 
 /// Output dims of every layer up to the deepest tap, for one image.
@@ -197,6 +256,7 @@ pub(crate) fn schedule(
     };
     let values = |(c, h, w): Dims, images: usize| Size::Values(images * c * h * w);
     let is_tap = |k: usize| plan.tap_weight(layers[k].index).is_some();
+    let max_pool = plan.pooling == Pooling::Max;
     let deepest = layers.len() - 1;
     let mut s = Schedule {
         steps: Vec::new(),
@@ -208,6 +268,8 @@ pub(crate) fn schedule(
     let mut saved = vec![None; layers.len()];
     let mut tap_grads = vec![None; layers.len()];
     let mut first = true;
+    // The output of a pool already run with the ReLU before it.
+    let mut fused_pool = None;
     for (k, layer) in layers.iter().enumerate() {
         match layer.module {
             Module::Conv { conv, .. } => {
@@ -233,25 +295,46 @@ pub(crate) fn schedule(
                 let (c, h, w) = dims[k];
                 let mask = s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 4));
                 saved[k] = Some(mask);
-                s.steps.push(Step::BiasAct {
-                    x: cur,
-                    bias,
-                    relu: true,
-                    mask: want_grad.then_some(mask),
-                    dims: dims[k],
-                });
+                let mask = want_grad.then_some(mask);
+                let pool_next = layers.get(k + 1).is_some_and(|l| l.module == Module::Pool);
+                if pool_next && fuses_with_pool(dims[k]) {
+                    // The pool's step is this one; its tap reads `cur` afterwards.
+                    let (argmax, y) =
+                        pool_buffers(&mut s, &mut saved, k + 1, n, dims[k + 1], max_pool);
+                    s.steps.push(Step::BiasActPool {
+                        x: cur,
+                        y,
+                        bias,
+                        mask,
+                        argmax: argmax.filter(|_| want_grad),
+                        keep: is_tap(k),
+                        input: dims[k],
+                    });
+                    fused_pool = Some(y);
+                } else {
+                    s.steps.push(Step::BiasAct {
+                        x: cur,
+                        bias,
+                        relu: true,
+                        mask,
+                        dims: dims[k],
+                    });
+                }
             }
             Module::Pool => {
-                let argmax = (plan.pooling == Pooling::Max)
-                    .then(|| s.buffer(Size::Bytes(n * dims[k].0 * dims[k].1 * dims[k].2)));
-                saved[k] = argmax;
-                let y = s.buffer(values(dims[k], 2 * n));
-                s.steps.push(Step::Pool {
-                    x: cur,
-                    y,
-                    argmax: argmax.filter(|_| want_grad),
-                    input: input(k),
-                });
+                let y = match fused_pool.take() {
+                    Some(y) => y,
+                    None => {
+                        let (argmax, y) = pool_buffers(&mut s, &mut saved, k, n, dims[k], max_pool);
+                        s.steps.push(Step::Pool {
+                            x: cur,
+                            y,
+                            argmax: argmax.filter(|_| want_grad),
+                            input: input(k),
+                        });
+                        y
+                    }
+                };
                 cur = y;
             }
         }
@@ -279,23 +362,38 @@ pub(crate) fn schedule(
     }
     // `cur` is now the deepest tap's gradient.
     let mut g = cur;
+    // A ReLU layer whose backward ran with the pool after it.
+    let mut relu_done = None;
+    let relu_grad = |k: usize| ReluGrad {
+        before: tap_grads[k],
+        mask: saved[k].expect("a mask per ReLU"),
+        // A tap on the convolution before adds after the mask.
+        after: tap_grads[k - 1],
+    };
     for (k, layer) in layers.iter().enumerate().rev() {
         match layer.module {
-            // A tap on the convolution before adds after the mask.
-            Module::Relu => s.steps.push(Step::ReluBackward {
-                g,
-                before: tap_grads[k],
-                mask: saved[k].expect("a mask per ReLU when the gradient is wanted"),
-                after: tap_grads[k - 1],
-                dims: dims[k],
-            }),
+            Module::Relu if relu_done == Some(k) => {}
+            Module::Relu => {
+                let r = relu_grad(k);
+                s.steps.push(Step::ReluBackward {
+                    g,
+                    before: r.before,
+                    mask: r.mask,
+                    after: r.after,
+                    dims: dims[k],
+                })
+            }
             Module::Pool => {
                 let gx = s.buffer(values(input(k), n));
+                let relu =
+                    (k > 0 && layers[k - 1].module == Module::Relu).then(|| relu_grad(k - 1));
+                relu_done = relu.map(|_| k - 1);
                 s.steps.push(Step::Unpool {
                     gy: g,
                     gx,
                     before: tap_grads[k],
                     argmax: saved[k],
+                    relu,
                     input: input(k),
                 });
                 g = gx;
@@ -355,5 +453,50 @@ mod tests {
                 .count(),
             4
         );
+    }
+
+    fn article_loss() -> PerceptualLoss {
+        let bytes = seeded_safetensors(VggArch::Vgg16, 1).unwrap();
+        let vgg = Vgg::load(
+            &Device::cpu(),
+            WeightsSource::Bytes(&bytes),
+            VggArch::Vgg16,
+            crate::DType::F32,
+        )
+        .unwrap();
+        PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap()
+    }
+
+    fn count(steps: &[Step], f: impl Fn(&Step) -> bool) -> usize {
+        steps.iter().filter(|s| f(s)).count()
+    }
+
+    #[test]
+    fn relu_and_pool_run_as_one_pass_where_the_pool_covers_every_pixel() {
+        let loss = article_loss();
+        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: all fuse.
+        let steps = schedule(loss.vgg().layers(), loss.plan(), (2, 16, 16), true, false).steps;
+        assert_eq!(
+            count(&steps, |s| matches!(
+                s,
+                Step::BiasActPool { keep: true, .. }
+            )),
+            3
+        );
+        assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 0);
+        // Backward: every unpool carries the ReLU before it; the other
+        // seven of the ten ReLUs run alone.
+        assert_eq!(
+            count(&steps, |s| matches!(s, Step::Unpool { relu: Some(_), .. })),
+            3
+        );
+        assert_eq!(
+            count(&steps, |s| matches!(s, Step::ReluBackward { .. })),
+            10 - 3
+        );
+        // 20x28: pool3's input is 5x7, so it runs after a plain bias+ReLU.
+        let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 20, 28), true, false).steps;
+        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 2);
+        assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 1);
     }
 }
