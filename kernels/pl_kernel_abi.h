@@ -101,8 +101,9 @@ typedef struct pl_k_feature_params {
  * VGG helper kernels (kernels/vgg.cu). Activations are NHWC in the compute
  * dtype, with pred images first and target images after them in one batch
  * of 2N. Only the pred half keeps what backward needs: a 1-bit ReLU mask
- * (bit k of word k/32, elements in NHWC order) and a pool argmax (0..3,
- * row-major in the 2x2 window, one byte per output).
+ * (bit k of word k/32, elements in NHWC order) and a 2-bit pool argmax
+ * (0..3, row-major in the 2x2 window): for the outputs 32k..32k+31, word 2k
+ * holds the low bits and word 2k+1 the high bits.
  */
 
 /* Caller NCHW pred/target -> normalised NHWC batch, channels zero-padded. */
@@ -136,9 +137,9 @@ typedef struct pl_k_bias_act_params {
 typedef struct pl_k_pool_params {
     const void *x;
     void *y;              /* [2N][H/2][W/2][C] */
-    uint8_t *argmax;      /* pred half, or NULL; max-pooling only */
+    uint32_t *argmax;     /* pred half, or NULL; max-pooling only */
     int64_t images;       /* 2N */
-    int64_t pred_images;  /* N */
+    int64_t pred_images;  /* N; N*(H/2)*(W/2)*C is a multiple of 32 */
     int64_t h, w;
     int32_t c;
     int32_t dtype;
@@ -155,7 +156,7 @@ typedef struct pl_k_bias_act_pool_params {
     void *y;              /* [2N][H/2][W/2][C] */
     const float *bias;    /* [C] or NULL */
     uint32_t *mask;       /* pred half's ReLU mask, or NULL */
-    uint8_t *argmax;      /* pred half, or NULL; max-pooling only */
+    uint32_t *argmax;     /* pred half, or NULL; max-pooling only */
     int64_t images;       /* 2N */
     int64_t pred_images;  /* N */
     int64_t h, w;
@@ -205,7 +206,7 @@ typedef struct pl_k_unpool_params {
     const void *gy;
     const void *before;   /* tap gradient at the pool output, or NULL */
     void *gx;
-    const uint8_t *argmax;/* max-pooling; NULL for average */
+    const uint32_t *argmax; /* max-pooling; NULL for average */
     const void *relu_before; /* tap gradient at the ReLU output, or NULL */
     const uint32_t *mask; /* the ReLU's mask, or NULL for no ReLU */
     const void *after;    /* tap gradient at the ReLU's input, or NULL */

@@ -63,20 +63,43 @@ __device__ __forceinline__ float pool_window(const float v[4], bool avg, int &be
     return v[best];
 }
 
+/* Stores the 2-bit argmax of a warp's 32 consecutive outputs, starting at
+ * `base` (a multiple of 32); every lane of the warp must call it. */
+__device__ __forceinline__ void store_argmax(uint32_t *argmax, int64_t base, bool active, int best) {
+    unsigned int lo = __ballot_sync(0xffffffffu, active && (best & 1));
+    unsigned int hi = __ballot_sync(0xffffffffu, active && (best & 2));
+    if ((threadIdx.x & 31) == 0) {
+        argmax[base / 16] = lo;
+        argmax[base / 16 + 1] = hi;
+    }
+}
+
+__device__ __forceinline__ int load_argmax(const uint32_t *argmax, int64_t o) {
+    const int64_t word = (o >> 5) * 2;
+    const int bit = (int)(o & 31);
+    return (int)((argmax[word] >> bit) & 1u) | (int)(((argmax[word + 1] >> bit) & 1u) << 1);
+}
+
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_params p) {
+    // Warp-aligned groups of 32 outputs, so the argmax packs by ballot.
+    const int lane = threadIdx.x & 31;
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
-    PL_FOR_EACH(idx, count) {
-        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
-        int64_t next = pl_div(rest, ow), j = rest - next * ow;
-        int64_t img = pl_div(next, oh), i = next - img * oh;
-        const int64_t row = p.w * p.c;
-        int64_t at = ((img * p.h + 2 * i) * p.w + 2 * j) * p.c + ch;
-        float v[4] = {pl_load(p.x, p.dtype, at), pl_load(p.x, p.dtype, at + p.c),
-                      pl_load(p.x, p.dtype, at + row), pl_load(p.x, p.dtype, at + row + p.c)};
-        int best;
-        float out = pool_window(v, p.avg, best);
-        if (!p.avg && p.argmax && img < p.pred_images) p.argmax[idx] = (uint8_t)best;
-        pl_store(p.y, p.dtype, idx, out);
+    const int64_t pred_count = p.pred_images * oh * ow * p.c;
+    const int64_t warps = (int64_t)gridDim.x * PL_WARPS;
+    for (int64_t base = ((int64_t)blockIdx.x * PL_WARPS + (threadIdx.x >> 5)) * 32; base < count; base += warps * 32) {
+        int64_t idx = base + lane;
+        int best = 0;
+        if (idx < count) {
+            int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
+            int64_t next = pl_div(rest, ow), j = rest - next * ow;
+            int64_t img = pl_div(next, oh), i = next - img * oh;
+            const int64_t row = p.w * p.c;
+            int64_t at = ((img * p.h + 2 * i) * p.w + 2 * j) * p.c + ch;
+            float v[4] = {pl_load(p.x, p.dtype, at), pl_load(p.x, p.dtype, at + p.c),
+                          pl_load(p.x, p.dtype, at + row), pl_load(p.x, p.dtype, at + row + p.c)};
+            pl_store(p.y, p.dtype, idx, pool_window(v, p.avg, best));
+        }
+        if (p.argmax && base < pred_count) store_argmax(p.argmax, base, idx < pred_count, best);
     }
 }
 
@@ -108,9 +131,8 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k
             v[q] = x;
         }
         int best;
-        float out = pool_window(v, p.avg, best);
-        if (!p.avg && p.argmax && pred) p.argmax[idx] = (uint8_t)best;
-        pl_store(p.y, p.dtype, idx, out);
+        pl_store(p.y, p.dtype, idx, pool_window(v, p.avg, best));
+        if (p.argmax && pred) store_argmax(p.argmax, base, true, best);
     }
 }
 
@@ -178,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
         if (i / 2 < oh && j / 2 < ow) {
             int64_t o = ((img * oh + i / 2) * ow + j / 2) * p.c + ch;
             int pos = (int)((i & 1) * 2 + (j & 1));
-            if (!p.argmax || p.argmax[o] == pos) {
+            if (!p.argmax || load_argmax(p.argmax, o) == pos) {
                 v = pl_load(p.gy, p.dtype, o);
                 if (p.before) v += pl_load(p.before, p.dtype, o);
                 if (!p.argmax) v *= 0.25f;

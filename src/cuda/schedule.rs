@@ -209,7 +209,8 @@ fn pool_buffers(
     (c, h, w): Dims,
     max: bool,
 ) -> (Option<Buf>, Buf) {
-    let argmax = max.then(|| s.buffer(Size::Bytes(n * c * h * w)));
+    // 2 bits per output, in whole 32-output groups.
+    let argmax = max.then(|| s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 8)));
     saved[k] = argmax;
     (argmax, s.buffer(Size::Values(2 * n * c * h * w)))
 }
