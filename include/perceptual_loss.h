@@ -91,6 +91,11 @@ typedef struct pl_perceptual_config {
    */
   const float *tap_weights;
   /**
+   * Number of entries in tap_weights: the number of taps (4 for the
+   * default taps), or 0 when tap_weights is NULL.
+   */
+  size_t num_tap_weights;
+  /**
    * PL_MSE (0) or PL_MAE.
    */
   pl_criterion criterion;

@@ -129,6 +129,9 @@ pub struct pl_perceptual_config {
     pub num_taps: usize,
     /// One weight per tap, or NULL for all 1.
     pub tap_weights: *const f32,
+    /// Number of entries in tap_weights: the number of taps (4 for the
+    /// default taps), or 0 when tap_weights is NULL.
+    pub num_tap_weights: usize,
     /// PL_MSE (0) or PL_MAE.
     pub criterion: pl_criterion,
     /// PL_NORM_NONE (0), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
@@ -524,11 +527,21 @@ unsafe fn perceptual_config(c: *const pl_perceptual_config) -> Result<Perceptual
             (false, false) => return Err(Error::arg("give taps or tap_names, not both")),
         };
     }
-    if !c.tap_weights.is_null() {
-        if c.num_taps == 0 {
-            return Err(Error::arg("tap_weights needs num_taps"));
+    match (c.tap_weights.is_null(), c.num_tap_weights) {
+        (true, 0) => {}
+        (true, n) => {
+            return Err(Error::arg(format!(
+                "num_tap_weights is {n} but tap_weights is NULL"
+            )))
         }
-        cfg.tap_weights = std::slice::from_raw_parts(c.tap_weights, c.num_taps).to_vec();
+        (false, 0) => return Err(Error::arg("tap_weights needs num_tap_weights")),
+        (false, n) => {
+            let taps = cfg.taps.len();
+            if n != taps {
+                return Err(Error::arg(format!("{taps} taps but {n} tap weights")));
+            }
+            cfg.tap_weights = std::slice::from_raw_parts(c.tap_weights, n).to_vec();
+        }
     }
     cfg.criterion = match c.criterion {
         PL_MSE => Criterion::Mse,

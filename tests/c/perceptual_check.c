@@ -46,6 +46,7 @@ int main(int argc, char **argv) {
     cfg.tap_names = names;
     cfg.num_taps = 2;
     cfg.tap_weights = weights;
+    cfg.num_tap_weights = 2;
     cfg.criterion = PL_MAE;
     cfg.input_norm = PL_NORM_IMAGENET;
     cfg.weight = 2.0f;
@@ -66,6 +67,18 @@ int main(int argc, char **argv) {
     CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "tap 99");
     bad.tap_names = names;
     CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT, "taps and names");
+    pl_perceptual_config counts = {0};
+    counts.tap_weights = weights;
+    counts.num_tap_weights = 2;  /* the 4 default taps */
+    CHECK(pl_perceptual_create(again, &counts, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "2 weights, 4 taps");
+    CHECK(strstr(pl_last_error(), "4 taps but 2 tap weights") != NULL, "message gives both counts");
+    const float four[] = {1.0f, 1.0f, 1.0f, 2.0f};
+    counts.tap_weights = four;
+    counts.num_tap_weights = 4;
+    CHECK(pl_perceptual_create(again, &counts, &nope) == PL_OK, "weights for the default taps");
+    pl_perceptual_destroy(nope);
+    counts.tap_weights = NULL;
+    CHECK(pl_perceptual_create(again, &counts, &nope) == PL_ERR_INVALID_ARGUMENT, "a count without weights");
     CHECK(pl_vgg_load(ctx, "/nonexistent.safetensors", PL_VGG16, PL_F32, &vgg) == PL_ERR_IO, "missing file");
     CHECK(pl_vgg_load(ctx, argv[1], 7, PL_F32, &vgg) == PL_ERR_INVALID_ARGUMENT, "bad arch");
     CHECK(pl_vgg_load(ctx, argv[1], PL_VGG19, PL_F32, &vgg) == PL_ERR_INVALID_WEIGHTS, "VGG16 file as VGG19");

@@ -175,19 +175,10 @@ class Perceptual:
                 raise TypeError("taps must be all indices or all names")
             cfg.num_taps = len(taps)
         if tap_weights is not None:
-            # The C struct has one count for both arrays: check it here.
-            if taps and len(tap_weights) != len(taps):
-                raise ValueError(f"{len(taps)} taps but {len(tap_weights)} tap weights")
-            if not taps and len(tap_weights) != 4:
-                raise ValueError(f"the 4 default taps but {len(tap_weights)} tap weights")
             w = (ctypes.c_float * len(tap_weights))(*tap_weights)
             keep.append(w)
             cfg.tap_weights = ctypes.cast(w, ctypes.POINTER(ctypes.c_float))
-            if not taps:  # weights for the default taps
-                idx = (ctypes.c_int32 * 4)(3, 8, 15, 22)
-                keep.append(idx)
-                cfg.taps = ctypes.cast(idx, ctypes.POINTER(ctypes.c_int32))
-                cfg.num_taps = 4
+            cfg.num_tap_weights = len(tap_weights)
         cfg.criterion = _choice(CRITERIA, criterion, "criterion")
         cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")

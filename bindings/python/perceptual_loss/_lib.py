@@ -47,6 +47,7 @@ class PerceptualConfig(ctypes.Structure):
         ("tap_names", ctypes.POINTER(c_char_p)),
         ("num_taps", ctypes.c_size_t),
         ("tap_weights", ctypes.POINTER(c_float)),
+        ("num_tap_weights", ctypes.c_size_t),
         ("criterion", c_int32),
         ("input_norm", c_int32),
         ("pooling", c_int32),

@@ -158,7 +158,7 @@ def test_perceptual_defaults_names_and_errors(seeded):
     assert value > 0
     with pytest.raises(pl.Error, match="relu9_9"):
         pl.Perceptual(vgg, taps=["relu9_9"])
-    with pytest.raises(ValueError, match="tap weights"):
+    with pytest.raises(pl.Error, match="2 taps but 1 tap weights"):
         pl.Perceptual(vgg, taps=[3, 8], tap_weights=[1.0])
     with pytest.raises(ValueError, match="unknown criterion"):
         pl.Perceptual(vgg, criterion="l3")
