@@ -74,6 +74,60 @@ __device__ __forceinline__ void pl_store(void *p, int dtype, int64_t i, float v)
     }
 }
 
+/* The VGG passes give each thread PL_VEC consecutive elements: one 16-byte
+ * access for the 16-bit dtypes, two for f32. Element counts and channel
+ * counts are multiples of PL_VEC and buffers are 16-byte aligned. */
+#define PL_VEC 8
+
+__device__ __forceinline__ float pl_half_to_f32(unsigned int bits, int dtype) {
+    if (dtype == PL_K_F16) {
+        pl_f16 h;
+        h.bits = (unsigned short)bits;
+        return pl_to_f32(h);
+    }
+    pl_bf16 b;
+    b.bits = (unsigned short)bits;
+    return pl_to_f32(b);
+}
+
+__device__ __forceinline__ unsigned int pl_f32_to_half(float v, int dtype) {
+    return dtype == PL_K_F16 ? pl_from_f32<pl_f16>(v).bits : pl_from_f32<pl_bf16>(v).bits;
+}
+
+/* Elements i .. i+PL_VEC-1 of a buffer of `dtype`, i a multiple of PL_VEC. */
+__device__ __forceinline__ void pl_load8(const void *p, int dtype, int64_t i, float v[PL_VEC]) {
+    if (dtype == PL_K_F32) {
+        const float4 *q = reinterpret_cast<const float4 *>(static_cast<const float *>(p) + i);
+        const float4 a = q[0], b = q[1];
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        return;
+    }
+    const uint4 u = *reinterpret_cast<const uint4 *>(static_cast<const unsigned short *>(p) + i);
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = pl_half_to_f32(w[k] & 0xffffu, dtype);
+        v[2 * k + 1] = pl_half_to_f32(w[k] >> 16, dtype);
+    }
+}
+
+__device__ __forceinline__ void pl_store8(void *p, int dtype, int64_t i, const float v[PL_VEC]) {
+    if (dtype == PL_K_F32) {
+        float4 *q = reinterpret_cast<float4 *>(static_cast<float *>(p) + i);
+        float4 a, b;
+        a.x = v[0]; a.y = v[1]; a.z = v[2]; a.w = v[3];
+        b.x = v[4]; b.y = v[5]; b.z = v[6]; b.w = v[7];
+        q[0] = a;
+        q[1] = b;
+        return;
+    }
+    unsigned int w[4];
+    for (int k = 0; k < 4; ++k) w[k] = pl_f32_to_half(v[2 * k], dtype) | (pl_f32_to_half(v[2 * k + 1], dtype) << 16);
+    uint4 u;
+    u.x = w[0]; u.y = w[1]; u.z = w[2]; u.w = w[3];
+    *reinterpret_cast<uint4 *>(static_cast<unsigned short *>(p) + i) = u;
+}
+
 /* v rounded to dtype, as a store and a load would leave it. */
 __device__ __forceinline__ float pl_round(float v, int dtype) {
     switch (dtype) {

@@ -100,7 +100,9 @@ typedef struct pl_k_feature_params {
 /*
  * VGG helper kernels (kernels/vgg.cu). Activations are NHWC in the compute
  * dtype, with pred images first and target images after them in one batch
- * of 2N. Only the pred half keeps what backward needs: a 1-bit ReLU mask
+ * of 2N; channel counts are multiples of 8 (the input is padded to 8) and
+ * buffers 16-byte aligned, as the 8-wide accesses need. Only the pred
+ * half keeps what backward needs: a 1-bit ReLU mask
  * (bit k of word k/32, elements in NHWC order) and a 2-bit pool argmax
  * (0..3, row-major in the 2x2 window): for the outputs 32k..32k+31, word 2k
  * holds the low bits and word 2k+1 the high bits.
@@ -126,7 +128,7 @@ typedef struct pl_k_bias_act_params {
     const float *bias;    /* [C] or NULL */
     uint32_t *mask;       /* pred half's ReLU mask, or NULL */
     int64_t count;        /* 2N*H*W*C */
-    int64_t pred_count;   /* N*H*W*C, a multiple of 32 */
+    int64_t pred_count;   /* N*H*W*C */
     int32_t c;
     int32_t dtype;
     int32_t relu;         /* 0 or 1 */
@@ -148,7 +150,7 @@ typedef struct pl_k_pool_params {
 } pl_k_pool_params;
 
 /* Fused ReLU layer and the 2x2 pooling after it, over [2N][H][W][C] with
- * H and W even and C a multiple of 32: x + bias, ReLU, the pred half's
+ * H and W even: x + bias, ReLU, the pred half's
  * mask, then the pooled output and argmax. The ReLU output is written back
  * to x only when a tap reads it (keep = 1). */
 typedef struct pl_k_bias_act_pool_params {

@@ -11,7 +11,8 @@
  * gradient in its dtype and NCHW layout.
  *
  * All are memory-bound elementwise passes: grid-stride loops, one read and
- * one write per element, dtype switches that are uniform across the grid.
+ * one write per element, PL_VEC elements per thread in 16-byte accesses,
+ * dtype switches that are uniform across the grid.
  * The tap loss uses the same deterministic two-stage reduction as the other
  * losses (common.cuh), so the loss is bit-identical run to run.
  */
@@ -34,22 +35,22 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_preprocess(pl_k_pr
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias_act_params p) {
-    // Whole warps walk aligned groups of 32 elements so that one ballot
-    // makes one mask word.
-    const int lane = threadIdx.x & 31;
-    const int64_t warps = (int64_t)gridDim.x * PL_WARPS;
-    for (int64_t base = ((int64_t)blockIdx.x * PL_WARPS + (threadIdx.x >> 5)) * 32; base < p.count; base += warps * 32) {
-        int64_t idx = base + lane;
-        bool valid = idx < p.count, positive = false;
-        if (valid) {
-            float v = pl_load(p.x, p.dtype, idx);
-            if (p.bias) v += p.bias[pl_mod(idx, p.c)];
-            if (p.relu && !(v > 0.0f) && v == v) v = 0.0f;  // NaN propagates, as in PyTorch
-            positive = v > 0.0f;
-            pl_store(p.x, p.dtype, idx, v);
+    // PL_VEC consecutive channels of one pixel per thread; their mask bits
+    // are one byte (bit k of word k/32 is bit k%8 of byte k/8).
+    uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
+    PL_FOR_EACH(t, p.count / PL_VEC) {
+        const int64_t i = t * PL_VEC, ch = p.bias ? pl_mod(i, p.c) : 0;
+        float v[PL_VEC];
+        pl_load8(p.x, p.dtype, i, v);
+        unsigned int bits = 0;
+        for (int k = 0; k < PL_VEC; ++k) {
+            if (p.bias) v[k] += p.bias[ch + k];
+            if (p.relu && !(v[k] > 0.0f) && v[k] == v[k]) v[k] = 0.0f;  // NaN propagates, as in PyTorch
+            // The mask of the stored value, as PyTorch's ReLU backward sees it.
+            bits |= (unsigned int)(pl_round(v[k], p.dtype) > 0.0f) << k;
         }
-        unsigned int word = __ballot_sync(0xffffffffu, valid && positive);
-        if (p.mask && lane == 0 && base < p.pred_count) p.mask[base / 32] = word;
+        pl_store8(p.x, p.dtype, i, v);
+        if (mask && i < p.pred_count) mask[t] = (uint8_t)bits;
     }
 }
 
@@ -58,9 +59,14 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act(pl_k_bias
 __device__ __forceinline__ float pool_window(const float v[4], bool avg, int &best) {
     best = 0;
     if (avg) return 0.25f * ((v[0] + v[1]) + (v[2] + v[3]));
-    for (int k = 1; k < 4; ++k)
-        if (v[k] > v[best] || (v[k] != v[k] && v[best] == v[best])) best = k;
-    return v[best];
+    float m = v[0];  // kept in a register: no indexing by `best`
+    for (int k = 1; k < 4; ++k) {
+        if (v[k] > m || (v[k] != v[k] && m == m)) {
+            m = v[k];
+            best = k;
+        }
+    }
+    return m;
 }
 
 /* Stores the 2-bit argmax of a warp's 32 consecutive outputs, starting at
@@ -72,12 +78,6 @@ __device__ __forceinline__ void store_argmax(uint32_t *argmax, int64_t base, boo
         argmax[base / 16] = lo;
         argmax[base / 16 + 1] = hi;
     }
-}
-
-__device__ __forceinline__ int load_argmax(const uint32_t *argmax, int64_t o) {
-    const int64_t word = (o >> 5) * 2;
-    const int bit = (int)(o & 31);
-    return (int)((argmax[word] >> bit) & 1u) | (int)(((argmax[word + 1] >> bit) & 1u) << 1);
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_params p) {
@@ -104,35 +104,56 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_par
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k_bias_act_pool_params p) {
-    // Whole warps walk aligned groups of 32 pooled outputs: with C a
-    // multiple of 32 they are 32 channels of one pixel, so each of the 4
-    // window positions is 32 consecutive, aligned inputs, and one ballot
-    // per position makes one mask word.
-    const int lane = threadIdx.x & 31;
+    // PL_VEC consecutive channels of one pooled pixel per thread. Mask
+    // bits and argmax bits of those channels are one byte each (see
+    // pl_kernel_abi.h for both layouts).
+    uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
+    uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
-    const int64_t warps = (int64_t)gridDim.x * PL_WARPS;
-    for (int64_t base = ((int64_t)blockIdx.x * PL_WARPS + (threadIdx.x >> 5)) * 32; base < count; base += warps * 32) {
-        int64_t idx = base + lane;  // count is a multiple of 32: every lane is in range
+    PL_FOR_EACH(t, count / PL_VEC) {
+        const int64_t idx = t * PL_VEC;
         int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
         int64_t next = pl_div(rest, ow), j = rest - next * ow;
         int64_t img = pl_div(next, oh), i = next - img * oh;
-        const bool pred = img < p.pred_images;  // uniform across the warp
-        const float b = p.bias ? p.bias[ch] : 0.0f;
-        float v[4];
+        const bool pred = img < p.pred_images;
+        // The window is folded in as it is read: running max and argmax
+        // (first maximum wins, NaN propagates, as pool_window), or the two
+        // row sums of the average in pool_window's order.
+        float m[PL_VEC], row[PL_VEC], x[PL_VEC];
+        unsigned int lo = 0, hi = 0;
+#pragma unroll
         for (int q = 0; q < 4; ++q) {
-            int64_t at = ((img * p.h + 2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
-            float x = pl_load(p.x, p.dtype, at) + b;
-            if (!(x > 0.0f) && x == x) x = 0.0f;  // NaN propagates, as in PyTorch
-            // Rounded as stored, so the pooled value is the pool of the stored ReLU output.
-            x = pl_round(x, p.dtype);
-            if (p.keep) pl_store(p.x, p.dtype, at, x);
-            unsigned int word = __ballot_sync(0xffffffffu, x > 0.0f);
-            if (p.mask && pred && lane == 0) p.mask[at >> 5] = word;
-            v[q] = x;
+            const int64_t at = ((img * p.h + 2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
+            pl_load8(p.x, p.dtype, at, x);
+            unsigned int bits = 0;
+            for (int k = 0; k < PL_VEC; ++k) {
+                float v = x[k] + (p.bias ? p.bias[ch + k] : 0.0f);
+                if (!(v > 0.0f) && v == v) v = 0.0f;  // NaN propagates, as in PyTorch
+                // Rounded as stored, so the pooled value is the pool of the stored ReLU output.
+                v = pl_round(v, p.dtype);
+                bits |= (unsigned int)(v > 0.0f) << k;
+                x[k] = v;
+                if (p.avg) {
+                    row[k] = (q & 1) ? row[k] + v : v;
+                    if (q == 1) m[k] = row[k];  // m keeps the first row's sum
+                } else if (q == 0 || v > m[k] || (v != v && m[k] == m[k])) {
+                    m[k] = v;
+                    lo = (lo & ~(1u << k)) | (unsigned int)(q & 1) << k;
+                    hi = (hi & ~(1u << k)) | (unsigned int)(q >> 1) << k;
+                }
+            }
+            if (p.keep) pl_store8(p.x, p.dtype, at, x);
+            if (mask && pred) mask[at / PL_VEC] = (uint8_t)bits;
         }
-        int best;
-        pl_store(p.y, p.dtype, idx, pool_window(v, p.avg, best));
-        if (p.argmax && pred) store_argmax(p.argmax, base, true, best);
+        float out[PL_VEC];
+        for (int k = 0; k < PL_VEC; ++k) out[k] = p.avg ? 0.25f * (m[k] + row[k]) : m[k];
+        pl_store8(p.y, p.dtype, idx, out);
+        if (argmax && pred) {
+            // Byte (idx % 32) / 8 of the low word 2 (idx / 32) and of the high word after it.
+            const int64_t byte = (idx >> 5) * 8 + ((idx & 31) >> 3);
+            argmax[byte] = (uint8_t)lo;
+            argmax[byte + 4] = (uint8_t)hi;
+        }
     }
 }
 
@@ -159,19 +180,23 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_param
     const bool mse = p.criterion == PL_K_MSE;
     // d(weight * mean over the batch of mean_image D) / d a
     const float scale = (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
+    // per_block and per_image are multiples of PL_VEC
     const int64_t begin = blockIdx.x * p.per_block;
     const int64_t end = min(p.per_image, begin + p.per_block);
     const int64_t target_offset = p.n * p.per_image;
     for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
         double acc = 0.0;
-        for (int64_t k = begin + threadIdx.x; k < end; k += PL_BLOCK) {
-            int64_t i = n * p.per_image + k;
-            float d = pl_load(p.x, p.dtype, i) - pl_load(p.x, p.dtype, target_offset + i);
-            acc += (double)(mse ? d * d : fabsf(d));
-            if (p.grad) {
-                float g = mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)));
-                pl_store(p.grad, p.dtype, i, g * scale);
+        for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
+            const int64_t i = n * p.per_image + k;
+            float a[PL_VEC], b[PL_VEC];
+            pl_load8(p.x, p.dtype, i, a);
+            pl_load8(p.x, p.dtype, target_offset + i, b);
+            for (int e = 0; e < PL_VEC; ++e) {
+                const float d = a[e] - b[e];
+                acc += (double)(mse ? d * d : fabsf(d));
+                a[e] = (mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)))) * scale;
             }
+            if (p.grad) pl_store8(p.grad, p.dtype, i, a);
         }
         double block_sum = pl_block_sum(acc);
         unsigned int total = (unsigned int)(p.blocks_per_image * p.n);
@@ -179,38 +204,68 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_param
     }
 }
 
+/* g = (g + before) * mask + after over PL_VEC elements from i; each term optional. */
+__device__ __forceinline__ void relu_grad(float g[PL_VEC], const void *before, const uint8_t *mask, const void *after,
+                                          int dtype, int64_t i) {
+    float t[PL_VEC];
+    if (before) {
+        pl_load8(before, dtype, i, t);
+        for (int k = 0; k < PL_VEC; ++k) g[k] += t[k];
+    }
+    if (mask) {
+        const unsigned int bits = mask[i / PL_VEC];
+        for (int k = 0; k < PL_VEC; ++k)
+            if (!((bits >> k) & 1u)) g[k] = 0.0f;
+    }
+    if (after) {
+        pl_load8(after, dtype, i, t);
+        for (int k = 0; k < PL_VEC; ++k) g[k] += t[k];
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_grad_step(pl_k_grad_step_params p) {
-    PL_FOR_EACH(i, p.count) {
-        float v = pl_load(p.g, p.dtype, i);
-        if (p.before) v += pl_load(p.before, p.dtype, i);
-        if (p.mask && !((p.mask[i >> 5] >> (i & 31)) & 1u)) v = 0.0f;
-        if (p.after) v += pl_load(p.after, p.dtype, i);
-        pl_store(p.g, p.dtype, i, v);
+    const uint8_t *mask = reinterpret_cast<const uint8_t *>(p.mask);
+    PL_FOR_EACH(t, p.count / PL_VEC) {
+        float g[PL_VEC];
+        pl_load8(p.g, p.dtype, t * PL_VEC, g);
+        relu_grad(g, p.before, mask, p.after, p.dtype, t * PL_VEC);
+        pl_store8(p.g, p.dtype, t * PL_VEC, g);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool_params p) {
-    // One thread per input element gathers from its window's output: no atomics.
+    // PL_VEC channels of one input pixel per thread gather from their
+    // window's output: no atomics.
+    const uint32_t *argmax = p.argmax;
     const int64_t oh = p.h / 2, ow = p.w / 2, count = p.n * p.h * p.w * p.c;
-    PL_FOR_EACH(idx, count) {
+    PL_FOR_EACH(t, count / PL_VEC) {
+        const int64_t idx = t * PL_VEC;
         int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
         int64_t next = pl_div(rest, p.w), j = rest - next * p.w;
         int64_t img = pl_div(next, p.h), i = next - img * p.h;
-        float v = 0.0f;  // rows and columns the floor dropped get no gradient
+        float v[PL_VEC] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};  // rows and columns the floor dropped get none
         if (i / 2 < oh && j / 2 < ow) {
-            int64_t o = ((img * oh + i / 2) * ow + j / 2) * p.c + ch;
-            int pos = (int)((i & 1) * 2 + (j & 1));
-            if (!p.argmax || load_argmax(p.argmax, o) == pos) {
-                v = pl_load(p.gy, p.dtype, o);
-                if (p.before) v += pl_load(p.before, p.dtype, o);
-                if (!p.argmax) v *= 0.25f;
+            const int64_t o = ((img * oh + i / 2) * ow + j / 2) * p.c + ch;
+            const unsigned int pos = (unsigned int)((i & 1) * 2 + (j & 1));
+            float b[PL_VEC];
+            pl_load8(p.gy, p.dtype, o, v);
+            if (p.before) {
+                pl_load8(p.before, p.dtype, o, b);
+                for (int k = 0; k < PL_VEC; ++k) v[k] += b[k];
+            }
+            if (argmax) {
+                const int64_t word = (o >> 5) * 2;
+                const int shift = (int)(o & 31);
+                const unsigned int lo = argmax[word] >> shift, hi = argmax[word + 1] >> shift;
+                for (int k = 0; k < PL_VEC; ++k)
+                    if ((((lo >> k) & 1u) | (((hi >> k) & 1u) << 1)) != pos) v[k] = 0.0f;
+            } else {
+                for (int k = 0; k < PL_VEC; ++k) v[k] *= 0.25f;
             }
         }
         // The ReLU before the pool, as pl_vgg_grad_step would do it.
-        if (p.relu_before) v += pl_load(p.relu_before, p.dtype, idx);
-        if (p.mask && !((p.mask[idx >> 5] >> (idx & 31)) & 1u)) v = 0.0f;
-        if (p.after) v += pl_load(p.after, p.dtype, idx);
-        pl_store(p.gx, p.dtype, idx, v);
+        relu_grad(v, p.relu_before, reinterpret_cast<const uint8_t *>(p.mask), p.after, p.dtype, idx);
+        pl_store8(p.gx, p.dtype, idx, v);
     }
 }
 

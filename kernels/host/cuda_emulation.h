@@ -34,6 +34,12 @@
 struct dim3 {
     unsigned int x, y, z;
 };
+struct float4 {
+    float x, y, z, w;
+};
+struct uint4 {
+    unsigned int x, y, z, w;
+};
 
 namespace pl_emu {
 

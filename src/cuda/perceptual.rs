@@ -342,6 +342,20 @@ fn vgg_kernel(
     gpu.launch_symbol(&kernels::VGG, symbol, grid, params)
 }
 
+/// Elements per thread of the vectorised VGG passes (PL_VEC in kernels/common.cuh).
+const VEC: usize = 8;
+
+/// The grid of a pass giving each thread [`VEC`] consecutive channels of
+/// `count` elements with `c` channels.
+fn vec_grid(count: usize, c: usize) -> Result<(u32, u32)> {
+    if !c.is_multiple_of(VEC) {
+        return Err(Error::Internal(format!(
+            "{c} channels: the VGG passes need a multiple of {VEC}"
+        )));
+    }
+    Ok(grid_for(count / VEC))
+}
+
 /// Queues the whole loss (and gradient): the steps of [`schedule`], each a
 /// kernel launch or a convolution, on buffers at `base` + the layout's
 /// offsets. The layout must come from the gradient schedule of the same
@@ -427,7 +441,7 @@ pub(crate) fn perceptual(
                     relu: relu as i32,
                     reserved: 0,
                 };
-                vgg_kernel(gpu, "pl_vgg_bias_act", grid_for(2 * elems), &p)?;
+                vgg_kernel(gpu, "pl_vgg_bias_act", vec_grid(2 * elems, c)?, &p)?;
             }
             Step::BiasActPool {
                 x,
@@ -454,7 +468,7 @@ pub(crate) fn perceptual(
                     keep: keep as i32,
                 };
                 let pooled = 2 * s.n * c * (h / 2) * (w / 2);
-                vgg_kernel(gpu, "pl_vgg_bias_act_pool", grid_for(pooled), &p)?;
+                vgg_kernel(gpu, "pl_vgg_bias_act_pool", vec_grid(pooled, c)?, &p)?;
             }
             Step::Pool {
                 x,
@@ -515,7 +529,7 @@ pub(crate) fn perceptual(
                     dtype: cd,
                     reserved: 0,
                 };
-                vgg_kernel(gpu, "pl_vgg_grad_step", grid_for(elems), &p)?;
+                vgg_kernel(gpu, "pl_vgg_grad_step", vec_grid(elems, c)?, &p)?;
             }
             Step::Unpool {
                 gy,
@@ -539,7 +553,7 @@ pub(crate) fn perceptual(
                     c: c as i32,
                     dtype: cd,
                 };
-                vgg_kernel(gpu, "pl_vgg_unpool", grid_for(s.n * c * h * w), &p)?;
+                vgg_kernel(gpu, "pl_vgg_unpool", vec_grid(s.n * c * h * w, c)?, &p)?;
             }
             Step::ConvBackward { k, conv, dy, dx } => {
                 let _r = nvtx::range(|| format!("backward {}", name(k)));
@@ -605,7 +619,8 @@ fn tap(
         .div_ceil(n)
         .min(per_image.div_ceil(BLOCK as usize))
         .max(1);
-    let per_block = per_image.div_ceil(target_blocks);
+    // Whole vectors per block (per_image is a multiple of VEC: C is).
+    let per_block = per_image.div_ceil(target_blocks).next_multiple_of(VEC);
     let blocks_per_image = per_image.div_ceil(per_block);
     let _stage = nvtx::range(|| "tap loss".into());
     gpu.with_reduce(0, blocks_per_image * n, |mut reduce| {
