@@ -168,13 +168,14 @@ typedef struct pl_k_bias_act_pool_params {
     int32_t keep;         /* 1: write the ReLU output back to x */
 } pl_k_bias_act_pool_params;
 
-/* Feature distance at a tap between the pred and target halves of one
- * activation, with the gradient for the pred half. The loss is written
+/* Feature distance at a tap between the pred and target images of one
+ * activation, with the gradient for the pred images. The loss is written
  * (accumulate = 0) or added to (1); so are the per-image values, with
  * their own flag: a later chunk of a batch adds to the loss but writes
  * its own images' values first. */
 typedef struct pl_k_tap_params {
-    const void *x;        /* [2N][per_image] */
+    const void *x;        /* the pred images, [N][per_image] */
+    const void *target;   /* the target images, [N][per_image] */
     void *grad;           /* [N][per_image] in dtype, or NULL */
     pl_k_reduce reduce;   /* per_sample may be NULL */
     int64_t n;            /* images in this launch */

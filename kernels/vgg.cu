@@ -183,14 +183,13 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_param
     // per_block and per_image are multiples of PL_VEC
     const int64_t begin = blockIdx.x * p.per_block;
     const int64_t end = min(p.per_image, begin + p.per_block);
-    const int64_t target_offset = p.n * p.per_image;
     for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
         double acc = 0.0;
         for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
             const int64_t i = n * p.per_image + k;
             float a[PL_VEC], b[PL_VEC];
             pl_load8(p.x, p.dtype, i, a);
-            pl_load8(p.x, p.dtype, target_offset + i, b);
+            pl_load8(p.target, p.dtype, i, b);
             for (int e = 0; e < PL_VEC; ++e) {
                 const float d = a[e] - b[e];
                 acc += (double)(mse ? d * d : fabsf(d));

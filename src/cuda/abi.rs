@@ -303,6 +303,7 @@ const _: () = {
 #[derive(Debug, Copy, Clone)]
 pub struct pl_k_tap_params {
     pub x: *const ::std::os::raw::c_void,
+    pub target: *const ::std::os::raw::c_void,
     pub grad: *mut ::std::os::raw::c_void,
     pub reduce: pl_k_reduce,
     pub n: i64,
@@ -318,32 +319,34 @@ pub struct pl_k_tap_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 112usize];
+    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 120usize];
     ["Alignment of pl_k_tap_params"][::std::mem::align_of::<pl_k_tap_params>() - 8usize];
     ["Offset of field: pl_k_tap_params::x"][::std::mem::offset_of!(pl_k_tap_params, x) - 0usize];
+    ["Offset of field: pl_k_tap_params::target"]
+        [::std::mem::offset_of!(pl_k_tap_params, target) - 8usize];
     ["Offset of field: pl_k_tap_params::grad"]
-        [::std::mem::offset_of!(pl_k_tap_params, grad) - 8usize];
+        [::std::mem::offset_of!(pl_k_tap_params, grad) - 16usize];
     ["Offset of field: pl_k_tap_params::reduce"]
-        [::std::mem::offset_of!(pl_k_tap_params, reduce) - 16usize];
-    ["Offset of field: pl_k_tap_params::n"][::std::mem::offset_of!(pl_k_tap_params, n) - 56usize];
+        [::std::mem::offset_of!(pl_k_tap_params, reduce) - 24usize];
+    ["Offset of field: pl_k_tap_params::n"][::std::mem::offset_of!(pl_k_tap_params, n) - 64usize];
     ["Offset of field: pl_k_tap_params::batch"]
-        [::std::mem::offset_of!(pl_k_tap_params, batch) - 64usize];
+        [::std::mem::offset_of!(pl_k_tap_params, batch) - 72usize];
     ["Offset of field: pl_k_tap_params::per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 72usize];
+        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 80usize];
     ["Offset of field: pl_k_tap_params::per_block"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 80usize];
+        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 88usize];
     ["Offset of field: pl_k_tap_params::blocks_per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 88usize];
+        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 96usize];
     ["Offset of field: pl_k_tap_params::dtype"]
-        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 92usize];
+        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 100usize];
     ["Offset of field: pl_k_tap_params::criterion"]
-        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 96usize];
+        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 104usize];
     ["Offset of field: pl_k_tap_params::accumulate"]
-        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 100usize];
+        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 108usize];
     ["Offset of field: pl_k_tap_params::weight"]
-        [::std::mem::offset_of!(pl_k_tap_params, weight) - 104usize];
+        [::std::mem::offset_of!(pl_k_tap_params, weight) - 112usize];
     ["Offset of field: pl_k_tap_params::accumulate_per_sample"]
-        [::std::mem::offset_of!(pl_k_tap_params, accumulate_per_sample) - 108usize];
+        [::std::mem::offset_of!(pl_k_tap_params, accumulate_per_sample) - 116usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

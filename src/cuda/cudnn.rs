@@ -120,6 +120,8 @@ pub(crate) struct ConvPlan {
     conv: ConvDesc,
     fwd: sys::cudnnConvolutionFwdAlgo_t,
     bwd: sys::cudnnConvolutionBwdDataAlgo_t,
+    /// Images of the forward batch.
+    pub forward_images: usize,
     /// Workspace bytes the larger of the two needs.
     pub workspace: usize,
 }
@@ -184,6 +186,7 @@ impl ConvPlan {
             conv,
             fwd: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
             bwd: sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+            forward_images: fwd_images,
             workspace: 0,
         };
         let fits = |status: sys::cudnnStatus_t,

@@ -10,7 +10,7 @@
 use super::abi::*;
 use super::cudnn::{ConvPlan, Handle};
 use super::layout::Layout;
-use super::schedule::{layer_dims, schedule, Buf, Schedule, Step, INPUT_CHANNELS};
+use super::schedule::{layer_dims, schedule, Buf, Images, Schedule, Step, INPUT_CHANNELS};
 use super::{grid_for, kernel_dtype, kernels, nvtx, Gpu, BLOCK};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
@@ -144,11 +144,11 @@ fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
 /// The convolutions of a schedule: cuDNN on the device, a direct loop in
 /// the emulator tests. Addresses are device addresses in NHWC; filters KRSC.
 pub(crate) trait Convs {
-    /// `y = conv_k(x)` over the 2N batch.
+    /// `y = conv_k(x)` over `images` images (the 2N batch or one half).
     ///
     /// # Safety
     /// Every address holds the planned shape of layer `k`.
-    unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()>;
+    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()>;
     /// `dx = conv_k^T(dy)` over the pred half.
     ///
     /// # Safety
@@ -172,9 +172,15 @@ impl Cudnn<'_> {
 }
 
 impl Convs for Cudnn<'_> {
-    unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()> {
-        self.plan(k)?
-            .forward(self.handle, x, weight, y, self.workspace)
+    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()> {
+        let plan = self.plan(k)?;
+        if plan.forward_images != images {
+            return Err(Error::Internal(format!(
+                "layer {k} planned for {} images, called with {images}",
+                plan.forward_images
+            )));
+        }
+        plan.forward(self.handle, x, weight, y, self.workspace)
     }
 
     unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
@@ -211,16 +217,25 @@ impl ShapePlan {
     ) -> Result<Self> {
         let layers = &layers[..=plan.deepest()];
         let dims = layer_dims(layers, s.h, s.w);
+        // The call with the gradient uses every buffer a forward-only call
+        // does, and has every convolution at its batch.
+        let sched = schedule(layers, plan, (s.n, s.h, s.w), true, false);
+        let forward_images = |k: usize| {
+            sched.steps.iter().find_map(|step| match step {
+                Step::ConvForward { k: at, x, .. } if *at == k => Some(x.count),
+                _ => None,
+            })
+        };
         let mut convs = Vec::new();
         let mut workspace = 0;
         let mut in_c = INPUT_CHANNELS;
-        for (layer, &(c, h, w)) in layers.iter().zip(&dims) {
-            convs.push(match layer.module {
-                Module::Conv { out_c, .. } => {
+        for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
+            convs.push(match (layer.module, forward_images(k)) {
+                (Module::Conv { out_c, .. }, Some(images)) => {
                     let p = ConvPlan::new(
                         handle,
                         compute,
-                        (2 * s.n, s.n),
+                        (images, s.n),
                         (in_c, out_c, h, w),
                         plan.tf32,
                     )?;
@@ -231,11 +246,7 @@ impl ShapePlan {
             });
             in_c = c;
         }
-        // The call with the gradient uses every buffer a forward-only call does.
-        let layout = Layout::new(
-            &schedule(layers, plan, (s.n, s.h, s.w), true, false),
-            compute.size(),
-        );
+        let layout = Layout::new(&sched, compute.size());
         let arena = alloc(dev, layout.bytes, "activations and gradients")?;
         let workspace = alloc(dev, workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
@@ -389,6 +400,7 @@ pub(crate) fn perceptual(
         return Err(Error::Internal("a layout from another schedule".into()));
     }
     let at = |b: Buf| base + layout.offsets[b] as u64;
+    let span = |x: Images| at(x.buf) + (x.offset * net.compute.size()) as u64;
     let opt = |b: Option<Buf>| b.map_or(0, at);
     let name = |k: usize| net.layers[k].name.as_str();
 
@@ -420,32 +432,39 @@ pub(crate) fn perceptual(
             Step::ConvForward { k, conv, x, y } => {
                 let _r = nvtx::range(|| format!("forward {}", name(k)));
                 // SAFETY: the layout's buffers hold the planned shapes.
-                unsafe { convs.forward(k, at(x), net.weights[conv].weight, at(y))? };
+                unsafe { convs.forward(k, x.count, span(x), net.weights[conv].weight, span(y))? };
             }
             Step::BiasAct {
                 x,
+                pred,
                 bias,
                 relu,
                 mask,
                 dims: (c, h, w),
             } => {
-                let elems = s.n * c * h * w;
+                let per_image = c * h * w;
                 let p = pl_k_bias_act_params {
-                    x: at(x) as *mut _,
+                    x: span(x) as *mut _,
                     bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
                     mask: opt(mask) as *mut u32,
-                    count: 2 * elems as i64,
-                    pred_count: elems as i64,
+                    count: (x.count * per_image) as i64,
+                    pred_count: (pred * per_image) as i64,
                     c: c as i32,
                     dtype: cd,
                     relu: relu as i32,
                     reserved: 0,
                 };
-                vgg_kernel(gpu, "pl_vgg_bias_act", vec_grid(2 * elems, c)?, &p)?;
+                vgg_kernel(
+                    gpu,
+                    "pl_vgg_bias_act",
+                    vec_grid(x.count * per_image, c)?,
+                    &p,
+                )?;
             }
             Step::BiasActPool {
                 x,
                 y,
+                pred,
                 bias,
                 mask,
                 argmax,
@@ -453,13 +472,13 @@ pub(crate) fn perceptual(
                 input: (c, h, w),
             } => {
                 let p = pl_k_bias_act_pool_params {
-                    x: at(x) as *mut _,
-                    y: at(y) as *mut _,
+                    x: span(x) as *mut _,
+                    y: span(y) as *mut _,
                     bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
                     mask: opt(mask) as *mut u32,
                     argmax: opt(argmax) as *mut u32,
-                    images: 2 * n,
-                    pred_images: n,
+                    images: x.count as i64,
+                    pred_images: pred as i64,
                     h: h as i64,
                     w: w as i64,
                     c: c as i32,
@@ -467,21 +486,22 @@ pub(crate) fn perceptual(
                     avg: (plan.pooling == Pooling::Avg) as i32,
                     keep: keep as i32,
                 };
-                let pooled = 2 * s.n * c * (h / 2) * (w / 2);
+                let pooled = x.count * c * (h / 2) * (w / 2);
                 vgg_kernel(gpu, "pl_vgg_bias_act_pool", vec_grid(pooled, c)?, &p)?;
             }
             Step::Pool {
                 x,
                 y,
+                pred,
                 argmax,
                 input: (c, h, w),
             } => {
                 let p = pl_k_pool_params {
-                    x: at(x) as *const _,
-                    y: at(y) as *mut _,
+                    x: span(x) as *const _,
+                    y: span(y) as *mut _,
                     argmax: opt(argmax) as *mut u32,
-                    images: 2 * n,
-                    pred_images: n,
+                    images: x.count as i64,
+                    pred_images: pred as i64,
                     h: h as i64,
                     w: w as i64,
                     c: c as i32,
@@ -489,15 +509,12 @@ pub(crate) fn perceptual(
                     avg: (plan.pooling == Pooling::Avg) as i32,
                     reserved: 0,
                 };
-                vgg_kernel(
-                    gpu,
-                    "pl_vgg_pool",
-                    grid_for(2 * s.n * c * (h / 2) * (w / 2)),
-                    &p,
-                )?;
+                let pooled = x.count * c * (h / 2) * (w / 2);
+                vgg_kernel(gpu, "pl_vgg_pool", grid_for(pooled), &p)?;
             }
             Step::Tap {
-                x,
+                pred,
+                target,
                 grad,
                 dims: (c, h, w),
                 weight,
@@ -510,7 +527,15 @@ pub(crate) fn perceptual(
                     accumulate,
                     first,
                 };
-                tap(gpu, at(x), opt(grad), call, sum, plan, cd)?;
+                tap(
+                    gpu,
+                    (span(pred), span(target)),
+                    opt(grad),
+                    call,
+                    sum,
+                    plan,
+                    cd,
+                )?;
             }
             Step::ReluBackward {
                 g,
@@ -606,7 +631,7 @@ struct TapSum {
 /// The distance at one tap.
 fn tap(
     gpu: &impl Gpu,
-    x: u64,
+    (x, target): (u64, u64),
     grad: u64,
     call: &PerceptualCall,
     sum: TapSum,
@@ -628,6 +653,7 @@ fn tap(
         reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
         let p = pl_k_tap_params {
             x: x as *const _,
+            target: target as *const _,
             grad: grad as *mut _,
             reduce,
             n: n as i64,
@@ -730,9 +756,15 @@ mod tests {
     }
 
     impl Convs for DirectConvs {
-        unsafe fn forward(&self, k: usize, x: u64, weight: u64, y: u64) -> Result<()> {
+        unsafe fn forward(
+            &self,
+            k: usize,
+            images: usize,
+            x: u64,
+            weight: u64,
+            y: u64,
+        ) -> Result<()> {
             let ((ci, h, w), (co, _, _)) = self.dims[k];
-            let images = 2 * self.n;
             let xs = load(x, self.dtype, images * h * w * ci);
             let ws = load(weight, self.dtype, co * 9 * ci);
             let mut ys = vec![0f32; images * h * w * co];

@@ -39,51 +39,116 @@ impl Size {
     }
 }
 
+/// Images of one buffer: those from `offset` (in values) on, `count` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Images {
+    pub buf: Buf,
+    pub offset: usize,
+    pub count: usize,
+}
+
+/// A forward activation: the 2N batch [pred; target] in one buffer, or
+/// its halves in two. Full-resolution layers are split, so that the input
+/// and output of a convolution there are never both whole: at 256x256 each
+/// half of a 64-channel activation is as large as all of a later block's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Joint(Buf),
+    Split(Buf, Buf),
+}
+
+impl Act {
+    /// The pred images (`n` of `per_image` values each).
+    fn pred(self, n: usize) -> Images {
+        let (Act::Joint(buf) | Act::Split(buf, _)) = self;
+        Images {
+            buf,
+            offset: 0,
+            count: n,
+        }
+    }
+
+    fn target(self, n: usize, per_image: usize) -> Images {
+        match self {
+            Act::Joint(buf) => Images {
+                buf,
+                offset: n * per_image,
+                count: n,
+            },
+            Act::Split(_, buf) => Images {
+                buf,
+                offset: 0,
+                count: n,
+            },
+        }
+    }
+
+    /// The passes an elementwise step takes: (images, how many of them are
+    /// pred images, which come first).
+    fn parts(self, n: usize, per_image: usize) -> Vec<(Images, usize)> {
+        match self {
+            Act::Joint(buf) => vec![(
+                Images {
+                    buf,
+                    offset: 0,
+                    count: 2 * n,
+                },
+                n,
+            )],
+            Act::Split(..) => vec![(self.pred(n), n), (self.target(n, per_image), 0)],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Step {
     /// Caller pred and target -> `out`, normalised and channel-padded.
     Preprocess { out: Buf },
-    /// `x` -> `y` through conv `conv` of layer `k` (no bias), all 2N images.
+    /// `x` -> `y` through conv `conv` of layer `k` (no bias).
     ConvForward {
         k: usize,
         conv: usize,
-        x: Buf,
-        y: Buf,
+        x: Images,
+        y: Images,
     },
-    /// In place on `x`: + bias of conv `bias`, then ReLU if `relu`; the
-    /// pred half's positive mask into `mask`.
+    /// In place on `x` (its first `pred` images are pred images): + bias
+    /// of conv `bias`, then ReLU if `relu`; the pred images' mask into `mask`.
     BiasAct {
-        x: Buf,
+        x: Images,
+        pred: usize,
         bias: Option<usize>,
         relu: bool,
         mask: Option<Buf>,
         dims: Dims,
     },
     /// A ReLU layer and the pooling after it in one pass over `x` (of
-    /// `input` dims): + bias of conv `bias`, ReLU, the pred half's mask,
-    /// then `y` and its argmax. `keep`: a tap reads the ReLU output, so it
-    /// is written back to `x`.
+    /// `input` dims, its first `pred` images pred images): + bias of conv
+    /// `bias`, ReLU, the pred mask, then `y` and the pred argmax. `keep`:
+    /// a tap reads the ReLU output, so it is written back to `x`.
     BiasActPool {
-        x: Buf,
-        y: Buf,
+        x: Images,
+        y: Images,
+        pred: usize,
         bias: Option<usize>,
         mask: Option<Buf>,
         argmax: Option<Buf>,
         keep: bool,
         input: Dims,
     },
-    /// `x` (of `input` dims) -> `y`, the pred half's argmax into `argmax`.
+    /// `x` (of `input` dims) -> `y`, the pred images' argmax into `argmax`.
     Pool {
-        x: Buf,
-        y: Buf,
+        x: Images,
+        y: Images,
+        pred: usize,
         argmax: Option<Buf>,
         input: Dims,
     },
-    /// The distance between the halves of `x`, its gradient into `grad`.
+    /// The distance between `pred` and `target`, its gradient into `grad`.
     /// `accumulate`: add to the loss (an earlier tap or chunk wrote it);
     /// `first`: the first tap of this call, which writes the per-image values.
     Tap {
-        x: Buf,
+        pred: Images,
+        target: Images,
         grad: Option<Buf>,
         dims: Dims,
         weight: f64,
@@ -139,18 +204,24 @@ impl Step {
     pub(crate) fn buffers(&self) -> Vec<Buf> {
         match *self {
             Step::Preprocess { out } => vec![out],
-            Step::ConvForward { x, y, .. } => vec![x, y],
-            Step::BiasAct { x, mask, .. } => [Some(x), mask].into_iter().flatten().collect(),
+            Step::ConvForward { x, y, .. } => vec![x.buf, y.buf],
+            Step::BiasAct { x, mask, .. } => [Some(x.buf), mask].into_iter().flatten().collect(),
             Step::BiasActPool {
                 x, y, mask, argmax, ..
-            } => [Some(x), Some(y), mask, argmax]
+            } => [Some(x.buf), Some(y.buf), mask, argmax]
                 .into_iter()
                 .flatten()
                 .collect(),
-            Step::Pool { x, y, argmax, .. } => {
-                [Some(x), Some(y), argmax].into_iter().flatten().collect()
-            }
-            Step::Tap { x, grad, .. } => [Some(x), grad].into_iter().flatten().collect(),
+            Step::Pool { x, y, argmax, .. } => [Some(x.buf), Some(y.buf), argmax]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Step::Tap {
+                pred, target, grad, ..
+            } => [Some(pred.buf), Some(target.buf), grad]
+                .into_iter()
+                .flatten()
+                .collect(),
             Step::ReluBackward {
                 g,
                 before,
@@ -263,29 +334,66 @@ pub(crate) fn schedule(
         steps: Vec::new(),
         buffers: Vec::new(),
     };
-    let mut cur = s.buffer(values(input(0), 2 * n));
-    s.steps.push(Step::Preprocess { out: cur });
+    let mut deepest_grad = 0;
+    let input_buf = s.buffer(values(input(0), 2 * n));
+    s.steps.push(Step::Preprocess { out: input_buf });
+    let mut cur = Act::Joint(input_buf);
+    // Layers before the first pool run on split halves.
+    let first_pool = layers
+        .iter()
+        .position(|l| l.module == Module::Pool)
+        .unwrap_or(layers.len());
     // Per layer: its ReLU mask or pool argmax, and an inner tap's gradient.
     let mut saved = vec![None; layers.len()];
     let mut tap_grads = vec![None; layers.len()];
     let mut first = true;
     // The output of a pool already run with the ReLU before it.
     let mut fused_pool = None;
+    let per_image = |(c, h, w): Dims| c * h * w;
+    // `count` images of `dims` from image `first` of `buf`.
+    let images = |buf: Buf, first: usize, count: usize, dims: Dims| Images {
+        buf,
+        offset: first * per_image(dims),
+        count,
+    };
     for (k, layer) in layers.iter().enumerate() {
         match layer.module {
             Module::Conv { conv, .. } => {
-                let y = s.buffer(values(dims[k], 2 * n));
-                s.steps.push(Step::ConvForward { k, conv, x: cur, y });
-                cur = y;
+                let (x_pred, x_target) = (cur.pred(n), cur.target(n, per_image(input(k))));
+                if k < first_pool {
+                    let (p, t) = (s.buffer(values(dims[k], n)), s.buffer(values(dims[k], n)));
+                    for (x, y) in [(x_pred, p), (x_target, t)] {
+                        let y = images(y, 0, n, dims[k]);
+                        s.steps.push(Step::ConvForward { k, conv, x, y });
+                    }
+                    cur = Act::Split(p, t);
+                } else {
+                    let y = s.buffer(values(dims[k], 2 * n));
+                    let x = Images {
+                        count: 2 * n,
+                        ..x_pred
+                    };
+                    let y_all = images(y, 0, 2 * n, dims[k]);
+                    s.steps.push(Step::ConvForward {
+                        k,
+                        conv,
+                        x,
+                        y: y_all,
+                    });
+                    cur = Act::Joint(y);
+                }
                 if is_tap(k) {
                     // A pre-activation tap: the bias now, the ReLU after the tap.
-                    s.steps.push(Step::BiasAct {
-                        x: cur,
-                        bias: Some(conv),
-                        relu: false,
-                        mask: None,
-                        dims: dims[k],
-                    });
+                    for (x, pred) in cur.parts(n, per_image(dims[k])) {
+                        s.steps.push(Step::BiasAct {
+                            x,
+                            pred,
+                            bias: Some(conv),
+                            relu: false,
+                            mask: None,
+                            dims: dims[k],
+                        });
+                    }
                 }
             }
             Module::Relu => {
@@ -296,30 +404,36 @@ pub(crate) fn schedule(
                 let (c, h, w) = dims[k];
                 let mask = s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 4));
                 saved[k] = Some(mask);
-                let mask = want_grad.then_some(mask);
                 let pool_next = layers.get(k + 1).is_some_and(|l| l.module == Module::Pool);
                 if pool_next && fuses_with_pool(dims[k]) {
                     // The pool's step is this one; its tap reads `cur` afterwards.
                     let (argmax, y) =
                         pool_buffers(&mut s, &mut saved, k + 1, n, dims[k + 1], max_pool);
-                    s.steps.push(Step::BiasActPool {
-                        x: cur,
-                        y,
-                        bias,
-                        mask,
-                        argmax: argmax.filter(|_| want_grad),
-                        keep: is_tap(k),
-                        input: dims[k],
-                    });
+                    for (x, pred) in cur.parts(n, per_image(dims[k])) {
+                        let first_image = if pred > 0 { 0 } else { n };
+                        s.steps.push(Step::BiasActPool {
+                            x,
+                            y: images(y, first_image, x.count, dims[k + 1]),
+                            pred,
+                            bias,
+                            mask: Some(mask).filter(|_| want_grad && pred > 0),
+                            argmax: argmax.filter(|_| want_grad && pred > 0),
+                            keep: is_tap(k),
+                            input: dims[k],
+                        });
+                    }
                     fused_pool = Some(y);
                 } else {
-                    s.steps.push(Step::BiasAct {
-                        x: cur,
-                        bias,
-                        relu: true,
-                        mask,
-                        dims: dims[k],
-                    });
+                    for (x, pred) in cur.parts(n, per_image(dims[k])) {
+                        s.steps.push(Step::BiasAct {
+                            x,
+                            pred,
+                            bias,
+                            relu: true,
+                            mask: Some(mask).filter(|_| want_grad && pred > 0),
+                            dims: dims[k],
+                        });
+                    }
                 }
             }
             Module::Pool => {
@@ -327,25 +441,38 @@ pub(crate) fn schedule(
                     Some(y) => y,
                     None => {
                         let (argmax, y) = pool_buffers(&mut s, &mut saved, k, n, dims[k], max_pool);
-                        s.steps.push(Step::Pool {
-                            x: cur,
-                            y,
-                            argmax: argmax.filter(|_| want_grad),
-                            input: input(k),
-                        });
+                        for (x, pred) in cur.parts(n, per_image(input(k))) {
+                            let first_image = if pred > 0 { 0 } else { n };
+                            s.steps.push(Step::Pool {
+                                x,
+                                y: images(y, first_image, x.count, dims[k]),
+                                pred,
+                                argmax: argmax.filter(|_| want_grad && pred > 0),
+                                input: input(k),
+                            });
+                        }
                         y
                     }
                 };
-                cur = y;
+                cur = Act::Joint(y);
             }
         }
         if let Some(tap_weight) = plan.tap_weight(layer.index) {
-            let grad = s.buffer(values(dims[k], n));
+            // The tap is the last reader of a split pred half when the pool
+            // after it has run (or nothing follows): its gradient then
+            // overwrites the pred values, element by element.
+            let in_place = matches!(cur, Act::Split(..)) && (k == deepest || fused_pool.is_some());
+            let grad = if in_place {
+                cur.pred(n).buf
+            } else {
+                s.buffer(values(dims[k], n))
+            };
             if k != deepest {
                 tap_grads[k] = Some(grad);
             }
             s.steps.push(Step::Tap {
-                x: cur,
+                pred: cur.pred(n),
+                target: cur.target(n, per_image(dims[k])),
                 grad: want_grad.then_some(grad),
                 dims: dims[k],
                 weight: tap_weight * plan.weight,
@@ -354,15 +481,14 @@ pub(crate) fn schedule(
             });
             first = false;
             if k == deepest {
-                cur = grad;
+                deepest_grad = grad;
             }
         }
     }
     if !want_grad {
         return s;
     }
-    // `cur` is now the deepest tap's gradient.
-    let mut g = cur;
+    let mut g = deepest_grad;
     // A ReLU layer whose backward ran with the pool after it.
     let mut relu_done = None;
     let relu_grad = |k: usize| ReluGrad {
@@ -475,14 +601,15 @@ mod tests {
     #[test]
     fn relu_and_pool_run_as_one_pass_where_the_pool_covers_every_pixel() {
         let loss = article_loss();
-        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: all fuse.
+        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: all fuse (the
+        // full-resolution layers in two halves).
         let steps = schedule(loss.vgg().layers(), loss.plan(), (2, 16, 16), true, false).steps;
         assert_eq!(
             count(&steps, |s| matches!(
                 s,
                 Step::BiasActPool { keep: true, .. }
             )),
-            3
+            4
         );
         assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 0);
         // Backward: every unpool carries the ReLU before it; the other
@@ -497,7 +624,7 @@ mod tests {
         );
         // 20x28: pool3's input is 5x7, so it runs after a plain bias+ReLU.
         let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 20, 28), true, false).steps;
-        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 2);
+        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 3);
         assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 1);
     }
 }
