@@ -128,20 +128,7 @@ mod tests {
     use super::*;
     use crate::cuda::schedule::schedule;
     use crate::loss::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
-    use crate::vgg::{seeded_safetensors, Pooling, Vgg, VggArch, WeightsSource};
-    use crate::Device;
-
-    fn loss(arch: VggArch, config: &PerceptualConfig) -> PerceptualLoss {
-        let bytes = seeded_safetensors(arch, 1).unwrap();
-        let vgg = Vgg::load(
-            &Device::cpu(),
-            WeightsSource::Bytes(&bytes),
-            arch,
-            crate::DType::F32,
-        )
-        .unwrap();
-        PerceptualLoss::new(vgg, config).unwrap()
-    }
+    use crate::vgg::{Pooling, VggArch};
 
     fn configs() -> Vec<(VggArch, PerceptualConfig)> {
         let taps = |names: &[&str]| names.iter().map(|&n| Tap::from(n)).collect();
@@ -168,7 +155,7 @@ mod tests {
     #[test]
     fn buffers_alive_together_never_share_bytes() {
         for (arch, config) in configs() {
-            let loss = loss(arch, &config);
+            let loss = PerceptualLoss::seeded(arch, &config);
             for want_grad in [true, false] {
                 let s = schedule(
                     loss.vgg().layers(),
@@ -201,7 +188,7 @@ mod tests {
     fn the_allocation_stays_near_the_live_peak() {
         // The benchmark's shape: 8x3x256x256 in bf16.
         for (arch, config) in configs() {
-            let loss = loss(arch, &config);
+            let loss = PerceptualLoss::seeded(arch, &config);
             let s = schedule(loss.vgg().layers(), loss.plan(), (8, 256, 256), true, false);
             let layout = Layout::new(&s, 2);
             let peak = live_peak(&s, 2);

@@ -688,8 +688,8 @@ mod tests {
     use crate::loss::feature::Criterion;
     use crate::loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
     use crate::tensor::Element;
-    use crate::vgg::{seeded_safetensors, Vgg, VggArch, WeightsSource};
-    use crate::{Device, LossOutputs, TensorMut, TensorRef};
+    use crate::vgg::VggArch;
+    use crate::{LossOutputs, TensorMut, TensorRef};
 
     /// Values of `dtype` at a host address.
     unsafe fn load(base: u64, dtype: DType, len: usize) -> Vec<f32> {
@@ -819,15 +819,7 @@ mod tests {
             want_grad,
             tol,
         } = case;
-        let bytes = seeded_safetensors(arch, 9).unwrap();
-        let vgg = Vgg::load(
-            &Device::cpu(),
-            WeightsSource::Bytes(&bytes),
-            arch,
-            DType::F32,
-        )
-        .unwrap();
-        let loss = PerceptualLoss::new(vgg, &config).unwrap();
+        let loss = PerceptualLoss::seeded(arch, &config);
         let (vgg, plan) = (loss.vgg().as_ref(), loss.plan());
         let count = s.n * s.c * s.h * s.w;
         let (pred, target) = (values::<T>(count, 1), values::<T>(count, 2));
@@ -913,6 +905,18 @@ mod tests {
         assert_close(&format!("{what} gradient"), &got_grad, &want_g, 10.0 * tol);
     }
 
+    /// f32 in, f32 compute, with the gradient.
+    fn f32_case(arch: VggArch, config: PerceptualConfig, shape: Shape) -> Case {
+        Case {
+            arch,
+            config,
+            shape,
+            compute: DType::F32,
+            want_grad: true,
+            tol: 1e-4,
+        }
+    }
+
     fn taps(names: &[&str]) -> Vec<Tap> {
         names.iter().map(|&n| Tap::from(n)).collect()
     }
@@ -939,14 +943,7 @@ mod tests {
             max_chunk_images: Some(2),
             ..Default::default()
         };
-        check::<f32>(Case {
-            arch: VggArch::Vgg16,
-            config,
-            shape: Shape::new(3, 3, 16, 12),
-            compute: DType::F32,
-            want_grad: true,
-            tol: 1e-4,
-        });
+        check::<f32>(f32_case(VggArch::Vgg16, config, Shape::new(3, 3, 16, 12)));
     }
 
     #[test]
@@ -958,14 +955,7 @@ mod tests {
             input_norm: InputNorm::Imagenet,
             ..Default::default()
         };
-        check::<f32>(Case {
-            arch: VggArch::Vgg19,
-            config,
-            shape: Shape::new(2, 3, 12, 16),
-            compute: DType::F32,
-            want_grad: true,
-            tol: 1e-4,
-        });
+        check::<f32>(f32_case(VggArch::Vgg19, config, Shape::new(2, 3, 12, 16)));
     }
 
     #[test]
@@ -978,27 +968,17 @@ mod tests {
             ..Default::default()
         };
         for shape in [Shape::new(2, 1, 13, 11), Shape::new(1, 1, 16, 8)] {
-            check::<f32>(Case {
-                arch: VggArch::Vgg16,
-                config: config.clone(),
-                shape,
-                compute: DType::F32,
-                want_grad: true,
-                tol: 1e-4,
-            });
+            check::<f32>(f32_case(VggArch::Vgg16, config.clone(), shape));
         }
         let max_pools = PerceptualConfig {
             taps: taps(&["pool1", "pool2"]),
             ..Default::default()
         };
-        check::<f32>(Case {
-            arch: VggArch::Vgg16,
-            config: max_pools,
-            shape: Shape::new(1, 3, 20, 28),
-            compute: DType::F32,
-            want_grad: true,
-            tol: 1e-4,
-        });
+        check::<f32>(f32_case(
+            VggArch::Vgg16,
+            max_pools,
+            Shape::new(1, 3, 20, 28),
+        ));
     }
 
     #[test]

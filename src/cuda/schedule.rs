@@ -540,24 +540,23 @@ pub(crate) fn schedule(
 mod tests {
     use super::*;
     use crate::loss::perceptual::{PerceptualConfig, PerceptualLoss};
-    use crate::vgg::{seeded_safetensors, Vgg, VggArch, WeightsSource};
-    use crate::Device;
+    use crate::vgg::VggArch;
+
+    fn article_loss() -> PerceptualLoss {
+        PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default())
+    }
 
     #[test]
     fn forward_only_keeps_nothing_for_backward() {
-        let bytes = seeded_safetensors(VggArch::Vgg16, 1).unwrap();
-        let vgg = Vgg::load(
-            &Device::cpu(),
-            WeightsSource::Bytes(&bytes),
-            VggArch::Vgg16,
-            crate::DType::F32,
-        )
-        .unwrap();
-        let loss = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap();
+        let loss = article_loss();
         let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 16, 16), false, false).steps;
         for step in &steps {
             match step {
                 Step::BiasAct { mask: Some(_), .. }
+                | Step::BiasActPool { mask: Some(_), .. }
+                | Step::BiasActPool {
+                    argmax: Some(_), ..
+                }
                 | Step::Pool {
                     argmax: Some(_), ..
                 }
@@ -573,25 +572,7 @@ mod tests {
                 _ => {}
             }
         }
-        assert_eq!(
-            steps
-                .iter()
-                .filter(|s| matches!(s, Step::Tap { .. }))
-                .count(),
-            4
-        );
-    }
-
-    fn article_loss() -> PerceptualLoss {
-        let bytes = seeded_safetensors(VggArch::Vgg16, 1).unwrap();
-        let vgg = Vgg::load(
-            &Device::cpu(),
-            WeightsSource::Bytes(&bytes),
-            VggArch::Vgg16,
-            crate::DType::F32,
-        )
-        .unwrap();
-        PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap()
+        assert_eq!(count(&steps, |s| matches!(s, Step::Tap { .. })), 4);
     }
 
     fn count(steps: &[Step], f: impl Fn(&Step) -> bool) -> usize {

@@ -150,6 +150,17 @@ impl std::fmt::Debug for ShapePlans {
     }
 }
 
+#[cfg(test)]
+impl PerceptualLoss {
+    /// A CPU loss over seeded weights, for the unit tests.
+    pub(crate) fn seeded(arch: crate::vgg::VggArch, config: &PerceptualConfig) -> PerceptualLoss {
+        let bytes = crate::vgg::seeded_safetensors(arch, 9).expect("seeded weights");
+        let source = crate::vgg::WeightsSource::Bytes(&bytes);
+        let vgg = Vgg::load(&Device::cpu(), source, arch, DType::F32).expect("seeded VGG");
+        PerceptualLoss::new(vgg, config).expect("a valid config")
+    }
+}
+
 impl PerceptualLoss {
     /// Resolves and checks `config` against `vgg`: every tap exists and is
     /// loaded, taps are distinct, one weight per tap, finite weights.
