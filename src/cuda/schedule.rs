@@ -334,7 +334,7 @@ pub(crate) fn schedule(
         steps: Vec::new(),
         buffers: Vec::new(),
     };
-    let mut deepest_grad = 0;
+    let mut deepest_grad = None;
     let input_buf = s.buffer(values(input(0), 2 * n));
     s.steps.push(Step::Preprocess { out: input_buf });
     let mut cur = Act::Joint(input_buf);
@@ -368,6 +368,8 @@ pub(crate) fn schedule(
                     }
                     cur = Act::Split(p, t);
                 } else {
+                    // After the first pool every activation is joint.
+                    debug_assert!(matches!(cur, Act::Joint(_)));
                     let y = s.buffer(values(dims[k], 2 * n));
                     let x = Images {
                         count: 2 * n,
@@ -481,14 +483,14 @@ pub(crate) fn schedule(
             });
             first = false;
             if k == deepest {
-                deepest_grad = grad;
+                deepest_grad = Some(grad);
             }
         }
     }
     if !want_grad {
         return s;
     }
-    let mut g = deepest_grad;
+    let mut g = deepest_grad.expect("the deepest layer is a tap");
     // A ReLU layer whose backward ran with the pool after it.
     let mut relu_done = None;
     let relu_grad = |k: usize| ReluGrad {
