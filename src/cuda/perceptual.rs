@@ -402,12 +402,11 @@ pub(crate) fn perceptual(
     let at = |b: Buf| base + layout.offsets[b] as u64;
     let span = |x: Images| at(x.buf) + (x.offset * net.compute.size()) as u64;
     let opt = |b: Option<Buf>| b.map_or(0, at);
-    let name = |k: usize| net.layers[k].name.as_str();
 
     for step in &sched.steps {
+        let _r = nvtx::range(|| step.label(net.layers));
         match *step {
             Step::Preprocess { out } => {
-                let _r = nvtx::range(|| "preprocess".into());
                 let p = pl_k_preprocess_params {
                     pred: call.pred as *const _,
                     target: call.target as *const _,
@@ -430,11 +429,11 @@ pub(crate) fn perceptual(
                 )?;
             }
             Step::ConvForward { k, conv, x, y } => {
-                let _r = nvtx::range(|| format!("forward {}", name(k)));
                 // SAFETY: the layout's buffers hold the planned shapes.
                 unsafe { convs.forward(k, x.count, span(x), net.weights[conv].weight, span(y))? };
             }
             Step::BiasAct {
+                k: _,
                 x,
                 pred,
                 bias,
@@ -462,6 +461,7 @@ pub(crate) fn perceptual(
                 )?;
             }
             Step::BiasActPool {
+                k: _,
                 x,
                 y,
                 pred,
@@ -490,6 +490,7 @@ pub(crate) fn perceptual(
                 vgg_kernel(gpu, "pl_vgg_bias_act_pool", vec_grid(pooled, c)?, &p)?;
             }
             Step::Pool {
+                k: _,
                 x,
                 y,
                 pred,
@@ -513,6 +514,7 @@ pub(crate) fn perceptual(
                 vgg_kernel(gpu, "pl_vgg_pool", grid_for(pooled), &p)?;
             }
             Step::Tap {
+                k: _,
                 pred,
                 target,
                 grad,
@@ -538,6 +540,7 @@ pub(crate) fn perceptual(
                 )?;
             }
             Step::ReluBackward {
+                k: _,
                 g,
                 before,
                 mask,
@@ -557,6 +560,7 @@ pub(crate) fn perceptual(
                 vgg_kernel(gpu, "pl_vgg_grad_step", vec_grid(elems, c)?, &p)?;
             }
             Step::Unpool {
+                k: _,
                 gy,
                 gx,
                 before,
@@ -581,12 +585,10 @@ pub(crate) fn perceptual(
                 vgg_kernel(gpu, "pl_vgg_unpool", vec_grid(s.n * c * h * w, c)?, &p)?;
             }
             Step::ConvBackward { k, conv, dy, dx } => {
-                let _r = nvtx::range(|| format!("backward {}", name(k)));
                 // SAFETY: the layout's buffers hold the planned shapes.
                 unsafe { convs.backward_data(k, net.weights[conv].weight, at(dy), at(dx))? };
             }
             Step::InputGrad { g } => {
-                let _r = nvtx::range(|| "input gradient".into());
                 let p = pl_k_input_grad_params {
                     g: at(g) as *const _,
                     grad: call.grad.unwrap_or(0) as *mut _,
@@ -647,7 +649,6 @@ fn tap(
     // Whole vectors per block (per_image is a multiple of VEC: C is).
     let per_block = per_image.div_ceil(target_blocks).next_multiple_of(VEC);
     let blocks_per_image = per_image.div_ceil(per_block);
-    let _stage = nvtx::range(|| "tap loss".into());
     gpu.with_reduce(0, blocks_per_image * n, |mut reduce| {
         reduce.loss = call.loss as *mut f32;
         reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;

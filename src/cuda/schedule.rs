@@ -114,6 +114,7 @@ pub(crate) enum Step {
     /// In place on `x` (its first `pred` images are pred images): + bias
     /// of conv `bias`, then ReLU if `relu`; the pred images' mask into `mask`.
     BiasAct {
+        k: usize,
         x: Images,
         pred: usize,
         bias: Option<usize>,
@@ -126,6 +127,7 @@ pub(crate) enum Step {
     /// `bias`, ReLU, the pred mask, then `y` and the pred argmax. `keep`:
     /// a tap reads the ReLU output, so it is written back to `x`.
     BiasActPool {
+        k: usize,
         x: Images,
         y: Images,
         pred: usize,
@@ -137,6 +139,7 @@ pub(crate) enum Step {
     },
     /// `x` (of `input` dims) -> `y`, the pred images' argmax into `argmax`.
     Pool {
+        k: usize,
         x: Images,
         y: Images,
         pred: usize,
@@ -147,6 +150,7 @@ pub(crate) enum Step {
     /// `accumulate`: add to the loss (an earlier tap or chunk wrote it);
     /// `first`: the first tap of this call, which writes the per-image values.
     Tap {
+        k: usize,
         pred: Images,
         target: Images,
         grad: Option<Buf>,
@@ -157,6 +161,7 @@ pub(crate) enum Step {
     },
     /// In place on `g` through a ReLU: g = (g + `before`) * `mask` + `after`.
     ReluBackward {
+        k: usize,
         g: Buf,
         before: Option<Buf>,
         mask: Buf,
@@ -166,6 +171,7 @@ pub(crate) enum Step {
     /// `gy` (+ `before`) -> `gx` of `input` dims through a pool, and
     /// through the ReLU before it when `relu` is set.
     Unpool {
+        k: usize,
         gy: Buf,
         gx: Buf,
         before: Option<Buf>,
@@ -200,6 +206,24 @@ fn fuses_with_pool((_, h, w): Dims) -> bool {
 }
 
 impl Step {
+    /// The step's name on an NVTX timeline: its direction and layer names.
+    pub(crate) fn label(&self, layers: &[Layer]) -> String {
+        let name = |k: usize| layers[k].name.as_str();
+        match *self {
+            Step::Preprocess { .. } => "preprocess".into(),
+            Step::ConvForward { k, .. } | Step::BiasAct { k, .. } => format!("forward {}", name(k)),
+            Step::BiasActPool { k, .. } => format!("forward {}+{}", name(k), name(k + 1)),
+            Step::Pool { k, .. } => format!("forward {}", name(k)),
+            Step::Tap { k, .. } => format!("tap {}", name(k)),
+            Step::ReluBackward { k, .. } | Step::ConvBackward { k, .. } => {
+                format!("backward {}", name(k))
+            }
+            Step::Unpool { k, relu: None, .. } => format!("backward {}", name(k)),
+            Step::Unpool { k, .. } => format!("backward {}+{}", name(k), name(k - 1)),
+            Step::InputGrad { .. } => "input gradient".into(),
+        }
+    }
+
     /// Every buffer the step reads or writes.
     pub(crate) fn buffers(&self) -> Vec<Buf> {
         match *self {
@@ -388,6 +412,7 @@ pub(crate) fn schedule(
                     // A pre-activation tap: the bias now, the ReLU after the tap.
                     for (x, pred) in cur.parts(n, per_image(dims[k])) {
                         s.steps.push(Step::BiasAct {
+                            k,
                             x,
                             pred,
                             bias: Some(conv),
@@ -414,6 +439,7 @@ pub(crate) fn schedule(
                     for (x, pred) in cur.parts(n, per_image(dims[k])) {
                         let first_image = if pred > 0 { 0 } else { n };
                         s.steps.push(Step::BiasActPool {
+                            k,
                             x,
                             y: images(y, first_image, x.count, dims[k + 1]),
                             pred,
@@ -428,6 +454,7 @@ pub(crate) fn schedule(
                 } else {
                     for (x, pred) in cur.parts(n, per_image(dims[k])) {
                         s.steps.push(Step::BiasAct {
+                            k,
                             x,
                             pred,
                             bias,
@@ -446,6 +473,7 @@ pub(crate) fn schedule(
                         for (x, pred) in cur.parts(n, per_image(input(k))) {
                             let first_image = if pred > 0 { 0 } else { n };
                             s.steps.push(Step::Pool {
+                                k,
                                 x,
                                 y: images(y, first_image, x.count, dims[k]),
                                 pred,
@@ -473,6 +501,7 @@ pub(crate) fn schedule(
                 tap_grads[k] = Some(grad);
             }
             s.steps.push(Step::Tap {
+                k,
                 pred: cur.pred(n),
                 target: cur.target(n, per_image(dims[k])),
                 grad: want_grad.then_some(grad),
@@ -505,6 +534,7 @@ pub(crate) fn schedule(
             Module::Relu => {
                 let r = relu_grad(k);
                 s.steps.push(Step::ReluBackward {
+                    k,
                     g,
                     before: r.before,
                     mask: r.mask,
@@ -518,6 +548,7 @@ pub(crate) fn schedule(
                     (k > 0 && layers[k - 1].module == Module::Relu).then(|| relu_grad(k - 1));
                 relu_done = relu.map(|_| k - 1);
                 s.steps.push(Step::Unpool {
+                    k,
                     gy: g,
                     gx,
                     before: tap_grads[k],
@@ -609,5 +640,32 @@ mod tests {
         let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 20, 28), true, false).steps;
         assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 3);
         assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 1);
+    }
+
+    #[test]
+    fn timeline_labels_name_the_layers() {
+        let loss = article_loss();
+        let layers = loss.vgg().layers();
+        let labels: Vec<String> = schedule(layers, loss.plan(), (2, 16, 16), true, false)
+            .steps
+            .iter()
+            .map(|s| s.label(layers))
+            .collect();
+        for want in [
+            "preprocess",
+            "forward conv1_1",
+            "forward relu1_2+pool1",
+            "tap relu1_2",
+            "tap relu4_3",
+            "backward relu4_3",
+            "backward pool1+relu1_2",
+            "backward conv1_1",
+            "input gradient",
+        ] {
+            assert!(
+                labels.iter().any(|l| l == want),
+                "no {want:?} in {labels:?}"
+            );
+        }
     }
 }
