@@ -119,6 +119,11 @@ typedef struct pl_perceptual_config {
    * On CUDA, at most this many images at a time; 0 = the whole batch.
    */
   size_t max_chunk_images;
+  /**
+   * On CUDA, device bytes one call may hold for buffers and cuDNN
+   * workspace (the batch is chunked to fit); 0 = no limit.
+   */
+  size_t memory_budget_bytes;
 } pl_perceptual_config;
 
 /**

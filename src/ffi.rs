@@ -144,6 +144,9 @@ pub struct pl_perceptual_config {
     pub allow_tf32: i32,
     /// On CUDA, at most this many images at a time; 0 = the whole batch.
     pub max_chunk_images: usize,
+    /// On CUDA, device bytes one call may hold for buffers and cuDNN
+    /// workspace (the batch is chunked to fit); 0 = no limit.
+    pub memory_budget_bytes: usize,
 }
 
 /// Resident VGG weights on one context's device.
@@ -562,6 +565,7 @@ unsafe fn perceptual_config(c: *const pl_perceptual_config) -> Result<Perceptual
     cfg.weight = if c.weight == 0.0 { 1.0 } else { c.weight };
     cfg.allow_tf32 = c.allow_tf32 != 0;
     cfg.max_chunk_images = (c.max_chunk_images > 0).then_some(c.max_chunk_images);
+    cfg.memory_budget = (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes);
     Ok(cfg)
 }
 

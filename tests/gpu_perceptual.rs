@@ -299,6 +299,16 @@ fn chunked_batches_give_the_same_loss_with_less_memory() {
         fb < fa,
         "chunk footprint {fb} should be below the whole batch's {fa}"
     );
+    // A memory budget between the two: chunked, within the budget, same loss.
+    let budget = (fa + fb) / 2;
+    let budgeted = PerceptualConfig {
+        memory_budget: Some(budget),
+        ..Default::default()
+    };
+    compare(&dev, VggArch::Vgg16, budgeted.clone(), DType::F32, s, 63);
+    let (_, c) = losses(&dev, VggArch::Vgg16, &budgeted, DType::F32, 62);
+    let fc = c.plan_footprint(s).unwrap().unwrap();
+    assert!(fc <= budget, "footprint {fc} over the budget {budget}");
 }
 
 #[test]

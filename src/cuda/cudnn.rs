@@ -106,8 +106,9 @@ fn nhwc(dtype: DType, n: usize, c: usize, h: usize, w: usize) -> Result<TensorDe
 }
 
 /// Algorithms are taken from cuDNN's heuristics: the first deterministic
-/// one (so the gradient, too, is reproducible) that fits this workspace.
-const MAX_WORKSPACE: usize = 256 << 20;
+/// one (so the gradient, too, is reproducible) that fits the workspace
+/// allowed, at most this.
+pub(crate) const MAX_WORKSPACE: usize = 256 << 20;
 
 /// One 3x3, padding-1 convolution of a fixed shape: descriptors, the
 /// chosen forward and backward-data algorithms, and their workspace needs.
@@ -132,13 +133,15 @@ unsafe impl Send for ConvPlan {}
 
 impl ConvPlan {
     /// Forward runs on `fwd_images` (pred and target), backward-data on
-    /// `bwd_images` (pred only); `tf32` lets f32 convolutions use TF32.
+    /// `bwd_images` (pred only); `tf32` lets f32 convolutions use TF32;
+    /// each algorithm needs at most `max_workspace` bytes.
     pub(crate) fn new(
         handle: &Handle,
         dtype: DType,
         (fwd_images, bwd_images): (usize, usize),
         (c_in, c_out, h, w): (usize, usize, usize, usize),
         tf32: bool,
+        max_workspace: usize,
     ) -> Result<Self> {
         let filter = FilterDesc(
             result::create_filter_descriptor()
@@ -195,7 +198,7 @@ impl ConvPlan {
                     m: sys::cudnnMathType_t| {
             status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
                 && det == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                && memory <= MAX_WORKSPACE
+                && memory <= max_workspace
                 && (math != sys::cudnnMathType_t::CUDNN_FMA_MATH
                     || m == sys::cudnnMathType_t::CUDNN_FMA_MATH)
         };
@@ -221,7 +224,9 @@ impl ConvPlan {
                 .ok_or_else(|| {
                     err(
                         "choosing a forward algorithm",
-                        "no deterministic algorithm fits",
+                        format!(
+                            "no deterministic algorithm fits in {max_workspace} bytes of workspace"
+                        ),
                     )
                 })?;
             plan.fwd = best.algo;
@@ -243,7 +248,9 @@ impl ConvPlan {
                 .ok_or_else(|| {
                     err(
                         "choosing a backward-data algorithm",
-                        "no deterministic algorithm fits",
+                        format!(
+                            "no deterministic algorithm fits in {max_workspace} bytes of workspace"
+                        ),
                     )
                 })?;
             plan.bwd = best.algo;

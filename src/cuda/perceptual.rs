@@ -8,7 +8,7 @@
 //! one allocation laid out by their lifetimes (`layout.rs`).
 
 use super::abi::*;
-use super::cudnn::{ConvPlan, Handle};
+use super::cudnn::{ConvPlan, Handle, MAX_WORKSPACE};
 use super::layout::Layout;
 use super::schedule::{layer_dims, schedule, Buf, Images, Schedule, Step, INPUT_CHANNELS};
 use super::{grid_for, kernel_dtype, kernels, nvtx, Gpu, BLOCK};
@@ -189,6 +189,21 @@ impl Convs for Cudnn<'_> {
     }
 }
 
+/// Bytes of the buffers (not the cuDNN workspace) a call on `n` image
+/// pairs of `h` x `w` holds.
+pub(crate) fn buffer_bytes(
+    layers: &[Layer],
+    plan: &Plan,
+    (n, h, w): (usize, usize, usize),
+    compute: DType,
+) -> usize {
+    Layout::new(
+        &schedule(layers, plan, (n, h, w), true, false),
+        compute.size(),
+    )
+    .bytes
+}
+
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
     /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
@@ -226,6 +241,12 @@ impl ShapePlan {
                 _ => None,
             })
         };
+        let layout = Layout::new(&sched, compute.size());
+        // The workspace gets what the budget leaves after the buffers (its
+        // allocation is at least 256 bytes).
+        let max_workspace = plan.budget.map_or(MAX_WORKSPACE, |b| {
+            b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE)
+        });
         let mut convs = Vec::new();
         let mut workspace = 0;
         let mut in_c = INPUT_CHANNELS;
@@ -238,6 +259,7 @@ impl ShapePlan {
                         (images, s.n),
                         (in_c, out_c, h, w),
                         plan.tf32,
+                        max_workspace,
                     )?;
                     workspace = workspace.max(p.workspace);
                     Some(p)
@@ -246,7 +268,6 @@ impl ShapePlan {
             });
             in_c = c;
         }
-        let layout = Layout::new(&sched, compute.size());
         let arena = alloc(dev, layout.bytes, "activations and gradients")?;
         let workspace = alloc(dev, workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
@@ -856,7 +877,7 @@ mod tests {
             loss: &mut got as *mut f32 as u64,
             per_sample: Some(addr_mut(&mut got_per)),
         };
-        for call in whole.chunks(plan.chunk.unwrap_or(s.n)) {
+        for call in whole.chunks(loss.chunk_images(s, compute).unwrap()) {
             let n = call.shape.n;
             let layers = &vgg.layers()[..=plan.deepest()];
             let layout = Layout::new(
@@ -945,6 +966,34 @@ mod tests {
             ..Default::default()
         };
         check::<f32>(f32_case(VggArch::Vgg16, config, Shape::new(3, 3, 16, 12)));
+    }
+
+    #[test]
+    fn a_memory_budget_picks_the_largest_chunk_that_fits() {
+        let s = Shape::new(3, 3, 16, 12);
+        let probe = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+        let layers = probe.vgg().layers();
+        let two = buffer_bytes(layers, probe.plan(), (2, s.h, s.w), DType::F32);
+        let three = buffer_bytes(layers, probe.plan(), (3, s.h, s.w), DType::F32);
+        assert!(two < three);
+        let budgeted = |budget| {
+            let config = PerceptualConfig {
+                memory_budget: Some(budget),
+                ..Default::default()
+            };
+            PerceptualLoss::seeded(VggArch::Vgg16, &config)
+        };
+        assert_eq!(budgeted(three).chunk_images(s, DType::F32).unwrap(), 3);
+        assert_eq!(budgeted(three - 1).chunk_images(s, DType::F32).unwrap(), 2);
+        assert_eq!(budgeted(two).chunk_images(s, DType::F32).unwrap(), 2);
+        let err = budgeted(1000).chunk_images(s, DType::F32).unwrap_err();
+        assert!(err.to_string().contains("memory budget"), "{err}");
+        // The chunked call still matches the CPU.
+        let config = PerceptualConfig {
+            memory_budget: Some(two),
+            ..Default::default()
+        };
+        check::<f32>(f32_case(VggArch::Vgg16, config, s));
     }
 
     #[test]

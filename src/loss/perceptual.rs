@@ -86,6 +86,12 @@ pub struct PerceptualConfig {
     /// each), so device memory follows the chunk instead of the batch;
     /// `None` runs the whole batch at once. The loss is the same.
     pub max_chunk_images: Option<usize>,
+    /// On CUDA, the device bytes one call may hold for its buffers and the
+    /// cuDNN workspace: the batch runs in the largest chunks whose buffers
+    /// fit, and convolution algorithms are chosen within the bytes left.
+    /// `None`: no limit (the workspace is capped at 256 MiB). A call whose
+    /// single image does not fit is an error. No effect on the CPU.
+    pub memory_budget: Option<usize>,
     /// Lets f32 convolutions on CUDA use TF32 tensor cores (faster, about
     /// 1e-3 relative error); default off. No effect on f16/bf16 or the CPU.
     pub allow_tf32: bool,
@@ -101,6 +107,7 @@ impl Default for PerceptualConfig {
             pooling: Pooling::Max,
             weight: 1.0,
             max_chunk_images: None,
+            memory_budget: None,
             allow_tf32: false,
         }
     }
@@ -117,6 +124,7 @@ pub(crate) struct Plan {
     pub weight: f64,
     pub tf32: bool,
     pub chunk: Option<usize>,
+    pub budget: Option<usize>,
 }
 
 impl Plan {
@@ -139,15 +147,23 @@ pub struct PerceptualLoss {
     shapes: Arc<ShapePlans>,
 }
 
-/// CUDA buffers and cuDNN plans, one per input shape seen.
+/// CUDA buffers and cuDNN plans, one per input shape seen, and the chunk
+/// size chosen for each (batch shape, compute dtype).
 #[derive(Default)]
-struct ShapePlans(Mutex<Vec<ShapePlan>>);
+struct ShapePlans {
+    plans: Mutex<Vec<ShapePlan>>,
+    chunks: Mutex<Vec<((Shape, DType), usize)>>,
+}
 
 impl std::fmt::Debug for ShapePlans {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map(|p| p.len()).unwrap_or(0);
+        let n = self.plans.lock().map(|p| p.len()).unwrap_or(0);
         write!(f, "ShapePlans({n})")
     }
+}
+
+fn poisoned() -> Error {
+    Error::Internal("a lock was poisoned".into())
 }
 
 #[cfg(test)]
@@ -210,6 +226,7 @@ impl PerceptualLoss {
             weight: config.weight as f64,
             tf32: config.allow_tf32,
             chunk: config.max_chunk_images,
+            budget: config.memory_budget,
         };
         Ok(PerceptualLoss {
             vgg,
@@ -308,10 +325,49 @@ impl PerceptualLoss {
         };
         self.check_size(shape)?;
         let chunk = Shape {
-            n: self.plan.chunk.unwrap_or(shape.n).min(shape.n),
+            n: self.chunk_images(shape, self.vgg.compute_dtype())?,
             ..shape
         };
         self.with_shape_plan(dev, chunk, |_, sp| Ok(Some(sp.footprint)))
+    }
+
+    /// Images per chunk on CUDA: `max_chunk_images`, lowered until the
+    /// buffers fit the memory budget. Decided once per shape.
+    pub(crate) fn chunk_images(&self, s: Shape, compute: DType) -> Result<usize> {
+        let cap = self.plan.chunk.unwrap_or(s.n).min(s.n);
+        let Some(budget) = self.plan.budget else {
+            return Ok(cap);
+        };
+        let mut chunks = self.shapes.chunks.lock().map_err(|_| poisoned())?;
+        if let Some(&(_, k)) = chunks.iter().find(|(key, _)| *key == (s, compute)) {
+            return Ok(k);
+        }
+        let bytes = |k: usize| {
+            crate::cuda::perceptual::buffer_bytes(
+                self.vgg.layers(),
+                &self.plan,
+                (k, s.h, s.w),
+                compute,
+            )
+        };
+        let one = bytes(1);
+        if one > budget {
+            return Err(Error::arg(format!(
+                "the memory budget of {budget} bytes is below the {one} bytes of buffers one {}x{} image needs",
+                s.h, s.w
+            )));
+        }
+        // Buffers grow about linearly with the images: start there, then
+        // step to the largest count that fits.
+        let mut k = (budget / one).clamp(1, cap);
+        while k > 1 && bytes(k) > budget {
+            k -= 1;
+        }
+        while k < cap && bytes(k + 1) <= budget {
+            k += 1;
+        }
+        chunks.push(((s, compute), k));
+        Ok(k)
     }
 
     /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
@@ -322,11 +378,7 @@ impl PerceptualLoss {
         f: impl FnOnce(&crate::cuda::cudnn::Handle, &mut ShapePlan) -> Result<R>,
     ) -> Result<R> {
         dev.with_cudnn(|handle| {
-            let mut plans = self
-                .shapes
-                .0
-                .lock()
-                .map_err(|_| Error::Internal("a lock was poisoned".into()))?;
+            let mut plans = self.shapes.plans.lock().map_err(|_| poisoned())?;
             let compute = self.vgg.compute_dtype();
             let k = match plans
                 .iter()
@@ -376,7 +428,7 @@ impl PerceptualLoss {
             loss: o.loss,
             per_sample: o.per_sample,
         };
-        for call in whole.chunks(self.plan.chunk.unwrap_or(s.n)) {
+        for call in whole.chunks(self.chunk_images(s, self.vgg.compute_dtype())?) {
             self.with_shape_plan(dev, call.shape, |handle, sp| {
                 sp.run(dev, handle, weights, self.vgg.layers(), &self.plan, &call)
             })?;

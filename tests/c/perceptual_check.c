@@ -50,6 +50,7 @@ int main(int argc, char **argv) {
     cfg.criterion = PL_MAE;
     cfg.input_norm = PL_NORM_IMAGENET;
     cfg.weight = 2.0f;
+    cfg.memory_budget_bytes = (size_t)1 << 30; /* chunks CUDA calls only */
     pl_perceptual *named = NULL;
     CHECK(pl_perceptual_create(NULL, &cfg, &named) == PL_ERR_INVALID_ARGUMENT, "NULL vgg");
     pl_vgg *again = NULL;

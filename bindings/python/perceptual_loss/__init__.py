@@ -156,10 +156,12 @@ class Vgg:
 class Perceptual:
     """A perceptual loss over `vgg`. Defaults are the article's: taps
     relu1_2, relu2_2, relu3_3, relu4_3, MSE, unit weights, no input
-    normalisation. `taps` are indices or names ("relu3_3", "conv5_4")."""
+    normalisation. `taps` are indices or names ("relu3_3", "conv5_4").
+    On CUDA, `max_chunk_images` and `memory_budget` (bytes for buffers and
+    cuDNN workspace) split the batch into chunks; the loss is the same."""
 
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
-                 weight=1.0, allow_tf32=False, max_chunk_images=0):
+                 weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None):
         cfg = _lib.PerceptualConfig()
         keep = []  # arrays the config points into, alive until create returns
         if taps:
@@ -187,6 +189,9 @@ class Perceptual:
         cfg.weight = weight
         cfg.allow_tf32 = int(bool(allow_tf32))
         cfg.max_chunk_images = max_chunk_images
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
+        cfg.memory_budget_bytes = memory_budget or 0
         handle = ctypes.c_void_p()
         _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle

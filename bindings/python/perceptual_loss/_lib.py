@@ -54,6 +54,7 @@ class PerceptualConfig(ctypes.Structure):
         ("weight", c_float),
         ("allow_tf32", c_int32),
         ("max_chunk_images", ctypes.c_size_t),
+        ("memory_budget_bytes", ctypes.c_size_t),
     ]
 
 

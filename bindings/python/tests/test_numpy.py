@@ -160,6 +160,11 @@ def test_perceptual_defaults_names_and_errors(seeded):
         pl.Perceptual(vgg, taps=["relu9_9"])
     with pytest.raises(pl.Error, match="2 taps but 1 tap weights"):
         pl.Perceptual(vgg, taps=[3, 8], tap_weights=[1.0])
+    with pytest.raises(ValueError, match="memory_budget"):
+        pl.Perceptual(vgg, memory_budget=0)
+    budgeted = pl.Perceptual(vgg, taps=["relu1_2", "relu2_2"], criterion="mae", input_norm="imagenet",
+                             memory_budget=1 << 20)  # chunks on CUDA only: the same loss here
+    assert budgeted(x, np.ascontiguousarray(x[:, ::-1]))[0] == value
     with pytest.raises(ValueError, match="unknown criterion"):
         pl.Perceptual(vgg, criterion="l3")
     with pytest.raises(pl.Error, match="3 channels"):
