@@ -863,8 +863,16 @@ mod tests {
             weights: &weights,
             compute,
         };
+        // Outputs and the arena carry a guard tail: a write past an end shows.
+        const GUARD: usize = 64;
+        let guarded = |v: &[T]| -> Vec<T> {
+            let mut v = v.to_vec();
+            v.extend((0..GUARD).map(|_| T::from_f64(7.0)));
+            v
+        };
         let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
-        let mut got_grad = old.clone();
+        got_per.extend([7.0; GUARD]);
+        let mut got_grad = guarded(&old);
         let whole = PerceptualCall {
             batch: s.n,
             accumulate: false,
@@ -884,8 +892,10 @@ mod tests {
                 &schedule(layers, plan, (n, s.h, s.w), true, false),
                 compute.size(),
             );
-            // Poisoned, so a read before a write shows.
-            let mut arena = vec![u64::MAX; layout.bytes.div_ceil(8)];
+            // Poisoned (a NaN pattern), so a read before a write shows.
+            let words = layout.bytes.div_ceil(8);
+            let mut arena = vec![u64::MAX; words + GUARD];
+            arena[words..].fill(0x5a5a_5a5a_5a5a_5a5a);
             let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
             perceptual(
                 emu,
@@ -896,7 +906,17 @@ mod tests {
                 &call,
             )
             .unwrap();
+            assert!(
+                arena[words..].iter().all(|&w| w == 0x5a5a_5a5a_5a5a_5a5a),
+                "a kernel wrote past the end of the buffers"
+            );
         }
+        assert!(
+            got_grad[count..].iter().all(|v| v.to_f64() == 7.0)
+                && got_per[s.n..].iter().all(|&v| v == 7.0),
+            "a kernel wrote past the end of an output"
+        );
+        let (got_grad, got_per) = (&got_grad[..count], &got_per[..s.n]);
 
         let (mut want, mut want_per) = (0f32, vec![0f32; s.n]);
         let mut want_g = old.clone();
@@ -923,8 +943,8 @@ mod tests {
             (got as f64 - want as f64).abs() <= tol * want.abs() as f64,
             "{what}: loss {got} vs {want}"
         );
-        assert_close(&format!("{what} per sample"), &got_per, &want_per, tol);
-        assert_close(&format!("{what} gradient"), &got_grad, &want_g, 10.0 * tol);
+        assert_close(&format!("{what} per sample"), got_per, &want_per, tol);
+        assert_close(&format!("{what} gradient"), got_grad, &want_g, 10.0 * tol);
     }
 
     /// f32 in, f32 compute, with the gradient.
