@@ -150,11 +150,10 @@ typedef struct pl_k_pool_params {
 } pl_k_pool_params;
 
 /* Fused ReLU layer and the 2x2 pooling after it, over [2N][H][W][C] with
- * H and W even: x + bias, ReLU, the pred half's
- * mask, then the pooled output and argmax. The ReLU output is written back
- * to x only when a tap reads it (keep = 1). */
+ * H and W even: x + bias, ReLU, the pred half's mask, then the pooled
+ * output and argmax. The ReLU output itself is not stored. */
 typedef struct pl_k_bias_act_pool_params {
-    void *x;
+    const void *x;
     void *y;              /* [2N][H/2][W/2][C] */
     const float *bias;    /* [C] or NULL */
     uint32_t *mask;       /* pred half's ReLU mask, or NULL */
@@ -165,7 +164,7 @@ typedef struct pl_k_bias_act_pool_params {
     int32_t c;
     int32_t dtype;
     int32_t avg;          /* 0 max, 1 average */
-    int32_t keep;         /* 1: write the ReLU output back to x */
+    int32_t reserved;
 } pl_k_bias_act_pool_params;
 
 /* Feature distance at a tap between the pred and target images of one
@@ -189,6 +188,25 @@ typedef struct pl_k_tap_params {
     float weight;         /* tap weight times the overall weight */
     int32_t accumulate_per_sample;
 } pl_k_tap_params;
+
+/* A tapped ReLU layer, the 2x2 pooling after it and the tap, in one pass
+ * (H and W even): the pred and target images are read once; the pred
+ * mask, both pooled outputs, the pred argmax, the tap's loss and its
+ * gradient are written; the ReLU output is not stored. */
+typedef struct pl_k_bias_act_pool_tap_params {
+    pl_k_tap_params tap;  /* x and target: the ReLU's input (before the bias);
+                             grad may be x itself (written in place);
+                             per_image = C*H*W; per_block counts units of
+                             8 channels of one pooled pixel */
+    void *y;              /* pooled pred images, [N][H/2][W/2][C] */
+    void *y_target;       /* pooled target images */
+    const float *bias;    /* [C] or NULL */
+    uint32_t *mask;       /* pred ReLU mask, or NULL */
+    uint32_t *argmax;     /* pred argmax, or NULL; max-pooling only */
+    int64_t h, w;
+    int32_t c;
+    int32_t avg;          /* 0 max, 1 average */
+} pl_k_bias_act_pool_tap_params;
 
 /* One backward step over [N][HW][C] in place:
  * g = (g + before) * mask + after, each term optional (NULL). */

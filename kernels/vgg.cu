@@ -4,7 +4,8 @@
  * Forward (pred and target batched as 2N images, NHWC, compute dtype):
  * preprocess -> [conv (cuDNN) -> bias+ReLU (+mask)] ... -> bias+ReLU+pool
  * in one pass (+mask, +argmax; pool alone where H or W is odd), and at each
- * tap one fused pass computing the distance and the tap's gradient.
+ * tap one fused pass computing the distance and the tap's gradient; a
+ * tapped ReLU before a pool runs ReLU, pool and tap in one pass.
  * Backward (pred half only): grad_step (tap adds and the ReLU mask in one
  * pass), unpool (with the ReLU before it in the same pass), conv
  * backward-data (cuDNN), and input_grad, which writes the caller's
@@ -103,60 +104,6 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_par
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k_bias_act_pool_params p) {
-    // PL_VEC consecutive channels of one pooled pixel per thread. Mask
-    // bits and argmax bits of those channels are one byte each (see
-    // pl_kernel_abi.h for both layouts).
-    uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
-    uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);
-    const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
-    PL_FOR_EACH(t, count / PL_VEC) {
-        const int64_t idx = t * PL_VEC;
-        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
-        int64_t next = pl_div(rest, ow), j = rest - next * ow;
-        int64_t img = pl_div(next, oh), i = next - img * oh;
-        const bool pred = img < p.pred_images;
-        // The window is folded in as it is read: running max and argmax
-        // (first maximum wins, NaN propagates, as pool_window), or the two
-        // row sums of the average in pool_window's order.
-        float m[PL_VEC], row[PL_VEC], x[PL_VEC];
-        unsigned int lo = 0, hi = 0;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int64_t at = ((img * p.h + 2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
-            pl_load8(p.x, p.dtype, at, x);
-            unsigned int bits = 0;
-            for (int k = 0; k < PL_VEC; ++k) {
-                float v = x[k] + (p.bias ? p.bias[ch + k] : 0.0f);
-                if (!(v > 0.0f) && v == v) v = 0.0f;  // NaN propagates, as in PyTorch
-                // Rounded as stored, so the pooled value is the pool of the stored ReLU output.
-                v = pl_round(v, p.dtype);
-                bits |= (unsigned int)(v > 0.0f) << k;
-                x[k] = v;
-                if (p.avg) {
-                    row[k] = (q & 1) ? row[k] + v : v;
-                    if (q == 1) m[k] = row[k];  // m keeps the first row's sum
-                } else if (q == 0 || v > m[k] || (v != v && m[k] == m[k])) {
-                    m[k] = v;
-                    lo = (lo & ~(1u << k)) | (unsigned int)(q & 1) << k;
-                    hi = (hi & ~(1u << k)) | (unsigned int)(q >> 1) << k;
-                }
-            }
-            if (p.keep) pl_store8(p.x, p.dtype, at, x);
-            if (mask && pred) mask[at / PL_VEC] = (uint8_t)bits;
-        }
-        float out[PL_VEC];
-        for (int k = 0; k < PL_VEC; ++k) out[k] = p.avg ? 0.25f * (m[k] + row[k]) : m[k];
-        pl_store8(p.y, p.dtype, idx, out);
-        if (argmax && pred) {
-            // Byte (idx % 32) / 8 of the low word 2 (idx / 32) and of the high word after it.
-            const int64_t byte = (idx >> 5) * 8 + ((idx & 31) >> 3);
-            argmax[byte] = (uint8_t)lo;
-            argmax[byte + 4] = (uint8_t)hi;
-        }
-    }
-}
-
 /* Last block of a tap: per-image means, then the weighted batch mean. */
 __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
     double total = 0.0;
@@ -174,6 +121,147 @@ __device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
         *p.reduce.loss = p.accumulate ? *p.reduce.loss + v : v;
     }
     pl_reset_counter(p.reduce);
+}
+
+/* x + bias, ReLU, rounded as stored (so a pool of these is the pool of the
+ * stored ReLU output), over one thread's PL_VEC channels from `ch`; returns
+ * their mask bits. NaN propagates, as in PyTorch. */
+__device__ __forceinline__ unsigned int relu8(float x[PL_VEC], const float *bias, int64_t ch, int dtype) {
+    unsigned int bits = 0;
+    for (int k = 0; k < PL_VEC; ++k) {
+        float v = x[k] + (bias ? bias[ch + k] : 0.0f);
+        if (!(v > 0.0f) && v == v) v = 0.0f;
+        v = pl_round(v, dtype);
+        bits |= (unsigned int)(v > 0.0f) << k;
+        x[k] = v;
+    }
+    return bits;
+}
+
+/* A 2x2 pool of PL_VEC channels, folded in one window position q (0..3,
+ * row-major) at a time: the running max and its argmax bits (first maximum
+ * wins, NaN propagates, as pool_window), or the average's row sums in
+ * pool_window's order. */
+struct Pool8 {
+    float m[PL_VEC], row[PL_VEC];
+    unsigned int lo, hi;
+};
+
+__device__ __forceinline__ void pool8_add(Pool8 &a, int q, const float v[PL_VEC], bool avg) {
+    if (q == 0) a.lo = a.hi = 0;
+    for (int k = 0; k < PL_VEC; ++k) {
+        if (avg) {
+            a.row[k] = (q & 1) ? a.row[k] + v[k] : v[k];
+            if (q == 1) a.m[k] = a.row[k];  // m keeps the first row's sum
+        } else if (q == 0 || v[k] > a.m[k] || (v[k] != v[k] && a.m[k] == a.m[k])) {
+            a.m[k] = v[k];
+            a.lo = (a.lo & ~(1u << k)) | (unsigned int)(q & 1) << k;
+            a.hi = (a.hi & ~(1u << k)) | (unsigned int)(q >> 1) << k;
+        }
+    }
+}
+
+/* Stores the pooled values at output `idx` and, when `argmax` is given,
+ * their argmax bits: byte (idx % 32) / 8 of the low word 2 (idx / 32) and
+ * of the high word after it. */
+__device__ __forceinline__ void pool8_store(const Pool8 &a, bool avg, void *y, int dtype, int64_t idx, uint8_t *argmax) {
+    float out[PL_VEC];
+    for (int k = 0; k < PL_VEC; ++k) out[k] = avg ? 0.25f * (a.m[k] + a.row[k]) : a.m[k];
+    pl_store8(y, dtype, idx, out);
+    if (argmax) {
+        const int64_t byte = (idx >> 5) * 8 + ((idx & 31) >> 3);
+        argmax[byte] = (uint8_t)a.lo;
+        argmax[byte + 4] = (uint8_t)a.hi;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k_bias_act_pool_params p) {
+    // PL_VEC consecutive channels of one pooled pixel per thread. Mask
+    // bits and argmax bits of those channels are one byte each (see
+    // pl_kernel_abi.h for both layouts).
+    uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
+    uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);
+    const int64_t oh = p.h / 2, ow = p.w / 2, count = p.images * oh * ow * p.c;
+    PL_FOR_EACH(t, count / PL_VEC) {
+        const int64_t idx = t * PL_VEC;
+        int64_t rest = pl_div(idx, p.c), ch = idx - rest * p.c;
+        int64_t next = pl_div(rest, ow), j = rest - next * ow;
+        int64_t img = pl_div(next, oh), i = next - img * oh;
+        const bool pred = img < p.pred_images;
+        Pool8 acc;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int64_t at = ((img * p.h + 2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
+            float x[PL_VEC];
+            pl_load8(p.x, p.dtype, at, x);
+            const unsigned int bits = relu8(x, p.bias, ch, p.dtype);
+            if (mask && pred) mask[at / PL_VEC] = (uint8_t)bits;
+            pool8_add(acc, q, x, p.avg);
+        }
+        pool8_store(acc, p.avg, p.y, p.dtype, idx, pred ? argmax : nullptr);
+    }
+}
+
+/* The pooling kind is a template argument: max-pooling then keeps no row
+ * sums and average pooling no argmax in registers. */
+template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k_bias_act_pool_tap_params &p) {
+    // The tap's grid and reduction (see pl_vgg_tap), over units of PL_VEC
+    // channels of one pooled pixel: each thread reads the 2x2 window of
+    // pred and of target once, and from it writes the pred mask, both
+    // pooled outputs, the pred argmax, and the tap's distance and gradient
+    // at all four positions. The ReLU output itself is never stored.
+    const pl_k_tap_params &t = p.tap;
+    uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
+    uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);
+    const bool mse = t.criterion == PL_K_MSE;
+    const float scale = (float)((double)t.weight / ((double)t.batch * (double)t.per_image));
+    const int64_t oh = p.h / 2, ow = p.w / 2, groups = p.c / PL_VEC, units = groups * oh * ow;
+    const int64_t pooled = units * PL_VEC;  // pooled values per image
+    const int64_t begin = blockIdx.x * t.per_block;
+    const int64_t end = min(units, begin + t.per_block);
+    for (int64_t n = blockIdx.y; n < t.n; n += gridDim.y) {
+        double sum = 0.0;
+        for (int64_t u = begin + threadIdx.x; u < end; u += PL_BLOCK) {
+            int64_t pix = pl_div(u, groups), ch = (u - pix * groups) * PL_VEC;
+            int64_t i = pl_div(pix, ow), j = pix - i * ow;
+            Pool8 pa, ta;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                const int64_t at = n * t.per_image + ((2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
+                float a[PL_VEC], b[PL_VEC];
+                pl_load8(t.x, t.dtype, at, a);
+                pl_load8(t.target, t.dtype, at, b);
+                const unsigned int bits = relu8(a, p.bias, ch, t.dtype);
+                relu8(b, p.bias, ch, t.dtype);
+                if (mask) mask[at / PL_VEC] = (uint8_t)bits;
+                pool8_add(pa, q, a, AVG);
+                pool8_add(ta, q, b, AVG);
+                for (int k = 0; k < PL_VEC; ++k) {
+                    const float d = a[k] - b[k];
+                    sum += (double)(mse ? d * d : fabsf(d));
+                    a[k] = (mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)))) * scale;
+                }
+                // The same thread read these pred values: writing over them is safe.
+                if (t.grad) pl_store8(t.grad, t.dtype, at, a);
+            }
+            const int64_t o = n * pooled + pix * p.c + ch;
+            pool8_store(pa, AVG, p.y, t.dtype, o, argmax);
+            pool8_store(ta, AVG, p.y_target, t.dtype, o, nullptr);
+        }
+        double block_sum = pl_block_sum(sum);
+        unsigned int total = (unsigned int)(t.blocks_per_image * t.n);
+        if (pl_publish_partial(t.reduce, n * t.blocks_per_image + blockIdx.x, block_sum, total)) tap_finish(t);
+    }
+}
+
+/* Three blocks per SM: about 80 registers a thread without spilling
+ * (ptxas), where the unconstrained build takes ~110 and fits only two. */
+extern "C" __global__ void __launch_bounds__(PL_BLOCK, 3) pl_vgg_bias_act_pool_tap(pl_k_bias_act_pool_tap_params p) {
+    if (p.avg) {
+        bias_act_pool_tap<true>(p);
+    } else {
+        bias_act_pool_tap<false>(p);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_params p) {

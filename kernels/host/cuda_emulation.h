@@ -27,7 +27,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 /* One block runs at a time, so a function-local static is that block's shared memory. */
 #define __shared__ static
 

@@ -252,7 +252,7 @@ const _: () = {
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pl_k_bias_act_pool_params {
-    pub x: *mut ::std::os::raw::c_void,
+    pub x: *const ::std::os::raw::c_void,
     pub y: *mut ::std::os::raw::c_void,
     pub bias: *const f32,
     pub mask: *mut u32,
@@ -264,7 +264,7 @@ pub struct pl_k_bias_act_pool_params {
     pub c: i32,
     pub dtype: i32,
     pub avg: i32,
-    pub keep: i32,
+    pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -296,8 +296,8 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_bias_act_pool_params, dtype) - 76usize];
     ["Offset of field: pl_k_bias_act_pool_params::avg"]
         [::std::mem::offset_of!(pl_k_bias_act_pool_params, avg) - 80usize];
-    ["Offset of field: pl_k_bias_act_pool_params::keep"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_params, keep) - 84usize];
+    ["Offset of field: pl_k_bias_act_pool_params::reserved"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_params, reserved) - 84usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -347,6 +347,47 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_tap_params, weight) - 112usize];
     ["Offset of field: pl_k_tap_params::accumulate_per_sample"]
         [::std::mem::offset_of!(pl_k_tap_params, accumulate_per_sample) - 116usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_bias_act_pool_tap_params {
+    pub tap: pl_k_tap_params,
+    pub y: *mut ::std::os::raw::c_void,
+    pub y_target: *mut ::std::os::raw::c_void,
+    pub bias: *const f32,
+    pub mask: *mut u32,
+    pub argmax: *mut u32,
+    pub h: i64,
+    pub w: i64,
+    pub c: i32,
+    pub avg: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_bias_act_pool_tap_params"]
+        [::std::mem::size_of::<pl_k_bias_act_pool_tap_params>() - 184usize];
+    ["Alignment of pl_k_bias_act_pool_tap_params"]
+        [::std::mem::align_of::<pl_k_bias_act_pool_tap_params>() - 8usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::tap"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, tap) - 0usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::y"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y) - 120usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::y_target"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y_target) - 128usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::bias"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, bias) - 136usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::mask"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, mask) - 144usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::argmax"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, argmax) - 152usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::h"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, h) - 160usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::w"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, w) - 168usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::c"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, c) - 176usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::avg"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, avg) - 180usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -45,12 +45,20 @@ extern "C" fn run_entry<P: Copy>(ctx: *mut c_void) {
     unsafe { (entry.kernel)(entry.params) }
 }
 
-fn compile(image: &KernelImage, dir: &Path) -> std::result::Result<PathBuf, String> {
+/// Why there is no emulator: no compiler (the tests skip), or the kernels
+/// did not build (the tests fail: that is a bug).
+enum BuildError {
+    NoCompiler(String),
+    Failed(String),
+}
+
+fn compile(image: &KernelImage, dir: &Path) -> std::result::Result<PathBuf, BuildError> {
     let source = dir.join(format!("{}.cu", image.name));
     let shim = dir.join("cuda_emulation.h");
     let library = dir.join(format!("{}.so", image.name));
-    std::fs::write(&source, image.source).map_err(|e| e.to_string())?;
-    std::fs::write(&shim, SHIM).map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| BuildError::Failed(e.to_string());
+    std::fs::write(&source, image.source).map_err(io)?;
+    std::fs::write(&shim, SHIM).map_err(io)?;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-include"])
@@ -60,20 +68,20 @@ fn compile(image: &KernelImage, dir: &Path) -> std::result::Result<PathBuf, Stri
         .arg("-o")
         .arg(&library)
         .output()
-        .map_err(|e| format!("running {cxx}: {e}"))?;
+        .map_err(|e| BuildError::NoCompiler(format!("running {cxx}: {e}")))?;
     if !out.status.success() {
-        return Err(format!(
+        return Err(BuildError::Failed(format!(
             "{cxx} failed on {}:\n{}",
             image.name,
             String::from_utf8_lossy(&out.stderr)
-        ));
+        )));
     }
     Ok(library)
 }
 
-fn build() -> std::result::Result<Emulator, String> {
+fn build() -> std::result::Result<Emulator, BuildError> {
     let dir = std::env::temp_dir().join(format!("perceptual-loss-emulator-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&dir).map_err(|e| BuildError::Failed(e.to_string()))?;
     let built: Vec<_> = std::thread::scope(|s| {
         let jobs: Vec<_> = kernels::ALL
             .iter()
@@ -91,7 +99,7 @@ fn build() -> std::result::Result<Emulator, String> {
         let (name, path) = result?;
         // SAFETY: a library this function just built from the kernel sources;
         // it has no initialisers beyond the C++ runtime's.
-        let lib = unsafe { Library::new(&path) }.map_err(|e| e.to_string())?;
+        let lib = unsafe { Library::new(&path) }.map_err(|e| BuildError::Failed(e.to_string()))?;
         libraries.insert(name, lib);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -103,15 +111,19 @@ fn build() -> std::result::Result<Emulator, String> {
 
 impl Emulator {
     /// The process's emulator, or `None` (after printing why) when no C++
-    /// compiler is available and `PERCEPTUAL_LOSS_REQUIRE_EMULATOR` is unset.
+    /// compiler is available and `PERCEPTUAL_LOSS_REQUIRE_EMULATOR` is
+    /// unset. Kernels that do not compile are a test failure.
     pub(crate) fn get() -> Option<&'static Emulator> {
-        static EMULATOR: OnceLock<std::result::Result<Emulator, String>> = OnceLock::new();
+        static EMULATOR: OnceLock<std::result::Result<Emulator, BuildError>> = OnceLock::new();
         match EMULATOR.get_or_init(build) {
             Ok(e) => Some(e),
-            Err(why) if std::env::var_os("PERCEPTUAL_LOSS_REQUIRE_EMULATOR").is_some() => {
+            Err(BuildError::Failed(why)) => panic!("the emulated kernels did not build: {why}"),
+            Err(BuildError::NoCompiler(why))
+                if std::env::var_os("PERCEPTUAL_LOSS_REQUIRE_EMULATOR").is_some() =>
+            {
                 panic!("PERCEPTUAL_LOSS_REQUIRE_EMULATOR is set: {why}")
             }
-            Err(why) => {
+            Err(BuildError::NoCompiler(why)) => {
                 eprintln!("skipped: no C++ compiler for the CUDA emulator ({why})");
                 None
             }

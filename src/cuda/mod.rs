@@ -41,6 +41,7 @@ unsafe impl DeviceRepr for abi::pl_k_preprocess_params {}
 unsafe impl DeviceRepr for abi::pl_k_bias_act_params {}
 unsafe impl DeviceRepr for abi::pl_k_pool_params {}
 unsafe impl DeviceRepr for abi::pl_k_bias_act_pool_params {}
+unsafe impl DeviceRepr for abi::pl_k_bias_act_pool_tap_params {}
 unsafe impl DeviceRepr for abi::pl_k_tap_params {}
 unsafe impl DeviceRepr for abi::pl_k_grad_step_params {}
 unsafe impl DeviceRepr for abi::pl_k_unpool_params {}

@@ -10,7 +10,7 @@
 use super::abi::*;
 use super::cudnn::{ConvPlan, Handle, MAX_WORKSPACE};
 use super::layout::Layout;
-use super::schedule::{layer_dims, schedule, Buf, Images, Schedule, Step, INPUT_CHANNELS};
+use super::schedule::{layer_dims, schedule, Buf, Images, Schedule, Step, TapTerm, INPUT_CHANNELS};
 use super::{grid_for, kernel_dtype, kernels, nvtx, Gpu, BLOCK};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
@@ -377,14 +377,21 @@ fn vgg_kernel(
 /// Elements per thread of the vectorised VGG passes (PL_VEC in kernels/common.cuh).
 const VEC: usize = 8;
 
+/// An error unless `c` channels split into whole [`VEC`]-channel vectors.
+fn check_vec(c: usize) -> Result<()> {
+    if c.is_multiple_of(VEC) {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{c} channels: the VGG passes need a multiple of {VEC}"
+        )))
+    }
+}
+
 /// The grid of a pass giving each thread [`VEC`] consecutive channels of
 /// `count` elements with `c` channels.
 fn vec_grid(count: usize, c: usize) -> Result<(u32, u32)> {
-    if !c.is_multiple_of(VEC) {
-        return Err(Error::Internal(format!(
-            "{c} channels: the VGG passes need a multiple of {VEC}"
-        )));
-    }
+    check_vec(c)?;
     Ok(grid_for(count / VEC))
 }
 
@@ -422,6 +429,8 @@ pub(crate) fn perceptual(
     }
     let at = |b: Buf| base + layout.offsets[b] as u64;
     let span = |x: Images| at(x.buf) + (x.offset * net.compute.size()) as u64;
+    let bias_of =
+        |conv: Option<usize>| conv.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32);
     let opt = |b: Option<Buf>| b.map_or(0, at);
 
     for step in &sched.steps {
@@ -465,7 +474,7 @@ pub(crate) fn perceptual(
                 let per_image = c * h * w;
                 let p = pl_k_bias_act_params {
                     x: span(x) as *mut _,
-                    bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
+                    bias: bias_of(bias),
                     mask: opt(mask) as *mut u32,
                     count: (x.count * per_image) as i64,
                     pred_count: (pred * per_image) as i64,
@@ -489,13 +498,12 @@ pub(crate) fn perceptual(
                 bias,
                 mask,
                 argmax,
-                keep,
                 input: (c, h, w),
             } => {
                 let p = pl_k_bias_act_pool_params {
-                    x: span(x) as *mut _,
+                    x: span(x) as *const _,
                     y: span(y) as *mut _,
-                    bias: bias.map_or(std::ptr::null(), |b| net.weights[b].bias as *const f32),
+                    bias: bias_of(bias),
                     mask: opt(mask) as *mut u32,
                     argmax: opt(argmax) as *mut u32,
                     images: x.count as i64,
@@ -505,10 +513,49 @@ pub(crate) fn perceptual(
                     c: c as i32,
                     dtype: cd,
                     avg: (plan.pooling == Pooling::Avg) as i32,
-                    keep: keep as i32,
+                    reserved: 0,
                 };
                 let pooled = x.count * c * (h / 2) * (w / 2);
                 vgg_kernel(gpu, "pl_vgg_bias_act_pool", vec_grid(pooled, c)?, &p)?;
+            }
+            Step::BiasActPoolTap {
+                k: _,
+                pred,
+                target,
+                y_pred,
+                y_target,
+                bias,
+                mask,
+                argmax,
+                input: (c, h, w),
+                ref tap,
+            } => {
+                check_vec(c)?;
+                let sizes = (c * h * w, 4 * VEC); // a unit: 8 channels of a 2x2 window
+                let ids = (plan.criterion.kernel_id(), cd);
+                with_tap(
+                    gpu,
+                    call,
+                    (span(pred), span(target), opt(tap.grad)),
+                    sizes,
+                    tap,
+                    ids,
+                    |t, grid| {
+                        let p = pl_k_bias_act_pool_tap_params {
+                            tap: t,
+                            y: span(y_pred) as *mut _,
+                            y_target: span(y_target) as *mut _,
+                            bias: bias_of(bias),
+                            mask: opt(mask) as *mut u32,
+                            argmax: opt(argmax) as *mut u32,
+                            h: h as i64,
+                            w: w as i64,
+                            c: c as i32,
+                            avg: (plan.pooling == Pooling::Avg) as i32,
+                        };
+                        vgg_kernel(gpu, "pl_vgg_bias_act_pool_tap", grid, &p)
+                    },
+                )?;
             }
             Step::Pool {
                 k: _,
@@ -538,26 +585,22 @@ pub(crate) fn perceptual(
                 k: _,
                 pred,
                 target,
-                grad,
                 dims: (c, h, w),
-                weight,
-                accumulate,
-                first,
+                ref tap,
             } => {
-                let sum = TapSum {
-                    per_image: c * h * w,
-                    weight,
-                    accumulate,
-                    first,
-                };
-                tap(
+                let sizes = (c * h * w, VEC);
+                let ids = (plan.criterion.kernel_id(), cd);
+                with_tap(
                     gpu,
-                    (span(pred), span(target)),
-                    opt(grad),
                     call,
-                    sum,
-                    plan,
-                    cd,
+                    (span(pred), span(target), opt(tap.grad)),
+                    sizes,
+                    tap,
+                    ids,
+                    |mut t, grid| {
+                        t.per_block *= VEC as i64; // the kernel counts elements
+                        vgg_kernel(gpu, "pl_vgg_tap", grid, &t)
+                    },
                 )?;
             }
             Step::ReluBackward {
@@ -639,42 +682,31 @@ pub(crate) fn perceptual(
 /// Blocks in flight a tap aims for; fixed, so the loss bits depend only on the shape.
 const TAP_BLOCKS: usize = 1024;
 
-/// What one tap adds to the loss.
-struct TapSum {
-    /// Elements of one image's activation.
-    per_image: usize,
-    /// Tap weight times the overall weight.
-    weight: f64,
-    /// Add to the loss rather than write it.
-    accumulate: bool,
-    /// The call's first tap: writes the per-image values.
-    first: bool,
-}
-
-/// The distance at one tap.
-fn tap(
+/// A tap's launch: its parameters, with the reduction scratch, and grid.
+/// The grid splits each image's `units` (what one thread takes at a time)
+/// into blocks; `unit` elements make one unit.
+fn with_tap<R>(
     gpu: &impl Gpu,
-    (x, target): (u64, u64),
-    grad: u64,
     call: &PerceptualCall,
-    sum: TapSum,
-    plan: &Plan,
-    dtype: i32,
-) -> Result<()> {
-    let per_image = sum.per_image;
+    (pred, target, grad): (u64, u64, u64),
+    (per_image, unit): (usize, usize),
+    tap: &TapTerm,
+    (criterion, dtype): (i32, i32),
+    f: impl FnOnce(pl_k_tap_params, (u32, u32)) -> Result<R>,
+) -> Result<R> {
     let n = call.shape.n;
+    let units = per_image / unit;
     let target_blocks = TAP_BLOCKS
         .div_ceil(n)
-        .min(per_image.div_ceil(BLOCK as usize))
+        .min(units.div_ceil(BLOCK as usize))
         .max(1);
-    // Whole vectors per block (per_image is a multiple of VEC: C is).
-    let per_block = per_image.div_ceil(target_blocks).next_multiple_of(VEC);
-    let blocks_per_image = per_image.div_ceil(per_block);
+    let per_block = units.div_ceil(target_blocks);
+    let blocks_per_image = units.div_ceil(per_block);
     gpu.with_reduce(0, blocks_per_image * n, |mut reduce| {
         reduce.loss = call.loss as *mut f32;
         reduce.per_sample = call.per_sample.unwrap_or(0) as *mut f32;
         let p = pl_k_tap_params {
-            x: x as *const _,
+            x: pred as *const _,
             target: target as *const _,
             grad: grad as *mut _,
             reduce,
@@ -684,17 +716,12 @@ fn tap(
             per_block: per_block as i64,
             blocks_per_image: blocks_per_image as i32,
             dtype,
-            criterion: plan.criterion.kernel_id(),
-            accumulate: sum.accumulate as i32,
-            weight: sum.weight as f32,
-            accumulate_per_sample: !sum.first as i32,
+            criterion,
+            accumulate: tap.accumulate as i32,
+            weight: tap.weight as f32,
+            accumulate_per_sample: !tap.first as i32,
         };
-        vgg_kernel(
-            gpu,
-            "pl_vgg_tap",
-            (blocks_per_image as u32, n.min(65535) as u32),
-            &p,
-        )
+        f(p, (blocks_per_image as u32, n.min(65535) as u32))
     })
 }
 

@@ -124,8 +124,7 @@ pub(crate) enum Step {
     },
     /// A ReLU layer and the pooling after it in one pass over `x` (of
     /// `input` dims, its first `pred` images pred images): + bias of conv
-    /// `bias`, ReLU, the pred mask, then `y` and the pred argmax. `keep`:
-    /// a tap reads the ReLU output, so it is written back to `x`.
+    /// `bias`, ReLU, the pred mask, then `y` and the pred argmax.
     BiasActPool {
         k: usize,
         x: Images,
@@ -134,8 +133,22 @@ pub(crate) enum Step {
         bias: Option<usize>,
         mask: Option<Buf>,
         argmax: Option<Buf>,
-        keep: bool,
         input: Dims,
+    },
+    /// A tapped ReLU layer, the pooling after it and the tap in one pass:
+    /// as `BiasActPool` on the `pred` and `target` images (into `y_pred`
+    /// and `y_target`), with the tap taken on the ReLU output.
+    BiasActPoolTap {
+        k: usize,
+        pred: Images,
+        target: Images,
+        y_pred: Images,
+        y_target: Images,
+        bias: Option<usize>,
+        mask: Option<Buf>,
+        argmax: Option<Buf>,
+        input: Dims,
+        tap: TapTerm,
     },
     /// `x` (of `input` dims) -> `y`, the pred images' argmax into `argmax`.
     Pool {
@@ -146,18 +159,13 @@ pub(crate) enum Step {
         argmax: Option<Buf>,
         input: Dims,
     },
-    /// The distance between `pred` and `target`, its gradient into `grad`.
-    /// `accumulate`: add to the loss (an earlier tap or chunk wrote it);
-    /// `first`: the first tap of this call, which writes the per-image values.
+    /// The distance between `pred` and `target` (of `dims`).
     Tap {
         k: usize,
         pred: Images,
         target: Images,
-        grad: Option<Buf>,
         dims: Dims,
-        weight: f64,
-        accumulate: bool,
-        first: bool,
+        tap: TapTerm,
     },
     /// In place on `g` through a ReLU: g = (g + `before`) * `mask` + `after`.
     ReluBackward {
@@ -190,6 +198,29 @@ pub(crate) enum Step {
     InputGrad { g: Buf },
 }
 
+/// One tap's term of the loss.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct TapTerm {
+    /// Where its gradient goes (the pred images' own buffer when the tap
+    /// is their last reader), when the gradient is wanted.
+    pub grad: Option<Buf>,
+    /// Tap weight times the overall weight.
+    pub weight: f64,
+    /// Add to the loss (an earlier tap or chunk wrote it).
+    pub accumulate: bool,
+    /// The first tap of this call, which writes the per-image values.
+    pub first: bool,
+}
+
+/// A ReLU layer and its pool waiting for their tap, to run as one step.
+struct PendingTap {
+    k: usize,
+    y: Buf,
+    bias: Option<usize>,
+    mask: Option<Buf>,
+    argmax: Option<Buf>,
+}
+
 /// A ReLU's backward folded into the pass after it: g = (g + `before`) * `mask` + `after`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct ReluGrad {
@@ -213,6 +244,9 @@ impl Step {
             Step::Preprocess { .. } => "preprocess".into(),
             Step::ConvForward { k, .. } | Step::BiasAct { k, .. } => format!("forward {}", name(k)),
             Step::BiasActPool { k, .. } => format!("forward {}+{}", name(k), name(k + 1)),
+            Step::BiasActPoolTap { k, .. } => {
+                format!("forward {}+{}, tap {}", name(k), name(k + 1), name(k))
+            }
             Step::Pool { k, .. } => format!("forward {}", name(k)),
             Step::Tap { k, .. } => format!("tap {}", name(k)),
             Step::ReluBackward { k, .. } | Step::ConvBackward { k, .. } => {
@@ -240,9 +274,30 @@ impl Step {
                 .into_iter()
                 .flatten()
                 .collect(),
+            Step::BiasActPoolTap {
+                pred,
+                target,
+                y_pred,
+                y_target,
+                mask,
+                argmax,
+                tap,
+                ..
+            } => [
+                Some(pred.buf),
+                Some(target.buf),
+                Some(y_pred.buf),
+                Some(y_target.buf),
+                mask,
+                argmax,
+                tap.grad,
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             Step::Tap {
-                pred, target, grad, ..
-            } => [Some(pred.buf), Some(target.buf), grad]
+                pred, target, tap, ..
+            } => [Some(pred.buf), Some(target.buf), tap.grad]
                 .into_iter()
                 .flatten()
                 .collect(),
@@ -373,6 +428,8 @@ pub(crate) fn schedule(
     let mut first = true;
     // The output of a pool already run with the ReLU before it.
     let mut fused_pool = None;
+    // A tapped ReLU and its pool, run with the tap.
+    let mut pending = None;
     let per_image = |(c, h, w): Dims| c * h * w;
     // `count` images of `dims` from image `first` of `buf`.
     let images = |buf: Buf, first: usize, count: usize, dims: Dims| Images {
@@ -433,22 +490,33 @@ pub(crate) fn schedule(
                 saved[k] = Some(mask);
                 let pool_next = layers.get(k + 1).is_some_and(|l| l.module == Module::Pool);
                 if pool_next && fuses_with_pool(dims[k]) {
-                    // The pool's step is this one; its tap reads `cur` afterwards.
+                    // The pool's step is this one (with the tap, when there
+                    // is one, below); the pool layer then only moves `cur`.
                     let (argmax, y) =
                         pool_buffers(&mut s, &mut saved, k + 1, n, dims[k + 1], max_pool);
-                    for (x, pred) in cur.parts(n, per_image(dims[k])) {
-                        let first_image = if pred > 0 { 0 } else { n };
-                        s.steps.push(Step::BiasActPool {
+                    let (mask, argmax) = (want_grad.then_some(mask), argmax.filter(|_| want_grad));
+                    if is_tap(k) {
+                        pending = Some(PendingTap {
                             k,
-                            x,
-                            y: images(y, first_image, x.count, dims[k + 1]),
-                            pred,
+                            y,
                             bias,
-                            mask: Some(mask).filter(|_| want_grad && pred > 0),
-                            argmax: argmax.filter(|_| want_grad && pred > 0),
-                            keep: is_tap(k),
-                            input: dims[k],
+                            mask,
+                            argmax,
                         });
+                    } else {
+                        for (x, pred) in cur.parts(n, per_image(dims[k])) {
+                            let first_image = if pred > 0 { 0 } else { n };
+                            s.steps.push(Step::BiasActPool {
+                                k,
+                                x,
+                                y: images(y, first_image, x.count, dims[k + 1]),
+                                pred,
+                                bias,
+                                mask: mask.filter(|_| pred > 0),
+                                argmax: argmax.filter(|_| pred > 0),
+                                input: dims[k],
+                            });
+                        }
                     }
                     fused_pool = Some(y);
                 } else {
@@ -500,15 +568,33 @@ pub(crate) fn schedule(
             if k != deepest {
                 tap_grads[k] = Some(grad);
             }
-            s.steps.push(Step::Tap {
-                k,
-                pred: cur.pred(n),
-                target: cur.target(n, per_image(dims[k])),
+            let tap = TapTerm {
                 grad: want_grad.then_some(grad),
-                dims: dims[k],
                 weight: tap_weight * plan.weight,
                 accumulate: accumulate || !first,
                 first,
+            };
+            let (pred, target) = (cur.pred(n), cur.target(n, per_image(dims[k])));
+            s.steps.push(match pending.take() {
+                Some(p) => Step::BiasActPoolTap {
+                    k: p.k,
+                    pred,
+                    target,
+                    y_pred: images(p.y, 0, n, dims[k + 1]),
+                    y_target: images(p.y, n, n, dims[k + 1]),
+                    bias: p.bias,
+                    mask: p.mask,
+                    argmax: p.argmax,
+                    input: dims[k],
+                    tap,
+                },
+                None => Step::Tap {
+                    k,
+                    pred,
+                    target,
+                    dims: dims[k],
+                    tap,
+                },
             });
             first = false;
             if k == deepest {
@@ -593,7 +679,18 @@ mod tests {
                 | Step::Pool {
                     argmax: Some(_), ..
                 }
-                | Step::Tap { grad: Some(_), .. } => {
+                | Step::BiasActPoolTap { mask: Some(_), .. }
+                | Step::BiasActPoolTap {
+                    argmax: Some(_), ..
+                }
+                | Step::BiasActPoolTap {
+                    tap: TapTerm { grad: Some(_), .. },
+                    ..
+                }
+                | Step::Tap {
+                    tap: TapTerm { grad: Some(_), .. },
+                    ..
+                } => {
                     panic!("{step:?} keeps data for backward in a forward-only call")
                 }
                 Step::ReluBackward { .. }
@@ -605,7 +702,8 @@ mod tests {
                 _ => {}
             }
         }
-        assert_eq!(count(&steps, |s| matches!(s, Step::Tap { .. })), 4);
+        let taps = |s: &Step| matches!(s, Step::Tap { .. } | Step::BiasActPoolTap { .. });
+        assert_eq!(count(&steps, taps), 4);
     }
 
     fn count(steps: &[Step], f: impl Fn(&Step) -> bool) -> usize {
@@ -615,16 +713,12 @@ mod tests {
     #[test]
     fn relu_and_pool_run_as_one_pass_where_the_pool_covers_every_pixel() {
         let loss = article_loss();
-        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: all fuse (the
-        // full-resolution layers in two halves).
+        let tapped_pool = |s: &Step| matches!(s, Step::BiasActPoolTap { .. });
+        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: each tapped ReLU
+        // runs with its pool and tap; only relu4_3's tap runs alone.
         let steps = schedule(loss.vgg().layers(), loss.plan(), (2, 16, 16), true, false).steps;
-        assert_eq!(
-            count(&steps, |s| matches!(
-                s,
-                Step::BiasActPool { keep: true, .. }
-            )),
-            4
-        );
+        assert_eq!(count(&steps, tapped_pool), 3);
+        assert_eq!(count(&steps, |s| matches!(s, Step::Tap { .. })), 1);
         assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 0);
         // Backward: every unpool carries the ReLU before it; the other
         // seven of the ten ReLUs run alone.
@@ -636,10 +730,22 @@ mod tests {
             count(&steps, |s| matches!(s, Step::ReluBackward { .. })),
             10 - 3
         );
-        // 20x28: pool3's input is 5x7, so it runs after a plain bias+ReLU.
+        // 20x28: pool3's input is 5x7, so it runs after a plain bias+ReLU
+        // and its own tap.
         let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 20, 28), true, false).steps;
-        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 3);
+        assert_eq!(count(&steps, tapped_pool), 2);
         assert_eq!(count(&steps, |s| matches!(s, Step::Pool { .. })), 1);
+        assert_eq!(count(&steps, |s| matches!(s, Step::Tap { .. })), 2);
+        // Untapped ReLUs before pools: the plain fused pass, once per half
+        // at full resolution.
+        let taps = PerceptualConfig {
+            taps: vec![crate::loss::perceptual::Tap::from("relu3_1")],
+            ..Default::default()
+        };
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &taps);
+        let steps = schedule(loss.vgg().layers(), loss.plan(), (1, 16, 16), true, false).steps;
+        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool { .. })), 3);
+        assert_eq!(count(&steps, tapped_pool), 0);
     }
 
     #[test]
@@ -654,8 +760,7 @@ mod tests {
         for want in [
             "preprocess",
             "forward conv1_1",
-            "forward relu1_2+pool1",
-            "tap relu1_2",
+            "forward relu1_2+pool1, tap relu1_2",
             "tap relu4_3",
             "backward relu4_3",
             "backward pool1+relu1_2",
