@@ -2,6 +2,7 @@
 
 pub mod feature;
 pub mod perceptual;
+mod recent;
 pub mod tv;
 
 use crate::device::{CudaDevice, Device};

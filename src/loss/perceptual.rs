@@ -8,6 +8,7 @@
 //! gradient is w.r.t. pred; target is a constant. A 1-channel input is
 //! replicated to 3 channels (its gradient summed back).
 
+use super::recent::Recent;
 use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
 use crate::cuda::perceptual::{PerceptualCall, ShapePlan};
 use crate::device::CudaDevice;
@@ -139,7 +140,8 @@ impl Plan {
 
 /// A perceptual loss over a shared, resident [`Vgg`]. Clones share the
 /// CUDA plans (buffers per input shape), and calls through them are
-/// serialised.
+/// serialised. The plans of the 4 most recently used input shapes are
+/// kept; a fifth shape frees the least recently used one's buffers.
 #[derive(Debug, Clone)]
 pub struct PerceptualLoss {
     vgg: Arc<Vgg>,
@@ -147,12 +149,23 @@ pub struct PerceptualLoss {
     shapes: Arc<ShapePlans>,
 }
 
-/// CUDA buffers and cuDNN plans, one per input shape seen, and the chunk
-/// size chosen for each (batch shape, compute dtype).
-#[derive(Default)]
+/// CUDA buffers and cuDNN plans for the most recently used input shapes,
+/// and the chunk size chosen for each (batch shape, compute dtype).
 struct ShapePlans {
-    plans: Mutex<Vec<ShapePlan>>,
-    chunks: Mutex<Vec<((Shape, DType), usize)>>,
+    plans: Mutex<Recent<ShapePlan>>,
+    chunks: Mutex<Recent<((Shape, DType), usize)>>,
+}
+
+/// Input shapes whose CUDA buffers a loss keeps (per loss and its clones).
+const KEPT_SHAPES: usize = 4;
+
+impl Default for ShapePlans {
+    fn default() -> Self {
+        ShapePlans {
+            plans: Mutex::new(Recent::new(KEPT_SHAPES)),
+            chunks: Mutex::new(Recent::new(64)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ShapePlans {
@@ -339,35 +352,38 @@ impl PerceptualLoss {
             return Ok(cap);
         };
         let mut chunks = self.shapes.chunks.lock().map_err(|_| poisoned())?;
-        if let Some(&(_, k)) = chunks.iter().find(|(key, _)| *key == (s, compute)) {
-            return Ok(k);
-        }
-        let bytes = |k: usize| {
-            crate::cuda::perceptual::buffer_bytes(
-                self.vgg.layers(),
-                &self.plan,
-                (k, s.h, s.w),
-                compute,
-            )
-        };
-        let one = bytes(1);
-        if one > budget {
-            return Err(Error::arg(format!(
-                "the memory budget of {budget} bytes is below the {one} bytes of buffers one {}x{} image needs",
-                s.h, s.w
-            )));
-        }
-        // Buffers grow about linearly with the images: start there, then
-        // step to the largest count that fits.
-        let mut k = (budget / one).clamp(1, cap);
-        while k > 1 && bytes(k) > budget {
-            k -= 1;
-        }
-        while k < cap && bytes(k + 1) <= budget {
-            k += 1;
-        }
-        chunks.push(((s, compute), k));
-        Ok(k)
+        let key = (s, compute);
+        let chosen = chunks.get_or_try_insert(
+            |(k, _)| *k == key,
+            || {
+                let bytes = |k: usize| {
+                    crate::cuda::perceptual::buffer_bytes(
+                        self.vgg.layers(),
+                        &self.plan,
+                        (k, s.h, s.w),
+                        compute,
+                    )
+                };
+                let one = bytes(1);
+                if one > budget {
+                    return Err(Error::arg(format!(
+                        "the memory budget of {budget} bytes is below the {one} bytes of buffers one {}x{} image needs",
+                        s.h, s.w
+                    )));
+                }
+                // Buffers grow about linearly with the images: start there,
+                // then step to the largest count that fits.
+                let mut k = (budget / one).clamp(1, cap);
+                while k > 1 && bytes(k) > budget {
+                    k -= 1;
+                }
+                while k < cap && bytes(k + 1) <= budget {
+                    k += 1;
+                }
+                Ok((key, k))
+            },
+        )?;
+        Ok(chosen.1)
     }
 
     /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
@@ -380,24 +396,11 @@ impl PerceptualLoss {
         dev.with_cudnn(|handle| {
             let mut plans = self.shapes.plans.lock().map_err(|_| poisoned())?;
             let compute = self.vgg.compute_dtype();
-            let k = match plans
-                .iter()
-                .position(|p| p.matches(dev, shape, compute, self.plan.tf32))
-            {
-                Some(k) => k,
-                None => {
-                    plans.push(ShapePlan::new(
-                        dev,
-                        handle,
-                        self.vgg.layers(),
-                        &self.plan,
-                        shape,
-                        compute,
-                    )?);
-                    plans.len() - 1
-                }
-            };
-            f(handle, &mut plans[k])
+            let plan = plans.get_or_try_insert(
+                |p| p.matches(dev, shape, compute, self.plan.tf32),
+                || ShapePlan::new(dev, handle, self.vgg.layers(), &self.plan, shape, compute),
+            )?;
+            f(handle, plan)
         })
     }
 
