@@ -5,6 +5,7 @@
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod abi;
 pub(crate) mod cudnn;
+pub(crate) mod device_weights;
 #[cfg(test)]
 pub(crate) mod emulator;
 pub(crate) mod feature;
@@ -12,6 +13,7 @@ pub(crate) mod layout;
 pub(crate) mod nvtx;
 pub(crate) mod perceptual;
 pub(crate) mod schedule;
+pub(crate) mod shape_plan;
 pub(crate) mod tv;
 
 use crate::device::CudaDevice;

@@ -1,315 +1,21 @@
-//! Perceptual loss on CUDA (DESIGN.md section 5): one preprocessing pass
-//! into an NHWC [pred; target] batch, cuDNN convolutions, fused bias+ReLU
-//! passes that keep a 1-bit mask for the pred half, pooling with a stored
-//! argmax, one fused distance+gradient pass per tap, and a backward over
+//! Perceptual loss on CUDA (DESIGN.md section 5): runs the steps of
+//! `schedule.rs` — one preprocessing pass into an NHWC [pred; target]
+//! batch, cuDNN convolutions, fused bias+ReLU(+pool)(+tap) passes that keep
+//! a 1-bit mask and a 2-bit argmax for the pred half, and a backward over
 //! the pred half only (weights are frozen: backward-data needs no
-//! activations). Buffers, descriptors and algorithms are built once per
-//! input shape and dtype (a [`ShapePlan`]) and reused; the buffers share
-//! one allocation laid out by their lifetimes (`layout.rs`).
+//! activations) — each as a kernel launch or a convolution, on the buffers
+//! of a `ShapePlan` (`shape_plan.rs`).
 
 use super::abi::*;
-use super::cudnn::{ConvPlan, Handle, MAX_WORKSPACE};
+use super::device_weights::ConvAddrs;
 use super::layout::Layout;
-use super::schedule::{layer_dims, schedule, Buf, Images, Schedule, Step, TapTerm, INPUT_CHANNELS};
+use super::schedule::{schedule, Buf, Images, Schedule, Step, TapTerm, INPUT_CHANNELS};
+use super::shape_plan::Convs;
 use super::{grid_for, kernel_dtype, kernels, nvtx, Gpu, BLOCK};
-use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::perceptual::Plan;
 use crate::tensor::{DType, Shape};
-use crate::vgg::Pooling;
-use crate::vgg::{ConvWeights, Layer, Module};
-use cudarc::driver::{CudaSlice, DevicePtr};
-use half::{bf16, f16};
-
-/// One convolution's parameters on the device: the filter in the compute
-/// dtype, KRSC (NHWC) layout, input channels padded for the first layer,
-/// and the bias in f32.
-pub(crate) struct DeviceConv {
-    weight: CudaSlice<u8>,
-    bias: CudaSlice<f32>,
-}
-
-/// The network's resident parameters on one device.
-pub(crate) struct DeviceWeights {
-    convs: Vec<DeviceConv>,
-    dtype: DType,
-}
-
-impl std::fmt::Debug for DeviceWeights {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DeviceWeights({} convs, {})",
-            self.convs.len(),
-            self.dtype.name()
-        )
-    }
-}
-
-/// Device addresses of one convolution's filter and bias.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConvAddrs {
-    pub weight: u64,
-    pub bias: u64,
-}
-
-fn to_bytes(values: impl Iterator<Item = f32>, dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::F32 => values.flat_map(f32::to_le_bytes).collect(),
-        DType::F16 => values
-            .flat_map(|v| f16::from_f32(v).to_le_bytes())
-            .collect(),
-        DType::BF16 => values
-            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
-            .collect(),
-    }
-}
-
-/// Input channels of a convolution as the device sees them.
-fn padded_in(in_c: usize) -> usize {
-    in_c.max(INPUT_CHANNELS)
-}
-
-/// A filter as the device keeps it: [out][in][ky][kx] ->
-/// [out][ky][kx][in padded], in `dtype`.
-pub(crate) fn krsc_bytes(p: &ConvWeights, dtype: DType) -> Vec<u8> {
-    let in_c = padded_in(p.in_c);
-    let krsc = (0..p.out_c).flat_map(|o| {
-        (0..9).flat_map(move |k| {
-            (0..in_c).map(move |c| {
-                if c < p.in_c {
-                    p.weight[(o * p.in_c + c) * 9 + k]
-                } else {
-                    0.0
-                }
-            })
-        })
-    });
-    to_bytes(krsc, dtype)
-}
-
-fn upload_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::cuda(what, e)
-}
-
-/// Uploads every convolution once, converted to `dtype`, and waits so the
-/// weights are ready for any stream.
-pub(crate) fn upload(
-    dev: &CudaDevice,
-    convs: &[ConvWeights],
-    dtype: DType,
-) -> Result<DeviceWeights> {
-    let st = dev.stream();
-    let mut out = Vec::with_capacity(convs.len());
-    for p in convs {
-        out.push(DeviceConv {
-            weight: st
-                .clone_htod(&krsc_bytes(p, dtype))
-                .map_err(upload_err("uploading weights"))?,
-            bias: st
-                .clone_htod(&p.bias)
-                .map_err(upload_err("uploading biases"))?,
-        });
-    }
-    dev.synchronize()?;
-    Ok(DeviceWeights { convs: out, dtype })
-}
-
-impl DeviceWeights {
-    pub(crate) fn addrs(&self, dev: &CudaDevice) -> Vec<ConvAddrs> {
-        self.convs
-            .iter()
-            .map(|c| ConvAddrs {
-                weight: addr(&c.weight, dev),
-                bias: addr(&c.bias, dev),
-            })
-            .collect()
-    }
-}
-
-fn stream_id(dev: &CudaDevice) -> usize {
-    dev.stream().cu_stream() as usize
-}
-
-fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
-    s.device_ptr(dev.stream()).0
-}
-
-fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
-    // SAFETY: every buffer is written before it is read (the schedule).
-    unsafe { dev.stream().alloc::<u8>(bytes.max(256)) }
-        .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
-}
-
-/// The convolutions of a schedule: cuDNN on the device, a direct loop in
-/// the emulator tests. Addresses are device addresses in NHWC; filters KRSC.
-pub(crate) trait Convs {
-    /// `y = conv_k(x)` over `images` images (the 2N batch or one half).
-    ///
-    /// # Safety
-    /// Every address holds the planned shape of layer `k`.
-    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()>;
-    /// `dx = conv_k^T(dy)` over the pred half.
-    ///
-    /// # Safety
-    /// As for `forward`.
-    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()>;
-}
-
-/// cuDNN with the plan's algorithms and workspace.
-struct Cudnn<'a> {
-    handle: &'a Handle,
-    plans: &'a [Option<ConvPlan>],
-    workspace: u64,
-}
-
-impl Cudnn<'_> {
-    fn plan(&self, k: usize) -> Result<&ConvPlan> {
-        self.plans[k]
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
-    }
-}
-
-impl Convs for Cudnn<'_> {
-    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()> {
-        let plan = self.plan(k)?;
-        if plan.forward_images != images {
-            return Err(Error::Internal(format!(
-                "layer {k} planned for {} images, called with {images}",
-                plan.forward_images
-            )));
-        }
-        plan.forward(self.handle, x, weight, y, self.workspace)
-    }
-
-    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
-        self.plan(k)?
-            .backward_data(self.handle, weight, dy, dx, self.workspace)
-    }
-}
-
-/// Bytes of the buffers (not the cuDNN workspace) a call on `n` image
-/// pairs of `h` x `w` holds.
-pub(crate) fn buffer_bytes(
-    layers: &[Layer],
-    plan: &Plan,
-    (n, h, w): (usize, usize, usize),
-    compute: DType,
-) -> usize {
-    Layout::new(
-        &schedule(layers, plan, (n, h, w), true, false),
-        compute.size(),
-    )
-    .bytes
-}
-
-/// Everything one input shape needs, allocated once.
-pub(crate) struct ShapePlan {
-    /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
-    key: (Shape, DType, bool, usize),
-    convs: Vec<Option<ConvPlan>>,
-    /// Every buffer of the schedule, at `layout`'s offsets.
-    arena: CudaSlice<u8>,
-    layout: Layout,
-    workspace: CudaSlice<u8>,
-    /// Device bytes held by this plan.
-    pub footprint: usize,
-}
-
-impl ShapePlan {
-    pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
-        self.key == (s, dtype, tf32, stream_id(dev))
-    }
-
-    pub(crate) fn new(
-        dev: &CudaDevice,
-        handle: &Handle,
-        layers: &[Layer],
-        plan: &Plan,
-        s: Shape,
-        compute: DType,
-    ) -> Result<Self> {
-        let layers = &layers[..=plan.deepest()];
-        let dims = layer_dims(layers, s.h, s.w);
-        // The call with the gradient uses every buffer a forward-only call
-        // does, and has every convolution at its batch.
-        let sched = schedule(layers, plan, (s.n, s.h, s.w), true, false);
-        let forward_images = |k: usize| {
-            sched.steps.iter().find_map(|step| match step {
-                Step::ConvForward { k: at, x, .. } if *at == k => Some(x.count),
-                _ => None,
-            })
-        };
-        let layout = Layout::new(&sched, compute.size());
-        // The workspace gets what the budget leaves after the buffers (its
-        // allocation is at least 256 bytes).
-        let max_workspace = plan.budget.map_or(MAX_WORKSPACE, |b| {
-            b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE)
-        });
-        let mut convs = Vec::new();
-        let mut workspace = 0;
-        let mut in_c = INPUT_CHANNELS;
-        for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
-            convs.push(match (layer.module, forward_images(k)) {
-                (Module::Conv { out_c, .. }, Some(images)) => {
-                    let p = ConvPlan::new(
-                        handle,
-                        compute,
-                        (images, s.n),
-                        (in_c, out_c, h, w),
-                        plan.tf32,
-                        max_workspace,
-                    )?;
-                    workspace = workspace.max(p.workspace);
-                    Some(p)
-                }
-                _ => None,
-            });
-            in_c = c;
-        }
-        let arena = alloc(dev, layout.bytes, "activations and gradients")?;
-        let workspace = alloc(dev, workspace, "cuDNN workspace")?;
-        Ok(ShapePlan {
-            key: (s, compute, plan.tf32, stream_id(dev)),
-            convs,
-            footprint: layout.bytes.max(256) + workspace.len(),
-            arena,
-            layout,
-            workspace,
-        })
-    }
-
-    /// Queues `call` on `dev`'s stream.
-    pub(crate) fn run(
-        &mut self,
-        dev: &CudaDevice,
-        handle: &Handle,
-        weights: &DeviceWeights,
-        layers: &[Layer],
-        plan: &Plan,
-        call: &PerceptualCall,
-    ) -> Result<()> {
-        let cudnn = Cudnn {
-            handle,
-            plans: &self.convs,
-            workspace: addr(&self.workspace, dev),
-        };
-        let net = Net {
-            layers,
-            weights: &weights.addrs(dev),
-            compute: weights.dtype,
-        };
-        perceptual(
-            dev,
-            &cudnn,
-            net,
-            plan,
-            (&self.layout, addr(&self.arena, dev)),
-            call,
-        )
-    }
-}
+use crate::vgg::{Layer, Pooling};
 
 /// Device addresses of one call (or one chunk of images of it).
 pub(crate) struct PerceptualCall {
@@ -732,13 +438,17 @@ mod tests {
     //! convolution in cuDNN's place, against the CPU backend.
 
     use super::*;
+    use crate::cuda::device_weights::{krsc_bytes, to_bytes};
     use crate::cuda::emulator::{addr, addr_mut, assert_close, values, Emulator};
+    use crate::cuda::schedule::layer_dims;
     use crate::cuda::schedule::Dims;
+    use crate::cuda::shape_plan::buffer_bytes;
     use crate::loss::feature::Criterion;
     use crate::loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
     use crate::tensor::Element;
     use crate::vgg::VggArch;
     use crate::{LossOutputs, TensorMut, TensorRef};
+    use half::{bf16, f16};
 
     /// Values of `dtype` at a host address.
     unsafe fn load(base: u64, dtype: DType, len: usize) -> Vec<f32> {

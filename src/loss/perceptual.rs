@@ -10,7 +10,8 @@
 
 use super::recent::Recent;
 use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
-use crate::cuda::perceptual::{PerceptualCall, ShapePlan};
+use crate::cuda::perceptual::PerceptualCall;
+use crate::cuda::shape_plan::ShapePlan;
 use crate::device::CudaDevice;
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -357,7 +358,7 @@ impl PerceptualLoss {
             |(k, _)| *k == key,
             || {
                 let bytes = |k: usize| {
-                    crate::cuda::perceptual::buffer_bytes(
+                    crate::cuda::shape_plan::buffer_bytes(
                         self.vgg.layers(),
                         &self.plan,
                         (k, s.h, s.w),

@@ -78,7 +78,7 @@ pub struct Vgg {
 #[derive(Debug)]
 enum Resident {
     Host(Vec<ConvWeights>),
-    Cuda(crate::cuda::perceptual::DeviceWeights),
+    Cuda(crate::cuda::device_weights::DeviceWeights),
 }
 
 impl Vgg {
@@ -130,7 +130,7 @@ impl Vgg {
         let resident = match device.cuda_device() {
             Some(dev) => {
                 crate::cuda::cudnn::require()?;
-                Resident::Cuda(crate::cuda::perceptual::upload(
+                Resident::Cuda(crate::cuda::device_weights::upload(
                     dev,
                     &convs,
                     options.compute,
@@ -180,7 +180,7 @@ impl Vgg {
     }
 
     /// The parameters of a network loaded for a CUDA device.
-    pub(crate) fn cuda_weights(&self) -> Option<&crate::cuda::perceptual::DeviceWeights> {
+    pub(crate) fn cuda_weights(&self) -> Option<&crate::cuda::device_weights::DeviceWeights> {
         match &self.resident {
             Resident::Host(_) => None,
             Resident::Cuda(w) => Some(w),

@@ -1,0 +1,201 @@
+//! What one input shape needs on the device, built once and reused: the
+//! cuDNN plan of every convolution, the one allocation that holds every
+//! buffer of the schedule (laid out by `layout.rs`) and the cuDNN
+//! workspace. Also the `Convs` seam between the schedule's executor and
+//! cuDNN, which the emulator tests fill with a direct convolution.
+
+use super::cudnn::{ConvPlan, Handle, MAX_WORKSPACE};
+use super::device_weights::DeviceWeights;
+use super::layout::Layout;
+use super::perceptual::{perceptual, Net, PerceptualCall};
+use super::schedule::{layer_dims, schedule, Step, INPUT_CHANNELS};
+use crate::device::CudaDevice;
+use crate::error::{Error, Result};
+use crate::loss::perceptual::Plan;
+use crate::tensor::{DType, Shape};
+use crate::vgg::{Layer, Module};
+use cudarc::driver::{CudaSlice, DevicePtr};
+
+fn stream_id(dev: &CudaDevice) -> usize {
+    dev.stream().cu_stream() as usize
+}
+
+fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+    s.device_ptr(dev.stream()).0
+}
+
+fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
+    // SAFETY: every buffer is written before it is read (the schedule).
+    unsafe { dev.stream().alloc::<u8>(bytes.max(256)) }
+        .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
+}
+
+/// The convolutions of a schedule: cuDNN on the device, a direct loop in
+/// the emulator tests. Addresses are device addresses in NHWC; filters KRSC.
+pub(crate) trait Convs {
+    /// `y = conv_k(x)` over `images` images (the 2N batch or one half).
+    ///
+    /// # Safety
+    /// Every address holds the planned shape of layer `k`.
+    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()>;
+    /// `dx = conv_k^T(dy)` over the pred half.
+    ///
+    /// # Safety
+    /// As for `forward`.
+    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()>;
+}
+
+/// cuDNN with the plan's algorithms and workspace.
+struct Cudnn<'a> {
+    handle: &'a Handle,
+    plans: &'a [Option<ConvPlan>],
+    workspace: u64,
+}
+
+impl Cudnn<'_> {
+    fn plan(&self, k: usize) -> Result<&ConvPlan> {
+        self.plans[k]
+            .as_ref()
+            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
+    }
+}
+
+impl Convs for Cudnn<'_> {
+    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()> {
+        let plan = self.plan(k)?;
+        if plan.forward_images != images {
+            return Err(Error::Internal(format!(
+                "layer {k} planned for {} images, called with {images}",
+                plan.forward_images
+            )));
+        }
+        plan.forward(self.handle, x, weight, y, self.workspace)
+    }
+
+    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
+        self.plan(k)?
+            .backward_data(self.handle, weight, dy, dx, self.workspace)
+    }
+}
+
+/// Bytes of the buffers (not the cuDNN workspace) a call on `n` image
+/// pairs of `h` x `w` holds.
+pub(crate) fn buffer_bytes(
+    layers: &[Layer],
+    plan: &Plan,
+    (n, h, w): (usize, usize, usize),
+    compute: DType,
+) -> usize {
+    Layout::new(
+        &schedule(layers, plan, (n, h, w), true, false),
+        compute.size(),
+    )
+    .bytes
+}
+
+/// Everything one input shape needs, allocated once.
+pub(crate) struct ShapePlan {
+    /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
+    key: (Shape, DType, bool, usize),
+    convs: Vec<Option<ConvPlan>>,
+    /// Every buffer of the schedule, at `layout`'s offsets.
+    arena: CudaSlice<u8>,
+    layout: Layout,
+    workspace: CudaSlice<u8>,
+    /// Device bytes held by this plan.
+    pub footprint: usize,
+}
+
+impl ShapePlan {
+    pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
+        self.key == (s, dtype, tf32, stream_id(dev))
+    }
+
+    pub(crate) fn new(
+        dev: &CudaDevice,
+        handle: &Handle,
+        layers: &[Layer],
+        plan: &Plan,
+        s: Shape,
+        compute: DType,
+    ) -> Result<Self> {
+        let layers = &layers[..=plan.deepest()];
+        let dims = layer_dims(layers, s.h, s.w);
+        // The call with the gradient uses every buffer a forward-only call
+        // does, and has every convolution at its batch.
+        let sched = schedule(layers, plan, (s.n, s.h, s.w), true, false);
+        let forward_images = |k: usize| {
+            sched.steps.iter().find_map(|step| match step {
+                Step::ConvForward { k: at, x, .. } if *at == k => Some(x.count),
+                _ => None,
+            })
+        };
+        let layout = Layout::new(&sched, compute.size());
+        // The workspace gets what the budget leaves after the buffers (its
+        // allocation is at least 256 bytes).
+        let max_workspace = plan.budget.map_or(MAX_WORKSPACE, |b| {
+            b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE)
+        });
+        let mut convs = Vec::new();
+        let mut workspace = 0;
+        let mut in_c = INPUT_CHANNELS;
+        for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
+            convs.push(match (layer.module, forward_images(k)) {
+                (Module::Conv { out_c, .. }, Some(images)) => {
+                    let p = ConvPlan::new(
+                        handle,
+                        compute,
+                        (images, s.n),
+                        (in_c, out_c, h, w),
+                        plan.tf32,
+                        max_workspace,
+                    )?;
+                    workspace = workspace.max(p.workspace);
+                    Some(p)
+                }
+                _ => None,
+            });
+            in_c = c;
+        }
+        let arena = alloc(dev, layout.bytes, "activations and gradients")?;
+        let workspace = alloc(dev, workspace, "cuDNN workspace")?;
+        Ok(ShapePlan {
+            key: (s, compute, plan.tf32, stream_id(dev)),
+            convs,
+            footprint: layout.bytes.max(256) + workspace.len(),
+            arena,
+            layout,
+            workspace,
+        })
+    }
+
+    /// Queues `call` on `dev`'s stream.
+    pub(crate) fn run(
+        &mut self,
+        dev: &CudaDevice,
+        handle: &Handle,
+        weights: &DeviceWeights,
+        layers: &[Layer],
+        plan: &Plan,
+        call: &PerceptualCall,
+    ) -> Result<()> {
+        let cudnn = Cudnn {
+            handle,
+            plans: &self.convs,
+            workspace: addr(&self.workspace, dev),
+        };
+        let net = Net {
+            layers,
+            weights: &weights.addrs(dev),
+            compute: weights.dtype,
+        };
+        perceptual(
+            dev,
+            &cudnn,
+            net,
+            plan,
+            (&self.layout, addr(&self.arena, dev)),
+            call,
+        )
+    }
+}
