@@ -32,7 +32,9 @@ cargo bench --bench tv --bench perceptual --no-run --message-format=json | colle
 cargo build --release --examples --message-format=json | collect
 # The C ABI, CLI and Python runner tests use this checkout's paths: they stay
 # CPU-only tests; the Python package runs there directly, torch included.
-rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli"
+# The CPU-only test binaries ran here (and in CI): no device time for them.
+rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli" \
+    "$bundle/bin/test-perceptual_cpu" "$bundle/bin/test-tv_cpu" "$bundle/bin/test-feature_cpu"
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"
