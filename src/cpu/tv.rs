@@ -10,6 +10,20 @@ pub(crate) struct TvValues {
     pub per_sample: Vec<f64>,
 }
 
+/// (phi(d), dphi/dd) of one difference `d` with the variant's `coef`.
+type Term = fn(f64, f64) -> (f64, f64);
+
+/// The term of the variants whose terms are separable; `None` for
+/// isotropic, whose terms couple the two directions.
+fn separable_term(variant: TvVariant) -> Option<Term> {
+    match variant {
+        TvVariant::Article => Some(|d, coef| (coef * d * d, 2.0 * coef * d)),
+        TvVariant::L1 => Some(|d, _| (d.abs(), sign(d))),
+        TvVariant::L2Squared | TvVariant::L2 => Some(|d, _| (d * d, 2.0 * d)),
+        TvVariant::Isotropic => None,
+    }
+}
+
 /// `grad`, when given, receives `beta * grad + dL/dx`.
 pub(crate) fn tv<T: Element>(
     x: &[T],
@@ -34,39 +48,16 @@ pub(crate) fn tv<T: Element>(
         let at = |ch: usize, i: usize, j: usize| xi[(ch * h + i) * w + j].to_f64();
         g.iter_mut().for_each(|v| *v = 0.0);
         let mut sum = 0.0f64;
-        // Adds phi(d) for d = x[to] - x[from] and its derivative to both pixels.
-        let mut term = |d: f64, coef: f64, from: usize, to: usize, g: &mut [f64]| {
-            let (value, slope) = match cfg.variant {
-                TvVariant::Article => (coef * d * d, 2.0 * coef * d),
-                TvVariant::L1 => (d.abs(), sign(d)),
-                TvVariant::L2Squared | TvVariant::L2 => (d * d, 2.0 * d),
-                TvVariant::Isotropic => unreachable!("isotropic terms are not separable"),
-            };
-            sum += value;
-            if want_grad {
-                g[to] += slope;
-                g[from] -= slope;
-            }
-        };
-        if cfg.variant == TvVariant::Isotropic {
-            // Terms live on the (H-1) x (W-1) region and couple both directions.
-            for ch in 0..c {
-                for i in 0..h.saturating_sub(1) {
-                    for j in 0..w.saturating_sub(1) {
-                        let idx = (ch * h + i) * w + j;
-                        let dh = at(ch, i + 1, j) - at(ch, i, j);
-                        let dw = at(ch, i, j + 1) - at(ch, i, j);
-                        let t = (dh * dh + dw * dw + eps).sqrt();
-                        sum += t;
-                        if want_grad && t != 0.0 {
-                            g[idx + w] += dh / t;
-                            g[idx + 1] += dw / t;
-                            g[idx] -= (dh + dw) / t;
-                        }
-                    }
+        if let Some(phi) = separable_term(cfg.variant) {
+            // Adds phi(d) for d = x[to] - x[from] and its derivative to both pixels.
+            let mut term = |d: f64, coef: f64, from: usize, to: usize, g: &mut [f64]| {
+                let (value, slope) = phi(d, coef);
+                sum += value;
+                if want_grad {
+                    g[to] += slope;
+                    g[from] -= slope;
                 }
-            }
-        } else {
+            };
             for ch in 0..c {
                 for i in 0..h {
                     for j in 0..w {
@@ -88,6 +79,24 @@ pub(crate) fn tv<T: Element>(
                                 idx + 1,
                                 &mut g,
                             );
+                        }
+                    }
+                }
+            }
+        } else {
+            // Terms live on the (H-1) x (W-1) region and couple both directions.
+            for ch in 0..c {
+                for i in 0..h.saturating_sub(1) {
+                    for j in 0..w.saturating_sub(1) {
+                        let idx = (ch * h + i) * w + j;
+                        let dh = at(ch, i + 1, j) - at(ch, i, j);
+                        let dw = at(ch, i, j + 1) - at(ch, i, j);
+                        let t = (dh * dh + dw * dw + eps).sqrt();
+                        sum += t;
+                        if want_grad && t != 0.0 {
+                            g[idx + w] += dh / t;
+                            g[idx + 1] += dw / t;
+                            g[idx] -= (dh + dw) / t;
                         }
                     }
                 }
