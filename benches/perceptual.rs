@@ -88,10 +88,13 @@ fn main() {
     let s = Shape::new(1, 3, 64, 64);
     let n = s.n * s.c * s.h * s.w;
     let pred: Vec<f32> = (0..n).map(|i| (i % 251) as f32 / 251.0).collect();
-    let target: Vec<f32> = (0..n).map(|i| (i % 241) as f32 / 241.0).collect();
+    // Two targets: alternating between them makes every call a new target;
+    // repeating one lets the loss keep its features (feature inversion).
+    let targets: [Vec<f32>; 2] =
+        [241, 239].map(|m| (0..n).map(|i| (i % m) as f32 / m as f32).collect());
     let mut grad = vec![0f32; n];
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut run = |with_grad: bool| {
+    let mut run = |with_grad: bool, target: &[f32]| {
         let mut value = 0f32;
         let mut out = LossOutputs::new(TensorMut::scalar(&mut value));
         if with_grad {
@@ -100,19 +103,26 @@ fn main() {
         let t = Instant::now();
         loss.compute(
             &TensorRef::host(&pred, s).unwrap(),
-            &TensorRef::host(&target, s).unwrap(),
+            &TensorRef::host(target, s).unwrap(),
             out,
         )
         .unwrap();
         t.elapsed().as_secs_f64() * 1e3
     };
-    run(true);
-    let fwd_bwd = median((0..5).map(|_| run(true)).collect());
-    let fwd = median((0..5).map(|_| run(false)).collect());
-    println!("| perceptual VGG16 [3,8,15,22], CPU ({threads} threads) | median ms |");
-    println!("|---|---|");
-    println!("| {s} f32 forward + backward | {fwd_bwd:.1} |");
-    println!("| {s} f32 forward only | {fwd:.1} |");
+    run(true, &targets[0]);
+    let mut case = |with_grad: bool, alternate: bool| {
+        median(
+            (0..6)
+                .map(|i| run(with_grad, &targets[alternate as usize * (i % 2)]))
+                .collect(),
+        )
+    };
+    let (fwd_bwd, fwd) = (case(true, true), case(false, true));
+    let (kept_fwd_bwd, kept_fwd) = (case(true, false), case(false, false));
+    println!("| perceptual VGG16 [3,8,15,22], CPU ({threads} threads) | new target: median ms | same target: median ms |");
+    println!("|---|---|---|");
+    println!("| {s} f32 forward + backward | {fwd_bwd:.1} | {kept_fwd_bwd:.1} |");
+    println!("| {s} f32 forward only | {fwd:.1} | {kept_fwd:.1} |");
 
     let dev = match Device::cuda(0) {
         Ok(d) => d,

@@ -480,3 +480,49 @@ fn seeded_weights_load_and_are_reproducible() {
         values.iter().all(|v| v.abs() <= bound) && values.iter().any(|v| v.abs() > bound / 2.0)
     );
 }
+
+/// Loss and gradient of `pred` against `target` through `loss`.
+fn loss_and_grad(loss: &PerceptualLoss, pred: &[f32], target: &[f32], s: Shape) -> (f32, Vec<f32>) {
+    let (mut value, mut grad) = (0f32, vec![0f32; pred.len()]);
+    loss.compute(
+        &TensorRef::host(pred, s).unwrap(),
+        &TensorRef::host(target, s).unwrap(),
+        perceptual_loss::LossOutputs::new(perceptual_loss::TensorMut::scalar(&mut value))
+            .with_grad(perceptual_loss::TensorMut::host(&mut grad, s).unwrap()),
+    )
+    .unwrap();
+    (value, grad)
+}
+
+#[test]
+fn a_repeated_target_reuses_its_features_and_a_changed_one_is_seen() {
+    let mut net = Net::random(VggArch::Vgg16, 15);
+    let vgg = load(&mut net, VggArch::Vgg16);
+    let s = Shape::new(2, 3, 16, 16);
+    let mut rng = Rng::new(77);
+    let pred = rng.vec(2 * 3 * 16 * 16, 0.0, 1.0);
+    let (a, b) = (rng.vec(pred.len(), 0.0, 1.0), rng.vec(pred.len(), 0.0, 1.0));
+    let fresh = |target: &[f32]| {
+        let loss = PerceptualLoss::new(vgg.clone(), &PerceptualConfig::default()).unwrap();
+        loss_and_grad(&loss, &pred, target, s)
+    };
+    let loss = PerceptualLoss::new(vgg.clone(), &PerceptualConfig::default()).unwrap();
+    let clone = loss.clone(); // clones share what they keep
+    let mut target = a.clone();
+    assert_eq!(loss_and_grad(&loss, &pred, &target, s), fresh(&a));
+    assert_eq!(loss_and_grad(&loss, &pred, &target, s), fresh(&a)); // reused: the same bits
+    assert_eq!(loss_and_grad(&clone, &pred, &b, s), fresh(&b));
+    assert_eq!(loss_and_grad(&loss, &pred, &target, s), fresh(&a));
+    // The same buffer with one value changed is a new target.
+    target[100] += 0.5;
+    let changed = fresh(&target);
+    assert_ne!(changed.0, fresh(&a).0);
+    assert_eq!(loss_and_grad(&loss, &pred, &target, s), changed);
+    // Another shape of the same values.
+    let flat = Shape::new(1, 3, 32, 16);
+    let (want, _) = {
+        let l = PerceptualLoss::new(vgg.clone(), &PerceptualConfig::default()).unwrap();
+        loss_and_grad(&l, &pred, &target, flat)
+    };
+    assert_eq!(loss_and_grad(&loss, &pred, &target, flat).0, want);
+}

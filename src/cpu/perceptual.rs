@@ -92,13 +92,59 @@ fn forward(
     }
 }
 
+/// One target image's features at every tap: all the loss needs of it.
+fn image_features<T: Element>(
+    net: Net<'_>,
+    plan: &Plan,
+    image: &[T],
+    c: usize,
+    h: usize,
+    w: usize,
+) -> Vec<Vec<f32>> {
+    let mut taps = Vec::new();
+    forward(
+        net,
+        plan,
+        preprocess(image, c, h * w, plan),
+        h,
+        w,
+        None,
+        |_, _, f| taps.push(f.to_vec()),
+    );
+    taps
+}
+
+/// Per image, per tap, the features.
+pub(crate) type TapFeatures = Vec<Vec<Vec<f32>>>;
+
+/// Every target image's tap features, so a caller may keep them while
+/// the target does not change.
+pub(crate) fn target_features<T: Element>(
+    net: Net<'_>,
+    plan: &Plan,
+    target: &[T],
+    s: Shape,
+) -> TapFeatures {
+    target
+        .chunks_exact(s.c * s.h * s.w)
+        .map(|image| image_features(net, plan, image, s.c, s.h, s.w))
+        .collect()
+}
+
+/// The target of a call: its images, or their tap features kept from an
+/// earlier call.
+pub(crate) enum Target<'a, T> {
+    Images(&'a [T]),
+    Features(&'a [Vec<Vec<f32>>]),
+}
+
 /// The batch loss; fills `per_sample` and, when given, writes
 /// `beta * grad + dL/dpred`.
 pub(crate) fn perceptual<T: Element>(
     net: Net<'_>,
     plan: &Plan,
     pred: &[T],
-    target: &[T],
+    target: Target<'_, T>,
     s: Shape,
     mut grad: Option<(&mut [T], f32)>,
     per_sample: &mut [f64],
@@ -107,17 +153,14 @@ pub(crate) fn perceptual<T: Element>(
     let mut total = 0.0;
     for (n, per_image) in per_sample.iter_mut().enumerate() {
         let range = n * image..(n + 1) * image;
-        // Target features at each tap.
-        let mut target_taps = Vec::new();
-        forward(
-            net,
-            plan,
-            preprocess(&target[range.clone()], s.c, hw, plan),
-            s.h,
-            s.w,
-            None,
-            |_, _, f| target_taps.push(f.to_vec()),
-        );
+        let computed;
+        let target_taps = match target {
+            Target::Features(f) => &f[n],
+            Target::Images(t) => {
+                computed = image_features(net, plan, &t[range.clone()], s.c, s.h, s.w);
+                &computed
+            }
+        };
         // Pred features, each tap's loss and (when asked) its gradient.
         let mut saved = grad.as_ref().map(|_| Vec::new());
         let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
@@ -185,4 +228,41 @@ pub(crate) fn perceptual<T: Element>(
         }
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loss::perceptual::{PerceptualConfig, PerceptualLoss};
+    use crate::vgg::VggArch;
+
+    #[test]
+    fn kept_target_features_give_the_same_bits_as_the_images() {
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+        let net = Net {
+            layers: loss.vgg().layers(),
+            convs: loss.vgg().host_convs().unwrap(),
+        };
+        let s = Shape::new(2, 3, 16, 12);
+        let len = s.n * s.c * s.h * s.w;
+        let pred: Vec<f32> = (0..len).map(|i| (i % 97) as f32 / 97.0).collect();
+        let target: Vec<f32> = (0..len).map(|i| (i % 89) as f32 / 89.0).collect();
+        let run = |t: Target<'_, f32>| {
+            let (mut grad, mut per) = (vec![0f32; len], vec![0.0; s.n]);
+            let loss = perceptual(
+                net,
+                loss.plan(),
+                &pred,
+                t,
+                s,
+                Some((&mut grad, 0.0)),
+                &mut per,
+            );
+            (loss, grad, per)
+        };
+        let features = target_features(net, loss.plan(), &target, s);
+        let kept = run(Target::Features(&features));
+        assert!(kept.0 > 0.0);
+        assert_eq!(kept, run(Target::Images(&target)));
+    }
 }

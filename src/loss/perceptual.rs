@@ -10,6 +10,7 @@
 
 use super::recent::Recent;
 use super::{check_weight, cuda_in, host_in, host_scalar, LossOutputs};
+use crate::cpu::perceptual::{TapFeatures, Target};
 use crate::cuda::perceptual::PerceptualCall;
 use crate::cuda::shape_plan::ShapePlan;
 use crate::device::CudaDevice;
@@ -142,12 +143,16 @@ impl Plan {
 /// A perceptual loss over a shared, resident [`Vgg`]. Clones share the
 /// CUDA plans (buffers per input shape), and calls through them are
 /// serialised. The plans of the 4 most recently used input shapes are
-/// kept; a fifth shape frees the least recently used one's buffers.
+/// kept; a fifth shape frees the least recently used one's buffers. On
+/// the CPU the last target's tap features are kept (up to 64 MiB) while
+/// its bytes stay the same, so loops against one target (feature
+/// inversion, style) run the target through the network once.
 #[derive(Debug, Clone)]
 pub struct PerceptualLoss {
     vgg: Arc<Vgg>,
     plan: Plan,
     shapes: Arc<ShapePlans>,
+    targets: Arc<Mutex<Option<TargetCache>>>,
 }
 
 /// CUDA buffers and cuDNN plans for the most recently used input shapes,
@@ -156,6 +161,24 @@ struct ShapePlans {
     plans: Mutex<Recent<ShapePlan>>,
     chunks: Mutex<Recent<((Shape, DType), usize)>>,
 }
+
+/// The last CPU target and its tap features, reused while the target is
+/// unchanged.
+struct TargetCache {
+    shape: Shape,
+    dtype: DType,
+    input: Vec<u8>,
+    features: Arc<TapFeatures>,
+}
+
+impl std::fmt::Debug for TargetCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TargetCache({} {})", self.dtype.name(), self.shape)
+    }
+}
+
+/// Largest target (input plus features) the CPU path keeps between calls.
+const TARGET_CACHE_BYTES: usize = 64 << 20;
 
 /// Input shapes whose CUDA buffers a loss keeps (per loss and its clones).
 const KEPT_SHAPES: usize = 4;
@@ -246,6 +269,7 @@ impl PerceptualLoss {
             vgg,
             plan,
             shapes: Default::default(),
+            targets: Default::default(),
         })
     }
 
@@ -440,6 +464,49 @@ impl PerceptualLoss {
         Ok(())
     }
 
+    /// The target's tap features on the CPU: those of the previous call
+    /// when the target is the same (same shape and bytes), as in
+    /// feature-inversion and style loops; computed and kept when small
+    /// enough; `None` for a target too large to keep (the loss then
+    /// computes them one image at a time).
+    fn target_features<T: Element>(
+        &self,
+        net: crate::cpu::perceptual::Net<'_>,
+        target: &[T],
+        s: Shape,
+    ) -> Result<Option<Arc<TapFeatures>>> {
+        // SAFETY: f32, f16 and bf16 are plain bits: any byte view is valid.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(target.as_ptr().cast::<u8>(), std::mem::size_of_val(target))
+        };
+        if let Some(c) = self.targets.lock().map_err(|_| poisoned())?.as_ref() {
+            if c.shape == s && c.dtype == T::DTYPE && c.input == bytes {
+                return Ok(Some(c.features.clone()));
+            }
+        }
+        let dims = crate::cuda::schedule::layer_dims(self.vgg.layers(), s.h, s.w);
+        let per_image: usize = self
+            .plan
+            .taps
+            .iter()
+            .map(|&(k, _)| dims[k].0 * dims[k].1 * dims[k].2)
+            .sum();
+        if s.n * per_image * 4 + bytes.len() > TARGET_CACHE_BYTES {
+            return Ok(None);
+        }
+        // Computed without the lock: other threads' calls go on meanwhile.
+        let features = Arc::new(crate::cpu::perceptual::target_features(
+            net, &self.plan, target, s,
+        ));
+        *self.targets.lock().map_err(|_| poisoned())? = Some(TargetCache {
+            shape: s,
+            dtype: T::DTYPE,
+            input: bytes.to_vec(),
+            features: features.clone(),
+        });
+        Ok(Some(features))
+    }
+
     /// Every pool before the deepest tap halves H and W (floor): the image
     /// must keep at least one pixel.
     fn check_size(&self, s: Shape) -> Result<()> {
@@ -474,11 +541,16 @@ impl PerceptualLoss {
             layers: self.vgg.layers(),
             convs,
         };
+        let features = self.target_features(net, t, target.shape)?;
+        let target = match &features {
+            Some(f) => Target::Features(f),
+            None => Target::Images(t),
+        };
         let loss = crate::cpu::perceptual::perceptual(
             net,
             &self.plan,
             p,
-            t,
+            target,
             pred.shape,
             grad,
             &mut per_sample,
