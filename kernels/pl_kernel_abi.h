@@ -180,7 +180,8 @@ typedef struct pl_k_tap_params {
     int64_t n;            /* images in this launch */
     int64_t batch;        /* images the loss averages over (n, or more when chunked) */
     int64_t per_image;    /* H*W*C */
-    int64_t per_block;    /* elements of one image per block; set by the host */
+    int64_t per_block;    /* work units of one image per block (pl_vgg_tap:
+                             8 elements); set by the host */
     int32_t blocks_per_image;
     int32_t dtype;
     int32_t criterion;    /* pl_k_criterion */

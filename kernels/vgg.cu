@@ -268,9 +268,9 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_param
     const bool mse = p.criterion == PL_K_MSE;
     // d(weight * mean over the batch of mean_image D) / d a
     const float scale = (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
-    // per_block and per_image are multiples of PL_VEC
-    const int64_t begin = blockIdx.x * p.per_block;
-    const int64_t end = min(p.per_image, begin + p.per_block);
+    // per_block counts vectors of PL_VEC elements; per_image is a multiple of PL_VEC
+    const int64_t begin = blockIdx.x * p.per_block * PL_VEC;
+    const int64_t end = min(p.per_image, begin + p.per_block * PL_VEC);
     for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
         double acc = 0.0;
         for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {

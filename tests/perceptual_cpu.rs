@@ -481,7 +481,9 @@ fn seeded_weights_load_and_are_reproducible() {
     );
 }
 
-/// Loss and gradient of `pred` against `target` through `loss`.
+/// Loss and gradient of `pred` against `target` through `loss`, on the
+/// caller's own slices (`run_perceptual` copies its inputs, so it cannot
+/// show a target buffer changed in place).
 fn loss_and_grad(loss: &PerceptualLoss, pred: &[f32], target: &[f32], s: Shape) -> (f32, Vec<f32>) {
     let (mut value, mut grad) = (0f32, vec![0f32; pred.len()]);
     loss.compute(

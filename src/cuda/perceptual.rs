@@ -303,10 +303,7 @@ pub(crate) fn perceptual(
                     sizes,
                     tap,
                     ids,
-                    |mut t, grid| {
-                        t.per_block *= VEC as i64; // the kernel counts elements
-                        vgg_kernel(gpu, "pl_vgg_tap", grid, &t)
-                    },
+                    |t, grid| vgg_kernel(gpu, "pl_vgg_tap", grid, &t),
                 )?;
             }
             Step::ReluBackward {
