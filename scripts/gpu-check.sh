@@ -38,8 +38,12 @@ rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli" 
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"
-cp -r bindings/python "$bundle/python"
-cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py "$bundle/"
+# The Python package and scripts keep their checkout paths (the torch tests
+# import scripts/torch_reference.py).
+mkdir -p "$bundle/bindings" "$bundle/scripts"
+cp -r bindings/python "$bundle/bindings/python"
+cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py \
+    scripts/torch_parity.sh "$bundle/scripts/"
 
 cat >"$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -60,34 +64,35 @@ for t in bin/lib-perceptual_loss bin/test-*; do
     [ $verdict = pass ] || { echo "=== $t failed:"; grep -vE '^test .* ok$' "$t.log" | tail -60; }
 done
 echo "=== Python package (NumPy and PyTorch paths)"
-if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" timeout 300 python3 -m pytest -q -p no:cacheprovider python/tests >python.log 2>&1; then
+if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" PERCEPTUAL_LOSS_REQUIRE_TORCH=1 \
+    timeout 300 python3 -m pytest -q -p no:cacheprovider bindings/python/tests >python.log 2>&1; then
     verdict=pass; else verdict=FAIL; fi
 tail -15 python.log
 summary+=("| python (pytest) | $verdict | $(tail -1 python.log) | |")
 echo "=== example"
 ./bin/example-losses 2>&1 | tail -12
-echo "=== PyTorch parity (float64 torchvision + autograd vs the crate)"
-parity=()
-python3 export_vgg.py --arch vgg16 --random-seed 0 --out /tmp/vgg16.safetensors >/dev/null &&
-python3 export_vgg.py --arch vgg19 --random-seed 0 --out /tmp/vgg19.safetensors >/dev/null || echo "(export failed)"
-for run in "vgg16 article f32" "vgg16 article bf16" "vgg19 basicsr f32" "vgg19 basicsr bf16"; do
-    set -- $run
-    dump=/tmp/dump-$2-$3.safetensors
-    if ./bin/example-perceptual_dump /tmp/$1.safetensors "$dump" --preset "$2" --dtype "$3" >/dev/null 2>&1; then
-        parity+=("$(python3 torch_reference.py /tmp/$1.safetensors "$dump" 2>&1 | tail -1)")
-    else
-        parity+=("$run: perceptual_dump failed: $(./bin/example-perceptual_dump /tmp/$1.safetensors "$dump" --preset "$2" --dtype "$3" 2>&1 | tail -1)")
-    fi
-done
-printf '%s\n' "${parity[@]}"
+echo "=== PyTorch parity (float64 torchvision + autograd vs the crate on the GPU)"
+timeout 240 scripts/torch_parity.sh bin/example-perceptual_dump >parity.log 2>&1
+parity_status=$?
+cat parity.log
 echo "=== PyTorch anchors on this card"
-timeout 120 python3 torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed or timed out)"
-timeout 300 python3 torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
+timeout 120 python3 scripts/torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed or timed out)"
+timeout 300 python3 scripts/torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
 echo "=== crate benchmarks"
 timeout 120 ./bin/bench-tv 2>&1 | tail -10
 timeout 180 ./bin/bench-perceptual 2>&1 | tail -10
+echo "=== compute-sanitizer memcheck of the perceptual GPU tests (what time is left of RUN_BUDGET_S)"
+left=$(( ${RUN_BUDGET_S:-420} - SECONDS - 15 ))
+: >sanitizer.log
+if [ $left -le 30 ]; then verdict="skipped (no time left)"
+elif timeout $left compute-sanitizer --tool memcheck --error-exitcode 1 bin/test-gpu_perceptual --test-threads=1 \
+    >sanitizer.log 2>&1; then verdict=pass; else verdict=FAIL; fi
+grep -E "ERROR SUMMARY|test result" sanitizer.log | tail -2
+[ "$verdict" = FAIL ] && grep -B2 -A12 "Invalid\|Error" sanitizer.log | head -60
+summary+=("| compute-sanitizer memcheck gpu_perceptual | $verdict | $(grep -E 'ERROR SUMMARY' sanitizer.log | tail -1) | |")
 echo
-printf 'parity: %s\n' "${parity[@]}"
+echo "parity (exit $parity_status):"
+cat parity.log
 echo "| test binary | verdict | counts | wall |"
 echo "|---|---|---|---|"
 printf '%s\n' "${summary[@]}"

@@ -5,10 +5,13 @@ autograd, from the weights file and a dump written by the crate's
     python3 scripts/torch_reference.py WEIGHTS DUMP [--device cuda|cpu]
 
 The reference runs in float64 on the given device (TF32 is irrelevant
-there), so the errors printed are the crate's own.
+there), so the errors printed are the crate's own. The exit status is 1
+when either relative error is above the tolerance for the dump's dtype:
+1e-5 for f32 (TF32 off), 2e-2 for f16 and bf16.
 """
 import argparse
 import json
+import sys
 
 import torch
 import torchvision
@@ -20,6 +23,9 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 # The presets of examples/perceptual_dump.rs: arch, taps (features indices),
 # tap weights, criterion, ImageNet input normalisation.
+# Largest relative error of loss and gradient accepted, by the crate's dtype.
+TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "bf16": 2e-2}
+
 PRESETS = {
     "article": ("vgg16", [3, 8, 15, 22], [1.0, 1.0, 1.0, 1.0], "mse", False),
     # VGG19 conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (pre-activation).
@@ -27,7 +33,19 @@ PRESETS = {
 }
 
 
+def load_features(weights_path, arch, device):
+    """torchvision's `features` of `arch` with the file's weights, float64."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    state = {k.removeprefix("features."): v.double() for k, v in load_file(str(weights_path)).items()
+             if k.startswith("features.")}
+    model.features.load_state_dict(state)
+    return model.features.double().to(device).eval()
+
+
 def reference(features, pred, target, taps, weights, criterion, imagenet):
+    """The perceptual loss by torchvision modules: `weights[i]` times the
+    mean squared (or absolute, "l1") difference at `features` index
+    `taps[i]`, summed; autograd gives its gradient."""
     if imagenet:
         mean, std = MEAN.to(pred), STD.to(pred)
         pred, target = (pred - mean) / std, (target - mean) / std
@@ -55,10 +73,7 @@ def main():
         meta = f.metadata()
     dump = load_file(args.dump)
     arch, taps, weights, criterion, imagenet = PRESETS[meta["preset"]]
-    model = getattr(torchvision.models, arch)(weights=None)
-    state = {k.removeprefix("features."): v.double() for k, v in load_file(args.weights).items() if k.startswith("features.")}
-    model.features.load_state_dict(state)
-    features = model.features.double().to(args.device).eval()
+    features = load_features(args.weights, arch, args.device)
     pred = dump["pred"].double().to(args.device).requires_grad_(True)
     target = dump["target"].double().to(args.device)
     loss = reference(features, pred, target, taps, weights, criterion, imagenet)
@@ -66,12 +81,15 @@ def main():
     got_loss, got_grad = dump["loss"].double().item(), dump["grad"].double().to(args.device)
     loss_err = abs(got_loss - loss.item()) / abs(loss.item())
     grad_err = ((got_grad - pred.grad).norm() / pred.grad.norm()).item()
+    tolerance = TOLERANCE[meta["dtype"]]
+    ok = loss_err <= tolerance and grad_err <= tolerance
     print(json.dumps({
         "preset": meta["preset"], "dtype": meta["dtype"], "device": meta["device"],
         "loss": got_loss, "torch_loss": loss.item(),
-        "loss_rel_err": loss_err, "grad_rel_err": grad_err,
+        "loss_rel_err": loss_err, "grad_rel_err": grad_err, "tolerance": tolerance, "ok": ok,
     }))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

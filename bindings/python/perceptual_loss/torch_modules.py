@@ -1,7 +1,9 @@
 """PyTorch modules over the C ABI: the forward runs on the tensors' own
 memory (CUDA tensors on their GPU and PyTorch's current stream; CPU tensors
 on the CPU backend), computes the gradient in the same pass and keeps it
-for backward, which scales it by the incoming gradient. No copies."""
+for backward, which scales it by the incoming gradient. No copies. Without
+autograd (torch.no_grad(), or an input that needs no gradient) only the
+loss is computed."""
 import ctypes
 
 import torch
@@ -36,23 +38,36 @@ def _check_tensor(x, name):
         raise ValueError(f"{name} is on {x.device}; CPU and CUDA tensors are supported")
 
 
+def _run(run, x, with_grad):
+    """The loss as a 0-d float32 tensor on x's device, and dL/dx or None."""
+    loss = torch.empty(1, dtype=torch.float32, device=x.device)
+    grad = torch.empty_like(x) if with_grad else None
+    run(loss.data_ptr(), None if grad is None else grad.data_ptr())
+    return loss.reshape(()), grad
+
+
 class _LossFunction(torch.autograd.Function):
     """forward(run, x, *others) -> loss; `run(loss_out, grad_out)` fills both."""
 
     @staticmethod
     def forward(ctx, run, x, *others):
-        loss = torch.empty(1, dtype=torch.float32, device=x.device)
-        grad = torch.empty_like(x) if x.requires_grad else None
-        run(loss.data_ptr(), None if grad is None else grad.data_ptr())
+        loss, grad = _run(run, x, True)
         ctx.save_for_backward(grad)
-        return loss.reshape(())
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        scaled = None if grad is None else grad * grad_output.to(grad.dtype)
         # No gradient for `run` or the constant inputs (the target).
-        return (None, scaled) + (None,) * (len(ctx.needs_input_grad) - 2)
+        return (None, grad * grad_output.to(grad.dtype)) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def _apply(run, x, *others):
+    """Through autograd when x needs a gradient; otherwise the loss alone,
+    with no gradient work (as under torch.no_grad())."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _LossFunction.apply(run, x, *others)
+    return _run(run, x, False)[0]
 
 
 class TVLoss(torch.nn.Module):
@@ -71,7 +86,7 @@ class TVLoss(torch.nn.Module):
             _check(_lib.pl_tv_loss(ctx._handle, x.data_ptr(), DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, self.variant,
                                    self.weight, loss_ptr, grad_ptr))
 
-        return _LossFunction.apply(run, x)
+        return _apply(run, x)
 
 
 class PerceptualLoss(torch.nn.Module):
@@ -104,4 +119,4 @@ class PerceptualLoss(torch.nn.Module):
         def run(loss_ptr, grad_ptr):
             loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), loss_ptr, grad_ptr)
 
-        return _LossFunction.apply(run, pred, target)
+        return _apply(run, pred, target)
