@@ -213,3 +213,26 @@ fn missing_weights_and_bad_options_are_explained() {
     assert_eq!(code, 2);
     assert!(err.contains("usage"), "{err}");
 }
+
+#[test]
+fn help_prints_the_usage_and_succeeds() {
+    for args in [
+        &["--help"][..],
+        &["compare", "-h"],
+        &["compare", "a", "b", "--help"],
+    ] {
+        let (code, out, err) = cli(args);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(out.contains("usage: perceptual-loss compare A B"), "{out}");
+        assert!(
+            out.contains("--weights PATH") && err.is_empty(),
+            "{out}{err}"
+        );
+    }
+    let (code, _, err) = cli(&[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no command given") && err.contains("usage"),
+        "{err}"
+    );
+}

@@ -138,7 +138,6 @@ fn parse(args: &[String]) -> Result<Options> {
                     return Err(usage(&format!("unknown --format {}", o.format)));
                 }
             }
-            "-h" | "--help" => return Err(usage("")),
             flag if flag.starts_with("--") => return Err(usage(&format!("unknown option {flag}"))),
             path => positional.push(PathBuf::from(path)),
         }
@@ -358,7 +357,7 @@ fn print(rows: &[Row], format: &str) {
 fn run(args: &[String]) -> Result<bool> {
     match args.first().map(String::as_str) {
         Some("compare") => {}
-        Some("-h" | "--help") | None => return Err(usage("")),
+        None => return Err(usage("no command given")),
         Some(other) => return Err(usage(&format!("unknown command {other}"))),
     }
     let o = parse(&args[1..])?;
@@ -406,6 +405,10 @@ fn run(args: &[String]) -> Result<bool> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
