@@ -2,8 +2,17 @@
 the same run as the crate's (scripts/gpu-check.sh): VGG16 features up to
 relu4_3, taps [3, 8, 15, 22], MSE, forward(pred, target) + backward(pred),
 median of CUDA-event-timed runs and peak memory above the inputs and
-weights. Random weights (weights=None): timing does not depend on them."""
+weights. Random weights (weights=None): timing does not depend on them.
+
+    python3 scripts/torch_perceptual_bench.py               # CUDA
+    python3 scripts/torch_perceptual_bench.py --device cpu  # beside `cargo bench --bench perceptual`
+
+On the CPU: eager f32 at the CPU benchmark's shape, on as many threads as
+the crate uses (all cores), timed with a wall clock."""
+import argparse
+import os
 import statistics
+import time
 
 import torch
 import torchvision
@@ -60,7 +69,42 @@ def case(n, h, w, dtype, compile_):
     return bench(fn, pred, target)
 
 
+def cpu_main():
+    torch.set_num_threads(os.cpu_count())
+    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].eval()
+    for p in features.parameters():
+        p.requires_grad_(False)
+    for i, m in enumerate(features):
+        if isinstance(m, torch.nn.ReLU):
+            features[i] = torch.nn.ReLU(inplace=False)
+    fn = loss_fn(features)
+    print(f"| torch {torch.__version__} CPU ({torch.get_num_threads()} threads) | median ms |")
+    print("|---|---|")
+    for shape in [(1, 3, 64, 64), (4, 3, 64, 64)]:
+        pred, target = torch.rand(*shape, requires_grad=True), torch.rand(*shape)
+
+        def step(grad):
+            pred.grad = None
+            start = time.perf_counter()
+            if grad:
+                fn(pred, target).backward()
+            else:
+                with torch.no_grad():
+                    fn(pred, target)
+            return (time.perf_counter() - start) * 1e3
+
+        for grad, kind in [(True, "forward + backward"), (False, "forward only")]:
+            for _ in range(2):
+                step(grad)
+            ms = statistics.median(step(grad) for _ in range(7))
+            print(f"| eager {'x'.join(map(str, shape))} f32 {kind} | {ms:.1f} |")
+
+
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    if ap.parse_args().device == "cpu":
+        return cpu_main()
     print(f"| torch {torch.__version__} on {torch.cuda.get_device_name()} | median ms | peak extra MiB |")
     print("|---|---|---|")
     for n, h, w, dtype, name in [(8, 256, 256, torch.bfloat16, "bf16"), (8, 256, 256, torch.float32, "f32 (TF32 off)"),
