@@ -70,7 +70,7 @@ def case(n, h, w, dtype, compile_):
 
 
 def cpu_main():
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count())))
     features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].eval()
     for p in features.parameters():
         p.requires_grad_(False)

@@ -5,6 +5,7 @@
 //! indexing code.
 
 pub(crate) mod feature;
+mod gemm;
 pub(crate) mod perceptual;
 pub(crate) mod tv;
 pub(crate) mod vgg;

@@ -1,6 +1,7 @@
 //! VGG building blocks on one CHW image, f32: 3x3 convolution (im2col +
 //! sgemm) and its input gradient, ReLU, and 2x2 pooling with its gradient.
 
+use super::gemm::sgemm;
 use crate::vgg::{ConvWeights, Pooling};
 
 /// Calls `f(column entry, pixel)` for every pair that the im2col
@@ -34,35 +35,6 @@ fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
 fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
     dx.iter_mut().for_each(|v| *v = 0.0);
     for_each_window_pair(c, h, w, |col, pix| dx[pix] += cols[col]);
-}
-
-/// C = A B with row-major A (m x k) and B (k x n); `a_t` reads A transposed
-/// from a row-major k x m array.
-fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], c: &mut [f32]) {
-    let (rsa, csa) = if a_t {
-        (1, m as isize)
-    } else {
-        (k as isize, 1)
-    };
-    // SAFETY: the slices hold m*k, k*n and m*n elements at the given strides.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            n as isize,
-            1,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
 }
 
 /// out = conv3x3(x) + bias, padding 1; x is in_c x h x w, out out_c x h x w.
