@@ -112,7 +112,7 @@ fn main() {
     run(true, &targets[0]);
     let mut case = |with_grad: bool, alternate: bool| {
         median(
-            (0..6)
+            (0..15)
                 .map(|i| run(with_grad, &targets[alternate as usize * (i % 2)]))
                 .collect(),
         )

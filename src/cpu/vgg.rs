@@ -4,19 +4,28 @@
 use super::gemm::sgemm;
 use crate::vgg::{ConvWeights, Pooling};
 
-/// Calls `f(column entry, pixel)` for every pair that the im2col
-/// unfolding of a C x H x W image links: rows (c, ky, kx), columns (i, j),
-/// pixel (c, i + ky - 1, j + kx - 1); pairs in the padding are skipped.
-fn for_each_window_pair(c: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize)) {
-    let hw = h * w;
+/// Sets `v`'s length to `len`; contents are unspecified (every caller
+/// overwrites them), so no time goes into clearing.
+fn set_len(v: &mut Vec<f32>, len: usize) {
+    v.truncate(len);
+    v.resize(len, 0.0);
+}
+
+/// Calls `f(row, kx, i, source)` for every row of the im2col unfolding of
+/// a C x H x W image: output row `i` of unfolded row `row` = (c, ky, kx),
+/// and the image row (c, i + ky - 1) it reads as an index among the C x H
+/// rows, None in the padding.
+fn for_each_unfolded_row(
+    c: usize,
+    h: usize,
+    mut f: impl FnMut(usize, usize, usize, Option<usize>),
+) {
     for ch in 0..c {
         for ky in 0..3 {
             for kx in 0..3 {
-                let row = ((ch * 3 + ky) * 3 + kx) * hw;
-                for i in (1usize.saturating_sub(ky))..h.min(h + 1 - ky) {
-                    for j in (1usize.saturating_sub(kx))..w.min(w + 1 - kx) {
-                        f(row + i * w + j, ch * hw + (i + ky - 1) * w + j + kx - 1);
-                    }
+                for i in 0..h {
+                    let si = (i + ky).checked_sub(1).filter(|&si| si < h);
+                    f((ch * 3 + ky) * 3 + kx, kx, i, si.map(|si| ch * h + si));
                 }
             }
         }
@@ -26,15 +35,44 @@ fn for_each_window_pair(c: usize, h: usize, w: usize, mut f: impl FnMut(usize, u
 /// Unfolds a C x H x W image into rows (c, ky, kx) and columns (i, j),
 /// with zeros where the 3x3 window hangs over the padding.
 fn im2col(x: &[f32], c: usize, h: usize, w: usize, cols: &mut Vec<f32>) {
-    cols.clear();
-    cols.resize(c * 9 * h * w, 0.0);
-    for_each_window_pair(c, h, w, |col, pix| cols[col] = x[pix]);
+    set_len(cols, c * 9 * h * w);
+    for_each_unfolded_row(c, h, |row, kx, i, src_row| {
+        let dst = &mut cols[(row * h + i) * w..][..w];
+        let Some(src_row) = src_row else {
+            dst.fill(0.0);
+            return;
+        };
+        let src = &x[src_row * w..][..w];
+        // Column j reads source column j + kx - 1.
+        match kx {
+            0 => {
+                dst[0] = 0.0;
+                dst[1..].copy_from_slice(&src[..w - 1]);
+            }
+            1 => dst.copy_from_slice(src),
+            _ => {
+                dst[..w - 1].copy_from_slice(&src[1..]);
+                dst[w - 1] = 0.0;
+            }
+        }
+    });
 }
 
 /// The adjoint of `im2col`: adds each column entry back to its pixel.
-fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut [f32]) {
-    dx.iter_mut().for_each(|v| *v = 0.0);
-    for_each_window_pair(c, h, w, |col, pix| dx[pix] += cols[col]);
+fn col2im(cols: &[f32], c: usize, h: usize, w: usize, dx: &mut Vec<f32>) {
+    dx.clear();
+    dx.resize(c * h * w, 0.0);
+    for_each_unfolded_row(c, h, |row, kx, i, src_row| {
+        let Some(src_row) = src_row else { return };
+        let src = &cols[(row * h + i) * w..][..w];
+        let dst = &mut dx[src_row * w..][..w];
+        let (dst, src) = match kx {
+            0 => (&mut dst[..w - 1], &src[1..]),
+            1 => (dst, src),
+            _ => (&mut dst[1..], &src[..w - 1]),
+        };
+        dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
+    });
 }
 
 /// out = conv3x3(x) + bias, padding 1; x is in_c x h x w, out out_c x h x w.
@@ -47,7 +85,7 @@ pub(crate) fn conv(
     cols: &mut Vec<f32>,
 ) {
     im2col(x, p.in_c, h, w, cols);
-    out.resize(p.out_c * h * w, 0.0);
+    set_len(out, p.out_c * h * w);
     sgemm(p.out_c, p.in_c * 9, h * w, &p.weight, false, cols, out);
     for (plane, b) in out.chunks_exact_mut(h * w).zip(&p.bias) {
         plane.iter_mut().for_each(|v| *v += b);
@@ -63,9 +101,8 @@ pub(crate) fn conv_backward(
     dx: &mut Vec<f32>,
     cols: &mut Vec<f32>,
 ) {
-    cols.resize(p.in_c * 9 * h * w, 0.0);
+    set_len(cols, p.in_c * 9 * h * w);
     sgemm(p.in_c * 9, p.out_c, h * w, &p.weight, true, dout, cols);
-    dx.resize(p.in_c * h * w, 0.0);
     col2im(cols, p.in_c, h, w, dx);
 }
 
