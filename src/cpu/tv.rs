@@ -10,18 +10,68 @@ pub(crate) struct TvValues {
     pub per_sample: Vec<f64>,
 }
 
-/// (phi(d), dphi/dd) of one difference `d` with the variant's `coef`.
-type Term = fn(f64, f64) -> (f64, f64);
-
-/// The term of the variants whose terms are separable; `None` for
-/// isotropic, whose terms couple the two directions.
-fn separable_term(variant: TvVariant) -> Option<Term> {
-    match variant {
-        TvVariant::Article => Some(|d, coef| (coef * d * d, 2.0 * coef * d)),
-        TvVariant::L1 => Some(|d, _| (d.abs(), sign(d))),
-        TvVariant::L2Squared | TvVariant::L2 => Some(|d, _| (d * d, 2.0 * d)),
-        TvVariant::Isotropic => None,
+/// One image's sum of phi(d) over the vertical and horizontal differences
+/// d = x[to] - x[from], with dphi/dd added to `to` and taken from `from` in
+/// `g` (when not empty). `phi(d, coef)` is (value, slope); each variant
+/// passes its own closure, so the loop is compiled per variant.
+fn separable_sum(
+    x: impl Fn(usize) -> f64,
+    g: &mut [f64],
+    (c, h, w): (usize, usize, usize),
+    (coef_h, coef_w): (f64, f64),
+    phi: impl Fn(f64, f64) -> (f64, f64),
+) -> f64 {
+    let mut sum = 0.0;
+    let mut term = |d: f64, coef: f64, from: usize, to: usize| {
+        let (value, slope) = phi(d, coef);
+        sum += value;
+        if !g.is_empty() {
+            g[to] += slope;
+            g[from] -= slope;
+        }
+    };
+    for ch in 0..c {
+        for i in 0..h {
+            for j in 0..w {
+                let idx = (ch * h + i) * w + j;
+                if i + 1 < h {
+                    term(x(idx + w) - x(idx), coef_h, idx, idx + w);
+                }
+                if j + 1 < w {
+                    term(x(idx + 1) - x(idx), coef_w, idx, idx + 1);
+                }
+            }
+        }
     }
+    sum
+}
+
+/// One image's isotropic sum: its terms live on the (H-1) x (W-1) region
+/// and couple both directions.
+fn isotropic_sum(
+    x: impl Fn(usize) -> f64,
+    g: &mut [f64],
+    (c, h, w): (usize, usize, usize),
+    eps: f64,
+) -> f64 {
+    let mut sum = 0.0;
+    for ch in 0..c {
+        for i in 0..h.saturating_sub(1) {
+            for j in 0..w.saturating_sub(1) {
+                let idx = (ch * h + i) * w + j;
+                let dh = x(idx + w) - x(idx);
+                let dw = x(idx + 1) - x(idx);
+                let t = (dh * dh + dw * dw + eps).sqrt();
+                sum += t;
+                if !g.is_empty() && t != 0.0 {
+                    g[idx + w] += dh / t;
+                    g[idx + 1] += dw / t;
+                    g[idx] -= (dh + dw) / t;
+                }
+            }
+        }
+    }
+    sum
 }
 
 /// `grad`, when given, receives `beta * grad + dL/dx`.
@@ -37,71 +87,26 @@ pub(crate) fn tv<T: Element>(
     let weight = cfg.weight as f64;
     let coef_h = 2.0 / (c * (h - 1).max(1) * w) as f64;
     let coef_w = 2.0 / (c * h * (w - 1).max(1)) as f64;
-    let eps = cfg.eps as f64;
     let mut grad = grad;
     let mut per_sample = Vec::with_capacity(s.n);
     let mut g = vec![0.0f64; if grad.is_some() { image } else { 0 }];
-    let want_grad = grad.is_some();
 
     for n in 0..s.n {
         let xi = &x[n * image..(n + 1) * image];
-        let at = |ch: usize, i: usize, j: usize| xi[(ch * h + i) * w + j].to_f64();
+        let at = |idx: usize| xi[idx].to_f64();
         g.iter_mut().for_each(|v| *v = 0.0);
-        let mut sum = 0.0f64;
-        if let Some(phi) = separable_term(cfg.variant) {
-            // Adds phi(d) for d = x[to] - x[from] and its derivative to both pixels.
-            let mut term = |d: f64, coef: f64, from: usize, to: usize, g: &mut [f64]| {
-                let (value, slope) = phi(d, coef);
-                sum += value;
-                if want_grad {
-                    g[to] += slope;
-                    g[from] -= slope;
-                }
-            };
-            for ch in 0..c {
-                for i in 0..h {
-                    for j in 0..w {
-                        let idx = (ch * h + i) * w + j;
-                        if i + 1 < h {
-                            term(
-                                at(ch, i + 1, j) - at(ch, i, j),
-                                coef_h,
-                                idx,
-                                idx + w,
-                                &mut g,
-                            );
-                        }
-                        if j + 1 < w {
-                            term(
-                                at(ch, i, j + 1) - at(ch, i, j),
-                                coef_w,
-                                idx,
-                                idx + 1,
-                                &mut g,
-                            );
-                        }
-                    }
-                }
+        let dims = (c, h, w);
+        let coefs = (coef_h, coef_w);
+        let sum = match cfg.variant {
+            TvVariant::Article => {
+                separable_sum(at, &mut g, dims, coefs, |d, k| (k * d * d, 2.0 * k * d))
             }
-        } else {
-            // Terms live on the (H-1) x (W-1) region and couple both directions.
-            for ch in 0..c {
-                for i in 0..h.saturating_sub(1) {
-                    for j in 0..w.saturating_sub(1) {
-                        let idx = (ch * h + i) * w + j;
-                        let dh = at(ch, i + 1, j) - at(ch, i, j);
-                        let dw = at(ch, i, j + 1) - at(ch, i, j);
-                        let t = (dh * dh + dw * dw + eps).sqrt();
-                        sum += t;
-                        if want_grad && t != 0.0 {
-                            g[idx + w] += dh / t;
-                            g[idx + 1] += dw / t;
-                            g[idx] -= (dh + dw) / t;
-                        }
-                    }
-                }
+            TvVariant::L1 => separable_sum(at, &mut g, dims, coefs, |d, _| (d.abs(), sign(d))),
+            TvVariant::L2Squared | TvVariant::L2 => {
+                separable_sum(at, &mut g, dims, coefs, |d, _| (d * d, 2.0 * d))
             }
-        }
+            TvVariant::Isotropic => isotropic_sum(at, &mut g, dims, cfg.eps as f64),
+        };
         let (score, grad_scale) = match cfg.variant {
             TvVariant::L2 => {
                 let root = sum.sqrt();
