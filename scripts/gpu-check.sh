@@ -80,7 +80,9 @@ timeout 120 python3 scripts/torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV 
 timeout 300 python3 scripts/torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
 echo "=== crate benchmarks"
 timeout 120 ./bin/bench-tv 2>&1 | tail -10
-timeout 180 ./bin/bench-perceptual 2>&1 | tail -10
+PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual 2>plans.log | tail -10
+echo "=== cuDNN plans of the headline case (PERCEPTUAL_LOSS_LOG_PLANS=1)"
+grep -m1 -A14 "plan for \[8, 3, 256, 256\] computing in bf16" plans.log || tail -20 plans.log
 echo "=== compute-sanitizer memcheck of the perceptual GPU tests (what time is left of RUN_BUDGET_S)"
 left=$(( ${RUN_BUDGET_S:-420} - SECONDS - 15 ))
 : >sanitizer.log

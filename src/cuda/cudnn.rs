@@ -33,6 +33,11 @@ fn data_type(dtype: DType) -> sys::cudnnDataType_t {
     }
 }
 
+/// The loaded cuDNN's version, e.g. 91400 for 9.14.0.
+pub(crate) fn version() -> usize {
+    result::get_version()
+}
+
 /// A cuDNN handle bound to one stream. Not thread-safe: callers hold it
 /// behind a mutex.
 pub(crate) struct Handle(sys::cudnnHandle_t);
@@ -275,6 +280,14 @@ impl ConvPlan {
             plan.workspace = f.max(b);
         }
         Ok(plan)
+    }
+
+    /// The chosen algorithms and workspace, for the plan log.
+    pub(crate) fn describe(&self) -> String {
+        format!(
+            "forward {:?}, backward-data {:?}, workspace {} bytes",
+            self.fwd, self.bwd, self.workspace
+        )
     }
 
     /// y = conv(x) over the forward batch (no bias).

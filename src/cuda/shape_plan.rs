@@ -106,6 +106,34 @@ pub(crate) struct ShapePlan {
     pub footprint: usize,
 }
 
+/// With PERCEPTUAL_LOSS_LOG_PLANS=1, every new plan is described on stderr:
+/// the cuDNN algorithms chosen per convolution and the memory it takes.
+fn log_plan(
+    layers: &[Layer],
+    convs: &[Option<ConvPlan>],
+    (s, compute): (Shape, DType),
+    (dims, buffers, workspace): (&[(usize, usize, usize)], usize, usize),
+) {
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    eprintln!(
+        "perceptual plan for {s} computing in {} (cuDNN {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
+        compute.name(),
+        super::cudnn::version(),
+        mib(buffers),
+        mib(workspace)
+    );
+    for ((layer, conv), (c, h, w)) in layers.iter().zip(convs).zip(dims) {
+        if let Some(conv) = conv {
+            eprintln!(
+                "  {} ({c} channels, {h}x{w}, {} images forward): {}",
+                layer.name,
+                conv.forward_images,
+                conv.describe()
+            );
+        }
+    }
+}
+
 impl ShapePlan {
     pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
         self.key == (s, dtype, tf32, stream_id(dev))
@@ -156,6 +184,14 @@ impl ShapePlan {
                 _ => None,
             });
             in_c = c;
+        }
+        if std::env::var("PERCEPTUAL_LOSS_LOG_PLANS").is_ok_and(|v| v == "1") {
+            log_plan(
+                layers,
+                &convs,
+                (s, compute),
+                (&dims, layout.bytes, workspace),
+            );
         }
         let arena = alloc(dev, layout.bytes, "activations and gradients")?;
         let workspace = alloc(dev, workspace, "cuDNN workspace")?;
