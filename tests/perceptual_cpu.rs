@@ -528,3 +528,58 @@ fn a_repeated_target_reuses_its_features_and_a_changed_one_is_seen() {
     };
     assert_eq!(loss_and_grad(&loss, &pred, &target, flat).0, want);
 }
+
+/// One `Vgg` behind an `Arc`, two losses over it, called from several
+/// threads at once with alternating targets (so the kept-target features
+/// are replaced under contention): every result equals the same call made
+/// alone, bit for bit.
+#[test]
+fn shared_weights_and_losses_across_threads() {
+    let vgg = load(&mut Net::random(VggArch::Vgg16, 31), VggArch::Vgg16);
+    let configs = [
+        PerceptualConfig::default(),
+        PerceptualConfig {
+            taps: vec!["relu2_2".into(), "conv3_1".into()],
+            criterion: Criterion::Mae,
+            ..Default::default()
+        },
+    ];
+    let losses = configs
+        .each_ref()
+        .map(|c| PerceptualLoss::new(vgg.clone(), c).unwrap());
+    let s = Shape::new(1, 3, 16, 20);
+    let n = 3 * 16 * 20;
+    let mut rng = Rng::new(32);
+    let pred = rng.vec(n, 0.0, 1.0);
+    let targets = [rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0)];
+    // Alone, each (loss, target) pair once; fresh losses, nothing kept.
+    let alone: Vec<Vec<_>> = configs
+        .iter()
+        .map(|c| {
+            targets
+                .iter()
+                .map(|t| {
+                    let fresh = PerceptualLoss::new(vgg.clone(), c).unwrap();
+                    let out = run_perceptual::<f32>(&fresh, &pred, t, s, 0.0, None);
+                    (out.loss.to_bits(), out.grad)
+                })
+                .collect()
+        })
+        .collect();
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            let (losses, alone, pred, targets) = (&losses, &alone, &pred, &targets);
+            scope.spawn(move || {
+                for call in 0..6 {
+                    let (l, t) = ((thread + call) % 2, (thread / 2 + call) % 2);
+                    let out = run_perceptual::<f32>(&losses[l], pred, &targets[t], s, 0.0, None);
+                    assert_eq!(
+                        (out.loss.to_bits(), &out.grad),
+                        (alone[l][t].0, &alone[l][t].1),
+                        "thread {thread} call {call}: loss {l}, target {t}"
+                    );
+                }
+            });
+        }
+    });
+}
