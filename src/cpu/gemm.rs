@@ -63,10 +63,23 @@ unsafe fn part(m: usize, k: usize, n: usize, a: Operand, b: Operand, c: Operand)
     );
 }
 
-/// C = A B with row-major A (m x k) and B (k x n); `a_t` reads A transposed
-/// from a row-major k x m array.
-pub(crate) fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32], c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+/// Whether a row-major matrix of `rows` x `cols` with row stride `ld`
+/// fits in `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, ld: usize) -> bool {
+    ld >= cols && (rows == 0 || cols == 0 || len >= (rows - 1) * ld + cols)
+}
+
+/// C = A B with row-major A (m x k), B (k x n, rows `ldb` apart) and C
+/// (m x n, rows `ldc` apart); `a_t` reads A transposed from a row-major
+/// k x m array.
+pub(crate) fn sgemm(
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    a_t: bool,
+    (b, ldb): (&[f32], usize),
+    (c, ldc): (&mut [f32], usize),
+) {
+    assert!(a.len() >= m * k && fits(b.len(), k, n, ldb) && fits(c.len(), m, n, ldc));
     let (rs, cs) = if a_t {
         (1, m as isize)
     } else {
@@ -79,12 +92,12 @@ pub(crate) fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_t: bool, b: &[f32
     };
     let b = Operand {
         ptr: b.as_ptr() as usize,
-        rs: n as isize,
+        rs: ldb as isize,
         cs: 1,
     };
     let c = Operand {
         ptr: c.as_mut_ptr() as usize,
-        rs: n as isize,
+        rs: ldc as isize,
         cs: 1,
     };
     // Split the output along the dimension of the larger operand, in
@@ -130,7 +143,7 @@ mod tests {
                     .map(|i| ((i * 53) % 97) as f32 / 48.0 - 1.0)
                     .collect();
                 let mut c = vec![f32::NAN; m * n];
-                sgemm(m, k, n, &a, a_t, &b, &mut c);
+                sgemm((m, k, n), &a, a_t, (&b, n), (&mut c, n));
                 for i in 0..m {
                     for j in 0..n {
                         let want: f64 = (0..k)
