@@ -58,14 +58,31 @@ class _LossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
+        # Scaled in float32 and rounded once: a loss scale such as 2**16
+        # would itself overflow to inf in float16.
+        scaled = (grad.float() * grad_output.float()).to(grad.dtype)
         # No gradient for `run` or the constant inputs (the target).
-        return (None, grad * grad_output.to(grad.dtype)) + (None,) * (len(ctx.needs_input_grad) - 2)
+        return (None, scaled) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+def _needs_grad(x):
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _widened(x):
+    """float16 inputs that need a gradient as float32 (exact): a float16
+    gradient of a mean over many elements falls below float16's normal
+    range, and is rounded to zero or a few bits, before a GradScaler's
+    scale (the incoming gradient) reaches it. In float32 the gradient is
+    scaled first and cast back to float16 by autograd afterwards, as
+    PyTorch's own float16 losses behave. The loss value is the same."""
+    return x.float() if x.dtype == torch.float16 and _needs_grad(x) else x
 
 
 def _apply(run, x, *others):
     """Through autograd when x needs a gradient; otherwise the loss alone,
     with no gradient work (as under torch.no_grad())."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if _needs_grad(x):
         return _LossFunction.apply(run, x, *others)
     return _run(run, x, False)[0]
 
@@ -80,6 +97,7 @@ class TVLoss(torch.nn.Module):
 
     def forward(self, x):
         _check_tensor(x, "x")
+        x = _widened(x)
         ctx = _context(x.device)
 
         def run(loss_ptr, grad_ptr):
@@ -114,6 +132,8 @@ class PerceptualLoss(torch.nn.Module):
             raise ValueError(f"pred and target differ: {pred.dtype}{tuple(pred.shape)}@{pred.device} vs "
                              f"{target.dtype}{tuple(target.shape)}@{target.device}")
         loss = self._loss(pred.device)
+        if _widened(pred) is not pred:
+            pred, target = pred.float(), target.float()
         target = target.detach()
 
         def run(loss_ptr, grad_ptr):

@@ -156,3 +156,29 @@ def test_bad_tensors_raise():
         pl.TVLoss()(torch.zeros(1, 3, 8, 8, dtype=torch.int32))
     with pytest.raises(pl.Error, match="H-1"):
         pl.TVLoss()(torch.zeros(1, 3, 1, 8))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_gradients_survive_a_loss_scale(tmp_path, device):
+    # Gradients of means this small are zero in float16; a GradScaler-style
+    # scale on the loss must bring them back, as for PyTorch's own losses.
+    scale = 2.0**16
+    x = torch.rand(1, 3, 48, 40, device=device).half().requires_grad_(True)
+    (scale * pl.TVLoss("article", weight=1e-3)(x)).backward()
+    ref_x = x.detach().double().requires_grad_(True)
+    (1e-3 * tv_reference(ref_x, "article")).backward()
+    assert x.grad.dtype == torch.float16
+    err = (x.grad.double() / scale - ref_x.grad).norm() / ref_x.grad.norm()
+    assert err.item() <= 2e-2
+
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    weight = 2.0**-10
+    pred = torch.rand(1, 3, 32, 32, device=device).half().requires_grad_(True)
+    target = torch.rand(1, 3, 32, 32, device=device).half()
+    (scale * pl.PerceptualLoss(path, "vgg16", weight=weight)(pred, target)).backward()
+    features = load_features(path, "vgg16", device)
+    ref_pred = pred.detach().double().requires_grad_(True)
+    reference(features, ref_pred, target.double(), **dict(ARTICLE, weights=[weight] * 4)).backward()
+    assert ref_pred.grad.abs().max().item() < 6e-5, "the reference gradient should be below f16's normal range"
+    err = (pred.grad.double() / scale - ref_pred.grad).norm() / ref_pred.grad.norm()
+    assert err.item() <= 2e-2
