@@ -464,6 +464,8 @@ pub unsafe extern "C" fn pl_context_synchronize(ctx: *mut pl_context) -> pl_stat
 /// On a CUDA context both are device pointers and the call returns once
 /// the work is queued; `pl_context_synchronize` waits for it. `weight`
 /// multiplies loss and gradient. The article variant needs h, w >= 2.
+/// In PL_F16 the gradient of a mean over many elements can fall below
+/// half precision's normal range (about 6e-5): scale it with `weight`.
 ///
 /// # Safety
 /// `ctx` must be a live context; `x` and `grad_out` must address n*c*h*w
@@ -649,7 +651,9 @@ pub unsafe extern "C" fn pl_perceptual_destroy(loss: *mut pl_perceptual) {
 /// Perceptual loss of `pred` against `target` (contiguous NCHW, c = 1 or
 /// 3, same dtype), on the device its VGG was loaded for. Writes the loss
 /// (one float) to `loss_out` and, when `grad_out` is not NULL, dL/dpred in
-/// `dtype` and pred's layout.
+/// `dtype` and pred's layout. In PL_F16 the gradient of a mean over many
+/// elements can fall below half precision's normal range (about 6e-5):
+/// scale it with the config's `weight`.
 ///
 /// # Safety
 /// `loss` must be a live handle; `pred`, `target` and `grad_out` must
