@@ -74,8 +74,9 @@ def _widened(x):
     gradient of a mean over many elements falls below float16's normal
     range, and is rounded to zero or a few bits, before a GradScaler's
     scale (the incoming gradient) reaches it. In float32 the gradient is
-    scaled first and cast back to float16 by autograd afterwards, as
-    PyTorch's own float16 losses behave. The loss value is the same."""
+    scaled first and cast back to float16 by autograd afterwards, as when
+    autocast runs PyTorch's own losses in float32. The loss value is the
+    same."""
     return x.float() if x.dtype == torch.float16 and _needs_grad(x) else x
 
 
