@@ -153,13 +153,15 @@ pub(crate) fn perceptual<T: Element>(
     let mut total = 0.0;
     for (n, per_image) in per_sample.iter_mut().enumerate() {
         let range = n * image..(n + 1) * image;
-        let computed;
-        let target_taps = match target {
-            Target::Features(f) => &f[n],
-            Target::Images(t) => {
-                computed = image_features(net, plan, &t[range.clone()], s.c, s.h, s.w);
-                &computed
-            }
+        // This image's target features: kept ones borrowed, or computed
+        // now and each dropped once its tap is done (they would otherwise
+        // stay alive through the whole pred pass).
+        let (kept, mut computed) = match target {
+            Target::Features(f) => (Some(&f[n]), Vec::new()),
+            Target::Images(t) => (
+                None,
+                image_features(net, plan, &t[range.clone()], s.c, s.h, s.w),
+            ),
         };
         // Pred features, each tap's loss and (when asked) its gradient.
         let mut saved = grad.as_ref().map(|_| Vec::new());
@@ -178,7 +180,15 @@ pub(crate) fn perceptual<T: Element>(
                 let weight = tap_weight * plan.weight / s.n as f64;
                 let mut g = vec![0f32; if grad.is_some() { f.len() } else { 0 }];
                 let gslot = grad.as_ref().map(|_| (&mut g[..], 0.0f32));
-                image_loss += feature(f, &target_taps[k], gslot, plan.criterion, weight as f32);
+                let taken;
+                let t = match kept {
+                    Some(kept) => &kept[k],
+                    None => {
+                        taken = std::mem::take(&mut computed[k]);
+                        &taken
+                    }
+                };
+                image_loss += feature(f, t, gslot, plan.criterion, weight as f32);
                 tap_grads.push((index, g));
                 k += 1;
             },
