@@ -38,6 +38,11 @@ impl Error {
     pub(crate) fn cuda(context: &str, err: impl fmt::Display) -> Self {
         Error::Cuda(format!("{context}: {err}"))
     }
+
+    /// A mutex or lock that an earlier panic left poisoned.
+    pub(crate) fn poisoned() -> Self {
+        Error::Internal("a lock was poisoned by an earlier panic".into())
+    }
 }
 
 impl fmt::Display for Error {

@@ -188,7 +188,7 @@ impl Streams {
         self.current
             .read()
             .map(|d| d.clone())
-            .map_err(|_| Error::Internal("a lock was poisoned".into()))
+            .map_err(|_| Error::poisoned())
     }
 }
 
@@ -705,7 +705,6 @@ pub unsafe extern "C" fn pl_context_set_stream(
     guard(|| {
         non_null(ctx, "ctx")?;
         let streams = &(*ctx).streams;
-        let poisoned = || Error::Internal("a lock was poisoned".into());
         let current = streams.current()?;
         let Some(ordinal) = current.ordinal() else {
             return match cuda_stream.is_null() {
@@ -713,7 +712,7 @@ pub unsafe extern "C" fn pl_context_set_stream(
                 false => Err(Error::arg("a CPU context has no CUDA stream")),
             };
         };
-        let mut seen = streams.seen.lock().map_err(|_| poisoned())?;
+        let mut seen = streams.seen.lock().map_err(|_| Error::poisoned())?;
         let device = match seen.get(&(cuda_stream as usize)) {
             Some(d) => d.clone(),
             None => {
@@ -722,7 +721,7 @@ pub unsafe extern "C" fn pl_context_set_stream(
                 d
             }
         };
-        *streams.current.write().map_err(|_| poisoned())? = device;
+        *streams.current.write().map_err(|_| Error::poisoned())? = device;
         Ok(())
     })
 }

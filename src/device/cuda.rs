@@ -25,7 +25,7 @@ fn shared(ordinal: usize) -> Result<Arc<Shared>> {
     let mut reg = REGISTRY
         .get_or_init(Default::default)
         .lock()
-        .map_err(|_| poisoned())?;
+        .map_err(|_| Error::poisoned())?;
     if let Some(s) = reg.get(&ordinal) {
         return Ok(s.clone());
     }
@@ -49,10 +49,6 @@ fn shared(ordinal: usize) -> Result<Arc<Shared>> {
     });
     reg.insert(ordinal, s.clone());
     Ok(s)
-}
-
-fn poisoned() -> Error {
-    Error::Internal("a lock was poisoned by an earlier panic".into())
 }
 
 /// A CUDA device plus the stream its work goes to.
@@ -118,7 +114,7 @@ impl CudaDevice {
             .shared
             .functions
             .read()
-            .map_err(|_| poisoned())?
+            .map_err(|_| Error::poisoned())?
             .get(symbol)
         {
             return Ok(f.clone());
@@ -130,13 +126,13 @@ impl CudaDevice {
         self.shared
             .functions
             .write()
-            .map_err(|_| poisoned())?
+            .map_err(|_| Error::poisoned())?
             .insert(symbol.to_string(), f.clone());
         Ok(f)
     }
 
     fn module(&self, image: &KernelImage) -> Result<Arc<CudaModule>> {
-        let mut modules = self.shared.modules.lock().map_err(|_| poisoned())?;
+        let mut modules = self.shared.modules.lock().map_err(|_| Error::poisoned())?;
         if let Some(m) = modules.get(image.name) {
             return Ok(m.clone());
         }
@@ -171,7 +167,7 @@ impl CudaDevice {
         &self,
         f: impl FnOnce(&crate::cuda::cudnn::Handle) -> Result<R>,
     ) -> Result<R> {
-        let mut guard = self.cudnn.lock().map_err(|_| poisoned())?;
+        let mut guard = self.cudnn.lock().map_err(|_| Error::poisoned())?;
         // cuDNN works on the calling thread's current context, and this
         // thread may not have made ours current yet.
         self.shared
@@ -190,7 +186,7 @@ impl CudaDevice {
     /// Scratch for a deterministic reduction over `partials` block sums and
     /// `images` per-image values; grows (never shrinks) and stays allocated.
     pub(crate) fn workspace(&self, images: usize, partials: usize) -> Result<Workspace<'_>> {
-        let mut guard = self.workspace.lock().map_err(|_| poisoned())?;
+        let mut guard = self.workspace.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).
@@ -297,7 +293,7 @@ pub(crate) fn nvrtc_ptx(image: &KernelImage, (major, minor): (i32, i32)) -> Resu
     let mut cache = CACHE
         .get_or_init(Default::default)
         .lock()
-        .map_err(|_| poisoned())?;
+        .map_err(|_| Error::poisoned())?;
     if let Some(src) = cache.get(&(image.name, major, minor)) {
         return Ok(Ptx::from_src(src.clone()));
     }

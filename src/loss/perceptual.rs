@@ -199,10 +199,6 @@ impl std::fmt::Debug for ShapePlans {
     }
 }
 
-fn poisoned() -> Error {
-    Error::Internal("a lock was poisoned".into())
-}
-
 #[cfg(test)]
 impl PerceptualLoss {
     /// A CPU loss over seeded weights, for the unit tests.
@@ -376,7 +372,7 @@ impl PerceptualLoss {
         let Some(budget) = self.plan.budget else {
             return Ok(cap);
         };
-        let mut chunks = self.shapes.chunks.lock().map_err(|_| poisoned())?;
+        let mut chunks = self.shapes.chunks.lock().map_err(|_| Error::poisoned())?;
         let key = (s, compute);
         let chosen = chunks.get_or_try_insert(
             |(k, _)| *k == key,
@@ -419,7 +415,7 @@ impl PerceptualLoss {
         f: impl FnOnce(&crate::cuda::cudnn::Handle, &mut ShapePlan) -> Result<R>,
     ) -> Result<R> {
         dev.with_cudnn(|handle| {
-            let mut plans = self.shapes.plans.lock().map_err(|_| poisoned())?;
+            let mut plans = self.shapes.plans.lock().map_err(|_| Error::poisoned())?;
             let compute = self.vgg.compute_dtype();
             let plan = plans.get_or_try_insert(
                 |p| p.matches(dev, shape, compute, self.plan.tf32),
@@ -479,7 +475,7 @@ impl PerceptualLoss {
         let bytes = unsafe {
             std::slice::from_raw_parts(target.as_ptr().cast::<u8>(), std::mem::size_of_val(target))
         };
-        if let Some(c) = self.targets.lock().map_err(|_| poisoned())?.as_ref() {
+        if let Some(c) = self.targets.lock().map_err(|_| Error::poisoned())?.as_ref() {
             if c.shape == s && c.dtype == T::DTYPE && c.input == bytes {
                 return Ok(Some(c.features.clone()));
             }
@@ -498,7 +494,7 @@ impl PerceptualLoss {
         let features = Arc::new(crate::cpu::perceptual::target_features(
             net, &self.plan, target, s,
         ));
-        *self.targets.lock().map_err(|_| poisoned())? = Some(TargetCache {
+        *self.targets.lock().map_err(|_| Error::poisoned())? = Some(TargetCache {
             shape: s,
             dtype: T::DTYPE,
             input: bytes.to_vec(),
