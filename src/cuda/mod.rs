@@ -18,6 +18,15 @@ pub(crate) mod tv;
 
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
+
+/// For a unit test whose tool (a library, a compiler) is missing: prints
+/// `skipped: {why}`, or fails when `require_var` is set to 1 (as CI sets it).
+#[cfg(test)]
+pub(crate) fn skip_unless_required(require_var: &str, why: &str) {
+    let required = std::env::var(require_var).is_ok_and(|v| v == "1");
+    assert!(!required, "{require_var}=1 but {why}");
+    println!("skipped: {why}");
+}
 use crate::tensor::DType;
 use abi::pl_k_reduce;
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
