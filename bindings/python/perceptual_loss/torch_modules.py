@@ -133,8 +133,9 @@ class PerceptualLoss(torch.nn.Module):
             raise ValueError(f"pred and target differ: {pred.dtype}{tuple(pred.shape)}@{pred.device} vs "
                              f"{target.dtype}{tuple(target.shape)}@{target.device}")
         loss = self._loss(pred.device)
-        if _widened(pred) is not pred:
-            pred, target = pred.float(), target.float()
+        widened = _widened(pred)
+        if widened is not pred:
+            pred, target = widened, target.float()
         target = target.detach()
 
         def run(loss_ptr, grad_ptr):
