@@ -8,7 +8,7 @@ weights. Random weights (weights=None): timing does not depend on them.
     python3 scripts/torch_perceptual_bench.py --device cpu  # beside `cargo bench --bench perceptual`
 
 On the CPU: eager f32 at the CPU benchmark's shape, on as many threads as
-the crate uses (all cores), timed with a wall clock."""
+the crate uses (all cores; THREADS=N overrides), timed with a wall clock."""
 import argparse
 import os
 import statistics
@@ -18,6 +18,18 @@ import torch
 import torchvision
 
 TAPS = [3, 8, 15, 22]
+
+
+def frozen_features():
+    """VGG16 features up to the deepest tap, frozen, with out-of-place
+    ReLUs (so a tap is not overwritten by the next module)."""
+    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].eval()
+    for p in features.parameters():
+        p.requires_grad_(False)
+    for i, m in enumerate(features):
+        if isinstance(m, torch.nn.ReLU):
+            features[i] = torch.nn.ReLU(inplace=False)
+    return features
 
 
 def loss_fn(features):
@@ -53,14 +65,7 @@ def bench(fn, pred, target, reps=30):
 
 def case(n, h, w, dtype, compile_):
     torch.backends.cudnn.allow_tf32 = False
-    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].cuda().eval()
-    for p in features.parameters():
-        p.requires_grad_(False)
-    # Out-of-place ReLUs, so a tap is not overwritten by the next module.
-    for i, m in enumerate(features):
-        if isinstance(m, torch.nn.ReLU):
-            features[i] = torch.nn.ReLU(inplace=False)
-    features = features.to(dtype=dtype, memory_format=torch.channels_last)
+    features = frozen_features().cuda().to(dtype=dtype, memory_format=torch.channels_last)
     pred = torch.rand(n, 3, h, w, device="cuda", dtype=dtype).to(memory_format=torch.channels_last).requires_grad_(True)
     target = torch.rand(n, 3, h, w, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
     fn = loss_fn(features)
@@ -71,13 +76,7 @@ def case(n, h, w, dtype, compile_):
 
 def cpu_main():
     torch.set_num_threads(int(os.environ.get("THREADS", os.cpu_count())))
-    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].eval()
-    for p in features.parameters():
-        p.requires_grad_(False)
-    for i, m in enumerate(features):
-        if isinstance(m, torch.nn.ReLU):
-            features[i] = torch.nn.ReLU(inplace=False)
-    fn = loss_fn(features)
+    fn = loss_fn(frozen_features())
     print(f"| torch {torch.__version__} CPU ({torch.get_num_threads()} threads) | median ms |")
     print("|---|---|")
     for shape in [(1, 3, 64, 64), (4, 3, 64, 64)]:
