@@ -8,7 +8,7 @@
 //! workspace) and the drop in free device memory it caused. Weights are
 //! deterministic pseudo-random (timing does not depend on them).
 //!
-//! `cargo bench --bench perceptual`
+//! `cargo bench --bench perceptual [-- --gpu-only]`
 
 mod common;
 
@@ -20,66 +20,68 @@ use perceptual_loss::{
 };
 use std::time::Instant;
 
-/// (median ms, plan MiB, free-memory drop MiB) of forward + backward on `dev`.
+/// (median ms, plan MiB, free-memory drop MiB) of forward + backward (or
+/// forward only) on `dev`.
 fn gpu_case<T: Element>(
     dev: &Device,
     bytes: &[u8],
-    compute: DType,
-    s: Shape,
-    tf32: bool,
-) -> (f64, f64, f64) {
-    let st = dev.cuda_stream().unwrap().clone();
+    (s, compute, tf32, with_grad): (Shape, DType, bool, bool),
+) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
+    let st = dev.cuda_stream().ok_or("not a CUDA device")?.clone();
     let ctx = st.context().clone();
-    let vgg = Vgg::load(dev, WeightsSource::Bytes(bytes), VggArch::Vgg16, compute).unwrap();
+    let vgg = Vgg::load(dev, WeightsSource::Bytes(bytes), VggArch::Vgg16, compute)?;
     let loss = PerceptualLoss::new(
         vgg,
         &PerceptualConfig {
             allow_tf32: tf32,
             ..Default::default()
         },
-    )
-    .unwrap();
+    )?;
     let n = s.n * s.c * s.h * s.w;
     let host = |m: usize| {
         (0..n)
             .map(|i| T::from_f64(((i * m) % 1000) as f64 / 1000.0))
             .collect::<Vec<T>>()
     };
-    let (pred, target) = (
-        st.clone_htod(&host(7919)).unwrap(),
-        st.clone_htod(&host(104_729)).unwrap(),
-    );
-    let mut grad = st.clone_htod(&host(1)).unwrap();
-    let mut value = st.alloc_zeros::<f32>(1).unwrap();
-    dev.synchronize().unwrap();
-    let free_before = ctx.mem_get_info().unwrap().0;
-    let mut step = || {
-        let out = LossOutputs::new(TensorMut::cuda(&mut value, Shape::flat(1)).unwrap())
-            .with_grad(TensorMut::cuda(&mut grad, s).unwrap());
+    let (pred, target) = (st.clone_htod(&host(7919))?, st.clone_htod(&host(104_729))?);
+    let mut grad = st.clone_htod(&host(1))?;
+    let mut value = st.alloc_zeros::<f32>(1)?;
+    dev.synchronize()?;
+    let free_before = ctx.mem_get_info()?.0;
+    let mut step = || -> perceptual_loss::Result<()> {
+        let mut out = LossOutputs::new(TensorMut::cuda(&mut value, Shape::flat(1))?);
+        if with_grad {
+            out = out.with_grad(TensorMut::cuda(&mut grad, s)?);
+        }
         loss.compute(
-            &TensorRef::cuda(&pred, s).unwrap(),
-            &TensorRef::cuda(&target, s).unwrap(),
+            &TensorRef::cuda(&pred, s)?,
+            &TensorRef::cuda(&target, s)?,
             out,
         )
-        .unwrap();
     };
-    step();
-    dev.synchronize().unwrap();
-    let drop = free_before.saturating_sub(ctx.mem_get_info().unwrap().0);
-    let ms = time_gpu(dev, 30, &mut step);
+    step()?;
+    dev.synchronize()?;
+    let drop = free_before.saturating_sub(ctx.mem_get_info()?.0);
+    // The first call planned the shape and succeeded: later ones reuse it.
+    let ms = time_gpu(dev, 30, || step().unwrap());
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    (
-        ms,
-        mib(loss.plan_footprint(s).unwrap().unwrap_or(0)),
-        mib(drop),
-    )
+    Ok((ms, mib(loss.plan_footprint(s)?.unwrap_or(0)), mib(drop)))
 }
 
 fn main() {
     let bytes = seeded_safetensors(VggArch::Vgg16, 0).unwrap();
+    // `--gpu-only` skips the CPU cases (scripts/gpu-check.sh reruns the GPU
+    // ones with other settings).
+    if !std::env::args().any(|a| a == "--gpu-only") {
+        cpu_cases(&bytes);
+    }
+    gpu_cases(&bytes);
+}
+
+fn cpu_cases(bytes: &[u8]) {
     let vgg = Vgg::load(
         &Device::cpu(),
-        WeightsSource::Bytes(&bytes),
+        WeightsSource::Bytes(bytes),
         VggArch::Vgg16,
         DType::F32,
     )
@@ -123,40 +125,49 @@ fn main() {
     println!("|---|---|---|");
     println!("| {s} f32 forward + backward | {fwd_bwd:.1} | {kept_fwd_bwd:.1} |");
     println!("| {s} f32 forward only | {fwd:.1} | {kept_fwd:.1} |");
+}
 
+fn gpu_cases(bytes: &[u8]) {
     let dev = match Device::cuda(0) {
         Ok(d) => d,
         Err(e) => return println!("\nGPU: skipped: no CUDA device ({e})"),
     };
     println!(
-        "\n| perceptual VGG16 [3,8,15,22] on {} | median ms | plan MiB | free-memory drop MiB |",
-        dev.name()
+        "\n| perceptual VGG16 [3,8,15,22] on {}, cuDNN algorithms {} | median ms | plan MiB | free-memory drop MiB |",
+        dev.name(),
+        match std::env::var("PERCEPTUAL_LOSS_CUDNN_BENCHMARK").as_deref() {
+            Ok("1") => "timed (PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1)",
+            _ => "from heuristics",
+        }
     );
     println!("|---|---|---|---|");
     let cases = [
-        (Shape::new(8, 3, 256, 256), DType::BF16, false),
-        (Shape::new(8, 3, 256, 256), DType::F32, false),
-        (Shape::new(8, 3, 256, 256), DType::F32, true),
-        (Shape::new(16, 3, 128, 128), DType::BF16, false),
-        (Shape::new(1, 3, 64, 64), DType::BF16, false),
+        (Shape::new(8, 3, 256, 256), DType::BF16, false, true),
+        (Shape::new(8, 3, 256, 256), DType::BF16, false, false),
+        (Shape::new(8, 3, 256, 256), DType::F32, false, true),
+        (Shape::new(8, 3, 256, 256), DType::F32, true, true),
+        (Shape::new(16, 3, 128, 128), DType::BF16, false, true),
+        (Shape::new(1, 3, 64, 64), DType::BF16, false, true),
     ];
-    for (s, compute, tf32) in cases {
-        let (ms, plan, drop) = match compute {
-            DType::BF16 => gpu_case::<bf16>(&dev, &bytes, compute, s, tf32),
-            _ => gpu_case::<f32>(&dev, &bytes, compute, s, tf32),
+    for case in cases {
+        let (s, compute, tf32, with_grad) = case;
+        let result = match compute {
+            DType::BF16 => gpu_case::<bf16>(&dev, bytes, case),
+            _ => gpu_case::<f32>(&dev, bytes, case),
         };
-        let tf = if compute == DType::F32 {
-            if tf32 {
-                " (TF32 on)"
-            } else {
-                " (TF32 off)"
-            }
-        } else {
-            ""
-        };
-        println!(
-            "| {s} {}{tf} fwd+bwd | {ms:.3} | {plan:.0} | {drop:.0} |",
-            compute.name()
+        let what = format!(
+            "{s} {}{} {}",
+            compute.name(),
+            match (compute, tf32) {
+                (DType::F32, true) => " (TF32 on)",
+                (DType::F32, false) => " (TF32 off)",
+                _ => "",
+            },
+            if with_grad { "fwd+bwd" } else { "forward only" }
         );
+        match result {
+            Ok((ms, plan, drop)) => println!("| {what} | {ms:.3} | {plan:.0} | {drop:.0} |"),
+            Err(e) => println!("| {what} | failed: {e} | | |"),
+        }
     }
 }

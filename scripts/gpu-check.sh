@@ -43,7 +43,7 @@ cp target/release/libperceptual_loss.so "$bundle/lib/"
 mkdir -p "$bundle/bindings" "$bundle/scripts"
 cp -r bindings/python "$bundle/bindings/python"
 cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py \
-    scripts/torch_parity.sh "$bundle/scripts/"
+    scripts/torch_parity.sh scripts/step_times.py "$bundle/scripts/"
 
 cat >"$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -65,6 +65,11 @@ for t in bin/lib-perceptual_loss bin/test-*; do
     summary+=("| ${t#bin/} | $verdict | ${line#test result: } | $(( ($(date +%s%N) - start) / 1000000 )) ms |")
     [ $verdict = pass ] || { echo "=== $t failed:"; grep -vE '^test .* ok$' "$t.log" | tail -60; }
 done
+# The same perceptual tests with algorithms timed on the device instead of
+# taken from cuDNN's heuristics.
+if PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 timeout 240 ./bin/test-gpu_perceptual --test-threads=1 >timed.log 2>&1; then
+    verdict=pass; else verdict=FAIL; grep -vE '^test .* ok$' timed.log | tail -40; fi
+summary+=("| test-gpu_perceptual, PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 | $verdict | $(grep -E '^test result:' timed.log | tail -1) | |")
 echo "=== Python package (NumPy and PyTorch paths)"
 if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" PERCEPTUAL_LOSS_REQUIRE_TORCH=1 \
     timeout 300 python3 -m pytest -q -p no:cacheprovider bindings/python/tests >python.log 2>&1; then
@@ -78,7 +83,10 @@ timeout 240 scripts/torch_parity.sh bin/example-perceptual_dump >parity.log 2>&1
 parity_status=$?
 cat parity.log
 echo "=== PyTorch anchors on this card"
-if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+# TORCH_ANCHORS=0 skips them (a rerun on a card they were already taken on).
+if [ "${TORCH_ANCHORS:-1}" = 0 ]; then
+    echo "(skipped: TORCH_ANCHORS=0)"
+elif python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     timeout 120 python3 scripts/torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed or timed out)"
     timeout 300 python3 scripts/torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
 else
@@ -87,8 +95,16 @@ fi
 echo "=== crate benchmarks"
 timeout 120 ./bin/bench-tv 2>&1 | tail -10
 PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual 2>plans.log | tail -10
-echo "=== cuDNN plans of the headline case (PERCEPTUAL_LOSS_LOG_PLANS=1)"
-grep -m1 -A14 "plan for \[8, 3, 256, 256\] computing in bf16" plans.log || tail -20 plans.log
+echo "=== again, with cuDNN timing its algorithms (PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1)"
+PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual --gpu-only \
+    2>plans-timed.log | tail -9
+echo "=== where the headline case spends its time (PERCEPTUAL_LOSS_STEP_TIMES=1, medians over calls)"
+PERCEPTUAL_LOSS_STEP_TIMES=1 timeout 180 ./bin/bench-perceptual --gpu-only 2>steps.log >/dev/null
+python3 scripts/step_times.py "[8, 3, 256, 256] bf16 fwd+bwd" <steps.log
+echo "=== cuDNN plans of the headline case (PERCEPTUAL_LOSS_LOG_PLANS=1), from heuristics and timed"
+for log in plans.log plans-timed.log; do
+    grep -m1 -A14 "plan for \[8, 3, 256, 256\] computing in bf16" $log || tail -20 $log
+done
 echo "=== compute-sanitizer memcheck of the perceptual GPU tests (what time is left of RUN_BUDGET_S)"
 left=$(( ${RUN_BUDGET_S:-420} - SECONDS - 15 ))
 : >sanitizer.log

@@ -7,9 +7,16 @@ autograd, from the weights file and a dump written by the crate's
 The reference runs in float64 on the given device (TF32 is irrelevant
 there), so the errors printed are the crate's own. The exit status is 1
 when either relative error is above the tolerance for the dump's dtype:
-1e-5 for f32 (TF32 off), 2e-2 for f16 and bf16.
+1e-5 for f32 (TF32 off), 2e-2 for f16 and bf16, except that a half-
+precision gradient also passes when it is within 1.5 times PyTorch's own
+error computing in that dtype: storing weights and activations in bf16
+alone moves a VGG input gradient by several percent (PyTorch's pure-bf16
+gradient is ~5e-2 off float64 on the article preset, ~0.25 with L1 taps,
+where a difference near 0 flips the sign), so 2e-2 is out of reach of any
+bf16 implementation there. Both errors are printed.
 """
 import argparse
+import copy
 import json
 import sys
 
@@ -25,6 +32,9 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 # tap weights, criterion, ImageNet input normalisation.
 # Largest relative error of loss and gradient accepted, by the crate's dtype.
 TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "bf16": 2e-2}
+# How much worse than PyTorch at the same precision a half gradient may be.
+TORCH_MARGIN = 1.5
+HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
 
 PRESETS = {
     "article": ("vgg16", [3, 8, 15, 22], [1.0, 1.0, 1.0, 1.0], "mse", False),
@@ -63,6 +73,22 @@ def reference(features, pred, target, taps, weights, criterion, imagenet):
     return loss
 
 
+def same_precision_errors(features, pred, target, dtype, ref_loss, ref_grad, *options):
+    """Relative errors of loss and gradient against the float64 reference
+    when PyTorch itself computes in `dtype` (weights, activations and
+    gradients stored in it): the yardstick for a half-precision result."""
+    low = copy.deepcopy(features).to(dtype)
+    p = pred.detach().to(dtype).requires_grad_(True)
+    loss = reference(low, p, target.to(dtype), *options)
+    loss.backward()
+    return (abs(loss.item() - ref_loss) / abs(ref_loss),
+            ((p.grad.double() - ref_grad).norm() / ref_grad.norm()).item())
+
+
+def half_grad_ok(grad_err, torch_grad_err, tolerance):
+    return grad_err <= tolerance or grad_err <= TORCH_MARGIN * torch_grad_err
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("weights")
@@ -82,12 +108,18 @@ def main():
     loss_err = abs(got_loss - loss.item()) / abs(loss.item())
     grad_err = ((got_grad - pred.grad).norm() / pred.grad.norm()).item()
     tolerance = TOLERANCE[meta["dtype"]]
-    ok = loss_err <= tolerance and grad_err <= tolerance
-    print(json.dumps({
-        "preset": meta["preset"], "dtype": meta["dtype"], "device": meta["device"],
-        "loss": got_loss, "torch_loss": loss.item(),
-        "loss_rel_err": loss_err, "grad_rel_err": grad_err, "tolerance": tolerance, "ok": ok,
-    }))
+    report = {"preset": meta["preset"], "dtype": meta["dtype"], "device": meta["device"],
+              "loss": got_loss, "torch_loss": loss.item(),
+              "loss_rel_err": loss_err, "grad_rel_err": grad_err, "tolerance": tolerance}
+    if meta["dtype"] in HALF:
+        same = same_precision_errors(features, pred, target, HALF[meta["dtype"]], loss.item(), pred.grad,
+                                     taps, weights, criterion, imagenet)
+        report["torch_same_dtype_loss_rel_err"], report["torch_same_dtype_grad_rel_err"] = same
+        ok = loss_err <= tolerance and half_grad_ok(grad_err, same[1], tolerance)
+    else:
+        ok = loss_err <= tolerance and grad_err <= tolerance
+    report["ok"] = ok
+    print(json.dumps(report))
     return 0 if ok else 1
 
 

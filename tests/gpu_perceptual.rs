@@ -59,11 +59,18 @@ fn compare(
     // 1e-3: cuDNN sums in another order than the CPU, and a ReLU whose
     // input is within that rounding of 0 can switch, moving the gradient by
     // up to ~1e-3 relative while the loss barely changes (PyTorch's own f32
-    // autograd shows the same against float64; see test_torch.py).
+    // autograd shows the same against float64; see test_torch.py). A half
+    // gradient gets 0.3: with weights, activations and gradients stored in
+    // bf16 every ReLU, max-pool and L1 sign near a tie is a coin flip, and
+    // PyTorch's own pure-bf16 gradient is 5e-2 (MSE) to 0.25 (L1 taps) off
+    // float64 (scripts/torch_reference.py). That still catches a wrong
+    // mask or unpool position (errors near 1); the strict
+    // half-precision check is against PyTorch at the same precision, in
+    // test_torch.py and the parity script.
     let (tol, grad_tol) = if compute == DType::F32 {
         (1e-4, 1e-3)
     } else {
-        (3e-2, 3e-2)
+        (3e-2, 0.3)
     };
     assert_rel(got.loss, want.loss, tol, &format!("loss {what}"));
     assert_close(

@@ -110,10 +110,111 @@ fn nhwc(dtype: DType, n: usize, c: usize, h: usize, w: usize) -> Result<TensorDe
     Ok(d)
 }
 
-/// Algorithms are taken from cuDNN's heuristics: the first deterministic
-/// one (so the gradient, too, is reproducible) that fits the workspace
-/// allowed, at most this.
+/// The workspace an algorithm may take when no memory budget is set: the
+/// fastest deterministic algorithm within it is chosen, and when none fits,
+/// the deterministic one that needs the least.
 pub(crate) const MAX_WORKSPACE: usize = 256 << 20;
+
+/// How much cuDNN workspace a plan's algorithms may need.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WorkspaceLimit {
+    pub bytes: usize,
+    /// A memory budget: no algorithm over `bytes`. Otherwise `bytes` is a
+    /// preference that gives way when no deterministic algorithm fits.
+    pub strict: bool,
+}
+
+/// Device memory for cuDNN to time algorithms on (`cudnnFind*Ex`): room for
+/// the forward input and output and the filter of any layer, and a
+/// workspace. Contents are irrelevant; results written there are dropped.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Scratch {
+    pub data: u64,
+    pub workspace: u64,
+    pub workspace_bytes: usize,
+}
+
+/// One algorithm cuDNN offered, from its heuristics or from timing it.
+struct Candidate<A> {
+    algo: A,
+    status: sys::cudnnStatus_t,
+    deterministic: bool,
+    memory: usize,
+    math: sys::cudnnMathType_t,
+}
+
+macro_rules! candidates {
+    ($perf:expr) => {
+        $perf
+            .iter()
+            .map(|p| Candidate {
+                algo: p.algo,
+                status: p.status,
+                deterministic: p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC,
+                memory: p.memory,
+                math: p.mathType,
+            })
+            .collect::<Vec<_>>()
+    };
+}
+
+/// The first (fastest) usable candidate: it ran or may run, is
+/// deterministic (so the gradient, too, is reproducible), keeps TF32 off
+/// when asked (`math` FMA) and fits the workspace limit; without a strict
+/// limit, the usable one needing the least workspace when none fits. The
+/// error lists what cuDNN offered.
+fn choose<A: Copy + std::fmt::Debug>(
+    what: &str,
+    offered: &[Candidate<A>],
+    math: sys::cudnnMathType_t,
+    limit: WorkspaceLimit,
+) -> Result<(A, usize)> {
+    let usable = |c: &&Candidate<A>| {
+        c.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
+            && c.deterministic
+            && (math != sys::cudnnMathType_t::CUDNN_FMA_MATH
+                || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH)
+    };
+    let fitting = offered
+        .iter()
+        .filter(usable)
+        .find(|c| c.memory <= limit.bytes);
+    let smallest = || {
+        (!limit.strict)
+            .then(|| offered.iter().filter(usable).min_by_key(|c| c.memory))
+            .flatten()
+    };
+    match fitting.or_else(smallest) {
+        Some(c) => Ok((c.algo, c.memory)),
+        None => {
+            let list: Vec<String> = offered
+                .iter()
+                .map(|c| {
+                    format!(
+                        "{:?} {:?} {} {} bytes {:?}",
+                        c.algo,
+                        c.status,
+                        if c.deterministic {
+                            "deterministic"
+                        } else {
+                            "non-deterministic"
+                        },
+                        c.memory,
+                        c.math
+                    )
+                })
+                .collect();
+            Err(err(
+                &format!("choosing a {what} algorithm"),
+                format!(
+                    "no deterministic algorithm fits in {} bytes of workspace; offered: [{}]",
+                    limit.bytes,
+                    list.join("; ")
+                ),
+            ))
+        }
+    }
+}
 
 /// One 3x3, padding-1 convolution of a fixed shape: descriptors, the
 /// chosen forward and backward-data algorithms, and their workspace needs.
@@ -136,17 +237,22 @@ pub(crate) struct ConvPlan {
 // owning loss's mutex, with the device's cuDNN handle held.
 unsafe impl Send for ConvPlan {}
 
+/// Algorithms offered at most, per query.
+const OFFERED: usize = 16;
+
 impl ConvPlan {
     /// Forward runs on `fwd_images` (pred and target), backward-data on
-    /// `bwd_images` (pred only); `tf32` lets f32 convolutions use TF32;
-    /// each algorithm needs at most `max_workspace` bytes.
+    /// `bwd_images` (pred only); `tf32` lets f32 convolutions use TF32.
+    /// Algorithms come from cuDNN's heuristics, or, given `scratch`, from
+    /// timing each on the device (slower to plan, often faster to run).
     pub(crate) fn new(
         handle: &Handle,
         dtype: DType,
         (fwd_images, bwd_images): (usize, usize),
         (c_in, c_out, h, w): (usize, usize, usize, usize),
         tf32: bool,
-        max_workspace: usize,
+        limit: WorkspaceLimit,
+        scratch: Option<Scratch>,
     ) -> Result<Self> {
         let filter = FilterDesc(
             result::create_filter_descriptor()
@@ -197,68 +303,80 @@ impl ConvPlan {
             forward_images: fwd_images,
             workspace: 0,
         };
-        let fits = |status: sys::cudnnStatus_t,
-                    det: sys::cudnnDeterminism_t,
-                    memory: usize,
-                    m: sys::cudnnMathType_t| {
-            status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-                && det == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC
-                && memory <= max_workspace
-                && (math != sys::cudnnMathType_t::CUDNN_FMA_MATH
-                    || m == sys::cudnnMathType_t::CUDNN_FMA_MATH)
-        };
-        // SAFETY: live handle and descriptors; the output arrays hold `cap` entries.
+        // Scratch layout: filter, then the layer's input, then its output.
+        let elem = dtype.size() as u64;
+        let regions = scratch.map(|s| {
+            let x = s.data + (c_out * c_in * 9) as u64 * elem;
+            (s, x, x + (fwd_images * c_in * h * w) as u64 * elem)
+        });
+        let mut count = 0;
+        // SAFETY: live handle and descriptors; the output arrays hold
+        // OFFERED entries; scratch regions hold the described tensors.
         unsafe {
-            const CAP: usize = 16;
-            let mut count = 0;
-            let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; CAP] = std::mem::zeroed();
-            result::get_convolution_forward_algorithm(
-                handle.0,
-                plan.x_fwd.0,
-                plan.w.0,
-                plan.conv.0,
-                plan.y_fwd.0,
-                CAP as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            )
+            let mut perf: [sys::cudnnConvolutionFwdAlgoPerf_t; OFFERED] = std::mem::zeroed();
+            match regions {
+                Some((s, x, y)) => sys::cudnnFindConvolutionForwardAlgorithmEx(
+                    handle.0,
+                    plan.x_fwd.0,
+                    x as *const c_void,
+                    plan.w.0,
+                    s.data as *const c_void,
+                    plan.conv.0,
+                    plan.y_fwd.0,
+                    y as *mut c_void,
+                    OFFERED as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    s.workspace as *mut c_void,
+                    s.workspace_bytes,
+                )
+                .result(),
+                None => result::get_convolution_forward_algorithm(
+                    handle.0,
+                    plan.x_fwd.0,
+                    plan.w.0,
+                    plan.conv.0,
+                    plan.y_fwd.0,
+                    OFFERED as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                ),
+            }
             .map_err(|e| err("choosing a forward algorithm", e))?;
-            let best = perf[..count.max(0) as usize]
-                .iter()
-                .find(|p| fits(p.status, p.determinism, p.memory, p.mathType))
-                .ok_or_else(|| {
-                    err(
-                        "choosing a forward algorithm",
-                        format!(
-                            "no deterministic algorithm fits in {max_workspace} bytes of workspace"
-                        ),
-                    )
-                })?;
-            plan.fwd = best.algo;
-            let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; CAP] = std::mem::zeroed();
-            result::get_convolution_backward_data_algorithm(
-                handle.0,
-                plan.w.0,
-                plan.y_bwd.0,
-                plan.conv.0,
-                plan.x_bwd.0,
-                CAP as i32,
-                &mut count,
-                perf.as_mut_ptr(),
-            )
+            let offered = candidates!(perf[..count.clamp(0, OFFERED as i32) as usize]);
+            plan.fwd = choose("forward", &offered, math, limit)?.0;
+            let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; OFFERED] = std::mem::zeroed();
+            match regions {
+                Some((s, dx, dy)) => sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
+                    handle.0,
+                    plan.w.0,
+                    s.data as *const c_void,
+                    plan.y_bwd.0,
+                    dy as *const c_void,
+                    plan.conv.0,
+                    plan.x_bwd.0,
+                    dx as *mut c_void,
+                    OFFERED as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                    s.workspace as *mut c_void,
+                    s.workspace_bytes,
+                )
+                .result(),
+                None => result::get_convolution_backward_data_algorithm(
+                    handle.0,
+                    plan.w.0,
+                    plan.y_bwd.0,
+                    plan.conv.0,
+                    plan.x_bwd.0,
+                    OFFERED as i32,
+                    &mut count,
+                    perf.as_mut_ptr(),
+                ),
+            }
             .map_err(|e| err("choosing a backward-data algorithm", e))?;
-            let best = perf[..count.max(0) as usize]
-                .iter()
-                .find(|p| fits(p.status, p.determinism, p.memory, p.mathType))
-                .ok_or_else(|| {
-                    err(
-                        "choosing a backward-data algorithm",
-                        format!(
-                            "no deterministic algorithm fits in {max_workspace} bytes of workspace"
-                        ),
-                    )
-                })?;
-            plan.bwd = best.algo;
+            let offered = candidates!(perf[..count.clamp(0, OFFERED as i32) as usize]);
+            plan.bwd = choose("backward-data", &offered, math, limit)?.0;
             let f = result::get_convolution_forward_workspace_size(
                 handle.0,
                 plan.x_fwd.0,
@@ -280,6 +398,16 @@ impl ConvPlan {
             plan.workspace = f.max(b);
         }
         Ok(plan)
+    }
+
+    /// Bytes of scratch [`ConvPlan::new`] reads and writes when timing
+    /// algorithms for this layer shape (besides the workspace).
+    pub(crate) fn scratch_bytes(
+        dtype: DType,
+        fwd_images: usize,
+        (c_in, c_out, h, w): (usize, usize, usize, usize),
+    ) -> usize {
+        (c_out * c_in * 9 + fwd_images * (c_in + c_out) * h * w) * dtype.size()
     }
 
     /// The chosen algorithms and workspace, for the plan log.

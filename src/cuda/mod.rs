@@ -14,6 +14,7 @@ pub(crate) mod nvtx;
 pub(crate) mod perceptual;
 pub(crate) mod schedule;
 pub(crate) mod shape_plan;
+pub(crate) mod step_times;
 pub(crate) mod tv;
 
 use crate::device::CudaDevice;

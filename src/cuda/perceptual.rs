@@ -112,6 +112,7 @@ pub(crate) fn perceptual(
     plan: &Plan,
     (layout, base): (&Layout, u64),
     call: &PerceptualCall,
+    mut after_step: impl FnMut(&Step) -> Result<()>,
 ) -> Result<()> {
     let s = call.shape;
     let n = s.n as i64;
@@ -378,6 +379,7 @@ pub(crate) fn perceptual(
                 )?;
             }
         }
+        after_step(step)?;
     }
     Ok(())
 }
@@ -619,7 +621,7 @@ mod tests {
             loss: &mut got as *mut f32 as u64,
             per_sample: Some(addr_mut(&mut got_per)),
         };
-        for call in whole.chunks(loss.chunk_images(s, compute).unwrap()) {
+        for call in whole.chunks(loss.chunk_images(s, compute, |_| Ok(())).unwrap()) {
             let n = call.shape.n;
             let layers = &vgg.layers()[..=plan.deepest()];
             let layout = Layout::new(
@@ -638,6 +640,7 @@ mod tests {
                 plan,
                 (&layout, addr_mut(&mut arena)),
                 &call,
+                |_| Ok(()),
             )
             .unwrap();
             assert!(
@@ -737,11 +740,49 @@ mod tests {
             };
             PerceptualLoss::seeded(VggArch::Vgg16, &config)
         };
-        assert_eq!(budgeted(three).chunk_images(s, DType::F32).unwrap(), 3);
-        assert_eq!(budgeted(three - 1).chunk_images(s, DType::F32).unwrap(), 2);
-        assert_eq!(budgeted(two).chunk_images(s, DType::F32).unwrap(), 2);
-        let err = budgeted(1000).chunk_images(s, DType::F32).unwrap_err();
+        assert_eq!(
+            budgeted(three)
+                .chunk_images(s, DType::F32, |_| Ok(()))
+                .unwrap(),
+            3
+        );
+        assert_eq!(
+            budgeted(three - 1)
+                .chunk_images(s, DType::F32, |_| Ok(()))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            budgeted(two)
+                .chunk_images(s, DType::F32, |_| Ok(()))
+                .unwrap(),
+            2
+        );
+        let err = budgeted(1000)
+            .chunk_images(s, DType::F32, |_| Ok(()))
+            .unwrap_err();
         assert!(err.to_string().contains("memory budget"), "{err}");
+        // A chunk whose cuDNN plan does not fit (workspace) gives way to a
+        // smaller one; when even one image fails, that error is returned.
+        let no_workspace_above = |max: usize| {
+            move |k: usize| match k <= max {
+                true => Ok(()),
+                false => Err(Error::Cuda(format!("{k} images: no algorithm fits"))),
+            }
+        };
+        assert_eq!(
+            budgeted(three)
+                .chunk_images(s, DType::F32, no_workspace_above(1))
+                .unwrap(),
+            1
+        );
+        let err = budgeted(three)
+            .chunk_images(s, DType::F32, no_workspace_above(0))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("1 images: no algorithm fits"),
+            "{err}"
+        );
         // The chunked call still matches the CPU.
         let config = PerceptualConfig {
             memory_budget: Some(two),

@@ -238,6 +238,23 @@ fn fuses_with_pool((_, h, w): Dims) -> bool {
 
 impl Step {
     /// The step's name on an NVTX timeline: its direction and layer names.
+    /// What the step does, whatever the layer (for step timings).
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Step::Preprocess { .. } => "preprocess",
+            Step::ConvForward { .. } => "conv forward",
+            Step::BiasAct { .. } => "bias+relu",
+            Step::BiasActPool { .. } => "bias+relu+pool",
+            Step::BiasActPoolTap { .. } => "bias+relu+pool+tap",
+            Step::Pool { .. } => "pool",
+            Step::Tap { .. } => "tap",
+            Step::ReluBackward { .. } => "relu backward",
+            Step::Unpool { .. } => "unpool",
+            Step::ConvBackward { .. } => "conv backward-data",
+            Step::InputGrad { .. } => "input gradient",
+        }
+    }
+
     pub(crate) fn label(&self, layers: &[Layer]) -> String {
         let name = |k: usize| layers[k].name.as_str();
         match *self {

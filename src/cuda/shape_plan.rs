@@ -4,11 +4,12 @@
 //! workspace. Also the `Convs` seam between the schedule's executor and
 //! cuDNN, which the emulator tests fill with a direct convolution.
 
-use super::cudnn::{ConvPlan, Handle, MAX_WORKSPACE};
+use super::cudnn::{ConvPlan, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
 use super::device_weights::DeviceWeights;
 use super::layout::Layout;
 use super::perceptual::{perceptual, Net, PerceptualCall};
 use super::schedule::{layer_dims, schedule, Step, INPUT_CHANNELS};
+use super::step_times::StepTimes;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::loss::perceptual::Plan;
@@ -93,6 +94,15 @@ pub(crate) fn buffer_bytes(
     .bytes
 }
 
+/// With PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1, a new plan times cuDNN's
+/// algorithms on the device and takes the fastest deterministic one (as
+/// `torch.backends.cudnn.benchmark` does); otherwise cuDNN's heuristics
+/// choose, which plans instantly but may pick a slower kernel. Read at
+/// each new plan, so it reaches the Rust, C and Python interfaces alike.
+fn benchmark_algorithms() -> bool {
+    std::env::var("PERCEPTUAL_LOSS_CUDNN_BENCHMARK").is_ok_and(|v| v == "1")
+}
+
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
     /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
@@ -116,9 +126,10 @@ fn log_plan(
 ) {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     eprintln!(
-        "perceptual plan for {s} computing in {} (cuDNN {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
+        "perceptual plan for {s} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
         compute.name(),
         super::cudnn::version(),
+        if benchmark_algorithms() { "timed" } else { "from heuristics" },
         mib(buffers),
         mib(workspace)
     );
@@ -161,30 +172,79 @@ impl ShapePlan {
         let layout = Layout::new(&sched, compute.size());
         // The workspace gets what the budget leaves after the buffers (its
         // allocation is at least 256 bytes).
-        let max_workspace = plan.budget.map_or(MAX_WORKSPACE, |b| {
-            b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE)
+        let limit = match plan.budget {
+            Some(b) => WorkspaceLimit {
+                bytes: b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE),
+                strict: true,
+            },
+            None => WorkspaceLimit {
+                bytes: MAX_WORKSPACE,
+                strict: false,
+            },
+        };
+        let convs_at = || {
+            let mut in_c = INPUT_CHANNELS;
+            layers
+                .iter()
+                .zip(&dims)
+                .enumerate()
+                .map(move |(k, (layer, &(c, h, w)))| {
+                    let conv = match (layer.module, forward_images(k)) {
+                        (Module::Conv { out_c, .. }, Some(images)) => {
+                            Some((images, (in_c, out_c, h, w)))
+                        }
+                        _ => None,
+                    };
+                    in_c = c;
+                    conv
+                })
+        };
+        // Held only while planning: cuDNN times its algorithms on it.
+        let scratch = benchmark_algorithms()
+            .then(|| {
+                let data = convs_at()
+                    .flatten()
+                    .map(|(images, dims)| ConvPlan::scratch_bytes(compute, images, dims))
+                    .max()?;
+                Some((
+                    alloc(dev, data, "algorithm timing scratch").ok()?,
+                    alloc(dev, limit.bytes, "algorithm timing workspace").ok()?,
+                ))
+            })
+            .flatten();
+        let scratch_addrs = scratch.as_ref().map(|(data, ws)| Scratch {
+            data: addr(data, dev),
+            workspace: addr(ws, dev),
+            workspace_bytes: limit.bytes,
         });
         let mut convs = Vec::new();
         let mut workspace = 0;
-        let mut in_c = INPUT_CHANNELS;
-        for (k, (layer, &(c, h, w))) in layers.iter().zip(&dims).enumerate() {
-            convs.push(match (layer.module, forward_images(k)) {
-                (Module::Conv { out_c, .. }, Some(images)) => {
-                    let p = ConvPlan::new(
-                        handle,
-                        compute,
-                        (images, s.n),
-                        (in_c, out_c, h, w),
-                        plan.tf32,
-                        max_workspace,
-                    )?;
+        for conv in convs_at() {
+            convs.push(match conv {
+                Some((images, dims)) => {
+                    let conv_plan = |scratch| {
+                        ConvPlan::new(
+                            handle,
+                            compute,
+                            (images, s.n),
+                            dims,
+                            plan.tf32,
+                            limit,
+                            scratch,
+                        )
+                    };
+                    // Timing that finds nothing usable falls back to the heuristics.
+                    let p = conv_plan(scratch_addrs).or_else(|e| match scratch_addrs {
+                        Some(_) => conv_plan(None),
+                        None => Err(e),
+                    })?;
                     workspace = workspace.max(p.workspace);
                     Some(p)
                 }
-                _ => None,
+                None => None,
             });
-            in_c = c;
         }
+        drop(scratch);
         if std::env::var("PERCEPTUAL_LOSS_LOG_PLANS").is_ok_and(|v| v == "1") {
             log_plan(
                 layers,
@@ -225,6 +285,7 @@ impl ShapePlan {
             weights: &weights.addrs(dev),
             compute: weights.dtype,
         };
+        let mut times = StepTimes::start(dev)?;
         perceptual(
             dev,
             &cudnn,
@@ -232,6 +293,19 @@ impl ShapePlan {
             plan,
             (&self.layout, addr(&self.arena, dev)),
             call,
-        )
+            |step| match times.as_mut() {
+                Some(t) => t.after(dev, step.kind(), step.label(layers)),
+                None => Ok(()),
+            },
+        )?;
+        match times {
+            Some(t) => t.report(&format!(
+                "{} {} {}",
+                call.shape,
+                weights.dtype.name(),
+                if call.grad.is_some() { "fwd+bwd" } else { "forward only" }
+            )),
+            None => Ok(()),
+        }
     }
 }

@@ -359,15 +359,22 @@ impl PerceptualLoss {
         };
         self.check_size(shape)?;
         let chunk = Shape {
-            n: self.chunk_images(shape, self.vgg.compute_dtype())?,
+            n: self.cuda_chunk_images(dev, shape)?,
             ..shape
         };
         self.with_shape_plan(dev, chunk, |_, sp| Ok(Some(sp.footprint)))
     }
 
     /// Images per chunk on CUDA: `max_chunk_images`, lowered until the
-    /// buffers fit the memory budget. Decided once per shape.
-    pub(crate) fn chunk_images(&self, s: Shape, compute: DType) -> Result<usize> {
+    /// buffers fit the memory budget and then until `plans(k)` (building
+    /// the plan of a k-image chunk) succeeds: cuDNN's workspace comes out
+    /// of what the buffers leave. Decided once per shape.
+    pub(crate) fn chunk_images(
+        &self,
+        s: Shape,
+        compute: DType,
+        mut plans: impl FnMut(usize) -> Result<()>,
+    ) -> Result<usize> {
         let cap = self.plan.chunk.unwrap_or(s.n).min(s.n);
         let Some(budget) = self.plan.budget else {
             return Ok(cap);
@@ -401,10 +408,22 @@ impl PerceptualLoss {
                 while k < cap && bytes(k + 1) <= budget {
                     k += 1;
                 }
-                Ok((key, k))
+                loop {
+                    match plans(k) {
+                        Ok(()) => return Ok((key, k)),
+                        Err(e) if k == 1 => return Err(e),
+                        Err(_) => k -= 1,
+                    }
+                }
             },
         )?;
         Ok(chosen.1)
+    }
+
+    fn cuda_chunk_images(&self, dev: &CudaDevice, s: Shape) -> Result<usize> {
+        self.chunk_images(s, self.vgg.compute_dtype(), |k| {
+            self.with_shape_plan(dev, Shape { n: k, ..s }, |_, _| Ok(()))
+        })
     }
 
     /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
@@ -452,7 +471,7 @@ impl PerceptualLoss {
             loss: o.loss,
             per_sample: o.per_sample,
         };
-        for call in whole.chunks(self.chunk_images(s, self.vgg.compute_dtype())?) {
+        for call in whole.chunks(self.cuda_chunk_images(dev, s)?) {
             self.with_shape_plan(dev, call.shape, |handle, sp| {
                 sp.run(dev, handle, weights, self.vgg.layers(), &self.plan, &call)
             })?;

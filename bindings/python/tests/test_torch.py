@@ -13,7 +13,7 @@ import perceptual_loss as pl  # noqa: E402
 
 # The PyTorch reference of scripts/torch_reference.py (the parity script).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "scripts"))
-from torch_reference import load_features, reference  # noqa: E402
+from torch_reference import half_grad_ok, load_features, reference, same_precision_errors  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -60,7 +60,10 @@ def check_perceptual(path, arch, pred, target, loss_options, ref_options, tol, c
     f32 the gradient gets a looser tolerance than the loss: a ReLU whose
     input is within rounding of 0 may switch, which moves the gradient by
     up to ~1e-3 relative (PyTorch's own f32 autograd shows the same against
-    float64), while the loss barely changes."""
+    float64), while the loss barely changes. A half-precision gradient
+    passes within `tol` or within 1.5 times PyTorch's own error computing
+    in that dtype (see torch_reference.py: bf16 storage alone moves it by
+    several percent)."""
     module = pl.PerceptualLoss(path, arch, compute, **loss_options)
     pred = pred.requires_grad_(True)
     value = module(pred, target)
@@ -71,8 +74,14 @@ def check_perceptual(path, arch, pred, target, loss_options, ref_options, tol, c
     (2 * ref).backward()
     assert value.dtype == torch.float32 and value.shape == ()
     assert value.item() == pytest.approx(ref.item(), rel=tol)
-    err = (pred.grad.double() - ref_pred.grad).norm() / ref_pred.grad.norm()
-    assert err.item() <= (grad_tol or tol)
+    err = ((pred.grad.double() - ref_pred.grad).norm() / ref_pred.grad.norm()).item()
+    if compute == "float32":
+        assert err <= (grad_tol or tol)
+    else:
+        options = [ref_options[k] for k in ("taps", "weights", "criterion", "imagenet")]
+        _, torch_err = same_precision_errors(features, ref_pred, target.double(), getattr(torch, compute),
+                                             ref.item(), ref_pred.grad / 2, *options)
+        assert half_grad_ok(err, torch_err, grad_tol or tol), f"{err} vs PyTorch {compute} {torch_err}"
     assert pred.grad.dtype == pred.dtype
 
 
