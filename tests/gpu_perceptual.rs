@@ -55,28 +55,16 @@ fn compare(
     let what = format!("{arch:?} {} {cfg:?} {s}", compute.name());
     let want = run_perceptual::<f32>(&cpu, &pred, &target, s, 0.0, None);
     let got = run_perceptual::<f32>(&cuda, &pred, &target, s, 0.0, None);
-    // The loss within 1e-4 (f32) or 3e-2 (half). The f32 gradient gets
-    // 1e-3: cuDNN sums in another order than the CPU, and a ReLU whose
-    // input is within that rounding of 0 can switch, moving the gradient by
-    // up to ~1e-3 relative while the loss barely changes (PyTorch's own f32
-    // autograd shows the same against float64; see test_torch.py). A half
-    // gradient gets 0.3: with weights, activations and gradients stored in
-    // bf16 every ReLU, max-pool and L1 sign near a tie is a coin flip, and
-    // PyTorch's own pure-bf16 gradient is 5e-2 (MSE) to 0.25 (L1 taps) off
-    // float64 (scripts/torch_reference.py). That still catches a wrong
-    // mask or unpool position (errors near 1); the strict
-    // half-precision check is against PyTorch at the same precision, in
-    // test_torch.py and the parity script.
-    let (tol, grad_tol) = if compute == DType::F32 {
-        (1e-4, 1e-3)
-    } else {
-        (3e-2, 0.3)
-    };
-    assert_rel(got.loss, want.loss, tol, &format!("loss {what}"));
+    assert_rel(
+        got.loss,
+        want.loss,
+        loss_tol(compute),
+        &format!("loss {what}"),
+    );
     assert_close(
         &got.per_sample,
         &want.per_sample,
-        tol,
+        loss_tol(compute),
         0.0,
         &format!("per-sample {what}"),
     );
@@ -89,9 +77,50 @@ fn compare(
         "{what}: loss rel err {:.2e}, gradient rel err {err:.2e}",
         (got.loss - want.loss).abs() / want.loss.abs().max(1e-30)
     );
+    check_grad(&got.grad, &want.grad, s, compute, &what);
+}
+
+/// The loss within 1e-4 (f32) or 3e-2 (half).
+fn loss_tol(compute: DType) -> f64 {
+    if compute == DType::F32 {
+        1e-4
+    } else {
+        3e-2
+    }
+}
+
+/// The gradient against the CPU's, image by image. The GPU and the CPU
+/// sum in different orders, and a max-pool or ReLU whose inputs tie to
+/// within that rounding can switch, which moves that image's gradient
+/// while the loss barely changes: measured on a 5x3x32x32 batch (seed 63),
+/// float64 itself moves by 3e-4 to 1e-2 per image when the input moves by
+/// 1e-5 relative, and the CPU's f32 gradient of one image was 1.2e-2 off
+/// float64 where the GPU's and PyTorch's f32 were 2e-6. So in f32 every
+/// image is within 1e-3 except at most one, within 2e-2 (a wrong mask or
+/// unpool position is off by ~1). A half gradient gets 0.3 over the batch:
+/// with weights, activations and gradients stored in bf16 such ties are
+/// everywhere, and PyTorch's own pure-bf16 gradient is 5e-2 (MSE) to 0.25
+/// (L1 taps) off float64 (scripts/torch_reference.py); the strict half-
+/// precision check is against PyTorch at the same precision, in
+/// test_torch.py and the parity script.
+fn check_grad(got: &[f64], want: &[f64], s: Shape, compute: DType, what: &str) {
+    if compute != DType::F32 {
+        let err = rel_norm_err(got, want);
+        assert!(err <= 0.3, "{what}: gradient relative error {err:e} > 0.3");
+        return;
+    }
+    let per = s.c * s.h * s.w;
+    let errs: Vec<f64> = got
+        .chunks(per)
+        .zip(want.chunks(per))
+        .map(|(g, w)| rel_norm_err(g, w))
+        .collect();
+    let off = errs.iter().filter(|&&e| e > 1e-3).count();
+    let list: Vec<String> = errs.iter().map(|e| format!("{e:.2e}")).collect();
     assert!(
-        err <= grad_tol,
-        "{what}: gradient relative error {err:e} > {grad_tol:e}"
+        off <= 1 && errs.iter().all(|&e| e <= 2e-2),
+        "{what}: per-image gradient relative errors [{}]",
+        list.join(", ")
     );
 }
 
@@ -229,8 +258,13 @@ fn identical_inputs_accumulation_and_determinism() {
         .collect();
     assert_close(&got.grad, &want, 1e-6, 1e-7, "accumulated gradient");
     let cpu_grad = run_perceptual::<f32>(&cpu, &pred, &target, s, 0.0, None).grad;
-    let err = rel_norm_err(&fresh.grad, &cpu_grad);
-    assert!(err <= 1e-3, "gradient against the CPU: rel err {err:e}");
+    check_grad(
+        &fresh.grad,
+        &cpu_grad,
+        s,
+        DType::F32,
+        "gradient against the CPU",
+    );
     let again = run_perceptual::<f32>(&cuda, &pred, &target, s, 1.0, Some(&old));
     assert_eq!(
         got.loss.to_bits(),

@@ -158,12 +158,7 @@ pub(crate) fn perceptual(
                     scale,
                     shift,
                 };
-                vgg_kernel(
-                    gpu,
-                    "pl_vgg_preprocess",
-                    grid_for(2 * s.n * s.h * s.w * INPUT_CHANNELS),
-                    &p,
-                )?;
+                vgg_kernel(gpu, "pl_vgg_preprocess", grid_for(2 * s.n * s.h * s.w), &p)?;
             }
             Step::ConvForward { k, conv, x, y } => {
                 // SAFETY: the layout's buffers hold the planned shapes.
@@ -371,12 +366,7 @@ pub(crate) fn perceptual(
                     beta: call.beta,
                     reserved: 0,
                 };
-                vgg_kernel(
-                    gpu,
-                    "pl_vgg_input_grad",
-                    grid_for(s.n * s.c * s.h * s.w),
-                    &p,
-                )?;
+                vgg_kernel(gpu, "pl_vgg_input_grad", grid_for(s.n * s.h * s.w), &p)?;
             }
         }
         after_step(step)?;

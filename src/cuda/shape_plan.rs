@@ -303,7 +303,11 @@ impl ShapePlan {
                 "{} {} {}",
                 call.shape,
                 weights.dtype.name(),
-                if call.grad.is_some() { "fwd+bwd" } else { "forward only" }
+                if call.grad.is_some() {
+                    "fwd+bwd"
+                } else {
+                    "forward only"
+                }
             )),
             None => Ok(()),
         }
