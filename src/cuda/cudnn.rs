@@ -480,3 +480,92 @@ impl ConvPlan {
         .map_err(|e| err("convolution backward-data", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnMathType_t::{CUDNN_DEFAULT_MATH, CUDNN_FMA_MATH, CUDNN_TENSOR_OP_MATH};
+    use sys::cudnnStatus_t::{CUDNN_STATUS_NOT_SUPPORTED, CUDNN_STATUS_SUCCESS};
+
+    fn offer(
+        algo: i32,
+        deterministic: bool,
+        memory: usize,
+        math: sys::cudnnMathType_t,
+    ) -> Candidate<i32> {
+        Candidate {
+            algo,
+            status: CUDNN_STATUS_SUCCESS,
+            deterministic,
+            memory,
+            math,
+        }
+    }
+
+    const PREFER_100: WorkspaceLimit = WorkspaceLimit {
+        bytes: 100,
+        strict: false,
+    };
+    const BUDGET_100: WorkspaceLimit = WorkspaceLimit {
+        bytes: 100,
+        strict: true,
+    };
+
+    #[test]
+    fn the_first_usable_algorithm_within_the_workspace_wins() {
+        let mut failed = offer(0, true, 0, CUDNN_TENSOR_OP_MATH);
+        failed.status = CUDNN_STATUS_NOT_SUPPORTED;
+        let offered = [
+            failed,
+            offer(1, false, 0, CUDNN_TENSOR_OP_MATH), // not deterministic
+            offer(2, true, 500, CUDNN_TENSOR_OP_MATH), // over the workspace
+            offer(3, true, 80, CUDNN_TENSOR_OP_MATH),
+            offer(4, true, 0, CUDNN_TENSOR_OP_MATH),
+        ];
+        let pick = |limit| choose("forward", &offered, CUDNN_TENSOR_OP_MATH, limit).unwrap();
+        assert_eq!(pick(PREFER_100), (3, 80));
+        assert_eq!(pick(BUDGET_100), (3, 80));
+    }
+
+    #[test]
+    fn tf32_off_takes_only_fma_algorithms() {
+        let offered = [
+            offer(1, true, 0, CUDNN_DEFAULT_MATH),
+            offer(2, true, 10, CUDNN_FMA_MATH),
+        ];
+        assert_eq!(
+            choose("forward", &offered, CUDNN_FMA_MATH, PREFER_100).unwrap(),
+            (2, 10)
+        );
+        // With TF32 allowed, the first one is fine.
+        assert_eq!(
+            choose("forward", &offered, CUDNN_DEFAULT_MATH, PREFER_100).unwrap(),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn over_the_workspace_a_preference_gives_way_and_a_budget_does_not() {
+        let offered = [
+            offer(1, true, 900, CUDNN_FMA_MATH),
+            offer(2, false, 0, CUDNN_FMA_MATH),
+            offer(3, true, 300, CUDNN_FMA_MATH),
+        ];
+        assert_eq!(
+            choose("backward-data", &offered, CUDNN_FMA_MATH, PREFER_100).unwrap(),
+            (3, 300)
+        );
+        let e = choose("backward-data", &offered, CUDNN_FMA_MATH, BUDGET_100)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("choosing a backward-data algorithm"), "{e}");
+        assert!(
+            e.contains("no deterministic algorithm fits in 100 bytes"),
+            "{e}"
+        );
+        assert!(
+            e.contains("2 CUDNN_STATUS_SUCCESS non-deterministic 0 bytes"),
+            "{e}"
+        );
+    }
+}
