@@ -94,13 +94,21 @@ else
 fi
 echo "=== crate benchmarks"
 timeout 120 ./bin/bench-tv 2>&1 | tail -10
-PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual 2>plans.log | tail -10
+PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual 2>plans.log | tail -15
 echo "=== again, with cuDNN timing its algorithms (PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1)"
 PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/bench-perceptual --gpu-only \
     2>plans-timed.log | tail -9
 echo "=== where the headline case spends its time (PERCEPTUAL_LOSS_STEP_TIMES=1, medians over calls)"
 PERCEPTUAL_LOSS_STEP_TIMES=1 timeout 180 ./bin/bench-perceptual --gpu-only 2>steps.log >/dev/null
 python3 scripts/step_times.py "[8, 3, 256, 256] bf16 fwd+bwd" <steps.log
+echo "=== Nsight Compute on the fused relu1_2+pool1+tap pass (the slowest of our kernels)"
+if command -v ncu >/dev/null; then
+    timeout 90 ncu --kernel-name regex:bias_act_pool_tap --launch-count 1 --section SpeedOfLight \
+        --section Occupancy --section MemoryWorkloadAnalysis ./bin/example-losses 2>&1 |
+        grep -E "Duration|Throughput|Occupancy|Registers|Block Limit" || echo "(ncu failed or timed out)"
+else
+    echo "(skipped: no ncu)"
+fi
 echo "=== cuDNN plans of the headline case (PERCEPTUAL_LOSS_LOG_PLANS=1), from heuristics and timed"
 for log in plans.log plans-timed.log; do
     grep -m1 -A14 "plan for \[8, 3, 256, 256\] computing in bf16" $log || tail -20 $log
