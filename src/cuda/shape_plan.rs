@@ -99,6 +99,8 @@ pub(crate) fn buffer_bytes(
 /// `torch.backends.cudnn.benchmark` does); otherwise cuDNN's heuristics
 /// choose, which plans instantly but may pick a slower kernel. Read at
 /// each new plan, so it reaches the Rust, C and Python interfaces alike.
+/// While planning, the timing holds scratch for the largest layer's input
+/// and output and a workspace, briefly and outside any memory budget.
 fn benchmark_algorithms() -> bool {
     std::env::var("PERCEPTUAL_LOSS_CUDNN_BENCHMARK").is_ok_and(|v| v == "1")
 }
