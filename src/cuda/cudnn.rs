@@ -110,18 +110,25 @@ fn nhwc(dtype: DType, n: usize, c: usize, h: usize, w: usize) -> Result<TensorDe
     Ok(d)
 }
 
-/// The workspace an algorithm may take when no memory budget is set: the
-/// fastest deterministic algorithm within it is chosen, and when none fits,
-/// the deterministic one that needs the least.
+/// The workspace an algorithm is preferred to take: the fastest
+/// deterministic algorithm within it is chosen, and when none fits, the
+/// deterministic one that needs the least (within a memory budget's room).
 pub(crate) const MAX_WORKSPACE: usize = 256 << 20;
 
 /// How much cuDNN workspace a plan's algorithms may need.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct WorkspaceLimit {
-    pub bytes: usize,
-    /// A memory budget: no algorithm over `bytes`. Otherwise `bytes` is a
-    /// preference that gives way when no deterministic algorithm fits.
-    pub strict: bool,
+    /// The fastest deterministic algorithm within this is chosen.
+    pub preferred: usize,
+    /// Never more than this: what a memory budget leaves after the buffers.
+    pub most: Option<usize>,
+}
+
+impl WorkspaceLimit {
+    /// The preferred workspace, within the most allowed.
+    pub(crate) fn preferred_bytes(self) -> usize {
+        self.preferred.min(self.most.unwrap_or(usize::MAX))
+    }
 }
 
 /// Device memory for cuDNN to time algorithms on (`cudnnFind*Ex`): room for
@@ -160,9 +167,9 @@ macro_rules! candidates {
 
 /// The first (fastest) usable candidate: it ran or may run, is
 /// deterministic (so the gradient, too, is reproducible), keeps TF32 off
-/// when asked (`math` FMA) and fits the workspace limit; without a strict
-/// limit, the usable one needing the least workspace when none fits. The
-/// error lists what cuDNN offered.
+/// when asked (`math` FMA) and fits the preferred workspace; when none
+/// does, the usable one needing the least, if within the most allowed.
+/// The error lists what cuDNN offered.
 fn choose<A: Copy + std::fmt::Debug>(
     what: &str,
     offered: &[Candidate<A>],
@@ -175,14 +182,17 @@ fn choose<A: Copy + std::fmt::Debug>(
             && (math != sys::cudnnMathType_t::CUDNN_FMA_MATH
                 || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH)
     };
+    let most = limit.most.unwrap_or(usize::MAX);
     let fitting = offered
         .iter()
         .filter(usable)
-        .find(|c| c.memory <= limit.bytes);
+        .find(|c| c.memory <= limit.preferred_bytes());
     let smallest = || {
-        (!limit.strict)
-            .then(|| offered.iter().filter(usable).min_by_key(|c| c.memory))
-            .flatten()
+        offered
+            .iter()
+            .filter(usable)
+            .min_by_key(|c| c.memory)
+            .filter(|c| c.memory <= most)
     };
     match fitting.or_else(smallest) {
         Some(c) => Ok((c.algo, c.memory)),
@@ -208,7 +218,7 @@ fn choose<A: Copy + std::fmt::Debug>(
                 &format!("choosing a {what} algorithm"),
                 format!(
                     "no deterministic algorithm fits in {} bytes of workspace; offered: [{}]",
-                    limit.bytes,
+                    most,
                     list.join("; ")
                 ),
             ))
@@ -503,12 +513,12 @@ mod tests {
     }
 
     const PREFER_100: WorkspaceLimit = WorkspaceLimit {
-        bytes: 100,
-        strict: false,
+        preferred: 100,
+        most: None,
     };
     const BUDGET_100: WorkspaceLimit = WorkspaceLimit {
-        bytes: 100,
-        strict: true,
+        preferred: 100,
+        most: Some(100),
     };
 
     #[test]
@@ -545,7 +555,7 @@ mod tests {
     }
 
     #[test]
-    fn over_the_workspace_a_preference_gives_way_and_a_budget_does_not() {
+    fn over_the_preferred_workspace_the_smallest_within_the_budget_wins() {
         let offered = [
             offer(1, true, 900, CUDNN_FMA_MATH),
             offer(2, false, 0, CUDNN_FMA_MATH),
@@ -553,6 +563,15 @@ mod tests {
         ];
         assert_eq!(
             choose("backward-data", &offered, CUDNN_FMA_MATH, PREFER_100).unwrap(),
+            (3, 300)
+        );
+        // A budget with room for it lets the preference give way too.
+        let roomy = WorkspaceLimit {
+            preferred: 100,
+            most: Some(300),
+        };
+        assert_eq!(
+            choose("backward-data", &offered, CUDNN_FMA_MATH, roomy).unwrap(),
             (3, 300)
         );
         let e = choose("backward-data", &offered, CUDNN_FMA_MATH, BUDGET_100)

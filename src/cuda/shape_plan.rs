@@ -174,15 +174,9 @@ impl ShapePlan {
         let layout = Layout::new(&sched, compute.size());
         // The workspace gets what the budget leaves after the buffers (its
         // allocation is at least 256 bytes).
-        let limit = match plan.budget {
-            Some(b) => WorkspaceLimit {
-                bytes: b.saturating_sub(layout.bytes + 256).min(MAX_WORKSPACE),
-                strict: true,
-            },
-            None => WorkspaceLimit {
-                bytes: MAX_WORKSPACE,
-                strict: false,
-            },
+        let limit = WorkspaceLimit {
+            preferred: MAX_WORKSPACE,
+            most: plan.budget.map(|b| b.saturating_sub(layout.bytes + 256)),
         };
         let convs_at = || {
             let mut in_c = INPUT_CHANNELS;
@@ -210,14 +204,14 @@ impl ShapePlan {
                     .max()?;
                 Some((
                     alloc(dev, data, "algorithm timing scratch").ok()?,
-                    alloc(dev, limit.bytes, "algorithm timing workspace").ok()?,
+                    alloc(dev, limit.preferred_bytes(), "algorithm timing workspace").ok()?,
                 ))
             })
             .flatten();
         let scratch_addrs = scratch.as_ref().map(|(data, ws)| Scratch {
             data: addr(data, dev),
             workspace: addr(ws, dev),
-            workspace_bytes: limit.bytes,
+            workspace_bytes: limit.preferred_bytes(),
         });
         let mut convs = Vec::new();
         let mut workspace = 0;
