@@ -73,13 +73,15 @@ def reference(features, pred, target, taps, weights, criterion, imagenet):
     return loss
 
 
-def same_precision_errors(features, pred, target, dtype, ref_loss, ref_grad, *options):
+def same_precision_errors(features, pred, target, dtype, ref_loss, ref_grad, *options, **named):
     """Relative errors of loss and gradient against the float64 reference
     when PyTorch itself computes in `dtype` (weights, activations and
-    gradients stored in it): the yardstick for a half-precision result."""
+    gradients stored in it): the yardstick for a half-precision result.
+    `options` and `named` are `reference`'s taps, weights, criterion and
+    imagenet."""
     low = copy.deepcopy(features).to(dtype)
     p = pred.detach().to(dtype).requires_grad_(True)
-    loss = reference(low, p, target.to(dtype), *options)
+    loss = reference(low, p, target.to(dtype), *options, **named)
     loss.backward()
     return (abs(loss.item() - ref_loss) / abs(ref_loss),
             ((p.grad.double() - ref_grad).norm() / ref_grad.norm()).item())

@@ -20,12 +20,17 @@ pub(crate) mod tv;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 
+/// Whether the environment variable `name` is set to 1 (the switches of
+/// the plan log, step times, algorithm timing and the test requirements).
+pub(crate) fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
+
 /// For a unit test whose tool (a library, a compiler) is missing: prints
 /// `skipped: {why}`, or fails when `require_var` is set to 1 (as CI sets it).
 #[cfg(test)]
 pub(crate) fn skip_unless_required(require_var: &str, why: &str) {
-    let required = std::env::var(require_var).is_ok_and(|v| v == "1");
-    assert!(!required, "{require_var}=1 but {why}");
+    assert!(!env_flag(require_var), "{require_var}=1 but {why}");
     println!("skipped: {why}");
 }
 use crate::tensor::DType;

@@ -237,7 +237,6 @@ fn fuses_with_pool((_, h, w): Dims) -> bool {
 }
 
 impl Step {
-    /// The step's name on an NVTX timeline: its direction and layer names.
     /// What the step does, whatever the layer (for step timings).
     pub(crate) fn kind(&self) -> &'static str {
         match self {
@@ -255,6 +254,7 @@ impl Step {
         }
     }
 
+    /// The step's name on an NVTX timeline: its direction and layer names.
     pub(crate) fn label(&self, layers: &[Layer]) -> String {
         let name = |k: usize| layers[k].name.as_str();
         match *self {

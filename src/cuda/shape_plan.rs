@@ -102,7 +102,7 @@ pub(crate) fn buffer_bytes(
 /// While planning, the timing holds scratch for the largest layer's input
 /// and output and a workspace, briefly and outside any memory budget.
 fn benchmark_algorithms() -> bool {
-    std::env::var("PERCEPTUAL_LOSS_CUDNN_BENCHMARK").is_ok_and(|v| v == "1")
+    super::env_flag("PERCEPTUAL_LOSS_CUDNN_BENCHMARK")
 }
 
 /// Everything one input shape needs, allocated once.
@@ -119,10 +119,11 @@ pub(crate) struct ShapePlan {
 }
 
 /// With PERCEPTUAL_LOSS_LOG_PLANS=1, every new plan is described on stderr:
-/// the cuDNN algorithms chosen per convolution and the memory it takes.
+/// the cuDNN algorithms chosen per convolution (`timed` on the device, or
+/// from the heuristics) and the memory it takes.
 fn log_plan(
     layers: &[Layer],
-    convs: &[Option<ConvPlan>],
+    (convs, timed): (&[Option<ConvPlan>], bool),
     (s, compute): (Shape, DType),
     (dims, buffers, workspace): (&[(usize, usize, usize)], usize, usize),
 ) {
@@ -131,7 +132,7 @@ fn log_plan(
         "perceptual plan for {s} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
         compute.name(),
         super::cudnn::version(),
-        if benchmark_algorithms() { "timed" } else { "from heuristics" },
+        if timed { "timed" } else { "from heuristics" },
         mib(buffers),
         mib(workspace)
     );
@@ -241,10 +242,10 @@ impl ShapePlan {
             });
         }
         drop(scratch);
-        if std::env::var("PERCEPTUAL_LOSS_LOG_PLANS").is_ok_and(|v| v == "1") {
+        if super::env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
             log_plan(
                 layers,
-                &convs,
+                (&convs, scratch_addrs.is_some()),
                 (s, compute),
                 (&dims, layout.bytes, workspace),
             );

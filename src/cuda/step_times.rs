@@ -28,7 +28,7 @@ pub(crate) struct StepTimes {
 impl StepTimes {
     /// Starts timing on `dev`'s stream when PERCEPTUAL_LOSS_STEP_TIMES=1.
     pub(crate) fn start(dev: &CudaDevice) -> Result<Option<Self>> {
-        if !std::env::var("PERCEPTUAL_LOSS_STEP_TIMES").is_ok_and(|v| v == "1") {
+        if !super::env_flag("PERCEPTUAL_LOSS_STEP_TIMES") {
             return Ok(None);
         }
         Ok(Some(StepTimes {

@@ -78,9 +78,8 @@ def check_perceptual(path, arch, pred, target, loss_options, ref_options, tol, c
     if compute == "float32":
         assert err <= (grad_tol or tol)
     else:
-        options = [ref_options[k] for k in ("taps", "weights", "criterion", "imagenet")]
         _, torch_err = same_precision_errors(features, ref_pred, target.double(), getattr(torch, compute),
-                                             ref.item(), ref_pred.grad / 2, *options)
+                                             ref.item(), ref_pred.grad / 2, **ref_options)
         assert half_grad_ok(err, torch_err, grad_tol or tol), f"{err} vs PyTorch {compute} {torch_err}"
     assert pred.grad.dtype == pred.dtype
 
