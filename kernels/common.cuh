@@ -209,6 +209,38 @@ __device__ __forceinline__ double pl_image_sum(const pl_k_reduce &r, int64_t n, 
     return s;
 }
 
+/* Last block of a reduction over images: image i's mean is its partials'
+ * sum over `per_image` elements. Writes (or, with accumulate_per_sample,
+ * adds) weight * mean per image, and weight * (sum of the means) / batch as
+ * the loss (added to it with accumulate), then resets the counter. Every
+ * thread of the block must call it. */
+__device__ __forceinline__ void pl_finish_means(const pl_k_reduce &r, int64_t n, int blocks_per_image,
+                                                int64_t per_image, float weight, int64_t batch,
+                                                bool accumulate, bool accumulate_per_sample) {
+    double total = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += PL_BLOCK) {
+        double mean = pl_image_sum(r, i, blocks_per_image) / (double)per_image;
+        if (r.per_sample) {
+            float v = (float)(weight * mean);
+            r.per_sample[i] = accumulate_per_sample ? r.per_sample[i] + v : v;
+        }
+        total += mean;
+    }
+    total = pl_block_sum(total);
+    if (threadIdx.x == 0) {
+        float v = (float)(total * weight / (double)batch);
+        *r.loss = accumulate ? *r.loss + v : v;
+    }
+    pl_reset_counter(r);
+}
+
+/* The feature distance of a difference d = a - b: d^2 (MSE) or |d| (MAE),
+ * and its derivative: 2d, or sign(d) with 0 at 0 and NaN kept. */
+__device__ __forceinline__ double pl_distance(float d, bool mse) { return (double)(mse ? d * d : fabsf(d)); }
+__device__ __forceinline__ float pl_distance_slope(float d, bool mse) {
+    return mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)));
+}
+
 /* Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. */
 #define PL_INSTANTIATE(NAME, PARAMS, BODY)                                                     \
     extern "C" __global__ void __launch_bounds__(PL_BLOCK) NAME##_f32(PARAMS p) { BODY<float>(p); } \

@@ -30,7 +30,7 @@ typedef enum pl_k_dtype {
     PL_K_BF16 = 2
 } pl_k_dtype;
 
-/* Total-variation formula (see DESIGN.md section 3 and ANCHORS.md). */
+/* Total-variation formula (docs/design.md, "Total variation"). */
 typedef enum pl_k_tv_variant {
     PL_K_TV_ARTICLE = 0,
     PL_K_TV_L1 = 1,
@@ -86,15 +86,19 @@ typedef struct pl_k_tv_params {
 } pl_k_tv_params;
 
 typedef struct pl_k_feature_params {
-    const void *a;        /* the tensor the gradient is taken for */
+    const void *a;        /* the tensor the gradient is taken for, [N][per_image] */
     const void *b;        /* the constant target, same shape and dtype */
     void *grad;           /* dL/da in a's dtype, or NULL */
-    pl_k_reduce reduce;
-    int64_t count;        /* number of elements */
+    pl_k_reduce reduce;   /* per_sample may be NULL */
+    int64_t n;            /* images */
+    int64_t per_image;    /* C*H*W */
+    int64_t per_block;    /* elements of one image per block; set by the host */
+    int32_t blocks_per_image;
     int32_t dtype;        /* pl_k_dtype */
     int32_t criterion;    /* pl_k_criterion */
     float weight;         /* user weight; the 1/count of the mean is applied inside */
     float beta;           /* grad = beta * grad + dL/da; 0 means grad is not read */
+    int32_t reserved;
 } pl_k_feature_params;
 
 /*
@@ -172,7 +176,7 @@ typedef struct pl_k_bias_act_pool_params {
  * (accumulate = 0) or added to (1); so are the per-image values, with
  * their own flag: a later chunk of a batch adds to the loss but writes
  * its own images' values first. */
-typedef struct pl_k_tap_params {
+typedef struct pl_k_tap_loss_params {
     const void *x;        /* the pred images, [N][per_image] */
     const void *target;   /* the target images, [N][per_image] */
     void *grad;           /* [N][per_image] in dtype, or NULL */
@@ -180,7 +184,7 @@ typedef struct pl_k_tap_params {
     int64_t n;            /* images in this launch */
     int64_t batch;        /* images the loss averages over (n, or more when chunked) */
     int64_t per_image;    /* H*W*C */
-    int64_t per_block;    /* work units of one image per block (pl_vgg_tap:
+    int64_t per_block;    /* work units of one image per block (pl_vgg_tap_loss:
                              8 elements); set by the host */
     int32_t blocks_per_image;
     int32_t dtype;
@@ -188,14 +192,14 @@ typedef struct pl_k_tap_params {
     int32_t accumulate;
     float weight;         /* tap weight times the overall weight */
     int32_t accumulate_per_sample;
-} pl_k_tap_params;
+} pl_k_tap_loss_params;
 
 /* A tapped ReLU layer, the 2x2 pooling after it and the tap, in one pass
  * (H and W even): the pred and target images are read once; the pred
  * mask, both pooled outputs, the pred argmax, the tap's loss and its
  * gradient are written; the ReLU output is not stored. */
 typedef struct pl_k_bias_act_pool_tap_params {
-    pl_k_tap_params tap;  /* x and target: the ReLU's input (before the bias);
+    pl_k_tap_loss_params tap;  /* x and target: the ReLU's input (before the bias);
                              grad may be x itself (written in place);
                              per_image = C*H*W; per_block counts units of
                              8 channels of one pooled pixel */
@@ -211,7 +215,7 @@ typedef struct pl_k_bias_act_pool_tap_params {
 
 /* One backward step over [N][HW][C] in place:
  * g = (g + before) * mask + after, each term optional (NULL). */
-typedef struct pl_k_grad_step_params {
+typedef struct pl_k_relu_backward_params {
     void *g;
     const void *before;   /* tap gradient at this module's output */
     const uint32_t *mask; /* ReLU mask; NULL for none */
@@ -219,7 +223,7 @@ typedef struct pl_k_grad_step_params {
     int64_t count;
     int32_t dtype;
     int32_t reserved;
-} pl_k_grad_step_params;
+} pl_k_relu_backward_params;
 
 /* Gradient through 2x2 pooling: [N][H/2][W/2][C] (+ before) -> [N][H][W][C],
  * and, when the pool follows a ReLU, through that ReLU in the same pass:

@@ -1,5 +1,7 @@
 /*
- * Total-variation loss and its gradient, every variant of DESIGN.md section 3.
+ * Total-variation loss and its gradient, every variant of docs/design.md
+ * ("Total variation"). The CPU reference is src/ops/tv/cpu.rs; the
+ * launcher src/ops/tv/cuda.rs.
  *
  * Grid: (blocks_per_image, min(N, 65535)); each block owns a contiguous run
  * of the C*H rows of one image and its threads walk the columns, so row i+1

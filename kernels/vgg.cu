@@ -1,13 +1,16 @@
 /*
  * VGG helper kernels for the perceptual loss; cuDNN does the convolutions.
+ * One kernel per step kind of the schedule (src/ops/perceptual/cuda/
+ * schedule/steps.rs), launched by src/ops/perceptual/cuda/steps/ and tested
+ * step by step against the CPU layers they replace (steps/tests.rs).
  *
  * Forward (pred and target batched as 2N images, NHWC, compute dtype):
- * preprocess -> [conv (cuDNN) -> bias+ReLU (+mask)] ... -> bias+ReLU+pool
+ * preprocess -> [conv (cuDNN) -> bias_act (+mask)] ... -> bias_act_pool
  * in one pass (+mask, +argmax; pool alone where H or W is odd), and at each
- * tap one fused pass computing the distance and the tap's gradient; a
- * tapped ReLU before a pool runs ReLU, pool and tap in one pass.
- * Backward (pred half only): grad_step (tap adds and the ReLU mask in one
- * pass), unpool (with the ReLU before it in the same pass), conv
+ * tap tap_loss computing the distance and the tap's gradient; a tapped ReLU
+ * before a pool runs ReLU, pool and tap in one pass (bias_act_pool_tap).
+ * Backward (pred half only): relu_backward (tap adds and the ReLU mask in
+ * one pass), unpool (with the ReLU before it in the same pass), conv
  * backward-data (cuDNN), and input_grad, which writes the caller's
  * gradient in its dtype and NCHW layout.
  *
@@ -111,22 +114,9 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_pool(pl_k_pool_par
 }
 
 /* Last block of a tap: per-image means, then the weighted batch mean. */
-__device__ __forceinline__ void tap_finish(const pl_k_tap_params &p) {
-    double total = 0.0;
-    for (int64_t n = threadIdx.x; n < p.n; n += PL_BLOCK) {
-        double mean = pl_image_sum(p.reduce, n, p.blocks_per_image) / (double)p.per_image;
-        if (p.reduce.per_sample) {
-            float v = (float)(p.weight * mean);
-            p.reduce.per_sample[n] = p.accumulate_per_sample ? p.reduce.per_sample[n] + v : v;
-        }
-        total += mean;
-    }
-    total = pl_block_sum(total);
-    if (threadIdx.x == 0) {
-        float v = (float)(total * p.weight / (double)p.batch);
-        *p.reduce.loss = p.accumulate ? *p.reduce.loss + v : v;
-    }
-    pl_reset_counter(p.reduce);
+__device__ __forceinline__ void tap_finish(const pl_k_tap_loss_params &p) {
+    pl_finish_means(p.reduce, p.n, p.blocks_per_image, p.per_image, p.weight, p.batch, p.accumulate,
+                    p.accumulate_per_sample);
 }
 
 /* x + bias, ReLU, rounded as stored (so a pool of these is the pool of the
@@ -211,12 +201,12 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k
 /* The pooling kind is a template argument: max-pooling then keeps no row
  * sums and average pooling no argmax in registers. */
 template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k_bias_act_pool_tap_params &p) {
-    // The tap's grid and reduction (see pl_vgg_tap), over units of PL_VEC
+    // The tap's grid and reduction (see pl_vgg_tap_loss), over units of PL_VEC
     // channels of one pooled pixel: each thread reads the 2x2 window of
     // pred and of target once, and from it writes the pred mask, both
     // pooled outputs, the pred argmax, and the tap's distance and gradient
     // at all four positions. The ReLU output itself is never stored.
-    const pl_k_tap_params &t = p.tap;
+    const pl_k_tap_loss_params &t = p.tap;
     uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
     uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);
     const bool mse = t.criterion == PL_K_MSE;
@@ -244,8 +234,8 @@ template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k
                 pool8_add(ta, q, b, AVG);
                 for (int k = 0; k < PL_VEC; ++k) {
                     const float d = a[k] - b[k];
-                    sum += (double)(mse ? d * d : fabsf(d));
-                    a[k] = (mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)))) * scale;
+                    sum += pl_distance(d, mse);
+                    a[k] = pl_distance_slope(d, mse) * scale;
                 }
                 // The same thread read these pred values: writing over them is safe.
                 if (t.grad) pl_store8(t.grad, t.dtype, at, a);
@@ -270,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK, 3) pl_vgg_bias_act_pool_t
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_params p) {
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap_loss(pl_k_tap_loss_params p) {
     const bool mse = p.criterion == PL_K_MSE;
     // d(weight * mean over the batch of mean_image D) / d a
     const float scale = (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
@@ -286,8 +276,8 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap(pl_k_tap_param
             pl_load8(p.target, p.dtype, i, b);
             for (int e = 0; e < PL_VEC; ++e) {
                 const float d = a[e] - b[e];
-                acc += (double)(mse ? d * d : fabsf(d));
-                a[e] = (mse ? 2.0f * d : (d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : (d == d ? 0.0f : d)))) * scale;
+                acc += pl_distance(d, mse);
+                a[e] = pl_distance_slope(d, mse) * scale;
             }
             if (p.grad) pl_store8(p.grad, p.dtype, i, a);
         }
@@ -316,7 +306,7 @@ __device__ __forceinline__ void relu_grad(float g[PL_VEC], const void *before, c
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_grad_step(pl_k_grad_step_params p) {
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_relu_backward(pl_k_relu_backward_params p) {
     const uint8_t *mask = reinterpret_cast<const uint8_t *>(p.mask);
     PL_FOR_EACH(t, p.count / PL_VEC) {
         float g[PL_VEC];
@@ -356,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
                 for (int k = 0; k < PL_VEC; ++k) v[k] *= 0.25f;
             }
         }
-        // The ReLU before the pool, as pl_vgg_grad_step would do it.
+        // The ReLU before the pool, as pl_vgg_relu_backward would do it.
         relu_grad(v, p.relu_before, reinterpret_cast<const uint8_t *>(p.mask), p.after, p.dtype, idx);
         pl_store8(p.gx, p.dtype, idx, v);
     }

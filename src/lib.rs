@@ -41,25 +41,34 @@
 //! passed to a call chooses. Reductions are deterministic: on CUDA each
 //! block writes an f64 partial and the last block sums them in a fixed
 //! order, so the same input gives a bit-identical loss on every run.
+//!
+//! # Layout of the crate
+//! `docs/design.md` describes it in full. In short: the public API
+//! (`ops/<loss>/mod.rs`, re-exported here) validates a call and hands it
+//! to `backend::run`, the one place that routes it to the CPU
+//! (`ops/<loss>/cpu.rs`) or CUDA (`ops/<loss>/cuda.rs`) implementation of
+//! the loss; those use the network (`vgg/`), the device (`device/`) and
+//! the CUDA plumbing (`cuda/`), never the other way round.
 
 #![warn(missing_docs)]
 
-mod cpu;
+mod backend;
 mod cuda;
 mod device;
 mod error;
 pub mod ffi;
 pub mod images;
-mod loss;
+mod ops;
+mod recent;
 mod tensor;
 mod vgg;
 
 pub use device::{Device, DeviceKind};
 pub use error::{Error, Result};
-pub use loss::feature::{Criterion, FeatureLoss};
-pub use loss::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
-pub use loss::tv::{Reduction, TvConfig, TvLoss, TvVariant};
-pub use loss::LossOutputs;
+pub use ops::feature::{Criterion, FeatureLoss};
+pub use ops::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+pub use ops::tv::{Reduction, TvConfig, TvLoss, TvVariant};
+pub use ops::LossOutputs;
 pub use tensor::{DType, Element, Shape, TensorMut, TensorRef};
 pub use vgg::{seeded_safetensors, Pooling, Vgg, VggArch, VggOptions, WeightsSource};
 

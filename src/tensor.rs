@@ -40,6 +40,25 @@ impl DType {
             DType::BF16 => "bf16",
         }
     }
+
+    /// Runs `f` with the element type of `self`: the crate's one fan-out
+    /// from a run-time dtype to a compile-time type.
+    pub(crate) fn dispatch<F: PerDType>(self, f: F) -> F::Output {
+        match self {
+            DType::F32 => f.run::<f32>(),
+            DType::F16 => f.run::<f16>(),
+            DType::BF16 => f.run::<bf16>(),
+        }
+    }
+}
+
+/// A computation written once for every element type, called by
+/// [`DType::dispatch`] with the type a run-time dtype names.
+pub(crate) trait PerDType {
+    /// What the computation returns.
+    type Output;
+    /// The computation in element type `T`.
+    fn run<T: Element>(self) -> Self::Output;
 }
 
 mod sealed {
@@ -91,6 +110,19 @@ impl Element for bf16 {
     }
 }
 
+/// The bytes of `values`, as the device reads them (little-endian).
+pub(crate) fn as_bytes<T: Element>(values: &[T]) -> &[u8] {
+    // SAFETY: f32, f16 and bf16 are plain bits without padding.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast(), std::mem::size_of_val(values)) }
+}
+
+/// The bytes of `values`, writable.
+pub(crate) fn as_bytes_mut<T: Element>(values: &mut [T]) -> &mut [u8] {
+    let len = std::mem::size_of_val(values);
+    // SAFETY: as for `as_bytes`; every bit pattern is a valid value.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), len) }
+}
+
 /// An N x C x H x W shape (contiguous, row-major). Flat data such as a loss
 /// value or per-sample losses uses [`Shape::flat`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +168,11 @@ impl Shape {
             .checked_mul(dtype.size())
             .ok_or_else(|| Error::shape(format!("{self} of {} overflows", dtype.name())))
     }
+
+    /// Elements of one image (C x H x W).
+    pub(crate) fn image_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
 }
 
 impl std::fmt::Display for Shape {
@@ -150,37 +187,18 @@ impl From<[usize; 4]> for Shape {
     }
 }
 
-/// Host data of any supported dtype.
+/// Where a view's elements live: host bytes (`B` is `&[u8]` or
+/// `&mut [u8]`), or a device address on CUDA device `ordinal`.
 #[derive(Debug)]
-pub(crate) enum HostRef<'a> {
-    F32(&'a [f32]),
-    F16(&'a [f16]),
-    BF16(&'a [bf16]),
-}
-
-/// Writable host data of any supported dtype.
-#[derive(Debug)]
-pub(crate) enum HostMut<'a> {
-    F32(&'a mut [f32]),
-    F16(&'a mut [f16]),
-    BF16(&'a mut [bf16]),
-}
-
-/// Where a view's elements live.
-#[derive(Debug)]
-pub(crate) enum Storage<H> {
-    Host(H),
-    /// A device address on CUDA device `ordinal`.
-    Cuda {
-        ptr: u64,
-        ordinal: usize,
-    },
+pub(crate) enum Storage<B> {
+    Host(B),
+    Cuda { ptr: u64, ordinal: usize },
 }
 
 /// A read-only view of a contiguous NCHW tensor on the host or a CUDA device.
 #[derive(Debug)]
 pub struct TensorRef<'a> {
-    pub(crate) storage: Storage<HostRef<'a>>,
+    pub(crate) storage: Storage<&'a [u8]>,
     pub(crate) dtype: DType,
     pub(crate) shape: Shape,
 }
@@ -188,7 +206,7 @@ pub struct TensorRef<'a> {
 /// A writable view of a contiguous NCHW tensor on the host or a CUDA device.
 #[derive(Debug)]
 pub struct TensorMut<'a> {
-    pub(crate) storage: Storage<HostMut<'a>>,
+    pub(crate) storage: Storage<&'a mut [u8]>,
     pub(crate) dtype: DType,
     pub(crate) shape: Shape,
 }
@@ -203,57 +221,24 @@ fn check_len(len: usize, shape: Shape, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reinterprets a slice of one element type as another of the same dtype.
-/// `Element` is sealed and each of its three types has its own `DTYPE`, so
-/// equal dtypes mean equal types.
-fn cast<T: Element, U: Element>(s: &[T]) -> Option<&[U]> {
-    // SAFETY: T and U are the same type (see above).
-    (T::DTYPE == U::DTYPE)
-        .then(|| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<U>(), s.len()) })
+/// The elements of host bytes viewed as `dtype`, as `T`; `None` when `T`
+/// is another type. Equal dtypes mean equal types: `Element` is sealed and
+/// each of its three types has its own `DTYPE`.
+fn typed<T: Element>(bytes: &[u8], dtype: DType) -> Option<&[T]> {
+    let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0;
+    // SAFETY: the bytes were viewed from `[T]` (or checked for alignment
+    // and length by the C ABI), and T has no invalid bit patterns.
+    (T::DTYPE == dtype && aligned).then(|| unsafe {
+        std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / dtype.size())
+    })
 }
 
-fn cast_mut<T: Element, U: Element>(s: &mut [T]) -> Option<&mut [U]> {
-    // SAFETY: T and U are the same type (see `cast`).
-    (T::DTYPE == U::DTYPE)
-        .then(|| unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<U>(), s.len()) })
-}
-
-impl<'a> HostRef<'a> {
-    fn new<T: Element>(s: &'a [T]) -> Self {
-        match T::DTYPE {
-            DType::F32 => HostRef::F32(cast(s).expect("dtype checked")),
-            DType::F16 => HostRef::F16(cast(s).expect("dtype checked")),
-            DType::BF16 => HostRef::BF16(cast(s).expect("dtype checked")),
-        }
-    }
-
-    /// The data as `T`, `None` when it holds another type.
-    pub(crate) fn typed<T: Element>(&self) -> Option<&[T]> {
-        match self {
-            HostRef::F32(s) => cast(s),
-            HostRef::F16(s) => cast(s),
-            HostRef::BF16(s) => cast(s),
-        }
-    }
-}
-
-impl<'a> HostMut<'a> {
-    fn new<T: Element>(s: &'a mut [T]) -> Self {
-        match T::DTYPE {
-            DType::F32 => HostMut::F32(cast_mut(s).expect("dtype checked")),
-            DType::F16 => HostMut::F16(cast_mut(s).expect("dtype checked")),
-            DType::BF16 => HostMut::BF16(cast_mut(s).expect("dtype checked")),
-        }
-    }
-
-    /// The data as `T`, `None` when it holds another type.
-    pub(crate) fn typed<T: Element>(&mut self) -> Option<&mut [T]> {
-        match self {
-            HostMut::F32(s) => cast_mut(s),
-            HostMut::F16(s) => cast_mut(s),
-            HostMut::BF16(s) => cast_mut(s),
-        }
-    }
+fn typed_mut<T: Element>(bytes: &mut [u8], dtype: DType) -> Option<&mut [T]> {
+    let aligned = bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0;
+    // SAFETY: as for `typed`; the borrow is unique.
+    (T::DTYPE == dtype && aligned).then(|| unsafe {
+        std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<T>(), bytes.len() / dtype.size())
+    })
 }
 
 impl<'a> TensorRef<'a> {
@@ -262,8 +247,22 @@ impl<'a> TensorRef<'a> {
         let shape = shape.into();
         check_len(data.len(), shape, "host slice")?;
         Ok(TensorRef {
-            storage: Storage::Host(HostRef::new(data)),
+            storage: Storage::Host(as_bytes(data)),
             dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// Views host bytes holding `shape` elements of `dtype`.
+    ///
+    /// # Safety
+    /// `ptr` must address `shape.bytes(dtype)` readable bytes, aligned to
+    /// `dtype.size()`, that nothing writes while the view lives.
+    pub(crate) unsafe fn from_raw_host(ptr: *const u8, dtype: DType, shape: Shape) -> Result<Self> {
+        let bytes = std::slice::from_raw_parts(ptr, shape.bytes(dtype)?);
+        Ok(TensorRef {
+            storage: Storage::Host(bytes),
+            dtype,
             shape,
         })
     }
@@ -311,6 +310,14 @@ impl<'a> TensorRef<'a> {
     pub fn shape(&self) -> Shape {
         self.shape
     }
+
+    /// The host elements as `T`; `None` for device memory or another type.
+    pub(crate) fn host_values<T: Element>(&self) -> Option<&[T]> {
+        match self.storage {
+            Storage::Host(bytes) => typed(bytes, self.dtype),
+            Storage::Cuda { .. } => None,
+        }
+    }
 }
 
 impl<'a> TensorMut<'a> {
@@ -319,8 +326,22 @@ impl<'a> TensorMut<'a> {
         let shape = shape.into();
         check_len(data.len(), shape, "host slice")?;
         Ok(TensorMut {
-            storage: Storage::Host(HostMut::new(data)),
+            storage: Storage::Host(as_bytes_mut(data)),
             dtype: T::DTYPE,
+            shape,
+        })
+    }
+
+    /// Views writable host bytes holding `shape` elements of `dtype`.
+    ///
+    /// # Safety
+    /// `ptr` must address `shape.bytes(dtype)` writable bytes, aligned to
+    /// `dtype.size()`, that nothing else reads or writes while the view lives.
+    pub(crate) unsafe fn from_raw_host(ptr: *mut u8, dtype: DType, shape: Shape) -> Result<Self> {
+        let bytes = std::slice::from_raw_parts_mut(ptr, shape.bytes(dtype)?);
+        Ok(TensorMut {
+            storage: Storage::Host(bytes),
+            dtype,
             shape,
         })
     }
@@ -342,7 +363,7 @@ impl<'a> TensorMut<'a> {
     /// A one-element f32 view for a loss value.
     pub fn scalar(value: &'a mut f32) -> Self {
         TensorMut {
-            storage: Storage::Host(HostMut::F32(std::slice::from_mut(value))),
+            storage: Storage::Host(as_bytes_mut(std::slice::from_mut(value))),
             dtype: DType::F32,
             shape: Shape::flat(1),
         }
@@ -375,5 +396,13 @@ impl<'a> TensorMut<'a> {
     /// Shape.
     pub fn shape(&self) -> Shape {
         self.shape
+    }
+
+    /// The host elements as `T`; `None` for device memory or another type.
+    pub(crate) fn host_values<T: Element>(&mut self) -> Option<&mut [T]> {
+        match &mut self.storage {
+            Storage::Host(bytes) => typed_mut(bytes, self.dtype),
+            Storage::Cuda { .. } => None,
+        }
     }
 }

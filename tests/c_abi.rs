@@ -153,6 +153,25 @@ fn last_error() -> String {
         .into_owned()
 }
 
+/// Outputs with `loss` and `grad` (NULL for none), defaults otherwise.
+unsafe fn outputs(loss: *mut f32, grad: *mut std::ffi::c_void) -> pl_outputs {
+    let mut out = std::mem::zeroed();
+    assert_eq!(pl_outputs_init(&mut out), PL_OK);
+    out.loss = loss;
+    out.grad = grad;
+    out
+}
+
+/// The TV options of `variant` and `reduction`, weight `weight`.
+unsafe fn tv_config(variant: pl_tv_variant, reduction: pl_reduction, weight: f32) -> pl_tv_config {
+    let mut config = std::mem::zeroed();
+    assert_eq!(pl_tv_config_init(&mut config), PL_OK);
+    config.variant = variant;
+    config.reduction = reduction;
+    config.weight = weight;
+    config
+}
+
 #[test]
 fn rust_caller_sees_statuses_and_messages() {
     unsafe {
@@ -166,123 +185,221 @@ fn rust_caller_sees_statuses_and_messages() {
             .collect();
         let mut grad = vec![f32::NAN; x.len()];
         let mut loss = f32::NAN;
-        let st = pl_tv_loss(
-            ctx,
-            x.as_ptr().cast(),
-            PL_F32,
-            2,
-            3,
-            4,
-            5,
-            PL_TV_ISOTROPIC_SUM,
-            2.0,
-            &mut loss,
-            grad.as_mut_ptr().cast(),
-        );
+        let mut per_sample = [f32::NAN; 2];
+        let mut out = outputs(&mut loss, grad.as_mut_ptr().cast());
+        out.per_sample = per_sample.as_mut_ptr();
+        let iso_sum = tv_config(PL_TV_ISOTROPIC, PL_REDUCTION_SUM, 2.0);
+        let st = pl_tv_loss(ctx, &iso_sum, x.as_ptr().cast(), PL_F32, 2, 3, 4, 5, &out);
         assert_eq!(st, PL_OK, "{}", last_error());
         // Independent formula: isotropic, summed over the batch, weight 2.
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-        let want = common::tv_loss(
-            common::Formula::Isotropic(0.0),
-            &x64,
-            perceptual_loss::Shape::new(2, 3, 4, 5),
-            2.0,
-            false,
-        );
+        let s = perceptual_loss::Shape::new(2, 3, 4, 5);
+        let formula = common::Formula::Isotropic(0.0);
+        let want = common::tv_loss(formula, &x64, s, 2.0, false);
         common::assert_rel(loss as f64, want, 1e-6, "isotropic sum via C ABI");
+        let one = perceptual_loss::Shape::new(1, 3, 4, 5);
+        for (n, &got) in per_sample.iter().enumerate() {
+            let image = &x64[n * 60..(n + 1) * 60];
+            let want = common::tv_loss(formula, image, one, 2.0, false);
+            common::assert_rel(got as f64, want, 1e-6, "per-image isotropic via C ABI");
+        }
         assert!(grad.iter().all(|g| g.is_finite()));
+        // The isotropic eps reaches the kernel: a constant image has the
+        // loss sqrt(eps) per pixel of the (H-1) x (W-1) region.
+        let flat = vec![0.5f32; 60];
+        let mut with_eps = iso_sum;
+        with_eps.eps = 4.0;
+        let st = pl_tv_loss(
+            ctx,
+            &with_eps,
+            flat.as_ptr().cast(),
+            PL_F32,
+            1,
+            3,
+            4,
+            5,
+            &out,
+        );
+        assert_eq!(st, PL_OK, "{}", last_error());
+        assert_eq!(
+            loss,
+            2.0 * 3.0 * 12.0 * 2.0,
+            "weight 2 * 36 terms of sqrt(4)"
+        );
 
         // f16 through the C ABI.
         let xh: Vec<perceptual_loss::half::f16> = x
             .iter()
             .map(|&v| perceptual_loss::half::f16::from_f32(v))
             .collect();
-        let st = pl_tv_loss(
-            ctx,
-            xh.as_ptr().cast(),
-            PL_F16,
-            2,
-            3,
-            4,
-            5,
-            PL_TV_L2,
-            1.0,
-            &mut loss,
-            std::ptr::null_mut(),
-        );
+        let l2 = tv_config(PL_TV_L2, PL_REDUCTION_MEAN, 1.0);
+        let loss_only = outputs(&mut loss, std::ptr::null_mut());
+        let st = pl_tv_loss(ctx, &l2, xh.as_ptr().cast(), PL_F16, 2, 3, 4, 5, &loss_only);
         assert_eq!(st, PL_OK, "{}", last_error());
 
+        let l1 = tv_config(PL_TV_L1, PL_REDUCTION_MEAN, 1.0);
+        let tv = |config: &pl_tv_config, dims: [i64; 4], out: &pl_outputs| {
+            let [n, c, h, w] = dims;
+            pl_tv_loss(ctx, config, x.as_ptr().cast(), PL_F32, n, c, h, w, out)
+        };
         // Overflowing dimensions.
-        let st = pl_tv_loss(
-            ctx,
-            x.as_ptr().cast(),
-            PL_F32,
-            i64::MAX,
-            2,
-            2,
-            2,
-            PL_TV_L1,
-            1.0,
-            &mut loss,
-            std::ptr::null_mut(),
+        assert_eq!(
+            tv(&l1, [i64::MAX, 2, 2, 2], &loss_only),
+            PL_ERR_INVALID_SHAPE
         );
-        assert_eq!(st, PL_ERR_INVALID_SHAPE);
         assert!(
             last_error().contains("too many elements"),
             "{}",
             last_error()
         );
         // Zero dimension.
-        let st = pl_tv_loss(
-            ctx,
-            x.as_ptr().cast(),
-            PL_F32,
-            1,
-            0,
-            2,
-            2,
-            PL_TV_L1,
-            1.0,
-            &mut loss,
-            std::ptr::null_mut(),
-        );
-        assert_eq!(st, PL_ERR_INVALID_SHAPE);
+        assert_eq!(tv(&l1, [1, 0, 2, 2], &loss_only), PL_ERR_INVALID_SHAPE);
         // Non-finite weight.
-        let st = pl_tv_loss(
-            ctx,
-            x.as_ptr().cast(),
-            PL_F32,
-            1,
-            1,
-            2,
-            2,
-            PL_TV_L1,
-            f32::NAN,
-            &mut loss,
-            std::ptr::null_mut(),
-        );
-        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        let nan = tv_config(PL_TV_L1, PL_REDUCTION_MEAN, f32::NAN);
+        assert_eq!(tv(&nan, [1, 1, 2, 2], &loss_only), PL_ERR_INVALID_ARGUMENT);
         assert!(last_error().contains("weight"), "{}", last_error());
-        // Loss output overlapping x.
-        let st = pl_tv_loss(
-            ctx,
-            x.as_ptr().cast(),
-            PL_F32,
-            1,
-            1,
-            2,
-            2,
-            PL_TV_L1,
-            1.0,
-            x.as_ptr() as *mut f32,
-            std::ptr::null_mut(),
-        );
-        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        // An unknown reduction.
+        let bad = tv_config(PL_TV_L1, 2, 1.0);
+        assert_eq!(tv(&bad, [1, 1, 2, 2], &loss_only), PL_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("pl_reduction 2"), "{}", last_error());
+        // Loss output overlapping x, per-sample output overlapping the
+        // loss, a non-finite beta.
+        let aliased = outputs(x.as_ptr() as *mut f32, std::ptr::null_mut());
+        assert_eq!(tv(&l1, [1, 1, 2, 2], &aliased), PL_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("overlap"), "{}", last_error());
+        let mut doubled = outputs(&mut loss, std::ptr::null_mut());
+        doubled.per_sample = &mut loss;
+        assert_eq!(tv(&l1, [1, 1, 2, 2], &doubled), PL_ERR_INVALID_ARGUMENT);
+        let mut bad_beta = outputs(&mut loss, grad.as_mut_ptr().cast());
+        bad_beta.beta = f32::INFINITY;
+        assert_eq!(tv(&l1, [1, 1, 2, 2], &bad_beta), PL_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("beta"), "{}", last_error());
+        let mut reserved = outputs(&mut loss, std::ptr::null_mut());
+        reserved.reserved = 1;
+        assert_eq!(tv(&l1, [1, 1, 2, 2], &reserved), PL_ERR_INVALID_ARGUMENT);
         assert_eq!(
             pl_context_synchronize(std::ptr::null_mut()),
             PL_ERR_INVALID_ARGUMENT
         );
         pl_context_destroy(ctx);
+    }
+}
+
+#[test]
+fn the_feature_distance_and_its_per_image_values() {
+    use common::{assert_rel, Rng};
+    unsafe {
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(
+            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
+            PL_OK
+        );
+        let mut rng = Rng::new(5);
+        let (a, b) = (
+            rng.vec(3 * 2 * 5 * 7, -1.0, 1.0),
+            rng.vec(3 * 2 * 5 * 7, -1.0, 1.0),
+        );
+        let (mut loss, mut per, mut grad) = (f32::NAN, [f32::NAN; 3], vec![f32::NAN; a.len()]);
+        let mut out = outputs(&mut loss, grad.as_mut_ptr().cast());
+        out.per_sample = per.as_mut_ptr();
+        let mut config = std::mem::zeroed();
+        assert_eq!(pl_feature_config_init(&mut config), PL_OK);
+        config.weight = 0.5;
+        let st = pl_feature_loss(
+            ctx,
+            &config,
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            PL_F32,
+            3,
+            2,
+            5,
+            7,
+            &out,
+        );
+        assert_eq!(st, PL_OK, "{}", last_error());
+        // Written from the definition: 0.5 * mean of squares, per image and overall.
+        let sq = |r: std::ops::Range<usize>| -> f64 {
+            r.clone()
+                .map(|i| (a[i] as f64 - b[i] as f64).powi(2))
+                .sum::<f64>()
+                / r.len() as f64
+        };
+        assert_rel(loss as f64, 0.5 * sq(0..a.len()), 1e-6, "MSE via C ABI");
+        for (n, &v) in per.iter().enumerate() {
+            assert_rel(v as f64, 0.5 * sq(n * 70..(n + 1) * 70), 1e-6, "per image");
+        }
+        let want0 = 0.5 * 2.0 * (a[0] as f64 - b[0] as f64) / a.len() as f64;
+        assert_rel(grad[0] as f64, want0, 1e-6, "MSE gradient");
+        let st = pl_feature_loss(
+            ctx,
+            &config,
+            a.as_ptr().cast(),
+            std::ptr::null(),
+            PL_F32,
+            3,
+            2,
+            5,
+            7,
+            &out,
+        );
+        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("b is NULL"), "{}", last_error());
+        config.criterion = 7;
+        let st = pl_feature_loss(
+            ctx,
+            &config,
+            a.as_ptr().cast(),
+            b.as_ptr().cast(),
+            PL_F32,
+            3,
+            2,
+            5,
+            7,
+            &out,
+        );
+        assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
+        pl_context_destroy(ctx);
+    }
+}
+
+#[test]
+fn the_header_compiles_on_its_own_as_c99_and_cpp() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target/c-abi");
+    std::fs::create_dir_all(&dir).unwrap();
+    // The header first, nothing before it; the version macro is usable.
+    let source = "#include \"perceptual_loss.h\"\n\
+                  int main(void) { return PL_ABI_VERSION == 2 && sizeof(pl_outputs) > 0 ? 0 : 1; }\n";
+    for (compiler, var, lang, std) in [
+        ("cc", "CC", "c", "-std=c99"),
+        ("c++", "CXX", "c++", "-std=c++11"),
+    ] {
+        let file = dir.join(format!(
+            "header_only.{}",
+            if lang == "c" { "c" } else { "cpp" }
+        ));
+        std::fs::write(&file, source).unwrap();
+        let cc = std::env::var(var).unwrap_or_else(|_| compiler.into());
+        let out = Command::new(&cc)
+            .args([
+                std,
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-pedantic",
+                "-fsyntax-only",
+                "-I",
+            ])
+            .arg(root.join("include"))
+            .arg(&file)
+            .output()
+            .expect("run the compiler");
+        assert!(
+            out.status.success(),
+            "{cc} {std} failed on the header alone:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -335,9 +452,12 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             pl_context_set_stream(ctx, 8 as *mut _),
             PL_ERR_INVALID_ARGUMENT
         );
+        let mut options = std::mem::zeroed();
+        assert_eq!(pl_vgg_options_init(&mut options), PL_OK);
+        options.arch = PL_VGG19;
         let mut vgg = std::ptr::null_mut();
         assert_eq!(
-            pl_vgg_load(ctx, path.as_ptr(), PL_VGG19, PL_F32, &mut vgg),
+            pl_vgg_load(ctx, path.as_ptr(), &options, &mut vgg),
             PL_OK,
             "{}",
             last_error()
@@ -349,6 +469,7 @@ fn seeded_weights_and_streams_through_the_c_abi() {
         );
         let x = vec![0.5f32; 3 * 8 * 8];
         let mut value = f32::NAN;
+        let out = outputs(&mut value, std::ptr::null_mut());
         let st = pl_perceptual_loss(
             loss,
             x.as_ptr().cast(),
@@ -358,8 +479,7 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             3,
             8,
             8,
-            &mut value,
-            std::ptr::null_mut(),
+            &out,
         );
         assert_eq!(st, PL_OK, "{}", last_error());
         assert_eq!(value, 0.0, "identical inputs");

@@ -419,18 +419,24 @@ fn c_abi_on_a_cuda_context() {
             pl_context_create(PL_DEVICE_CUDA, 0, st.cu_stream().cast(), &mut ctx),
             PL_OK
         );
+        let mut config = std::mem::zeroed();
+        assert_eq!(pl_tv_config_init(&mut config), PL_OK);
+        config.variant = PL_TV_L2_SQUARED;
+        config.reduction = PL_REDUCTION_SUM;
+        let mut out = std::mem::zeroed();
+        assert_eq!(pl_outputs_init(&mut out), PL_OK);
+        out.loss = ptr(&ld) as *mut f32;
+        out.grad = ptr(&gd) as *mut _;
         let status = pl_tv_loss(
             ctx,
+            &config,
             ptr(&xd) as *const _,
             PL_F32,
             2,
             3,
             17,
             23,
-            PL_TV_L2_SQUARED_SUM,
-            1.0,
-            ptr(&ld) as *mut f32,
-            ptr(&gd) as *mut _,
+            &out,
         );
         assert_eq!(
             status,
@@ -441,18 +447,19 @@ fn c_abi_on_a_cuda_context() {
         assert_eq!(pl_context_synchronize(ctx), PL_OK);
         // A host pointer is refused by a CUDA context.
         let mut host_loss = 0f32;
+        let mut host_out = std::mem::zeroed();
+        assert_eq!(pl_outputs_init(&mut host_out), PL_OK);
+        host_out.loss = &mut host_loss;
         let status = pl_tv_loss(
             ctx,
+            &config,
             x.as_ptr().cast(),
             PL_F32,
             2,
             3,
             17,
             23,
-            PL_TV_L1,
-            1.0,
-            &mut host_loss,
-            std::ptr::null_mut(),
+            &host_out,
         );
         assert_eq!(status, PL_ERR_INVALID_ARGUMENT);
         pl_context_destroy(ctx);

@@ -101,15 +101,19 @@ pub struct pl_k_feature_params {
     pub b: *const ::std::os::raw::c_void,
     pub grad: *mut ::std::os::raw::c_void,
     pub reduce: pl_k_reduce,
-    pub count: i64,
+    pub n: i64,
+    pub per_image: i64,
+    pub per_block: i64,
+    pub blocks_per_image: i32,
     pub dtype: i32,
     pub criterion: i32,
     pub weight: f32,
     pub beta: f32,
+    pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_feature_params"][::std::mem::size_of::<pl_k_feature_params>() - 88usize];
+    ["Size of pl_k_feature_params"][::std::mem::size_of::<pl_k_feature_params>() - 112usize];
     ["Alignment of pl_k_feature_params"][::std::mem::align_of::<pl_k_feature_params>() - 8usize];
     ["Offset of field: pl_k_feature_params::a"]
         [::std::mem::offset_of!(pl_k_feature_params, a) - 0usize];
@@ -119,16 +123,24 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_feature_params, grad) - 16usize];
     ["Offset of field: pl_k_feature_params::reduce"]
         [::std::mem::offset_of!(pl_k_feature_params, reduce) - 24usize];
-    ["Offset of field: pl_k_feature_params::count"]
-        [::std::mem::offset_of!(pl_k_feature_params, count) - 64usize];
+    ["Offset of field: pl_k_feature_params::n"]
+        [::std::mem::offset_of!(pl_k_feature_params, n) - 64usize];
+    ["Offset of field: pl_k_feature_params::per_image"]
+        [::std::mem::offset_of!(pl_k_feature_params, per_image) - 72usize];
+    ["Offset of field: pl_k_feature_params::per_block"]
+        [::std::mem::offset_of!(pl_k_feature_params, per_block) - 80usize];
+    ["Offset of field: pl_k_feature_params::blocks_per_image"]
+        [::std::mem::offset_of!(pl_k_feature_params, blocks_per_image) - 88usize];
     ["Offset of field: pl_k_feature_params::dtype"]
-        [::std::mem::offset_of!(pl_k_feature_params, dtype) - 72usize];
+        [::std::mem::offset_of!(pl_k_feature_params, dtype) - 92usize];
     ["Offset of field: pl_k_feature_params::criterion"]
-        [::std::mem::offset_of!(pl_k_feature_params, criterion) - 76usize];
+        [::std::mem::offset_of!(pl_k_feature_params, criterion) - 96usize];
     ["Offset of field: pl_k_feature_params::weight"]
-        [::std::mem::offset_of!(pl_k_feature_params, weight) - 80usize];
+        [::std::mem::offset_of!(pl_k_feature_params, weight) - 100usize];
     ["Offset of field: pl_k_feature_params::beta"]
-        [::std::mem::offset_of!(pl_k_feature_params, beta) - 84usize];
+        [::std::mem::offset_of!(pl_k_feature_params, beta) - 104usize];
+    ["Offset of field: pl_k_feature_params::reserved"]
+        [::std::mem::offset_of!(pl_k_feature_params, reserved) - 108usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -301,7 +313,7 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
-pub struct pl_k_tap_params {
+pub struct pl_k_tap_loss_params {
     pub x: *const ::std::os::raw::c_void,
     pub target: *const ::std::os::raw::c_void,
     pub grad: *mut ::std::os::raw::c_void,
@@ -319,39 +331,41 @@ pub struct pl_k_tap_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tap_params"][::std::mem::size_of::<pl_k_tap_params>() - 120usize];
-    ["Alignment of pl_k_tap_params"][::std::mem::align_of::<pl_k_tap_params>() - 8usize];
-    ["Offset of field: pl_k_tap_params::x"][::std::mem::offset_of!(pl_k_tap_params, x) - 0usize];
-    ["Offset of field: pl_k_tap_params::target"]
-        [::std::mem::offset_of!(pl_k_tap_params, target) - 8usize];
-    ["Offset of field: pl_k_tap_params::grad"]
-        [::std::mem::offset_of!(pl_k_tap_params, grad) - 16usize];
-    ["Offset of field: pl_k_tap_params::reduce"]
-        [::std::mem::offset_of!(pl_k_tap_params, reduce) - 24usize];
-    ["Offset of field: pl_k_tap_params::n"][::std::mem::offset_of!(pl_k_tap_params, n) - 64usize];
-    ["Offset of field: pl_k_tap_params::batch"]
-        [::std::mem::offset_of!(pl_k_tap_params, batch) - 72usize];
-    ["Offset of field: pl_k_tap_params::per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_image) - 80usize];
-    ["Offset of field: pl_k_tap_params::per_block"]
-        [::std::mem::offset_of!(pl_k_tap_params, per_block) - 88usize];
-    ["Offset of field: pl_k_tap_params::blocks_per_image"]
-        [::std::mem::offset_of!(pl_k_tap_params, blocks_per_image) - 96usize];
-    ["Offset of field: pl_k_tap_params::dtype"]
-        [::std::mem::offset_of!(pl_k_tap_params, dtype) - 100usize];
-    ["Offset of field: pl_k_tap_params::criterion"]
-        [::std::mem::offset_of!(pl_k_tap_params, criterion) - 104usize];
-    ["Offset of field: pl_k_tap_params::accumulate"]
-        [::std::mem::offset_of!(pl_k_tap_params, accumulate) - 108usize];
-    ["Offset of field: pl_k_tap_params::weight"]
-        [::std::mem::offset_of!(pl_k_tap_params, weight) - 112usize];
-    ["Offset of field: pl_k_tap_params::accumulate_per_sample"]
-        [::std::mem::offset_of!(pl_k_tap_params, accumulate_per_sample) - 116usize];
+    ["Size of pl_k_tap_loss_params"][::std::mem::size_of::<pl_k_tap_loss_params>() - 120usize];
+    ["Alignment of pl_k_tap_loss_params"][::std::mem::align_of::<pl_k_tap_loss_params>() - 8usize];
+    ["Offset of field: pl_k_tap_loss_params::x"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, x) - 0usize];
+    ["Offset of field: pl_k_tap_loss_params::target"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, target) - 8usize];
+    ["Offset of field: pl_k_tap_loss_params::grad"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, grad) - 16usize];
+    ["Offset of field: pl_k_tap_loss_params::reduce"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, reduce) - 24usize];
+    ["Offset of field: pl_k_tap_loss_params::n"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, n) - 64usize];
+    ["Offset of field: pl_k_tap_loss_params::batch"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, batch) - 72usize];
+    ["Offset of field: pl_k_tap_loss_params::per_image"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, per_image) - 80usize];
+    ["Offset of field: pl_k_tap_loss_params::per_block"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, per_block) - 88usize];
+    ["Offset of field: pl_k_tap_loss_params::blocks_per_image"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, blocks_per_image) - 96usize];
+    ["Offset of field: pl_k_tap_loss_params::dtype"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, dtype) - 100usize];
+    ["Offset of field: pl_k_tap_loss_params::criterion"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, criterion) - 104usize];
+    ["Offset of field: pl_k_tap_loss_params::accumulate"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate) - 108usize];
+    ["Offset of field: pl_k_tap_loss_params::weight"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, weight) - 112usize];
+    ["Offset of field: pl_k_tap_loss_params::accumulate_per_sample"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate_per_sample) - 116usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pl_k_bias_act_pool_tap_params {
-    pub tap: pl_k_tap_params,
+    pub tap: pl_k_tap_loss_params,
     pub y: *mut ::std::os::raw::c_void,
     pub y_target: *mut ::std::os::raw::c_void,
     pub bias: *const f32,
@@ -391,7 +405,7 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
-pub struct pl_k_grad_step_params {
+pub struct pl_k_relu_backward_params {
     pub g: *mut ::std::os::raw::c_void,
     pub before: *const ::std::os::raw::c_void,
     pub mask: *const u32,
@@ -402,23 +416,24 @@ pub struct pl_k_grad_step_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_grad_step_params"][::std::mem::size_of::<pl_k_grad_step_params>() - 48usize];
-    ["Alignment of pl_k_grad_step_params"]
-        [::std::mem::align_of::<pl_k_grad_step_params>() - 8usize];
-    ["Offset of field: pl_k_grad_step_params::g"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, g) - 0usize];
-    ["Offset of field: pl_k_grad_step_params::before"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, before) - 8usize];
-    ["Offset of field: pl_k_grad_step_params::mask"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, mask) - 16usize];
-    ["Offset of field: pl_k_grad_step_params::after"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, after) - 24usize];
-    ["Offset of field: pl_k_grad_step_params::count"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, count) - 32usize];
-    ["Offset of field: pl_k_grad_step_params::dtype"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, dtype) - 40usize];
-    ["Offset of field: pl_k_grad_step_params::reserved"]
-        [::std::mem::offset_of!(pl_k_grad_step_params, reserved) - 44usize];
+    ["Size of pl_k_relu_backward_params"]
+        [::std::mem::size_of::<pl_k_relu_backward_params>() - 48usize];
+    ["Alignment of pl_k_relu_backward_params"]
+        [::std::mem::align_of::<pl_k_relu_backward_params>() - 8usize];
+    ["Offset of field: pl_k_relu_backward_params::g"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, g) - 0usize];
+    ["Offset of field: pl_k_relu_backward_params::before"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, before) - 8usize];
+    ["Offset of field: pl_k_relu_backward_params::mask"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, mask) - 16usize];
+    ["Offset of field: pl_k_relu_backward_params::after"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, after) - 24usize];
+    ["Offset of field: pl_k_relu_backward_params::count"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, count) - 32usize];
+    ["Offset of field: pl_k_relu_backward_params::dtype"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, dtype) - 40usize];
+    ["Offset of field: pl_k_relu_backward_params::reserved"]
+        [::std::mem::offset_of!(pl_k_relu_backward_params, reserved) - 44usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

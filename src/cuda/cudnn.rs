@@ -1,6 +1,6 @@
 //! The slice of cuDNN the perceptual loss uses: NHWC 3x3 convolutions,
-//! forward and backward-data, with owned descriptors and a plan per layer
-//! shape whose algorithms are chosen once. Built on cudarc's `result`
+//! forward and backward-data, with owned descriptors and, per layer shape,
+//! a [`CudnnConv`] whose algorithms are chosen once. Built on cudarc's `result`
 //! layer; its `safe` layer unwraps inside `Cudnn::new` and `Drop`, which
 //! would turn a missing library or a failed call into a panic.
 
@@ -228,7 +228,7 @@ fn choose<A: Copy + std::fmt::Debug>(
 
 /// One 3x3, padding-1 convolution of a fixed shape: descriptors, the
 /// chosen forward and backward-data algorithms, and their workspace needs.
-pub(crate) struct ConvPlan {
+pub(crate) struct CudnnConv {
     x_fwd: TensorDesc,
     y_fwd: TensorDesc,
     x_bwd: TensorDesc,
@@ -243,14 +243,14 @@ pub(crate) struct ConvPlan {
     pub workspace: usize,
 }
 
-// SAFETY: descriptors are plain host structs; a plan is only used under the
-// owning loss's mutex, with the device's cuDNN handle held.
-unsafe impl Send for ConvPlan {}
+// SAFETY: descriptors are plain host structs; a CudnnConv is only used
+// under its per-shape plan's mutex, with the device's cuDNN handle held.
+unsafe impl Send for CudnnConv {}
 
 /// Algorithms offered at most, per query.
 const OFFERED: usize = 16;
 
-impl ConvPlan {
+impl CudnnConv {
     /// Forward runs on `fwd_images` (pred and target), backward-data on
     /// `bwd_images` (pred only); `tf32` lets f32 convolutions use TF32.
     /// Algorithms come from cuDNN's heuristics, or, given `scratch`, from
@@ -268,7 +268,7 @@ impl ConvPlan {
             result::create_filter_descriptor()
                 .map_err(|e| err("creating a filter descriptor", e))?,
         );
-        let conv = ConvDesc(
+        let desc = ConvDesc(
             result::create_convolution_descriptor()
                 .map_err(|e| err("creating a convolution descriptor", e))?,
         );
@@ -287,7 +287,7 @@ impl ConvPlan {
             )
             .map_err(|e| err("describing the filter", e))?;
             result::set_convolution2d_descriptor(
-                conv.0,
+                desc.0,
                 1,
                 1,
                 1,
@@ -298,16 +298,16 @@ impl ConvPlan {
                 sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
             )
             .map_err(|e| err("describing the convolution", e))?;
-            result::set_convolution_math_type(conv.0, math)
+            result::set_convolution_math_type(desc.0, math)
                 .map_err(|e| err("setting the math type", e))?;
         }
-        let mut plan = ConvPlan {
+        let mut conv = CudnnConv {
             x_fwd: nhwc(dtype, fwd_images, c_in, h, w)?,
             y_fwd: nhwc(dtype, fwd_images, c_out, h, w)?,
             x_bwd: nhwc(dtype, bwd_images, c_in, h, w)?,
             y_bwd: nhwc(dtype, bwd_images, c_out, h, w)?,
             w: filter,
-            conv,
+            conv: desc,
             fwd: sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
             bwd: sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
             forward_images: fwd_images,
@@ -327,12 +327,12 @@ impl ConvPlan {
             match regions {
                 Some((s, x, y)) => sys::cudnnFindConvolutionForwardAlgorithmEx(
                     handle.0,
-                    plan.x_fwd.0,
+                    conv.x_fwd.0,
                     x as *const c_void,
-                    plan.w.0,
+                    conv.w.0,
                     s.data as *const c_void,
-                    plan.conv.0,
-                    plan.y_fwd.0,
+                    conv.conv.0,
+                    conv.y_fwd.0,
                     y as *mut c_void,
                     OFFERED as i32,
                     &mut count,
@@ -343,10 +343,10 @@ impl ConvPlan {
                 .result(),
                 None => result::get_convolution_forward_algorithm(
                     handle.0,
-                    plan.x_fwd.0,
-                    plan.w.0,
-                    plan.conv.0,
-                    plan.y_fwd.0,
+                    conv.x_fwd.0,
+                    conv.w.0,
+                    conv.conv.0,
+                    conv.y_fwd.0,
                     OFFERED as i32,
                     &mut count,
                     perf.as_mut_ptr(),
@@ -354,17 +354,17 @@ impl ConvPlan {
             }
             .map_err(|e| err("choosing a forward algorithm", e))?;
             let offered = candidates!(perf[..count.clamp(0, OFFERED as i32) as usize]);
-            plan.fwd = choose("forward", &offered, math, limit)?.0;
+            conv.fwd = choose("forward", &offered, math, limit)?.0;
             let mut perf: [sys::cudnnConvolutionBwdDataAlgoPerf_t; OFFERED] = std::mem::zeroed();
             match regions {
                 Some((s, dx, dy)) => sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
                     handle.0,
-                    plan.w.0,
+                    conv.w.0,
                     s.data as *const c_void,
-                    plan.y_bwd.0,
+                    conv.y_bwd.0,
                     dy as *const c_void,
-                    plan.conv.0,
-                    plan.x_bwd.0,
+                    conv.conv.0,
+                    conv.x_bwd.0,
                     dx as *mut c_void,
                     OFFERED as i32,
                     &mut count,
@@ -375,10 +375,10 @@ impl ConvPlan {
                 .result(),
                 None => result::get_convolution_backward_data_algorithm(
                     handle.0,
-                    plan.w.0,
-                    plan.y_bwd.0,
-                    plan.conv.0,
-                    plan.x_bwd.0,
+                    conv.w.0,
+                    conv.y_bwd.0,
+                    conv.conv.0,
+                    conv.x_bwd.0,
                     OFFERED as i32,
                     &mut count,
                     perf.as_mut_ptr(),
@@ -386,31 +386,31 @@ impl ConvPlan {
             }
             .map_err(|e| err("choosing a backward-data algorithm", e))?;
             let offered = candidates!(perf[..count.clamp(0, OFFERED as i32) as usize]);
-            plan.bwd = choose("backward-data", &offered, math, limit)?.0;
+            conv.bwd = choose("backward-data", &offered, math, limit)?.0;
             let f = result::get_convolution_forward_workspace_size(
                 handle.0,
-                plan.x_fwd.0,
-                plan.w.0,
-                plan.conv.0,
-                plan.y_fwd.0,
-                plan.fwd,
+                conv.x_fwd.0,
+                conv.w.0,
+                conv.conv.0,
+                conv.y_fwd.0,
+                conv.fwd,
             )
             .map_err(|e| err("sizing the forward workspace", e))?;
             let b = result::get_convolution_backward_data_workspace_size(
                 handle.0,
-                plan.w.0,
-                plan.y_bwd.0,
-                plan.conv.0,
-                plan.x_bwd.0,
-                plan.bwd,
+                conv.w.0,
+                conv.y_bwd.0,
+                conv.conv.0,
+                conv.x_bwd.0,
+                conv.bwd,
             )
             .map_err(|e| err("sizing the backward workspace", e))?;
-            plan.workspace = f.max(b);
+            conv.workspace = f.max(b);
         }
-        Ok(plan)
+        Ok(conv)
     }
 
-    /// Bytes of scratch [`ConvPlan::new`] reads and writes when timing
+    /// Bytes of scratch [`CudnnConv::new`] reads and writes when timing
     /// algorithms for this layer shape (besides the workspace).
     pub(crate) fn scratch_bytes(
         dtype: DType,
@@ -462,7 +462,7 @@ impl ConvPlan {
     /// dx = conv^T(dy) over the backward batch.
     ///
     /// # Safety
-    /// As for [`ConvPlan::forward`].
+    /// As for [`CudnnConv::forward`].
     pub(crate) unsafe fn backward_data(
         &self,
         handle: &Handle,

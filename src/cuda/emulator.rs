@@ -218,6 +218,32 @@ pub(crate) fn values<T: crate::tensor::Element>(len: usize, seed: u64) -> Vec<T>
         .collect()
 }
 
+/// `len` values of `dtype` at a host address, widened to f32.
+///
+/// # Safety
+/// `base` must address `len` readable values of `dtype`.
+pub(crate) unsafe fn load(base: u64, dtype: crate::tensor::DType, len: usize) -> Vec<f32> {
+    struct Load(u64, usize);
+    impl crate::tensor::PerDType for Load {
+        type Output = Vec<f32>;
+        fn run<T: crate::tensor::Element>(self) -> Vec<f32> {
+            // SAFETY: as the caller of `load` promised.
+            let values = unsafe { std::slice::from_raw_parts(self.0 as *const T, self.1) };
+            values.iter().map(|v| v.to_f64() as f32).collect()
+        }
+    }
+    dtype.dispatch(Load(base, len))
+}
+
+/// Writes `values` rounded to `dtype` at a host address.
+///
+/// # Safety
+/// `base` must address `values.len()` writable values of `dtype`.
+pub(crate) unsafe fn store(base: u64, dtype: crate::tensor::DType, values: &[f32]) {
+    let bytes = crate::vgg::device_weights::to_bytes(values, dtype);
+    std::ptr::copy_nonoverlapping(bytes.as_ptr(), base as *mut u8, bytes.len());
+}
+
 /// Asserts `got` matches `want` to `tol` relative to the largest `|want|`.
 pub(crate) fn assert_close<T: crate::tensor::Element>(what: &str, got: &[T], want: &[T], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");

@@ -1,21 +1,18 @@
-//! CUDA launchers: one module per kernel family, each turning a validated
-//! call into the launch-parameter struct of `kernels/pl_kernel_abi.h`.
+//! CUDA plumbing shared by every loss, with no knowledge of any of them:
+//! the embedded kernel images, the launch-parameter structs generated from
+//! `kernels/pl_kernel_abi.h`, the [`Gpu`] trait the launchers queue work
+//! through (a device stream, or the host emulator in the tests), cuDNN,
+//! NVTX ranges and step timing. Each loss's launchers live with the loss
+//! (`src/ops/<loss>/cuda.rs`).
 
 #[rustfmt::skip]
 #[allow(non_camel_case_types, non_upper_case_globals, dead_code, clippy::all)]
 pub(crate) mod abi;
 pub(crate) mod cudnn;
-pub(crate) mod device_weights;
 #[cfg(test)]
 pub(crate) mod emulator;
-pub(crate) mod feature;
-pub(crate) mod layout;
 pub(crate) mod nvtx;
-pub(crate) mod perceptual;
-pub(crate) mod schedule;
-pub(crate) mod shape_plan;
 pub(crate) mod step_times;
-pub(crate) mod tv;
 
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
@@ -59,14 +56,15 @@ unsafe impl DeviceRepr for abi::pl_k_bias_act_params {}
 unsafe impl DeviceRepr for abi::pl_k_pool_params {}
 unsafe impl DeviceRepr for abi::pl_k_bias_act_pool_params {}
 unsafe impl DeviceRepr for abi::pl_k_bias_act_pool_tap_params {}
-unsafe impl DeviceRepr for abi::pl_k_tap_params {}
-unsafe impl DeviceRepr for abi::pl_k_grad_step_params {}
+unsafe impl DeviceRepr for abi::pl_k_tap_loss_params {}
+unsafe impl DeviceRepr for abi::pl_k_relu_backward_params {}
 unsafe impl DeviceRepr for abi::pl_k_unpool_params {}
 unsafe impl DeviceRepr for abi::pl_k_input_grad_params {}
 
 /// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
 pub(crate) const BLOCK: u32 = 256;
 
+/// The kernels' number for a dtype (`pl_k_dtype`).
 pub(crate) fn kernel_dtype(dtype: DType) -> i32 {
     (match dtype {
         DType::F32 => abi::pl_k_dtype_PL_K_F32,
@@ -147,7 +145,7 @@ impl Gpu for CudaDevice {
         partials: usize,
         f: impl FnOnce(pl_k_reduce) -> Result<R>,
     ) -> Result<R> {
-        let ws = self.workspace(images, partials)?;
-        f(ws.reduce)
+        let scratch = self.reduce_scratch(images, partials)?;
+        f(scratch.reduce)
     }
 }

@@ -1,5 +1,6 @@
 //! One CUDA device and stream: kernel modules (loaded once per device per
-//! process), the reduction scratch memory, and pointer checks.
+//! process), the reduction scratch memory, the stream's cuDNN handle, and
+//! pointer checks.
 
 use super::require_driver;
 use crate::cuda::abi::pl_k_reduce;
@@ -55,12 +56,14 @@ fn shared(ordinal: usize) -> Result<Arc<Shared>> {
 pub(crate) struct CudaDevice {
     shared: Arc<Shared>,
     stream: Arc<CudaStream>,
-    workspace: Mutex<Option<CudaSlice<u8>>>,
+    reduce_scratch: Mutex<Option<CudaSlice<u8>>>,
     cudnn: Mutex<Option<crate::cuda::cudnn::Handle>>,
 }
 
-/// Scratch memory for one launch, held locked until the launch is queued.
-pub(crate) struct Workspace<'a> {
+/// The scratch of one deterministic reduction (block partials, per-image
+/// values and the finishing counter), held locked until its launch is
+/// queued. Not the cuDNN workspace, which each per-shape plan owns.
+pub(crate) struct ReduceScratch<'a> {
     _guard: MutexGuard<'a, Option<CudaSlice<u8>>>,
     pub reduce: pl_k_reduce,
 }
@@ -82,7 +85,7 @@ impl CudaDevice {
         Ok(CudaDevice {
             shared,
             stream,
-            workspace: Mutex::new(None),
+            reduce_scratch: Mutex::new(None),
             cudnn: Mutex::new(None),
         })
     }
@@ -185,8 +188,12 @@ impl CudaDevice {
 
     /// Scratch for a deterministic reduction over `partials` block sums and
     /// `images` per-image values; grows (never shrinks) and stays allocated.
-    pub(crate) fn workspace(&self, images: usize, partials: usize) -> Result<Workspace<'_>> {
-        let mut guard = self.workspace.lock().map_err(|_| Error::poisoned())?;
+    pub(crate) fn reduce_scratch(
+        &self,
+        images: usize,
+        partials: usize,
+    ) -> Result<ReduceScratch<'_>> {
+        let mut guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).
@@ -211,7 +218,7 @@ impl CudaDevice {
             loss: std::ptr::null_mut(),
             per_sample: std::ptr::null_mut(),
         };
-        Ok(Workspace {
+        Ok(ReduceScratch {
             _guard: guard,
             reduce,
         })

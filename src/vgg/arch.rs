@@ -24,22 +24,46 @@ const VGG19: &[usize] = &[
 /// One module of `features`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Module {
-    /// 3x3 convolution, padding 1; `conv` counts convolutions from 0.
+    /// 3x3 convolution, padding 1.
     Conv {
         in_c: usize,
         out_c: usize,
-        conv: usize,
     },
     Relu,
     Pool,
 }
 
-/// A module with its torchvision index and name.
+/// A module with its torchvision index and name. Layers are always named
+/// by that index (`layer` in the code), which is also their position in
+/// [`VggArch::layers`] and the key of their weights.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layer {
     pub index: usize,
     pub name: String,
     pub module: Module,
+}
+
+/// (channels, height, width) of one image's activation.
+pub(crate) type Dims = (usize, usize, usize);
+
+/// The output dims of every layer in `layers` for one input image of
+/// `input` dims: convolutions set the channels, pools halve H and W (floor).
+pub(crate) fn output_dims(layers: &[Layer], input: Dims) -> Vec<Dims> {
+    let (mut c, mut h, mut w) = input;
+    layers
+        .iter()
+        .map(|l| {
+            match l.module {
+                Module::Conv { out_c, .. } => c = out_c,
+                Module::Relu => {}
+                Module::Pool => {
+                    h /= 2;
+                    w /= 2;
+                }
+            }
+            (c, h, w)
+        })
+        .collect()
 }
 
 impl VggArch {
@@ -57,7 +81,7 @@ impl VggArch {
             VggArch::Vgg16 => VGG16,
             VggArch::Vgg19 => VGG19,
         };
-        let (mut layers, mut block, mut k, mut in_c, mut conv) = (Vec::new(), 1, 1, 3, 0);
+        let (mut layers, mut block, mut k, mut in_c) = (Vec::new(), 1, 1, 3);
         for &out_c in cfg {
             let index = layers.len();
             if out_c == 0 {
@@ -73,7 +97,7 @@ impl VggArch {
             layers.push(Layer {
                 index,
                 name: format!("conv{block}_{k}"),
-                module: Module::Conv { in_c, out_c, conv },
+                module: Module::Conv { in_c, out_c },
             });
             layers.push(Layer {
                 index: index + 1,
@@ -81,7 +105,6 @@ impl VggArch {
                 module: Module::Relu,
             });
             in_c = out_c;
-            conv += 1;
             k += 1;
         }
         layers
@@ -99,9 +122,9 @@ impl VggArch {
         };
         found.ok_or_else(|| {
             Error::arg(format!(
-                "{} has no layer {tap:?} (indices 0..{}, names like conv3_3, relu3_3, pool3)",
+                "{} has no layer {tap:?} (indices 0 to {}, names like conv3_3, relu3_3, pool3)",
                 self.name(),
-                layers.len()
+                layers.len() - 1
             ))
         })
     }

@@ -5,13 +5,15 @@
 //! any number of losses and threads.
 
 mod arch;
+pub(crate) mod device_weights;
 mod seeded;
 mod weights;
 
 pub use arch::VggArch;
-pub(crate) use arch::{Layer, Module};
+pub(crate) use arch::{output_dims, Dims, Layer, Module};
+pub(crate) use device_weights::{DeviceWeights, LayerAddrs, INPUT_CHANNELS};
 pub use seeded::seeded_safetensors;
-pub(crate) use weights::ConvWeights;
+pub(crate) use weights::{ConvWeights, HostWeights};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -77,8 +79,8 @@ pub struct Vgg {
 /// CPU backend, or converted and uploaded for a CUDA device (no host copy).
 #[derive(Debug)]
 enum Resident {
-    Host(Vec<ConvWeights>),
-    Cuda(crate::cuda::device_weights::DeviceWeights),
+    Host(HostWeights),
+    Cuda(DeviceWeights),
 }
 
 impl Vgg {
@@ -126,17 +128,14 @@ impl Vgg {
                 &owned
             }
         };
-        let convs = weights::read(bytes, options.arch, &layers)?;
+        let host = weights::read(bytes, options.arch, &layers)?;
+        // Where the weights stay: the one device dispatch of the network.
         let resident = match device.cuda_device() {
             Some(dev) => {
                 crate::cuda::cudnn::require()?;
-                Resident::Cuda(crate::cuda::device_weights::upload(
-                    dev,
-                    &convs,
-                    options.compute,
-                )?)
+                Resident::Cuda(device_weights::upload(dev, &host, options.compute)?)
             }
-            None => Resident::Host(convs),
+            None => Resident::Host(host),
         };
         Ok(Arc::new(Vgg {
             arch: options.arch,
@@ -172,18 +171,22 @@ impl Vgg {
     }
 
     /// The parameters of a network loaded for the CPU.
-    pub(crate) fn host_convs(&self) -> Option<&[ConvWeights]> {
+    pub(crate) fn host_weights(&self) -> Result<&HostWeights> {
         match &self.resident {
-            Resident::Host(c) => Some(c),
-            Resident::Cuda(_) => None,
+            Resident::Host(w) => Ok(w),
+            Resident::Cuda(_) => Err(Error::Internal(
+                "a CPU computation on a network loaded for CUDA".into(),
+            )),
         }
     }
 
     /// The parameters of a network loaded for a CUDA device.
-    pub(crate) fn cuda_weights(&self) -> Option<&crate::cuda::device_weights::DeviceWeights> {
+    pub(crate) fn device_weights(&self) -> Result<&DeviceWeights> {
         match &self.resident {
-            Resident::Host(_) => None,
-            Resident::Cuda(w) => Some(w),
+            Resident::Host(_) => Err(Error::Internal(
+                "a CUDA computation on a network loaded for the CPU".into(),
+            )),
+            Resident::Cuda(w) => Ok(w),
         }
     }
 }

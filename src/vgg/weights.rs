@@ -1,4 +1,5 @@
-//! Reading VGG `features` weights from safetensors (DESIGN.md section 7).
+//! Reading VGG `features` weights from safetensors (docs/design.md,
+//! "Weights").
 //!
 //! Names are torchvision's (`features.N.weight`, `features.N.bias`),
 //! optionally behind a `vgg16.`, `vgg19.` or `model.` prefix. Tensors may be
@@ -19,14 +20,38 @@ pub(crate) struct ConvWeights {
     pub bias: Vec<f32>,
 }
 
+/// Every convolution's parameters in f32, by layer index.
+#[derive(Debug, Clone)]
+pub(crate) struct HostWeights {
+    by_layer: Vec<Option<ConvWeights>>,
+}
+
+impl HostWeights {
+    /// The parameters of convolution layer `layer`.
+    pub(crate) fn conv(&self, layer: usize) -> Result<&ConvWeights> {
+        self.by_layer
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::Internal(format!("layer {layer} has no convolution weights")))
+    }
+
+    /// (layer, parameters) of every convolution, in order.
+    pub(crate) fn convs(&self) -> impl Iterator<Item = (usize, &ConvWeights)> {
+        self.by_layer
+            .iter()
+            .enumerate()
+            .filter_map(|(layer, c)| Some((layer, c.as_ref()?)))
+    }
+}
+
 const PREFIXES: [&str; 4] = ["", "vgg16.", "vgg19.", "model."];
 
 fn bad(msg: String) -> Error {
     Error::InvalidWeights(msg)
 }
 
-/// The conv weights of `layers` (in order), read from a safetensors image.
-pub(crate) fn read(bytes: &[u8], arch: VggArch, layers: &[Layer]) -> Result<Vec<ConvWeights>> {
+/// The conv weights of `layers`, read from a safetensors image.
+pub(crate) fn read(bytes: &[u8], arch: VggArch, layers: &[Layer]) -> Result<HostWeights> {
     let file = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let names = file.names();
@@ -42,13 +67,12 @@ pub(crate) fn read(bytes: &[u8], arch: VggArch, layers: &[Layer]) -> Result<Vec<
                 arch.name()
             ))
         })?;
-    layers
+    let by_layer = layers
         .iter()
-        .filter_map(|l| match l.module {
-            Module::Conv { in_c, out_c, .. } => Some((l, in_c, out_c)),
-            _ => None,
-        })
-        .map(|(layer, in_c, out_c)| {
+        .map(|layer| {
+            let Module::Conv { in_c, out_c } = layer.module else {
+                return Ok(None);
+            };
             let base = format!("{prefix}features.{}", layer.index);
             let weight = tensor(
                 &file,
@@ -57,14 +81,15 @@ pub(crate) fn read(bytes: &[u8], arch: VggArch, layers: &[Layer]) -> Result<Vec<
                 layer,
             )?;
             let bias = tensor(&file, &format!("{base}.bias"), &[out_c], layer)?;
-            Ok(ConvWeights {
+            Ok(Some(ConvWeights {
                 in_c,
                 out_c,
                 weight,
                 bias,
-            })
+            }))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(HostWeights { by_layer })
 }
 
 fn tensor(file: &SafeTensors<'_>, name: &str, shape: &[usize], layer: &Layer) -> Result<Vec<f32>> {

@@ -21,7 +21,7 @@ int main(int argc, char **argv) {
     pl_vgg *vgg = NULL;
     pl_perceptual *loss = NULL;
     CHECK(pl_context_create(PL_DEVICE_CPU, 0, NULL, &ctx) == PL_OK, "context");
-    CHECK(pl_vgg_load(ctx, argv[1], PL_VGG16, PL_F32, &vgg) == PL_OK, "load");
+    CHECK(pl_vgg_load(ctx, argv[1], NULL, &vgg) == PL_OK, "load");
     CHECK(pl_perceptual_create(vgg, NULL, &loss) == PL_OK, "create with defaults");
     pl_vgg_destroy(vgg); /* the loss keeps the weights alive */
 
@@ -31,18 +31,29 @@ int main(int argc, char **argv) {
         pred[i] = (float)((i * 37) % 101) / 101.0f;
         target[i] = (float)((i * 53) % 97) / 97.0f;
     }
-    float value = -1.0f;
-    pl_status st = pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &value, grad);
+    float value = -1.0f, per_image = -1.0f;
+    pl_outputs out;
+    pl_outputs_init(&out);
+    out.loss = &value;
+    out.grad = grad;
+    out.per_sample = &per_image;
+    pl_status st = pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &out);
     CHECK(st == PL_OK, "loss status %d", st);
+    CHECK(per_image == value, "one image: its loss %g is the loss %g", per_image, value);
     int finite = 1;
     for (int i = 0; i < COUNT; i++) finite &= isfinite(grad[i]) != 0;
     CHECK(finite, "gradient is finite");
     printf("loss %.9g\n", value);
+    pl_outputs loss_only;
+    pl_outputs_init(&loss_only);
+    loss_only.loss = &value;
 
     /* A config by names: relu2_2 and relu3_3, MAE, ImageNet, weight 2. */
     const char *names[] = {"relu2_2", "relu3_3"};
     const float weights[] = {1.0f, 0.5f};
-    pl_perceptual_config cfg = {0};
+    pl_perceptual_config cfg;
+    CHECK(pl_perceptual_config_init(&cfg) == PL_OK && cfg.num_taps == 4 && cfg.taps[3] == 22, "config init");
+    cfg.taps = NULL;
     cfg.tap_names = names;
     cfg.num_taps = 2;
     cfg.tap_weights = weights;
@@ -54,21 +65,38 @@ int main(int argc, char **argv) {
     pl_perceptual *named = NULL;
     CHECK(pl_perceptual_create(NULL, &cfg, &named) == PL_ERR_INVALID_ARGUMENT, "NULL vgg");
     pl_vgg *again = NULL;
-    CHECK(pl_vgg_load(ctx, argv[1], PL_VGG16, PL_F32, &again) == PL_OK, "reload");
-    CHECK(pl_perceptual_create(again, &cfg, &named) == PL_OK, "create by names");
-    CHECK(pl_perceptual_loss(named, pred, target, PL_F32, N, C, H, W, &value, NULL) == PL_OK, "named loss");
+    pl_vgg_options up_to_relu3_3;
+    CHECK(pl_vgg_options_init(&up_to_relu3_3) == PL_OK && up_to_relu3_3.depth == -1, "options init");
+    up_to_relu3_3.depth = 15;
+    pl_vgg *shallow = NULL;
+    CHECK(pl_vgg_load(ctx, argv[1], &up_to_relu3_3, &shallow) == PL_OK, "load to relu3_3");
+    CHECK(pl_perceptual_create(shallow, &cfg, &named) == PL_OK, "create by names");
+    CHECK(pl_perceptual_loss(named, pred, target, PL_F32, N, C, H, W, &loss_only) == PL_OK, "named loss");
     printf("named %.9g\n", value);
 
     /* Errors. */
-    const int32_t deep[] = {3, 99};
-    pl_perceptual_config bad = {0};
+    const int32_t deep[] = {3, 99}, too_deep[] = {22};
+    pl_perceptual_config bad;
+    pl_perceptual_config_init(&bad);
     bad.taps = deep;
     bad.num_taps = 2;
     pl_perceptual *nope = NULL;
     CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "tap 99");
+    CHECK(pl_vgg_load(ctx, argv[1], NULL, &again) == PL_OK, "reload");
+    bad.taps = too_deep;
+    bad.num_taps = 1;
+    CHECK(pl_perceptual_create(shallow, &bad, &nope) == PL_ERR_INVALID_ARGUMENT, "relu4_3 past depth 15");
+    CHECK(strstr(pl_last_error(), "deeper than the loaded weights") != NULL, "message says why");
     bad.tap_names = names;
     CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT, "taps and names");
-    pl_perceptual_config counts = {0};
+    pl_perceptual_config_init(&bad);
+    bad.num_taps = 0;
+    CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT, "no taps");
+    pl_perceptual_config zeroed = {0};
+    CHECK(pl_perceptual_create(again, &zeroed, &nope) == PL_ERR_INVALID_ARGUMENT, "a struct never initialised");
+    CHECK(strstr(pl_last_error(), "struct_size is 0") != NULL, "message names struct_size");
+    pl_perceptual_config counts;
+    pl_perceptual_config_init(&counts);
     counts.tap_weights = weights;
     counts.num_tap_weights = 2;  /* the 4 default taps */
     CHECK(pl_perceptual_create(again, &counts, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "2 weights, 4 taps");
@@ -80,19 +108,29 @@ int main(int argc, char **argv) {
     pl_perceptual_destroy(nope);
     counts.tap_weights = NULL;
     CHECK(pl_perceptual_create(again, &counts, &nope) == PL_ERR_INVALID_ARGUMENT, "a count without weights");
-    CHECK(pl_vgg_load(ctx, "/nonexistent.safetensors", PL_VGG16, PL_F32, &vgg) == PL_ERR_IO, "missing file");
-    CHECK(pl_vgg_load(ctx, argv[1], 7, PL_F32, &vgg) == PL_ERR_INVALID_ARGUMENT, "bad arch");
-    CHECK(pl_vgg_load(ctx, argv[1], PL_VGG19, PL_F32, &vgg) == PL_ERR_INVALID_WEIGHTS, "VGG16 file as VGG19");
+    CHECK(pl_vgg_load(ctx, "/nonexistent.safetensors", NULL, &vgg) == PL_ERR_IO, "missing file");
+    pl_vgg_options opts;
+    pl_vgg_options_init(&opts);
+    opts.arch = 7;
+    CHECK(pl_vgg_load(ctx, argv[1], &opts, &vgg) == PL_ERR_INVALID_ARGUMENT, "bad arch");
+    opts.arch = PL_VGG19;
+    CHECK(pl_vgg_load(ctx, argv[1], &opts, &vgg) == PL_ERR_INVALID_WEIGHTS, "VGG16 file as VGG19");
     CHECK(strstr(pl_last_error(), "features.") != NULL, "message names the tensor");
-    CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, 2, H, W, &value, NULL) == PL_ERR_INVALID_SHAPE, "2 channels");
-    CHECK(pl_perceptual_loss(loss, pred, NULL, PL_F32, N, C, H, W, &value, NULL) == PL_ERR_INVALID_ARGUMENT, "NULL target");
-    CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &value, (void *)target) == PL_ERR_INVALID_ARGUMENT,
+    CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, 2, H, W, &loss_only) == PL_ERR_INVALID_SHAPE, "2 channels");
+    CHECK(pl_perceptual_loss(loss, pred, NULL, PL_F32, N, C, H, W, &loss_only) == PL_ERR_INVALID_ARGUMENT,
+          "NULL target");
+    CHECK(pl_perceptual_loss(NULL, pred, target, PL_F32, N, C, H, W, &loss_only) == PL_ERR_INVALID_ARGUMENT,
+          "NULL loss handle");
+    CHECK(strstr(pl_last_error(), "(a pl_perceptual handle) is NULL") != NULL, "message names the handle");
+    out.grad = (void *)target;
+    CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &out) == PL_ERR_INVALID_ARGUMENT,
           "grad aliases target");
 
     pl_perceptual_destroy(named);
     pl_perceptual_destroy(loss);
     pl_perceptual_destroy(NULL);
     pl_vgg_destroy(again);
+    pl_vgg_destroy(shallow);
     pl_context_destroy(ctx);
     return failures ? 1 : 0;
 }

@@ -14,7 +14,10 @@ import numpy as np
 
 from . import _lib
 
-__all__ = ["Error", "Context", "Vgg", "Perceptual", "tv_loss", "write_seeded_weights", "version", "TVLoss", "PerceptualLoss"]
+__all__ = [
+    "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "write_seeded_weights", "version", "TVLoss",
+    "PerceptualLoss",
+]
 
 
 def __getattr__(name):
@@ -25,10 +28,10 @@ def __getattr__(name):
         return getattr(torch_modules, name)
     raise AttributeError(name)
 
-TV_VARIANTS = {
-    "article": 0, "l1": 1, "l1_sum": 2, "l2_squared": 3, "l2_squared_sum": 4,
-    "l2": 5, "l2_sum": 6, "isotropic": 7, "isotropic_sum": 8,
-}
+# pl_tv_variant; a "_sum" suffix on a name sums over the batch instead of
+# taking the mean (the article variant is a mean only).
+TV_VARIANTS = {"article": 0, "l1": 1, "l2_squared": 2, "l2": 3, "isotropic": 4}
+REDUCTIONS = {"mean": 0, "sum": 1}
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ARCHS = {"vgg16": 0, "vgg19": 1}
 CRITERIA = {"mse": 0, "mae": 1}
@@ -54,6 +57,30 @@ def _choice(table, value, what):
         return table[value]
     except KeyError:
         raise ValueError(f"unknown {what} {value!r}; one of {sorted(table)}") from None
+
+
+def tv_config(variant="article", weight=1.0, eps=0.0):
+    """The pl_tv_config of a variant name ("l1", "l1_sum", ...)."""
+    base, summed = (variant[:-4], True) if variant.endswith("_sum") else (variant, False)
+    cfg = _lib.TvConfig()
+    _check(_lib.pl_tv_config_init(ctypes.byref(cfg)))
+    cfg.variant = _choice(TV_VARIANTS, base, "TV variant")
+    cfg.reduction = REDUCTIONS["sum" if summed else "mean"]
+    cfg.weight, cfg.eps = weight, eps
+    return cfg
+
+
+def outputs(loss_ptr, grad_ptr=None, per_sample_ptr=None, beta=0.0):
+    """A pl_outputs naming where a call writes (addresses as ints)."""
+    out = _lib.Outputs()
+    _check(_lib.pl_outputs_init(ctypes.byref(out)))
+    out.loss, out.grad, out.per_sample, out.beta = loss_ptr, grad_ptr, per_sample_ptr, beta
+    return out
+
+
+def _results(loss, grad, per_sample):
+    """(loss, grad) or, with per-sample values asked for, (loss, grad, per_sample)."""
+    return (float(loss[0]), grad) if per_sample is None else (float(loss[0]), grad, per_sample)
 
 
 def version():
@@ -108,22 +135,41 @@ def _as_image_batch(x, name):
     return x
 
 
-def tv_loss(x, variant="article", weight=1.0, grad=True):
-    """Total-variation loss of a NumPy batch on the CPU. Returns
-    (loss, dL/dx or None); variants as in the README ("article", "l1",
-    "l1_sum", "l2_squared", "l2", "isotropic", ... with "_sum" for a sum
-    over the batch)."""
-    x = _as_image_batch(x, "x")
+def _call_arrays(x, grad, per_sample):
+    """The loss, gradient and per-sample arrays of a NumPy call, and their outputs."""
     g = np.empty_like(x) if grad else None
     loss = np.zeros(1, np.float32)
-    _check(
-        _lib.pl_tv_loss(
-            _cpu_context()._handle, x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
-            _choice(TV_VARIANTS, variant, "TV variant"), weight,
-            loss.ctypes.data, None if g is None else g.ctypes.data,
-        )
-    )
-    return float(loss[0]), g
+    per = np.zeros(x.shape[0], np.float32) if per_sample else None
+    out = outputs(loss.ctypes.data, None if g is None else g.ctypes.data, None if per is None else per.ctypes.data)
+    return loss, g, per, out
+
+
+def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=False):
+    """Total-variation loss of a NumPy batch on the CPU. Returns
+    (loss, dL/dx or None), and each image's loss last with
+    `per_sample=True`. Variants as in the README ("article", "l1",
+    "l2_squared", "l2", "isotropic", each but the article with "_sum" for a
+    sum over the batch); `eps` goes inside the isotropic square root."""
+    x = _as_image_batch(x, "x")
+    cfg = tv_config(variant, weight, eps)
+    loss, g, per, out = _call_arrays(x, grad, per_sample)
+    _check(_lib.pl_tv_loss(_cpu_context()._handle, ctypes.byref(cfg), x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
+                           ctypes.byref(out)))
+    return _results(loss, g, per)
+
+
+def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False):
+    """weight * the mean over all elements of (a-b)^2 ("mse") or |a-b|
+    ("mae") of two NumPy batches on the CPU. Returns (loss, dL/da or
+    None), and each image's weight * mean last with `per_sample=True`."""
+    a, b = _as_image_batch(a, "a"), _as_image_batch(b, "b")
+    cfg = _lib.FeatureConfig()
+    _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
+    cfg.criterion, cfg.weight = _choice(CRITERIA, criterion, "criterion"), weight
+    loss, g, per, out = _call_arrays(a, grad, per_sample)
+    _check(_lib.pl_feature_loss(_cpu_context()._handle, ctypes.byref(cfg), a.ctypes.data, b.ctypes.data,
+                                DTYPES[a.dtype.name], *a.shape, ctypes.byref(out)))
+    return _results(loss, g, per)
 
 
 def write_seeded_weights(path, arch="vgg16", seed=0):
@@ -136,15 +182,16 @@ class Vgg:
     """VGG `features` weights from a safetensors file, resident on the
     context's device; shared by any number of `Perceptual` losses."""
 
-    def __init__(self, path, arch="vgg16", compute="float32", context=None):
+    def __init__(self, path, arch="vgg16", compute="float32", context=None, depth=None):
+        """`depth`: the deepest module to load (22 = relu4_3), or None for all."""
         self.context = context or _cpu_context()
+        opts = _lib.VggOptions()
+        _check(_lib.pl_vgg_options_init(ctypes.byref(opts)))
+        opts.arch = _choice(ARCHS, arch, "arch")
+        opts.compute = _choice(DTYPES, compute, "compute dtype")
+        opts.depth = -1 if depth is None else depth
         handle = ctypes.c_void_p()
-        _check(
-            _lib.pl_vgg_load(
-                self.context._handle, str(path).encode(), _choice(ARCHS, arch, "arch"),
-                _choice(DTYPES, compute, "compute dtype"), ctypes.byref(handle),
-            )
-        )
+        _check(_lib.pl_vgg_load(self.context._handle, str(path).encode(), ctypes.byref(opts), ctypes.byref(handle)))
         self.arch, self._handle = arch, handle
 
     def __del__(self):
@@ -163,11 +210,13 @@ class Perceptual:
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
                  weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None):
         cfg = _lib.PerceptualConfig()
+        _check(_lib.pl_perceptual_config_init(ctypes.byref(cfg)))  # the article's defaults
         keep = []  # arrays the config points into, alive until create returns
         if taps:
             if all(isinstance(t, str) for t in taps):
                 names = (ctypes.c_char_p * len(taps))(*[t.encode() for t in taps])
                 keep.append(names)
+                cfg.taps = None
                 cfg.tap_names = ctypes.cast(names, ctypes.POINTER(ctypes.c_char_p))
             elif all(isinstance(t, int) for t in taps):
                 idx = (ctypes.c_int32 * len(taps))(*taps)
@@ -184,8 +233,6 @@ class Perceptual:
         cfg.criterion = _choice(CRITERIA, criterion, "criterion")
         cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")
-        if weight == 0:
-            raise ValueError("weight 0 would mean the default (1) in the C ABI; drop the loss instead")
         cfg.weight = weight
         cfg.allow_tf32 = int(bool(allow_tf32))
         cfg.max_chunk_images = max_chunk_images
@@ -196,20 +243,20 @@ class Perceptual:
         _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle
 
-    def raw(self, pred_ptr, target_ptr, dtype, shape, loss_ptr, grad_ptr):
-        """The C call on raw addresses (device addresses for a CUDA context)."""
-        _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, loss_ptr, grad_ptr))
+    def raw(self, pred_ptr, target_ptr, dtype, shape, out):
+        """The C call on raw addresses (device addresses for a CUDA
+        context); `out` is a pl_outputs from `outputs()`."""
+        _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
 
-    def __call__(self, pred, target, grad=True):
-        """Loss and dL/dpred of NumPy batches (CPU networks only)."""
+    def __call__(self, pred, target, grad=True, per_sample=False):
+        """Loss and dL/dpred of NumPy batches (CPU networks only), and each
+        image's loss last with `per_sample=True`."""
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
-        g = np.empty_like(pred) if grad else None
-        loss = np.zeros(1, np.float32)
-        self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, loss.ctypes.data,
-                 None if g is None else g.ctypes.data)
-        return float(loss[0]), g
+        loss, g, per, out = _call_arrays(pred, grad, per_sample)
+        self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, out)
+        return _results(loss, g, per)
 
     def __del__(self):
         if getattr(self, "_handle", None):

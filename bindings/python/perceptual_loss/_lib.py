@@ -39,22 +39,70 @@ lib = _load()
 c_int32, c_int64, c_float, c_void_p, c_char_p = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_char_p
 
 
+c_size_t = ctypes.c_size_t
+
+
+class Outputs(ctypes.Structure):
+    """pl_outputs, field for field."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("loss", c_void_p),
+        ("grad", c_void_p),
+        ("per_sample", c_void_p),
+        ("beta", c_float),
+        ("reserved", c_int32),
+    ]
+
+
+class TvConfig(ctypes.Structure):
+    """pl_tv_config, field for field."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("variant", c_int32),
+        ("reduction", c_int32),
+        ("weight", c_float),
+        ("eps", c_float),
+    ]
+
+
+class FeatureConfig(ctypes.Structure):
+    """pl_feature_config, field for field."""
+
+    _fields_ = [("struct_size", c_size_t), ("criterion", c_int32), ("weight", c_float)]
+
+
+class VggOptions(ctypes.Structure):
+    """pl_vgg_options, field for field."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("arch", c_int32),
+        ("compute", c_int32),
+        ("depth", c_int32),
+        ("reserved", c_int32),
+    ]
+
+
 class PerceptualConfig(ctypes.Structure):
     """pl_perceptual_config, field for field."""
 
     _fields_ = [
+        ("struct_size", c_size_t),
         ("taps", ctypes.POINTER(c_int32)),
         ("tap_names", ctypes.POINTER(c_char_p)),
-        ("num_taps", ctypes.c_size_t),
+        ("num_taps", c_size_t),
         ("tap_weights", ctypes.POINTER(c_float)),
-        ("num_tap_weights", ctypes.c_size_t),
+        ("num_tap_weights", c_size_t),
         ("criterion", c_int32),
         ("input_norm", c_int32),
         ("pooling", c_int32),
         ("weight", c_float),
         ("allow_tf32", c_int32),
-        ("max_chunk_images", ctypes.c_size_t),
-        ("memory_budget_bytes", ctypes.c_size_t),
+        ("reserved", c_int32),
+        ("max_chunk_images", c_size_t),
+        ("memory_budget_bytes", c_size_t),
     ]
 
 
@@ -65,22 +113,37 @@ def _declare(name, restype, *argtypes):
     return fn
 
 
+ABI_VERSION = 2  # PL_ABI_VERSION of the header these declarations follow
+pl_abi_version = _declare("pl_abi_version", ctypes.c_uint32)
+if pl_abi_version() != ABI_VERSION:
+    raise OSError(f"the perceptual-loss library implements C ABI {pl_abi_version()}, this package needs {ABI_VERSION}")
 pl_version = _declare("pl_version", c_char_p)
 pl_last_error = _declare("pl_last_error", c_char_p)
 pl_context_create = _declare("pl_context_create", c_int32, c_int32, ctypes.c_int, c_void_p, ctypes.POINTER(c_void_p))
 pl_context_destroy = _declare("pl_context_destroy", None, c_void_p)
 pl_context_synchronize = _declare("pl_context_synchronize", c_int32, c_void_p)
 pl_context_set_stream = _declare("pl_context_set_stream", c_int32, c_void_p, c_void_p)
+pl_outputs_init = _declare("pl_outputs_init", c_int32, ctypes.POINTER(Outputs))
+pl_tv_config_init = _declare("pl_tv_config_init", c_int32, ctypes.POINTER(TvConfig))
 pl_tv_loss = _declare(
-    "pl_tv_loss", c_int32, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64, c_int32, c_float, c_void_p, c_void_p
+    "pl_tv_loss", c_int32, c_void_p, ctypes.POINTER(TvConfig), c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
+    ctypes.POINTER(Outputs),
 )
-pl_vgg_load = _declare("pl_vgg_load", c_int32, c_void_p, c_char_p, c_int32, c_int32, ctypes.POINTER(c_void_p))
+pl_feature_config_init = _declare("pl_feature_config_init", c_int32, ctypes.POINTER(FeatureConfig))
+pl_feature_loss = _declare(
+    "pl_feature_loss", c_int32, c_void_p, ctypes.POINTER(FeatureConfig), c_void_p, c_void_p, c_int32, c_int64, c_int64,
+    c_int64, c_int64, ctypes.POINTER(Outputs),
+)
+pl_vgg_options_init = _declare("pl_vgg_options_init", c_int32, ctypes.POINTER(VggOptions))
+pl_vgg_load = _declare("pl_vgg_load", c_int32, c_void_p, c_char_p, ctypes.POINTER(VggOptions), ctypes.POINTER(c_void_p))
 pl_vgg_destroy = _declare("pl_vgg_destroy", None, c_void_p)
+pl_perceptual_config_init = _declare("pl_perceptual_config_init", c_int32, ctypes.POINTER(PerceptualConfig))
 pl_perceptual_create = _declare(
     "pl_perceptual_create", c_int32, c_void_p, ctypes.POINTER(PerceptualConfig), ctypes.POINTER(c_void_p)
 )
 pl_perceptual_destroy = _declare("pl_perceptual_destroy", None, c_void_p)
 pl_perceptual_loss = _declare(
-    "pl_perceptual_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64, c_void_p, c_void_p
+    "pl_perceptual_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
+    ctypes.POINTER(Outputs),
 )
 pl_seeded_weights_write = _declare("pl_seeded_weights_write", c_int32, c_char_p, c_int32, ctypes.c_uint64)

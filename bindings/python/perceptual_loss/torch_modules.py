@@ -8,7 +8,7 @@ import ctypes
 
 import torch
 
-from . import Context, DTYPES, Perceptual, TV_VARIANTS, Vgg, _check, _choice, _lib
+from . import Context, DTYPES, Perceptual, Vgg, _check, _lib, outputs, tv_config
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _contexts = {}
@@ -91,10 +91,9 @@ def _apply(run, x, *others):
 class TVLoss(torch.nn.Module):
     """Total-variation loss; `variant` as in `perceptual_loss.tv_loss`."""
 
-    def __init__(self, variant="article", weight=1.0):
+    def __init__(self, variant="article", weight=1.0, eps=0.0):
         super().__init__()
-        self.variant = _choice(TV_VARIANTS, variant, "TV variant")
-        self.weight = float(weight)
+        self.config = tv_config(variant, float(weight), float(eps))  # checks the variant now
 
     def forward(self, x):
         _check_tensor(x, "x")
@@ -102,8 +101,9 @@ class TVLoss(torch.nn.Module):
         ctx = _context(x.device)
 
         def run(loss_ptr, grad_ptr):
-            _check(_lib.pl_tv_loss(ctx._handle, x.data_ptr(), DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, self.variant,
-                                   self.weight, loss_ptr, grad_ptr))
+            out = outputs(loss_ptr, grad_ptr)
+            _check(_lib.pl_tv_loss(ctx._handle, ctypes.byref(self.config), x.data_ptr(),
+                                   DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, ctypes.byref(out)))
 
         return _apply(run, x)
 
@@ -139,6 +139,7 @@ class PerceptualLoss(torch.nn.Module):
         target = target.detach()
 
         def run(loss_ptr, grad_ptr):
-            loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), loss_ptr, grad_ptr)
+            loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape),
+                     outputs(loss_ptr, grad_ptr))
 
         return _apply(run, pred, target)

@@ -12,7 +12,7 @@ EXAMPLE = np.array([1, 2, 4, 7, 11, 16, 22, 29, 37], np.float32).reshape(1, 1, 3
 
 
 def tv_reference(x, variant):
-    """TV of float64 x, as DESIGN.md / ANCHORS.md define it."""
+    """TV of float64 x, as docs/design.md defines it."""
     n, c, h, w = x.shape
     dh = x[:, :, 1:, :] - x[:, :, :-1, :]
     dw = x[:, :, :, 1:] - x[:, :, :, :-1]
@@ -52,6 +52,39 @@ def test_float16_and_loss_only():
     loss, grad = pl.tv_loss(x, "l1", grad=False)
     assert grad is None
     assert loss == pytest.approx(tv_reference(x.astype(np.float64), "l1"), rel=1e-6)
+
+
+def test_per_image_values_eps_and_weight_zero():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (3, 2, 4, 5)).astype(np.float32)
+    loss, grad, per = pl.tv_loss(x, "l2_squared_sum", weight=2.0, per_sample=True)
+    x64 = x.astype(np.float64)
+    want = [2.0 * tv_reference(x64[n : n + 1], "l2_squared") for n in range(3)]
+    assert per == pytest.approx(want, rel=1e-6)
+    assert loss == pytest.approx(sum(want), rel=1e-6)
+    # eps inside the isotropic root: a constant image scores sqrt(eps) per term.
+    flat = np.full((1, 1, 3, 3), 0.5, np.float32)
+    assert pl.tv_loss(flat, "isotropic", eps=9.0, grad=False)[0] == pytest.approx(4 * 3.0)
+    # A weight of 0 is a weight, not "the default".
+    assert pl.tv_loss(x, "l1", weight=0.0)[0] == 0.0
+    with pytest.raises(pl.Error, match="batch mean only"):
+        pl.tv_loss(x, "article_sum")
+
+
+def test_feature_distance_against_numpy():
+    rng = np.random.default_rng(6)
+    a = rng.uniform(-1, 1, (2, 3, 4, 5)).astype(np.float32)
+    b = rng.uniform(-1, 1, (2, 3, 4, 5)).astype(np.float32)
+    d = a.astype(np.float64) - b.astype(np.float64)
+    loss, grad, per = pl.feature_loss(a, b, "mse", weight=0.5, per_sample=True)
+    assert loss == pytest.approx(0.5 * (d**2).mean(), rel=1e-6)
+    assert per == pytest.approx(0.5 * (d**2).mean((1, 2, 3)), rel=1e-6)
+    assert grad == pytest.approx(0.5 * 2 * d / d.size, rel=1e-5)
+    loss, grad = pl.feature_loss(a, b, "mae")
+    assert loss == pytest.approx(np.abs(d).mean(), rel=1e-6)
+    assert grad == pytest.approx(np.sign(d) / d.size, rel=1e-6)
+    with pytest.raises(ValueError, match="unknown criterion"):
+        pl.feature_loss(a, b, "huber")
 
 
 def test_bad_inputs_raise_with_the_library_message():
@@ -153,6 +186,13 @@ def test_perceptual_defaults_names_and_errors(seeded):
     x = np.random.default_rng(5).uniform(0, 1, (1, 3, 16, 16)).astype(np.float32)
     value, grad = pl.Perceptual(vgg)(x, x)
     assert value == 0.0 and not grad.any()
+    two = np.concatenate([x, np.ascontiguousarray(x[:, :, ::-1])])
+    total, _, per = pl.Perceptual(vgg)(two, np.concatenate([x, x]), per_sample=True)
+    assert per[0] == 0.0 and per[1] > 0 and total == pytest.approx(per.mean(), rel=1e-6)
+    shallow = pl.Vgg(seeded, depth=8)  # up to relu2_2
+    assert pl.Perceptual(shallow, taps=["relu2_2"])(two, two)[0] == 0.0
+    with pytest.raises(pl.Error, match="deeper than the loaded weights"):
+        pl.Perceptual(shallow)
     named = pl.Perceptual(vgg, taps=["relu1_2", "relu2_2"], criterion="mae", input_norm="imagenet")
     value, _ = named(x, np.ascontiguousarray(x[:, ::-1]))
     assert value > 0

@@ -1,14 +1,12 @@
-//! Total-variation loss and gradient, every variant, in f64.
+//! Total-variation loss and gradient, every variant, in f64: the
+//! reference the CUDA kernel is tested against. Written in the scatter form
+//! (each difference pushes its gradient to the two pixels it touches) while
+//! the kernel gathers, so the two share no indexing code.
 
-use super::{sign, store_grad};
-use crate::loss::tv::{TvConfig, TvVariant};
+use super::config::{TvConfig, TvVariant};
+use crate::backend::{HostGrad, Values};
+use crate::ops::sign;
 use crate::tensor::{Element, Shape};
-
-/// Loss and per-image scores (already multiplied by the user's weight).
-pub(crate) struct TvValues {
-    pub loss: f64,
-    pub per_sample: Vec<f64>,
-}
 
 /// One image's sum of phi(d) over the vertical and horizontal differences
 /// d = x[to] - x[from], with dphi/dd added to `to` and taken from `from` in
@@ -74,17 +72,18 @@ fn isotropic_sum(
     sum
 }
 
-/// `grad`, when given, receives `beta * grad + dL/dx`.
-pub(crate) fn tv<T: Element>(
-    x: &[T],
-    grad: Option<(&mut [T], f32)>,
-    s: Shape,
+/// The loss of `x` and its per-image values; `grad`, when given, receives
+/// `beta * grad + dL/dx`.
+pub(crate) fn evaluate<T: Element>(
     cfg: &TvConfig,
-    batch_scale: f64,
-) -> TvValues {
+    x: &[T],
+    grad: Option<HostGrad<'_, T>>,
+    s: Shape,
+) -> Values {
     let (c, h, w) = (s.c, s.h, s.w);
-    let image = c * h * w;
+    let image = s.image_len();
     let weight = cfg.weight as f64;
+    let batch_scale = cfg.reduction.batch_scale(s.n);
     let coef_h = 2.0 / (c * (h - 1).max(1) * w) as f64;
     let coef_w = 2.0 / (c * h * (w - 1).max(1)) as f64;
     let mut grad = grad;
@@ -120,12 +119,12 @@ pub(crate) fn tv<T: Element>(
             _ => (sum, weight * batch_scale),
         };
         per_sample.push(weight * score);
-        if let Some((out, beta)) = grad.as_mut() {
-            for (slot, v) in out[n * image..(n + 1) * image].iter_mut().zip(&g) {
-                store_grad(slot, grad_scale * v, *beta);
+        if let Some(out) = grad.as_mut() {
+            for (k, v) in g.iter().enumerate() {
+                out.store(n * image + k, grad_scale * v);
             }
         }
     }
     let loss = per_sample.iter().sum::<f64>() * batch_scale;
-    TvValues { loss, per_sample }
+    Values { loss, per_sample }
 }

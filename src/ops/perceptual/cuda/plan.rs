@@ -1,20 +1,21 @@
-//! What one input shape needs on the device, built once and reused: the
-//! cuDNN plan of every convolution, the one allocation that holds every
-//! buffer of the schedule (laid out by `layout.rs`) and the cuDNN
-//! workspace. Also the `Convs` seam between the schedule's executor and
-//! cuDNN, which the emulator tests fill with a direct convolution.
+//! The per-shape plan: what one input shape needs on the device, built
+//! once and reused. It holds the cuDNN descriptors and algorithms of every
+//! convolution, the one allocation that holds every buffer of the schedule
+//! (laid out by `layout.rs`) and the cuDNN workspace.
 
-use super::cudnn::{ConvPlan, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
-use super::device_weights::DeviceWeights;
+use super::convs::Cudnn;
+use super::exec;
 use super::layout::Layout;
-use super::perceptual::{perceptual, Net, PerceptualCall};
-use super::schedule::{layer_dims, schedule, Step, INPUT_CHANNELS};
-use super::step_times::StepTimes;
+use super::schedule::{self, layer_dims, Step};
+use super::steps::{DeviceNet, Exec};
+use super::CudaCall;
+use crate::cuda::cudnn::{self, CudnnConv, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
+use crate::cuda::step_times::StepTimes;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
-use crate::loss::perceptual::Plan;
+use crate::ops::perceptual::config::PerceptualSpec;
 use crate::tensor::{DType, Shape};
-use crate::vgg::{Layer, Module};
+use crate::vgg::{DeviceWeights, Dims, Layer, Module, INPUT_CHANNELS};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 fn stream_id(dev: &CudaDevice) -> usize {
@@ -31,67 +32,16 @@ fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
         .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
 }
 
-/// The convolutions of a schedule: cuDNN on the device, a direct loop in
-/// the emulator tests. Addresses are device addresses in NHWC; filters KRSC.
-pub(crate) trait Convs {
-    /// `y = conv_k(x)` over `images` images (the 2N batch or one half).
-    ///
-    /// # Safety
-    /// Every address holds the planned shape of layer `k`.
-    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()>;
-    /// `dx = conv_k^T(dy)` over the pred half.
-    ///
-    /// # Safety
-    /// As for `forward`.
-    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()>;
-}
-
-/// cuDNN with the plan's algorithms and workspace.
-struct Cudnn<'a> {
-    handle: &'a Handle,
-    plans: &'a [Option<ConvPlan>],
-    workspace: u64,
-}
-
-impl Cudnn<'_> {
-    fn plan(&self, k: usize) -> Result<&ConvPlan> {
-        self.plans[k]
-            .as_ref()
-            .ok_or_else(|| Error::Internal("no plan for a convolution".into()))
-    }
-}
-
-impl Convs for Cudnn<'_> {
-    unsafe fn forward(&self, k: usize, images: usize, x: u64, weight: u64, y: u64) -> Result<()> {
-        let plan = self.plan(k)?;
-        if plan.forward_images != images {
-            return Err(Error::Internal(format!(
-                "layer {k} planned for {} images, called with {images}",
-                plan.forward_images
-            )));
-        }
-        plan.forward(self.handle, x, weight, y, self.workspace)
-    }
-
-    unsafe fn backward_data(&self, k: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
-        self.plan(k)?
-            .backward_data(self.handle, weight, dy, dx, self.workspace)
-    }
-}
-
 /// Bytes of the buffers (not the cuDNN workspace) a call on `n` image
 /// pairs of `h` x `w` holds.
 pub(crate) fn buffer_bytes(
     layers: &[Layer],
-    plan: &Plan,
-    (n, h, w): (usize, usize, usize),
+    spec: &PerceptualSpec,
+    nhw: (usize, usize, usize),
     compute: DType,
-) -> usize {
-    Layout::new(
-        &schedule(layers, plan, (n, h, w), true, false),
-        compute.size(),
-    )
-    .bytes
+) -> Result<usize> {
+    let sched = schedule::build(layers, spec, nhw, true, false)?;
+    Ok(Layout::new(&sched, compute.size()).bytes)
 }
 
 /// With PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1, a new plan times cuDNN's
@@ -102,14 +52,15 @@ pub(crate) fn buffer_bytes(
 /// While planning, the timing holds scratch for the largest layer's input
 /// and output and a workspace, briefly and outside any memory budget.
 fn benchmark_algorithms() -> bool {
-    super::env_flag("PERCEPTUAL_LOSS_CUDNN_BENCHMARK")
+    crate::cuda::env_flag("PERCEPTUAL_LOSS_CUDNN_BENCHMARK")
 }
 
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
     /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
     key: (Shape, DType, bool, usize),
-    convs: Vec<Option<ConvPlan>>,
+    /// By layer index: the cuDNN convolution of each conv layer.
+    convs: Vec<Option<CudnnConv>>,
     /// Every buffer of the schedule, at `layout`'s offsets.
     arena: CudaSlice<u8>,
     layout: Layout,
@@ -123,15 +74,15 @@ pub(crate) struct ShapePlan {
 /// from the heuristics) and the memory it takes.
 fn log_plan(
     layers: &[Layer],
-    (convs, timed): (&[Option<ConvPlan>], bool),
+    (convs, timed): (&[Option<CudnnConv>], bool),
     (s, compute): (Shape, DType),
-    (dims, buffers, workspace): (&[(usize, usize, usize)], usize, usize),
+    (dims, buffers, workspace): (&[Dims], usize, usize),
 ) {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
     eprintln!(
         "perceptual plan for {s} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
         compute.name(),
-        super::cudnn::version(),
+        cudnn::version(),
         if timed { "timed" } else { "from heuristics" },
         mib(buffers),
         mib(workspace)
@@ -148,6 +99,32 @@ fn log_plan(
     }
 }
 
+/// Per conv layer (by index): the images of its forward batch and its
+/// (input channels, output channels, H, W); `None` for other layers.
+type ConvShapes = Vec<Option<(usize, (usize, usize, usize, usize))>>;
+
+fn conv_shapes(layers: &[Layer], dims: &[Dims], sched: &schedule::Schedule) -> ConvShapes {
+    let forward_images = |layer: usize| {
+        sched.steps.iter().find_map(|step| match step {
+            Step::ConvForward(c) if c.layer == layer => Some(c.x.count),
+            _ => None,
+        })
+    };
+    let mut in_c = INPUT_CHANNELS;
+    layers
+        .iter()
+        .zip(dims)
+        .map(|(layer, &(c, h, w))| {
+            let conv = match (layer.module, forward_images(layer.index)) {
+                (Module::Conv { out_c, .. }, Some(images)) => Some((images, (in_c, out_c, h, w))),
+                _ => None,
+            };
+            in_c = c;
+            conv
+        })
+        .collect()
+}
+
 impl ShapePlan {
     pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
         self.key == (s, dtype, tf32, stream_id(dev))
@@ -157,51 +134,30 @@ impl ShapePlan {
         dev: &CudaDevice,
         handle: &Handle,
         layers: &[Layer],
-        plan: &Plan,
+        spec: &PerceptualSpec,
         s: Shape,
         compute: DType,
     ) -> Result<Self> {
-        let layers = &layers[..=plan.deepest()];
+        let layers = &layers[..=spec.deepest()];
         let dims = layer_dims(layers, s.h, s.w);
         // The call with the gradient uses every buffer a forward-only call
         // does, and has every convolution at its batch.
-        let sched = schedule(layers, plan, (s.n, s.h, s.w), true, false);
-        let forward_images = |k: usize| {
-            sched.steps.iter().find_map(|step| match step {
-                Step::ConvForward { k: at, x, .. } if *at == k => Some(x.count),
-                _ => None,
-            })
-        };
+        let sched = schedule::build(layers, spec, (s.n, s.h, s.w), true, false)?;
         let layout = Layout::new(&sched, compute.size());
         // The workspace gets what the budget leaves after the buffers (its
         // allocation is at least 256 bytes).
         let limit = WorkspaceLimit {
             preferred: MAX_WORKSPACE,
-            most: plan.budget.map(|b| b.saturating_sub(layout.bytes + 256)),
+            most: spec.budget.map(|b| b.saturating_sub(layout.bytes + 256)),
         };
-        let convs_at = || {
-            let mut in_c = INPUT_CHANNELS;
-            layers
-                .iter()
-                .zip(&dims)
-                .enumerate()
-                .map(move |(k, (layer, &(c, h, w)))| {
-                    let conv = match (layer.module, forward_images(k)) {
-                        (Module::Conv { out_c, .. }, Some(images)) => {
-                            Some((images, (in_c, out_c, h, w)))
-                        }
-                        _ => None,
-                    };
-                    in_c = c;
-                    conv
-                })
-        };
+        let shapes = conv_shapes(layers, &dims, &sched);
         // Held only while planning: cuDNN times its algorithms on it.
         let scratch = benchmark_algorithms()
             .then(|| {
-                let data = convs_at()
+                let data = shapes
+                    .iter()
                     .flatten()
-                    .map(|(images, dims)| ConvPlan::scratch_bytes(compute, images, dims))
+                    .map(|&(images, dims)| CudnnConv::scratch_bytes(compute, images, dims))
                     .max()?;
                 Some((
                     alloc(dev, data, "algorithm timing scratch").ok()?,
@@ -216,33 +172,33 @@ impl ShapePlan {
         });
         let mut convs = Vec::new();
         let mut workspace = 0;
-        for conv in convs_at() {
-            convs.push(match conv {
+        for shape in shapes {
+            convs.push(match shape {
                 Some((images, dims)) => {
-                    let conv_plan = |scratch| {
-                        ConvPlan::new(
+                    let conv = |scratch| {
+                        CudnnConv::new(
                             handle,
                             compute,
                             (images, s.n),
                             dims,
-                            plan.tf32,
+                            spec.tf32,
                             limit,
                             scratch,
                         )
                     };
                     // Timing that finds nothing usable falls back to the heuristics.
-                    let p = conv_plan(scratch_addrs).or_else(|e| match scratch_addrs {
-                        Some(_) => conv_plan(None),
+                    let c = conv(scratch_addrs).or_else(|e| match scratch_addrs {
+                        Some(_) => conv(None),
                         None => Err(e),
                     })?;
-                    workspace = workspace.max(p.workspace);
-                    Some(p)
+                    workspace = workspace.max(c.workspace);
+                    Some(c)
                 }
                 None => None,
             });
         }
         drop(scratch);
-        if super::env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
+        if crate::cuda::env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
             log_plan(
                 layers,
                 (&convs, scratch_addrs.is_some()),
@@ -253,7 +209,7 @@ impl ShapePlan {
         let arena = alloc(dev, layout.bytes, "activations and gradients")?;
         let workspace = alloc(dev, workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
-            key: (s, compute, plan.tf32, stream_id(dev)),
+            key: (s, compute, spec.tf32, stream_id(dev)),
             convs,
             footprint: layout.bytes.max(256) + workspace.len(),
             arena,
@@ -269,38 +225,39 @@ impl ShapePlan {
         handle: &Handle,
         weights: &DeviceWeights,
         layers: &[Layer],
-        plan: &Plan,
-        call: &PerceptualCall,
+        spec: &PerceptualSpec,
+        call: &CudaCall,
     ) -> Result<()> {
         let cudnn = Cudnn {
             handle,
-            plans: &self.convs,
+            convs: &self.convs,
             workspace: addr(&self.workspace, dev),
         };
-        let net = Net {
-            layers,
-            weights: &weights.addrs(dev),
-            compute: weights.dtype,
+        let addrs = weights.addrs(dev);
+        let x = Exec {
+            gpu: dev,
+            convs: &cudnn,
+            net: DeviceNet {
+                layers,
+                weights: &addrs,
+                compute: weights.dtype,
+            },
+            spec,
+            call,
+            layout: &self.layout,
+            base: addr(&self.arena, dev),
         };
         let mut times = StepTimes::start(dev)?;
-        perceptual(
-            dev,
-            &cudnn,
-            net,
-            plan,
-            (&self.layout, addr(&self.arena, dev)),
-            call,
-            |step| match times.as_mut() {
-                Some(t) => t.after(dev, step.kind(), step.label(layers)),
-                None => Ok(()),
-            },
-        )?;
+        exec::run(&x, |step| match times.as_mut() {
+            Some(t) => t.after(dev, step.kind(), step.label(layers)),
+            None => Ok(()),
+        })?;
         match times {
             Some(t) => t.report(&format!(
                 "{} {} {}",
-                call.shape,
+                call.io.shape,
                 weights.dtype.name(),
-                if call.grad.is_some() {
+                if call.io.grad.is_some() {
                     "fwd+bwd"
                 } else {
                     "forward only"

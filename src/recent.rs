@@ -1,6 +1,7 @@
-//! A small most-recently-used list: the per-shape CUDA plans of a loss are
-//! kept in one, so a service that sees many input shapes holds the buffers
-//! of a few, not of every shape it has met.
+//! A small most-recently-used list: the per-shape CUDA plans of a loss and
+//! the per-stream devices of a C context are kept in one, so a service
+//! that sees many input shapes (or streams) holds the memory of a few, not
+//! of every one it has met.
 
 use crate::error::Result;
 
@@ -22,6 +23,26 @@ impl<T> Recent<T> {
         self.items.len()
     }
 
+    /// Removes and returns the value `matches` picks, if any.
+    pub(crate) fn take(&mut self, matches: impl Fn(&T) -> bool) -> Option<T> {
+        let k = self.items.iter().position(matches)?;
+        Some(self.items.remove(k))
+    }
+
+    /// Adds `item` as the most recent, dropping the least recently used
+    /// value if full.
+    pub(crate) fn push(&mut self, item: T) {
+        if self.items.len() == self.cap {
+            self.items.pop();
+        }
+        self.items.insert(0, item);
+    }
+
+    /// Drops every value.
+    pub(crate) fn clear(&mut self) {
+        self.items.clear();
+    }
+
     /// The value `matches` picks or, when there is none, the one `make`
     /// builds (after dropping the least recently used value if full, so
     /// its memory is free first); either becomes the most recent.
@@ -30,8 +51,8 @@ impl<T> Recent<T> {
         matches: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Result<T>,
     ) -> Result<&mut T> {
-        let item = match self.items.iter().position(matches) {
-            Some(k) => self.items.remove(k),
+        let item = match self.take(matches) {
+            Some(item) => item,
             None => {
                 if self.items.len() == self.cap {
                     self.items.pop();

@@ -1,5 +1,7 @@
 //! VGG building blocks on one CHW image, f32: 3x3 convolution (im2col +
-//! sgemm) and its input gradient, ReLU, and 2x2 pooling with its gradient.
+//! sgemm) and its input gradient, the bias, ReLU, and 2x2 pooling with its
+//! gradient. The CUDA steps' tests compose these into the reference of
+//! each fused kernel.
 
 use super::gemm::sgemm;
 use crate::vgg::{ConvWeights, Pooling};
@@ -127,7 +129,12 @@ pub(crate) fn conv(
             (&mut out[first * w..], hw),
         );
     }
-    for (plane, b) in out.chunks_exact_mut(hw).zip(&p.bias) {
+    add_bias(out, &p.bias, hw);
+}
+
+/// Adds `bias[c]` to every value of plane `c` (of `hw` values) of `x`.
+pub(crate) fn add_bias(x: &mut [f32], bias: &[f32], hw: usize) {
+    for (plane, b) in x.chunks_exact_mut(hw).zip(bias) {
         plane.iter_mut().for_each(|v| *v += b);
     }
 }

@@ -126,8 +126,8 @@ fn place(order: &[usize], sizes: &[usize], life: &[(usize, usize)]) -> Layout {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::schedule::schedule;
-    use crate::loss::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
+    use crate::ops::perceptual::cuda::schedule;
+    use crate::ops::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
     use crate::vgg::{Pooling, VggArch};
 
     fn configs() -> Vec<(VggArch, PerceptualConfig)> {
@@ -157,13 +157,14 @@ mod tests {
         for (arch, config) in configs() {
             let loss = PerceptualLoss::seeded(arch, &config);
             for want_grad in [true, false] {
-                let s = schedule(
+                let s = schedule::build(
                     loss.vgg().layers(),
-                    loss.plan(),
+                    loss.spec(),
                     (3, 37, 21),
                     want_grad,
                     false,
-                );
+                )
+                .unwrap();
                 let layout = Layout::new(&s, 2);
                 let life = lifetimes(&s);
                 let size = |b: usize| s.buffers[b].bytes(2);
@@ -189,7 +190,8 @@ mod tests {
         // The benchmark's shape: 8x3x256x256 in bf16.
         for (arch, config) in configs() {
             let loss = PerceptualLoss::seeded(arch, &config);
-            let s = schedule(loss.vgg().layers(), loss.plan(), (8, 256, 256), true, false);
+            let s = schedule::build(loss.vgg().layers(), loss.spec(), (8, 256, 256), true, false)
+                .unwrap();
             let layout = Layout::new(&s, 2);
             let peak = live_peak(&s, 2);
             let sum: usize = s.buffers.iter().map(|b| b.bytes(2)).sum();

@@ -1,0 +1,166 @@
+//! The rule every options struct of the C ABI follows, so that it can grow
+//! without breaking compiled callers.
+//!
+//! 1. The struct starts with `size_t struct_size`, which the caller sets to
+//!    `sizeof` the struct it was compiled with; its `pl_*_init` function
+//!    writes that and every default, so zero never has to mean "default".
+//! 2. New fields are only ever appended, and each released version ends
+//!    without padding, so every version has its own size.
+//! 3. The library accepts the size of any version it knows, reads that
+//!    prefix and takes the defaults for the fields after it (an older
+//!    caller), and rejects any other size (a newer caller, or a struct
+//!    never initialised) with a message naming both.
+//! 4. Passing NULL for an options struct means all defaults.
+//!
+//! Struct-size fields were chosen over builder handles with setters: a C
+//! caller fills one plain struct (designated initialisers, stack memory),
+//! the header documents every option in one place, and the ctypes binding
+//! mirrors it field for field, while growth stays as safe.
+
+use crate::error::Error;
+
+/// An options struct of the C ABI.
+///
+/// # Safety
+/// The type is `#[repr(C)]`, starts with a `usize` struct size, holds only
+/// plain data (integers, floats, raw pointers) and `SIZES` lists the
+/// sizes of its released versions, the current one last.
+pub(crate) unsafe trait Options: Copy {
+    /// The C type name, for messages.
+    const NAME: &'static str;
+    /// `sizeof` of every released version, oldest first; the last is the
+    /// current `size_of::<Self>()`.
+    const SIZES: &'static [usize];
+    /// Every field's default, `struct_size` the current size.
+    fn defaults() -> Self;
+}
+
+/// Reads the options at `ptr` (parameter `param`): the defaults for NULL,
+/// else the version its `struct_size` names, later fields defaulted.
+///
+/// # Safety
+/// `ptr` must be NULL or address `struct_size` readable bytes.
+pub(crate) unsafe fn read<O: Options>(ptr: *const O, param: &str) -> Result<O, Error> {
+    if ptr.is_null() {
+        return Ok(O::defaults());
+    }
+    if !(ptr as usize).is_multiple_of(std::mem::align_of::<O>()) {
+        return Err(Error::arg(format!(
+            "{param} ({ptr:?}) is not aligned for a {}",
+            O::NAME
+        )));
+    }
+    let size = ptr.cast::<usize>().read();
+    if !O::SIZES.contains(&size) {
+        return Err(Error::arg(format!(
+            "{param}: struct_size is {size}, which is not the size of a {} this library knows \
+             ({:?}); set it to sizeof({}), as {}_init does",
+            O::NAME,
+            O::SIZES,
+            O::NAME,
+            O::NAME,
+        )));
+    }
+    let mut value = O::defaults();
+    // SAFETY: `size` is at most size_of::<O>() (the last of SIZES) and the
+    // caller vouches for `size` readable bytes; O is plain data.
+    std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut O).cast::<u8>(), size);
+    Ok(value)
+}
+
+/// Writes the defaults of `O` to `ptr` (parameter `param`).
+///
+/// # Safety
+/// `ptr` must be NULL or address a writable `O`.
+pub(crate) unsafe fn init<O: Options>(ptr: *mut O, param: &str) -> Result<(), Error> {
+    let out = super::handle::out_param(ptr, param)?;
+    *out = O::defaults();
+    Ok(())
+}
+
+/// Whether a struct's last field ends it: no trailing padding, so that a
+/// later version with more fields has another size.
+#[cfg(test)]
+pub(crate) fn ends_at(size: usize, last_offset: usize, last_size: usize) -> bool {
+    size == last_offset + last_size && size.is_multiple_of(8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// Version 2 of a struct that gained `b` after version 1 ended at `a2`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    struct Grown {
+        struct_size: usize,
+        a: f32,
+        a2: f32,
+        b: f64,
+    }
+
+    const V1: usize = offset_of!(Grown, b);
+
+    unsafe impl Options for Grown {
+        const NAME: &'static str = "pl_grown_options";
+        const SIZES: &'static [usize] = &[V1, size_of::<Grown>()];
+        fn defaults() -> Self {
+            Grown {
+                struct_size: size_of::<Grown>(),
+                a: 1.0,
+                a2: 2.0,
+                b: 3.0,
+            }
+        }
+    }
+
+    #[test]
+    fn an_older_struct_gets_the_defaults_of_the_fields_it_lacks() {
+        // An old caller's struct: version 1, followed by bytes it does not own.
+        let old = Grown {
+            struct_size: V1,
+            a: 5.0,
+            a2: 6.0,
+            b: f64::NAN,
+        };
+        let got = unsafe { read(&old, "opts") }.unwrap();
+        assert_eq!((got.a, got.a2, got.b), (5.0, 6.0, 3.0));
+        let new = Grown {
+            b: 7.0,
+            ..Grown::defaults()
+        };
+        assert_eq!(unsafe { read(&new, "opts") }.unwrap(), new);
+        assert_eq!(
+            unsafe { read(std::ptr::null::<Grown>(), "opts") }.unwrap(),
+            Grown::defaults()
+        );
+    }
+
+    #[test]
+    fn an_unknown_size_is_refused_with_both_sizes_named() {
+        for size in [0, 8, V1 + 4, size_of::<Grown>() + 8] {
+            let bad = Grown {
+                struct_size: size,
+                ..Grown::defaults()
+            };
+            let e = unsafe { read(&bad, "opts") }.unwrap_err().to_string();
+            assert!(e.contains(&format!("struct_size is {size}")), "{e}");
+            assert!(e.contains("pl_grown_options"), "{e}");
+            assert!(e.contains(&format!("{}", size_of::<Grown>())), "{e}");
+        }
+    }
+
+    #[test]
+    fn init_writes_the_defaults() {
+        let mut g = Grown {
+            struct_size: 0,
+            a: 0.0,
+            a2: 0.0,
+            b: 0.0,
+        };
+        unsafe { init(&mut g, "opts") }.unwrap();
+        assert_eq!(g, Grown::defaults());
+        assert!(unsafe { init(std::ptr::null_mut::<Grown>(), "opts") }.is_err());
+    }
+}

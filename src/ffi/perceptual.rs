@@ -1,0 +1,274 @@
+//! `pl_perceptual`: a VGG perceptual loss over loaded weights
+//! (docs/design.md, "Perceptual loss").
+
+use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::context::Streams;
+use super::feature::{criterion_of, pl_criterion, PL_MSE};
+use super::guard::guard;
+use super::handle::{borrow, destroy, give, out_param, Handle};
+use super::options::{self, Options};
+use super::status::pl_status;
+use super::vgg::pl_vgg;
+use crate::error::Error;
+use crate::vgg::Pooling;
+use crate::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::Arc;
+
+/// Input normalisation of a perceptual loss.
+pub type pl_input_norm = i32;
+/// Inputs used as given (the default).
+pub const PL_NORM_NONE: pl_input_norm = 0;
+/// ImageNet mean/std, inputs in [0, 1].
+pub const PL_NORM_IMAGENET: pl_input_norm = 1;
+/// Inputs in [-1, 1] mapped to [0, 1], then ImageNet mean/std.
+pub const PL_NORM_IMAGENET_FROM_PM1: pl_input_norm = 2;
+
+/// Pooling of the VGG network.
+pub type pl_pooling = i32;
+/// Max-pooling (the default).
+pub const PL_POOL_MAX: pl_pooling = 0;
+/// Average pooling.
+pub const PL_POOL_AVG: pl_pooling = 1;
+
+/// The article's taps: relu1_2, relu2_2, relu3_3, relu4_3.
+static DEFAULT_TAPS: [i32; 4] = [3, 8, 15, 22];
+
+/// Perceptual loss options. Initialise with `pl_perceptual_config_init`,
+/// which writes the article's configuration.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pl_perceptual_config {
+    /// sizeof(pl_perceptual_config), as `pl_perceptual_config_init` writes it.
+    pub struct_size: usize,
+    /// Tapped module indices (torchvision `features`), or NULL when
+    /// tap_names is given. Default: 3, 8, 15, 22 (relu1_2, relu2_2,
+    /// relu3_3, relu4_3), an array owned by the library.
+    pub taps: *const i32,
+    /// Tapped module names such as "relu3_3" or "conv5_4", or NULL when
+    /// taps is given; give one of the two. Default NULL.
+    pub tap_names: *const *const c_char,
+    /// Number of entries in taps or tap_names, at least 1; default 4.
+    pub num_taps: usize,
+    /// One weight per tap, or NULL (the default) for all 1.
+    pub tap_weights: *const f32,
+    /// Number of entries in tap_weights: num_taps, or 0 when tap_weights
+    /// is NULL.
+    pub num_tap_weights: usize,
+    /// PL_MSE (default) or PL_MAE.
+    pub criterion: pl_criterion,
+    /// PL_NORM_NONE (default), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
+    pub input_norm: pl_input_norm,
+    /// PL_POOL_MAX (default) or PL_POOL_AVG.
+    pub pooling: pl_pooling,
+    /// Overall weight; default 1 (0 is a valid weight: a zero loss).
+    pub weight: f32,
+    /// Nonzero lets f32 convolutions on CUDA use TF32; default 0.
+    pub allow_tf32: i32,
+    /// Write 0 (as `pl_perceptual_config_init` does).
+    pub reserved: i32,
+    /// On CUDA, at most this many images at a time; 0 (the default) for
+    /// the whole batch.
+    pub max_chunk_images: usize,
+    /// On CUDA, device bytes one call may hold for buffers and cuDNN
+    /// workspace (the batch is chunked to fit); 0 (the default) for no limit.
+    pub memory_budget_bytes: usize,
+}
+
+// SAFETY: repr(C), struct_size first, plain data; one released version.
+unsafe impl Options for pl_perceptual_config {
+    const NAME: &'static str = "pl_perceptual_config";
+    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_perceptual_config>()];
+    fn defaults() -> Self {
+        pl_perceptual_config {
+            struct_size: std::mem::size_of::<pl_perceptual_config>(),
+            taps: DEFAULT_TAPS.as_ptr(),
+            tap_names: std::ptr::null(),
+            num_taps: DEFAULT_TAPS.len(),
+            tap_weights: std::ptr::null(),
+            num_tap_weights: 0,
+            criterion: PL_MSE,
+            input_norm: PL_NORM_NONE,
+            pooling: PL_POOL_MAX,
+            weight: 1.0,
+            allow_tf32: 0,
+            reserved: 0,
+            max_chunk_images: 0,
+            memory_budget_bytes: 0,
+        }
+    }
+}
+
+/// A perceptual loss; it keeps its VGG alive and runs on its context's
+/// current stream.
+pub struct pl_perceptual {
+    loss: PerceptualLoss,
+    streams: Arc<Streams>,
+}
+
+impl Handle for pl_perceptual {
+    const NAME: &'static str = "pl_perceptual";
+}
+
+/// The Rust config of a C one.
+///
+/// # Safety
+/// The arrays in `c` must hold their counts of entries; names must be
+/// NUL-terminated strings.
+unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig, Error> {
+    check_reserved(c.reserved, "config")?;
+    let mut cfg = PerceptualConfig::default();
+    if c.num_taps == 0 {
+        return Err(Error::arg(
+            "config.num_taps is 0; a perceptual loss needs at least one tap",
+        ));
+    }
+    cfg.taps = match (c.taps.is_null(), c.tap_names.is_null()) {
+        (false, true) => std::slice::from_raw_parts(c.taps, c.num_taps)
+            .iter()
+            .map(|&i| {
+                usize::try_from(i)
+                    .map(Tap::Index)
+                    .map_err(|_| Error::arg(format!("tap {i} is negative")))
+            })
+            .collect::<Result<_, _>>()?,
+        (true, false) => std::slice::from_raw_parts(c.tap_names, c.num_taps)
+            .iter()
+            .map(|&p| {
+                if p.is_null() {
+                    return Err(Error::arg("a tap name is NULL"));
+                }
+                Ok(Tap::Name(CStr::from_ptr(p).to_string_lossy().into_owned()))
+            })
+            .collect::<Result<_, Error>>()?,
+        (true, true) => return Err(Error::arg("config.taps and config.tap_names are NULL")),
+        (false, false) => return Err(Error::arg("give config.taps or config.tap_names, not both")),
+    };
+    match (c.tap_weights.is_null(), c.num_tap_weights) {
+        (true, 0) => {}
+        (true, n) => {
+            return Err(Error::arg(format!(
+                "num_tap_weights is {n} but tap_weights is NULL"
+            )))
+        }
+        (false, 0) => return Err(Error::arg("tap_weights needs num_tap_weights")),
+        (false, n) => {
+            let taps = cfg.taps.len();
+            if n != taps {
+                return Err(Error::arg(format!("{taps} taps but {n} tap weights")));
+            }
+            cfg.tap_weights = std::slice::from_raw_parts(c.tap_weights, n).to_vec();
+        }
+    }
+    cfg.criterion = criterion_of(c.criterion)?;
+    cfg.input_norm = match c.input_norm {
+        PL_NORM_NONE => InputNorm::None,
+        PL_NORM_IMAGENET => InputNorm::Imagenet,
+        PL_NORM_IMAGENET_FROM_PM1 => InputNorm::ImagenetFromPm1,
+        v => return Err(Error::arg(format!("unknown pl_input_norm {v}"))),
+    };
+    cfg.pooling = match c.pooling {
+        PL_POOL_MAX => Pooling::Max,
+        PL_POOL_AVG => Pooling::Avg,
+        v => return Err(Error::arg(format!("unknown pl_pooling {v}"))),
+    };
+    cfg.weight = c.weight;
+    cfg.allow_tf32 = c.allow_tf32 != 0;
+    cfg.max_chunk_images = (c.max_chunk_images > 0).then_some(c.max_chunk_images);
+    cfg.memory_budget = (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes);
+    Ok(cfg)
+}
+
+/// Writes the defaults to `config`: the article's loss (taps relu1_2,
+/// relu2_2, relu3_3, relu4_3, unit weights, MSE, no normalisation,
+/// max-pooling, weight 1), TF32 off, no chunking, no memory budget.
+///
+/// # Safety
+/// `config` must be NULL or a writable `pl_perceptual_config`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_config_init(config: *mut pl_perceptual_config) -> pl_status {
+    guard(|| options::init(config, "config"))
+}
+
+/// Creates a perceptual loss over `vgg` with `config` (NULL = the
+/// defaults `pl_perceptual_config_init` writes). The arrays `config`
+/// points to are copied: they may be freed when this returns.
+///
+/// # Safety
+/// `vgg` must be a live handle, `config` NULL or valid, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_create(
+    vgg: *mut pl_vgg,
+    config: *const pl_perceptual_config,
+    out: *mut *mut pl_perceptual,
+) -> pl_status {
+    guard(|| {
+        let vgg = borrow(vgg, "vgg")?;
+        let out = out_param(out, "out")?;
+        let config = perceptual_config(&options::read(config, "config")?)?;
+        let loss = PerceptualLoss::new(vgg.vgg.clone(), &config)?;
+        let streams = vgg.streams.clone();
+        give(pl_perceptual { loss, streams }, out);
+        Ok(())
+    })
+}
+
+/// Destroys a perceptual loss; NULL is ignored.
+///
+/// # Safety
+/// `loss` must be NULL or a handle from `pl_perceptual_create`, not used again.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_destroy(loss: *mut pl_perceptual) {
+    destroy(loss)
+}
+
+/// Perceptual loss of `pred` against the constant `target` (contiguous
+/// NCHW, c = 1 or 3, same dtype), on the device its VGG was loaded for.
+/// Writes the loss and, as `out` asks, dL/dpred (in `dtype` and pred's
+/// layout) and each image's loss. In PL_F16 the gradient of a mean over
+/// many elements can fall below half precision's normal range (about
+/// 6e-5): scale it with the config's `weight`.
+///
+/// # Safety
+/// `loss` must be a live handle; `pred`, `target` and `out->grad` must
+/// address n*c*h*w elements, `out->loss` one float and `out->per_sample` n
+/// floats on that device; `out` must be valid.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_loss(
+    loss: *mut pl_perceptual,
+    pred: *const c_void,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    out: *const pl_outputs,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(loss, "loss")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        let inputs = [(pred, "pred"), (target, "target")];
+        let call = views(&device, &inputs, dtype, shape, out)?;
+        let [p, t] = &call.inputs[..] else {
+            return Err(Error::Internal("two views for two inputs".into()));
+        };
+        handle.loss.compute_on(&device, p, t, call.outputs)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::options::ends_at;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn the_struct_ends_without_padding() {
+        let size = size_of::<pl_perceptual_config>();
+        let last = offset_of!(pl_perceptual_config, memory_budget_bytes);
+        assert!(ends_at(size, last, size_of::<usize>()));
+        assert_eq!(offset_of!(pl_perceptual_config, max_chunk_images) % 8, 0);
+    }
+}

@@ -1,0 +1,190 @@
+//! The options of the perceptual loss, and [`PerceptualSpec`]: the options
+//! resolved against a loaded network, which is what both backends read.
+
+use crate::error::{Error, Result};
+use crate::ops::check_weight;
+use crate::ops::feature::Criterion;
+use crate::vgg::{Module, Pooling, Vgg};
+
+/// A tapped module: by torchvision index or by name (`"relu3_3"`, `"conv5_4"`, `"pool2"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Tap {
+    /// Module index in `features`.
+    Index(usize),
+    /// Module name.
+    Name(String),
+}
+
+impl From<usize> for Tap {
+    fn from(i: usize) -> Self {
+        Tap::Index(i)
+    }
+}
+
+impl From<&str> for Tap {
+    fn from(s: &str) -> Self {
+        Tap::Name(s.to_string())
+    }
+}
+
+/// How inputs are normalised before VGG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum InputNorm {
+    /// Used as given (the article's default).
+    #[default]
+    None,
+    /// ImageNet mean/std for inputs in [0, 1].
+    Imagenet,
+    /// Inputs in [-1, 1]: mapped by (x + 1) / 2, then ImageNet mean/std.
+    ImagenetFromPm1,
+}
+
+/// ImageNet's per-channel mean and standard deviation (RGB).
+const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+const STD: [f64; 3] = [0.229, 0.224, 0.225];
+
+impl InputNorm {
+    /// (scale, shift) with normalised = x * scale + shift, for channel `c`.
+    pub(crate) fn affine(self, c: usize) -> (f64, f64) {
+        match self {
+            InputNorm::None => (1.0, 0.0),
+            InputNorm::Imagenet => (1.0 / STD[c], -MEAN[c] / STD[c]),
+            InputNorm::ImagenetFromPm1 => (0.5 / STD[c], (0.5 - MEAN[c]) / STD[c]),
+        }
+    }
+}
+
+/// Configuration of a [`PerceptualLoss`](crate::PerceptualLoss); `Default`
+/// is the article's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerceptualConfig {
+    /// Tapped modules, compared at their outputs; default [3, 8, 15, 22].
+    pub taps: Vec<Tap>,
+    /// One weight per tap; empty means all 1.
+    pub tap_weights: Vec<f32>,
+    /// MSE (default) or MAE.
+    pub criterion: Criterion,
+    /// Input normalisation; default none.
+    pub input_norm: InputNorm,
+    /// Max (default) or average pooling.
+    pub pooling: Pooling,
+    /// Overall weight; default 1.
+    pub weight: f32,
+    /// On CUDA, run at most this many images at a time (pred and target
+    /// each), so device memory follows the chunk instead of the batch;
+    /// `None` runs the whole batch at once. The loss is the same.
+    pub max_chunk_images: Option<usize>,
+    /// On CUDA, the device bytes one call may hold for its buffers and the
+    /// cuDNN workspace: the batch runs in the largest chunks whose buffers
+    /// fit, and convolution algorithms are chosen within the bytes left.
+    /// `None`: no limit (the workspace is capped at 256 MiB). A call whose
+    /// single image does not fit is an error. No effect on the CPU.
+    pub memory_budget: Option<usize>,
+    /// Lets f32 convolutions on CUDA use TF32 tensor cores (faster, about
+    /// 1e-3 relative error); default off. No effect on f16/bf16 or the CPU.
+    pub allow_tf32: bool,
+}
+
+impl Default for PerceptualConfig {
+    fn default() -> Self {
+        PerceptualConfig {
+            taps: [3, 8, 15, 22].into_iter().map(Tap::Index).collect(),
+            tap_weights: Vec::new(),
+            criterion: Criterion::Mse,
+            input_norm: InputNorm::None,
+            pooling: Pooling::Max,
+            weight: 1.0,
+            max_chunk_images: None,
+            memory_budget: None,
+            allow_tf32: false,
+        }
+    }
+}
+
+/// A [`PerceptualConfig`] resolved against a loaded network and checked:
+/// taps by layer index, ascending, each with its weight.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PerceptualSpec {
+    /// (layer index, tap weight), ascending by index.
+    pub taps: Vec<(usize, f64)>,
+    pub criterion: Criterion,
+    pub norm: InputNorm,
+    pub pooling: Pooling,
+    pub weight: f64,
+    pub tf32: bool,
+    pub chunk: Option<usize>,
+    pub budget: Option<usize>,
+}
+
+impl PerceptualSpec {
+    /// Resolves and checks `config` against `vgg`: every tap exists and is
+    /// loaded, taps are distinct, one weight per tap, finite weights.
+    pub(crate) fn resolve(config: &PerceptualConfig, vgg: &Vgg) -> Result<Self> {
+        check_weight("weight", config.weight)?;
+        if config.max_chunk_images == Some(0) {
+            return Err(Error::arg("max_chunk_images must be at least 1"));
+        }
+        if config.taps.is_empty() {
+            return Err(Error::arg("a perceptual loss needs at least one tap"));
+        }
+        if !config.tap_weights.is_empty() && config.tap_weights.len() != config.taps.len() {
+            return Err(Error::arg(format!(
+                "{} taps but {} tap weights",
+                config.taps.len(),
+                config.tap_weights.len()
+            )));
+        }
+        let arch = vgg.arch();
+        let name = |layer: usize| arch.layer_name(layer).unwrap_or_default();
+        let mut taps = Vec::with_capacity(config.taps.len());
+        for (k, tap) in config.taps.iter().enumerate() {
+            let layer = match tap {
+                Tap::Index(i) => arch.resolve(&i.to_string())?,
+                Tap::Name(n) => arch.resolve(n)?,
+            };
+            if layer > vgg.depth() {
+                return Err(Error::arg(format!(
+                    "tap {} ({layer}) is deeper than the loaded weights (up to module {}, {})",
+                    name(layer),
+                    vgg.depth(),
+                    name(vgg.depth())
+                )));
+            }
+            let w = config.tap_weights.get(k).copied().unwrap_or(1.0);
+            check_weight(&format!("the weight of tap {} ({layer})", name(layer)), w)?;
+            if taps.iter().any(|&(i, _)| i == layer) {
+                return Err(Error::arg(format!("tap {layer} is listed twice")));
+            }
+            taps.push((layer, w as f64));
+        }
+        taps.sort_by_key(|t| t.0);
+        Ok(PerceptualSpec {
+            taps,
+            criterion: config.criterion,
+            norm: config.input_norm,
+            pooling: config.pooling,
+            weight: config.weight as f64,
+            tf32: config.allow_tf32,
+            chunk: config.max_chunk_images,
+            budget: config.memory_budget,
+        })
+    }
+
+    /// The deepest tapped layer: the network runs up to it.
+    pub(crate) fn deepest(&self) -> usize {
+        self.taps.last().map_or(0, |t| t.0)
+    }
+
+    /// The weight of the tap at `layer`, if it is one.
+    pub(crate) fn tap_weight(&self, layer: usize) -> Option<f64> {
+        self.taps.iter().find(|t| t.0 == layer).map(|t| t.1)
+    }
+
+    /// How many poolings the deepest tap follows among `layers`.
+    pub(crate) fn pools(&self, layers: &[crate::vgg::Layer]) -> u32 {
+        layers[..=self.deepest()]
+            .iter()
+            .filter(|l| l.module == Module::Pool)
+            .count() as u32
+    }
+}

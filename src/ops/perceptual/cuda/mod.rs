@@ -1,0 +1,227 @@
+//! The perceptual loss on CUDA.
+//!
+//! One call is a schedule of steps (`schedule/`): a preprocessing pass
+//! into an NHWC [pred; target] batch, cuDNN convolutions, fused
+//! bias+ReLU(+pool)(+tap) passes that keep a 1-bit mask and a 2-bit
+//! argmax for the pred half, and a backward over the pred half only
+//! (weights are frozen: backward-data needs no activations). `steps/`
+//! launches each step, `exec.rs` queues a schedule, `plan.rs` holds what
+//! one input shape needs (cuDNN algorithms, buffers laid out by
+//! `layout.rs`, workspace), and [`Plans`] keeps the plans of recent
+//! shapes and splits a batch into chunks under a memory budget.
+
+mod convs;
+mod exec;
+mod layout;
+mod plan;
+mod schedule;
+mod steps;
+#[cfg(test)]
+mod tests;
+
+use super::config::PerceptualSpec;
+use crate::backend::DeviceIo;
+use crate::cuda::cudnn::Handle;
+use crate::device::CudaDevice;
+use crate::error::{Error, Result};
+use crate::recent::Recent;
+use crate::tensor::{DType, Shape};
+use crate::vgg::Vgg;
+use plan::{buffer_bytes, ShapePlan};
+use std::sync::Mutex;
+
+/// One call (or one chunk of images of it) on the device.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CudaCall {
+    /// The addresses: pred, target, and the outputs.
+    pub io: DeviceIo<2>,
+    /// Images the loss averages over: the whole batch when chunked.
+    pub batch: usize,
+    /// Whether the loss already holds earlier chunks' share.
+    pub accumulate: bool,
+}
+
+impl CudaCall {
+    /// The whole of a call.
+    fn new(io: DeviceIo<2>) -> Self {
+        CudaCall {
+            io,
+            batch: io.shape.n,
+            accumulate: false,
+        }
+    }
+
+    /// The call split into runs of at most `chunk` images. Images are
+    /// independent: a chunk is a smaller batch at an offset, scaled by the
+    /// whole batch and added to the earlier chunks' loss.
+    pub(crate) fn chunks(&self, chunk: usize) -> Vec<CudaCall> {
+        let io = self.io;
+        let s = io.shape;
+        let chunk = chunk.clamp(1, s.n);
+        // pred, target and gradient share the image size
+        let image_bytes = (s.image_len() * io.dtype.size()) as u64;
+        (0..s.n)
+            .step_by(chunk)
+            .map(|start| {
+                let at = start as u64;
+                CudaCall {
+                    io: DeviceIo {
+                        shape: Shape::new(chunk.min(s.n - start), s.c, s.h, s.w),
+                        inputs: io.inputs.map(|p| p + at * image_bytes),
+                        grad: io.grad.map(|g| g + at * image_bytes),
+                        per_sample: io.per_sample.map(|ps| ps + at * 4),
+                        ..io
+                    },
+                    batch: self.batch,
+                    accumulate: self.accumulate || start > 0,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Input shapes whose CUDA buffers a loss keeps (per loss and its clones).
+const KEPT_SHAPES: usize = 4;
+
+/// The CUDA backend's state of one loss: the plans (cuDNN algorithms and
+/// buffers) of the most recently used input shapes, and the chunk size
+/// chosen for each (batch shape, compute dtype).
+pub(crate) struct Plans {
+    plans: Mutex<Recent<ShapePlan>>,
+    chunks: Mutex<Recent<((Shape, DType), usize)>>,
+}
+
+impl Default for Plans {
+    fn default() -> Self {
+        Plans {
+            plans: Mutex::new(Recent::new(KEPT_SHAPES)),
+            chunks: Mutex::new(Recent::new(64)),
+        }
+    }
+}
+
+impl std::fmt::Debug for Plans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.plans.lock().map(|p| p.len()).unwrap_or(0);
+        write!(f, "Plans({n} shapes)")
+    }
+}
+
+impl Plans {
+    /// Queues the loss of `io.inputs[0]` (pred) against `io.inputs[1]`
+    /// (target) on `dev`, chunk by chunk.
+    pub(crate) fn queue(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        io: &DeviceIo<2>,
+    ) -> Result<()> {
+        let weights = vgg.device_weights()?;
+        let chunk = self.device_chunk_images(dev, vgg, spec, io.shape)?;
+        for call in CudaCall::new(*io).chunks(chunk) {
+            self.with_plan(dev, vgg, spec, call.io.shape, |handle, plan| {
+                plan.run(dev, handle, weights, vgg.layers(), spec, &call)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Device bytes of the buffers and cuDNN workspace a call on `shape`
+    /// holds (for one chunk when chunked), building its plan if needed.
+    pub(crate) fn footprint(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        shape: Shape,
+    ) -> Result<usize> {
+        let chunk = Shape {
+            n: self.device_chunk_images(dev, vgg, spec, shape)?,
+            ..shape
+        };
+        self.with_plan(dev, vgg, spec, chunk, |_, plan| Ok(plan.footprint))
+    }
+
+    /// Images per chunk: `max_chunk_images`, lowered until the buffers fit
+    /// the memory budget and then until `plans(k)` (building the plan of a
+    /// k-image chunk) succeeds: cuDNN's workspace comes out of what the
+    /// buffers leave. Decided once per shape.
+    pub(crate) fn chunk_images(
+        &self,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        s: Shape,
+        compute: DType,
+        mut plans: impl FnMut(usize) -> Result<()>,
+    ) -> Result<usize> {
+        let cap = spec.chunk.unwrap_or(s.n).min(s.n);
+        let Some(budget) = spec.budget else {
+            return Ok(cap);
+        };
+        let mut chunks = self.chunks.lock().map_err(|_| Error::poisoned())?;
+        let key = (s, compute);
+        let chosen = chunks.get_or_try_insert(
+            |(k, _)| *k == key,
+            || {
+                let bytes = |k: usize| buffer_bytes(vgg.layers(), spec, (k, s.h, s.w), compute);
+                let one = bytes(1)?;
+                if one > budget {
+                    return Err(Error::arg(format!(
+                        "the memory budget of {budget} bytes is below the {one} bytes of buffers one {}x{} image needs",
+                        s.h, s.w
+                    )));
+                }
+                // Buffers grow about linearly with the images: start there,
+                // then step to the largest count that fits.
+                let mut k = (budget / one).clamp(1, cap);
+                while k > 1 && bytes(k)? > budget {
+                    k -= 1;
+                }
+                while k < cap && bytes(k + 1)? <= budget {
+                    k += 1;
+                }
+                loop {
+                    match plans(k) {
+                        Ok(()) => return Ok((key, k)),
+                        Err(e) if k == 1 => return Err(e),
+                        Err(_) => k -= 1,
+                    }
+                }
+            },
+        )?;
+        Ok(chosen.1)
+    }
+
+    fn device_chunk_images(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        s: Shape,
+    ) -> Result<usize> {
+        self.chunk_images(vgg, spec, s, vgg.compute_dtype(), |k| {
+            self.with_plan(dev, vgg, spec, Shape { n: k, ..s }, |_, _| Ok(()))
+        })
+    }
+
+    /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
+    fn with_plan<R>(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        shape: Shape,
+        f: impl FnOnce(&Handle, &mut ShapePlan) -> Result<R>,
+    ) -> Result<R> {
+        dev.with_cudnn(|handle| {
+            let mut plans = self.plans.lock().map_err(|_| Error::poisoned())?;
+            let compute = vgg.compute_dtype();
+            let plan = plans.get_or_try_insert(
+                |p| p.matches(dev, shape, compute, spec.tf32),
+                || ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute),
+            )?;
+            f(handle, plan)
+        })
+    }
+}

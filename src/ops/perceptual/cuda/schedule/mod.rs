@@ -1,0 +1,232 @@
+//! The perceptual loss's GPU work as a list of steps: which pass reads and
+//! writes which buffer. Pure data: `layout.rs` places the buffers in one
+//! device allocation from their lifetimes, and `steps/` turns each step
+//! into a kernel launch or a cuDNN call.
+//!
+//! Every tensor is its own buffer, written once (in-place passes keep
+//! the buffer): the 2N batch [pred; target] activations in NHWC, the
+//! pred half's gradients, ReLU masks, pool argmax and the gradients of
+//! inner taps. `forward.rs` builds the forward steps, `backward.rs` the
+//! backward ones from what the forward left; `steps.rs` defines each step.
+
+mod backward;
+mod forward;
+mod steps;
+
+pub(crate) use steps::*;
+
+use super::super::config::PerceptualSpec;
+use crate::error::Result;
+use crate::vgg::{output_dims, Dims, Layer, INPUT_CHANNELS};
+
+/// A buffer of the schedule, an index into [`Schedule::buffers`].
+pub(crate) type Buf = usize;
+
+/// How big a buffer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Size {
+    /// Values in the compute dtype.
+    Values(usize),
+    /// Raw bytes (bit masks, argmax).
+    Bytes(usize),
+}
+
+impl Size {
+    pub(crate) fn bytes(self, value_bytes: usize) -> usize {
+        match self {
+            Size::Values(n) => n * value_bytes,
+            Size::Bytes(n) => n,
+        }
+    }
+}
+
+/// Images of one buffer: those from `offset` (in values) on, `count` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Images {
+    pub buf: Buf,
+    pub offset: usize,
+    pub count: usize,
+}
+
+/// The steps of one call and the buffers they use.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub(crate) struct Schedule {
+    pub steps: Vec<Step>,
+    pub buffers: Vec<Size>,
+}
+
+impl Schedule {
+    fn buffer(&mut self, size: Size) -> Buf {
+        self.buffers.push(size);
+        self.buffers.len() - 1
+    }
+}
+
+/// The activation dims the device sees: the padded input, and the output
+/// of every layer up to the deepest tap, per image.
+struct Shapes {
+    input: Dims,
+    out: Vec<Dims>,
+}
+
+impl Shapes {
+    fn new(layers: &[Layer], h: usize, w: usize) -> Self {
+        let input = (INPUT_CHANNELS, h, w);
+        Shapes {
+            input,
+            out: output_dims(layers, input),
+        }
+    }
+
+    /// The input dims of layer `layer`.
+    fn input(&self, layer: usize) -> Dims {
+        match layer {
+            0 => self.input,
+            _ => self.out[layer - 1],
+        }
+    }
+}
+
+/// Values of `images` images of `dims`.
+fn values((c, h, w): Dims, images: usize) -> Size {
+    Size::Values(images * c * h * w)
+}
+
+/// Output dims of every layer, for one image of `h` x `w` as the device
+/// sees it (the input padded to [`INPUT_CHANNELS`]).
+pub(crate) fn layer_dims(layers: &[Layer], h: usize, w: usize) -> Vec<Dims> {
+    Shapes::new(layers, h, w).out
+}
+
+/// The steps of one call over `n` image pairs of `h` x `w`. `accumulate`:
+/// the loss already holds an earlier chunk's share, so every tap adds to it.
+///
+/// Without the gradient the steps are the same forward steps using fewer
+/// buffers, numbered as with it: one layout serves both.
+pub(crate) fn build(
+    layers: &[Layer],
+    spec: &PerceptualSpec,
+    (n, h, w): (usize, usize, usize),
+    want_grad: bool,
+    accumulate: bool,
+) -> Result<Schedule> {
+    let layers = &layers[..=spec.deepest()];
+    let shapes = Shapes::new(layers, h, w);
+    let mut s = Schedule::default();
+    let kept = forward::build(&mut s, layers, spec, &shapes, n, want_grad, accumulate);
+    if want_grad {
+        backward::build(&mut s, layers, &shapes, n, kept)?;
+    }
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
+    use crate::vgg::VggArch;
+
+    fn article_loss() -> PerceptualLoss {
+        PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default())
+    }
+
+    fn steps_of(loss: &PerceptualLoss, nhw: (usize, usize, usize), want_grad: bool) -> Vec<Step> {
+        build(loss.vgg().layers(), loss.spec(), nhw, want_grad, false)
+            .unwrap()
+            .steps
+    }
+
+    #[test]
+    fn forward_only_keeps_nothing_for_backward() {
+        let loss = article_loss();
+        let steps = steps_of(&loss, (1, 16, 16), false);
+        let no_grad = |t: &TapTerm| t.grad.is_none();
+        for step in &steps {
+            let keeps = match step {
+                Step::BiasAct(s) => s.mask.is_some(),
+                Step::BiasActPool(s) => s.mask.is_some() || s.argmax.is_some(),
+                Step::Pool(s) => s.argmax.is_some(),
+                Step::BiasActPoolTap(s) => {
+                    s.mask.is_some() || s.argmax.is_some() || !no_grad(&s.tap)
+                }
+                Step::TapLoss(s) => !no_grad(&s.tap),
+                Step::ReluBackward(_)
+                | Step::Unpool(_)
+                | Step::ConvBackwardData(_)
+                | Step::InputGrad(_) => panic!("{step:?} in a forward-only call"),
+                _ => false,
+            };
+            assert!(
+                !keeps,
+                "{step:?} keeps data for backward in a forward-only call"
+            );
+        }
+        let taps = |s: &Step| matches!(s, Step::TapLoss(_) | Step::BiasActPoolTap(_));
+        assert_eq!(count(&steps, taps), 4);
+    }
+
+    fn count(steps: &[Step], f: impl Fn(&Step) -> bool) -> usize {
+        steps.iter().filter(|s| f(s)).count()
+    }
+
+    #[test]
+    fn relu_and_pool_run_as_one_pass_where_the_pool_covers_every_pixel() {
+        let loss = article_loss();
+        let tapped_pool = |s: &Step| matches!(s, Step::BiasActPoolTap(_));
+        // 16x16: pool1..pool3 inputs are 16, 8 and 4 wide: each tapped ReLU
+        // runs with its pool and tap; only relu4_3's tap runs alone.
+        let steps = steps_of(&loss, (2, 16, 16), true);
+        assert_eq!(count(&steps, tapped_pool), 3);
+        assert_eq!(count(&steps, |s| matches!(s, Step::TapLoss(_))), 1);
+        assert_eq!(count(&steps, |s| matches!(s, Step::Pool(_))), 0);
+        // Backward: every unpool carries the ReLU before it; the other
+        // seven of the ten ReLUs run alone.
+        let fused_unpool = |s: &Step| matches!(s, Step::Unpool(u) if u.relu.is_some());
+        assert_eq!(count(&steps, fused_unpool), 3);
+        assert_eq!(
+            count(&steps, |s| matches!(s, Step::ReluBackward(_))),
+            10 - 3
+        );
+        // 20x28: pool3's input is 5x7, so it runs after a plain bias+ReLU
+        // and its own tap.
+        let steps = steps_of(&loss, (1, 20, 28), true);
+        assert_eq!(count(&steps, tapped_pool), 2);
+        assert_eq!(count(&steps, |s| matches!(s, Step::Pool(_))), 1);
+        assert_eq!(count(&steps, |s| matches!(s, Step::TapLoss(_))), 2);
+        // Untapped ReLUs before pools: the plain fused pass, once per half
+        // at full resolution.
+        let taps = PerceptualConfig {
+            taps: vec![Tap::from("relu3_1")],
+            ..Default::default()
+        };
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &taps);
+        let steps = steps_of(&loss, (1, 16, 16), true);
+        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool(_))), 3);
+        assert_eq!(count(&steps, tapped_pool), 0);
+    }
+
+    #[test]
+    fn timeline_labels_name_the_layers() {
+        let loss = article_loss();
+        let layers = loss.vgg().layers();
+        let labels: Vec<String> = steps_of(&loss, (2, 16, 16), true)
+            .iter()
+            .map(|s| s.label(layers))
+            .collect();
+        for want in [
+            "preprocess",
+            "forward conv1_1",
+            "forward relu1_2+pool1, tap relu1_2",
+            "tap relu4_3",
+            "backward relu4_3",
+            "backward pool1+relu1_2",
+            "backward conv1_1",
+            "input gradient",
+        ] {
+            assert!(
+                labels.iter().any(|l| l == want),
+                "no {want:?} in {labels:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Launchers of the forward steps. The CPU reference of each is named in
+//! its doc comment (`cpu/` functions); `tests.rs` compares them.
+
+use super::{check_vec, vec_grid, Exec, VEC};
+use crate::cuda::abi::*;
+use crate::cuda::{grid_for, kernel_dtype, Gpu};
+use crate::error::Result;
+use crate::ops::perceptual::cuda::convs::Convs;
+use crate::ops::perceptual::cuda::schedule::*;
+use crate::vgg::INPUT_CHANNELS;
+
+impl Preprocess {
+    /// `pl_vgg_preprocess`; reference `cpu::preprocess`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let io = &x.call.io;
+        let s = io.shape;
+        let (scale, shift) = x.norm();
+        let p = pl_k_preprocess_params {
+            pred: io.inputs[0] as *const _,
+            target: io.inputs[1] as *const _,
+            out: x.at(self.out) as *mut _,
+            n: s.n as i64,
+            h: s.h as i64,
+            w: s.w as i64,
+            c: s.c as i32,
+            cpad: INPUT_CHANNELS as i32,
+            in_dtype: kernel_dtype(io.dtype),
+            out_dtype: x.compute(),
+            scale,
+            shift,
+        };
+        x.kernel("pl_vgg_preprocess", grid_for(2 * s.n * s.h * s.w), &p)
+    }
+}
+
+impl ConvForward {
+    /// cuDNN (or, in the emulator tests, a direct convolution).
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let weight = x.net.weights.conv(self.layer)?.weight;
+        // SAFETY: the layout's buffers hold the planned shapes.
+        unsafe {
+            x.convs.forward(
+                self.layer,
+                self.x.count,
+                x.span(self.x),
+                weight,
+                x.span(self.y),
+            )
+        }
+    }
+}
+
+impl BiasAct {
+    /// `pl_vgg_bias_act`; reference `layers::add_bias` then `layers::relu`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.dims;
+        let per_image = c * h * w;
+        let p = pl_k_bias_act_params {
+            x: x.span(self.x) as *mut _,
+            bias: x.bias(self.bias)?,
+            mask: x.opt(self.mask) as *mut u32,
+            count: (self.x.count * per_image) as i64,
+            pred_count: (self.pred * per_image) as i64,
+            c: c as i32,
+            dtype: x.compute(),
+            relu: self.relu as i32,
+            reserved: 0,
+        };
+        let grid = vec_grid(self.x.count * per_image, c)?;
+        x.kernel("pl_vgg_bias_act", grid, &p)
+    }
+}
+
+impl BiasActPool {
+    /// `pl_vgg_bias_act_pool`; reference `layers::add_bias`, `layers::relu`
+    /// then `layers::pool`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.input;
+        let p = pl_k_bias_act_pool_params {
+            x: x.span(self.x) as *const _,
+            y: x.span(self.y) as *mut _,
+            bias: x.bias(self.bias)?,
+            mask: x.opt(self.mask) as *mut u32,
+            argmax: x.opt(self.argmax) as *mut u32,
+            images: self.x.count as i64,
+            pred_images: self.pred as i64,
+            h: h as i64,
+            w: w as i64,
+            c: c as i32,
+            dtype: x.compute(),
+            avg: x.avg(),
+            reserved: 0,
+        };
+        let pooled = self.x.count * c * (h / 2) * (w / 2);
+        x.kernel("pl_vgg_bias_act_pool", vec_grid(pooled, c)?, &p)
+    }
+}
+
+impl BiasActPoolTap {
+    /// `pl_vgg_bias_act_pool_tap`; reference `layers::add_bias`,
+    /// `layers::relu`, then `layers::pool` and `feature::cpu::distance_sum`
+    /// of the ReLU outputs.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.input;
+        check_vec(c)?;
+        let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
+        // A unit: 8 channels of a 2x2 window.
+        x.with_tap(inputs, (c * h * w, 4 * VEC), &self.tap, |tap, grid| {
+            let p = pl_k_bias_act_pool_tap_params {
+                tap,
+                y: x.span(self.y_pred) as *mut _,
+                y_target: x.span(self.y_target) as *mut _,
+                bias: x.bias(self.bias)?,
+                mask: x.opt(self.mask) as *mut u32,
+                argmax: x.opt(self.argmax) as *mut u32,
+                h: h as i64,
+                w: w as i64,
+                c: c as i32,
+                avg: x.avg(),
+            };
+            x.kernel("pl_vgg_bias_act_pool_tap", grid, &p)
+        })
+    }
+}
+
+impl Pool {
+    /// `pl_vgg_pool`; reference `layers::pool`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.input;
+        let p = pl_k_pool_params {
+            x: x.span(self.x) as *const _,
+            y: x.span(self.y) as *mut _,
+            argmax: x.opt(self.argmax) as *mut u32,
+            images: self.x.count as i64,
+            pred_images: self.pred as i64,
+            h: h as i64,
+            w: w as i64,
+            c: c as i32,
+            dtype: x.compute(),
+            avg: x.avg(),
+            reserved: 0,
+        };
+        let pooled = self.x.count * c * (h / 2) * (w / 2);
+        x.kernel("pl_vgg_pool", grid_for(pooled), &p)
+    }
+}
+
+impl TapLoss {
+    /// `pl_vgg_tap_loss`; reference `feature::cpu::distance_sum`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.dims;
+        let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
+        x.with_tap(inputs, (c * h * w, VEC), &self.tap, |tap, grid| {
+            x.kernel("pl_vgg_tap_loss", grid, &tap)
+        })
+    }
+}

@@ -1,0 +1,379 @@
+//! The whole CUDA path — schedule, layout, launch parameters and the
+//! kernels themselves — run by the host emulator, with a direct
+//! convolution in cuDNN's place, against the CPU backend. The tight checks
+//! of each fused kernel are in `steps/tests.rs`; this is the end to end one.
+
+use super::convs::Convs;
+use super::layout::Layout;
+use super::schedule::{self, layer_dims};
+use super::steps::{DeviceNet, Exec};
+use super::{exec, CudaCall};
+use crate::backend::DeviceIo;
+use crate::cuda::emulator::{addr, addr_mut, assert_close, load, store, values, Emulator};
+use crate::error::{Error, Result};
+use crate::ops::feature::Criterion;
+use crate::ops::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+use crate::tensor::{DType, Element, Shape};
+use crate::vgg::device_weights::krsc_bytes;
+use crate::vgg::device_weights::ConvAddrs;
+use crate::vgg::{Dims, Layer, LayerAddrs, Pooling, VggArch, INPUT_CHANNELS};
+use crate::{LossOutputs, TensorMut, TensorRef};
+use half::{bf16, f16};
+
+/// What cuDNN computes: NHWC, KRSC filters, zero padding 1, f32 sums,
+/// results rounded to the compute dtype.
+pub(super) struct DirectConvs {
+    n: usize,
+    /// Per layer: input and output dims.
+    dims: Vec<(Dims, Dims)>,
+    dtype: DType,
+}
+
+impl DirectConvs {
+    pub(super) fn new(layers: &[Layer], n: usize, h: usize, w: usize, dtype: DType) -> Self {
+        let out = layer_dims(layers, h, w);
+        let dims = (0..out.len())
+            .map(|k| {
+                let input = if k == 0 {
+                    (INPUT_CHANNELS, h, w)
+                } else {
+                    out[k - 1]
+                };
+                (input, out[k])
+            })
+            .collect();
+        DirectConvs { n, dims, dtype }
+    }
+
+    /// Calls `f(output pixel, tap, input pixel)` for every in-bounds
+    /// 3x3 tap, pixels numbered over all images.
+    fn windows(images: usize, h: usize, w: usize, mut f: impl FnMut(usize, usize, usize)) {
+        for img in 0..images {
+            for i in 0..h {
+                for j in 0..w {
+                    for t in 0..9 {
+                        let (si, sj) = ((i + t / 3).wrapping_sub(1), (j + t % 3).wrapping_sub(1));
+                        if si < h && sj < w {
+                            f((img * h + i) * w + j, t, (img * h + si) * w + sj);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Convs for DirectConvs {
+    unsafe fn forward(
+        &self,
+        layer: usize,
+        images: usize,
+        x: u64,
+        weight: u64,
+        y: u64,
+    ) -> Result<()> {
+        let ((ci, h, w), (co, _, _)) = self.dims[layer];
+        let xs = load(x, self.dtype, images * h * w * ci);
+        let ws = load(weight, self.dtype, co * 9 * ci);
+        let mut ys = vec![0f32; images * h * w * co];
+        Self::windows(images, h, w, |out, t, src| {
+            for o in 0..co {
+                let f = &ws[(o * 9 + t) * ci..][..ci];
+                let v = &xs[src * ci..][..ci];
+                ys[out * co + o] += f.iter().zip(v).map(|(a, b)| a * b).sum::<f32>();
+            }
+        });
+        store(y, self.dtype, &ys);
+        Ok(())
+    }
+
+    unsafe fn backward_data(&self, layer: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
+        let ((ci, h, w), (co, _, _)) = self.dims[layer];
+        let dys = load(dy, self.dtype, self.n * h * w * co);
+        let ws = load(weight, self.dtype, co * 9 * ci);
+        let mut dxs = vec![0f32; self.n * h * w * ci];
+        Self::windows(self.n, h, w, |out, t, src| {
+            for o in 0..co {
+                let g = dys[out * co + o];
+                let f = &ws[(o * 9 + t) * ci..][..ci];
+                for (d, f) in dxs[src * ci..][..ci].iter_mut().zip(f) {
+                    *d += f * g;
+                }
+            }
+        });
+        store(dx, self.dtype, &dxs);
+        Ok(())
+    }
+}
+
+struct Case {
+    arch: VggArch,
+    config: PerceptualConfig,
+    shape: Shape,
+    compute: DType,
+    want_grad: bool,
+    tol: f64,
+}
+
+/// Loss, per-sample losses and gradient (beta 0.5 over old values)
+/// through the emulated CUDA path and through the CPU backend.
+fn check<T: Element>(case: Case) {
+    let Some(emu) = Emulator::get() else { return };
+    let Case {
+        arch,
+        config,
+        shape: s,
+        compute,
+        want_grad,
+        tol,
+    } = case;
+    let loss = PerceptualLoss::seeded(arch, &config);
+    let (vgg, spec) = (loss.vgg().as_ref(), loss.spec());
+    let count = s.n * s.image_len();
+    let (pred, target) = (values::<T>(count, 1), values::<T>(count, 2));
+    let old = values::<T>(count, 3);
+    let beta = 0.5;
+
+    let host = vgg.host_weights().unwrap();
+    let filters: Vec<(usize, Vec<u8>)> = host
+        .convs()
+        .map(|(layer, p)| (layer, krsc_bytes(p, compute)))
+        .collect();
+    let mut weights = LayerAddrs::default();
+    for ((layer, p), (_, f)) in host.convs().zip(&filters) {
+        weights.0.resize(layer + 1, None);
+        weights.0[layer] = Some(ConvAddrs {
+            weight: addr(f),
+            bias: addr(&p.bias),
+        });
+    }
+    let net = DeviceNet {
+        layers: vgg.layers(),
+        weights: &weights,
+        compute,
+    };
+    // Outputs and the arena carry a guard tail: a write past an end shows.
+    const GUARD: usize = 64;
+    let guarded = |v: &[T]| -> Vec<T> {
+        let mut v = v.to_vec();
+        v.extend((0..GUARD).map(|_| T::from_f64(7.0)));
+        v
+    };
+    let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
+    got_per.extend([7.0; GUARD]);
+    let mut got_grad = guarded(&old);
+    let whole = CudaCall::new(DeviceIo {
+        shape: s,
+        dtype: T::DTYPE,
+        inputs: [addr(&pred), addr(&target)],
+        grad: want_grad.then(|| addr_mut(&mut got_grad)),
+        beta,
+        loss: &mut got as *mut f32 as u64,
+        per_sample: Some(addr_mut(&mut got_per)),
+    });
+    let chunk = loss
+        .device_plans()
+        .chunk_images(vgg, spec, s, compute, |_| Ok(()))
+        .unwrap();
+    for call in whole.chunks(chunk) {
+        let n = call.io.shape.n;
+        let layers = &vgg.layers()[..=spec.deepest()];
+        let sched = schedule::build(layers, spec, (n, s.h, s.w), true, false).unwrap();
+        let layout = Layout::new(&sched, compute.size());
+        // Poisoned (a NaN pattern), so a read before a write shows.
+        let words = layout.bytes.div_ceil(8);
+        let mut arena = vec![u64::MAX; words + GUARD];
+        arena[words..].fill(0x5a5a_5a5a_5a5a_5a5a);
+        let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
+        let x = Exec {
+            gpu: emu,
+            convs: &direct,
+            net,
+            spec,
+            call: &call,
+            layout: &layout,
+            base: addr_mut(&mut arena),
+        };
+        exec::run(&x, |_| Ok(())).unwrap();
+        assert!(
+            arena[words..].iter().all(|&w| w == 0x5a5a_5a5a_5a5a_5a5a),
+            "a kernel wrote past the end of the buffers"
+        );
+    }
+    assert!(
+        got_grad[count..].iter().all(|v| v.to_f64() == 7.0)
+            && got_per[s.n..].iter().all(|&v| v == 7.0),
+        "a kernel wrote past the end of an output"
+    );
+    let (got_grad, got_per) = (&got_grad[..count], &got_per[..s.n]);
+
+    let (mut want, mut want_per) = (0f32, vec![0f32; s.n]);
+    let mut want_g = old.clone();
+    let mut out = LossOutputs::new(TensorMut::scalar(&mut want))
+        .with_per_sample(TensorMut::host(&mut want_per, Shape::new(s.n, 1, 1, 1)).unwrap());
+    if want_grad {
+        out = out
+            .with_grad(TensorMut::host(&mut want_g, s).unwrap())
+            .accumulate(beta);
+    }
+    loss.compute(
+        &TensorRef::host(&pred, s).unwrap(),
+        &TensorRef::host(&target, s).unwrap(),
+        out,
+    )
+    .unwrap();
+
+    let what = format!(
+        "{arch:?} {config:?} {s} {} via {}",
+        T::DTYPE.name(),
+        compute.name()
+    );
+    assert!(
+        (got as f64 - want as f64).abs() <= tol * want.abs() as f64,
+        "{what}: loss {got} vs {want}"
+    );
+    assert_close(&format!("{what} per sample"), got_per, &want_per, tol);
+    assert_close(&format!("{what} gradient"), got_grad, &want_g, 10.0 * tol);
+}
+
+/// f32 in, f32 compute, with the gradient.
+fn f32_case(arch: VggArch, config: PerceptualConfig, shape: Shape) -> Case {
+    Case {
+        arch,
+        config,
+        shape,
+        compute: DType::F32,
+        want_grad: true,
+        tol: 1e-4,
+    }
+}
+
+fn taps(names: &[&str]) -> Vec<Tap> {
+    names.iter().map(|&n| Tap::from(n)).collect()
+}
+
+#[test]
+fn article_defaults_in_every_dtype() {
+    let case = |compute, tol| Case {
+        arch: VggArch::Vgg16,
+        config: PerceptualConfig::default(),
+        shape: Shape::new(2, 3, 16, 12),
+        compute,
+        want_grad: true,
+        tol,
+    };
+    check::<f32>(case(DType::F32, 1e-4));
+    check::<bf16>(case(DType::BF16, 3e-2));
+    check::<f16>(case(DType::F16, 1e-2));
+    check::<f32>(case(DType::BF16, 3e-2));
+}
+
+#[test]
+fn chunks_add_up_to_the_batch() {
+    let config = PerceptualConfig {
+        max_chunk_images: Some(2),
+        ..Default::default()
+    };
+    check::<f32>(f32_case(VggArch::Vgg16, config, Shape::new(3, 3, 16, 12)));
+}
+
+#[test]
+fn a_memory_budget_picks_the_largest_chunk_that_fits() {
+    let s = Shape::new(3, 3, 16, 12);
+    let probe = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+    let layers = probe.vgg().layers();
+    let bytes = |n| plan_bytes(layers, &probe, (n, s.h, s.w));
+    let (two, three) = (bytes(2), bytes(3));
+    assert!(two < three);
+    let budgeted = |budget| {
+        let config = PerceptualConfig {
+            memory_budget: Some(budget),
+            ..Default::default()
+        };
+        PerceptualLoss::seeded(VggArch::Vgg16, &config)
+    };
+    let chunk = |loss: &PerceptualLoss, plans: &mut dyn FnMut(usize) -> Result<()>| {
+        loss.device_plans()
+            .chunk_images(loss.vgg(), loss.spec(), s, DType::F32, plans)
+    };
+    let fits = &mut |_| Ok(());
+    assert_eq!(chunk(&budgeted(three), fits).unwrap(), 3);
+    assert_eq!(chunk(&budgeted(three - 1), fits).unwrap(), 2);
+    assert_eq!(chunk(&budgeted(two), fits).unwrap(), 2);
+    let err = chunk(&budgeted(1000), fits).unwrap_err();
+    assert!(err.to_string().contains("memory budget"), "{err}");
+    // A chunk whose cuDNN plan does not fit (workspace) gives way to a
+    // smaller one; when even one image fails, that error is returned.
+    let no_workspace_above = |max: usize| {
+        move |k: usize| match k <= max {
+            true => Ok(()),
+            false => Err(Error::Cuda(format!("{k} images: no algorithm fits"))),
+        }
+    };
+    assert_eq!(
+        chunk(&budgeted(three), &mut no_workspace_above(1)).unwrap(),
+        1
+    );
+    let err = chunk(&budgeted(three), &mut no_workspace_above(0)).unwrap_err();
+    assert!(
+        err.to_string().contains("1 images: no algorithm fits"),
+        "{err}"
+    );
+    // The chunked call still matches the CPU.
+    let config = PerceptualConfig {
+        memory_budget: Some(two),
+        ..Default::default()
+    };
+    check::<f32>(f32_case(VggArch::Vgg16, config, s));
+}
+
+fn plan_bytes(layers: &[Layer], loss: &PerceptualLoss, nhw: (usize, usize, usize)) -> usize {
+    super::plan::buffer_bytes(layers, loss.spec(), nhw, DType::F32).unwrap()
+}
+
+#[test]
+fn conv_taps_mae_imagenet_vgg19() {
+    let config = PerceptualConfig {
+        taps: taps(&["conv1_2", "relu2_1", "conv3_4"]),
+        tap_weights: vec![0.5, 1.0, 2.0],
+        criterion: Criterion::Mae,
+        input_norm: InputNorm::Imagenet,
+        ..Default::default()
+    };
+    check::<f32>(f32_case(VggArch::Vgg19, config, Shape::new(2, 3, 12, 16)));
+}
+
+#[test]
+fn pool_taps_average_pooling_grayscale_odd_sizes() {
+    let config = PerceptualConfig {
+        taps: taps(&["pool1", "relu2_2", "pool2"]),
+        pooling: Pooling::Avg,
+        input_norm: InputNorm::ImagenetFromPm1,
+        weight: 3.0,
+        ..Default::default()
+    };
+    for shape in [Shape::new(2, 1, 13, 11), Shape::new(1, 1, 16, 8)] {
+        check::<f32>(f32_case(VggArch::Vgg16, config.clone(), shape));
+    }
+    let max_pools = PerceptualConfig {
+        taps: taps(&["pool1", "pool2"]),
+        ..Default::default()
+    };
+    check::<f32>(f32_case(
+        VggArch::Vgg16,
+        max_pools,
+        Shape::new(1, 3, 20, 28),
+    ));
+}
+
+#[test]
+fn forward_only() {
+    check::<bf16>(Case {
+        arch: VggArch::Vgg16,
+        config: PerceptualConfig::default(),
+        shape: Shape::new(2, 3, 16, 16),
+        compute: DType::BF16,
+        want_grad: false,
+        tol: 3e-2,
+    });
+}

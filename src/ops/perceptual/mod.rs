@@ -1,0 +1,193 @@
+//! VGG perceptual loss.
+//!
+//! loss = weight * sum_j w_j * D(phi_j(norm(pred)), phi_j(norm(target))),
+//! phi_j the output of `features` module j (torchvision indexing), D the
+//! mean over all N*C*H*W elements of (a-b)^2 (MSE) or |a-b| (MAE). The
+//! per-sample value of image n is the same sum with D's mean taken over
+//! that image alone, so the loss is the batch mean of the per-sample
+//! values. The defaults are the seed article's: VGG16, taps [3, 8, 15,
+//! 22] (relu1_2, relu2_2, relu3_3, relu4_3), MSE, unit weights, no
+//! normalisation. The gradient is w.r.t. pred; target is a constant. A
+//! 1-channel input is replicated to 3 channels (its gradient summed back).
+//!
+//! - `config.rs`: the options, and [`PerceptualSpec`](config::PerceptualSpec)
+//!   (the options resolved against the network) that both backends read.
+//! - `cpu/`: the reference, one image at a time (im2col + sgemm
+//!   convolutions in f32, loss sums in f64); it keeps the last target's
+//!   features.
+//! - `cuda/`: the schedule of fused kernels and cuDNN convolutions, the
+//!   per-shape plans that hold its buffers, and the launchers.
+
+mod config;
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+
+pub use config::{InputNorm, PerceptualConfig, Tap};
+
+use super::LossOutputs;
+use crate::backend::{self, DeviceIo, HostIo, Op, Values};
+use crate::device::{CudaDevice, Device};
+use crate::error::{Error, Result};
+use crate::tensor::{Element, Shape, TensorRef};
+use crate::vgg::Vgg;
+use config::PerceptualSpec;
+use std::sync::Arc;
+
+/// A perceptual loss over a shared, resident [`Vgg`]. Clones share the
+/// caches of both backends, and calls through them are serialised where
+/// they touch a cache. On CUDA the plans (buffers and cuDNN algorithms)
+/// of the 4 most recently used input shapes are kept; a fifth shape frees
+/// the least recently used one's buffers. On the CPU the last target's tap
+/// features are kept (up to 64 MiB) while its bytes stay the same, so
+/// loops against one target (feature inversion, style) run the target
+/// through the network once.
+#[derive(Debug, Clone)]
+pub struct PerceptualLoss {
+    op: Arc<Perceptual>,
+}
+
+/// The loss and the state each backend keeps for it.
+#[derive(Debug)]
+struct Perceptual {
+    vgg: Arc<Vgg>,
+    spec: PerceptualSpec,
+    host: cpu::TargetCache,
+    device: cuda::Plans,
+}
+
+impl Op<2> for Perceptual {
+    /// 1 or 3 channels, and every pool before the deepest tap halves H and
+    /// W (floor): the image must keep at least one pixel.
+    fn check_shape(&self, s: Shape) -> Result<()> {
+        if s.c != 1 && s.c != 3 {
+            return Err(Error::shape(format!(
+                "VGG takes 3 channels (or 1, replicated), got {s}"
+            )));
+        }
+        let pools = self.spec.pools(self.vgg.layers());
+        if s.h >> pools == 0 || s.w >> pools == 0 {
+            return Err(Error::shape(format!(
+                "{s} is too small: the deepest tap follows {pools} poolings, which need H and W of at least {}",
+                1usize << pools
+            )));
+        }
+        Ok(())
+    }
+
+    fn cpu<T: Element>(&self, io: HostIo<'_, T, 2>) -> Result<Values> {
+        let net = cpu::HostNet {
+            layers: self.vgg.layers(),
+            weights: self.vgg.host_weights()?,
+        };
+        self.host.evaluate(net, &self.spec, io)
+    }
+
+    fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {
+        self.device.queue(dev, &self.vgg, &self.spec, &io)
+    }
+}
+
+#[cfg(test)]
+impl PerceptualLoss {
+    /// A CPU loss over seeded weights, for the unit tests.
+    pub(crate) fn seeded(arch: crate::vgg::VggArch, config: &PerceptualConfig) -> PerceptualLoss {
+        let bytes = crate::vgg::seeded_safetensors(arch, 9).expect("seeded weights");
+        let source = crate::vgg::WeightsSource::Bytes(&bytes);
+        let vgg = Vgg::load(&Device::cpu(), source, arch, crate::DType::F32).expect("seeded VGG");
+        PerceptualLoss::new(vgg, config).expect("a valid config")
+    }
+
+    /// The resolved configuration.
+    pub(crate) fn spec(&self) -> &PerceptualSpec {
+        &self.op.spec
+    }
+
+    /// The CUDA backend's caches.
+    pub(crate) fn device_plans(&self) -> &cuda::Plans {
+        &self.op.device
+    }
+}
+
+impl PerceptualLoss {
+    /// Resolves and checks `config` against `vgg`: every tap exists and is
+    /// loaded, taps are distinct, one weight per tap, finite weights.
+    pub fn new(vgg: Arc<Vgg>, config: &PerceptualConfig) -> Result<Self> {
+        let spec = PerceptualSpec::resolve(config, &vgg)?;
+        Ok(PerceptualLoss {
+            op: Arc::new(Perceptual {
+                vgg,
+                spec,
+                host: Default::default(),
+                device: Default::default(),
+            }),
+        })
+    }
+
+    /// The network this loss runs.
+    pub fn vgg(&self) -> &Arc<Vgg> {
+        &self.op.vgg
+    }
+
+    /// The tapped module indices, ascending.
+    pub fn taps(&self) -> Vec<usize> {
+        self.op.spec.taps.iter().map(|t| t.0).collect()
+    }
+
+    /// Computes the loss of `pred` against `target` (same shape and dtype,
+    /// N x 1 or 3 x H x W) on the network's device; the gradient w.r.t.
+    /// pred only when `out` asks for it (otherwise nothing is kept for
+    /// backward). Per-sample values are each image's loss.
+    pub fn compute(
+        &self,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        out: LossOutputs<'_>,
+    ) -> Result<()> {
+        self.compute_on(self.vgg().device(), pred, target, out)
+    }
+
+    /// [`compute`](Self::compute) on another stream of the network's
+    /// device (`device` must be the same GPU, or the CPU for a CPU
+    /// network). Each stream gets its own buffers, so streams never share
+    /// scratch memory.
+    pub fn compute_on(
+        &self,
+        device: &Device,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        out: LossOutputs<'_>,
+    ) -> Result<()> {
+        if device.ordinal() != self.vgg().device().ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "the network lives on {:?}, the call asks for {device:?}",
+                self.vgg().device()
+            )));
+        }
+        backend::run(
+            self.op.as_ref(),
+            device,
+            [(pred, "pred"), (target, "target")],
+            out,
+        )
+    }
+
+    /// Convenience: the loss value, waiting for the device.
+    pub fn value(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<f32> {
+        super::value_on(self.vgg().device(), |loss| {
+            self.compute(pred, target, LossOutputs::new(loss))
+        })
+    }
+
+    /// Device bytes of the buffers and cuDNN workspace a CUDA call on
+    /// `shape` holds (for one chunk when chunked; built now if not yet
+    /// seen); `None` on the CPU.
+    pub fn plan_footprint(&self, shape: Shape) -> Result<Option<usize>> {
+        let Some(dev) = self.vgg().device().cuda_device() else {
+            return Ok(None);
+        };
+        shape.numel()?;
+        self.op.check_shape(shape)?;
+        let op = &self.op;
+        Ok(Some(op.device.footprint(dev, &op.vgg, &op.spec, shape)?))
+    }
+}
