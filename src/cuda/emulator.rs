@@ -244,6 +244,18 @@ pub(crate) unsafe fn store(base: u64, dtype: crate::tensor::DType, values: &[f32
     std::ptr::copy_nonoverlapping(bytes.as_ptr(), base as *mut u8, bytes.len());
 }
 
+/// `v` rounded to `dtype` (as a store and a load would leave it).
+pub(crate) fn round_to(dtype: crate::tensor::DType, v: f32) -> f32 {
+    struct Round(f32);
+    impl crate::tensor::PerDType for Round {
+        type Output = f32;
+        fn run<T: crate::tensor::Element>(self) -> f32 {
+            T::from_f64(self.0 as f64).to_f64() as f32
+        }
+    }
+    dtype.dispatch(Round(v))
+}
+
 /// Asserts `got` matches `want` to `tol` relative to the largest `|want|`.
 pub(crate) fn assert_close<T: crate::tensor::Element>(what: &str, got: &[T], want: &[T], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");

@@ -7,6 +7,8 @@
 
 mod backward;
 mod forward;
+#[cfg(test)]
+mod tests;
 
 use super::convs::Convs;
 use super::layout::Layout;
