@@ -268,3 +268,22 @@ pub(crate) fn assert_close<T: crate::tensor::Element>(what: &str, got: &[T], wan
         );
     }
 }
+
+/// Asserts that an emulated call's loss, per-image values and gradient
+/// match the CPU backend's (`want`, `want_grad`) to `tol`.
+pub(crate) fn assert_matches_cpu<T: crate::tensor::Element>(
+    what: &str,
+    (loss, per_sample, grad): (f32, &[f32], &[T]),
+    want: &crate::backend::Values,
+    want_grad: &[T],
+    tol: f64,
+) {
+    assert!(
+        (loss as f64 - want.loss).abs() <= tol * want.loss.abs().max(1e-30),
+        "{what}: loss {loss} vs {}",
+        want.loss
+    );
+    let want_per: Vec<f32> = want.per_sample.iter().map(|&v| v as f32).collect();
+    assert_close(&format!("{what} per sample"), per_sample, &want_per, tol);
+    assert_close(&format!("{what} gradient"), grad, want_grad, tol);
+}

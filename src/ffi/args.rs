@@ -2,7 +2,7 @@
 //! `pl_outputs` struct of its results; and the one function that turns
 //! caller pointers into tensor views on the context's device.
 
-use super::options::{self, Options};
+use super::options::{self, released_once};
 use super::status::pl_status;
 use crate::backend::{check_disjoint, Span};
 use crate::error::Error;
@@ -50,21 +50,13 @@ pub struct pl_outputs {
     pub reserved: i32,
 }
 
-// SAFETY: repr(C), struct_size first, plain data; one released version.
-unsafe impl Options for pl_outputs {
-    const NAME: &'static str = "pl_outputs";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_outputs>()];
-    fn defaults() -> Self {
-        pl_outputs {
-            struct_size: std::mem::size_of::<pl_outputs>(),
-            loss: std::ptr::null_mut(),
-            grad: std::ptr::null_mut(),
-            per_sample: std::ptr::null_mut(),
-            beta: 0.0,
-            reserved: 0,
-        }
-    }
-}
+released_once!(pl_outputs, last reserved: i32, {
+    loss: std::ptr::null_mut(),
+    grad: std::ptr::null_mut(),
+    per_sample: std::ptr::null_mut(),
+    beta: 0.0,
+    reserved: 0,
+});
 
 /// Writes the defaults to `out`: struct_size set, no pointers, beta 0.
 ///

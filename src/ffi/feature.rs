@@ -5,7 +5,7 @@ use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
-use super::options::{self, Options};
+use super::options::{self, released_once};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::{Criterion, FeatureLoss};
@@ -38,18 +38,10 @@ pub struct pl_feature_config {
     pub weight: f32,
 }
 
-// SAFETY: repr(C), struct_size first, plain data; one released version.
-unsafe impl Options for pl_feature_config {
-    const NAME: &'static str = "pl_feature_config";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_feature_config>()];
-    fn defaults() -> Self {
-        pl_feature_config {
-            struct_size: std::mem::size_of::<pl_feature_config>(),
-            criterion: PL_MSE,
-            weight: 1.0,
-        }
-    }
-}
+released_once!(pl_feature_config, last weight: f32, {
+    criterion: PL_MSE,
+    weight: 1.0,
+});
 
 /// Writes the defaults to `config`: MSE, weight 1.
 ///
@@ -92,17 +84,4 @@ pub unsafe extern "C" fn pl_feature_loss(
         let call = views(&device, &[(a, "a"), (b, "b")], dtype, shape, out)?;
         loss.compute(&device, &call.inputs[0], &call.inputs[1], call.outputs)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ffi::options::ends_at;
-    use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn the_struct_ends_without_padding() {
-        let size = size_of::<pl_feature_config>();
-        assert!(ends_at(size, offset_of!(pl_feature_config, weight), 4));
-    }
 }

@@ -35,6 +35,32 @@ pub(crate) unsafe trait Options: Copy {
     fn defaults() -> Self;
 }
 
+/// Implements [`Options`] for a struct with one released version: its C
+/// name, its size, its defaults (`struct_size` filled in), and a
+/// compile-time check that its last field ends it (no trailing padding).
+macro_rules! released_once {
+    ($ty:ident, last $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* $(,)? }) => {
+        // SAFETY: repr(C), struct_size first, plain data; one released version.
+        unsafe impl $crate::ffi::options::Options for $ty {
+            const NAME: &'static str = stringify!($ty);
+            const SIZES: &'static [usize] = &[std::mem::size_of::<$ty>()];
+            fn defaults() -> Self {
+                $ty {
+                    struct_size: std::mem::size_of::<$ty>(),
+                    $($field: $value),*
+                }
+            }
+        }
+        const _: () = assert!(
+            std::mem::size_of::<$ty>()
+                == std::mem::offset_of!($ty, $last) + std::mem::size_of::<$last_ty>()
+                && std::mem::size_of::<$ty>() % 8 == 0,
+            "a version of an options struct must end without padding",
+        );
+    };
+}
+pub(crate) use released_once;
+
 /// Reads the options at `ptr` (parameter `param`): the defaults for NULL,
 /// else the version its `struct_size` names, later fields defaulted.
 ///
@@ -76,13 +102,6 @@ pub(crate) unsafe fn init<O: Options>(ptr: *mut O, param: &str) -> Result<(), Er
     let out = super::handle::out_param(ptr, param)?;
     *out = O::defaults();
     Ok(())
-}
-
-/// Whether a struct's last field ends it: no trailing padding, so that a
-/// later version with more fields has another size.
-#[cfg(test)]
-pub(crate) fn ends_at(size: usize, last_offset: usize, last_size: usize) -> bool {
-    size == last_offset + last_size && size.is_multiple_of(8)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use super::context::Streams;
 use super::feature::{criterion_of, pl_criterion, PL_MSE};
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
-use super::options::{self, Options};
+use super::options::{self, released_once};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
 use crate::error::Error;
@@ -75,29 +75,21 @@ pub struct pl_perceptual_config {
     pub memory_budget_bytes: usize,
 }
 
-// SAFETY: repr(C), struct_size first, plain data; one released version.
-unsafe impl Options for pl_perceptual_config {
-    const NAME: &'static str = "pl_perceptual_config";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_perceptual_config>()];
-    fn defaults() -> Self {
-        pl_perceptual_config {
-            struct_size: std::mem::size_of::<pl_perceptual_config>(),
-            taps: DEFAULT_TAPS.as_ptr(),
-            tap_names: std::ptr::null(),
-            num_taps: DEFAULT_TAPS.len(),
-            tap_weights: std::ptr::null(),
-            num_tap_weights: 0,
-            criterion: PL_MSE,
-            input_norm: PL_NORM_NONE,
-            pooling: PL_POOL_MAX,
-            weight: 1.0,
-            allow_tf32: 0,
-            reserved: 0,
-            max_chunk_images: 0,
-            memory_budget_bytes: 0,
-        }
-    }
-}
+released_once!(pl_perceptual_config, last memory_budget_bytes: usize, {
+    taps: DEFAULT_TAPS.as_ptr(),
+    tap_names: std::ptr::null(),
+    num_taps: DEFAULT_TAPS.len(),
+    tap_weights: std::ptr::null(),
+    num_tap_weights: 0,
+    criterion: PL_MSE,
+    input_norm: PL_NORM_NONE,
+    pooling: PL_POOL_MAX,
+    weight: 1.0,
+    allow_tf32: 0,
+    reserved: 0,
+    max_chunk_images: 0,
+    memory_budget_bytes: 0,
+});
 
 /// A perceptual loss; it keeps its VGG alive and runs on its context's
 /// current stream.
@@ -256,19 +248,4 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         };
         handle.loss.compute_on(&device, p, t, call.outputs)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ffi::options::ends_at;
-    use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn the_struct_ends_without_padding() {
-        let size = size_of::<pl_perceptual_config>();
-        let last = offset_of!(pl_perceptual_config, memory_budget_bytes);
-        assert!(ends_at(size, last, size_of::<usize>()));
-        assert_eq!(offset_of!(pl_perceptual_config, max_chunk_images) % 8, 0);
-    }
 }

@@ -6,7 +6,7 @@ use super::args::{dtype_of, pl_dtype, pl_outputs, pl_reduction, reduction_of, sh
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
-use super::options::{self, Options};
+use super::options::{self, released_once};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::{TvConfig, TvLoss, TvVariant};
@@ -43,20 +43,12 @@ pub struct pl_tv_config {
     pub eps: f32,
 }
 
-// SAFETY: repr(C), struct_size first, plain data; one released version.
-unsafe impl Options for pl_tv_config {
-    const NAME: &'static str = "pl_tv_config";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_tv_config>()];
-    fn defaults() -> Self {
-        pl_tv_config {
-            struct_size: std::mem::size_of::<pl_tv_config>(),
-            variant: PL_TV_ARTICLE,
-            reduction: PL_REDUCTION_MEAN,
-            weight: 1.0,
-            eps: 0.0,
-        }
-    }
-}
+released_once!(pl_tv_config, last eps: f32, {
+    variant: PL_TV_ARTICLE,
+    reduction: PL_REDUCTION_MEAN,
+    weight: 1.0,
+    eps: 0.0,
+});
 
 fn tv_config(c: &pl_tv_config) -> Result<TvConfig, Error> {
     let variant = match c.variant {
@@ -118,17 +110,4 @@ pub unsafe extern "C" fn pl_tv_loss(
         let call = views(&device, &[(x, "x")], dtype, shape, out)?;
         tv.compute(&device, &call.inputs[0], call.outputs)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ffi::options::ends_at;
-    use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn the_struct_ends_without_padding() {
-        let size = size_of::<pl_tv_config>();
-        assert!(ends_at(size, offset_of!(pl_tv_config, eps), 4));
-    }
 }

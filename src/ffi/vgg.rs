@@ -5,7 +5,7 @@ use super::args::{check_reserved, dtype_of, pl_dtype, PL_F32};
 use super::context::{pl_context, Streams};
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
-use super::options::{self, Options};
+use super::options::{self, released_once};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::vgg::{Vgg, VggArch, VggOptions, WeightsSource};
@@ -48,20 +48,12 @@ pub struct pl_vgg_options {
     pub reserved: i32,
 }
 
-// SAFETY: repr(C), struct_size first, plain data; one released version.
-unsafe impl Options for pl_vgg_options {
-    const NAME: &'static str = "pl_vgg_options";
-    const SIZES: &'static [usize] = &[std::mem::size_of::<pl_vgg_options>()];
-    fn defaults() -> Self {
-        pl_vgg_options {
-            struct_size: std::mem::size_of::<pl_vgg_options>(),
-            arch: PL_VGG16,
-            compute: PL_F32,
-            depth: -1,
-            reserved: 0,
-        }
-    }
-}
+released_once!(pl_vgg_options, last reserved: i32, {
+    arch: PL_VGG16,
+    compute: PL_F32,
+    depth: -1,
+    reserved: 0,
+});
 
 pub(crate) fn vgg_arch(arch: pl_vgg_arch) -> Result<VggArch, Error> {
     match arch {
@@ -164,17 +156,4 @@ pub unsafe extern "C" fn pl_seeded_weights_write(
         let bytes = crate::vgg::seeded_safetensors(vgg_arch(arch)?, seed)?;
         std::fs::write(path, bytes).map_err(|e| Error::Io(format!("writing {path}: {e}")))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ffi::options::ends_at;
-    use std::mem::{offset_of, size_of};
-
-    #[test]
-    fn the_struct_ends_without_padding() {
-        let size = size_of::<pl_vgg_options>();
-        assert!(ends_at(size, offset_of!(pl_vgg_options, reserved), 4));
-    }
 }

@@ -73,7 +73,7 @@ mod tests {
 
     use super::*;
     use crate::backend::HostGrad;
-    use crate::cuda::emulator::{addr, addr_mut, assert_close, values, Emulator};
+    use crate::cuda::emulator::{addr, addr_mut, assert_matches_cpu, values, Emulator};
     use crate::ops::tv::config::Reduction;
     use crate::tensor::{Element, Shape};
     use half::{bf16, f16};
@@ -101,14 +101,8 @@ mod tests {
         };
         launch(emu, &config, &io).unwrap();
         let what = format!("{:?} {s} {}", config.variant, T::DTYPE.name());
-        assert!(
-            (loss as f64 - want.loss).abs() <= tol * want.loss.abs().max(1e-30),
-            "{what}: loss {loss} vs {}",
-            want.loss
-        );
-        let want_per: Vec<f32> = want.per_sample.iter().map(|&v| v as f32).collect();
-        assert_close(&format!("{what} per sample"), &per_sample, &want_per, tol);
-        assert_close(&format!("{what} gradient"), &grad, &want_grad, tol);
+        let got = (loss, &per_sample[..], &grad[..]);
+        assert_matches_cpu(&what, got, &want, &want_grad, tol);
     }
 
     #[test]

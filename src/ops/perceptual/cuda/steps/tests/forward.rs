@@ -79,11 +79,7 @@ fn bias_act_matches_add_bias_and_relu() {
             arena.put(0, dtype, &x);
             let setup = Setup::new(dtype, Pooling::Max, Criterion::Mse, Some(&bias));
             let mask = (relu && pred > 0).then_some(1);
-            let images = Images {
-                buf: 0,
-                offset: 0,
-                count,
-            };
+            let images = whole(0, count);
             let step = BiasAct {
                 layer: 0,
                 x: images,
@@ -100,7 +96,7 @@ fn bias_act_matches_add_bias_and_relu() {
             let what = format!("bias_act relu={relu} {} images {}", count, dtype.name());
             assert_each(&what, &got, &want, &[], tolerance(dtype));
             if mask.is_some() {
-                let bits = unpack_bits(&arena.get_bytes(1, pred * per / 8), pred * per);
+                let bits = mask_of(&arena, 1, pred * per);
                 let want_bits = bools(&to_nhwc(&flags(&want_mask), count, dims)[..pred * per]);
                 assert_eq!(bits, want_bits, "{what}: mask");
             }
@@ -131,16 +127,8 @@ fn bias_act_pool_matches_add_bias_relu_and_pool() {
             let max = kind == Pooling::Max;
             let step = BiasActPool {
                 layer: 0,
-                x: Images {
-                    buf: 0,
-                    offset: 0,
-                    count,
-                },
-                y: Images {
-                    buf: 1,
-                    offset: 0,
-                    count,
-                },
+                x: whole(0, count),
+                y: whole(1, count),
                 pred,
                 bias: Some(0),
                 mask: Some(2),
@@ -153,14 +141,11 @@ fn bias_act_pool_matches_add_bias_relu_and_pool() {
             let got = to_chw(&arena.get(1, dtype, count * per_out), count, pooled);
             let what = format!("bias_act_pool {kind:?} {}", dtype.name());
             assert_each(&what, &got, &want, &[], tolerance(dtype));
-            let bits = unpack_bits(&arena.get_bytes(2, pred * per / 8), pred * per);
+            let bits = mask_of(&arena, 2, pred * per);
             let want_bits = bools(&to_nhwc(&flags(&mask), count, EVEN)[..pred * per]);
             assert_eq!(bits, want_bits, "{what}: mask");
             if max {
-                let got = unpack_argmax(
-                    &arena.get_bytes(3, argmax_bytes(pred * per_out)),
-                    pred * per_out,
-                );
+                let got = argmax_of(&arena, 3, pred * per_out);
                 let want = argmax_nhwc(&argmax, count, pooled);
                 assert_eq!(got, want[..pred * per_out], "{what}: argmax");
             }
@@ -188,16 +173,8 @@ fn pool_matches_layers_pool_on_odd_sizes() {
             let max = kind == Pooling::Max;
             let step = Pool {
                 layer: 4,
-                x: Images {
-                    buf: 0,
-                    offset: 0,
-                    count,
-                },
-                y: Images {
-                    buf: 1,
-                    offset: 0,
-                    count,
-                },
+                x: whole(0, count),
+                y: whole(1, count),
                 pred,
                 argmax: max.then_some(2),
                 input: ODD,
@@ -208,10 +185,7 @@ fn pool_matches_layers_pool_on_odd_sizes() {
             let what = format!("pool {kind:?} {}", dtype.name());
             assert_each(&what, &got, &want, &[], tolerance(dtype));
             if max {
-                let got = unpack_argmax(
-                    &arena.get_bytes(2, argmax_bytes(pred * per_out)),
-                    pred * per_out,
-                );
+                let got = argmax_of(&arena, 2, pred * per_out);
                 let want = argmax_nhwc(&argmax, count, pooled);
                 assert_eq!(got, want[..pred * per_out], "{what}: argmax");
             }

@@ -289,6 +289,25 @@ pub(super) fn unpack_argmax(bytes: &[u8], len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The first `len` mask bits of buffer `b`.
+pub(super) fn mask_of(arena: &Arena, b: Buf, len: usize) -> Vec<bool> {
+    unpack_bits(&arena.get_bytes(b, len.div_ceil(8)), len)
+}
+
+/// The first `len` argmax values of buffer `b`.
+pub(super) fn argmax_of(arena: &Arena, b: Buf, len: usize) -> Vec<u8> {
+    unpack_argmax(&arena.get_bytes(b, argmax_bytes(len)), len)
+}
+
+/// All `count` images of buffer `buf`.
+pub(super) fn whole(buf: Buf, count: usize) -> Images {
+    Images {
+        buf,
+        offset: 0,
+        count,
+    }
+}
+
 /// Bytes of the argmax of `len` outputs: whole 32-output groups.
 pub(super) fn argmax_bytes(len: usize) -> usize {
     len.div_ceil(32) * 8

@@ -56,13 +56,17 @@ struct TapOut {
     per_sample: Vec<f32>,
 }
 
+/// Asserts a tap's loss and per-image values (added to the old ones when
+/// it accumulates) and its gradient (CHW, in `dtype`) match `want`.
 fn assert_tap(
     what: &str,
-    got: &TapOut,
+    (got, grad, dtype): (&TapOut, &[f32], DType),
     want: &TapWant,
     (old_loss, old_per): (f32, &[f32]),
     accumulate: bool,
 ) {
+    let tol = tolerance(dtype);
+    assert_each(&format!("{what}: gradient"), grad, &want.grad, &[], tol);
     let base = if accumulate { old_loss as f64 } else { 0.0 };
     let want_loss = (base + want.loss) as f32;
     assert_each(
@@ -150,15 +154,9 @@ fn tap_loss_matches_the_feature_distance() {
                 "tap_loss {criterion:?} in_place={in_place} {}",
                 dtype.name()
             );
-            assert_tap(&what, &out, &want, (0.25, &old_per), accumulate);
             let got = to_chw(&arena.get(grad, dtype, n * per), n, dims);
-            assert_each(
-                &format!("{what}: gradient"),
-                &got,
-                &want.grad,
-                &[],
-                tolerance(dtype),
-            );
+            let old = (0.25, &old_per[..]);
+            assert_tap(&what, (&out, &got, dtype), &want, old, accumulate);
         }
     }
 }
@@ -228,15 +226,8 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
             let (fb, _) = bias_relu(&to_chw(&b, n, EVEN), n, EVEN, &bias, true, dtype);
             let want = tap_ref(&fa, &fb, n, criterion, weight as f32, n, dtype);
             let what = format!("bias_act_pool_tap {kind:?} {criterion:?} {}", dtype.name());
-            assert_tap(&what, &out, &want, (0.0, &[0.0; 2]), false);
             let got = to_chw(&arena.get(grad, dtype, n * per), n, EVEN);
-            assert_each(
-                &format!("{what}: gradient"),
-                &got,
-                &want.grad,
-                &[],
-                tolerance(dtype),
-            );
+            assert_tap(&what, (&out, &got, dtype), &want, (0.0, &[0.0; 2]), false);
             let (ya, argmax) = pool_ref(&fa, n, EVEN, kind, dtype);
             let (yb, _) = pool_ref(&fb, n, EVEN, kind, dtype);
             let y = arena.get(2, dtype, 2 * n * per_out);
@@ -255,7 +246,7 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
                 &[],
                 tolerance(dtype),
             );
-            let bits = unpack_bits(&arena.get_bytes(3, n * per / 8), n * per);
+            let bits = mask_of(&arena, 3, n * per);
             assert_eq!(
                 bits,
                 bools(&to_nhwc(&flags(&mask), n, EVEN)),
