@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates src/cuda/abi.rs from kernels/pl_kernel_abi.h (bindgen) and
-# include/perceptual_loss.h from src/ffi.rs (cbindgen). With --check, fails
+# include/perceptual_loss.h from src/ffi/ (cbindgen). With --check, fails
 # when either checked-in file differs from what the tools generate.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -8,7 +8,7 @@ import torch
 
 
 def tv_loss(x):
-    # The seed article's formula, as DESIGN.md section 3 states it.
+    # The seed article's formula, as docs/design.md ("Total variation") states it.
     n, c, h, w = x.shape
     h_tv = (x[:, :, 1:, :] - x[:, :, : h - 1, :]).pow(2).sum()
     w_tv = (x[:, :, :, 1:] - x[:, :, :, : w - 1]).pow(2).sum()

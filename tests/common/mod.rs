@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests: a seeded generator, independent
-//! f64 formulas (written from DESIGN.md / ANCHORS.md, not from the crate),
+//! f64 formulas (written from the definitions in docs/design.md, not from the crate),
 //! finite differences, tolerance checks and the GPU gate.
 #![allow(dead_code)]
 

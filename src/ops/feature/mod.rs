@@ -1,16 +1,6 @@
 //! Feature distance between two same-shape tensors, the building block of
-//! the perceptual loss at each tapped layer.
-//!
-//! With m_n the mean over image n's C*H*W elements:
-//!
-//! | criterion | per-image value | loss | dL/da |
-//! |---|---|---|---|
-//! | `Mse` | weight * m_n((a - b)^2) | mean over n | weight * 2 (a - b) / (N C H W) |
-//! | `Mae` | weight * m_n(abs(a - b)) | mean over n | weight * sign(a - b) / (N C H W), 0 at a == b |
-//!
-//! The loss is the mean over all N*C*H*W elements (every image has the
-//! same count). The target `b` is a constant: no gradient is taken for
-//! it. NaN or infinite inputs propagate as IEEE arithmetic says.
+//! the perceptual loss at each tapped layer; its formula is in
+//! [`FeatureLoss`]'s documentation.
 //!
 //! `cpu.rs` evaluates it in f64 (and serves the perceptual loss's taps on
 //! the CPU); `cuda.rs` launches `kernels/feature.cu`, one fused pass.
@@ -29,6 +19,17 @@ use crate::tensor::{Element, TensorRef};
 
 /// MSE or MAE between a prediction and a constant target, with the gradient
 /// w.r.t. the prediction. Holds no device state.
+///
+/// With m_n the mean over image n's C*H*W elements:
+///
+/// | criterion | per-image value | loss | dL/da |
+/// |---|---|---|---|
+/// | `Mse` | weight * m_n((a - b)^2) | mean over n | weight * 2 (a - b) / (N C H W) |
+/// | `Mae` | weight * m_n(abs(a - b)) | mean over n | weight * sign(a - b) / (N C H W), 0 at a == b |
+///
+/// The loss is the mean over all N*C*H*W elements (every image has the
+/// same count). The target `b` is a constant: no gradient is taken for
+/// it. NaN or infinite inputs propagate as IEEE arithmetic says.
 #[derive(Debug, Clone)]
 pub struct FeatureLoss {
     criterion: Criterion,

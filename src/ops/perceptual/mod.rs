@@ -1,14 +1,5 @@
-//! VGG perceptual loss.
-//!
-//! loss = weight * sum_j w_j * D(phi_j(norm(pred)), phi_j(norm(target))),
-//! phi_j the output of `features` module j (torchvision indexing), D the
-//! mean over all N*C*H*W elements of (a-b)^2 (MSE) or |a-b| (MAE). The
-//! per-sample value of image n is the same sum with D's mean taken over
-//! that image alone, so the loss is the batch mean of the per-sample
-//! values. The defaults are the seed article's: VGG16, taps [3, 8, 15,
-//! 22] (relu1_2, relu2_2, relu3_3, relu4_3), MSE, unit weights, no
-//! normalisation. The gradient is w.r.t. pred; target is a constant. A
-//! 1-channel input is replicated to 3 channels (its gradient summed back).
+//! VGG perceptual loss; its formula is in [`PerceptualLoss`]'s
+//! documentation.
 //!
 //! - `config.rs`: the options, and [`PerceptualSpec`](config::PerceptualSpec)
 //!   (the options resolved against the network) that both backends read.
@@ -33,7 +24,19 @@ use crate::vgg::Vgg;
 use config::PerceptualSpec;
 use std::sync::Arc;
 
-/// A perceptual loss over a shared, resident [`Vgg`]. Clones share the
+/// A perceptual loss over a shared, resident [`Vgg`].
+///
+/// loss = weight * sum_j w_j * D(phi_j(norm(pred)), phi_j(norm(target))),
+/// phi_j the output of `features` module j (torchvision indexing), D the
+/// mean over all N*C*H*W elements of (a-b)^2 (MSE) or |a-b| (MAE). The
+/// per-sample value of image n is the same sum with D's mean taken over
+/// that image alone, so the loss is the batch mean of the per-sample
+/// values. The defaults are the seed article's: VGG16, taps [3, 8, 15,
+/// 22] (relu1_2, relu2_2, relu3_3, relu4_3), MSE, unit weights, no
+/// normalisation. The gradient is w.r.t. pred; target is a constant. A
+/// 1-channel input is replicated to 3 channels (its gradient summed back).
+///
+/// Clones share the
 /// caches of both backends, and calls through them are serialised where
 /// they touch a cache. On CUDA the plans (buffers and cuDNN algorithms)
 /// of the 4 most recently used input shapes are kept; a fifth shape frees

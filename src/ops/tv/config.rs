@@ -1,7 +1,7 @@
 //! The options of the total-variation loss: plain data that the loss, the
 //! CPU reference and the CUDA launcher all read.
 
-/// Which total-variation formula (see [`crate::ops::tv`]).
+/// Which total-variation formula (the table in [`TvLoss`](crate::TvLoss)'s documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TvVariant {
     /// The seed article's `TV_Loss` exactly (always a batch mean).

@@ -1,20 +1,4 @@
-//! Total-variation loss.
-//!
-//! With dh = x[n,c,i+1,j] - x[n,c,i,j] and dw = x[n,c,i,j+1] - x[n,c,i,j]:
-//!
-//! | variant | per-image score s_n | batch |
-//! |---|---|---|
-//! | `Article` (default) | 2 (sum dh^2 / (C(H-1)W) + sum dw^2 / (CH(W-1))) | mean only |
-//! | `L1` | sum abs(dh) + sum abs(dw) | mean or sum |
-//! | `L2Squared` | sum dh^2 + sum dw^2 | mean or sum |
-//! | `L2` | sqrt(sum dh^2 + sum dw^2) | mean or sum |
-//! | `Isotropic` | sum over i < H-1, j < W-1 of sqrt(dh^2 + dw^2 + eps) | mean or sum |
-//!
-//! loss = weight * reduction over n of s_n; the per-sample values are
-//! weight * s_n. Gradients are exact; where a square root or an absolute
-//! value has no derivative (a zero argument) the gradient is 0. NaN or
-//! infinite inputs are not rejected: they propagate into the loss and
-//! gradient as IEEE arithmetic says, as in PyTorch.
+//! Total-variation loss; its formulas are in [`TvLoss`]'s documentation.
 //!
 //! `cpu.rs` evaluates the table in f64; `cuda.rs` launches
 //! `kernels/tv.cu`, one fused pass per call (two for `L2`).
@@ -33,6 +17,22 @@ use crate::tensor::{Element, Shape, TensorRef};
 
 /// A total-variation loss. Holds no device state: one value may be used
 /// from many threads and on many devices.
+///
+/// With `dh = x[n,c,i+1,j] - x[n,c,i,j]` and `dw = x[n,c,i,j+1] - x[n,c,i,j]`:
+///
+/// | variant | per-image score s_n | batch |
+/// |---|---|---|
+/// | `Article` (default) | 2 (sum dh^2 / (C(H-1)W) + sum dw^2 / (CH(W-1))) | mean only |
+/// | `L1` | sum abs(dh) + sum abs(dw) | mean or sum |
+/// | `L2Squared` | sum dh^2 + sum dw^2 | mean or sum |
+/// | `L2` | sqrt(sum dh^2 + sum dw^2) | mean or sum |
+/// | `Isotropic` | sum over i < H-1, j < W-1 of sqrt(dh^2 + dw^2 + eps) | mean or sum |
+///
+/// loss = weight * reduction over n of s_n; the per-sample values are
+/// weight * s_n. Gradients are exact; where a square root or an absolute
+/// value has no derivative (a zero argument) the gradient is 0. NaN or
+/// infinite inputs are not rejected: they propagate into the loss and
+/// gradient as IEEE arithmetic says, as in PyTorch.
 #[derive(Debug, Clone)]
 pub struct TvLoss {
     config: TvConfig,
