@@ -21,6 +21,11 @@ pub enum Error {
     InvalidWeights(String),
     /// A file could not be read.
     Io(String),
+    /// Memory for a computation could not be had: a host allocation
+    /// failed, or a CUDA allocation or plan does not fit the device or the
+    /// memory budget. The text says what was being allocated and how much;
+    /// nothing was written, and a later call may succeed.
+    OutOfMemory(String),
     /// Something inside the library went wrong (a caught panic, a broken
     /// invariant); please report it.
     Internal(String),
@@ -39,6 +44,28 @@ impl Error {
         Error::Cuda(format!("{context}: {err}"))
     }
 
+    /// The same error, its message prefixed with `what` (an argument's
+    /// name, say).
+    pub(crate) fn context(self, what: &str) -> Self {
+        let with = |m: String| format!("{what}: {m}");
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(with(m)),
+            Error::InvalidShape(m) => Error::InvalidShape(with(m)),
+            Error::NoCuda(m) => Error::NoCuda(with(m)),
+            Error::DeviceMismatch(m) => Error::DeviceMismatch(with(m)),
+            Error::Cuda(m) => Error::Cuda(with(m)),
+            Error::InvalidWeights(m) => Error::InvalidWeights(with(m)),
+            Error::Io(m) => Error::Io(with(m)),
+            Error::OutOfMemory(m) => Error::OutOfMemory(with(m)),
+            Error::Internal(m) => Error::Internal(with(m)),
+        }
+    }
+
+    /// A failed allocation of `bytes` bytes for `what`.
+    pub(crate) fn oom(what: &str, bytes: usize) -> Self {
+        Error::OutOfMemory(format!("allocating {bytes} bytes for {what} failed"))
+    }
+
     /// A mutex or lock that an earlier panic left poisoned.
     pub(crate) fn poisoned() -> Self {
         Error::Internal("a lock was poisoned by an earlier panic".into())
@@ -55,6 +82,7 @@ impl fmt::Display for Error {
             Error::Cuda(m) => write!(f, "CUDA error: {m}"),
             Error::InvalidWeights(m) => write!(f, "invalid weights: {m}"),
             Error::Io(m) => write!(f, "I/O error: {m}"),
+            Error::OutOfMemory(m) => write!(f, "out of memory: {m}"),
             Error::Internal(m) => write!(f, "internal error: {m}"),
         }
     }

@@ -56,6 +56,7 @@ mod backend;
 mod cuda;
 mod device;
 mod error;
+mod fallible;
 pub mod ffi;
 pub mod images;
 mod ops;

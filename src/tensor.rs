@@ -162,17 +162,34 @@ impl Shape {
             .ok_or_else(|| Error::shape(format!("{self} has too many elements")))
     }
 
-    /// Number of bytes at `dtype`, with the same checks as [`Shape::numel`].
+    /// Number of bytes at `dtype`, with the same checks as [`Shape::numel`];
+    /// also an error when they would not fit one allocation (`isize::MAX`).
     pub fn bytes(&self, dtype: DType) -> Result<usize> {
-        self.numel()?
-            .checked_mul(dtype.size())
-            .ok_or_else(|| Error::shape(format!("{self} of {} overflows", dtype.name())))
+        self.numel()?;
+        let dims = [self.n, self.c, self.h, self.w];
+        bytes_for(&dims, dtype.size(), &format!("{self} of {}", dtype.name()))
     }
 
     /// Elements of one image (C x H x W).
     pub(crate) fn image_len(&self) -> usize {
         self.c * self.h * self.w
     }
+}
+
+/// The bytes of an array of `dims` elements of `elem` bytes each: the one
+/// size check every derived buffer goes through, so that no size wraps or
+/// exceeds what one allocation can hold (`isize::MAX`). The error names
+/// `what`.
+pub(crate) fn bytes_for(dims: &[usize], elem: usize, what: &str) -> Result<usize> {
+    dims.iter()
+        .try_fold(elem, |acc, &d| acc.checked_mul(d))
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| {
+            Error::shape(format!(
+                "{what} would take more than {} bytes, more than any allocation can hold",
+                isize::MAX
+            ))
+        })
 }
 
 impl std::fmt::Display for Shape {

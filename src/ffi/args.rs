@@ -103,6 +103,22 @@ pub(crate) fn check_reserved(value: i32, what: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// No host address space of a 64-bit platform reaches past 2^57 bytes
+/// (x86-64 with 5-level paging: 2^56; AArch64: at most 2^52): a host
+/// buffer said to end beyond it cannot exist, whatever its dimensions say.
+const HOST_ADDRESS_END: u64 = 1 << 57;
+
+/// Errors unless `bytes` bytes at host address `p` can exist.
+fn check_host_span(p: u64, bytes: usize, what: &str) -> Result<(), Error> {
+    match p.checked_add(bytes as u64) {
+        Some(end) if end <= HOST_ADDRESS_END => Ok(()),
+        _ => Err(Error::shape(format!(
+            "{what} ({p:#x}) would span {bytes} bytes, past the end of any host address space; \
+             do the dimensions match the buffer?"
+        ))),
+    }
+}
+
 /// The tensors of one call as views on the context's device.
 pub(crate) struct CallViews<'a> {
     pub inputs: Vec<TensorRef<'a>>,
@@ -141,7 +157,10 @@ pub(crate) unsafe fn views<'a>(
     if out.loss.is_null() {
         return Err(Error::arg("out.loss is NULL"));
     }
-    let bytes = shape.bytes(dtype)?;
+    let names: Vec<&str> = inputs.iter().map(|i| i.1).collect();
+    let bytes = shape
+        .bytes(dtype)
+        .map_err(|e| e.context(&names.join(" and ")))?;
     // (pointer, bytes, alignment, name) of each output asked for.
     let outputs: Vec<(*mut c_void, usize, usize, &str)> = [
         (out.loss.cast(), 4, 4, "out.loss"),
@@ -166,11 +185,13 @@ pub(crate) unsafe fn views<'a>(
         let mut input_spans: Vec<Span> = Vec::new();
         for &(p, what) in inputs {
             aligned(p, dtype.size(), what)?;
+            check_host_span(p as u64, bytes, what)?;
             input_spans.push((p as u64, bytes, what));
         }
         let mut output_spans: Vec<Span> = Vec::new();
         for &(p, len, align, what) in &outputs {
             aligned(p, align, what)?;
+            check_host_span(p as u64, len, what)?;
             output_spans.push((p as u64, len, what));
         }
         check_disjoint(&input_spans, &output_spans)?;

@@ -29,6 +29,11 @@ pub const PL_ERR_IO: pl_status = 8;
 /// The handles involved may be left in an unknown state: destroy them.
 pub const PL_ERR_PANIC: pl_status = 9;
 
+/// Memory could not be had (host, device, or the memory budget); the
+/// message says what and how much. Nothing was written; a later call may
+/// succeed.
+pub const PL_ERR_OUT_OF_MEMORY: pl_status = 10;
+
 /// The major version of this C ABI. A program compiled against one major
 /// version must not run against a library of another: compare it with
 /// `pl_abi_version()` at start-up. Within a major version, options structs
@@ -57,6 +62,7 @@ pub(crate) fn status_of(err: &Error) -> pl_status {
         Error::Internal(_) => PL_ERR_INTERNAL,
         Error::InvalidWeights(_) => PL_ERR_INVALID_WEIGHTS,
         Error::Io(_) => PL_ERR_IO,
+        Error::OutOfMemory(_) => PL_ERR_OUT_OF_MEMORY,
     }
 }
 

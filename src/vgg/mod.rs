@@ -46,7 +46,8 @@ pub struct VggOptions {
     /// VGG16 (default) or VGG19.
     pub arch: VggArch,
     /// The dtype convolutions run in on the GPU. The CPU backend always
-    /// computes in f32 with f64 loss sums.
+    /// computes in f32 with f64 loss sums, whatever is asked here, and
+    /// [`Vgg::compute_dtype`] says so.
     pub compute: DType,
     /// The deepest module to load, by torchvision index (`Some(22)` loads
     /// up to relu4_3); `None` loads all of `features`. Losses can tap only
@@ -137,9 +138,13 @@ impl Vgg {
             }
             None => Resident::Host(host),
         };
+        let compute = match resident {
+            Resident::Host(_) => DType::F32,
+            Resident::Cuda(_) => options.compute,
+        };
         Ok(Arc::new(Vgg {
             arch: options.arch,
-            compute: options.compute,
+            compute,
             device: device.clone(),
             layers,
             resident,
@@ -151,7 +156,8 @@ impl Vgg {
         self.arch
     }
 
-    /// The compute dtype.
+    /// The dtype the network computes in: the one asked for on CUDA, f32
+    /// on the CPU.
     pub fn compute_dtype(&self) -> DType {
         self.compute
     }

@@ -230,3 +230,38 @@ pub fn built_libraries() -> std::path::PathBuf {
     assert!(status.success(), "building the library failed");
     target.join("debug")
 }
+
+/// Whether this process is the child `in_child` started to run `test`.
+pub fn is_child(test: &str) -> bool {
+    std::env::var("PERCEPTUAL_LOSS_CHILD").is_ok_and(|t| t == test)
+}
+
+/// Runs test `test` of this test binary again in a child process (with
+/// its virtual memory limited to `limit_kib` when given), so that a crash
+/// or an abort there is a failure here, not the end of the test run. The
+/// child test does its work only when [`is_child`] says so.
+pub fn in_child(test: &str, limit_kib: Option<u64>) -> std::process::Output {
+    let exe = std::env::current_exe().expect("the test binary");
+    let limit = limit_kib.map_or(String::new(), |k| format!("ulimit -v {k} && "));
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{limit}exec \"$0\" --exact {test} --nocapture --test-threads=1"
+        ))
+        .arg(exe)
+        .env("PERCEPTUAL_LOSS_CHILD", test)
+        .output()
+        .expect("start the child test process")
+}
+
+/// Asserts that a child from [`in_child`] exited cleanly, showing its
+/// output (and how it died) otherwise.
+pub fn assert_child_ok(out: &std::process::Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: the child process failed ({:?}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

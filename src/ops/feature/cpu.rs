@@ -4,6 +4,8 @@
 
 use super::config::Criterion;
 use crate::backend::{HostGrad, Values};
+use crate::error::Result;
+use crate::fallible;
 use crate::ops::sign;
 use crate::tensor::{Element, Shape};
 
@@ -44,21 +46,26 @@ pub(crate) fn evaluate<T: Element>(
     b: &[T],
     mut grad: Option<HostGrad<'_, T>>,
     s: Shape,
-) -> Values {
+) -> Result<Values> {
     let image = s.image_len();
     let scale = weight as f64 / (s.n * image) as f64;
-    let sums: Vec<f64> = (0..s.n)
-        .map(|n| {
-            let range = n * image..(n + 1) * image;
-            let g = grad.as_mut().map(|g| g.part(range.clone()));
-            distance_sum(criterion, &a[range.clone()], &b[range], g, scale)
-        })
-        .collect();
-    Values {
+    let mut sums = fallible::with_capacity(s.n, "per-image distances")?;
+    for n in 0..s.n {
+        let range = n * image..(n + 1) * image;
+        let g = grad.as_mut().map(|g| g.part(range.clone()));
+        sums.push(distance_sum(
+            criterion,
+            &a[range.clone()],
+            &b[range],
+            g,
+            scale,
+        ));
+    }
+    Ok(Values {
         loss: sums.iter().sum::<f64>() * scale,
         per_sample: sums
             .iter()
             .map(|sum| weight as f64 * sum / image as f64)
             .collect(),
-    }
+    })
 }

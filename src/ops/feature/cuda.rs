@@ -81,7 +81,8 @@ mod tests {
             values: &mut want_grad,
             beta,
         };
-        let want = crate::ops::feature::cpu::evaluate(criterion, weight, &a, &b, Some(want_out), s);
+        let want = crate::ops::feature::cpu::evaluate(criterion, weight, &a, &b, Some(want_out), s)
+            .unwrap();
         let (mut loss, mut per_sample) = (f32::NAN, vec![f32::NAN; s.n]);
         let io = DeviceIo {
             shape: s,

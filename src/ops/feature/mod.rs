@@ -76,14 +76,7 @@ impl FeatureLoss {
 impl Op<2> for FeatureLoss {
     fn cpu<T: Element>(&self, io: HostIo<'_, T, 2>) -> Result<Values> {
         let [a, b] = io.inputs;
-        Ok(cpu::evaluate(
-            self.criterion,
-            self.weight,
-            a,
-            b,
-            io.grad,
-            io.shape,
-        ))
+        cpu::evaluate(self.criterion, self.weight, a, b, io.grad, io.shape)
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {

@@ -74,6 +74,18 @@ impl Op<2> for Perceptual {
                 1usize << pools
             )));
         }
+        // Every activation of the batch [pred; target] (the device pads the
+        // input to 8 channels) must have a size that fits an allocation, so
+        // that no buffer size derived from the shape can wrap.
+        let layers = &self.vgg.layers()[..=self.spec.deepest()];
+        let input = (crate::vgg::INPUT_CHANNELS, s.h, s.w);
+        let dims = std::iter::once(input).chain(crate::vgg::output_dims(layers, input));
+        for ((c, h, w), name) in
+            dims.zip(std::iter::once("input").chain(layers.iter().map(|l| l.name.as_str())))
+        {
+            let what = format!("{s}: the {name} activation of [pred; target]");
+            crate::tensor::bytes_for(&[2, s.n, c, h, w], 4, &what)?;
+        }
         Ok(())
     }
 

@@ -5,6 +5,8 @@
 
 use super::config::{TvConfig, TvVariant};
 use crate::backend::{HostGrad, Values};
+use crate::error::Result;
+use crate::fallible;
 use crate::ops::sign;
 use crate::tensor::{Element, Shape};
 
@@ -79,7 +81,7 @@ pub(crate) fn evaluate<T: Element>(
     x: &[T],
     grad: Option<HostGrad<'_, T>>,
     s: Shape,
-) -> Values {
+) -> Result<Values> {
     let (c, h, w) = (s.c, s.h, s.w);
     let image = s.image_len();
     let weight = cfg.weight as f64;
@@ -87,8 +89,9 @@ pub(crate) fn evaluate<T: Element>(
     let coef_h = 2.0 / (c * (h - 1).max(1) * w) as f64;
     let coef_w = 2.0 / (c * h * (w - 1).max(1)) as f64;
     let mut grad = grad;
-    let mut per_sample = Vec::with_capacity(s.n);
-    let mut g = vec![0.0f64; if grad.is_some() { image } else { 0 }];
+    let mut per_sample = fallible::with_capacity(s.n, "per-image TV values")?;
+    let g_len = if grad.is_some() { image } else { 0 };
+    let mut g = fallible::filled(g_len, 0.0f64, "one image's TV gradient (f64)")?;
 
     for n in 0..s.n {
         let xi = &x[n * image..(n + 1) * image];
@@ -126,5 +129,5 @@ pub(crate) fn evaluate<T: Element>(
         }
     }
     let loss = per_sample.iter().sum::<f64>() * batch_scale;
-    Values { loss, per_sample }
+    Ok(Values { loss, per_sample })
 }

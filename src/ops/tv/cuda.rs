@@ -89,7 +89,7 @@ mod tests {
             values: &mut want_grad,
             beta,
         };
-        let want = crate::ops::tv::cpu::evaluate(&config, &x, Some(want_out), s);
+        let want = crate::ops::tv::cpu::evaluate(&config, &x, Some(want_out), s).unwrap();
         let io = DeviceIo {
             shape: s,
             dtype: T::DTYPE,

@@ -88,7 +88,7 @@ impl Op<1> for TvLoss {
     }
 
     fn cpu<T: Element>(&self, io: HostIo<'_, T, 1>) -> Result<Values> {
-        Ok(cpu::evaluate(&self.config, io.inputs[0], io.grad, io.shape))
+        cpu::evaluate(&self.config, io.inputs[0], io.grad, io.shape)
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<1>) -> Result<()> {

@@ -1,111 +1,135 @@
 //! VGG building blocks on one CHW image, f32: 3x3 convolution (im2col +
 //! sgemm) and its input gradient, the bias, ReLU, and 2x2 pooling with its
 //! gradient. The CUDA steps' tests compose these into the reference of
-//! each fused kernel.
+//! each fused kernel. Every buffer whose size follows the image is
+//! allocated fallibly; the unfolded columns never exceed a fixed bound.
 
 use super::gemm::sgemm;
+use crate::error::Result;
+use crate::fallible;
 use crate::vgg::{ConvWeights, Pooling};
+use std::ops::Range;
 
 /// Sets `v`'s length to `len`; contents are unspecified (every caller
 /// overwrites them), so no time goes into clearing.
-fn set_len(v: &mut Vec<f32>, len: usize) {
+fn set_len(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
     v.truncate(len);
-    v.resize(len, 0.0);
+    fallible::resize(v, len, 0.0, what)
 }
 
-/// Unfolded elements per band of output rows: the im2col buffer stays
-/// within 16 MiB (it would take 604 MB at the first layers of a 512x512
-/// image unbanded) and in cache while the product reads it.
+/// Unfolded elements per band of output pixels: the im2col buffer stays
+/// within 16 MiB whatever the image's shape (unbanded it would take 604 MB
+/// at the first layers of a 512x512 image, and 9.7 GB for one row of 4M
+/// pixels), and in cache while the product reads it.
 const BAND_ELEMENTS: usize = 1 << 22;
 
-/// Output rows per band for an unfolding of `k` rows over a `h` x `w`
-/// image: bands of equal height, as few as the budget allows.
-fn band_rows(k: usize, h: usize, w: usize) -> usize {
-    let bands = (k * h * w).div_ceil(BAND_ELEMENTS).clamp(1, h);
-    h.div_ceil(bands)
+/// Output pixels per band for an unfolding of `k` rows over `hw` pixels:
+/// bands of equal size (but the last), as few as the bound allows.
+fn band_pixels(k: usize, hw: usize) -> usize {
+    let bands = k.saturating_mul(hw).div_ceil(BAND_ELEMENTS).clamp(1, hw);
+    hw.div_ceil(bands)
 }
 
-/// Calls `f(row, kx, i, source)` for every unfolded row of output rows
-/// `rows` of a C x H x W image: unfolded row `row` = (c, ky, kx), output
-/// row `i`, and the image row (c, i + ky - 1) it reads as an index among
-/// the C x H rows, None in the padding.
-fn for_each_unfolded_row(
-    c: usize,
-    h: usize,
-    rows: std::ops::Range<usize>,
-    mut f: impl FnMut(usize, usize, usize, Option<usize>),
+/// Output columns `j0..j1` of one image row, at `offset` in a band, read
+/// from the source row at columns `j + shift`.
+#[derive(Clone, Copy)]
+struct Segment {
+    j0: usize,
+    j1: usize,
+    offset: usize,
+    shift: isize,
+    width: usize,
+}
+
+impl Segment {
+    /// The positions `t` (0 = column j0) whose source column lies in the
+    /// image, and the first source column.
+    fn valid(self) -> (Range<usize>, usize) {
+        let start = self.j0 as isize + self.shift;
+        let len = (self.j1 - self.j0) as isize;
+        let lo = (-start).clamp(0, len);
+        let hi = (self.width as isize - start).clamp(lo, len);
+        (lo as usize..hi as usize, (start + lo) as usize)
+    }
+}
+
+/// Calls `f(row, segment, source)` for every unfolded row and every run
+/// of output pixels `pixels` within one image row of a C x H x W image:
+/// unfolded row `row` = (c, ky, kx); `source` is the image row
+/// (c, i + ky - 1) the segment of output row i reads, as an index among
+/// the C x H rows, None in the padding; the segment reads it at columns
+/// shifted by kx - 1.
+fn for_each_segment(
+    (c, h, w): (usize, usize, usize),
+    pixels: Range<usize>,
+    mut f: impl FnMut(usize, Segment, Option<usize>),
 ) {
     for ch in 0..c {
         for ky in 0..3 {
             for kx in 0..3 {
-                for i in rows.clone() {
+                let mut p = pixels.start;
+                while p < pixels.end {
+                    let (i, j0) = (p / w, p % w);
+                    let j1 = w.min(j0 + pixels.end - p);
                     let si = (i + ky).checked_sub(1).filter(|&si| si < h);
-                    f((ch * 3 + ky) * 3 + kx, kx, i, si.map(|si| ch * h + si));
+                    let segment = Segment {
+                        j0,
+                        j1,
+                        offset: p - pixels.start,
+                        shift: kx as isize - 1,
+                        width: w,
+                    };
+                    f((ch * 3 + ky) * 3 + kx, segment, si.map(|si| ch * h + si));
+                    p += j1 - j0;
                 }
             }
         }
     }
 }
 
-/// Unfolds output rows `rows` of a C x H x W image into rows (c, ky, kx)
-/// and columns (i, j) of `cols`, with zeros where the 3x3 window hangs
-/// over the padding.
+/// Unfolds output pixels `pixels` of a C x H x W image into rows (c, ky,
+/// kx) and columns (the pixels) of `cols`, with zeros where the 3x3
+/// window hangs over the padding.
 fn im2col(
     x: &[f32],
-    (c, h, w): (usize, usize, usize),
-    rows: std::ops::Range<usize>,
+    dims: (usize, usize, usize),
+    pixels: Range<usize>,
     cols: &mut Vec<f32>,
-) {
-    let width = rows.len() * w;
-    set_len(cols, c * 9 * width);
-    let first = rows.start;
-    for_each_unfolded_row(c, h, rows, |row, kx, i, src_row| {
-        let dst = &mut cols[row * width + (i - first) * w..][..w];
-        let Some(src_row) = src_row else {
+) -> Result<()> {
+    let width = pixels.len();
+    set_len(cols, dims.0 * 9 * width, "unfolded convolution columns")?;
+    let w = dims.2;
+    for_each_segment(dims, pixels, |row, seg, source| {
+        let dst = &mut cols[row * width + seg.offset..][..seg.j1 - seg.j0];
+        let Some(source) = source else {
             dst.fill(0.0);
             return;
         };
-        let src = &x[src_row * w..][..w];
-        // Column j reads source column j + kx - 1.
-        match kx {
-            0 => {
-                dst[0] = 0.0;
-                dst[1..].copy_from_slice(&src[..w - 1]);
-            }
-            1 => dst.copy_from_slice(src),
-            _ => {
-                dst[..w - 1].copy_from_slice(&src[1..]);
-                dst[w - 1] = 0.0;
-            }
-        }
+        let (valid, from) = seg.valid();
+        let src = &x[source * w + from..][..valid.len()];
+        dst[..valid.start].fill(0.0);
+        dst[valid.clone()].copy_from_slice(src);
+        dst[valid.end..].fill(0.0);
     });
+    Ok(())
 }
 
 /// The adjoint of `im2col`: adds each column entry of the band back to
 /// its pixel of `dx`.
-fn col2im(
-    cols: &[f32],
-    (c, h, w): (usize, usize, usize),
-    rows: std::ops::Range<usize>,
-    dx: &mut [f32],
-) {
-    let width = rows.len() * w;
-    let first = rows.start;
-    for_each_unfolded_row(c, h, rows, |row, kx, i, src_row| {
-        let Some(src_row) = src_row else { return };
-        let src = &cols[row * width + (i - first) * w..][..w];
-        let dst = &mut dx[src_row * w..][..w];
-        let (dst, src) = match kx {
-            0 => (&mut dst[..w - 1], &src[1..]),
-            1 => (dst, src),
-            _ => (&mut dst[1..], &src[..w - 1]),
-        };
+fn col2im(cols: &[f32], dims: (usize, usize, usize), pixels: Range<usize>, dx: &mut [f32]) {
+    let width = pixels.len();
+    let w = dims.2;
+    for_each_segment(dims, pixels, |row, seg, source| {
+        let Some(source) = source else { return };
+        let (valid, from) = seg.valid();
+        let src = &cols[row * width + seg.offset + valid.start..][..valid.len()];
+        let dst = &mut dx[source * w + from..][..valid.len()];
         dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
     });
 }
 
 /// out = conv3x3(x) + bias, padding 1; x is in_c x h x w, out out_c x h x w.
-/// Computed in bands of output rows (see `BAND_ELEMENTS`).
+/// Computed in bands of output pixels (see `BAND_ELEMENTS`).
 pub(crate) fn conv(
     x: &[f32],
     h: usize,
@@ -113,23 +137,24 @@ pub(crate) fn conv(
     p: &ConvWeights,
     out: &mut Vec<f32>,
     cols: &mut Vec<f32>,
-) {
+) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
-    set_len(out, p.out_c * hw);
-    let band = band_rows(k, h, w);
-    for first in (0..h).step_by(band) {
-        let rows = first..(first + band).min(h);
-        let width = rows.len() * w;
-        im2col(x, (p.in_c, h, w), rows, cols);
+    set_len(out, p.out_c * hw, "a convolution's output")?;
+    let band = band_pixels(k, hw);
+    for first in (0..hw).step_by(band) {
+        let pixels = first..(first + band).min(hw);
+        let width = pixels.len();
+        im2col(x, (p.in_c, h, w), pixels, cols)?;
         sgemm(
             (p.out_c, k, width),
             &p.weight,
             false,
             (cols, width),
-            (&mut out[first * w..], hw),
+            (&mut out[first..], hw),
         );
     }
     add_bias(out, &p.bias, hw);
+    Ok(())
 }
 
 /// Adds `bias[c]` to every value of plane `c` (of `hw` values) of `x`.
@@ -140,7 +165,7 @@ pub(crate) fn add_bias(x: &mut [f32], bias: &[f32], hw: usize) {
 }
 
 /// dx = conv3x3^T(dout): the gradient w.r.t. the convolution's input, in
-/// bands of output rows.
+/// bands of output pixels.
 pub(crate) fn conv_backward(
     dout: &[f32],
     h: usize,
@@ -148,34 +173,37 @@ pub(crate) fn conv_backward(
     p: &ConvWeights,
     dx: &mut Vec<f32>,
     cols: &mut Vec<f32>,
-) {
+) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
     dx.clear();
-    dx.resize(p.in_c * hw, 0.0);
-    let band = band_rows(k, h, w);
-    for first in (0..h).step_by(band) {
-        let rows = first..(first + band).min(h);
-        let width = rows.len() * w;
-        set_len(cols, k * width);
+    fallible::resize(dx, p.in_c * hw, 0.0, "a convolution's input gradient")?;
+    let band = band_pixels(k, hw);
+    for first in (0..hw).step_by(band) {
+        let pixels = first..(first + band).min(hw);
+        let width = pixels.len();
+        set_len(cols, k * width, "unfolded convolution columns")?;
         sgemm(
             (k, p.out_c, width),
             &p.weight,
             true,
-            (&dout[first * w..], hw),
+            (&dout[first..], hw),
             (cols, width),
         );
-        col2im(cols, (p.in_c, h, w), rows, dx);
+        col2im(cols, (p.in_c, h, w), pixels, dx);
     }
+    Ok(())
 }
 
 /// In-place ReLU; `mask` (when given) records which outputs are positive.
-pub(crate) fn relu(x: &mut [f32], mask: Option<&mut Vec<bool>>) {
+pub(crate) fn relu(x: &mut [f32], mask: Option<&mut Vec<bool>>) -> Result<()> {
     x.iter_mut()
         .for_each(|v| *v = if *v > 0.0 || v.is_nan() { *v } else { 0.0 });
     if let Some(m) = mask {
         m.clear();
+        fallible::reserve(m, x.len(), "a ReLU mask")?;
         m.extend(x.iter().map(|&v| v > 0.0));
     }
+    Ok(())
 }
 
 /// ReLU's gradient: zero where the output was not positive.
@@ -198,11 +226,13 @@ pub(crate) fn pool(
     kind: Pooling,
     out: &mut Vec<f32>,
     mut argmax: Option<&mut Vec<u8>>,
-) {
+) -> Result<()> {
     let (oh, ow) = (h / 2, w / 2);
     out.clear();
+    fallible::reserve(out, c * oh * ow, "a pool's output")?;
     if let Some(a) = argmax.as_deref_mut() {
         a.clear();
+        fallible::reserve(a, c * oh * ow, "a pool's argmax")?;
     }
     for ch in 0..c {
         let plane = &x[ch * h * w..(ch + 1) * h * w];
@@ -228,6 +258,7 @@ pub(crate) fn pool(
             }
         }
     }
+    Ok(())
 }
 
 /// Pooling's gradient w.r.t. its c x h x w input (rows/columns dropped by
@@ -240,10 +271,10 @@ pub(crate) fn pool_backward(
     kind: Pooling,
     argmax: &[u8],
     dx: &mut Vec<f32>,
-) {
+) -> Result<()> {
     let (oh, ow) = (h / 2, w / 2);
     dx.clear();
-    dx.resize(c * h * w, 0.0);
+    fallible::resize(dx, c * h * w, 0.0, "a pool's input gradient")?;
     for ch in 0..c {
         for i in 0..oh {
             for j in 0..ow {
@@ -256,6 +287,7 @@ pub(crate) fn pool_backward(
             }
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -270,14 +302,19 @@ mod tests {
     }
 
     /// The banded convolution and its input gradient against direct f64
-    /// sums, on an image large enough for unequal bands (51 + 50 rows).
+    /// sums, on images large enough for several bands: one whose bands
+    /// split rows (101 x 80: two bands of 4040 pixels), and one row of
+    /// 10000 pixels (two bands of 5000).
     #[test]
     fn banded_convolution_matches_direct_sums() {
-        let (in_c, out_c, h, w) = (64, 8, 101, 80);
-        assert!(
-            band_rows(in_c * 9, h, w) < h,
-            "the test needs several bands"
-        );
+        for (in_c, out_c, h, w) in [(64, 8, 101, 80), (64, 4, 1, 10_000usize)] {
+            let bands = (h * w).div_ceil(band_pixels(in_c * 9, h * w));
+            assert!(bands > 1, "the test needs several bands");
+            check_against_direct_sums(in_c, out_c, h, w);
+        }
+    }
+
+    fn check_against_direct_sums(in_c: usize, out_c: usize, h: usize, w: usize) {
         let p = ConvWeights {
             in_c,
             out_c,
@@ -287,8 +324,9 @@ mod tests {
         let x = values(in_c * h * w, 3);
         let dout = values(out_c * h * w, 4);
         let (mut out, mut dx, mut cols) = (Vec::new(), Vec::new(), Vec::new());
-        conv(&x, h, w, &p, &mut out, &mut cols);
-        conv_backward(&dout, h, w, &p, &mut dx, &mut cols);
+        conv(&x, h, w, &p, &mut out, &mut cols).unwrap();
+        conv_backward(&dout, h, w, &p, &mut dx, &mut cols).unwrap();
+        assert!(cols.len() <= BAND_ELEMENTS + in_c * 9, "the band bound");
         // Every (o, c, ky, kx, output pixel, input pixel) pair of the
         // padded 3x3 convolution.
         let mut want_out: Vec<f64> = (0..out_c * h * w)
@@ -317,7 +355,7 @@ mod tests {
             for (idx, (g, e)) in got.iter().zip(want.iter()).enumerate() {
                 assert!(
                     (*g as f64 - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                    "{what}[{idx}]: {g} vs {e}"
+                    "{h}x{w} {what}[{idx}]: {g} vs {e}"
                 );
             }
         }

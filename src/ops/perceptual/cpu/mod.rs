@@ -12,6 +12,7 @@ pub(crate) mod layers;
 use super::config::{InputNorm, PerceptualSpec};
 use crate::backend::{HostGrad, HostIo, Values};
 use crate::error::{Error, Result};
+use crate::fallible;
 use crate::ops::feature::cpu::distance_sum;
 use crate::tensor::{as_bytes, DType, Element, Shape};
 use crate::vgg::{output_dims, HostWeights, Layer, Module};
@@ -42,8 +43,13 @@ enum Saved {
 
 /// One image of `x` (`c` = 1 or 3 planes of `hw` values) as 3 x H x W f32,
 /// normalised: the reference of the `pl_vgg_preprocess` kernel.
-pub(crate) fn preprocess<T: Element>(x: &[T], c: usize, hw: usize, norm: InputNorm) -> Vec<f32> {
-    let mut out = Vec::with_capacity(3 * hw);
+pub(crate) fn preprocess<T: Element>(
+    x: &[T],
+    c: usize,
+    hw: usize,
+    norm: InputNorm,
+) -> Result<Vec<f32>> {
+    let mut out = fallible::with_capacity(3 * hw, "a normalised image")?;
     for ch in 0..3 {
         let src = if c == 1 { 0 } else { ch };
         let (scale, shift) = norm.affine(ch);
@@ -53,7 +59,7 @@ pub(crate) fn preprocess<T: Element>(x: &[T], c: usize, hw: usize, norm: InputNo
                 .map(|v| (v.to_f64() * scale + shift) as f32),
         );
     }
-    out
+    Ok(out)
 }
 
 /// The gradient w.r.t. one caller image from the gradient `g` (3 x H x W)
@@ -86,7 +92,7 @@ fn forward(
     h: usize,
     w: usize,
     mut saved: Option<&mut Vec<Saved>>,
-    mut at_tap: impl FnMut(usize, f64, &[f32]),
+    mut at_tap: impl FnMut(usize, f64, &[f32]) -> Result<()>,
 ) -> Result<()> {
     let (mut c, mut h, mut w) = (3, h, w);
     let (mut next, mut cols) = (Vec::new(), Vec::new());
@@ -94,7 +100,7 @@ fn forward(
         match layer.module {
             Module::Conv { out_c, .. } => {
                 let p = net.weights.conv(layer.index)?;
-                layers::conv(&x, h, w, p, &mut next, &mut cols);
+                layers::conv(&x, h, w, p, &mut next, &mut cols)?;
                 std::mem::swap(&mut x, &mut next);
                 c = out_c;
                 if let Some(s) = saved.as_deref_mut() {
@@ -107,14 +113,14 @@ fn forward(
             }
             Module::Relu => {
                 let mut mask = saved.as_ref().map(|_| Vec::new());
-                layers::relu(&mut x, mask.as_mut());
+                layers::relu(&mut x, mask.as_mut())?;
                 if let (Some(s), Some(m)) = (saved.as_deref_mut(), mask) {
                     s.push(Saved::Relu(m));
                 }
             }
             Module::Pool => {
                 let mut argmax = saved.as_ref().map(|_| Vec::new());
-                layers::pool(&x, c, h, w, spec.pooling, &mut next, argmax.as_mut());
+                layers::pool(&x, c, h, w, spec.pooling, &mut next, argmax.as_mut())?;
                 std::mem::swap(&mut x, &mut next);
                 if let (Some(s), Some(a)) = (saved.as_deref_mut(), argmax) {
                     s.push(Saved::Pool { c, h, w, argmax: a });
@@ -124,7 +130,7 @@ fn forward(
             }
         }
         if let Some(weight) = spec.tap_weight(layer.index) {
-            at_tap(layer.index, weight, &x);
+            at_tap(layer.index, weight, &x)?;
         }
     }
     Ok(())
@@ -138,8 +144,11 @@ fn image_features<T: Element>(
     (c, h, w): (usize, usize, usize),
 ) -> Result<Vec<Vec<f32>>> {
     let mut taps = Vec::new();
-    let x = preprocess(image, c, h * w, spec.norm);
-    forward(net, spec, x, h, w, None, |_, _, f| taps.push(f.to_vec()))?;
+    let x = preprocess(image, c, h * w, spec.norm)?;
+    forward(net, spec, x, h, w, None, |_, _, f| {
+        taps.push(fallible::copied(f, "a target's tap features")?);
+        Ok(())
+    })?;
     Ok(taps)
 }
 
@@ -166,7 +175,7 @@ fn network<T: Element>(
     let (hw, image) = (s.h * s.w, s.image_len());
     let dims = (s.c, s.h, s.w);
     let mut total = 0.0;
-    let mut per_sample = Vec::with_capacity(s.n);
+    let mut per_sample = fallible::with_capacity(s.n, "per-image losses")?;
     for n in 0..s.n {
         let range = n * image..(n + 1) * image;
         // This image's target features: kept ones borrowed, or computed
@@ -181,7 +190,7 @@ fn network<T: Element>(
         let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
         let mut image_loss = 0.0;
         let mut k = 0;
-        let x = preprocess(&pred[range.clone()], s.c, hw, spec.norm);
+        let x = preprocess(&pred[range.clone()], s.c, hw, spec.norm)?;
         forward(
             net,
             spec,
@@ -193,7 +202,8 @@ fn network<T: Element>(
                 // The batch mean over N images of per-image means.
                 let weight = (tap_weight * spec.weight / s.n as f64) as f32;
                 let scale = weight as f64 / f.len() as f64;
-                let mut g = vec![0f32; if grad.is_some() { f.len() } else { 0 }];
+                let g_len = if grad.is_some() { f.len() } else { 0 };
+                let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
                 let slot = grad.as_ref().map(|_| HostGrad {
                     values: &mut g[..],
                     beta: 0.0,
@@ -209,6 +219,7 @@ fn network<T: Element>(
                 image_loss += distance_sum(spec.criterion, f, t, slot, scale) * scale;
                 tap_grads.push((layer, g));
                 k += 1;
+                Ok(())
             },
         )?;
         per_sample.push(image_loss * s.n as f64);
@@ -254,12 +265,12 @@ fn backward(
         match step {
             Saved::Conv { layer, h, w } => {
                 let p = net.weights.conv(layer)?;
-                layers::conv_backward(&g, h, w, p, &mut next, &mut cols);
+                layers::conv_backward(&g, h, w, p, &mut next, &mut cols)?;
                 std::mem::swap(&mut g, &mut next);
             }
             Saved::Relu(mask) => layers::relu_backward(&mut g, &mask),
             Saved::Pool { c, h, w, argmax } => {
-                layers::pool_backward(&g, c, h, w, spec.pooling, &argmax, &mut next);
+                layers::pool_backward(&g, c, h, w, spec.pooling, &argmax, &mut next)?;
                 std::mem::swap(&mut g, &mut next);
             }
         }
@@ -346,7 +357,7 @@ impl TargetCache {
         *self.last.lock().map_err(|_| Error::poisoned())? = Some(KeptTarget {
             shape: s,
             dtype: T::DTYPE,
-            input: bytes.to_vec(),
+            input: fallible::copied(bytes, "the kept target")?,
             features: features.clone(),
         });
         Ok(Some(features))

@@ -145,7 +145,8 @@ fn unpool_matches_layers_pool_backward_and_the_relu_before() {
                 for i in 0..n {
                     let r = i * per_out..(i + 1) * per_out;
                     let mut dx = Vec::new();
-                    layers::pool_backward(&g[r.clone()], c, h, w, kind, &argmax_chw[r], &mut dx);
+                    layers::pool_backward(&g[r.clone()], c, h, w, kind, &argmax_chw[r], &mut dx)
+                        .unwrap();
                     out.extend(dx);
                 }
                 out

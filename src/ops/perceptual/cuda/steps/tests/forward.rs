@@ -43,7 +43,7 @@ fn preprocess_matches_cpu_preprocess() {
             let mut want = Vec::new();
             let mut scale = Vec::new();
             for image in pred.chunks_exact(c * hw).chain(target.chunks_exact(c * hw)) {
-                let planes = cpu::preprocess(image, c, hw, norm);
+                let planes = cpu::preprocess(image, c, hw, norm).unwrap();
                 let mut padded = vec![0.0; INPUT_CHANNELS * hw];
                 let mut size = vec![0.0; INPUT_CHANNELS * hw];
                 for ch in 0..3 {

@@ -340,7 +340,7 @@ pub(super) fn bias_relu(
         let mut v = image.to_vec();
         layers::add_bias(&mut v, bias, h * w);
         if relu {
-            layers::relu(&mut v, None);
+            layers::relu(&mut v, None).unwrap();
         }
         out.extend(v.into_iter().map(|v| round_to(dtype, v)));
     }
@@ -360,7 +360,7 @@ pub(super) fn pool_ref(
     let (mut y, mut argmax) = (Vec::new(), Vec::new());
     for image in x.chunks_exact(c * h * w).take(count) {
         let (mut out, mut a) = (Vec::new(), Vec::new());
-        layers::pool(image, c, h, w, kind, &mut out, Some(&mut a));
+        layers::pool(image, c, h, w, kind, &mut out, Some(&mut a)).unwrap();
         y.extend(out.into_iter().map(|v| round_to(dtype, v)));
         argmax.extend(a);
     }
