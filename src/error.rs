@@ -66,6 +66,18 @@ impl Error {
         Error::OutOfMemory(format!("allocating {bytes} bytes for {what} failed"))
     }
 
+    /// A failed CUDA allocation of `bytes` bytes for `what`: out of memory
+    /// when the driver says so, a CUDA error otherwise.
+    pub(crate) fn cuda_alloc(what: &str, bytes: usize, err: cudarc::driver::DriverError) -> Self {
+        use cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY;
+        match err.0 {
+            CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory(format!(
+                "allocating {bytes} bytes of device memory for {what} failed"
+            )),
+            _ => Error::cuda(&format!("allocating {bytes} bytes for {what}"), err),
+        }
+    }
+
     /// A mutex or lock that an earlier panic left poisoned.
     pub(crate) fn poisoned() -> Self {
         Error::Internal("a lock was poisoned by an earlier panic".into())

@@ -197,6 +197,9 @@ fn choose<A: Copy + std::fmt::Debug>(
     match fitting.or_else(smallest) {
         Some(c) => Ok((c.algo, c.memory)),
         None => {
+            // Usable algorithms that all need more workspace than the
+            // budget leaves: a memory error, not a cuDNN one.
+            let memory = offered.iter().any(|c| usable(&c));
             let list: Vec<String> = offered
                 .iter()
                 .map(|c| {
@@ -214,14 +217,14 @@ fn choose<A: Copy + std::fmt::Debug>(
                     )
                 })
                 .collect();
-            Err(err(
-                &format!("choosing a {what} algorithm"),
-                format!(
-                    "no deterministic algorithm fits in {} bytes of workspace; offered: [{}]",
-                    most,
-                    list.join("; ")
-                ),
-            ))
+            let why = format!(
+                "cuDNN choosing a {what} algorithm: no deterministic algorithm fits in {most} bytes of workspace; offered: [{}]",
+                list.join("; ")
+            );
+            Err(match memory {
+                true => Error::OutOfMemory(why),
+                false => Error::Cuda(why),
+            })
         }
     }
 }
@@ -574,9 +577,9 @@ mod tests {
             choose("backward-data", &offered, CUDNN_FMA_MATH, roomy).unwrap(),
             (3, 300)
         );
-        let e = choose("backward-data", &offered, CUDNN_FMA_MATH, BUDGET_100)
-            .unwrap_err()
-            .to_string();
+        let e = choose("backward-data", &offered, CUDNN_FMA_MATH, BUDGET_100).unwrap_err();
+        assert!(matches!(e, Error::OutOfMemory(_)), "a memory error: {e}");
+        let e = e.to_string();
         assert!(e.contains("choosing a backward-data algorithm"), "{e}");
         assert!(
             e.contains("no deterministic algorithm fits in 100 bytes"),

@@ -202,7 +202,7 @@ impl CudaDevice {
             *guard = Some(
                 self.stream
                     .alloc_zeros::<u8>(size)
-                    .map_err(|e| Error::cuda("allocating scratch memory", e))?,
+                    .map_err(|e| Error::cuda_alloc("reduction scratch", size, e))?,
             );
         }
         let base = {

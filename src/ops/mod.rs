@@ -129,7 +129,7 @@ pub(crate) fn value_on(
     };
     let mut buf = stream
         .alloc_zeros::<f32>(1)
-        .map_err(|e| Error::cuda("allocating the loss buffer", e))?;
+        .map_err(|e| Error::cuda_alloc("the loss buffer", 4, e))?;
     compute(TensorMut::cuda(&mut buf, Shape::flat(1))?)?;
     let host = stream
         .clone_dtoh(&buf)

@@ -92,15 +92,17 @@ pub(crate) fn krsc_bytes(p: &ConvWeights, dtype: DType) -> Vec<u8> {
 /// weights are ready for any stream.
 pub(crate) fn upload(dev: &CudaDevice, host: &HostWeights, dtype: DType) -> Result<DeviceWeights> {
     let st = dev.stream();
-    let upload = |what: &'static str| move |e| Error::cuda(what, e);
     let mut by_layer = Vec::new();
     for (layer, p) in host.convs() {
         by_layer.resize_with(layer + 1, || None);
+        let filter = krsc_bytes(p, dtype);
         by_layer[layer] = Some(DeviceConv {
             weight: st
-                .clone_htod(&krsc_bytes(p, dtype))
-                .map_err(upload("uploading weights"))?,
-            bias: st.clone_htod(&p.bias).map_err(upload("uploading biases"))?,
+                .clone_htod(&filter)
+                .map_err(|e| Error::cuda_alloc("a filter", filter.len(), e))?,
+            bias: st
+                .clone_htod(&p.bias)
+                .map_err(|e| Error::cuda_alloc("a bias", 4 * p.bias.len(), e))?,
         });
     }
     dev.synchronize()?;

@@ -119,7 +119,13 @@ impl Plans {
     ) -> Result<()> {
         let weights = vgg.device_weights()?;
         let chunk = self.device_chunk_images(dev, vgg, spec, io.shape)?;
-        for call in CudaCall::new(*io).chunks(chunk) {
+        let calls = CudaCall::new(*io).chunks(chunk);
+        // Every plan first (a full chunk's and the last one's), so that one
+        // that cannot be built fails the call before anything is written.
+        if let Some(last) = calls.last().filter(|c| c.io.shape.n != chunk) {
+            self.with_plan(dev, vgg, spec, last.io.shape, |_, _| Ok(()))?;
+        }
+        for call in calls {
             self.with_plan(dev, vgg, spec, call.io.shape, |handle, plan| {
                 plan.run(dev, handle, weights, vgg.layers(), spec, &call)
             })?;
@@ -167,7 +173,7 @@ impl Plans {
                 let bytes = |k: usize| buffer_bytes(vgg.layers(), spec, (k, s.h, s.w), compute);
                 let one = bytes(1)?;
                 if one > budget {
-                    return Err(Error::arg(format!(
+                    return Err(Error::OutOfMemory(format!(
                         "the memory budget of {budget} bytes is below the {one} bytes of buffers one {}x{} image needs",
                         s.h, s.w
                     )));

@@ -29,7 +29,7 @@ fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
 fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
     // SAFETY: every buffer is written before it is read (the schedule).
     unsafe { dev.stream().alloc::<u8>(bytes.max(256)) }
-        .map_err(|e| Error::cuda(&format!("allocating {what} ({bytes} bytes)"), e))
+        .map_err(|e| Error::cuda_alloc(what, bytes, e))
 }
 
 /// Bytes of the buffers (not the cuDNN workspace) a call on `n` image

@@ -301,6 +301,7 @@ fn a_memory_budget_picks_the_largest_chunk_that_fits() {
     assert_eq!(chunk(&budgeted(three - 1), fits).unwrap(), 2);
     assert_eq!(chunk(&budgeted(two), fits).unwrap(), 2);
     let err = chunk(&budgeted(1000), fits).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
     assert!(err.to_string().contains("memory budget"), "{err}");
     // A chunk whose cuDNN plan does not fit (workspace) gives way to a
     // smaller one; when even one image fails, that error is returned.
