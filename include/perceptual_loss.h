@@ -259,8 +259,10 @@ typedef struct pl_vgg_options {
   pl_dtype compute;
   /**
    * The deepest module to load, by torchvision index (22 loads up to
-   * relu4_3); -1 (the default) loads all of `features`. Losses can tap
-   * only loaded modules.
+   * relu4_3; every convolution up to it must be in the file); -1 (the
+   * default) loads as deep as the file goes: all of `features`, or, for
+   * a file holding a prefix of the network, every layer before the
+   * first convolution it lacks. Losses can tap only loaded modules.
    */
   int32_t depth;
   /**
@@ -389,6 +391,13 @@ typedef struct pl_vgg_options {
  * The handles involved may be left in an unknown state: destroy them.
  */
 #define PL_ERR_PANIC 9
+
+/**
+ * Memory could not be had (host, device, or the memory budget); the
+ * message says what and how much. Nothing was written; a later call may
+ * succeed.
+ */
+#define PL_ERR_OUT_OF_MEMORY 10
 
 /**
  * The seed article's TV loss (batch mean only).
@@ -642,6 +651,20 @@ pl_status pl_vgg_load(struct pl_context *ctx,
                       const char *safetensors_path,
                       const struct pl_vgg_options *options,
                       struct pl_vgg **out);
+
+/**
+ * Writes to `depth_out` the index of the deepest module `pl_vgg_load`
+ * would load from `safetensors_path` with `options` (NULL = the
+ * defaults: as deep as the file goes), checking the file's header (names,
+ * shapes, dtypes, byte ranges) without reading any tensor data.
+ *
+ * # Safety
+ * `safetensors_path` must be a NUL-terminated path, `options` NULL or
+ * valid, `depth_out` writable.
+ */
+pl_status pl_vgg_depth(const char *safetensors_path,
+                       const struct pl_vgg_options *options,
+                       int32_t *depth_out);
 
 /**
  * Releases a VGG handle; NULL is ignored. Losses made from it keep the

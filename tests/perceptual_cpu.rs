@@ -295,15 +295,23 @@ fn weights_error(bytes: &[u8]) -> String {
 fn malformed_weight_files_name_the_tensor() {
     let mut net = Net::random(VggArch::Vgg16, 12);
     let good = net.export_safetensors(Dtype::F32, "", |_| false);
-    assert!(weights_error(&good[..good.len() / 2]).contains("safetensors"));
+    // Cut in half: the header is whole, a tensor's data is not.
+    let cut = weights_error(&good[..good.len() / 2]);
+    assert!(
+        cut.contains("past the end of the file") && cut.contains("tensor features."),
+        "{cut}"
+    );
+    assert!(weights_error(&good[..5]).contains("safetensors"));
     assert!(weights_error(b"not a safetensors file at all").contains("safetensors"));
     let missing = net.export_safetensors(Dtype::F32, "", |n| n == "features.12.bias");
     assert!(weights_error(&missing).contains("features.12.bias"));
-    // VGG19 weights read as VGG16: VGG16's conv at 17 is a ReLU in VGG19.
+    // VGG19 weights read as VGG16: VGG19's conv3_4 (features.16) sits
+    // where VGG16 has pool3, so the file is refused, not read as a prefix.
     let mut net19 = Net::random(VggArch::Vgg19, 13);
+    let e = weights_error(&net19.export_safetensors(Dtype::F32, "", |_| false));
     assert!(
-        weights_error(&net19.export_safetensors(Dtype::F32, "", |_| false))
-            .contains("features.17.weight")
+        e.contains("tensor features.16.") && e.contains("another network"),
+        "{e}"
     );
     // A 5x5 kernel where VGG has 3x3.
     let five = vec![0u8; 64 * 3 * 25 * 4];
@@ -376,13 +384,35 @@ fn prefixes_storage_dtypes_and_partial_depth() {
         },
     )
     .unwrap();
-    assert!(Vgg::load(
+    // Without up_to the file loads as deep as it goes (to pool2, before
+    // the missing conv3_1), and a deeper tap names itself and that depth.
+    let vgg = Vgg::load(
         &Device::cpu(),
         WeightsSource::Bytes(&shallow),
         VggArch::Vgg16,
-        DType::F32
+        DType::F32,
     )
-    .is_err());
+    .unwrap();
+    assert_eq!(vgg.depth(), 9);
+    let depth = Vgg::depth_in(WeightsSource::Bytes(&shallow), VggOptions::default()).unwrap();
+    assert_eq!(depth, 9);
+    let e = PerceptualLoss::new(vgg, &PerceptualConfig::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("tap relu3_3 (15) is deeper than the loaded weights (up to module 9, pool2)"),
+        "{e}"
+    );
+    // Asking for more than the file holds names the first tensor missing.
+    let deeper = VggOptions {
+        up_to: Some(15),
+        ..Default::default()
+    };
+    let e = Vgg::load_with(&Device::cpu(), WeightsSource::Bytes(&shallow), deeper).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("tensor features.10.weight (conv3_1) is missing"),
+        "{e}"
+    );
 }
 
 #[test]

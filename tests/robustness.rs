@@ -188,3 +188,171 @@ fn the_cpu_network_computes_in_f32_whatever_dtype_it_was_loaded_with() {
     .unwrap();
     assert_eq!(vgg.compute_dtype(), DType::F32);
 }
+
+fn load_error(source: WeightsSource<'_>) -> Error {
+    Vgg::load(&Device::cpu(), source, VggArch::Vgg16, DType::F32).unwrap_err()
+}
+
+/// A directory, a FIFO with no writer (opening it would block forever) and
+/// a device (/dev/zero would be read until memory runs out) are refused
+/// before they are opened. In a child process, so that a hang fails.
+#[test]
+fn weights_that_are_not_a_regular_file_are_refused_without_blocking() {
+    if is_child("weights_that_are_not_a_regular_file_are_refused_without_blocking") {
+        let dir = std::env::temp_dir().join(format!("weights-kinds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        for (path, kind) in [
+            (dir.as_path(), "a directory"),
+            (fifo.as_path(), "a FIFO"),
+            ("/dev/zero".as_ref(), "a device"),
+        ] {
+            let e = load_error(WeightsSource::Path(path));
+            assert!(matches!(e, Error::Io(_)), "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("is {kind}, not a regular file")),
+                "{e}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        return;
+    }
+    let out = in_child(
+        "weights_that_are_not_a_regular_file_are_refused_without_blocking",
+        None,
+    );
+    assert_child_ok(&out, "a directory, a FIFO and a device as weights");
+}
+
+/// A 2 GiB file (sparse: it takes no disk) whose header length is
+/// impossible is refused from its first 8 bytes: under a 900 MB limit the
+/// load reads nothing else.
+#[test]
+fn a_huge_file_is_refused_from_its_header() {
+    if is_child("a_huge_file_is_refused_from_its_header") {
+        let path = std::env::temp_dir().join(format!("huge-{}.safetensors", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(2 << 30).unwrap();
+        std::io::Write::write_all(&mut &file, &(1u64 << 40).to_le_bytes()).unwrap();
+        let e = load_error(WeightsSource::Path(&path));
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            e.to_string()
+                .contains("header length is 1099511627776 bytes"),
+            "{e}"
+        );
+        return;
+    }
+    let out = in_child("a_huge_file_is_refused_from_its_header", Some(LIMIT_KIB));
+    assert_child_ok(&out, "a 2 GiB file with a bad header under a 900 MB limit");
+}
+
+/// A safetensors image's header as JSON, and its data.
+fn split(file: &[u8]) -> (serde_json::Map<String, serde_json::Value>, Vec<u8>) {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&file[8..8 + n]).unwrap();
+    (header, file[8 + n..].to_vec())
+}
+
+fn join(header_text: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header_text.len() as u64).to_le_bytes().to_vec();
+    out.extend(header_text.as_bytes());
+    out.extend(data);
+    out
+}
+
+/// Broken headers: each message names the tensor at fault, and the same
+/// file gives the same message however often it is read.
+#[test]
+fn broken_headers_name_the_tensor_the_same_way_every_time() {
+    let good = seeded_safetensors(VggArch::Vgg16, 4).unwrap();
+    let (header, data) = split(&good);
+    // features.14.weight given features.12.weight's offsets (same shape).
+    let mut shared = header.clone();
+    let offsets = shared["features.12.weight"]["data_offsets"].clone();
+    shared["features.14.weight"]["data_offsets"] = offsets;
+    let shared = join(&serde_json::to_string(&shared).unwrap(), &data);
+    let first = load_error(WeightsSource::Bytes(&shared)).to_string();
+    assert!(
+        first.contains("tensor features.14.weight overlaps the data of tensor features.12.weight"),
+        "{first}"
+    );
+    for _ in 0..8 {
+        assert_eq!(load_error(WeightsSource::Bytes(&shared)).to_string(), first);
+    }
+    // A name given twice.
+    let text = serde_json::to_string(&header).unwrap();
+    let entry = format!(
+        "\"features.0.bias\":{}",
+        serde_json::to_string(&header["features.0.bias"]).unwrap()
+    );
+    let twice = join(&text.replacen('{', &format!("{{{entry},"), 1), &data);
+    let e = load_error(WeightsSource::Bytes(&twice)).to_string();
+    assert!(e.contains("\"features.0.bias\" is named twice"), "{e}");
+    // Not UTF-8, not an object, a wrong dtype, a shape that is not a list.
+    let mut bad_bytes = good.clone();
+    bad_bytes[10] = 0xff;
+    assert!(load_error(WeightsSource::Bytes(&bad_bytes))
+        .to_string()
+        .contains("not UTF-8 (at byte 2)"));
+    let not_object = join("[1, 2]", &data);
+    assert!(load_error(WeightsSource::Bytes(&not_object))
+        .to_string()
+        .contains("header is not valid"));
+    for (field, value, message) in [
+        (
+            "dtype",
+            serde_json::json!("I64"),
+            "is I64; expected F32, F16 or BF16",
+        ),
+        (
+            "shape",
+            serde_json::json!(7),
+            "has a shape that is not a list",
+        ),
+        ("data_offsets", serde_json::json!([0]), "not two offsets"),
+        (
+            "data_offsets",
+            serde_json::json!([0, 1u64 << 40]),
+            "takes 6912 bytes",
+        ),
+    ] {
+        let mut h = header.clone();
+        h["features.0.weight"][field] = value;
+        let e = load_error(WeightsSource::Bytes(&join(
+            &serde_json::to_string(&h).unwrap(),
+            &data,
+        )));
+        let e = e.to_string();
+        assert!(
+            e.contains("tensor features.0.weight (conv1_1)") && e.contains(message),
+            "{field}: {e}"
+        );
+    }
+}
+
+/// The header alone tells how deep a load would go, for a whole file and
+/// a prefix, through Rust and C, without reading tensor data.
+#[test]
+fn the_depth_of_a_file_from_its_header() {
+    let good = seeded_safetensors(VggArch::Vgg16, 5).unwrap();
+    let whole = Vgg::depth_in(WeightsSource::Bytes(&good), VggOptions::default()).unwrap();
+    assert_eq!(whole, 30);
+    let (mut header, data) = split(&good);
+    for layer in [17, 19, 21, 24, 26, 28] {
+        header.remove(&format!("features.{layer}.weight"));
+        header.remove(&format!("features.{layer}.bias"));
+    }
+    let prefix = join(&serde_json::to_string(&header).unwrap(), &data);
+    let path = std::env::temp_dir().join(format!("prefix-{}.safetensors", std::process::id()));
+    std::fs::write(&path, &prefix).unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut depth = -1;
+    let st = unsafe { pl_vgg_depth(c_path.as_ptr(), std::ptr::null(), &mut depth) };
+    assert_eq!(st, PL_OK, "{}", last_error());
+    assert_eq!(depth, 16, "up to pool3, before the missing conv4_1");
+    std::fs::remove_file(&path).unwrap();
+}

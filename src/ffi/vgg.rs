@@ -41,8 +41,10 @@ pub struct pl_vgg_options {
     /// CPU backend always computes in f32 with f64 loss sums.
     pub compute: pl_dtype,
     /// The deepest module to load, by torchvision index (22 loads up to
-    /// relu4_3); -1 (the default) loads all of `features`. Losses can tap
-    /// only loaded modules.
+    /// relu4_3; every convolution up to it must be in the file); -1 (the
+    /// default) loads as deep as the file goes: all of `features`, or, for
+    /// a file holding a prefix of the network, every layer before the
+    /// first convolution it lacks. Losses can tap only loaded modules.
     pub depth: i32,
     /// Write 0 (as `pl_vgg_options_init` does).
     pub reserved: i32,
@@ -125,6 +127,30 @@ pub unsafe extern "C" fn pl_vgg_load(
         let source = WeightsSource::Path(path.as_ref());
         let vgg = Vgg::load_with(&streams.current()?, source, options)?;
         give(pl_vgg { vgg, streams }, out);
+        Ok(())
+    })
+}
+
+/// Writes to `depth_out` the index of the deepest module `pl_vgg_load`
+/// would load from `safetensors_path` with `options` (NULL = the
+/// defaults: as deep as the file goes), checking the file's header (names,
+/// shapes, dtypes, byte ranges) without reading any tensor data.
+///
+/// # Safety
+/// `safetensors_path` must be a NUL-terminated path, `options` NULL or
+/// valid, `depth_out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pl_vgg_depth(
+    safetensors_path: *const c_char,
+    options: *const pl_vgg_options,
+    depth_out: *mut i32,
+) -> pl_status {
+    guard(|| {
+        let path = utf8(safetensors_path, "safetensors_path")?;
+        let out = out_param(depth_out, "depth_out")?;
+        let options = vgg_options(&options::read(options, "options")?)?;
+        let depth = Vgg::depth_in(WeightsSource::Path(path.as_ref()), options)?;
+        *out = depth as i32;
         Ok(())
     })
 }

@@ -13,6 +13,7 @@ pub use arch::VggArch;
 pub(crate) use arch::{output_dims, Dims, Layer, Module};
 pub(crate) use device_weights::{DeviceWeights, LayerAddrs, INPUT_CHANNELS};
 pub use seeded::seeded_safetensors;
+use weights::Source;
 pub(crate) use weights::{ConvWeights, HostWeights};
 
 use crate::device::Device;
@@ -50,8 +51,10 @@ pub struct VggOptions {
     /// [`Vgg::compute_dtype`] says so.
     pub compute: DType,
     /// The deepest module to load, by torchvision index (`Some(22)` loads
-    /// up to relu4_3); `None` loads all of `features`. Losses can tap only
-    /// loaded modules.
+    /// up to relu4_3; every convolution up to it must be in the file);
+    /// `None` loads as deep as the file goes: all of `features`, or, for a
+    /// file holding a prefix of the network, every layer before the first
+    /// convolution it lacks. Losses can tap only loaded modules.
     pub up_to: Option<usize>,
 }
 
@@ -109,27 +112,10 @@ impl Vgg {
         source: WeightsSource<'_>,
         options: VggOptions,
     ) -> Result<Arc<Vgg>> {
-        let mut layers = options.arch.layers();
-        if let Some(last) = options.up_to {
-            if last >= layers.len() {
-                return Err(Error::arg(format!(
-                    "up_to = {last} but {} has modules 0..{}",
-                    options.arch.name(),
-                    layers.len() - 1
-                )));
-            }
-            layers.truncate(last + 1);
-        }
-        let owned;
-        let bytes = match source {
-            WeightsSource::Bytes(b) => b,
-            WeightsSource::Path(p) => {
-                owned = std::fs::read(p)
-                    .map_err(|e| Error::Io(format!("reading weights {}: {e}", p.display())))?;
-                &owned
-            }
-        };
-        let host = weights::read(bytes, options.arch, &layers)?;
+        let (mut layers, depth) = Vgg::layers_asked(options)?;
+        let mut source = Source::of(source)?;
+        let (host, count) = weights::read(&mut source, options.arch, &layers, depth)?;
+        layers.truncate(count);
         // Where the weights stay: the one device dispatch of the network.
         let resident = match device.cuda_device() {
             Some(dev) => {
@@ -149,6 +135,32 @@ impl Vgg {
             layers,
             resident,
         }))
+    }
+
+    /// The index of the deepest module [`Vgg::load_with`] would load from
+    /// `source` with `options`, checking the file's header (names, shapes,
+    /// dtypes, byte ranges) without reading any tensor data.
+    pub fn depth_in(source: WeightsSource<'_>, options: VggOptions) -> Result<usize> {
+        let (layers, depth) = Vgg::layers_asked(options)?;
+        let mut source = Source::of(source)?;
+        Ok(weights::depth(&mut source, options.arch, &layers, depth)? - 1)
+    }
+
+    /// The layers `options` asks for, and whether all must be in the file.
+    fn layers_asked(options: VggOptions) -> Result<(Vec<Layer>, weights::Depth)> {
+        let mut layers = options.arch.layers();
+        let Some(last) = options.up_to else {
+            return Ok((layers, weights::Depth::AsFileGoes));
+        };
+        if last >= layers.len() {
+            return Err(Error::arg(format!(
+                "up_to = {last} but {} has modules 0 to {}",
+                options.arch.name(),
+                layers.len() - 1
+            )));
+        }
+        layers.truncate(last + 1);
+        Ok((layers, weights::Depth::Whole))
     }
 
     /// The architecture.

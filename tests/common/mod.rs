@@ -243,8 +243,9 @@ pub fn is_child(test: &str) -> bool {
 pub fn in_child(test: &str, limit_kib: Option<u64>) -> std::process::Output {
     let exe = std::env::current_exe().expect("the test binary");
     let limit = limit_kib.map_or(String::new(), |k| format!("ulimit -v {k} && "));
-    std::process::Command::new("sh")
-        .arg("-c")
+    // A child that hangs is killed after two minutes: a failure, not a stuck run.
+    std::process::Command::new("timeout")
+        .args(["120", "sh", "-c"])
         .arg(format!(
             "{limit}exec \"$0\" --exact {test} --nocapture --test-threads=1"
         ))

@@ -9,14 +9,15 @@ modules live in `perceptual_loss.torch` (imported on demand).
     loss, grad = pl.tv_loss(np.random.rand(2, 3, 64, 64).astype(np.float32))
 """
 import ctypes
+import warnings
 
 import numpy as np
 
 from . import _lib
 
 __all__ = [
-    "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "write_seeded_weights", "version", "TVLoss",
-    "PerceptualLoss",
+    "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "weights_depth", "write_seeded_weights",
+    "version", "TVLoss", "PerceptualLoss",
 ]
 
 
@@ -178,18 +179,38 @@ def write_seeded_weights(path, arch="vgg16", seed=0):
     _check(_lib.pl_seeded_weights_write(str(path).encode(), _choice(ARCHS, arch, "arch"), seed))
 
 
+def _vgg_options(arch, compute, depth):
+    opts = _lib.VggOptions()
+    _check(_lib.pl_vgg_options_init(ctypes.byref(opts)))
+    opts.arch = _choice(ARCHS, arch, "arch")
+    opts.compute = _choice(DTYPES, compute, "compute dtype")
+    opts.depth = -1 if depth is None else depth
+    return opts
+
+
+def weights_depth(path, arch="vgg16", depth=None):
+    """The index of the deepest VGG module a load of `path` would take
+    (30 for all of VGG16's `features`), checking the file's header
+    (names, shapes, dtypes, byte ranges) without reading tensor data:
+    raises `Error` with the library's message for a missing or malformed
+    file."""
+    out = ctypes.c_int32()
+    _check(_lib.pl_vgg_depth(str(path).encode(), ctypes.byref(_vgg_options(arch, "float32", depth)), ctypes.byref(out)))
+    return out.value
+
+
 class Vgg:
     """VGG `features` weights from a safetensors file, resident on the
     context's device; shared by any number of `Perceptual` losses."""
 
     def __init__(self, path, arch="vgg16", compute="float32", context=None, depth=None):
-        """`depth`: the deepest module to load (22 = relu4_3), or None for all."""
+        """`depth`: the deepest module to load (22 = relu4_3), or None for as
+        deep as the file goes. `compute` applies on CUDA; the CPU backend
+        computes in float32 (a warning says so when another is asked)."""
         self.context = context or _cpu_context()
-        opts = _lib.VggOptions()
-        _check(_lib.pl_vgg_options_init(ctypes.byref(opts)))
-        opts.arch = _choice(ARCHS, arch, "arch")
-        opts.compute = _choice(DTYPES, compute, "compute dtype")
-        opts.depth = -1 if depth is None else depth
+        if self.context.kind == "cpu" and compute != "float32":
+            warnings.warn(f"compute={compute!r} applies on CUDA; the CPU backend computes in float32", stacklevel=2)
+        opts = _vgg_options(arch, compute, depth)
         handle = ctypes.c_void_p()
         _check(_lib.pl_vgg_load(self.context._handle, str(path).encode(), ctypes.byref(opts), ctypes.byref(handle)))
         self.arch, self._handle = arch, handle

@@ -137,6 +137,7 @@ pl_feature_loss = _declare(
 pl_vgg_options_init = _declare("pl_vgg_options_init", c_int32, ctypes.POINTER(VggOptions))
 pl_vgg_load = _declare("pl_vgg_load", c_int32, c_void_p, c_char_p, ctypes.POINTER(VggOptions), ctypes.POINTER(c_void_p))
 pl_vgg_destroy = _declare("pl_vgg_destroy", None, c_void_p)
+pl_vgg_depth = _declare("pl_vgg_depth", c_int32, c_char_p, ctypes.POINTER(VggOptions), ctypes.POINTER(c_int32))
 pl_perceptual_config_init = _declare("pl_perceptual_config_init", c_int32, ctypes.POINTER(PerceptualConfig))
 pl_perceptual_create = _declare(
     "pl_perceptual_create", c_int32, c_void_p, ctypes.POINTER(PerceptualConfig), ctypes.POINTER(c_void_p)

@@ -8,7 +8,7 @@ import ctypes
 
 import torch
 
-from . import Context, DTYPES, Perceptual, Vgg, _check, _lib, outputs, tv_config
+from . import Context, DTYPES, Perceptual, Vgg, _check, _lib, outputs, tv_config, weights_depth
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _contexts = {}
@@ -115,6 +115,9 @@ class PerceptualLoss(torch.nn.Module):
 
     def __init__(self, weights, arch="vgg16", compute="float32", **options):
         super().__init__()
+        # Fails now, with the library's message, on a missing or malformed
+        # file (the header is checked; the weights load on first use).
+        weights_depth(weights, arch)
         self.weights, self.arch, self.compute, self.options = str(weights), arch, compute, options
         self._losses = {}
 

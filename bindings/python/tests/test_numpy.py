@@ -212,3 +212,15 @@ def test_perceptual_defaults_names_and_errors(seeded):
     with pytest.raises(pl.Error) as e:
         pl.Vgg(seeded, arch="vgg19")
     assert "features." in str(e.value)
+
+
+def test_weights_depth_bad_paths_and_the_cpu_compute_dtype(seeded, tmp_path):
+    assert pl.weights_depth(seeded) == 30
+    assert pl.weights_depth(seeded, depth=15) == 15
+    with pytest.raises(pl.Error, match="No such file") as e:
+        pl.weights_depth(tmp_path / "nope.safetensors")
+    assert e.value.status == 8
+    with pytest.raises(pl.Error, match="is a directory, not a regular file"):
+        pl.weights_depth(tmp_path)
+    with pytest.warns(UserWarning, match="the CPU backend computes in float32"):
+        pl.Vgg(seeded, compute="bfloat16")

@@ -166,6 +166,16 @@ def test_bad_tensors_raise():
         pl.TVLoss()(torch.zeros(1, 3, 1, 8))
 
 
+def test_a_bad_weights_path_fails_at_construction(tmp_path):
+    with pytest.raises(pl.Error, match="nope.safetensors") as e:
+        pl.PerceptualLoss(tmp_path / "nope.safetensors")
+    assert e.value.status == 8  # PL_ERR_IO
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(pl.Error, match="header is not valid"):
+        pl.PerceptualLoss(broken)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_gradients_survive_a_loss_scale(tmp_path, device):
     # Gradients of means this small are zero in float16; a GradScaler-style
