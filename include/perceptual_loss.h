@@ -111,6 +111,15 @@ typedef struct pl_feature_config {
    * Multiplies the loss and the gradient; default 1.
    */
   float weight;
+  /**
+   * Nonzero: a NaN or infinite input is an error naming the first such
+   * element (one more pass; on CUDA the call then waits). Default 0.
+   */
+  int32_t check_finite;
+  /**
+   * Write 0 (as `pl_feature_config_init` does).
+   */
+  int32_t reserved;
 } pl_feature_config;
 
 /**
@@ -182,9 +191,11 @@ typedef struct pl_perceptual_config {
    */
   int32_t allow_tf32;
   /**
-   * Write 0 (as `pl_perceptual_config_init` does).
+   * Nonzero: a NaN or infinite pred or target is an error naming the
+   * first such element (one more pass; on CUDA the call then waits).
+   * Default 0.
    */
-  int32_t reserved;
+  int32_t check_finite;
   /**
    * On CUDA, at most this many images at a time; 0 (the default) for
    * the whole batch.
@@ -233,6 +244,15 @@ typedef struct pl_tv_config {
    * then 0 where dh = dw = 0). Ignored by the other variants.
    */
   float eps;
+  /**
+   * Nonzero: a NaN or infinite input is an error naming the first such
+   * element (one more pass; on CUDA the call then waits). Default 0.
+   */
+  int32_t check_finite;
+  /**
+   * Write 0 (as `pl_tv_config_init` does).
+   */
+  int32_t reserved;
 } pl_tv_config;
 
 /**

@@ -256,4 +256,14 @@ typedef struct pl_k_input_grad_params {
     int32_t reserved;
 } pl_k_input_grad_params;
 
+/* The first non-finite element of a tensor (kernels/check.cu): `first`
+ * holds the smallest index of a NaN or an infinity, or stays as it was
+ * (set to all ones by the host) when there is none. An integer minimum:
+ * the result does not depend on the order blocks run in. */
+typedef struct pl_k_check_params {
+    const void *x;
+    unsigned long long *first;
+    int64_t count;
+} pl_k_check_params;
+
 #endif /* PL_KERNEL_ABI_H */

@@ -15,6 +15,7 @@
 
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
+use crate::finite;
 use crate::ops::LossOutputs;
 use crate::tensor::{DType, Element, PerDType, Shape, Storage, TensorMut, TensorRef};
 
@@ -25,6 +26,12 @@ pub(crate) trait Op<const N: usize> {
     /// inputs are found to match, before the outputs).
     fn check_shape(&self, shape: Shape) -> Result<()> {
         shape.numel().map(|_| ())
+    }
+
+    /// Whether a non-finite input is an error (the loss's `check_finite`
+    /// option), checked by [`run`] before any work.
+    fn checks_finite(&self) -> bool {
+        false
     }
 
     /// Evaluates the loss on the host in `T`: returns the values and, when
@@ -121,7 +128,18 @@ pub(crate) fn run<const N: usize>(
     out.validate(dtype, shape)?;
     match device.cuda_device() {
         None => dtype.dispatch(OnHost { op, inputs, out }),
-        Some(dev) => op.cuda(dev, device_io(dev, &inputs, &out)?),
+        Some(dev) => {
+            let io = device_io(dev, &inputs, &out)?;
+            if op.checks_finite() {
+                for (&addr, &(_, name)) in io.inputs.iter().zip(&inputs) {
+                    let first = finite::first_on_device(dev, addr, dtype, shape.numel()?)?;
+                    if let Some((index, value)) = first {
+                        return Err(finite::error(name, shape, index, value));
+                    }
+                }
+            }
+            op.cuda(dev, io)
+        }
     }
 }
 
@@ -145,6 +163,11 @@ impl<O: Op<N>, const N: usize> PerDType for OnHost<'_, '_, '_, O, N> {
         let mut values = [&[][..]; N];
         for (slot, (t, name)) in values.iter_mut().zip(inputs) {
             *slot = t.host_values::<T>().ok_or_else(|| on_cpu(name))?;
+            if op.checks_finite() {
+                if let Some(index) = finite::first_on_host(slot) {
+                    return Err(finite::error(name, shape, index, slot[index].to_f64()));
+                }
+            }
         }
         let beta = out.beta;
         let grad = match out.grad.as_mut() {

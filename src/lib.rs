@@ -58,6 +58,7 @@ mod device;
 mod error;
 mod fallible;
 pub mod ffi;
+mod finite;
 pub mod images;
 mod ops;
 mod recent;

@@ -480,3 +480,38 @@ fn c_abi_on_a_cuda_context() {
         "C ABI grad",
     );
 }
+
+#[test]
+fn check_finite_on_a_device_names_the_first_bad_element() {
+    let Some(dev) = gpu() else { return };
+    let st = stream(&dev);
+    let s = Shape::new(2, 3, 17, 23);
+    let mut x = Rng::new(30).vec(numel(s), -1.0, 1.0);
+    x[1000] = f32::NAN;
+    x[900] = f32::INFINITY;
+    let xd = upload::<f32>(&st, &x);
+    let mut ld = upload::<f32>(&st, &[7.0]);
+    let config = TvConfig {
+        check_finite: true,
+        ..TvConfig::new(TvVariant::L1)
+    };
+    let tv = TvLoss::new(config).unwrap();
+    let out = LossOutputs::new(TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap());
+    let e = tv
+        .compute(&dev, &TensorRef::cuda(&xd, s).unwrap(), out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(
+            "x holds a non-finite value (inf) at element 900 (image 0, channel 2, row 5, column 3)"
+        ),
+        "{e}"
+    );
+    assert_eq!(download(&st, &ld)[0], 7.0, "nothing written");
+    // Finite input: the loss as without the check.
+    x[900] = 0.5;
+    x[1000] = 0.5;
+    let checked = tv_on::<f32>(&dev, config, &x, s, 0.0, None).loss;
+    let plain = tv_on::<f32>(&dev, TvConfig::new(TvVariant::L1), &x, s, 0.0, None).loss;
+    assert_eq!(checked.to_bits(), plain.to_bits());
+}

@@ -176,6 +176,11 @@ inline unsigned int atomicAdd(unsigned int *p, unsigned int v) {
     *p = old + v;
     return old;
 }
+inline unsigned long long atomicMin(unsigned long long *p, unsigned long long v) {
+    unsigned long long old = *p;
+    if (v < old) *p = v;
+    return old;
+}
 template <typename T> inline T __ldcg(const T *p) { return *p; }
 inline float __uint_as_float(unsigned int u) {
     float f;

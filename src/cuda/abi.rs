@@ -526,3 +526,21 @@ const _: () = {
     ["Offset of field: pl_k_input_grad_params::reserved"]
         [::std::mem::offset_of!(pl_k_input_grad_params, reserved) - 72usize];
 };
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_check_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub first: *mut ::std::os::raw::c_ulonglong,
+    pub count: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_check_params"][::std::mem::size_of::<pl_k_check_params>() - 24usize];
+    ["Alignment of pl_k_check_params"][::std::mem::align_of::<pl_k_check_params>() - 8usize];
+    ["Offset of field: pl_k_check_params::x"]
+        [::std::mem::offset_of!(pl_k_check_params, x) - 0usize];
+    ["Offset of field: pl_k_check_params::first"]
+        [::std::mem::offset_of!(pl_k_check_params, first) - 8usize];
+    ["Offset of field: pl_k_check_params::count"]
+        [::std::mem::offset_of!(pl_k_check_params, count) - 16usize];
+};

@@ -60,6 +60,7 @@ unsafe impl DeviceRepr for abi::pl_k_tap_loss_params {}
 unsafe impl DeviceRepr for abi::pl_k_relu_backward_params {}
 unsafe impl DeviceRepr for abi::pl_k_unpool_params {}
 unsafe impl DeviceRepr for abi::pl_k_input_grad_params {}
+unsafe impl DeviceRepr for abi::pl_k_check_params {}
 
 /// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
 pub(crate) const BLOCK: u32 = 256;

@@ -105,6 +105,15 @@ impl CudaDevice {
         &self.stream
     }
 
+    /// Makes this device's context current on the calling thread (for the
+    /// driver and cuDNN calls that use the current context).
+    pub(crate) fn bind(&self) -> Result<()> {
+        self.shared
+            .ctx
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("binding the context", e))
+    }
+
     pub(crate) fn synchronize(&self) -> Result<()> {
         self.stream
             .synchronize()
@@ -173,10 +182,7 @@ impl CudaDevice {
         let mut guard = self.cudnn.lock().map_err(|_| Error::poisoned())?;
         // cuDNN works on the calling thread's current context, and this
         // thread may not have made ours current yet.
-        self.shared
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| Error::cuda("binding the context", e))?;
+        self.bind()?;
         let handle = match guard.take() {
             Some(h) => h,
             None => crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?,
@@ -241,10 +247,7 @@ impl CudaDevice {
                 "{what} ({ptr:#x}) is not aligned to {align} bytes"
             )));
         }
-        self.shared
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| Error::cuda("binding the context", e))?;
+        self.bind()?;
         let attr = |a: CUpointer_attribute| -> Result<u64> {
             let mut value: u64 = 0;
             // SAFETY: both attributes write one CUdeviceptr/size_t (8 bytes).

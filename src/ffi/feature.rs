@@ -1,7 +1,7 @@
 //! `pl_feature_loss`: the feature distance (MSE / MAE) between two
 //! same-shape tensors.
 
-use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
@@ -36,11 +36,18 @@ pub struct pl_feature_config {
     pub criterion: pl_criterion,
     /// Multiplies the loss and the gradient; default 1.
     pub weight: f32,
+    /// Nonzero: a NaN or infinite input is an error naming the first such
+    /// element (one more pass; on CUDA the call then waits). Default 0.
+    pub check_finite: i32,
+    /// Write 0 (as `pl_feature_config_init` does).
+    pub reserved: i32,
 }
 
-released_once!(pl_feature_config, last weight: f32, {
+released_once!(pl_feature_config, last reserved: i32, {
     criterion: PL_MSE,
     weight: 1.0,
+    check_finite: 0,
+    reserved: 0,
 });
 
 /// Writes the defaults to `config`: MSE, weight 1.
@@ -78,7 +85,9 @@ pub unsafe extern "C" fn pl_feature_loss(
     guard(|| {
         let ctx = borrow(ctx, "ctx")?;
         let config = options::read(config, "config")?;
-        let loss = FeatureLoss::new(criterion_of(config.criterion)?, config.weight)?;
+        check_reserved(config.reserved, "config")?;
+        let loss = FeatureLoss::new(criterion_of(config.criterion)?, config.weight)?
+            .with_check_finite(config.check_finite != 0);
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = ctx.streams.current()?;
         let call = views(&device, &[(a, "a"), (b, "b")], dtype, shape, out)?;

@@ -1,7 +1,7 @@
 //! `pl_perceptual`: a VGG perceptual loss over loaded weights
 //! (docs/design.md, "Perceptual loss").
 
-use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
 use super::context::Streams;
 use super::feature::{criterion_of, pl_criterion, PL_MSE};
 use super::guard::guard;
@@ -65,8 +65,10 @@ pub struct pl_perceptual_config {
     pub weight: f32,
     /// Nonzero lets f32 convolutions on CUDA use TF32; default 0.
     pub allow_tf32: i32,
-    /// Write 0 (as `pl_perceptual_config_init` does).
-    pub reserved: i32,
+    /// Nonzero: a NaN or infinite pred or target is an error naming the
+    /// first such element (one more pass; on CUDA the call then waits).
+    /// Default 0.
+    pub check_finite: i32,
     /// On CUDA, at most this many images at a time; 0 (the default) for
     /// the whole batch.
     pub max_chunk_images: usize,
@@ -86,7 +88,7 @@ released_once!(pl_perceptual_config, last memory_budget_bytes: usize, {
     pooling: PL_POOL_MAX,
     weight: 1.0,
     allow_tf32: 0,
-    reserved: 0,
+    check_finite: 0,
     max_chunk_images: 0,
     memory_budget_bytes: 0,
 });
@@ -108,7 +110,6 @@ impl Handle for pl_perceptual {
 /// The arrays in `c` must hold their counts of entries; names must be
 /// NUL-terminated strings.
 unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig, Error> {
-    check_reserved(c.reserved, "config")?;
     let mut cfg = PerceptualConfig::default();
     if c.num_taps == 0 {
         return Err(Error::arg(
@@ -166,6 +167,7 @@ unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig
     };
     cfg.weight = c.weight;
     cfg.allow_tf32 = c.allow_tf32 != 0;
+    cfg.check_finite = c.check_finite != 0;
     cfg.max_chunk_images = (c.max_chunk_images > 0).then_some(c.max_chunk_images);
     cfg.memory_budget = (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes);
     Ok(cfg)

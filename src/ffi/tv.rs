@@ -2,7 +2,8 @@
 //! variation").
 
 use super::args::PL_REDUCTION_MEAN;
-use super::args::{dtype_of, pl_dtype, pl_outputs, pl_reduction, reduction_of, shape_of, views};
+use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, pl_reduction, reduction_of};
+use super::args::{shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
@@ -41,16 +42,24 @@ pub struct pl_tv_config {
     /// Added inside the isotropic square root; default 0 (the gradient is
     /// then 0 where dh = dw = 0). Ignored by the other variants.
     pub eps: f32,
+    /// Nonzero: a NaN or infinite input is an error naming the first such
+    /// element (one more pass; on CUDA the call then waits). Default 0.
+    pub check_finite: i32,
+    /// Write 0 (as `pl_tv_config_init` does).
+    pub reserved: i32,
 }
 
-released_once!(pl_tv_config, last eps: f32, {
+released_once!(pl_tv_config, last reserved: i32, {
     variant: PL_TV_ARTICLE,
     reduction: PL_REDUCTION_MEAN,
     weight: 1.0,
     eps: 0.0,
+    check_finite: 0,
+    reserved: 0,
 });
 
 fn tv_config(c: &pl_tv_config) -> Result<TvConfig, Error> {
+    check_reserved(c.reserved, "config")?;
     let variant = match c.variant {
         PL_TV_ARTICLE => TvVariant::Article,
         PL_TV_L1 => TvVariant::L1,
@@ -64,6 +73,7 @@ fn tv_config(c: &pl_tv_config) -> Result<TvConfig, Error> {
         reduction: reduction_of(c.reduction)?,
         weight: c.weight,
         eps: c.eps,
+        check_finite: c.check_finite != 0,
     })
 }
 

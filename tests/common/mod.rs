@@ -189,7 +189,7 @@ pub fn tv_configs() -> Vec<TvConfig> {
                 variant,
                 reduction,
                 weight: 1.5,
-                eps: 0.0,
+                ..Default::default()
             });
         }
     }

@@ -60,14 +60,14 @@ def _choice(table, value, what):
         raise ValueError(f"unknown {what} {value!r}; one of {sorted(table)}") from None
 
 
-def tv_config(variant="article", weight=1.0, eps=0.0):
+def tv_config(variant="article", weight=1.0, eps=0.0, check_finite=False):
     """The pl_tv_config of a variant name ("l1", "l1_sum", ...)."""
     base, summed = (variant[:-4], True) if variant.endswith("_sum") else (variant, False)
     cfg = _lib.TvConfig()
     _check(_lib.pl_tv_config_init(ctypes.byref(cfg)))
     cfg.variant = _choice(TV_VARIANTS, base, "TV variant")
     cfg.reduction = REDUCTIONS["sum" if summed else "mean"]
-    cfg.weight, cfg.eps = weight, eps
+    cfg.weight, cfg.eps, cfg.check_finite = weight, eps, int(bool(check_finite))
     return cfg
 
 
@@ -145,21 +145,22 @@ def _call_arrays(x, grad, per_sample):
     return loss, g, per, out
 
 
-def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=False):
+def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=False, check_finite=False):
     """Total-variation loss of a NumPy batch on the CPU. Returns
     (loss, dL/dx or None), and each image's loss last with
     `per_sample=True`. Variants as in the README ("article", "l1",
     "l2_squared", "l2", "isotropic", each but the article with "_sum" for a
-    sum over the batch); `eps` goes inside the isotropic square root."""
+    sum over the batch); `eps` goes inside the isotropic square root;
+    `check_finite` makes a NaN or infinite input an error naming it."""
     x = _as_image_batch(x, "x")
-    cfg = tv_config(variant, weight, eps)
+    cfg = tv_config(variant, weight, eps, check_finite)
     loss, g, per, out = _call_arrays(x, grad, per_sample)
     _check(_lib.pl_tv_loss(_cpu_context()._handle, ctypes.byref(cfg), x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
                            ctypes.byref(out)))
     return _results(loss, g, per)
 
 
-def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False):
+def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False, check_finite=False):
     """weight * the mean over all elements of (a-b)^2 ("mse") or |a-b|
     ("mae") of two NumPy batches on the CPU. Returns (loss, dL/da or
     None), and each image's weight * mean last with `per_sample=True`."""
@@ -167,6 +168,7 @@ def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False)
     cfg = _lib.FeatureConfig()
     _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
     cfg.criterion, cfg.weight = _choice(CRITERIA, criterion, "criterion"), weight
+    cfg.check_finite = int(bool(check_finite))
     loss, g, per, out = _call_arrays(a, grad, per_sample)
     _check(_lib.pl_feature_loss(_cpu_context()._handle, ctypes.byref(cfg), a.ctypes.data, b.ctypes.data,
                                 DTYPES[a.dtype.name], *a.shape, ctypes.byref(out)))
@@ -226,10 +228,11 @@ class Perceptual:
     relu1_2, relu2_2, relu3_3, relu4_3, MSE, unit weights, no input
     normalisation. `taps` are indices or names ("relu3_3", "conv5_4").
     On CUDA, `max_chunk_images` and `memory_budget` (bytes for buffers and
-    cuDNN workspace) split the batch into chunks; the loss is the same."""
+    cuDNN workspace) split the batch into chunks; the loss is the same.
+    `check_finite` makes a NaN or infinite input an error naming it."""
 
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
-                 weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None):
+                 weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None, check_finite=False):
         cfg = _lib.PerceptualConfig()
         _check(_lib.pl_perceptual_config_init(ctypes.byref(cfg)))  # the article's defaults
         keep = []  # arrays the config points into, alive until create returns
@@ -256,6 +259,7 @@ class Perceptual:
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")
         cfg.weight = weight
         cfg.allow_tf32 = int(bool(allow_tf32))
+        cfg.check_finite = int(bool(check_finite))
         cfg.max_chunk_images = max_chunk_images
         if memory_budget is not None and memory_budget <= 0:
             raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")

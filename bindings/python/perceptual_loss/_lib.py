@@ -64,13 +64,21 @@ class TvConfig(ctypes.Structure):
         ("reduction", c_int32),
         ("weight", c_float),
         ("eps", c_float),
+        ("check_finite", c_int32),
+        ("reserved", c_int32),
     ]
 
 
 class FeatureConfig(ctypes.Structure):
     """pl_feature_config, field for field."""
 
-    _fields_ = [("struct_size", c_size_t), ("criterion", c_int32), ("weight", c_float)]
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("criterion", c_int32),
+        ("weight", c_float),
+        ("check_finite", c_int32),
+        ("reserved", c_int32),
+    ]
 
 
 class VggOptions(ctypes.Structure):
@@ -100,7 +108,7 @@ class PerceptualConfig(ctypes.Structure):
         ("pooling", c_int32),
         ("weight", c_float),
         ("allow_tf32", c_int32),
-        ("reserved", c_int32),
+        ("check_finite", c_int32),
         ("max_chunk_images", c_size_t),
         ("memory_budget_bytes", c_size_t),
     ]

@@ -91,9 +91,9 @@ def _apply(run, x, *others):
 class TVLoss(torch.nn.Module):
     """Total-variation loss; `variant` as in `perceptual_loss.tv_loss`."""
 
-    def __init__(self, variant="article", weight=1.0, eps=0.0):
+    def __init__(self, variant="article", weight=1.0, eps=0.0, check_finite=False):
         super().__init__()
-        self.config = tv_config(variant, float(weight), float(eps))  # checks the variant now
+        self.config = tv_config(variant, float(weight), float(eps), check_finite)  # checks the variant now
 
     def forward(self, x):
         _check_tensor(x, "x")

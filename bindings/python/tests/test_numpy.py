@@ -224,3 +224,13 @@ def test_weights_depth_bad_paths_and_the_cpu_compute_dtype(seeded, tmp_path):
         pl.weights_depth(tmp_path)
     with pytest.warns(UserWarning, match="the CPU backend computes in float32"):
         pl.Vgg(seeded, compute="bfloat16")
+
+
+def test_check_finite_names_the_first_bad_element():
+    x = np.random.default_rng(8).uniform(0, 1, (2, 1, 4, 4)).astype(np.float32)
+    x[1, 0, 2, 3] = np.nan
+    assert np.isnan(pl.tv_loss(x, "l1")[0])
+    with pytest.raises(pl.Error, match=r"x holds a non-finite value \(NaN\) at element 27 \(image 1, channel 0, row 2, column 3\)"):
+        pl.tv_loss(x, "l1", check_finite=True)
+    with pytest.raises(pl.Error, match="b holds a non-finite value"):
+        pl.feature_loss(np.zeros_like(x), x, check_finite=True)

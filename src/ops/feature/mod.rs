@@ -34,13 +34,25 @@ use crate::tensor::{Element, TensorRef};
 pub struct FeatureLoss {
     criterion: Criterion,
     weight: f32,
+    check_finite: bool,
 }
 
 impl FeatureLoss {
     /// A feature distance with a weight multiplying loss and gradient.
     pub fn new(criterion: Criterion, weight: f32) -> Result<Self> {
         check_weight("weight", weight)?;
-        Ok(FeatureLoss { criterion, weight })
+        Ok(FeatureLoss {
+            criterion,
+            weight,
+            check_finite: false,
+        })
+    }
+
+    /// The same loss, making a NaN or infinite input an error naming the
+    /// first such element when `on` (see [`TvConfig::check_finite`](crate::TvConfig::check_finite)).
+    pub fn with_check_finite(mut self, on: bool) -> Self {
+        self.check_finite = on;
+        self
     }
 
     /// The criterion.
@@ -74,6 +86,10 @@ impl FeatureLoss {
 }
 
 impl Op<2> for FeatureLoss {
+    fn checks_finite(&self) -> bool {
+        self.check_finite
+    }
+
     fn cpu<T: Element>(&self, io: HostIo<'_, T, 2>) -> Result<Values> {
         let [a, b] = io.inputs;
         cpu::evaluate(self.criterion, self.weight, a, b, io.grad, io.shape)

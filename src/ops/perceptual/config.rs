@@ -83,6 +83,9 @@ pub struct PerceptualConfig {
     /// Lets f32 convolutions on CUDA use TF32 tensor cores (faster, about
     /// 1e-3 relative error); default off. No effect on f16/bf16 or the CPU.
     pub allow_tf32: bool,
+    /// Make a NaN or infinite pred or target an error naming the first such
+    /// element (see [`TvConfig::check_finite`](crate::TvConfig::check_finite)).
+    pub check_finite: bool,
 }
 
 impl Default for PerceptualConfig {
@@ -97,6 +100,7 @@ impl Default for PerceptualConfig {
             max_chunk_images: None,
             memory_budget: None,
             allow_tf32: false,
+            check_finite: false,
         }
     }
 }
@@ -114,6 +118,7 @@ pub(crate) struct PerceptualSpec {
     pub tf32: bool,
     pub chunk: Option<usize>,
     pub budget: Option<usize>,
+    pub check_finite: bool,
 }
 
 impl PerceptualSpec {
@@ -167,6 +172,7 @@ impl PerceptualSpec {
             tf32: config.allow_tf32,
             chunk: config.max_chunk_images,
             budget: config.memory_budget,
+            check_finite: config.check_finite,
         })
     }
 

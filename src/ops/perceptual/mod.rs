@@ -59,6 +59,10 @@ struct Perceptual {
 }
 
 impl Op<2> for Perceptual {
+    fn checks_finite(&self) -> bool {
+        self.spec.check_finite
+    }
+
     /// 1 or 3 channels, and every pool before the deepest tap halves H and
     /// W (floor): the image must keep at least one pixel.
     fn check_shape(&self, s: Shape) -> Result<()> {

@@ -47,6 +47,10 @@ pub struct TvConfig {
     /// Added inside the isotropic square root; default 0 (the gradient is
     /// then 0 where dh = dw = 0). Ignored by the other variants.
     pub eps: f32,
+    /// Make a NaN or infinite input an error naming the first such element
+    /// (one more pass over the input; on CUDA the call then waits for the
+    /// device). Default off: non-finite values propagate.
+    pub check_finite: bool,
 }
 
 impl Default for TvConfig {
@@ -56,6 +60,7 @@ impl Default for TvConfig {
             reduction: Reduction::Mean,
             weight: 1.0,
             eps: 0.0,
+            check_finite: false,
         }
     }
 }

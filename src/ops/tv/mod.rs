@@ -78,6 +78,10 @@ impl TvLoss {
 }
 
 impl Op<1> for TvLoss {
+    fn checks_finite(&self) -> bool {
+        self.config.check_finite
+    }
+
     fn check_shape(&self, shape: Shape) -> Result<()> {
         if self.config.variant == TvVariant::Article && (shape.h < 2 || shape.w < 2) {
             return Err(Error::shape(format!(

@@ -160,6 +160,7 @@ impl Setup {
             tf32: false,
             chunk: None,
             budget: None,
+            check_finite: false,
         };
         let weights = LayerAddrs(vec![bias.map(|b| ConvAddrs {
             weight: 0,
