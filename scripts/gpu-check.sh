@@ -34,7 +34,9 @@ cargo build --release --examples --message-format=json | collect
 # CPU-only tests; the Python package runs there directly, torch included.
 # The CPU-only test binaries ran here (and in CI): no device time for them.
 rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli" \
-    "$bundle/bin/test-perceptual_cpu" "$bundle/bin/test-tv_cpu" "$bundle/bin/test-feature_cpu"
+    "$bundle/bin/test-perceptual_cpu" "$bundle/bin/test-tv_cpu" "$bundle/bin/test-feature_cpu" \
+    "$bundle/bin/test-robustness" "$bundle/bin/test-nonfinite" "$bundle/bin/test-fuzz_weights" \
+    "$bundle/bin/test-abuse_c_abi"
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"
@@ -113,16 +115,29 @@ echo "=== cuDNN plans of the headline case (PERCEPTUAL_LOSS_LOG_PLANS=1), from h
 for log in plans.log plans-timed.log; do
     grep -m1 -A14 "plan for \[8, 3, 256, 256\] computing in bf16" $log || tail -20 $log
 done
-echo "=== compute-sanitizer memcheck of the perceptual GPU tests (what time is left of RUN_BUDGET_S)"
-left=$(( ${RUN_BUDGET_S:-420} - SECONDS - 15 ))
-: >sanitizer.log
-if ! command -v compute-sanitizer >/dev/null; then verdict="skipped (no compute-sanitizer)"
-elif [ $left -le 30 ]; then verdict="skipped (no time left)"
-elif timeout $left compute-sanitizer --tool memcheck --error-exitcode 1 bin/test-gpu_perceptual --test-threads=1 \
-    >sanitizer.log 2>&1; then verdict=pass; else verdict=FAIL; fi
-grep -E "ERROR SUMMARY|test result" sanitizer.log | tail -2
-[ "$verdict" = FAIL ] && grep -B2 -A12 "Invalid\|Error" sanitizer.log | head -60
-summary+=("| compute-sanitizer memcheck gpu_perceptual | $verdict | $(grep -E 'ERROR SUMMARY' sanitizer.log | tail -1) | |")
+echo "=== compute-sanitizer: every GPU test binary under memcheck, initcheck, synccheck and racecheck"
+# In the time left of RUN_BUDGET_S, shared among the runs still to go (a
+# run whose share is under 20 s is skipped and says so). The 1,000-cycle
+# memory test is left out: under a sanitizer it would take the whole budget.
+sanitizer_bins=(bin/test-gpu bin/test-gpu_perceptual bin/test-gpu_nvrtc)
+runs_left=$(( 4 * ${#sanitizer_bins[@]} ))
+for tool in memcheck initcheck synccheck racecheck; do
+    for t in "${sanitizer_bins[@]}"; do
+        log="sanitizer-$tool-${t#bin/}.log"
+        : >"$log"
+        share=$(( (${RUN_BUDGET_S:-420} - SECONDS - 15) / runs_left ))
+        runs_left=$(( runs_left - 1 ))
+        if ! command -v compute-sanitizer >/dev/null; then verdict="skipped (no compute-sanitizer)"
+        elif [ ! -x "$t" ]; then verdict="skipped (no $t)"
+        elif [ $share -lt 20 ]; then verdict="skipped (no time left)"
+        elif timeout $share compute-sanitizer --tool $tool --error-exitcode 1 "$t" --test-threads=1 \
+            --skip create_and_destroy_cycles >"$log" 2>&1; then verdict=pass
+        elif [ $? = 124 ]; then verdict="FAIL (timed out after ${share} s)"
+        else verdict=FAIL; fi
+        case "$verdict" in FAIL*) grep -B2 -A12 "Invalid\|Error\|Race\|Uninitialized\|Barrier" "$log" | head -40 ;; esac
+        summary+=("| compute-sanitizer $tool ${t#bin/} | $verdict | $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1) | |")
+    done
+done
 echo
 echo "parity (exit $parity_status):"
 cat parity.log

@@ -407,3 +407,160 @@ fn one_loss_on_two_streams() {
         "{e}"
     );
 }
+
+/// Loss, per-image values and gradient of one call on `device` (a stream
+/// of the loss's GPU), read back.
+fn on_stream(
+    loss: &PerceptualLoss,
+    device: &Device,
+    p: &[f32],
+    t: &[f32],
+    s: Shape,
+) -> (Vec<u32>, Vec<u32>) {
+    use perceptual_loss::{LossOutputs, TensorMut};
+    let st = device.cuda_stream().unwrap();
+    let (pd, td) = (st.clone_htod(p).unwrap(), st.clone_htod(t).unwrap());
+    let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
+    let mut per = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
+    let mut gd = st.clone_htod(&vec![f32::NAN; p.len()]).unwrap();
+    let out = LossOutputs::new(TensorMut::cuda(&mut ld, Shape::flat(1)).unwrap())
+        .with_per_sample(TensorMut::cuda(&mut per, Shape::flat(s.n)).unwrap())
+        .with_grad(TensorMut::cuda(&mut gd, s).unwrap());
+    loss.compute_on(
+        device,
+        &TensorRef::cuda(&pd, s).unwrap(),
+        &TensorRef::cuda(&td, s).unwrap(),
+        out,
+    )
+    .unwrap();
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut values = bits(st.clone_dtoh(&ld).unwrap());
+    values.extend(bits(st.clone_dtoh(&per).unwrap()));
+    (values, bits(st.clone_dtoh(&gd).unwrap()))
+}
+
+/// Eight threads, each on its own stream, share one resident network and
+/// one loss, with different inputs at the same time: every result is,
+/// bit for bit, that of the same call made alone.
+#[test]
+fn eight_threads_on_eight_streams_share_one_network() {
+    let Some(dev) = gpu() else { return };
+    let (_, loss) = losses(
+        &dev,
+        VggArch::Vgg16,
+        &PerceptualConfig::default(),
+        DType::BF16,
+        70,
+    );
+    let s = Shape::new(2, 3, 32, 32);
+    let inputs: Vec<(Vec<f32>, Vec<f32>)> = (0..8)
+        .map(|k| {
+            let mut rng = Rng::new(71 + k);
+            let n = s.n * s.c * s.h * s.w;
+            (rng.vec(n, 0.0, 1.0), rng.vec(n, 0.0, 1.0))
+        })
+        .collect();
+    let alone: Vec<_> = inputs
+        .iter()
+        .map(|(p, t)| on_stream(&loss, &dev, p, t, s))
+        .collect();
+    let streams: Vec<Device> = (0..8).map(|_| Device::cuda(0).unwrap()).collect();
+    for round in 0..3 {
+        let together: Vec<_> = std::thread::scope(|scope| {
+            let jobs: Vec<_> = streams
+                .iter()
+                .zip(&inputs)
+                .map(|(device, (p, t))| {
+                    let loss = loss.clone();
+                    scope.spawn(move || on_stream(&loss, device, p, t, s))
+                })
+                .collect();
+            jobs.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (k, (a, b)) in alone.iter().zip(&together).enumerate() {
+            assert!(
+                a == b,
+                "round {round}, thread {k}: differs from the call made alone"
+            );
+        }
+    }
+}
+
+/// Free device memory, after the device is idle.
+fn free_memory() -> usize {
+    perceptual_loss::cudarc::driver::result::mem_get_info()
+        .unwrap()
+        .0
+}
+
+/// 1,000 cycles of creating a context, a network, a loss and a call
+/// through the C ABI, then destroying them, leave the device's free
+/// memory where it was after the first (which may set up the process's
+/// CUDA state and cache the kernels).
+#[test]
+fn create_and_destroy_cycles_return_device_memory() {
+    use perceptual_loss::ffi::*;
+    let Some(dev) = gpu() else { return };
+    let path = std::env::temp_dir().join(format!("cycles-{}.safetensors", std::process::id()));
+    std::fs::write(
+        &path,
+        perceptual_loss::seeded_safetensors(VggArch::Vgg16, 1).unwrap(),
+    )
+    .unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let st = dev.cuda_stream().unwrap().clone();
+    let n = 3 * 16 * 16;
+    let x = st.clone_htod(&vec![0.5f32; n]).unwrap();
+    let mut l = st.clone_htod(&[0f32]).unwrap();
+    st.synchronize().unwrap();
+    use perceptual_loss::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let xp = x.device_ptr(&st).0;
+    let lp = l.device_ptr_mut(&st).0;
+    let cycle = || unsafe {
+        let (mut ctx, mut vgg, mut loss) = (
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        );
+        assert_eq!(
+            pl_context_create(PL_DEVICE_CUDA, 0, std::ptr::null_mut(), &mut ctx),
+            PL_OK
+        );
+        let mut options = std::mem::zeroed();
+        pl_vgg_options_init(&mut options);
+        options.depth = 8;
+        assert_eq!(pl_vgg_load(ctx, c_path.as_ptr(), &options, &mut vgg), PL_OK);
+        let mut config = std::mem::zeroed();
+        pl_perceptual_config_init(&mut config);
+        let taps = [3, 8];
+        (config.taps, config.num_taps) = (taps.as_ptr(), 2);
+        assert_eq!(pl_perceptual_create(vgg, &config, &mut loss), PL_OK);
+        let mut out = std::mem::zeroed();
+        pl_outputs_init(&mut out);
+        out.loss = lp as *mut f32;
+        let p = xp as *const std::ffi::c_void;
+        assert_eq!(
+            pl_perceptual_loss(loss, p, p, PL_F32, 1, 3, 16, 16, &out),
+            PL_OK
+        );
+        assert_eq!(pl_context_synchronize(ctx), PL_OK);
+        pl_perceptual_destroy(loss);
+        pl_vgg_destroy(vgg);
+        pl_context_destroy(ctx);
+    };
+    cycle();
+    st.synchronize().unwrap();
+    let before = free_memory();
+    for _ in 0..1000 {
+        cycle();
+    }
+    st.synchronize().unwrap();
+    let after = free_memory();
+    std::fs::remove_file(&path).unwrap();
+    // A few MiB of slack for the driver's own bookkeeping; a leak of one
+    // plan per cycle would be gigabytes.
+    assert!(
+        after + (16 << 20) >= before,
+        "free memory went from {before} to {after} bytes over 1000 cycles"
+    );
+}

@@ -241,6 +241,15 @@ pub fn is_child(test: &str) -> bool {
 /// or an abort there is a failure here, not the end of the test run. The
 /// child test does its work only when [`is_child`] says so.
 pub fn in_child(test: &str, limit_kib: Option<u64>) -> std::process::Output {
+    in_child_with(test, limit_kib, &[])
+}
+
+/// [`in_child`] with more environment variables for the child.
+pub fn in_child_with(
+    test: &str,
+    limit_kib: Option<u64>,
+    env: &[(&str, &str)],
+) -> std::process::Output {
     let exe = std::env::current_exe().expect("the test binary");
     let limit = limit_kib.map_or(String::new(), |k| format!("ulimit -v {k} && "));
     // A child that hangs is killed after two minutes: a failure, not a stuck run.
@@ -250,6 +259,7 @@ pub fn in_child(test: &str, limit_kib: Option<u64>) -> std::process::Output {
             "{limit}exec \"$0\" --exact {test} --nocapture --test-threads=1"
         ))
         .arg(exe)
+        .envs(env.iter().copied())
         .env("PERCEPTUAL_LOSS_CHILD", test)
         .output()
         .expect("start the child test process")
