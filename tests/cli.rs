@@ -83,6 +83,7 @@ fn compare_two_images_matches_the_oracle() {
         "json",
     ]);
     assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("note:"), "{err}");
     let (a64, b64): (Vec<f64>, Vec<f64>) = (
         a.iter().map(|&v| v as f64).collect(),
         b.iter().map(|&v| v as f64).collect(),
@@ -112,6 +113,24 @@ fn compare_two_images_matches_the_oracle() {
         1e-6,
         "tv(B)",
     );
+    // A half-precision request on the CPU still computes in f32, and says so
+    // rather than silently reporting f32 figures as bf16 ones.
+    let (code, out_bf16, err) = cli(&[
+        "compare",
+        dir.join("a.png").to_str().unwrap(),
+        dir.join("b.png").to_str().unwrap(),
+        "--weights",
+        w.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(code, 0, "{out_bf16}{err}");
+    assert!(err.contains("computes in f32; --dtype bf16"), "{err}");
+    assert_eq!(out_bf16, out);
 }
 
 #[test]
@@ -208,7 +227,10 @@ fn missing_weights_and_bad_options_are_explained() {
         "/nonexistent.safetensors",
     ]);
     assert_eq!(code, 2);
-    assert!(err.contains("cannot read weights"), "{err}");
+    assert!(
+        err.contains("reading weights /nonexistent.safetensors"),
+        "{err}"
+    );
     let (code, _, err) = cli(&["frobnicate"]);
     assert_eq!(code, 2);
     assert!(err.contains("usage"), "{err}");

@@ -362,12 +362,21 @@ fn run(args: &[String]) -> Result<bool> {
     }
     let o = parse(&args[1..])?;
     let device = device(o.device.as_deref())?;
-    let bytes = match &o.weights {
-        Some(p) => std::fs::read(p)
-            .map_err(|e| Error::Io(format!("cannot read weights {}: {e}", p.display())))?,
-        None => seeded_safetensors(o.arch, 0)?,
+    let seeded;
+    let source = match &o.weights {
+        Some(p) => WeightsSource::Path(p),
+        None => {
+            seeded = seeded_safetensors(o.arch, 0)?;
+            WeightsSource::Bytes(&seeded)
+        }
     };
-    let vgg = Vgg::load(&device, WeightsSource::Bytes(&bytes), o.arch, o.dtype)?;
+    let vgg = Vgg::load(&device, source, o.arch, o.dtype)?;
+    if vgg.compute_dtype() != o.dtype {
+        eprintln!(
+            "note: the CPU backend computes in f32; --dtype {} applies on CUDA",
+            o.dtype.name()
+        );
+    }
     let mut config = PerceptualConfig {
         criterion: o.criterion,
         input_norm: o.norm,
