@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::outputs;
 use perceptual_loss::ffi::*;
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
@@ -153,15 +154,6 @@ fn last_error() -> String {
         .into_owned()
 }
 
-/// Outputs with `loss` and `grad` (NULL for none), defaults otherwise.
-unsafe fn outputs(loss: *mut f32, grad: *mut std::ffi::c_void) -> pl_outputs {
-    let mut out = std::mem::zeroed();
-    assert_eq!(pl_outputs_init(&mut out), PL_OK);
-    out.loss = loss;
-    out.grad = grad;
-    out
-}
-
 /// The TV options of `variant` and `reduction`, weight `weight`.
 unsafe fn tv_config(variant: pl_tv_variant, reduction: pl_reduction, weight: f32) -> pl_tv_config {
     let mut config = std::mem::zeroed();
@@ -175,11 +167,7 @@ unsafe fn tv_config(variant: pl_tv_variant, reduction: pl_reduction, weight: f32
 #[test]
 fn rust_caller_sees_statuses_and_messages() {
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(
-            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
-            PL_OK
-        );
+        let ctx = common::cpu_context();
         let x: Vec<f32> = (0..2 * 3 * 4 * 5)
             .map(|i| ((i * 7919) % 13) as f32 / 13.0)
             .collect();
@@ -289,11 +277,7 @@ fn rust_caller_sees_statuses_and_messages() {
 fn the_feature_distance_and_its_per_image_values() {
     use common::{assert_rel, Rng};
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(
-            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
-            PL_OK
-        );
+        let ctx = common::cpu_context();
         let mut rng = Rng::new(5);
         let (a, b) = (
             rng.vec(3 * 2 * 5 * 7, -1.0, 1.0),
@@ -441,11 +425,7 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             pl_seeded_weights_write(std::ptr::null(), PL_VGG16, 7),
             PL_ERR_INVALID_ARGUMENT
         );
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(
-            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
-            PL_OK
-        );
+        let ctx = common::cpu_context();
         // A CPU context has no stream but NULL.
         assert_eq!(pl_context_set_stream(ctx, std::ptr::null_mut()), PL_OK);
         assert_eq!(

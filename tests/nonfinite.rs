@@ -9,8 +9,7 @@ use common::{numel, Rng};
 use perceptual_loss::ffi::*;
 use perceptual_loss::{
     seeded_safetensors, Criterion, DType, Device, FeatureLoss, LossOutputs, PerceptualConfig,
-    PerceptualLoss, Shape, TensorMut, TensorRef, TvConfig, TvLoss, TvVariant, Vgg, VggArch,
-    WeightsSource,
+    PerceptualLoss, Shape, TensorMut, TensorRef, TvConfig, TvLoss, TvVariant, VggArch,
 };
 
 /// Loss, per-image values and gradient of a CPU call.
@@ -174,13 +173,7 @@ fn the_feature_distance_keeps_a_non_finite_value_to_its_element() {
 #[test]
 fn the_perceptual_loss_keeps_a_non_finite_image_to_itself() {
     let bytes = seeded_safetensors(VggArch::Vgg16, 6).unwrap();
-    let vgg = Vgg::load(
-        &Device::cpu(),
-        WeightsSource::Bytes(&bytes),
-        VggArch::Vgg16,
-        DType::F32,
-    )
-    .unwrap();
+    let vgg = common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32);
     let s = Shape::new(3, 3, 16, 16);
     let mut rng = Rng::new(7);
     let (mut pred, mut target) = (rng.vec(numel(s), 0.0, 1.0), rng.vec(numel(s), 0.0, 1.0));
@@ -264,17 +257,11 @@ fn the_perceptual_loss_keeps_a_non_finite_image_to_itself() {
 #[test]
 fn check_finite_through_the_c_abi() {
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(
-            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
-            PL_OK
-        );
+        let ctx = common::cpu_context();
         let mut x = [0.5f32; 12];
         x[7] = f32::NEG_INFINITY;
         let mut loss = -1.0f32;
-        let mut out = std::mem::zeroed();
-        pl_outputs_init(&mut out);
-        out.loss = &mut loss;
+        let out = common::outputs(&mut loss, std::ptr::null_mut());
         let mut config = std::mem::zeroed();
         pl_tv_config_init(&mut config);
         config.variant = PL_TV_L1;

@@ -16,13 +16,7 @@ use std::sync::Arc;
 
 fn load(net: &mut Net, arch: VggArch) -> Arc<Vgg> {
     let bytes = net.export_safetensors(Dtype::F32, "", |_| false);
-    Vgg::load(
-        &Device::cpu(),
-        WeightsSource::Bytes(&bytes),
-        arch,
-        DType::F32,
-    )
-    .unwrap()
+    common::cpu_vgg(&bytes, arch, DType::F32)
 }
 
 fn spec_of(vgg: &Vgg, cfg: &PerceptualConfig, taps: &[usize]) -> Spec {
@@ -352,13 +346,7 @@ fn prefixes_storage_dtypes_and_partial_depth() {
         (Dtype::F32, ""),
     ] {
         let bytes = net.export_safetensors(dtype, prefix, |_| false);
-        let vgg = Vgg::load(
-            &Device::cpu(),
-            WeightsSource::Bytes(&bytes),
-            VggArch::Vgg16,
-            DType::F32,
-        )
-        .unwrap();
+        let vgg = common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32);
         assert_eq!(vgg.depth(), 30);
     }
     // Only up to relu2_2 in the file: loads with up_to, and deeper taps are refused.

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{assert_child_ok, in_child, is_child};
+use common::{assert_child_ok, cpu_vgg, in_child, is_child, outputs};
 use perceptual_loss::ffi::*;
 use perceptual_loss::{
     seeded_safetensors, DType, Device, Error, LossOutputs, PerceptualConfig, PerceptualLoss, Shape,
@@ -22,13 +22,6 @@ fn last_error() -> String {
         .into_owned()
 }
 
-unsafe fn outputs(loss: *mut f32) -> pl_outputs {
-    let mut out = std::mem::zeroed();
-    assert_eq!(pl_outputs_init(&mut out), PL_OK);
-    out.loss = loss;
-    out
-}
-
 /// The calls that crashed or panicked before: dimensions whose element
 /// count fits an i64 but whose bytes do not fit an allocation, or a host
 /// address space. Each is a shape error now, naming the argument, and
@@ -36,14 +29,10 @@ unsafe fn outputs(loss: *mut f32) -> pl_outputs {
 #[test]
 fn sizes_that_cannot_exist_are_shape_errors() {
     unsafe {
-        let mut ctx = std::ptr::null_mut();
-        assert_eq!(
-            pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx),
-            PL_OK
-        );
+        let ctx = common::cpu_context();
         let x = [0f32; 16];
         let mut loss = -1.0f32;
-        let out = outputs(&mut loss);
+        let out = outputs(&mut loss, std::ptr::null_mut());
         let cases: [(pl_dtype, i64, &str); 4] = [
             (PL_F32, 1 << 60, "more than"), // 2^61 elements of 4 bytes
             (PL_F16, 1 << 61, "more than"), // 2^62 elements of 2 bytes
@@ -179,13 +168,7 @@ fn allocation_failure_is_an_error_and_the_next_call_works() {
 #[test]
 fn the_cpu_network_computes_in_f32_whatever_dtype_it_was_loaded_with() {
     let bytes = seeded_safetensors(VggArch::Vgg16, 2).unwrap();
-    let vgg = Vgg::load(
-        &Device::cpu(),
-        WeightsSource::Bytes(&bytes),
-        VggArch::Vgg16,
-        DType::BF16,
-    )
-    .unwrap();
+    let vgg = cpu_vgg(&bytes, VggArch::Vgg16, DType::BF16);
     assert_eq!(vgg.compute_dtype(), DType::F32);
 }
 

@@ -3,7 +3,12 @@
 //! finite differences, tolerance checks and the GPU gate.
 #![allow(dead_code)]
 
-use perceptual_loss::{Device, Reduction, Shape, TvConfig, TvVariant};
+use perceptual_loss::ffi::{pl_context, pl_context_create, pl_outputs, pl_outputs_init};
+use perceptual_loss::ffi::{PL_DEVICE_CPU, PL_OK};
+use perceptual_loss::{
+    DType, Device, Reduction, Shape, TvConfig, TvVariant, Vgg, VggArch, WeightsSource,
+};
+use std::sync::Arc;
 
 /// splitmix64: small, seeded, reproducible.
 pub struct Rng(u64);
@@ -275,4 +280,29 @@ pub fn assert_child_ok(out: &std::process::Output, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The network in the safetensors `bytes`, loaded on the CPU.
+pub fn cpu_vgg(bytes: &[u8], arch: VggArch, dtype: DType) -> Arc<Vgg> {
+    Vgg::load(&Device::cpu(), WeightsSource::Bytes(bytes), arch, dtype).unwrap()
+}
+
+/// A CPU context from the C ABI; the caller destroys it.
+pub fn cpu_context() -> *mut pl_context {
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: `ctx` is a valid place for the handle; a NULL stream is the
+    // only stream a CPU context takes.
+    let st = unsafe { pl_context_create(PL_DEVICE_CPU, 0, std::ptr::null_mut(), &mut ctx) };
+    assert_eq!(st, PL_OK);
+    ctx
+}
+
+/// C outputs with `loss` and `grad` (NULL for none), defaults otherwise.
+pub fn outputs(loss: *mut f32, grad: *mut std::ffi::c_void) -> pl_outputs {
+    // SAFETY: pl_outputs is plain data and init writes every field.
+    let mut out = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { pl_outputs_init(&mut out) }, PL_OK);
+    out.loss = loss;
+    out.grad = grad;
+    out
 }
