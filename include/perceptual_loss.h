@@ -6,8 +6,9 @@
  *   leaves a message for pl_last_error() and writes no output.
  * - Options structs start with `size_t struct_size`: initialise them with
  *   their pl_*_init function (which writes the size and every default),
- *   then set what differs. NULL means all defaults. A struct of an older
- *   version of this header keeps working with a newer library.
+ *   then set what differs. NULL for a config or options argument means
+ *   all defaults; the outputs (pl_outputs) must be given. A struct of an
+ *   older version of this header keeps working with a newer library.
  * - Check pl_abi_version() == PL_ABI_VERSION at start-up. Version 2 is
  *   not compatible with version 1 (see CHANGELOG.md).
  */
@@ -158,7 +159,8 @@ typedef struct pl_perceptual_config {
    */
   const char *const *tap_names;
   /**
-   * Number of entries in taps or tap_names, at least 1; default 4.
+   * Number of entries in taps or tap_names, 1 to 37 (distinct modules);
+   * default 4.
    */
   size_t num_taps;
   /**
@@ -372,7 +374,8 @@ typedef struct pl_vgg_options {
 #define PL_ERR_INVALID_ARGUMENT 1
 
 /**
- * A dimension is zero or too small for the formula, or a size overflows.
+ * A dimension is negative, zero or too small for the formula, or a size
+ * (in elements or bytes) cannot exist.
  */
 #define PL_ERR_INVALID_SHAPE 2
 
@@ -508,10 +511,17 @@ pl_status pl_context_synchronize(struct pl_context *ctx);
  * for example PyTorch's current stream. Work already queued stays on its
  * stream. The context keeps the resources of the 8 most recently used
  * other streams and releases older ones. A CPU context accepts only NULL.
+ * The stream is the context's, for every thread that uses it and every
+ * handle made from it: threads working on different streams at once each
+ * need their own context (and VGG and losses made from it), or must
+ * serialise switching and calling.
  *
  * # Safety
  * `ctx` must be a live context; the stream must stay valid until the
- * context and its handles are destroyed or 8 other streams have been used.
+ * context and every handle made from it are destroyed: memory a call
+ * allocates on a stream (VGG weights at `pl_vgg_load`, a loss's buffers
+ * for an input shape) is freed in that stream's order, whenever it is
+ * released. (PyTorch's pooled streams are never destroyed.)
  */
 pl_status pl_context_set_stream(struct pl_context *ctx, void *cuda_stream);
 
@@ -533,7 +543,7 @@ pl_status pl_feature_config_init(struct pl_feature_config *config);
  * # Safety
  * `ctx` must be a live context; `a`, `b` and `out->grad` must address
  * n*c*h*w elements, `out->loss` one float and `out->per_sample` n floats
- * on the context's device; `config` and `out` must be NULL or valid.
+ * on the context's device; `config` must be NULL or valid and `out` valid.
  */
 pl_status pl_feature_loss(struct pl_context *ctx,
                           const struct pl_feature_config *config,
@@ -638,7 +648,7 @@ pl_status pl_tv_config_init(struct pl_tv_config *config);
  * # Safety
  * `ctx` must be a live context; `x` and `out->grad` must address n*c*h*w
  * elements, `out->loss` one float and `out->per_sample` n floats on the
- * context's device; `config` and `out` must be NULL or valid.
+ * context's device; `config` must be NULL or valid and `out` valid.
  */
 pl_status pl_tv_loss(struct pl_context *ctx,
                      const struct pl_tv_config *config,

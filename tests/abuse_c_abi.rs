@@ -30,6 +30,16 @@ const UNTOUCHED: f32 = -12345.0;
 static mut LOSS: f32 = UNTOUCHED;
 static mut GRAD: [f32; 3 * 16 * 16] = [UNTOUCHED; 3 * 16 * 16];
 
+/// `want` when every one of `statuses` is `want`, else the first that is
+/// not (so one wrongly accepted call fails its case).
+fn every(statuses: &[pl_status], want: pl_status) -> pl_status {
+    statuses
+        .iter()
+        .copied()
+        .find(|&s| s != want)
+        .unwrap_or(want)
+}
+
 fn outputs() -> pl_outputs {
     // SAFETY: pl_outputs is plain data; init writes every field.
     let mut out = unsafe { std::mem::zeroed() };
@@ -170,11 +180,7 @@ fn cases() -> Vec<Case> {
                 pl_vgg_options_init(null_mut()),
                 pl_perceptual_config_init(null_mut()),
             ];
-            if all.iter().all(|&s| s == PL_ERR_INVALID_ARGUMENT) {
-                PL_ERR_INVALID_ARGUMENT
-            } else {
-                PL_OK
-            }
+            every(&all, PL_ERR_INVALID_ARGUMENT)
         }),
         // TV.
         ("tv: NULL ctx", PL_ERR_INVALID_ARGUMENT, |w| unsafe {
@@ -444,6 +450,15 @@ fn cases() -> Vec<Case> {
             c.num_taps = 0;
             w.create(&c)
         }),
+        // A count far past the array: refused before it is read.
+        ("create: num_taps garbage", PL_ERR_INVALID_ARGUMENT, |w| {
+            let statuses = [38, 1 << 40, usize::MAX].map(|n| {
+                let mut c = perceptual_config();
+                c.num_taps = n;
+                w.create(&c)
+            });
+            every(&statuses, PL_ERR_INVALID_ARGUMENT)
+        }),
         (
             "create: taps and names NULL",
             PL_ERR_INVALID_ARGUMENT,
@@ -522,7 +537,7 @@ fn cases() -> Vec<Case> {
                     (c.criterion, c.input_norm, c.pooling) = (criterion, norm, pool);
                     w.create(&c)
                 });
-                statuses.into_iter().max().unwrap_or(PL_OK)
+                every(&statuses, PL_ERR_INVALID_ARGUMENT)
             },
         ),
         ("create: struct_size 1", PL_ERR_INVALID_ARGUMENT, |w| {

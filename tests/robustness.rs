@@ -107,17 +107,25 @@ fn relu1_2() -> PerceptualLoss {
     PerceptualLoss::new(vgg, &config).unwrap()
 }
 
-fn loss_and_grad(loss: &PerceptualLoss, s: Shape) -> perceptual_loss::Result<f32> {
-    let n = s.n * s.c * s.h * s.w;
+/// The loss of constant images, with the gradient written into `grad`.
+fn loss_into(loss: &PerceptualLoss, s: Shape, grad: &mut [f32]) -> perceptual_loss::Result<f32> {
+    let n = common::numel(s);
     let (pred, target) = (vec![0.25f32; n], vec![0.75f32; n]);
-    let (mut value, mut grad) = (0f32, vec![0f32; n]);
+    let mut value = UNTOUCHED;
     loss.compute(
         &TensorRef::host(&pred, s)?,
         &TensorRef::host(&target, s)?,
-        LossOutputs::new(TensorMut::scalar(&mut value)).with_grad(TensorMut::host(&mut grad, s)?),
+        LossOutputs::new(TensorMut::scalar(&mut value)).with_grad(TensorMut::host(grad, s)?),
     )?;
     Ok(value)
 }
+
+fn loss_and_grad(loss: &PerceptualLoss, s: Shape) -> perceptual_loss::Result<f32> {
+    loss_into(loss, s, &mut vec![0f32; common::numel(s)])
+}
+
+/// What outputs hold before a call, to see that a failed one wrote nothing.
+const UNTOUCHED: f32 = -7.0;
 
 /// Limit on the child's address space for the memory tests (KiB): room for
 /// the test binary and a few hundred MB of buffers.
@@ -146,14 +154,18 @@ fn allocation_failure_is_an_error_and_the_next_call_works() {
     if is_child("allocation_failure_is_an_error_and_the_next_call_works") {
         let loss = relu1_2();
         // conv1_1's output alone: 64 x 2048 x 2048 f32 = 1 GiB.
-        let err = loss_and_grad(&loss, Shape::new(1, 1, 2048, 2048)).unwrap_err();
+        let big = Shape::new(1, 1, 2048, 2048);
+        let mut grad = vec![UNTOUCHED; common::numel(big)];
+        let err = loss_into(&loss, big, &mut grad).unwrap_err();
         assert!(matches!(err, Error::OutOfMemory(_)), "{err}");
         assert!(err.to_string().contains("bytes for"), "{err}");
+        assert!(grad.iter().all(|&g| g == UNTOUCHED), "a failed call wrote");
         println!("the error: {err}");
         let value = loss_and_grad(&loss, Shape::new(1, 3, 16, 16)).unwrap();
         assert!(value > 0.0);
-        // And through the C ABI: its own status.
-        assert_eq!(perceptual_loss::ffi::PL_ERR_OUT_OF_MEMORY, 10);
+        drop(grad);
+        // And through the C ABI: its own status, nothing written.
+        unsafe { c_abi_out_of_memory(big) };
         return;
     }
     let out = in_child(
@@ -163,6 +175,49 @@ fn allocation_failure_is_an_error_and_the_next_call_works() {
     assert_child_ok(&out, "a too large image under a 900 MB limit");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("out of memory"), "{text}");
+}
+
+/// `pl_perceptual_loss` to relu1_2 on a `big` image: PL_ERR_OUT_OF_MEMORY
+/// naming the allocation, loss and gradient untouched.
+unsafe fn c_abi_out_of_memory(big: Shape) {
+    let ctx = common::cpu_context();
+    let path = std::env::temp_dir().join(format!("robust-oom-{}.st", std::process::id()));
+    std::fs::write(&path, seeded_safetensors(VggArch::Vgg16, 2).unwrap()).unwrap();
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let mut options = std::mem::zeroed();
+    assert_eq!(pl_vgg_options_init(&mut options), PL_OK);
+    options.depth = 3;
+    let (mut vgg, mut perceptual) = (std::ptr::null_mut(), std::ptr::null_mut());
+    assert_eq!(pl_vgg_load(ctx, c_path.as_ptr(), &options, &mut vgg), PL_OK);
+    let _ = std::fs::remove_file(&path);
+    let mut config = std::mem::zeroed();
+    assert_eq!(pl_perceptual_config_init(&mut config), PL_OK);
+    let tap = [3i32];
+    config.taps = tap.as_ptr();
+    config.num_taps = 1;
+    assert_eq!(pl_perceptual_create(vgg, &config, &mut perceptual), PL_OK);
+    let n = common::numel(big);
+    let (x, mut grad, mut loss) = (vec![0.5f32; n], vec![UNTOUCHED; n], UNTOUCHED);
+    let out = outputs(&mut loss, grad.as_mut_ptr().cast());
+    let dims = [big.n, big.c, big.h, big.w].map(|d| d as i64);
+    let st = pl_perceptual_loss(
+        perceptual,
+        x.as_ptr().cast(),
+        x.as_ptr().cast(),
+        PL_F32,
+        dims[0],
+        dims[1],
+        dims[2],
+        dims[3],
+        &out,
+    );
+    assert_eq!(st, PL_ERR_OUT_OF_MEMORY, "{}", last_error());
+    assert!(last_error().contains("bytes for"), "{}", last_error());
+    assert_eq!(loss, UNTOUCHED);
+    assert!(grad.iter().all(|&g| g == UNTOUCHED), "a failed call wrote");
+    pl_perceptual_destroy(perceptual);
+    pl_vgg_destroy(vgg);
+    pl_context_destroy(ctx);
 }
 
 #[test]

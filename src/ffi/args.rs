@@ -2,7 +2,7 @@
 //! `pl_outputs` struct of its results; and the one function that turns
 //! caller pointers into tensor views on the context's device.
 
-use super::options::{self, released_once};
+use super::options::{self, check_aligned, released_once};
 use super::status::pl_status;
 use crate::backend::{check_disjoint, Span};
 use crate::error::Error;
@@ -93,16 +93,6 @@ pub(crate) fn shape_of(n: i64, c: i64, h: i64, w: i64) -> Result<Shape, Error> {
     Ok(shape)
 }
 
-/// Errors unless a reserved field holds 0.
-pub(crate) fn check_reserved(value: i32, what: &str) -> Result<(), Error> {
-    if value != 0 {
-        return Err(Error::arg(format!(
-            "{what}.reserved is {value}; write 0 (the init function does)"
-        )));
-    }
-    Ok(())
-}
-
 /// No host address space of a 64-bit platform reaches past 2^57 bytes
 /// (x86-64 with 5-level paging: 2^56; AArch64: at most 2^52): a host
 /// buffer said to end beyond it cannot exist, whatever its dimensions say.
@@ -153,7 +143,6 @@ pub(crate) unsafe fn views<'a>(
         ));
     }
     let out = options::read(out, "out")?;
-    check_reserved(out.reserved, "out")?;
     if out.loss.is_null() {
         return Err(Error::arg("out.loss is NULL"));
     }
@@ -173,24 +162,15 @@ pub(crate) unsafe fn views<'a>(
     let cuda = device.ordinal();
     if cuda.is_none() {
         // Device pointers are checked by the loss call; host ones here.
-        let aligned = |p: *const c_void, align: usize, what: &str| {
-            if (p as usize).is_multiple_of(align) {
-                Ok(())
-            } else {
-                Err(Error::arg(format!(
-                    "{what} ({p:?}) is not aligned to {align} bytes"
-                )))
-            }
-        };
         let mut input_spans: Vec<Span> = Vec::new();
         for &(p, what) in inputs {
-            aligned(p, dtype.size(), what)?;
+            check_aligned(p, dtype.size(), what)?;
             check_host_span(p as u64, bytes, what)?;
             input_spans.push((p as u64, bytes, what));
         }
         let mut output_spans: Vec<Span> = Vec::new();
         for &(p, len, align, what) in &outputs {
-            aligned(p, align, what)?;
+            check_aligned(p.cast_const(), align, what)?;
             check_host_span(p as u64, len, what)?;
             output_spans.push((p as u64, len, what));
         }

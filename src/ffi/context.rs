@@ -39,14 +39,17 @@ impl Handle for pl_context {
 /// A context's device on its current stream, shared with the handles made
 /// from it, and the devices of recently used other streams.
 pub(crate) struct Streams {
-    current: RwLock<Device>,
+    /// The current device and the raw stream it was made for, read and
+    /// replaced together so that concurrent switches cannot file a device
+    /// under another stream.
+    current: RwLock<(usize, Device)>,
     recent: Mutex<Recent<(usize, Device)>>,
 }
 
 impl Streams {
     fn new(device: Device) -> Arc<Self> {
         Arc::new(Streams {
-            current: RwLock::new(device),
+            current: RwLock::new((stream_of(&device), device)),
             recent: Mutex::new(Recent::new(KEPT_STREAMS)),
         })
     }
@@ -55,7 +58,7 @@ impl Streams {
     pub(crate) fn current(&self) -> Result<Device, Error> {
         self.current
             .read()
-            .map(|d| d.clone())
+            .map(|c| c.1.clone())
             .map_err(|_| Error::poisoned())
     }
 
@@ -64,19 +67,18 @@ impl Streams {
     fn switch(
         &self,
         stream: usize,
-        current_stream: usize,
         make: impl FnOnce() -> Result<Device, Error>,
     ) -> Result<(), Error> {
         let mut recent = self.recent.lock().map_err(|_| Error::poisoned())?;
         let mut current = self.current.write().map_err(|_| Error::poisoned())?;
-        if stream == current_stream {
+        if stream == current.0 {
             return Ok(());
         }
         let next = recent
             .take(|(s, _)| *s == stream)
             .map_or_else(make, |(_, d)| Ok(d))?;
-        let previous = std::mem::replace(&mut *current, next);
-        recent.push((current_stream, previous));
+        let previous = std::mem::replace(&mut *current, (stream, next));
+        recent.push(previous);
         Ok(())
     }
 
@@ -139,10 +141,15 @@ pub unsafe extern "C" fn pl_context_create(
 /// `ctx` must be NULL or a context from `pl_context_create`, not used again.
 #[no_mangle]
 pub unsafe extern "C" fn pl_context_destroy(ctx: *mut pl_context) {
-    if let Some(c) = ctx.as_ref() {
-        c.streams.forget();
-    }
     destroy(ctx);
+}
+
+impl Drop for pl_context {
+    /// Handles made from the context hold `streams` too; the devices of
+    /// other streams are released now rather than when the last goes.
+    fn drop(&mut self) {
+        self.streams.forget();
+    }
 }
 
 /// Waits until all work queued on the context's current stream has finished.
@@ -160,10 +167,17 @@ pub unsafe extern "C" fn pl_context_synchronize(ctx: *mut pl_context) -> pl_stat
 /// for example PyTorch's current stream. Work already queued stays on its
 /// stream. The context keeps the resources of the 8 most recently used
 /// other streams and releases older ones. A CPU context accepts only NULL.
+/// The stream is the context's, for every thread that uses it and every
+/// handle made from it: threads working on different streams at once each
+/// need their own context (and VGG and losses made from it), or must
+/// serialise switching and calling.
 ///
 /// # Safety
 /// `ctx` must be a live context; the stream must stay valid until the
-/// context and its handles are destroyed or 8 other streams have been used.
+/// context and every handle made from it are destroyed: memory a call
+/// allocates on a stream (VGG weights at `pl_vgg_load`, a loss's buffers
+/// for an input shape) is freed in that stream's order, whenever it is
+/// released. (PyTorch's pooled streams are never destroyed.)
 #[no_mangle]
 pub unsafe extern "C" fn pl_context_set_stream(
     ctx: *mut pl_context,
@@ -178,7 +192,7 @@ pub unsafe extern "C" fn pl_context_set_stream(
                 false => Err(Error::arg("a CPU context has no CUDA stream")),
             };
         };
-        streams.switch(cuda_stream as usize, stream_of(&current), || {
+        streams.switch(cuda_stream as usize, || {
             Device::cuda_on_stream(ordinal, cuda_stream.cast())
         })
     })
@@ -196,15 +210,13 @@ mod tests {
     fn the_stream_cache_forgets() {
         let streams = Streams::new(Device::cpu());
         let mut made = Vec::new();
-        let mut current = 0;
-        let mut switch = |streams: &Streams, to: usize, made: &mut Vec<usize>| {
+        let switch = |streams: &Streams, to: usize, made: &mut Vec<usize>| {
             streams
-                .switch(to, current, || {
+                .switch(to, || {
                     made.push(to);
                     Ok(Device::cpu())
                 })
                 .unwrap();
-            current = to;
         };
         for stream in 1..=20 {
             switch(&streams, stream, &mut made);

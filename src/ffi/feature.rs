@@ -1,7 +1,7 @@
 //! `pl_feature_loss`: the feature distance (MSE / MAE) between two
 //! same-shape tensors.
 
-use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
@@ -68,7 +68,7 @@ pub unsafe extern "C" fn pl_feature_config_init(config: *mut pl_feature_config) 
 /// # Safety
 /// `ctx` must be a live context; `a`, `b` and `out->grad` must address
 /// n*c*h*w elements, `out->loss` one float and `out->per_sample` n floats
-/// on the context's device; `config` and `out` must be NULL or valid.
+/// on the context's device; `config` must be NULL or valid and `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pl_feature_loss(
     ctx: *mut pl_context,
@@ -85,7 +85,6 @@ pub unsafe extern "C" fn pl_feature_loss(
     guard(|| {
         let ctx = borrow(ctx, "ctx")?;
         let config = options::read(config, "config")?;
-        check_reserved(config.reserved, "config")?;
         let loss = FeatureLoss::new(criterion_of(config.criterion)?, config.weight)?
             .with_check_finite(config.check_finite != 0);
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);

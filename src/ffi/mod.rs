@@ -10,8 +10,9 @@
 //!   accepts NULL. A loss keeps the weights and the context it was made
 //!   from alive.
 //! - Options structs start with `size_t struct_size` and are initialised
-//!   by their `pl_*_init` function; NULL means all defaults (see
-//!   `options.rs` for how they grow).
+//!   by their `pl_*_init` function; NULL for a config or options argument
+//!   means all defaults, while `pl_outputs` must be given (see `options.rs`
+//!   for how they grow).
 //! - Enumerations cross as plain integers and are range-checked.
 //! - Pointers live on the context's device: device addresses for a CUDA
 //!   context (checked against their allocation with the driver), host

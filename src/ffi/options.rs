@@ -33,13 +33,19 @@ pub(crate) unsafe trait Options: Copy {
     const SIZES: &'static [usize];
     /// Every field's default, `struct_size` the current size.
     fn defaults() -> Self;
+    /// The `reserved` field, which must hold 0; 0 for a struct without one.
+    fn reserved(&self) -> i32 {
+        0
+    }
 }
 
 /// Implements [`Options`] for a struct with one released version: its C
-/// name, its size, its defaults (`struct_size` filled in), and a
-/// compile-time check that its last field ends it (no trailing padding).
+/// name, its size, its defaults (`struct_size` filled in), its `reserved`
+/// field when that ends it, and a compile-time check that its last field
+/// ends it (no trailing padding).
 macro_rules! released_once {
-    ($ty:ident, last $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* $(,)? }) => {
+    (@impl $ty:ident, $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* }
+        $(, $reserved:ident)?) => {
         // SAFETY: repr(C), struct_size first, plain data; one released version.
         unsafe impl $crate::ffi::options::Options for $ty {
             const NAME: &'static str = stringify!($ty);
@@ -50,6 +56,9 @@ macro_rules! released_once {
                     $($field: $value),*
                 }
             }
+            $(fn reserved(&self) -> i32 {
+                self.$reserved
+            })?
         }
         const _: () = assert!(
             std::mem::size_of::<$ty>()
@@ -57,6 +66,12 @@ macro_rules! released_once {
                 && std::mem::size_of::<$ty>() % 8 == 0,
             "a version of an options struct must end without padding",
         );
+    };
+    ($ty:ident, last reserved: i32, { $($field:ident: $value:expr),* $(,)? }) => {
+        $crate::ffi::options::released_once!(@impl $ty, reserved: i32, { $($field: $value),* }, reserved);
+    };
+    ($ty:ident, last $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* $(,)? }) => {
+        $crate::ffi::options::released_once!(@impl $ty, $last: $last_ty, { $($field: $value),* });
     };
 }
 pub(crate) use released_once;
@@ -70,12 +85,7 @@ pub(crate) unsafe fn read<O: Options>(ptr: *const O, param: &str) -> Result<O, E
     if ptr.is_null() {
         return Ok(O::defaults());
     }
-    if !(ptr as usize).is_multiple_of(std::mem::align_of::<O>()) {
-        return Err(Error::arg(format!(
-            "{param} ({ptr:?}) is not aligned for a {}",
-            O::NAME
-        )));
-    }
+    check_aligned(ptr.cast(), std::mem::align_of::<O>(), param)?;
     let size = ptr.cast::<usize>().read();
     if !O::SIZES.contains(&size) {
         return Err(Error::arg(format!(
@@ -91,7 +101,26 @@ pub(crate) unsafe fn read<O: Options>(ptr: *const O, param: &str) -> Result<O, E
     // SAFETY: `size` is at most size_of::<O>() (the last of SIZES) and the
     // caller vouches for `size` readable bytes; O is plain data.
     std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut O).cast::<u8>(), size);
-    Ok(value)
+    match value.reserved() {
+        0 => Ok(value),
+        r => Err(Error::arg(format!(
+            "{param}.reserved is {r}; write 0 (the init function does)"
+        ))),
+    }
+}
+
+/// Errors unless `p` (parameter `what`) is a multiple of `align`.
+pub(crate) fn check_aligned(
+    p: *const std::ffi::c_void,
+    align: usize,
+    what: &str,
+) -> Result<(), Error> {
+    match (p as usize).is_multiple_of(align) {
+        true => Ok(()),
+        false => Err(Error::arg(format!(
+            "{what} ({p:?}) is not aligned to {align} bytes"
+        ))),
+    }
 }
 
 /// Writes the defaults of `O` to `ptr` (parameter `param`).

@@ -11,7 +11,7 @@ use super::status::pl_status;
 use super::vgg::pl_vgg;
 use crate::error::Error;
 use crate::vgg::Pooling;
-use crate::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+use crate::{InputNorm, PerceptualConfig, PerceptualLoss, Tap, VggArch};
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
 
@@ -48,7 +48,8 @@ pub struct pl_perceptual_config {
     /// Tapped module names such as "relu3_3" or "conv5_4", or NULL when
     /// taps is given; give one of the two. Default NULL.
     pub tap_names: *const *const c_char,
-    /// Number of entries in taps or tap_names, at least 1; default 4.
+    /// Number of entries in taps or tap_names, 1 to 37 (distinct modules);
+    /// default 4.
     pub num_taps: usize,
     /// One weight per tap, or NULL (the default) for all 1.
     pub tap_weights: *const f32,
@@ -115,6 +116,15 @@ unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig
         return Err(Error::arg(
             "config.num_taps is 0; a perceptual loss needs at least one tap",
         ));
+    }
+    // Taps are distinct modules, so a larger count cannot be valid; refusing
+    // it here keeps a garbage count from becoming a read past the array.
+    let modules = VggArch::Vgg19.module_count();
+    if c.num_taps > modules {
+        return Err(Error::arg(format!(
+            "config.num_taps is {}; there are at most {modules} distinct taps",
+            c.num_taps
+        )));
     }
     cfg.taps = match (c.taps.is_null(), c.tap_names.is_null()) {
         (false, true) => std::slice::from_raw_parts(c.taps, c.num_taps)

@@ -11,7 +11,8 @@ pub type pl_status = i32;
 pub const PL_OK: pl_status = 0;
 /// An argument is wrong (NULL, misaligned, out of range, inconsistent).
 pub const PL_ERR_INVALID_ARGUMENT: pl_status = 1;
-/// A dimension is zero or too small for the formula, or a size overflows.
+/// A dimension is negative, zero or too small for the formula, or a size
+/// (in elements or bytes) cannot exist.
 pub const PL_ERR_INVALID_SHAPE: pl_status = 2;
 /// No CUDA driver, no device, or a bad ordinal.
 pub const PL_ERR_NO_CUDA: pl_status = 3;
@@ -48,7 +49,13 @@ thread_local! {
 /// Records `msg` as this thread's last error.
 pub(crate) fn set_last_error(msg: &str) {
     let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+    // try_with: a call from another thread-local's destructor finds this
+    // one gone, and must not panic outside the guard.
+    let _ = LAST_ERROR.try_with(|e| {
+        if let Ok(mut slot) = e.try_borrow_mut() {
+            *slot = c;
+        }
+    });
 }
 
 /// The status code of an error.
@@ -88,5 +95,9 @@ pub extern "C" fn pl_abi_version() -> u32 {
 /// NULL; valid until the next failing call on this thread.
 #[no_mangle]
 pub extern "C" fn pl_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    LAST_ERROR
+        .try_with(|e| e.try_borrow().map(|m| m.as_ptr()).ok())
+        .ok()
+        .flatten()
+        .unwrap_or(c"".as_ptr())
 }

@@ -2,7 +2,7 @@
 //! variation").
 
 use super::args::PL_REDUCTION_MEAN;
-use super::args::{check_reserved, dtype_of, pl_dtype, pl_outputs, pl_reduction, reduction_of};
+use super::args::{dtype_of, pl_dtype, pl_outputs, pl_reduction, reduction_of};
 use super::args::{shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
@@ -59,7 +59,6 @@ released_once!(pl_tv_config, last reserved: i32, {
 });
 
 fn tv_config(c: &pl_tv_config) -> Result<TvConfig, Error> {
-    check_reserved(c.reserved, "config")?;
     let variant = match c.variant {
         PL_TV_ARTICLE => TvVariant::Article,
         PL_TV_L1 => TvVariant::L1,
@@ -99,7 +98,7 @@ pub unsafe extern "C" fn pl_tv_config_init(config: *mut pl_tv_config) -> pl_stat
 /// # Safety
 /// `ctx` must be a live context; `x` and `out->grad` must address n*c*h*w
 /// elements, `out->loss` one float and `out->per_sample` n floats on the
-/// context's device; `config` and `out` must be NULL or valid.
+/// context's device; `config` must be NULL or valid and `out` valid.
 #[no_mangle]
 pub unsafe extern "C" fn pl_tv_loss(
     ctx: *mut pl_context,

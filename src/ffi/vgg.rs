@@ -1,7 +1,7 @@
 //! `pl_vgg`: VGG weights loaded once onto a context's device and shared by
 //! any number of losses; and stand-in weights for demos.
 
-use super::args::{check_reserved, dtype_of, pl_dtype, PL_F32};
+use super::args::{dtype_of, pl_dtype, PL_F32};
 use super::context::{pl_context, Streams};
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
@@ -66,7 +66,6 @@ pub(crate) fn vgg_arch(arch: pl_vgg_arch) -> Result<VggArch, Error> {
 }
 
 fn vgg_options(o: &pl_vgg_options) -> Result<VggOptions, Error> {
-    check_reserved(o.reserved, "options")?;
     let up_to = match o.depth {
         -1 => None,
         d => Some(usize::try_from(d).map_err(|_| {

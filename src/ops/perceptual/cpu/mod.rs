@@ -163,7 +163,8 @@ enum Target<'a, T> {
 }
 
 /// The batch loss and each image's; writes `beta * grad + dL/dpred` when
-/// `grad` is given.
+/// `grad` is given, once every image has succeeded (a failure part way,
+/// such as an allocation, leaves it untouched).
 fn network<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -176,6 +177,10 @@ fn network<T: Element>(
     let dims = (s.c, s.h, s.w);
     let mut total = 0.0;
     let mut per_sample = fallible::with_capacity(s.n, "per-image losses")?;
+    // dL/dpred of the images done so far, kept at the precision it is
+    // computed in so that the final store rounds once, as a direct one would.
+    let staged_len = if grad.is_some() { pred.len() } else { 0 };
+    let mut staged = fallible::filled(staged_len, 0f64, "the staged input gradient")?;
     for n in 0..s.n {
         let range = n * image..(n + 1) * image;
         // This image's target features: kept ones borrowed, or computed
@@ -225,16 +230,20 @@ fn network<T: Element>(
         per_sample.push(image_loss * s.n as f64);
         total += image_loss;
 
-        let (Some(out), Some(saved)) = (grad.as_mut(), saved) else {
+        let Some(saved) = saved else {
             continue;
         };
         let g = backward(net, spec, saved, tap_grads)?;
         // Through the normalisation, and back to one channel for grayscale.
         for ch in 0..s.c {
             for i in 0..hw {
-                let v = input_grad(&g, s.c, hw, spec.norm, ch, i);
-                out.store(range.start + ch * hw + i, v);
+                staged[range.start + ch * hw + i] = input_grad(&g, s.c, hw, spec.norm, ch, i);
             }
+        }
+    }
+    if let Some(out) = grad.as_mut() {
+        for (i, &v) in staged.iter().enumerate() {
+            out.store(i, v);
         }
     }
     Ok(Values {
