@@ -372,6 +372,57 @@ fn broken_headers_name_the_tensor_the_same_way_every_time() {
     }
 }
 
+/// Files that break the format's layout are refused even where the
+/// network would not read the bytes at fault: a gap in the convolutions
+/// (not a prefix), an ignored tensor past the end of the data or sharing
+/// another's bytes, and a header longer than any weights file needs.
+#[test]
+fn files_laid_out_wrong_are_refused_whatever_is_read() {
+    let good = seeded_safetensors(VggArch::Vgg16, 4).unwrap();
+    let (header, data) = split(&good);
+    let refused = |h: &serde_json::Map<String, serde_json::Value>, message: &str| {
+        let file = join(&serde_json::to_string(h).unwrap(), &data);
+        let e = load_error(WeightsSource::Bytes(&file)).to_string();
+        assert!(e.contains(message), "{message}: {e}");
+        let depth = Vgg::depth_in(WeightsSource::Bytes(&file), VggOptions::default());
+        assert_eq!(depth.unwrap_err().to_string(), e, "depth_in says the same");
+    };
+    let mut gap = header.clone();
+    gap.remove("features.10.weight");
+    gap.remove("features.10.bias");
+    refused(
+        &gap,
+        "tensor features.10.weight (conv3_1) is missing, but the deeper features.12.weight (conv3_2) is there",
+    );
+    let end = data.len() as u64;
+    let mut past = header.clone();
+    past.insert(
+        "classifier.6.bias".into(),
+        serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [end, end + 4]}),
+    );
+    refused(
+        &past,
+        "tensor classifier.6.bias has data_offsets that are not two offsets within",
+    );
+    let mut shared = header.clone();
+    let offsets = header["features.0.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap();
+    shared.insert(
+        "classifier.6.bias".into(),
+        serde_json::json!({"dtype": "F32", "shape": [1], "data_offsets": [offsets, offsets + 4]}),
+    );
+    refused(
+        &shared,
+        "tensor features.0.weight overlaps the data of tensor classifier.6.bias",
+    );
+    // 17 MiB of header (spaces are valid JSON padding): refused from its length.
+    let mut long = (17u64 << 20).to_le_bytes().to_vec();
+    long.resize(8 + (17 << 20), b' ');
+    let e = load_error(WeightsSource::Bytes(&long)).to_string();
+    assert!(e.contains("more than the 16777216 allowed"), "{e}");
+}
+
 /// The header alone tells how deep a load would go, for a whole file and
 /// a prefix, through Rust and C, without reading tensor data.
 #[test]
@@ -379,7 +430,21 @@ fn the_depth_of_a_file_from_its_header() {
     let good = seeded_safetensors(VggArch::Vgg16, 5).unwrap();
     let whole = Vgg::depth_in(WeightsSource::Bytes(&good), VggOptions::default()).unwrap();
     assert_eq!(whole, 30);
+    // A NaN in the data: a load finds it, the header alone cannot.
     let (mut header, data) = split(&good);
+    let mut poisoned = data.clone();
+    let at = header["features.0.weight"]["data_offsets"][0]
+        .as_u64()
+        .unwrap() as usize;
+    poisoned[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let poisoned = join(&serde_json::to_string(&header).unwrap(), &poisoned);
+    let options = VggOptions::default();
+    assert_eq!(
+        Vgg::depth_in(WeightsSource::Bytes(&poisoned), options).unwrap(),
+        30
+    );
+    let e = load_error(WeightsSource::Bytes(&poisoned)).to_string();
+    assert!(e.contains("non-finite value"), "{e}");
     for layer in [17, 19, 21, 24, 26, 28] {
         header.remove(&format!("features.{layer}.weight"));
         header.remove(&format!("features.{layer}.bias"));

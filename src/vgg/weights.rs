@@ -22,6 +22,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// One convolution's parameters in f32: weight [out][in][3][3], bias [out].
@@ -59,8 +60,11 @@ impl HostWeights {
 
 const PREFIXES: [&str; 4] = ["", "vgg16.", "vgg19.", "model."];
 
-/// The largest header accepted (the safetensors format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
+/// The largest header accepted. A VGG header is a few KB and one of
+/// thousands of tensors well under a megabyte; the format itself allows
+/// 100 MB, but parsing that much JSON can take a gigabyte or more, and
+/// no weights file of this crate comes near it.
+const MAX_HEADER: u64 = 16 << 20;
 
 fn bad(msg: String) -> Error {
     Error::InvalidWeights(msg)
@@ -98,7 +102,14 @@ impl<'a> Source<'a> {
                 describe(kind)
             )));
         }
-        let file = std::fs::File::open(path).map_err(io)?;
+        // Non-blocking, so that a FIFO put in the file's place after the
+        // check above opens at once and is refused below (regular files
+        // read the same either way).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(io)?;
         // The file opened may have replaced the one looked at.
         let meta = file.metadata().map_err(io)?;
         if !meta.is_file() {
@@ -304,6 +315,46 @@ impl Header {
     }
 }
 
+impl Header {
+    /// Errors unless every tensor of the file, read or not, has a byte
+    /// range inside the data and no two share bytes: the format lays them
+    /// out one after another, and sharing would hand one tensor's values
+    /// to another. Costs only the header. Checked in name order.
+    fn check_ranges(&self, file_len: u64) -> Result<()> {
+        let data_len = file_len - self.data_start;
+        let mut ranges = Vec::with_capacity(self.tensors.len());
+        for (name, value) in &self.tensors {
+            let offsets = value.get("data_offsets").and_then(Value::as_array);
+            let pair = offsets.and_then(|o| match o[..] {
+                [ref b, ref e] => Some((b.as_u64()?, e.as_u64()?)),
+                _ => None,
+            });
+            match pair {
+                Some((begin, end)) if begin <= end && end <= data_len => {
+                    if end > begin {
+                        ranges.push((begin, end, name.as_str()));
+                    }
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "tensor {name} has data_offsets that are not two offsets within the file's {data_len} bytes of data"
+                    )))
+                }
+            }
+        }
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            let ((_, end, first), (begin, _, second)) = (&pair[0], &pair[1]);
+            if begin < end {
+                return Err(bad(format!(
+                    "tensor {second} overlaps the data of tensor {first}: the file is corrupt"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The prefix under which `features.0.weight` exists.
 fn prefix(header: &Header, arch: VggArch) -> Result<&'static str> {
     PREFIXES
@@ -353,18 +404,44 @@ fn check_names(header: &Header, prefix: &str, arch: VggArch, layers: &[Layer]) -
 
 /// How many of `layers` a load takes: all of them when `whole`, else as
 /// deep as the file's convolutions go: every layer before the first
-/// convolution whose weight the file lacks.
-fn depth_in(header: &Header, prefix: &str, layers: &[Layer], whole: bool) -> usize {
-    let missing = |l: &Layer| {
-        matches!(l.module, Module::Conv { .. })
-            && !header
-                .tensors
-                .contains_key(&format!("{prefix}features.{}.weight", l.index))
-    };
-    match whole {
-        true => layers.len(),
-        false => layers.iter().position(missing).unwrap_or(layers.len()),
+/// convolution whose weight the file lacks. A file that lacks one but
+/// holds a deeper one is not a prefix of the network, and is refused
+/// rather than cut short.
+fn depth_in(
+    header: &Header,
+    prefix: &str,
+    arch: VggArch,
+    layers: &[Layer],
+    whole: bool,
+) -> Result<usize> {
+    let weight = |l: &Layer| format!("{prefix}features.{}.weight", l.index);
+    let conv = |l: &&Layer| matches!(l.module, Module::Conv { .. });
+    if whole {
+        return Ok(layers.len());
     }
+    let Some(gap) = layers
+        .iter()
+        .filter(conv)
+        .find(|l| !header.tensors.contains_key(&weight(l)))
+    else {
+        return Ok(layers.len());
+    };
+    let all = arch.layers();
+    if let Some(deeper) = all[gap.index..]
+        .iter()
+        .filter(conv)
+        .find(|l| header.tensors.contains_key(&weight(l)))
+    {
+        return Err(bad(format!(
+            "tensor {} ({}) is missing, but the deeper {} ({}) is there: the file has a gap, \
+             not a prefix of the network",
+            weight(gap),
+            gap.name,
+            weight(deeper),
+            deeper.name
+        )));
+    }
+    Ok(gap.index)
 }
 
 /// A convolution to load: its layer, (in, out) channels, and the entries
@@ -393,25 +470,7 @@ fn entries(
         let bias = header.entry(&format!("{base}.bias"), layer, &[out_c], file_len)?;
         out.push((layer.index, (in_c, out_c), weight, bias));
     }
-    // No two tensors read may share bytes: the format lays them out one
-    // after another, and sharing would hand one tensor's values to another.
-    let mut ranges: Vec<(u64, u64, String)> = out
-        .iter()
-        .flat_map(|(index, _, w, b)| {
-            [(w, "weight"), (b, "bias")]
-                .map(|(e, kind)| (e.begin, e.end, format!("features.{index}.{kind}")))
-        })
-        .filter(|(begin, end, _)| end > begin)
-        .collect();
-    ranges.sort();
-    for pair in ranges.windows(2) {
-        let ((_, end, first), (begin, _, second)) = (&pair[0], &pair[1]);
-        if begin < end {
-            return Err(bad(format!(
-                "tensor {second} overlaps the data of tensor {first}: the file is corrupt"
-            )));
-        }
-    }
+    header.check_ranges(file_len)?;
     Ok(out)
 }
 
@@ -448,7 +507,7 @@ fn plan(
     let header = Header::read(source)?;
     let prefix = prefix(&header, arch)?;
     check_names(&header, prefix, arch, &arch.layers())?;
-    let count = depth_in(&header, prefix, layers, depth == Depth::Whole);
+    let count = depth_in(&header, prefix, arch, layers, depth == Depth::Whole)?;
     Ok((header, prefix, count))
 }
 
