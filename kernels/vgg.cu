@@ -2,7 +2,7 @@
  * VGG helper kernels for the perceptual loss; cuDNN does the convolutions.
  * One kernel per step kind of the schedule (src/ops/perceptual/cuda/
  * schedule/steps.rs), launched by src/ops/perceptual/cuda/steps/ and tested
- * step by step against the CPU layers they replace (steps/tests.rs).
+ * step by step against the CPU layers they replace (src/ops/perceptual/cuda/steps/tests/).
  *
  * Forward (pred and target batched as 2N images, NHWC, compute dtype):
  * preprocess -> [conv (cuDNN) -> bias_act (+mask)] ... -> bias_act_pool

@@ -53,7 +53,7 @@ cat >"$bundle/run.sh" <<'RUN'
 # Each step has a timeout so that one hang cannot spend the device budget.
 cd "$(dirname "$0")"
 # CI runs this bundle without a GPU, with PERCEPTUAL_LOSS_REQUIRE_GPU=0,
-# to keep the script itself working between GPU sessions.
+# so that a change that breaks the script is caught before a GPU runs it.
 export PERCEPTUAL_LOSS_REQUIRE_GPU=${PERCEPTUAL_LOSS_REQUIRE_GPU:-1}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 summary=()

@@ -23,9 +23,10 @@ use crate::tensor::{DType, Element, PerDType, Shape, Storage, TensorMut, TensorR
 /// is taken for), with a CPU and a CUDA implementation.
 pub(crate) trait Op<const N: usize> {
     /// The loss's own rules for the inputs' shape (checked after the
-    /// inputs are found to match, before the outputs).
-    fn check_shape(&self, shape: Shape) -> Result<()> {
-        shape.numel().map(|_| ())
+    /// inputs are found to match and to have a countable number of
+    /// elements, before the outputs); none by default.
+    fn check_shape(&self, _shape: Shape) -> Result<()> {
+        Ok(())
     }
 
     /// Whether a non-finite input is an error (the loss's `check_finite`
@@ -69,13 +70,15 @@ impl<T: Element> HostGrad<'_, T> {
     /// Writes `beta * old + value` at `i`, rounded to T; the old value is
     /// not read when beta is 0.
     pub fn store(&mut self, i: usize, value: f64) {
-        let slot = &mut self.values[i];
-        let v = if self.beta == 0.0 {
-            value
-        } else {
-            self.beta as f64 * slot.to_f64() + value
-        };
-        *slot = T::from_f64(v);
+        self.values[i] = self.blended(i, value);
+    }
+
+    /// What [`store`](Self::store) would write at `i`, without writing it.
+    pub fn blended(&self, i: usize, value: f64) -> T {
+        match self.beta {
+            0.0 => T::from_f64(value),
+            beta => T::from_f64(beta as f64 * self.values[i].to_f64() + value),
+        }
     }
 
     /// The elements in `range`, with the same beta.

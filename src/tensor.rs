@@ -167,7 +167,9 @@ impl Shape {
     pub fn bytes(&self, dtype: DType) -> Result<usize> {
         self.numel()?;
         let dims = [self.n, self.c, self.h, self.w];
-        bytes_for(&dims, dtype.size(), &format!("{self} of {}", dtype.name()))
+        bytes_for(&dims, dtype.size(), || {
+            format!("{self} of {}", dtype.name())
+        })
     }
 
     /// Elements of one image (C x H x W).
@@ -179,14 +181,19 @@ impl Shape {
 /// The bytes of an array of `dims` elements of `elem` bytes each: the one
 /// size check every derived buffer goes through, so that no size wraps or
 /// exceeds what one allocation can hold (`isize::MAX`). The error names
-/// `what`.
-pub(crate) fn bytes_for(dims: &[usize], elem: usize, what: &str) -> Result<usize> {
+/// `what()` (built only then: sizes are checked on every call).
+pub(crate) fn bytes_for(
+    dims: &[usize],
+    elem: usize,
+    what: impl FnOnce() -> String,
+) -> Result<usize> {
     dims.iter()
         .try_fold(elem, |acc, &d| acc.checked_mul(d))
         .filter(|&b| b <= isize::MAX as usize)
         .ok_or_else(|| {
             Error::shape(format!(
-                "{what} would take more than {} bytes, more than any allocation can hold",
+                "{} would take more than {} bytes, more than any allocation can hold",
+                what(),
                 isize::MAX
             ))
         })

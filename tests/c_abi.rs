@@ -63,21 +63,40 @@ fn c_example_runs() {
         "{out}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    // Shape of the output, and the values are real numbers.
-    for key in ["perceptual loss ", "tv loss "] {
+    // The numbers after each `label` on its line.
+    let numbers = |label: &str| -> Vec<f64> {
         let line = out
             .lines()
-            .find(|l| l.starts_with(key))
-            .unwrap_or_else(|| panic!("no {key:?} in {out}"));
-        let value: f64 = line[key.len()..]
-            .split(',')
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        assert!(value.is_finite() && value > 0.0, "{line}");
-    }
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} in {out}"));
+        line[label.len()..]
+            .split(|c: char| !(c.is_ascii_digit() || ".-+e".contains(c)))
+            .filter_map(|v| v.parse().ok())
+            .collect()
+    };
+    // perceptual loss L, |grad| G, per image p0 p1 (L is their mean).
+    let [loss, grad_p, p0, p1] = numbers("perceptual loss ")[..] else {
+        panic!("{out}")
+    };
+    assert!(loss.is_finite() && loss > 0.0 && grad_p > 0.0, "{out}");
+    common::assert_rel((p0 + p1) / 2.0, loss, 1e-5, "per-image mean");
+    let [tv, grad_tv] = numbers("tv loss ")[..] else {
+        panic!("{out}")
+    };
+    assert!(tv.is_finite() && tv > 0.0 && grad_tv > 0.0, "{out}");
+    // |grad_p + grad_tv| with beta = 1: neither gradient alone, and
+    // within the triangle inequality.
+    let [sum] = numbers("|perceptual grad + tv grad| ")[..] else {
+        panic!("{out}")
+    };
+    assert!(
+        sum <= grad_p + grad_tv && sum >= (grad_p - grad_tv).abs(),
+        "{out}"
+    );
+    assert!(
+        (sum - grad_tv).abs() > 1e-6 * sum && (sum - grad_p).abs() > 1e-6 * sum,
+        "accumulated: {out}"
+    );
 }
 
 #[test]

@@ -176,7 +176,7 @@ fn the_perceptual_loss_keeps_a_non_finite_image_to_itself() {
     let vgg = common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32);
     let s = Shape::new(3, 3, 16, 16);
     let mut rng = Rng::new(7);
-    let (mut pred, mut target) = (rng.vec(numel(s), 0.0, 1.0), rng.vec(numel(s), 0.0, 1.0));
+    let (pred, target) = (rng.vec(numel(s), 0.0, 1.0), rng.vec(numel(s), 0.0, 1.0));
     let run = |pred: &[f32], target: &[f32], taps: &[&str], check_finite| {
         let config = PerceptualConfig {
             taps: taps.iter().map(|&t| t.into()).collect(),
@@ -249,8 +249,6 @@ fn the_perceptual_loss_keeps_a_non_finite_image_to_itself() {
             "{e}"
         );
     }
-    pred[0] = 0.0;
-    target[0] = 0.0;
     assert!(run(&pred, &target, &relus, true).unwrap().loss.is_finite());
 }
 

@@ -1,5 +1,5 @@
-//! TV loss on the CPU backend against hand-derived values, the anchors'
-//! formulas (tests/common) and finite differences.
+//! TV loss on the CPU backend against hand-derived values, the reference
+//! formulas of docs/design.md (tests/common) and finite differences.
 
 mod common;
 

@@ -111,6 +111,59 @@ pub(crate) trait Gpu {
     }
 }
 
+/// The most grid rows a launch may have; kernels stride over more images.
+pub(crate) const MAX_GRID_Y: usize = 65535;
+
+/// How a deterministic per-image reduction splits each of `n` images'
+/// work units into blocks (grid x) over images (grid y, strided past
+/// [`MAX_GRID_Y`]). Fixed by the shape alone, so the sums' order, and
+/// with it the loss bits, depends on nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockSplit {
+    /// Work units per block.
+    pub per_block: usize,
+    pub blocks_per_image: usize,
+    /// (blocks per image, image rows) to launch.
+    pub grid: (u32, u32),
+}
+
+impl BlockSplit {
+    /// About `target_blocks` blocks over the batch, each of at least
+    /// `min_units` units (fewer only when an image has fewer). Errors
+    /// when the blocks cannot be counted by the kernels' 32-bit
+    /// finishing counter.
+    pub(crate) fn new(
+        n: usize,
+        units: usize,
+        min_units: usize,
+        target_blocks: usize,
+    ) -> Result<Self> {
+        let blocks = target_blocks
+            .div_ceil(n)
+            .min(units.div_ceil(min_units))
+            .max(1);
+        let per_block = units.div_ceil(blocks);
+        // Recomputed so that no block is left without units.
+        let blocks_per_image = units.div_ceil(per_block);
+        if blocks_per_image.saturating_mul(n) > u32::MAX as usize {
+            return Err(Error::shape(format!(
+                "{n} images need {blocks_per_image} reduction blocks each, more than 2^32 in all; \
+                 split the batch"
+            )));
+        }
+        Ok(BlockSplit {
+            per_block,
+            blocks_per_image,
+            grid: (blocks_per_image as u32, n.min(MAX_GRID_Y) as u32),
+        })
+    }
+
+    /// Blocks over all `n` images (the reduction's partials).
+    pub(crate) fn blocks(&self, n: usize) -> usize {
+        self.blocks_per_image * n
+    }
+}
+
 /// Blocks for a grid-stride pass over `count` elements: enough to fill any
 /// current GPU, capped so each thread handles several elements.
 pub(crate) fn grid_for(count: usize) -> (u32, u32) {
@@ -148,5 +201,36 @@ impl Gpu for CudaDevice {
     ) -> Result<R> {
         let scratch = self.reduce_scratch(images, partials)?;
         f(scratch.reduce)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every block gets units, the blocks cover the image, the count
+    /// aims at the target, and a batch the 32-bit counter cannot count
+    /// is a shape error rather than a wrapped counter.
+    #[test]
+    fn a_block_split_covers_each_image_and_fits_the_counter() {
+        for (n, units, min_units, target) in [
+            (1, 1, 1, 2048),
+            (8, 3 * 256, 1, 2048),
+            (3, 1000, 2048, 1024),
+            (7, 12_345, 256, 1024),
+            (100_000, 17, 256, 1024),
+        ] {
+            let s = BlockSplit::new(n, units, min_units, target).unwrap();
+            assert!(s.per_block * s.blocks_per_image >= units, "covers");
+            assert!(s.per_block * (s.blocks_per_image - 1) < units, "none empty");
+            assert!(s.blocks_per_image <= target.div_ceil(n).max(1));
+            assert_eq!(s.grid, (s.blocks_per_image as u32, n.min(65535) as u32));
+        }
+        // TV of 8 images of 3 x 256 rows at 2048 blocks: 256 blocks of 3 rows each.
+        let tv = BlockSplit::new(8, 3 * 256, 1, 2048).unwrap();
+        assert_eq!((tv.blocks_per_image, tv.per_block), (256, 3));
+        let e = BlockSplit::new(1 << 33, 1, 1, 1024).unwrap_err();
+        assert!(e.to_string().contains("more than 2^32"), "{e}");
+        assert!(BlockSplit::new(u32::MAX as usize, 1, 1, 1024).is_ok());
     }
 }

@@ -81,8 +81,9 @@ int main(int argc, char **argv) {
     bad.taps = deep;
     bad.num_taps = 2;
     pl_perceptual *nope = NULL;
-    CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "tap 99");
     CHECK(pl_vgg_load(ctx, argv[1], NULL, &again) == PL_OK, "reload");
+    CHECK(pl_perceptual_create(again, &bad, &nope) == PL_ERR_INVALID_ARGUMENT && nope == NULL, "tap 99");
+    CHECK(strstr(pl_last_error(), "no layer \"99\"") != NULL, "the message names tap 99");
     bad.taps = too_deep;
     bad.num_taps = 1;
     CHECK(pl_perceptual_create(shallow, &bad, &nope) == PL_ERR_INVALID_ARGUMENT, "relu4_3 past depth 15");

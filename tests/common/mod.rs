@@ -38,8 +38,9 @@ pub fn numel(s: Shape) -> usize {
     s.n * s.c * s.h * s.w
 }
 
-/// The TV variants as the anchors define them, computed the way the seed
-/// article does: whole shifted-difference arrays, then sums.
+/// The TV variants as docs/design.md defines them, computed the way the
+/// article the crate started from does: whole shifted-difference arrays,
+/// then sums.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Formula {
     Article,
@@ -206,7 +207,7 @@ pub fn tv_configs() -> Vec<TvConfig> {
     v
 }
 
-/// The anchor formula a config computes.
+/// The reference formula a config computes.
 pub fn formula(cfg: &TvConfig) -> Formula {
     match cfg.variant {
         TvVariant::Article => Formula::Article,

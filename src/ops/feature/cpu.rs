@@ -61,11 +61,13 @@ pub(crate) fn evaluate<T: Element>(
             scale,
         ));
     }
+    let loss = sums.iter().sum::<f64>() * scale;
+    // Each image's sum becomes its value in place (no second vector).
+    for sum in &mut sums {
+        *sum = weight as f64 * *sum / image as f64;
+    }
     Ok(Values {
-        loss: sums.iter().sum::<f64>() * scale,
-        per_sample: sums
-            .iter()
-            .map(|sum| weight as f64 * sum / image as f64)
-            .collect(),
+        loss,
+        per_sample: sums,
     })
 }

@@ -3,14 +3,13 @@
 use super::config::Criterion;
 use crate::backend::DeviceIo;
 use crate::cuda::abi::*;
-use crate::cuda::{kernel_dtype, kernels, nvtx, Gpu, BLOCK};
+use crate::cuda::{kernel_dtype, kernels, nvtx, BlockSplit, Gpu, BLOCK};
 use crate::error::Result;
 
 /// Elements per thread the grid aims for, and its cap on blocks; both
 /// fixed so the reduction order depends only on the shape.
 const ELEMS_PER_THREAD: usize = 8;
 const MAX_BLOCKS: usize = 1024;
-const MAX_GRID_Y: usize = 65535;
 
 /// The kernels' number for a criterion (`pl_k_criterion`).
 pub(crate) fn criterion_id(criterion: Criterion) -> i32 {
@@ -30,14 +29,13 @@ pub(crate) fn launch(
     let s = io.shape;
     let _range = nvtx::range(|| format!("feature {criterion:?} {s}"));
     let per_image = s.image_len();
-    let blocks = MAX_BLOCKS
-        .div_ceil(s.n)
-        .min(per_image.div_ceil(BLOCK as usize * ELEMS_PER_THREAD))
-        .max(1);
-    let per_block = per_image.div_ceil(blocks);
-    // Recomputed so that no block is left without elements.
-    let blocks_per_image = per_image.div_ceil(per_block);
-    dev.with_reduce(0, blocks_per_image * s.n, |mut reduce| {
+    let split = BlockSplit::new(
+        s.n,
+        per_image,
+        BLOCK as usize * ELEMS_PER_THREAD,
+        MAX_BLOCKS,
+    )?;
+    dev.with_reduce(0, split.blocks(s.n), |mut reduce| {
         reduce.loss = io.loss as *mut f32;
         reduce.per_sample = io.per_sample.unwrap_or(0) as *mut f32;
         let params = pl_k_feature_params {
@@ -47,16 +45,21 @@ pub(crate) fn launch(
             reduce,
             n: s.n as i64,
             per_image: per_image as i64,
-            per_block: per_block as i64,
-            blocks_per_image: blocks_per_image as i32,
+            per_block: split.per_block as i64,
+            blocks_per_image: split.blocks_per_image as i32,
             dtype: kernel_dtype(io.dtype),
             criterion: criterion_id(criterion),
             weight,
             beta: io.beta,
             reserved: 0,
         };
-        let grid = (blocks_per_image as u32, s.n.min(MAX_GRID_Y) as u32);
-        dev.launch(&kernels::FEATURE, "pl_feature", io.dtype, grid, &params)
+        dev.launch(
+            &kernels::FEATURE,
+            "pl_feature",
+            io.dtype,
+            split.grid,
+            &params,
+        )
     })
 }
 

@@ -29,7 +29,8 @@ use crate::tensor::{Element, TensorRef};
 ///
 /// The loss is the mean over all N*C*H*W elements (every image has the
 /// same count). The target `b` is a constant: no gradient is taken for
-/// it. NaN or infinite inputs propagate as IEEE arithmetic says.
+/// it. NaN or infinite inputs propagate as IEEE arithmetic says, unless
+/// [`FeatureLoss::with_check_finite`] makes them an error.
 #[derive(Debug, Clone)]
 pub struct FeatureLoss {
     criterion: Criterion,

@@ -87,8 +87,9 @@ impl Op<2> for Perceptual {
         for ((c, h, w), name) in
             dims.zip(std::iter::once("input").chain(layers.iter().map(|l| l.name.as_str())))
         {
-            let what = format!("{s}: the {name} activation of [pred; target]");
-            crate::tensor::bytes_for(&[2, s.n, c, h, w], 4, &what)?;
+            crate::tensor::bytes_for(&[2, s.n, c, h, w], 4, || {
+                format!("{s}: the {name} activation of [pred; target]")
+            })?;
         }
         Ok(())
     }

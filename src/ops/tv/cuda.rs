@@ -3,14 +3,13 @@
 use super::config::{TvConfig, TvVariant};
 use crate::backend::DeviceIo;
 use crate::cuda::abi::*;
-use crate::cuda::{kernel_dtype, kernels, nvtx, Gpu};
+use crate::cuda::{kernel_dtype, kernels, nvtx, BlockSplit, Gpu};
 use crate::error::Result;
 
 /// Blocks in flight the grid aims for, split over the images. Fixed (not
 /// derived from the GPU) so the reduction order, and so the loss bits,
 /// depend only on the shape.
 const TARGET_BLOCKS: usize = 2048;
-const MAX_GRID_Y: usize = 65535;
 
 /// The kernel's number for a variant (`pl_k_tv_variant`).
 fn variant_id(variant: TvVariant) -> i32 {
@@ -27,11 +26,9 @@ fn variant_id(variant: TvVariant) -> i32 {
 pub(crate) fn launch(dev: &impl Gpu, config: &TvConfig, io: &DeviceIo<1>) -> Result<()> {
     let s = io.shape;
     let _range = nvtx::range(|| format!("tv {:?} {s}", config.variant));
-    let rows = s.c * s.h;
-    let rows_per_block = rows.div_ceil(TARGET_BLOCKS.div_ceil(s.n).min(rows));
-    // Recomputed so that no block is left without rows.
-    let blocks_per_image = rows.div_ceil(rows_per_block);
-    dev.with_reduce(s.n, blocks_per_image * s.n, |mut reduce| {
+    // Work units are rows.
+    let split = BlockSplit::new(s.n, s.c * s.h, 1, TARGET_BLOCKS)?;
+    dev.with_reduce(s.n, split.blocks(s.n), |mut reduce| {
         reduce.loss = io.loss as *mut f32;
         reduce.per_sample = io.per_sample.unwrap_or(0) as *mut f32;
         let mut params = pl_k_tv_params {
@@ -42,17 +39,17 @@ pub(crate) fn launch(dev: &impl Gpu, config: &TvConfig, io: &DeviceIo<1>) -> Res
             c: s.c as i64,
             h: s.h as i64,
             w: s.w as i64,
-            rows_per_block: rows_per_block as i64,
+            rows_per_block: split.per_block as i64,
             dtype: kernel_dtype(io.dtype),
             variant: variant_id(config.variant),
             pass: pl_k_tv_pass_PL_K_TV_PASS_FUSED as i32,
-            blocks_per_image: blocks_per_image as i32,
+            blocks_per_image: split.blocks_per_image as i32,
             weight: config.weight,
             batch_scale: config.reduction.batch_scale(s.n) as f32,
             beta: io.beta,
             eps: config.eps,
         };
-        let grid = (blocks_per_image as u32, s.n.min(MAX_GRID_Y) as u32);
+        let grid = split.grid;
         if config.variant == TvVariant::L2 {
             // The gradient needs each image's sum first: a loss pass, then a
             // gradient pass scaled by the per-image factor the first one left.

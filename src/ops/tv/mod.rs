@@ -31,8 +31,9 @@ use crate::tensor::{Element, Shape, TensorRef};
 /// loss = weight * reduction over n of s_n; the per-sample values are
 /// weight * s_n. Gradients are exact; where a square root or an absolute
 /// value has no derivative (a zero argument) the gradient is 0. NaN or
-/// infinite inputs are not rejected: they propagate into the loss and
-/// gradient as IEEE arithmetic says, as in PyTorch.
+/// infinite inputs propagate into the loss and gradient as IEEE
+/// arithmetic says, as in PyTorch, unless [`TvConfig::check_finite`] makes
+/// them an error.
 #[derive(Debug, Clone)]
 pub struct TvLoss {
     config: TvConfig,

@@ -4,7 +4,7 @@
 //!
 //! This is the reference the CUDA schedule is tested against: each of its
 //! fused steps has a CPU composition of the functions here and in
-//! `layers.rs` (see `cuda/steps/tests.rs`).
+//! `layers.rs` (see `cuda/steps/tests/`).
 
 mod gemm;
 pub(crate) mod layers;
@@ -171,16 +171,16 @@ fn network<T: Element>(
     pred: &[T],
     target: Target<'_, T>,
     s: Shape,
-    mut grad: Option<HostGrad<'_, T>>,
+    grad: Option<HostGrad<'_, T>>,
 ) -> Result<Values> {
     let (hw, image) = (s.h * s.w, s.image_len());
     let dims = (s.c, s.h, s.w);
     let mut total = 0.0;
     let mut per_sample = fallible::with_capacity(s.n, "per-image losses")?;
-    // dL/dpred of the images done so far, kept at the precision it is
-    // computed in so that the final store rounds once, as a direct one would.
+    // What the gradient will hold once every image is done (blended with
+    // beta and rounded, as a direct store would be), copied in at the end.
     let staged_len = if grad.is_some() { pred.len() } else { 0 };
-    let mut staged = fallible::filled(staged_len, 0f64, "the staged input gradient")?;
+    let mut staged = fallible::filled(staged_len, T::from_f64(0.0), "the staged input gradient")?;
     for n in 0..s.n {
         let range = n * image..(n + 1) * image;
         // This image's target features: kept ones borrowed, or computed
@@ -230,21 +230,20 @@ fn network<T: Element>(
         per_sample.push(image_loss * s.n as f64);
         total += image_loss;
 
-        let Some(saved) = saved else {
+        let (Some(out), Some(saved)) = (grad.as_ref(), saved) else {
             continue;
         };
         let g = backward(net, spec, saved, tap_grads)?;
         // Through the normalisation, and back to one channel for grayscale.
         for ch in 0..s.c {
             for i in 0..hw {
-                staged[range.start + ch * hw + i] = input_grad(&g, s.c, hw, spec.norm, ch, i);
+                let at = range.start + ch * hw + i;
+                staged[at] = out.blended(at, input_grad(&g, s.c, hw, spec.norm, ch, i));
             }
         }
     }
-    if let Some(out) = grad.as_mut() {
-        for (i, &v) in staged.iter().enumerate() {
-            out.store(i, v);
-        }
+    if let Some(out) = grad {
+        out.values.copy_from_slice(&staged);
     }
     Ok(Values {
         loss: total,

@@ -1,6 +1,6 @@
 //! The convolutions of a schedule, behind one seam: cuDNN with a plan's
 //! algorithms and workspace on the device, a direct loop in the emulator
-//! tests (`tests.rs`).
+//! tests (`cuda/tests.rs`, `steps/tests/`).
 
 use crate::cuda::cudnn::{CudnnConv, Handle};
 use crate::error::{Error, Result};

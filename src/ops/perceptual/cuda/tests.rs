@@ -1,7 +1,7 @@
 //! The whole CUDA path — schedule, layout, launch parameters and the
 //! kernels themselves — run by the host emulator, with a direct
 //! convolution in cuDNN's place, against the CPU backend. The tight checks
-//! of each fused kernel are in `steps/tests.rs`; this is the end to end one.
+//! of each fused kernel are in `steps/tests/`; this is the end to end one.
 
 use super::convs::Convs;
 use super::layout::Layout;

@@ -34,17 +34,12 @@ pub(super) fn build(
         let l = layer.index;
         match layer.module {
             Module::Relu if relu_done == Some(l) => {}
-            Module::Relu => {
-                let r = relu_grad(l)?;
-                s.steps.push(Step::ReluBackward(ReluBackward {
-                    layer: l,
-                    g,
-                    before: r.before,
-                    mask: r.mask,
-                    after: r.after,
-                    dims: shapes.out[l],
-                }))
-            }
+            Module::Relu => s.steps.push(Step::ReluBackward(ReluBackward {
+                layer: l,
+                g,
+                relu: relu_grad(l)?,
+                dims: shapes.out[l],
+            })),
             Module::Pool => {
                 let gx = s.buffer(values(shapes.input(l), n));
                 let relu_before = l > 0 && layers[l - 1].module == Module::Relu;

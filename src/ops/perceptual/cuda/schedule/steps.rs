@@ -93,15 +93,13 @@ pub(crate) struct TapLoss {
     pub tap: TapTerm,
 }
 
-/// In place on `g` through ReLU layer `layer`: g = (g + `before`) *
-/// `mask` + `after` (`pl_vgg_relu_backward`).
+/// In place on `g` through ReLU layer `layer`: g = (g + `relu.before`) *
+/// `relu.mask` + `relu.after` (`pl_vgg_relu_backward`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ReluBackward {
     pub layer: usize,
     pub g: Buf,
-    pub before: Option<Buf>,
-    pub mask: Buf,
-    pub after: Option<Buf>,
+    pub relu: ReluGrad,
     pub dims: Dims,
 }
 
@@ -313,7 +311,8 @@ impl StepInfo for TapLoss {
 impl StepInfo for ReluBackward {
     const KIND: &'static str = "relu backward";
     fn buffers(&self) -> Vec<Buf> {
-        present([Some(self.g), self.before, Some(self.mask), self.after])
+        let r = self.relu;
+        present([Some(self.g), r.before, Some(r.mask), r.after])
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("backward {}", name(layers, self.layer))

@@ -1,5 +1,5 @@
 //! Launchers of the backward steps (pred half only). The CPU reference of
-//! each is named in its doc comment; `tests.rs` compares them.
+//! each is named in its doc comment; `tests/backward.rs` compares them.
 
 use super::{vec_grid, Exec};
 use crate::cuda::abi::*;
@@ -17,9 +17,9 @@ impl ReluBackward {
         let elems = x.call.io.shape.n * c * h * w;
         let p = pl_k_relu_backward_params {
             g: x.at(self.g) as *mut _,
-            before: x.opt(self.before) as *const _,
-            mask: x.at(self.mask) as *const u32,
-            after: x.opt(self.after) as *const _,
+            before: x.opt(self.relu.before) as *const _,
+            mask: x.at(self.relu.mask) as *const u32,
+            after: x.opt(self.relu.after) as *const _,
             count: elems as i64,
             dtype: x.compute(),
             reserved: 0,

@@ -1,5 +1,5 @@
 //! Launchers of the forward steps. The CPU reference of each is named in
-//! its doc comment (`cpu/` functions); `tests.rs` compares them.
+//! its doc comment (`cpu/` functions); `tests/forward.rs` and `tests/taps.rs` compare them.
 
 use super::{check_vec, vec_grid, Exec, VEC};
 use crate::cuda::abi::*;

@@ -1,7 +1,7 @@
 //! One launch function per step type of the schedule: each turns its step
 //! into the launch parameters of its kernel in `kernels/vgg.cu` (or a
 //! cuDNN call) on the buffers of a per-shape plan. `forward.rs` has the
-//! forward steps, `backward.rs` the backward ones; `tests.rs` runs each
+//! forward steps, `backward.rs` the backward ones; `tests/` runs each
 //! fused step alone under the host emulator against the CPU layers it
 //! replaces.
 
@@ -15,7 +15,7 @@ use super::layout::Layout;
 use super::schedule::{on_step, Buf, Images, Step, TapTerm};
 use super::CudaCall;
 use crate::cuda::abi::pl_k_tap_loss_params;
-use crate::cuda::{kernel_dtype, kernels, Gpu, BLOCK};
+use crate::cuda::{kernel_dtype, kernels, BlockSplit, Gpu, BLOCK};
 use crate::error::{Error, Result};
 use crate::ops::feature::cuda::criterion_id;
 use crate::ops::perceptual::config::PerceptualSpec;
@@ -116,14 +116,8 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
         f: impl FnOnce(pl_k_tap_loss_params, (u32, u32)) -> Result<()>,
     ) -> Result<()> {
         let n = self.call.io.shape.n;
-        let units = per_image / unit;
-        let target_blocks = TAP_BLOCKS
-            .div_ceil(n)
-            .min(units.div_ceil(BLOCK as usize))
-            .max(1);
-        let per_block = units.div_ceil(target_blocks);
-        let blocks_per_image = units.div_ceil(per_block);
-        self.gpu.with_reduce(0, blocks_per_image * n, |mut reduce| {
+        let split = BlockSplit::new(n, per_image / unit, BLOCK as usize, TAP_BLOCKS)?;
+        self.gpu.with_reduce(0, split.blocks(n), |mut reduce| {
             reduce.loss = self.call.io.loss as *mut f32;
             reduce.per_sample = self.call.io.per_sample.unwrap_or(0) as *mut f32;
             let p = pl_k_tap_loss_params {
@@ -134,15 +128,15 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
                 n: n as i64,
                 batch: self.call.batch as i64,
                 per_image: per_image as i64,
-                per_block: per_block as i64,
-                blocks_per_image: blocks_per_image as i32,
+                per_block: split.per_block as i64,
+                blocks_per_image: split.blocks_per_image as i32,
                 dtype: self.compute(),
                 criterion: criterion_id(self.spec.criterion),
                 accumulate: tap.accumulate as i32,
                 weight: tap.weight as f32,
                 accumulate_per_sample: !tap.first as i32,
             };
-            f(p, (blocks_per_image as u32, n.min(65535) as u32))
+            f(p, split.grid)
         })
     }
 }

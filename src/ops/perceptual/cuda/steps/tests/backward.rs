@@ -51,9 +51,11 @@ fn relu_backward_matches_layers_relu_backward() {
             let step = ReluBackward {
                 layer: 1,
                 g: 0,
-                before: with_before.then_some(1),
-                mask: 2,
-                after: with_after.then_some(3),
+                relu: ReluGrad {
+                    before: with_before.then_some(1),
+                    mask: 2,
+                    after: with_after.then_some(3),
+                },
                 dims,
             };
             setup.run(emu, &arena, Step::ReluBackward(step));
