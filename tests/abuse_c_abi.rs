@@ -8,7 +8,7 @@ mod common;
 
 use common::{in_child_with, is_child};
 use perceptual_loss::ffi::*;
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::ptr::{null, null_mut};
 
 /// What one case calls, given the world the cases share, and the status
@@ -590,9 +590,7 @@ fn abuse_case() {
     let (name, want, call) = cases()[index.parse::<usize>().unwrap()];
     let world = World::new(&std::env::var("PERCEPTUAL_LOSS_ABUSE_WEIGHTS").unwrap());
     let got = call(&world);
-    let message = unsafe { CStr::from_ptr(pl_last_error()) }
-        .to_string_lossy()
-        .into_owned();
+    let message = common::last_error();
     assert_eq!(got, want, "{name}: status {got}, message {message:?}");
     if want != PL_OK {
         assert!(!message.is_empty(), "{name}: no message");
@@ -612,10 +610,8 @@ fn abuse_case() {
 
 #[test]
 fn every_entry_point_survives_a_hostile_caller() {
-    let path = std::env::temp_dir().join(format!("abuse-{}.safetensors", std::process::id()));
-    let bytes = perceptual_loss::seeded_safetensors(perceptual_loss::VggArch::Vgg16, 1).unwrap();
-    std::fs::write(&path, bytes).unwrap();
-    let weights = path.to_str().unwrap();
+    let file = common::TempFile::seeded_vgg16("abuse.safetensors", 1);
+    let weights = file.path.to_str().unwrap();
     let cases = cases();
     let mut failed = Vec::new();
     for (index, (name, _, _)) in cases.iter().enumerate() {
@@ -638,7 +634,6 @@ fn every_entry_point_survives_a_hostile_caller() {
             ));
         }
     }
-    let _ = std::fs::remove_file(&path);
     assert!(
         failed.is_empty(),
         "{} of {} cases failed:\n{}",

@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::outputs;
+use common::{last_error, outputs};
 use perceptual_loss::ffi::*;
-use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -163,14 +162,6 @@ fn c_perceptual_program_matches_the_oracle() {
         2e-5,
         "C named loss",
     );
-}
-
-fn last_error() -> String {
-    // SAFETY: pl_last_error never returns NULL and the string stays valid
-    // until the next failing call on this thread.
-    unsafe { CStr::from_ptr(pl_last_error()) }
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// The TV options of `variant` and `reduction`, weight `weight`.

@@ -438,12 +438,7 @@ fn c_abi_on_a_cuda_context() {
             23,
             &out,
         );
-        assert_eq!(
-            status,
-            PL_OK,
-            "{:?}",
-            std::ffi::CStr::from_ptr(pl_last_error())
-        );
+        assert_eq!(status, PL_OK, "{}", common::last_error());
         assert_eq!(pl_context_synchronize(ctx), PL_OK);
         // A host pointer is refused by a CUDA context.
         let mut host_loss = 0f32;

@@ -501,13 +501,8 @@ fn free_memory() -> usize {
 fn create_and_destroy_cycles_return_device_memory() {
     use perceptual_loss::ffi::*;
     let Some(dev) = gpu() else { return };
-    let path = std::env::temp_dir().join(format!("cycles-{}.safetensors", std::process::id()));
-    std::fs::write(
-        &path,
-        perceptual_loss::seeded_safetensors(VggArch::Vgg16, 1).unwrap(),
-    )
-    .unwrap();
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let file = common::TempFile::seeded_vgg16("cycles.safetensors", 1);
+    let c_path = &file.c_path;
     let st = dev.cuda_stream().unwrap().clone();
     let n = 3 * 16 * 16;
     let x = st.clone_htod(&vec![0.5f32; n]).unwrap();
@@ -556,7 +551,6 @@ fn create_and_destroy_cycles_return_device_memory() {
     }
     st.synchronize().unwrap();
     let after = free_memory();
-    std::fs::remove_file(&path).unwrap();
     // A few MiB of slack for the driver's own bookkeeping; a leak of one
     // plan per cycle would be gigabytes.
     assert!(

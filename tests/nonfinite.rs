@@ -272,7 +272,7 @@ fn check_finite_through_the_c_abi() {
         config.check_finite = 1;
         let st = pl_tv_loss(ctx, &config, x.as_ptr().cast(), PL_F32, 1, 1, 3, 4, &out);
         assert_eq!(st, PL_ERR_INVALID_ARGUMENT);
-        let e = std::ffi::CStr::from_ptr(pl_last_error()).to_string_lossy();
+        let e = common::last_error();
         assert!(
             e.contains("x holds a non-finite value (-inf) at element 7"),
             "{e}"

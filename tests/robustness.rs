@@ -7,20 +7,12 @@
 
 mod common;
 
-use common::{assert_child_ok, cpu_vgg, in_child, is_child, outputs};
+use common::{assert_child_ok, cpu_vgg, in_child, is_child, last_error, outputs};
 use perceptual_loss::ffi::*;
 use perceptual_loss::{
     seeded_safetensors, DType, Device, Error, LossOutputs, PerceptualConfig, PerceptualLoss, Shape,
     Tap, TensorMut, TensorRef, Vgg, VggArch, VggOptions, WeightsSource,
 };
-use std::ffi::CStr;
-
-fn last_error() -> String {
-    // SAFETY: never NULL; valid until the next failing call on this thread.
-    unsafe { CStr::from_ptr(pl_last_error()) }
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// The calls that crashed or panicked before: dimensions whose element
 /// count fits an i64 but whose bytes do not fit an allocation, or a host
@@ -58,9 +50,8 @@ fn sizes_that_cannot_exist_are_shape_errors() {
         }
         assert_eq!(loss, -1.0, "nothing written");
 
-        let path = std::env::temp_dir().join(format!("robust-{}.st", std::process::id()));
-        std::fs::write(&path, seeded_safetensors(VggArch::Vgg16, 1).unwrap()).unwrap();
-        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        let file = common::TempFile::seeded_vgg16("robust.safetensors", 1);
+        let c_path = &file.c_path;
         let (mut vgg, mut perceptual) = (std::ptr::null_mut(), std::ptr::null_mut());
         assert_eq!(
             pl_vgg_load(ctx, c_path.as_ptr(), std::ptr::null(), &mut vgg),
@@ -88,7 +79,6 @@ fn sizes_that_cannot_exist_are_shape_errors() {
         pl_perceptual_destroy(perceptual);
         pl_vgg_destroy(vgg);
         pl_context_destroy(ctx);
-        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -181,15 +171,13 @@ fn allocation_failure_is_an_error_and_the_next_call_works() {
 /// naming the allocation, loss and gradient untouched.
 unsafe fn c_abi_out_of_memory(big: Shape) {
     let ctx = common::cpu_context();
-    let path = std::env::temp_dir().join(format!("robust-oom-{}.st", std::process::id()));
-    std::fs::write(&path, seeded_safetensors(VggArch::Vgg16, 2).unwrap()).unwrap();
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let file = common::TempFile::seeded_vgg16("robust-oom.safetensors", 2);
+    let c_path = &file.c_path;
     let mut options = std::mem::zeroed();
     assert_eq!(pl_vgg_options_init(&mut options), PL_OK);
     options.depth = 3;
     let (mut vgg, mut perceptual) = (std::ptr::null_mut(), std::ptr::null_mut());
     assert_eq!(pl_vgg_load(ctx, c_path.as_ptr(), &options, &mut vgg), PL_OK);
-    let _ = std::fs::remove_file(&path);
     let mut config = std::mem::zeroed();
     assert_eq!(pl_perceptual_config_init(&mut config), PL_OK);
     let tap = [3i32];
@@ -450,12 +438,9 @@ fn the_depth_of_a_file_from_its_header() {
         header.remove(&format!("features.{layer}.bias"));
     }
     let prefix = join(&serde_json::to_string(&header).unwrap(), &data);
-    let path = std::env::temp_dir().join(format!("prefix-{}.safetensors", std::process::id()));
-    std::fs::write(&path, &prefix).unwrap();
-    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let file = common::TempFile::new("prefix.safetensors", &prefix);
     let mut depth = -1;
-    let st = unsafe { pl_vgg_depth(c_path.as_ptr(), std::ptr::null(), &mut depth) };
+    let st = unsafe { pl_vgg_depth(file.c_path.as_ptr(), std::ptr::null(), &mut depth) };
     assert_eq!(st, PL_OK, "{}", last_error());
     assert_eq!(depth, 16, "up to pool3, before the missing conv4_1");
-    std::fs::remove_file(&path).unwrap();
 }

@@ -298,6 +298,44 @@ pub fn cpu_context() -> *mut pl_context {
     ctx
 }
 
+/// A file in the temporary directory holding `bytes`, removed when dropped
+/// (also when the test fails); `c_path` is its path for the C ABI.
+pub struct TempFile {
+    pub path: std::path::PathBuf,
+    pub c_path: std::ffi::CString,
+}
+
+impl TempFile {
+    /// `name` is made unique to this process.
+    pub fn new(name: &str, bytes: &[u8]) -> Self {
+        let path = std::env::temp_dir().join(format!("{}-{name}", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        TempFile { path, c_path }
+    }
+
+    /// Seeded stand-in VGG16 weights.
+    pub fn seeded_vgg16(name: &str, seed: u64) -> Self {
+        let bytes = perceptual_loss::seeded_safetensors(VggArch::Vgg16, seed).unwrap();
+        TempFile::new(name, &bytes)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// This thread's last C ABI error message.
+pub fn last_error() -> String {
+    // SAFETY: pl_last_error never returns NULL, and the string stays valid
+    // until the next failing call on this thread.
+    unsafe { std::ffi::CStr::from_ptr(perceptual_loss::ffi::pl_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// C outputs with `loss` and `grad` (NULL for none), defaults otherwise.
 pub fn outputs(loss: *mut f32, grad: *mut std::ffi::c_void) -> pl_outputs {
     // SAFETY: pl_outputs is plain data and init writes every field.
