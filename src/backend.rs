@@ -134,11 +134,9 @@ pub(crate) fn run<const N: usize>(
         Some(dev) => {
             let io = device_io(dev, &inputs, &out)?;
             if op.checks_finite() {
-                for (&addr, &(_, name)) in io.inputs.iter().zip(&inputs) {
-                    let first = finite::first_on_device(dev, addr, dtype, shape.numel()?)?;
-                    if let Some((index, value)) = first {
-                        return Err(finite::error(name, shape, index, value));
-                    }
+                let first = finite::first_on_device(dev, &io.inputs, dtype, shape.numel()?)?;
+                if let Some((input, index, value)) = first {
+                    return Err(finite::error(inputs[input].1, shape, index, value));
                 }
             }
             op.cuda(dev, io)
@@ -219,14 +217,15 @@ fn device_io<const N: usize>(
     let mut addrs = [0u64; N];
     let mut input_spans = Vec::with_capacity(N);
     for (slot, &(t, name)) in addrs.iter_mut().zip(inputs) {
-        *slot = device_addr(dev, &t.storage, t.dtype, t.shape, name)?;
-        input_spans.push((*slot, t.shape.bytes(t.dtype)?, name));
+        let span = device_span(dev, &t.storage, t.dtype, t.shape, name)?;
+        *slot = span.0;
+        input_spans.push(span);
     }
     let mut output_spans = Vec::new();
     let mut output = |t: &TensorMut<'_>, name: &'static str| -> Result<u64> {
-        let p = device_addr(dev, &t.storage, t.dtype, t.shape, name)?;
-        output_spans.push((p, t.shape.bytes(t.dtype)?, name));
-        Ok(p)
+        let span = device_span(dev, &t.storage, t.dtype, t.shape, name)?;
+        output_spans.push(span);
+        Ok(span.0)
     };
     let loss = output(&out.loss, "loss output")?;
     let grad = out
@@ -249,14 +248,14 @@ fn device_io<const N: usize>(
     })
 }
 
-/// The address of a view on `dev`, checked against its allocation.
-fn device_addr<B>(
+/// The address range of a view on `dev`, checked against its allocation.
+fn device_span<'n, B>(
     dev: &CudaDevice,
     storage: &Storage<B>,
     dtype: DType,
     shape: Shape,
-    what: &str,
-) -> Result<u64> {
+    what: &'n str,
+) -> Result<Span<'n>> {
     let Storage::Cuda { ptr, ordinal } = *storage else {
         return Err(Error::DeviceMismatch(format!(
             "{what} is host memory but the device is CUDA"
@@ -268,8 +267,9 @@ fn device_addr<B>(
             dev.ordinal()
         )));
     }
-    dev.check_buffer(ptr, shape.bytes(dtype)?, dtype.size(), what)?;
-    Ok(ptr)
+    let bytes = shape.bytes(dtype)?;
+    dev.check_buffer(ptr, bytes, dtype.size(), what)?;
+    Ok((ptr, bytes, what))
 }
 
 /// An address range: (start, bytes, name in messages).

@@ -34,26 +34,32 @@ pub(crate) fn launch(gpu: &impl Gpu, x: u64, dtype: DType, count: usize, first: 
     )
 }
 
-/// The index of the first non-finite element of the `count` elements of
-/// `dtype` at device address `x`, waiting for the device.
+/// The first of `inputs` (device addresses of `count` elements of
+/// `dtype` each) holding a non-finite element: its position in `inputs`,
+/// the element's index and its value. One search per input, one wait.
 pub(crate) fn first_on_device(
     dev: &CudaDevice,
-    x: u64,
+    inputs: &[u64],
     dtype: DType,
     count: usize,
-) -> Result<Option<(usize, f64)>> {
+) -> Result<Option<(usize, usize, f64)>> {
     use cudarc::driver::DevicePtr;
     let st = dev.stream();
-    let slot = st
-        .clone_htod(&[u64::MAX])
-        .map_err(|e| Error::cuda_alloc("the finite check's result", 8, e))?;
-    launch(dev, x, dtype, count, slot.device_ptr(st).0)?;
-    let first = st
-        .clone_dtoh(&slot)
-        .map_err(|e| Error::cuda("reading the finite check", e))?[0];
-    if first == u64::MAX {
-        return Ok(None);
+    let none = vec![u64::MAX; inputs.len()];
+    let slots = st
+        .clone_htod(&none)
+        .map_err(|e| Error::cuda_alloc("the finite check's results", 8 * none.len(), e))?;
+    let base = slots.device_ptr(st).0;
+    for (k, &x) in inputs.iter().enumerate() {
+        launch(dev, x, dtype, count, base + 8 * k as u64)?;
     }
+    let firsts = st
+        .clone_dtoh(&slots)
+        .map_err(|e| Error::cuda("reading the finite check", e))?;
+    let Some((input, &first)) = firsts.iter().enumerate().find(|(_, &f)| f != u64::MAX) else {
+        return Ok(None);
+    };
+    let x = inputs[input];
     // The offending value, for the message.
     let mut value = [0u8; 4];
     let bytes = &mut value[..dtype.size()];
@@ -64,7 +70,7 @@ pub(crate) fn first_on_device(
         cudarc::driver::result::memcpy_dtoh_sync(bytes, at)
             .map_err(|e| Error::cuda("reading a non-finite value", e))?
     };
-    Ok(Some((first as usize, element_value(dtype, &value))))
+    Ok(Some((input, first as usize, element_value(dtype, &value))))
 }
 
 /// An element's value from its little-endian bytes.

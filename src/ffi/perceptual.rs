@@ -253,11 +253,14 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         let handle = borrow(loss, "loss")?;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = handle.streams.current()?;
-        let inputs = [(pred, "pred"), (target, "target")];
-        let call = views(&device, &inputs, dtype, shape, out)?;
-        let [p, t] = &call.inputs[..] else {
-            return Err(Error::Internal("two views for two inputs".into()));
-        };
+        let call = views(
+            &device,
+            &[(pred, "pred"), (target, "target")],
+            dtype,
+            shape,
+            out,
+        )?;
+        let (p, t) = (&call.inputs[0], &call.inputs[1]);
         handle.loss.compute_on(&device, p, t, call.outputs)
     })
 }
