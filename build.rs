@@ -56,7 +56,10 @@ fn main() {
         );
     }
     if nvcc.is_none() {
-        println!("cargo:warning=nvcc not found: kernels will be compiled at run time with NVRTC");
+        println!(
+            "cargo:warning=nvcc not found (fine without a GPU): CUDA kernels are embedded as \
+             source and compiled by NVRTC on first GPU use; the CPU backend is unaffected"
+        );
     }
     let archs = archs();
 

@@ -1,7 +1,8 @@
 //! The main job: shows the gradients working. Starting from noise, an image
 //! is optimised with Adam so that its VGG16 features match a target image's
-//! (perceptual loss plus a little TV), on the best device. Every few steps
-//! the image is written as PNG, and at the end the loss curve as SVG.
+//! (perceptual loss plus a little TV), on the best device. The starting
+//! noise and then every few steps the image is written as PNG
+//! (`step_0000.png` on), and at the end the loss curve as SVG.
 //!
 //! `cargo run --release --example feature_inversion -- [--target img.png]
 //!  [--weights vgg16.safetensors] [--size 64] [--steps 120] [--out inversion]`
@@ -77,36 +78,154 @@ fn generated_target(size: usize) -> Vec<f32> {
     img
 }
 
-/// The loss curve as an SVG polyline, log-scaled.
+/// The SVG canvas and the margins around its plot area, which hold the
+/// tick labels and the axis titles.
+const SVG_W: f64 = 640.0;
+const SVG_H: f64 = 400.0;
+const LEFT: f64 = 72.0;
+const RIGHT: f64 = 24.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 56.0;
+
+/// The loss curve as SVG: loss after each number of steps, on a log axis.
 fn svg(losses: &[f32]) -> String {
-    let (w, h, pad) = (640.0, 360.0, 40.0);
+    // Clamped so that a zero, infinite or NaN loss still has a place on the
+    // axis (NaN at the top) instead of making the SVG invalid.
     let logs: Vec<f64> = losses
         .iter()
-        .map(|&l| (l.max(1e-12) as f64).log10())
+        .map(|&l| {
+            let l = if l.is_nan() { f32::MAX } else { l };
+            (l.clamp(1e-12, f32::MAX) as f64).log10()
+        })
         .collect();
     let (lo, hi) = logs
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let span = (hi - lo).max(1e-9);
+    let (y_ticks, last) = (log_ticks(lo, hi), logs.len() - 1);
+    let (y_lo, y_hi) = (y_ticks[0].0, y_ticks[y_ticks.len() - 1].0);
+    let x = |step: usize| LEFT + (SVG_W - LEFT - RIGHT) * step as f64 / last.max(1) as f64;
+    let y = |log: f64| TOP + (SVG_H - TOP - BOTTOM) * (y_hi - log) / (y_hi - y_lo);
+    let (x0, x1, y0, y1) = (x(0), x(last.max(1)), y(y_lo), y(y_hi));
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_W}\" height=\"{SVG_H}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{LEFT}\" y=\"24\" font-size=\"14\">perceptual + TV loss: {:.4e} at step 0, {:.4e} at step {last}</text>\n",
+        losses[0], losses[last]
+    );
+    for step in step_ticks(last) {
+        let xs = x(step);
+        out += &format!(
+            "<line x1=\"{xs:.1}\" y1=\"{y1:.1}\" x2=\"{xs:.1}\" y2=\"{y0:.1}\" stroke=\"#e5e5e5\"/>\n\
+             <line x1=\"{xs:.1}\" y1=\"{y0:.1}\" x2=\"{xs:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n\
+             <text x=\"{xs:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{step}</text>\n",
+            y0 + 5.0,
+            y0 + 19.0
+        );
+    }
+    for (log, label) in &y_ticks {
+        let ys = y(*log);
+        out += &format!(
+            "<line x1=\"{x0:.1}\" y1=\"{ys:.1}\" x2=\"{x1:.1}\" y2=\"{ys:.1}\" stroke=\"#e5e5e5\"/>\n\
+             <line x1=\"{:.1}\" y1=\"{ys:.1}\" x2=\"{x0:.1}\" y2=\"{ys:.1}\" stroke=\"black\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
+            x0 - 5.0,
+            x0 - 8.0,
+            ys + 4.0
+        );
+    }
     let points: Vec<String> = logs
         .iter()
         .enumerate()
-        .map(|(k, v)| {
-            let x = pad + (w - 2.0 * pad) * k as f64 / (logs.len().max(2) - 1) as f64;
-            let y = pad + (h - 2.0 * pad) * (hi - v) / span;
-            format!("{x:.1},{y:.1}")
-        })
+        .map(|(step, &log)| format!("{:.1},{:.1}", x(step), y(log)))
         .collect();
-    format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{pad}\" y=\"24\" font-family=\"sans-serif\" font-size=\"14\">loss (log scale): {:.4e} at step 1, {:.4e} at step {}</text>\n\
+    out + &format!(
+        "<polyline fill=\"none\" stroke=\"black\" points=\"{x0:.1},{y1:.1} {x0:.1},{y0:.1} {x1:.1},{y0:.1}\"/>\n\
+         <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">step (Adam updates)</text>\n\
+         <text transform=\"translate(18,{:.1}) rotate(-90)\" text-anchor=\"middle\">loss (log scale)</text>\n\
          <polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n</svg>\n",
-        losses.first().copied().unwrap_or(0.0),
-        losses.last().copied().unwrap_or(0.0),
-        losses.len(),
+        (x0 + x1) / 2.0,
+        SVG_H - 14.0,
+        (y0 + y1) / 2.0,
         points.join(" ")
     )
+}
+
+/// Ticks from 0 to `last` at a 1-2-5 stride, at most seven of them.
+fn step_ticks(last: usize) -> Vec<usize> {
+    let wanted = last.div_ceil(6).max(1);
+    let stride = (0..)
+        .flat_map(|p| [1, 2, 5].map(|m| m * 10usize.pow(p)))
+        .find(|&s| s >= wanted)
+        .unwrap_or(wanted);
+    (0..=last).step_by(stride).collect()
+}
+
+/// Ticks on a log10 axis covering [lo, hi] (log10 values), as (log10
+/// value, label): 1, 2, 5 in each decade over up to two decades, powers of
+/// ten beyond. The first and last ticks enclose [lo, hi], so they are also
+/// the axis ends.
+fn log_ticks(lo: f64, hi: f64) -> Vec<(f64, String)> {
+    let (d0, d1) = (lo.floor() as i32, hi.floor() as i32 + 1);
+    let decades = d1 - d0;
+    let ticks: Vec<(u32, i32)> = if decades <= 2 {
+        let all: Vec<(u32, i32)> = (d0..d1)
+            .flat_map(|d| [1, 2, 5].map(|m| (m, d)))
+            .chain([(1, d1)])
+            .collect();
+        let log = |&(m, d): &(u32, i32)| d as f64 + (m as f64).log10();
+        let first = all.iter().rposition(|t| log(t) <= lo).unwrap_or(0);
+        let end = all[first + 1..]
+            .iter()
+            .position(|t| log(t) >= hi)
+            .map_or(all.len() - 1, |k| first + 1 + k);
+        all[first..=end].to_vec()
+    } else {
+        // At most seven powers of ten, the last at or above hi.
+        let decades = decades as usize;
+        let stride = decades.div_ceil(6);
+        let top = d0 + (stride * decades.div_ceil(stride)) as i32;
+        (d0..=top).step_by(stride).map(|d| (1, d)).collect()
+    };
+    ticks
+        .into_iter()
+        .map(|(m, d)| (d as f64 + (m as f64).log10(), tick_label(m, d)))
+        .collect()
+}
+
+/// m x 10^d written plainly (0.05, 2, 100), or as 1e-6 beyond three places.
+fn tick_label(m: u32, d: i32) -> String {
+    match d {
+        0..=3 => format!("{m}{}", "0".repeat(d as usize)),
+        -3..=-1 => format!("0.{}{m}", "0".repeat((-d - 1) as usize)),
+        _ => format!("{m}e{d}"),
+    }
+}
+
+/// The taps matched here: the crate's default ones without the deepest.
+const TAPS: [&str; 3] = ["relu1_2", "relu2_2", "relu3_3"];
+
+/// Says which taps this demo uses where they differ from the crate's
+/// default, so that its losses are not taken for the default loss's.
+fn say_taps() {
+    let default: Vec<String> = PerceptualConfig::default()
+        .taps
+        .iter()
+        .map(|t| match t {
+            Tap::Index(i) => VggArch::Vgg16
+                .layer_name(*i)
+                .unwrap_or_else(|| i.to_string()),
+            Tap::Name(n) => n.clone(),
+        })
+        .collect();
+    if default != TAPS {
+        println!(
+            "taps: {} (the crate's default is {}): the deepest taps cost the most per step, \
+             and this demo should take seconds on a CPU",
+            TAPS.join(", "),
+            default.join(", ")
+        );
+    }
 }
 
 /// Adam on a flat parameter vector.
@@ -156,11 +275,9 @@ fn main() -> Result<()> {
         VggArch::Vgg16,
         DType::F32,
     )?;
+    say_taps();
     let config = PerceptualConfig {
-        taps: ["relu1_2", "relu2_2", "relu3_3"]
-            .into_iter()
-            .map(Tap::from)
-            .collect(),
+        taps: TAPS.into_iter().map(Tap::from).collect(),
         ..Default::default()
     };
     let perceptual = PerceptualLoss::new(vgg, &config)?;
@@ -196,14 +313,19 @@ fn main() -> Result<()> {
     );
     let started = Instant::now();
     let every = (a.steps / 6).max(1);
-    for step in 1..=a.steps {
+    // Step k is the image after k updates: step 0 is the starting noise, and
+    // the loss is also measured after the last update, so that each saved
+    // image has its point on the curve.
+    for step in 0..=a.steps {
         let (p, t) = compute(&device, &perceptual, &tv, &x, &target, shape, &mut grad)?;
         losses.push(p + t);
-        adam.step(&mut x, &grad, 0.05);
-        bar.set_message(format!("perceptual {p:.4e}  tv {t:.3e}"));
-        bar.inc(1);
         if step % every == 0 || step == a.steps {
             save_png(&a.out.join(format!("step_{step:04}.png")), &x, shape, 0)?;
+        }
+        if step < a.steps {
+            adam.step(&mut x, &grad, 0.05);
+            bar.set_message(format!("perceptual {p:.4e}  tv {t:.3e}"));
+            bar.inc(1);
         }
     }
     bar.finish_and_clear();

@@ -83,7 +83,7 @@ fn compare_two_images_matches_the_oracle() {
         "json",
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(!err.contains("note:"), "{err}");
+    assert!(err.is_empty(), "{err}");
     let (a64, b64): (Vec<f64>, Vec<f64>) = (
         a.iter().map(|&v| v as f64).collect(),
         b.iter().map(|&v| v as f64).collect(),
@@ -113,38 +113,27 @@ fn compare_two_images_matches_the_oracle() {
         1e-6,
         "tv(B)",
     );
-    // A half-precision request on the CPU still computes in f32, and says so
-    // rather than silently reporting f32 figures as bf16 ones.
-    let (code, out_bf16, err) = cli(&[
-        "compare",
-        dir.join("a.png").to_str().unwrap(),
-        dir.join("b.png").to_str().unwrap(),
-        "--weights",
-        w.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--dtype",
-        "bf16",
-        "--format",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{out_bf16}{err}");
-    assert!(err.contains("computes in f32; --dtype bf16"), "{err}");
-    assert_eq!(out_bf16, out);
+    assert!(
+        out.contains("\"mean\": {\"pairs\": 1, \"perceptual\": "),
+        "{out}"
+    );
 }
 
-#[test]
-fn folders_report_each_pair_and_the_problems() {
-    let dir = workdir("cli-folders");
+/// Folders A and B: two identical pairs, an image only in A, one only in B,
+/// a size mismatch and an unreadable file.
+fn folders(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = workdir(name);
     let (_, w) = weights(&dir);
     let (da, db) = (dir.join("A"), dir.join("B"));
     std::fs::create_dir_all(&da).unwrap();
     std::fs::create_dir_all(&db).unwrap();
     let s = Shape::new(1, 3, 16, 16);
-    for (name, seed) in [("same.png", 3), ("other.png", 4)] {
+    for (name, seed) in [("same.png", 3), ("same2.png", 6)] {
         save_png(&da.join(name), &pattern(16, 16, seed), s, 0).unwrap();
+        save_png(&db.join(name), &pattern(16, 16, seed), s, 0).unwrap(); // identical: loss 0
     }
-    save_png(&db.join("same.png"), &pattern(16, 16, 3), s, 0).unwrap(); // identical: loss 0
+    save_png(&da.join("other.png"), &pattern(16, 16, 4), s, 0).unwrap();
+    save_png(&db.join("extra.png"), &pattern(16, 16, 7), s, 0).unwrap();
     save_png(&da.join("size.png"), &pattern(16, 16, 5), s, 0).unwrap();
     save_png(
         &db.join("size.png"),
@@ -154,6 +143,11 @@ fn folders_report_each_pair_and_the_problems() {
     )
     .unwrap();
     std::fs::write(da.join("broken.png"), b"not a png").unwrap();
+    save_png(&db.join("broken.png"), &pattern(16, 16, 8), s, 0).unwrap();
+    (da, db, w)
+}
+
+fn compare_folders(da: &Path, db: &Path, w: &Path, format: &str) -> String {
     let (code, out, err) = cli(&[
         "compare",
         da.to_str().unwrap(),
@@ -163,24 +157,45 @@ fn folders_report_each_pair_and_the_problems() {
         "--device",
         "cpu",
         "--format",
-        "csv",
+        format,
     ]);
     assert_eq!(code, 1, "a failed pair makes the exit status 1: {out}{err}");
+    out
+}
+
+/// The error a pair reports when `name` is in `there` but not in `missing`.
+fn no_counterpart(there: &Path, missing: &Path, name: &str) -> String {
+    format!(
+        "I/O error: {} has no counterpart {}",
+        there.join(name).display(),
+        missing.join(name).display()
+    )
+}
+
+#[test]
+fn folders_report_each_pair_and_the_problems() {
+    let (da, db, w) = folders("cli-folders");
+    let out = compare_folders(&da, &db, &w, "csv");
     let line = |name: &str| {
         out.lines()
             .find(|l| l.starts_with(name))
             .unwrap_or_else(|| panic!("no {name} in {out}"))
             .to_string()
     };
-    assert!(
-        line("same.png").starts_with("same.png,0,"),
-        "{}",
-        line("same.png")
+    for name in ["same.png", "same2.png"] {
+        assert!(
+            line(name).starts_with(&format!("{name},0,")),
+            "{}",
+            line(name)
+        );
+    }
+    assert_eq!(
+        line("other.png"),
+        format!("other.png,,,,{}", no_counterpart(&da, &db, "other.png"))
     );
-    assert!(
-        line("other.png").contains("no counterpart"),
-        "{}",
-        line("other.png")
+    assert_eq!(
+        line("extra.png"),
+        format!("extra.png,,,,{}", no_counterpart(&db, &da, "extra.png"))
     );
     assert!(
         line("size.png").contains("sizes differ"),
@@ -193,21 +208,158 @@ fn folders_report_each_pair_and_the_problems() {
         line("broken.png")
     );
     assert!(
-        line("mean").starts_with("mean,0,"),
-        "the mean covers the pairs that worked: {}",
+        line("mean").starts_with("mean over 2 pairs,0,"),
+        "the mean covers the pairs that worked, and says how many: {}",
         line("mean")
+    );
+    assert_eq!(out.lines().count(), 8, "header, six names, mean: {out}");
+}
+
+#[test]
+fn json_and_table_report_files_only_in_b_and_count_the_mean() {
+    let (da, db, w) = folders("cli-folders-formats");
+    let json: serde_json::Value =
+        serde_json::from_str(&compare_folders(&da, &db, &w, "json")).unwrap();
+    let items = json["pairs"].as_array().unwrap();
+    let names: Vec<&str> = items.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "broken.png",
+            "extra.png",
+            "other.png",
+            "same.png",
+            "same2.png",
+            "size.png"
+        ]
+    );
+    assert_eq!(
+        items[1]["error"],
+        no_counterpart(&db, &da, "extra.png").as_str()
+    );
+    assert_eq!(
+        items[2]["error"],
+        no_counterpart(&da, &db, "other.png").as_str()
+    );
+    let mean = &json["mean"];
+    assert_eq!(mean["pairs"], 2, "{mean}");
+    assert_eq!(mean["perceptual"], 0.0, "{mean}");
+    let tv_a = (items[3]["tv_a"].as_f64().unwrap() + items[4]["tv_a"].as_f64().unwrap()) / 2.0;
+    common::assert_rel(mean["tv_a"].as_f64().unwrap(), tv_a, 1e-12, "mean tv(A)");
+
+    let table = compare_folders(&da, &db, &w, "table");
+    let extra = table.lines().find(|l| l.starts_with("extra.png")).unwrap();
+    assert!(
+        extra.ends_with(&format!("error: {}", no_counterpart(&db, &da, "extra.png"))),
+        "{table}"
+    );
+    let last = table.lines().last().unwrap();
+    let figures = last
+        .strip_prefix("mean over 2 pairs")
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(
+        figures.split_whitespace().next(),
+        Some("0.000000"),
+        "{table}"
     );
 }
 
 #[test]
+fn a_missing_path_is_named_plainly() {
+    let dir = workdir("cli-missing");
+    let s = Shape::new(1, 3, 16, 16);
+    let target = dir.join("target.png");
+    save_png(&target, &pattern(16, 16, 1), s, 0).unwrap();
+    let folder = dir.join("A");
+    std::fs::create_dir_all(&folder).unwrap();
+    let (nothere, nodir) = (dir.join("nothere.png"), dir.join("nodir"));
+    let compare = |a: &Path, b: &Path| {
+        cli(&[
+            "compare",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "--seeded-weights",
+            "--device",
+            "cpu",
+        ])
+    };
+    for (a, b, missing) in [
+        (&target, &nothere, &nothere),
+        (&nothere, &target, &nothere),
+        (&folder, &nodir, &nodir),
+        (&nodir, &folder, &nodir),
+    ] {
+        let (code, out, err) = compare(a, b);
+        assert_eq!(code, 2, "{out}{err}");
+        assert_eq!(
+            err,
+            format!(
+                "perceptual-loss: I/O error: {}: no such file or folder\n",
+                missing.display()
+            )
+        );
+    }
+    // Both there, one a file and one a folder: the mismatch is the problem.
+    let (code, _, err) = compare(&target, &folder);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(
+            "perceptual-loss: invalid argument: A and B must both be files or both be folders\n"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn half_precision_on_the_cpu_warns_that_it_computes_in_float32() {
+    let dir = workdir("cli-dtype");
+    let s = Shape::new(1, 3, 16, 16);
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    save_png(&a, &pattern(16, 16, 1), s, 0).unwrap();
+    save_png(&b, &pattern(16, 16, 2), s, 0).unwrap();
+    let compare = |dtype: &str| {
+        cli(&[
+            "compare",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+            "--seeded-weights",
+            "--device",
+            "cpu",
+            "--dtype",
+            dtype,
+        ])
+    };
+    let (code, f32_out, err) = compare("f32");
+    assert_eq!((code, err.as_str()), (0, ""), "{f32_out}");
+    for dtype in ["bf16", "f16"] {
+        let (code, out, err) = compare(dtype);
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            err,
+            format!(
+                "warning: --dtype {dtype} applies on CUDA; the CPU backend computes in float32\n"
+            )
+        );
+        assert_eq!(out, f32_out, "the figures are the f32 ones");
+    }
+}
+
+#[test]
 fn missing_weights_and_bad_options_are_explained() {
-    let (code, _, err) = cli(&["compare", "a.png", "b.png"]);
+    // Real images, since the paths are checked before the weights and layers.
+    let dir = workdir("cli-options");
+    let (a, b) = (dir.join("a.png"), dir.join("b.png"));
+    let s = Shape::new(1, 3, 16, 16);
+    save_png(&a, &pattern(16, 16, 1), s, 0).unwrap();
+    save_png(&b, &pattern(16, 16, 2), s, 0).unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let (code, _, err) = cli(&["compare", a, b]);
     assert_eq!(code, 2);
     assert!(err.contains("--weights PATH"), "{err}");
     let (code, _, err) = cli(&[
         "compare",
-        "a.png",
-        "b.png",
+        a,
+        b,
         "--seeded-weights",
         "--layers",
         "relu9_9",
@@ -219,13 +371,7 @@ fn missing_weights_and_bad_options_are_explained() {
     let (code, _, err) = cli(&["compare", "a.png", "--seeded-weights"]);
     assert_eq!(code, 2);
     assert!(err.contains("two paths"), "{err}");
-    let (code, _, err) = cli(&[
-        "compare",
-        "a.png",
-        "b.png",
-        "--weights",
-        "/nonexistent.safetensors",
-    ]);
+    let (code, _, err) = cli(&["compare", a, b, "--weights", "/nonexistent.safetensors"]);
     assert_eq!(code, 2);
     assert!(
         err.contains("reading weights /nonexistent.safetensors"),

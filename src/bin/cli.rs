@@ -4,8 +4,9 @@
 //! perceptual-loss compare A B [options]
 //! ```
 //! A and B are two images, or two folders whose images are matched by file
-//! name. Prints each pair's perceptual loss and the TV loss of each side,
-//! then the means, as a table, JSON or CSV.
+//! name (an image in one folder only is reported as a failed pair). Prints
+//! each pair's perceptual loss and the TV loss of each side, then their
+//! means over the pairs that worked, as a table, JSON or CSV.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use perceptual_loss::images::load_rgb;
@@ -14,6 +15,7 @@ use perceptual_loss::{
     PerceptualLoss, Result, Shape, Tap, TensorRef, TvConfig, TvLoss, TvVariant, Vgg, VggArch,
     WeightsSource,
 };
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -165,41 +167,80 @@ fn device(spec: Option<&str>) -> Result<Device> {
     }
 }
 
-/// The pairs to compare: (name, a, b).
-fn pairs(a: &Path, b: &Path) -> Result<Vec<(String, PathBuf, PathBuf)>> {
+/// Two images to compare under one name.
+struct Pair {
+    name: String,
+    a: PathBuf,
+    b: PathBuf,
+}
+
+/// The pairs to compare: A and B themselves, or one per image name in
+/// either folder.
+fn pairs(a: &Path, b: &Path) -> Result<Vec<Pair>> {
+    // Checked first so that a typo reads as a missing path, not as a
+    // file/folder mismatch or a missing counterpart.
+    must_exist(a)?;
+    must_exist(b)?;
     match (a.is_dir(), b.is_dir()) {
-        (false, false) => Ok(vec![(
-            a.file_name()
+        (false, false) => Ok(vec![Pair {
+            name: a
+                .file_name()
                 .map_or("a".into(), |n| n.to_string_lossy().into_owned()),
-            a.into(),
-            b.into(),
-        )]),
-        (true, true) => {
-            let is_image = |p: &Path| {
-                p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                    ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str())
-                })
-            };
-            let mut names: Vec<String> = std::fs::read_dir(a)
-                .map_err(|e| Error::Io(format!("cannot list {}: {e}", a.display())))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| is_image(p))
-                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .collect();
-            names.sort();
-            if names.is_empty() {
-                return Err(Error::Io(format!(
-                    "no PNG or JPEG images in {}",
-                    a.display()
-                )));
-            }
-            Ok(names
-                .into_iter()
-                .map(|n| (n.clone(), a.join(&n), b.join(&n)))
-                .collect())
-        }
+            a: a.into(),
+            b: b.into(),
+        }]),
+        (true, true) => folder_pairs(a, b),
         _ => Err(usage("A and B must both be files or both be folders")),
     }
+}
+
+fn must_exist(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Io(format!(
+            "{}: no such file or folder",
+            path.display()
+        ))),
+        Err(e) => Err(Error::Io(format!("{}: {e}", path.display()))),
+    }
+}
+
+/// Names from both folders, so that an image missing on either side is
+/// reported as a failed pair instead of being left out.
+fn folder_pairs(a: &Path, b: &Path) -> Result<Vec<Pair>> {
+    let mut names = image_names(a)?;
+    names.extend(image_names(b)?);
+    if names.is_empty() {
+        return Err(Error::Io(format!(
+            "no PNG or JPEG images in {} or {}",
+            a.display(),
+            b.display()
+        )));
+    }
+    Ok(names
+        .into_iter()
+        .map(|name| Pair {
+            a: a.join(&name),
+            b: b.join(&name),
+            name,
+        })
+        .collect())
+}
+
+/// The PNG and JPEG file names in `dir`, sorted.
+fn image_names(dir: &Path) -> Result<BTreeSet<String>> {
+    let is_image = |p: &Path| {
+        p.is_file()
+            && p.extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| ["png", "jpg", "jpeg"].contains(&e.to_ascii_lowercase().as_str()))
+    };
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::Io(format!("cannot list {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_image(p))
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect())
 }
 
 struct Row {
@@ -214,14 +255,17 @@ fn compare_pair(
     a: &Path,
     b: &Path,
 ) -> Result<[f64; 3]> {
-    let (sa, va) = load_rgb(a)?;
-    if !b.exists() {
-        return Err(Error::Io(format!(
-            "{} has no counterpart {}",
-            a.display(),
-            b.display()
-        )));
+    // In folder mode an image may be in one folder only.
+    for (there, missing) in [(a, b), (b, a)] {
+        if !missing.exists() {
+            return Err(Error::Io(format!(
+                "{} has no counterpart {}",
+                there.display(),
+                missing.display()
+            )));
+        }
     }
+    let (sa, va) = load_rgb(a)?;
     let (sb, vb) = load_rgb(b)?;
     if sa != sb {
         return Err(Error::InvalidShape(format!(
@@ -281,76 +325,104 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// The mean of the pairs that worked, and how many they are: failed pairs
+/// are left out of it, so the count says what it stands for.
+struct Mean {
+    pairs: usize,
+    values: [f64; 3],
+}
+
+impl Mean {
+    fn of(rows: &[Row]) -> Option<Mean> {
+        let ok: Vec<&[f64; 3]> = rows.iter().filter_map(|r| r.result.as_ref().ok()).collect();
+        (!ok.is_empty()).then(|| Mean {
+            pairs: ok.len(),
+            values: std::array::from_fn(|k| ok.iter().map(|v| v[k]).sum::<f64>() / ok.len() as f64),
+        })
+    }
+
+    /// The summary row's name in the table and the CSV.
+    fn label(&self) -> String {
+        let plural = if self.pairs == 1 { "" } else { "s" };
+        format!("mean over {} pair{plural}", self.pairs)
+    }
+}
+
 fn print(rows: &[Row], format: &str) {
-    let ok: Vec<&[f64; 3]> = rows.iter().filter_map(|r| r.result.as_ref().ok()).collect();
-    let mean: Option<[f64; 3]> = (!ok.is_empty())
-        .then(|| std::array::from_fn(|k| ok.iter().map(|v| v[k]).sum::<f64>() / ok.len() as f64));
+    let mean = Mean::of(rows);
     match format {
-        "json" => {
-            let items: Vec<String> = rows
-                .iter()
-                .map(|r| match &r.result {
-                    Ok(v) => format!(
-                        "{{\"name\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
-                        json_string(&r.name),
-                        v[0],
-                        v[1],
-                        v[2]
-                    ),
-                    Err(e) => format!(
-                        "{{\"name\": {}, \"error\": {}}}",
-                        json_string(&r.name),
-                        json_string(&e.to_string())
-                    ),
-                })
-                .collect();
-            let mean = mean.map_or("null".into(), |m| {
-                format!(
-                    "{{\"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
-                    m[0], m[1], m[2]
-                )
-            });
-            println!("{{\"pairs\": [{}], \"mean\": {mean}}}", items.join(", "));
+        "json" => print_json(rows, mean.as_ref()),
+        "csv" => print_csv(rows, mean.as_ref()),
+        _ => print_table(rows, mean.as_ref()),
+    }
+}
+
+fn print_json(rows: &[Row], mean: Option<&Mean>) {
+    let items: Vec<String> = rows
+        .iter()
+        .map(|r| match &r.result {
+            Ok(v) => format!(
+                "{{\"name\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+                json_string(&r.name),
+                v[0],
+                v[1],
+                v[2]
+            ),
+            Err(e) => format!(
+                "{{\"name\": {}, \"error\": {}}}",
+                json_string(&r.name),
+                json_string(&e.to_string())
+            ),
+        })
+        .collect();
+    let mean = mean.map_or("null".into(), |m| {
+        format!(
+            "{{\"pairs\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+            m.pairs, m.values[0], m.values[1], m.values[2]
+        )
+    });
+    println!("{{\"pairs\": [{}], \"mean\": {mean}}}", items.join(", "));
+}
+
+fn print_csv(rows: &[Row], mean: Option<&Mean>) {
+    println!("name,perceptual,tv_a,tv_b,error");
+    for r in rows {
+        match &r.result {
+            Ok(v) => println!("{},{},{},{},", csv_field(&r.name), v[0], v[1], v[2]),
+            Err(e) => println!("{},,,,{}", csv_field(&r.name), csv_field(&e.to_string())),
         }
-        "csv" => {
-            println!("name,perceptual,tv_a,tv_b,error");
-            for r in rows {
-                match &r.result {
-                    Ok(v) => println!("{},{},{},{},", csv_field(&r.name), v[0], v[1], v[2]),
-                    Err(e) => println!("{},,,,{}", csv_field(&r.name), csv_field(&e.to_string())),
-                }
-            }
-            if let Some(m) = mean {
-                println!("mean,{},{},{},", m[0], m[1], m[2]);
-            }
+    }
+    if let Some(m) = mean {
+        let [p, ta, tb] = m.values;
+        println!("{},{p},{ta},{tb},", m.label());
+    }
+}
+
+fn print_table(rows: &[Row], mean: Option<&Mean>) {
+    let label = mean.map(Mean::label);
+    let width = rows
+        .iter()
+        .map(|r| r.name.len())
+        .chain(label.as_ref().map(String::len))
+        .chain([4])
+        .max()
+        .unwrap_or(4);
+    println!(
+        "{:width$}  {:>12}  {:>12}  {:>12}",
+        "pair", "perceptual", "tv(A)", "tv(B)"
+    );
+    for r in rows {
+        match &r.result {
+            Ok(v) => println!(
+                "{:width$}  {:>12.6}  {:>12.6}  {:>12.6}",
+                r.name, v[0], v[1], v[2]
+            ),
+            Err(e) => println!("{:width$}  error: {e}", r.name),
         }
-        _ => {
-            let width = rows
-                .iter()
-                .map(|r| r.name.len())
-                .chain([4])
-                .max()
-                .unwrap_or(4);
-            println!(
-                "{:width$}  {:>12}  {:>12}  {:>12}",
-                "pair", "perceptual", "tv(A)", "tv(B)"
-            );
-            for r in rows {
-                match &r.result {
-                    Ok(v) => println!(
-                        "{:width$}  {:>12.6}  {:>12.6}  {:>12.6}",
-                        r.name, v[0], v[1], v[2]
-                    ),
-                    Err(e) => println!("{:width$}  error: {e}", r.name),
-                }
-            }
-            if let Some(m) = mean {
-                println!(
-                    "{:width$}  {:>12.6}  {:>12.6}  {:>12.6}",
-                    "mean", m[0], m[1], m[2]
-                );
-            }
-        }
+    }
+    if let (Some(m), Some(label)) = (mean, label) {
+        let [p, ta, tb] = m.values;
+        println!("{label:width$}  {p:>12.6}  {ta:>12.6}  {tb:>12.6}");
     }
 }
 
@@ -362,6 +434,8 @@ fn run(args: &[String]) -> Result<bool> {
     }
     let o = parse(&args[1..])?;
     let device = device(o.device.as_deref())?;
+    // Before the weights load, so that a mistyped path is reported at once.
+    let pairs = pairs(&o.a, &o.b)?;
     let seeded;
     let source = match &o.weights {
         Some(p) => WeightsSource::Path(p),
@@ -371,9 +445,11 @@ fn run(args: &[String]) -> Result<bool> {
         }
     };
     let vgg = Vgg::load(&device, source, o.arch, o.dtype)?;
+    // The figures are f32 ones then: say so rather than let them pass for
+    // half-precision results (the Python binding warns the same way).
     if vgg.compute_dtype() != o.dtype {
         eprintln!(
-            "note: the CPU backend computes in f32; --dtype {} applies on CUDA",
+            "warning: --dtype {} applies on CUDA; the CPU backend computes in float32",
             o.dtype.name()
         );
     }
@@ -387,7 +463,6 @@ fn run(args: &[String]) -> Result<bool> {
     }
     let perceptual = PerceptualLoss::new(vgg, &config)?;
     let tv = TvLoss::new(TvConfig::new(o.tv))?;
-    let pairs = pairs(&o.a, &o.b)?;
     let bar = if pairs.len() > 1 {
         let bar = ProgressBar::new(pairs.len() as u64);
         bar.set_style(
@@ -400,7 +475,7 @@ fn run(args: &[String]) -> Result<bool> {
     };
     let rows: Vec<Row> = pairs
         .into_iter()
-        .map(|(name, a, b)| {
+        .map(|Pair { name, a, b }| {
             bar.set_message(name.clone());
             let result = compare_pair(&device, &perceptual, &tv, &a, &b);
             bar.inc(1);
