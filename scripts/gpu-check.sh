@@ -43,7 +43,8 @@ cp target/release/libperceptual_loss.so "$bundle/lib/"
 # The Python package and scripts keep their checkout paths (the torch tests
 # import scripts/torch_reference.py).
 mkdir -p "$bundle/bindings" "$bundle/scripts"
-cp -r bindings/python "$bundle/bindings/python"
+mkdir -p "$bundle/bindings/python"  # the package, its tests and examples (not a local build/)
+cp -r bindings/python/perceptual_loss bindings/python/tests bindings/python/examples "$bundle/bindings/python/"
 cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py \
     scripts/torch_parity.sh scripts/step_times.py "$bundle/scripts/"
 

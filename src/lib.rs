@@ -62,6 +62,7 @@ mod finite;
 pub mod images;
 mod ops;
 mod recent;
+mod skipped;
 mod tensor;
 mod vgg;
 
@@ -71,6 +72,8 @@ pub use ops::feature::{Criterion, FeatureLoss};
 pub use ops::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
 pub use ops::tv::{Reduction, TvConfig, TvLoss, TvVariant};
 pub use ops::LossOutputs;
+#[doc(hidden)]
+pub use skipped::report_skip;
 pub use tensor::{DType, Element, Shape, TensorMut, TensorRef};
 pub use vgg::{seeded_safetensors, Pooling, Vgg, VggArch, VggOptions, WeightsSource};
 

@@ -400,7 +400,7 @@ fn the_header_compiles_on_its_own_as_c99_and_cpp() {
 #[test]
 fn cuda_context_without_a_device_is_a_clean_error() {
     if common::gpu_present() {
-        println!("skipped: a CUDA device is present");
+        perceptual_loss::report_skip("a CUDA device is present");
         return;
     }
     let mut ctx = std::ptr::null_mut();

@@ -21,12 +21,13 @@ fn python_package_tests() {
             !required,
             "PERCEPTUAL_LOSS_REQUIRE_PYTHON=1 but {python} cannot import numpy and pytest"
         );
-        println!("skipped: {python} with numpy and pytest not found");
+        perceptual_loss::report_skip(&format!("{python} with numpy and pytest not found"));
         return;
     }
     let libs = common::built_libraries();
     let out = Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        // -rs lists each skipped test and why, reported below.
+        .args(["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"])
         .arg(root.join("bindings/python/tests"))
         .env("PERCEPTUAL_LOSS_LIB", libs.join("libperceptual_loss.so"))
         .output()
@@ -35,4 +36,10 @@ fn python_package_tests() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     println!("{text}");
     assert!(out.status.success(), "pytest failed:\n{text}");
+    // "SKIPPED [1] bindings/python/tests/test_torch.py:148: needs a GPU"
+    for skip in text.lines().filter_map(|l| l.strip_prefix("SKIPPED ")) {
+        let at = skip.split_once("] ").map_or(skip, |(_, rest)| rest);
+        let at = at.rsplit_once("tests/").map_or(at, |(_, file)| file);
+        perceptual_loss::report_skip(&format!("pytest {at}"));
+    }
 }

@@ -124,7 +124,7 @@ impl Emulator {
                 panic!("PERCEPTUAL_LOSS_REQUIRE_EMULATOR is set: {why}")
             }
             Err(BuildError::NoCompiler(why)) => {
-                eprintln!("skipped: no C++ compiler for the CUDA emulator ({why})");
+                crate::report_skip(&format!("no C++ compiler for the CUDA emulator ({why})"));
                 None
             }
         }

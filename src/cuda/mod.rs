@@ -23,12 +23,12 @@ pub(crate) fn env_flag(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
 }
 
-/// For a unit test whose tool (a library, a compiler) is missing: prints
-/// `skipped: {why}`, or fails when `require_var` is set to 1 (as CI sets it).
+/// For a unit test whose tool (a library, a compiler) is missing: reports
+/// the skip, or fails when `require_var` is set to 1 (as CI sets it).
 #[cfg(test)]
 pub(crate) fn skip_unless_required(require_var: &str, why: &str) {
     assert!(!env_flag(require_var), "{require_var}=1 but {why}");
-    println!("skipped: {why}");
+    crate::report_skip(why);
 }
 use crate::tensor::DType;
 use abi::pl_k_reduce;

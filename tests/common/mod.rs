@@ -164,7 +164,7 @@ pub fn gpu() -> Option<Device> {
                 !required,
                 "PERCEPTUAL_LOSS_REQUIRE_GPU=1 but no CUDA device: {e}"
             );
-            println!("skipped: no CUDA device ({e})");
+            perceptual_loss::report_skip(&e.to_string()); // "no CUDA device: ..."
             None
         }
     }
@@ -219,22 +219,24 @@ pub fn formula(cfg: &TvConfig) -> Formula {
 }
 pub mod vgg;
 
-/// Builds the library's static and shared forms (`cargo test` builds only
-/// the rlib) and returns the folder holding them. A target directory of its
-/// own keeps clear of the lock the running `cargo test` holds on target/.
+/// The folder holding the library's shared and static builds from this
+/// very `cargo test` run: cargo compiles the library once as rlib, cdylib
+/// and staticlib into the test binaries' own `deps` folder (the copies
+/// one level up are refreshed only by `cargo build`).
 pub fn built_libraries() -> std::path::PathBuf {
-    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = root.join("target/c-abi");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .args(["build", "--lib", "--quiet", "--manifest-path"])
-        .arg(root.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target)
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "building the library failed");
-    target.join("debug")
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe
+        .parent()
+        .expect("the test binary's folder")
+        .to_path_buf();
+    for lib in ["libperceptual_loss.so", "libperceptual_loss.a"] {
+        assert!(
+            deps.join(lib).is_file(),
+            "{lib} is missing beside the test binary in {}",
+            deps.display()
+        );
+    }
+    deps
 }
 
 /// Whether this process is the child `in_child` started to run `test`.

@@ -1,9 +1,11 @@
 """perceptual-loss from Python: total-variation, feature and VGG perceptual
 losses with gradients, over the library's C ABI.
 
-NumPy arrays (and CPU tensors) run on the CPU backend; CUDA tensors run on
-their GPU, on PyTorch's current stream, without copies. The PyTorch
-modules live in `perceptual_loss.torch` (imported on demand).
+The functions take NumPy arrays or any array with `__dlpack__` (PyTorch,
+CuPy, JAX) without copies: CPU arrays run on the CPU backend, CUDA arrays
+on their GPU (through PyTorch, which then must be installed). The PyTorch
+modules (`TVLoss`, `FeatureLoss`, `PerceptualLoss`) are imported on
+demand.
 
     import numpy as np, perceptual_loss as pl
     loss, grad = pl.tv_loss(np.random.rand(2, 3, 64, 64).astype(np.float32))
@@ -13,17 +15,18 @@ import warnings
 
 import numpy as np
 
-from . import _lib
+from . import _cuda_libs, _lib
+from ._cuda_libs import loaded as cuda_libraries
 
 __all__ = [
     "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "weights_depth", "write_seeded_weights",
-    "version", "TVLoss", "PerceptualLoss",
+    "version", "cuda_libraries", "TVLoss", "FeatureLoss", "PerceptualLoss",
 ]
 
 
 def __getattr__(name):
     # The PyTorch modules import torch only when asked for.
-    if name in ("TVLoss", "PerceptualLoss"):
+    if name in ("TVLoss", "FeatureLoss", "PerceptualLoss"):
         from . import torch_modules
 
         return getattr(torch_modules, name)
@@ -96,13 +99,16 @@ class Context:
 
     def __init__(self, kind="cpu", ordinal=0, stream=0):
         kinds = {"cpu": 0, "cuda": 1}
+        if kind == "cuda":
+            _cuda_libs.preload()
         handle = ctypes.c_void_p()
         _check(_lib.pl_context_create(_choice(kinds, kind, "device kind"), ordinal, ctypes.c_void_p(stream or None), ctypes.byref(handle)))
-        self.kind, self.ordinal, self._handle = kind, ordinal, handle
+        self.kind, self.ordinal, self.stream, self._handle = kind, ordinal, stream, handle
 
     def set_stream(self, stream):
         """Queues later calls on `stream` (a `cudaStream_t` as an int)."""
         _check(_lib.pl_context_set_stream(self._handle, ctypes.c_void_p(stream or None)))
+        self.stream = stream
 
     def synchronize(self):
         _check(_lib.pl_context_synchronize(self._handle))
@@ -123,10 +129,43 @@ def _cpu_context():
     return _cpu
 
 
+# DLPack device types (dlpack.h): memory the CPU can read, and CUDA memory.
+_DLPACK_HOST = (1, 3)  # kDLCPU, kDLCUDAHost
+_DLPACK_CUDA = 2  # kDLCUDA
+
+
+def _on_cuda(x):
+    """Whether `x` is a non-NumPy array in CUDA memory (by DLPack)."""
+    if isinstance(x, np.ndarray) or not hasattr(x, "__dlpack_device__"):
+        return False
+    return x.__dlpack_device__()[0] == _DLPACK_CUDA
+
+
+def _from_dlpack_cuda(x, name):
+    """A CUDA DLPack array as a torch tensor sharing its memory, imported
+    on PyTorch's current stream (the producer orders its writes before it)."""
+    try:
+        import torch
+    except ImportError:
+        raise TypeError(f"{name} is a CUDA array: running it needs PyTorch (the GPU's memory is allocated "
+                        "through it); install torch, or pass a NumPy array for the CPU backend") from None
+    return torch.from_dlpack(x)
+
+
 def _as_image_batch(x, name):
-    """A C-contiguous float32/float16 NCHW array, or a clear error."""
+    """A C-contiguous float32/float16 NCHW array, or a clear error. Arrays
+    from other libraries in memory the CPU can read come in by DLPack,
+    without a copy."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        device = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else None
+        if device not in _DLPACK_HOST:
+            raise TypeError(f"{name} is a DLPack array on device type {device}; CPU and CUDA arrays are supported")
+        try:
+            x = np.from_dlpack(x)
+        except (TypeError, BufferError, RuntimeError) as e:
+            raise TypeError(f"{name} cannot be shared with NumPy by DLPack ({e}); float32 and float16 can") from None
     if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+        raise TypeError(f"{name} must be a NumPy array or have __dlpack__, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{name} must be N x C x H x W, got shape {x.shape}")
     if x.dtype.name not in ("float32", "float16"):
@@ -145,15 +184,29 @@ def _call_arrays(x, grad, per_sample):
     return loss, g, per, out
 
 
+def _cuda_results(ran, grad, per_sample):
+    """(loss, grad, [per_sample]) of a CUDA call from a torch op's outputs;
+    the arrays stay torch CUDA tensors (any DLPack consumer takes them
+    without a copy: `cupy.from_dlpack(grad)`)."""
+    loss, per, g = ran
+    return _results(loss.reshape(1).cpu(), g if grad else None, per if per_sample else None)
+
+
 def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=False, check_finite=False):
-    """Total-variation loss of a NumPy batch on the CPU. Returns
-    (loss, dL/dx or None), and each image's loss last with
-    `per_sample=True`. Variants as in the README ("article", "l1",
-    "l2_squared", "l2", "isotropic", each but the article with "_sum" for a
-    sum over the batch); `eps` goes inside the isotropic square root;
+    """Total-variation loss of a batch (NumPy, or any array with
+    `__dlpack__`). Returns (loss, dL/dx or None), and each image's loss
+    last with `per_sample=True`. Variants as in the README ("article",
+    "l1", "l2_squared", "l2", "isotropic", each but the article with "_sum"
+    for a sum over the batch); `eps` goes inside the isotropic square root;
     `check_finite` makes a NaN or infinite input an error naming it."""
-    x = _as_image_batch(x, "x")
     cfg = tv_config(variant, weight, eps, check_finite)
+    if _on_cuda(x):
+        from .torch_modules import _tv_op
+
+        t = _from_dlpack_cuda(x, "x")
+        return _cuda_results(_tv_op(t, cfg.variant, cfg.weight, cfg.eps, bool(check_finite),
+                                    cfg.reduction == REDUCTIONS["sum"], grad), grad, per_sample)
+    x = _as_image_batch(x, "x")
     loss, g, per, out = _call_arrays(x, grad, per_sample)
     _check(_lib.pl_tv_loss(_cpu_context()._handle, ctypes.byref(cfg), x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
                            ctypes.byref(out)))
@@ -162,8 +215,15 @@ def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=Fal
 
 def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False, check_finite=False):
     """weight * the mean over all elements of (a-b)^2 ("mse") or |a-b|
-    ("mae") of two NumPy batches on the CPU. Returns (loss, dL/da or
-    None), and each image's weight * mean last with `per_sample=True`."""
+    ("mae") of two batches (NumPy, or any arrays with `__dlpack__`).
+    Returns (loss, dL/da or None), and each image's weight * mean last
+    with `per_sample=True`."""
+    if _on_cuda(a) or _on_cuda(b):
+        from .torch_modules import _feature_op
+
+        ta, tb = _from_dlpack_cuda(a, "a"), _from_dlpack_cuda(b, "b")
+        return _cuda_results(_feature_op(ta, tb, _choice(CRITERIA, criterion, "criterion"), float(weight),
+                                         bool(check_finite), False, grad), grad, per_sample)
     a, b = _as_image_batch(a, "a"), _as_image_batch(b, "b")
     cfg = _lib.FeatureConfig()
     _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
@@ -274,14 +334,44 @@ class Perceptual:
         _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
 
     def __call__(self, pred, target, grad=True, per_sample=False):
-        """Loss and dL/dpred of NumPy batches (CPU networks only), and each
-        image's loss last with `per_sample=True`."""
+        """Loss and dL/dpred, and each image's loss last with
+        `per_sample=True`, of NumPy batches (or any CPU arrays with
+        `__dlpack__`) for weights on the CPU, or CUDA arrays with
+        `__dlpack__` for weights on that GPU (returned as torch tensors)."""
+        if _on_cuda(pred) or _on_cuda(target):
+            return self._call_cuda(pred, target, grad, per_sample)
+        if self.vgg.context.kind != "cpu":
+            raise TypeError("pred is in host memory but this loss's weights are on CUDA: pass CUDA arrays")
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
         loss, g, per, out = _call_arrays(pred, grad, per_sample)
         self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, out)
         return _results(loss, g, per)
+
+    def _call_cuda(self, pred, target, grad, per_sample):
+        ctx = self.vgg.context
+        if ctx.kind != "cuda":
+            raise TypeError("pred is a CUDA array but this loss's weights are on the CPU: load the Vgg with "
+                            "context=Context('cuda', ordinal)")
+        import torch
+
+        from .torch_modules import _TORCH_DTYPES, _check_pair, _outputs_like
+
+        p, t = _from_dlpack_cuda(pred, "pred"), _from_dlpack_cuda(target, "target")
+        with torch.no_grad():
+            _check_pair(p, t, ("pred", "target"))
+        if p.device.index != ctx.ordinal:
+            raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
+        loss, per, g = _outputs_like(p, grad)
+        # The arrays were imported, and the outputs allocated, on PyTorch's
+        # current stream, while this context queues on its own: wait for
+        # PyTorch's work before the call and for the call before returning.
+        torch.cuda.current_stream(p.device).synchronize()
+        self.raw(p.data_ptr(), t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape),
+                 outputs(loss.data_ptr(), g.data_ptr() if grad else None, per.data_ptr()))
+        ctx.synchronize()
+        return _cuda_results((loss, per, g), grad, per_sample)
 
     def __del__(self):
         if getattr(self, "_handle", None):

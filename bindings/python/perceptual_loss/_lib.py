@@ -1,25 +1,27 @@
 """Loads the perceptual-loss shared library and declares its C ABI
 (include/perceptual_loss.h) for ctypes. No compiler is needed.
 
-The library is found, in order, at $PERCEPTUAL_LOSS_LIB, next to this
-package, or in the repository's target/release and target/debug."""
+The library is found, in order, at $PERCEPTUAL_LOSS_LIB, inside this
+package (where `pip install` and the wheel put it), or in the repository's
+target/release and target/debug (a checkout used in place)."""
 import ctypes
 import os
 import pathlib
 import sys
 
-_NAMES = {"linux": "libperceptual_loss.so", "darwin": "libperceptual_loss.dylib", "win32": "perceptual_loss.dll"}
+_SUFFIX = {"darwin": ".dylib", "win32": ".dll"}.get(sys.platform, ".so")
 
 
 def _candidates():
     if os.environ.get("PERCEPTUAL_LOSS_LIB"):
         yield pathlib.Path(os.environ["PERCEPTUAL_LOSS_LIB"])
-    name = _NAMES.get(sys.platform, "libperceptual_loss.so")
+        return  # an explicit choice is never second-guessed
     here = pathlib.Path(__file__).resolve().parent
-    yield here / name
-    repo = here.parents[2]
+    # The packaged library is libperceptual_loss.abi3.so (setup.py).
+    yield from sorted(here.glob(f"*perceptual_loss*{_SUFFIX}"))
+    stem = "perceptual_loss" if sys.platform == "win32" else "libperceptual_loss"
     for profile in ("release", "debug"):
-        yield repo / "target" / profile / name
+        yield here.parents[2] / "target" / profile / f"{stem}{_SUFFIX}"
 
 
 def _load():
@@ -27,14 +29,15 @@ def _load():
     for path in _candidates():
         tried.append(str(path))
         if path.is_file():
-            return ctypes.CDLL(str(path))
+            return ctypes.CDLL(str(path)), path
     raise OSError(
-        "perceptual-loss library not found; build it with `cargo build --release` "
-        "or set PERCEPTUAL_LOSS_LIB. Tried: " + ", ".join(tried)
+        "perceptual-loss library not found: install the package with `pip install ./bindings/python` "
+        "(builds it with cargo), or build it with `cargo build --release` and set PERCEPTUAL_LOSS_LIB. "
+        "Tried: " + ", ".join(tried)
     )
 
 
-lib = _load()
+lib, path = _load()
 
 c_int32, c_int64, c_float, c_void_p, c_char_p = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_char_p
 

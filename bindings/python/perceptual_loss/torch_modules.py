@@ -1,28 +1,58 @@
-"""PyTorch modules over the C ABI: the forward runs on the tensors' own
-memory (CUDA tensors on their GPU and PyTorch's current stream; CPU tensors
-on the CPU backend), computes the gradient in the same pass and keeps it
-for backward, which scales it by the incoming gradient. No copies. Without
+"""PyTorch modules over the C ABI, registered as `torch.library` custom
+ops (`perceptual_loss::tv`, `::feature`, `::perceptual`) with fake
+implementations and autograd formulas, so `torch.compile` traces through
+them without a graph break.
+
+Each op runs on the tensors' own memory (CUDA tensors on their GPU and
+PyTorch's current stream; CPU tensors on the CPU backend) and returns the
+loss, each image's loss and, when asked, the gradient from the same pass;
+backward scales that gradient by the incoming ones. No copies. Without
 autograd (torch.no_grad(), or an input that needs no gradient) only the
-loss is computed."""
+losses are computed."""
 import ctypes
+import itertools
+import threading
+import weakref
 
 import torch
 
-from . import Context, DTYPES, Perceptual, Vgg, _check, _lib, outputs, tv_config, weights_depth
+from . import (
+    CRITERIA, DTYPES, REDUCTIONS, TV_VARIANTS, Context, Perceptual, Vgg, _check, _choice, _lib, outputs, tv_config,
+    weights_depth,
+)
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+class _DeviceContext:
+    """One library context per device. A CUDA call is queued on PyTorch's
+    current stream of that device: the stream switch and the call that
+    follows happen under one lock, so threads on different streams cannot
+    interleave them."""
+
+    def __init__(self, device):
+        self.context = Context("cpu") if device.type == "cpu" else Context("cuda", device.index or 0)
+        self.device = device
+        self.lock = threading.Lock()
+
+    def call(self, fn):
+        with self.lock:
+            if self.device.type == "cuda":
+                self.context.set_stream(torch.cuda.current_stream(self.device).cuda_stream)
+            fn()
+
+
 _contexts = {}
+_contexts_lock = threading.Lock()
 
 
 def _context(device):
-    """One context per device, on PyTorch's current stream of that device."""
     key = (device.type, device.index)
-    if key not in _contexts:
-        _contexts[key] = Context("cpu") if device.type == "cpu" else Context("cuda", device.index or 0)
-    ctx = _contexts[key]
-    if device.type == "cuda":
-        ctx.set_stream(torch.cuda.current_stream(device).cuda_stream)
-    return ctx
+    with _contexts_lock:
+        if key not in _contexts:
+            _contexts[key] = _DeviceContext(device)
+        return _contexts[key]
 
 
 def _check_tensor(x, name):
@@ -38,31 +68,146 @@ def _check_tensor(x, name):
         raise ValueError(f"{name} is on {x.device}; CPU and CUDA tensors are supported")
 
 
-def _run(run, x, with_grad):
-    """The loss as a 0-d float32 tensor on x's device, and dL/dx or None."""
-    loss = torch.empty(1, dtype=torch.float32, device=x.device)
-    grad = torch.empty_like(x) if with_grad else None
-    run(loss.data_ptr(), None if grad is None else grad.data_ptr())
-    return loss.reshape(()), grad
+def _check_pair(a, b, names):
+    _check_tensor(a, names[0])
+    _check_tensor(b, names[1])
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        raise ValueError(f"{names[0]} and {names[1]} differ: {a.dtype}{tuple(a.shape)}@{a.device} vs "
+                         f"{b.dtype}{tuple(b.shape)}@{b.device}")
+    if torch.is_grad_enabled() and b.requires_grad:
+        # The library differentiates w.r.t. the first input only; silently
+        # detaching (as BasicSR does) would hide a missing gradient.
+        raise ValueError(f"{names[1]} requires grad, but perceptual-loss treats it as a constant: "
+                         f"pass {names[1]}.detach()")
 
 
-class _LossFunction(torch.autograd.Function):
-    """forward(run, x, *others) -> loss; `run(loss_out, grad_out)` fills both."""
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; one of {list(_REDUCTIONS)}")
+    return reduction
 
-    @staticmethod
-    def forward(ctx, run, x, *others):
-        loss, grad = _run(run, x, True)
-        ctx.save_for_backward(grad)
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        # Scaled in float32 and rounded once: a loss scale such as 2**16
-        # would itself overflow to inf in float16.
-        scaled = (grad.float() * grad_output.float()).to(grad.dtype)
-        # No gradient for `run` or the constant inputs (the target).
-        return (None, scaled) + (None,) * (len(ctx.needs_input_grad) - 2)
+def _outputs_like(x, want_grad):
+    """The op's outputs: the loss (0-d float32), each image's loss (N
+    float32) and dL/dx (x's shape and dtype, or empty without one)."""
+    loss = x.new_empty((), dtype=torch.float32)
+    per_sample = x.new_empty((x.shape[0],), dtype=torch.float32)
+    grad = torch.empty_like(x) if want_grad else x.new_empty((0,))
+    return loss, per_sample, grad
+
+
+def _run(x, want_grad, call):
+    """Allocates the outputs and has `call(pl_outputs)` fill them."""
+    loss, per_sample, grad = _outputs_like(x, want_grad)
+    out = outputs(loss.data_ptr(), grad.data_ptr() if want_grad else None, per_sample.data_ptr())
+    _context(x.device).call(lambda: call(out))
+    return loss, per_sample, grad
+
+
+def _fake(x, *_args):
+    return _outputs_like(x, _args[-1])
+
+
+def _setup_context(ctx, inputs, output):
+    # inputs: (x, ..., summed, want_grad); the batch reduction the loss
+    # was computed with decides how an image's gradient follows from it.
+    ctx.summed = inputs[-2]
+    ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_loss, grad_per_sample, _grad_grad):
+    """dL/dx for loss = r(l_1..l_N), r a mean (c = 1/N) or a sum (c = 1):
+    the library's gradient G is c * dl_n/dx_n on image n, since each image's
+    loss depends on that image alone. So an incoming gradient g on the
+    loss and g_n on l_n give G * (g + g_n / c) on image n. Scaled in
+    float32 and rounded once: a loss scale such as 2**16 would itself
+    overflow to inf in float16."""
+    (grad,) = ctx.saved_tensors
+    scale = grad.new_zeros((grad.shape[0],), dtype=torch.float32)
+    if grad_loss is not None:
+        scale = scale + grad_loss.float()
+    if grad_per_sample is not None:
+        scale = scale + grad_per_sample.float() * (1.0 if ctx.summed else grad.shape[0])
+    x_grad = (grad.float() * scale.view(-1, 1, 1, 1)).to(grad.dtype)
+    return (x_grad,) + (None,) * (ctx.num_inputs - 1)
+
+
+def _register(op, num_inputs):
+    op.register_fake(_fake)
+
+    def setup(ctx, inputs, output):
+        ctx.num_inputs = num_inputs
+        _setup_context(ctx, inputs, output)
+
+    op.register_autograd(_backward, setup_context=setup)
+
+
+@torch.library.custom_op("perceptual_loss::tv", mutates_args=())
+def _tv_op(x: torch.Tensor, variant: int, weight: float, eps: float, check_finite: bool, summed: bool,
+           want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = _lib.TvConfig()
+    _check(_lib.pl_tv_config_init(ctypes.byref(cfg)))
+    cfg.variant, cfg.reduction = variant, REDUCTIONS["sum" if summed else "mean"]
+    cfg.weight, cfg.eps, cfg.check_finite = weight, eps, int(check_finite)
+
+    def call(out):
+        _check(_lib.pl_tv_loss(_context(x.device).context._handle, ctypes.byref(cfg), x.data_ptr(),
+                               DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, ctypes.byref(out)))
+
+    return _run(x, want_grad, call)
+
+
+@torch.library.custom_op("perceptual_loss::feature", mutates_args=())
+def _feature_op(a: torch.Tensor, b: torch.Tensor, criterion: int, weight: float, check_finite: bool, summed: bool,
+                want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cfg = _lib.FeatureConfig()
+    _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
+    cfg.criterion, cfg.weight, cfg.check_finite = criterion, weight, int(check_finite)
+
+    def call(out):
+        _check(_lib.pl_feature_loss(_context(a.device).context._handle, ctypes.byref(cfg), a.data_ptr(),
+                                    b.data_ptr(), DTYPES[_TORCH_DTYPES[a.dtype]], *a.shape, ctypes.byref(out)))
+
+    return _run(a, want_grad, call)
+
+
+class _PerceptualLosses:
+    """A PerceptualLoss module's library objects: its weights and loss,
+    loaded on first use on each device."""
+
+    def __init__(self, weights, arch, compute, options):
+        self.weights, self.arch, self.compute, self.options = weights, arch, compute, options
+        self.by_device = {}
+        self.lock = threading.Lock()
+
+    def on(self, device):
+        key = (device.type, device.index)
+        with self.lock:
+            if key not in self.by_device:
+                vgg = Vgg(self.weights, self.arch, self.compute, context=_context(device).context)
+                self.by_device[key] = Perceptual(vgg, **self.options)
+            return self.by_device[key]
+
+
+# Custom ops take tensors and plain values, so a module passes its key here.
+_perceptual_losses = {}
+_perceptual_keys = itertools.count()
+
+
+@torch.library.custom_op("perceptual_loss::perceptual", mutates_args=())
+def _perceptual_op(pred: torch.Tensor, target: torch.Tensor, key: int, summed: bool,
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss = _perceptual_losses[key].on(pred.device)
+
+    def call(out):
+        loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), out)
+
+    return _run(pred, want_grad, call)
+
+
+_register(_tv_op, 7)
+_register(_feature_op, 7)
+_register(_perceptual_op, 5)
 
 
 def _needs_grad(x):
@@ -80,69 +225,81 @@ def _widened(x):
     return x.float() if x.dtype == torch.float16 and _needs_grad(x) else x
 
 
-def _apply(run, x, *others):
-    """Through autograd when x needs a gradient; otherwise the loss alone,
-    with no gradient work (as under torch.no_grad())."""
-    if _needs_grad(x):
-        return _LossFunction.apply(run, x, *others)
-    return _run(run, x, False)[0]
+def _reduced(loss, per_sample, reduction, summed):
+    """The module's result from the op's outputs; `summed` says whether
+    `loss` already is the batch sum."""
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum" and not summed:
+        return per_sample.sum()
+    return loss
 
 
 class TVLoss(torch.nn.Module):
-    """Total-variation loss; `variant` as in `perceptual_loss.tv_loss`."""
+    """Total-variation loss; `variant` as in `perceptual_loss.tv_loss`
+    ("article", "l1", "l2_squared", "l2", "isotropic"). `reduction` over
+    the batch: "mean" (default), "sum", or "none" for each image's loss."""
 
-    def __init__(self, variant="article", weight=1.0, eps=0.0, check_finite=False):
+    def __init__(self, variant="article", weight=1.0, eps=0.0, check_finite=False, reduction="mean"):
         super().__init__()
-        self.config = tv_config(variant, float(weight), float(eps), check_finite)  # checks the variant now
+        if variant.endswith("_sum"):
+            raise ValueError(f"TVLoss takes reduction='sum' instead of the {variant!r} variant name")
+        tv_config(variant, float(weight), float(eps), check_finite)  # checks the variant now
+        self.variant, self.weight, self.eps, self.check_finite = TV_VARIANTS[variant], float(weight), float(eps), \
+            bool(check_finite)
+        self.reduction = _check_reduction(reduction)
+        # The article's TV is a mean over the batch only.
+        self.summed = reduction == "sum" and variant != "article"
 
     def forward(self, x):
         _check_tensor(x, "x")
         x = _widened(x)
-        ctx = _context(x.device)
+        loss, per_sample, _ = _tv_op(x, self.variant, self.weight, self.eps, self.check_finite, self.summed,
+                                     _needs_grad(x))
+        return _reduced(loss, per_sample, self.reduction, self.summed)
 
-        def run(loss_ptr, grad_ptr):
-            out = outputs(loss_ptr, grad_ptr)
-            _check(_lib.pl_tv_loss(ctx._handle, ctypes.byref(self.config), x.data_ptr(),
-                                   DTYPES[_TORCH_DTYPES[x.dtype]], *x.shape, ctypes.byref(out)))
 
-        return _apply(run, x)
+class FeatureLoss(torch.nn.Module):
+    """weight * the mean of (a-b)^2 ("mse") or |a-b| ("mae") over each
+    image, reduced over the batch by `reduction`; `b` is a constant."""
+
+    def __init__(self, criterion="mse", weight=1.0, check_finite=False, reduction="mean"):
+        super().__init__()
+        self.criterion = _choice(CRITERIA, criterion, "criterion")
+        self.weight, self.check_finite = float(weight), bool(check_finite)
+        self.reduction = _check_reduction(reduction)
+
+    def forward(self, a, b):
+        _check_pair(a, b, ("a", "b"))
+        widened = _widened(a)
+        if widened is not a:
+            a, b = widened, b.float()
+        loss, per_sample, _ = _feature_op(a, b.detach(), self.criterion, self.weight, self.check_finite, False,
+                                          _needs_grad(a))
+        return _reduced(loss, per_sample, self.reduction, False)
 
 
 class PerceptualLoss(torch.nn.Module):
     """VGG perceptual loss of `pred` against a constant `target`. Weights
     come from a safetensors file (scripts/export_vgg.py) and are loaded once
-    per device, on first use there. Options as in `perceptual_loss.Perceptual`."""
+    per device, on first use there. Options as in `perceptual_loss.Perceptual`;
+    `reduction` over the batch: "mean" (default), "sum" or "none"."""
 
-    def __init__(self, weights, arch="vgg16", compute="float32", **options):
+    def __init__(self, weights, arch="vgg16", compute="float32", reduction="mean", **options):
         super().__init__()
         # Fails now, with the library's message, on a missing or malformed
         # file (the header is checked; the weights load on first use).
         weights_depth(weights, arch)
-        self.weights, self.arch, self.compute, self.options = str(weights), arch, compute, options
-        self._losses = {}
-
-    def _loss(self, device):
-        key = (device.type, device.index)
-        if key not in self._losses:
-            ctx = _context(device)
-            self._losses[key] = Perceptual(Vgg(self.weights, self.arch, self.compute, context=ctx), **self.options)
-        _context(device)  # follow the current stream
-        return self._losses[key]
+        self.reduction = _check_reduction(reduction)
+        self.key = next(_perceptual_keys)
+        _perceptual_losses[self.key] = _PerceptualLosses(str(weights), arch, compute, options)
+        # The weights go with the module, not with the process.
+        weakref.finalize(self, _perceptual_losses.pop, self.key, None)
 
     def forward(self, pred, target):
-        _check_tensor(pred, "pred")
-        _check_tensor(target, "target")
-        if pred.shape != target.shape or pred.dtype != target.dtype or pred.device != target.device:
-            raise ValueError(f"pred and target differ: {pred.dtype}{tuple(pred.shape)}@{pred.device} vs "
-                             f"{target.dtype}{tuple(target.shape)}@{target.device}")
-        loss = self._loss(pred.device)
+        _check_pair(pred, target, ("pred", "target"))
         widened = _widened(pred)
         if widened is not pred:
             pred, target = widened, target.float()
-        target = target.detach()
-
-        def run(loss_ptr, grad_ptr):
-            loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape),
-                     outputs(loss_ptr, grad_ptr))
-
-        return _apply(run, pred, target)
+        loss, per_sample, _ = _perceptual_op(pred, target.detach(), self.key, False, _needs_grad(pred))
+        return _reduced(loss, per_sample, self.reduction, False)

@@ -234,3 +234,49 @@ def test_check_finite_names_the_first_bad_element():
         pl.tv_loss(x, "l1", check_finite=True)
     with pytest.raises(pl.Error, match="b holds a non-finite value"):
         pl.feature_loss(np.zeros_like(x), x, check_finite=True)
+
+
+class Foreign:
+    """An array from another library, seen only through DLPack."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+
+def test_dlpack_inputs_are_used_without_a_copy(seeded):
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 1, (2, 3, 9, 11)).astype(np.float32)
+    y = rng.uniform(0, 1, (2, 3, 9, 11)).astype(np.float32)
+    for got, want in [
+        (pl.tv_loss(Foreign(x), "l1", per_sample=True), pl.tv_loss(x, "l1", per_sample=True)),
+        (pl.feature_loss(Foreign(x), Foreign(y), "mae"), pl.feature_loss(x, y, "mae")),
+        (pl.Perceptual(pl.Vgg(seeded), taps=[3])(Foreign(x), Foreign(y)),
+         pl.Perceptual(pl.Vgg(seeded), taps=[3])(x, y)),
+    ]:
+        assert got[0] == want[0]
+        for a, b in zip(got[1:], want[1:]):
+            np.testing.assert_array_equal(a, b)
+    # The batch the library reads is the producer's memory itself.
+    shared = pl._as_image_batch(Foreign(x), "x")
+    assert np.shares_memory(shared, x)
+
+
+def test_dlpack_inputs_the_library_cannot_take_are_refused():
+    x = np.zeros((1, 3, 4, 4), np.float64)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        pl.tv_loss(Foreign(x))
+
+    class Elsewhere(Foreign):
+        def __dlpack_device__(self):
+            return (14, 0)  # kDLOneAPI
+
+    with pytest.raises(TypeError, match="device type 14"):
+        pl.tv_loss(Elsewhere(np.zeros((1, 3, 4, 4), np.float32)))
+    with pytest.raises(TypeError, match="NumPy array or have __dlpack__"):
+        pl.tv_loss([[1.0]])

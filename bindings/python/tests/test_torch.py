@@ -200,3 +200,140 @@ def test_float16_gradients_survive_a_loss_scale(tmp_path, device):
     assert ref_pred.grad.abs().max().item() < 6e-5, "the reference gradient should be below f16's normal range"
     err = (pred.grad.double() / scale - ref_pred.grad).norm() / ref_pred.grad.norm()
     assert err.item() <= 2e-2
+
+
+def per_image_weights(n, device):
+    """Distinct incoming gradients per image, so a wrong image's gradient shows."""
+    return torch.arange(1, n + 1, device=device, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["article", "l1"])
+def test_tv_reductions_match_autograd(device, variant):
+    x = torch.rand(3, 2, 9, 7, device=device, dtype=torch.float64).float()
+    ref_x = x.double().requires_grad_(True)
+    per_ref = torch.stack([tv_reference(ref_x[i:i + 1], variant) for i in range(3)])
+    for reduction, reduce in [("mean", torch.mean), ("sum", torch.sum), ("none", lambda v: v)]:
+        ours_x = x.clone().requires_grad_(True)
+        value = pl.TVLoss(variant, weight=0.5, reduction=reduction)(ours_x)
+        ref = 0.5 * reduce(per_ref)
+        assert value.shape == ref.shape
+        torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=0)
+        g = per_image_weights(3, device) if reduction == "none" else torch.tensor(2.0, device=device)
+        (value * g).sum().backward()
+        (want,) = torch.autograd.grad((ref * g.double()).sum(), ref_x, retain_graph=True)
+        torch.testing.assert_close(ours_x.grad.double(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_and_perceptual_reductions_match_autograd(tmp_path, device):
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    features = load_features(path, "vgg16", device)
+    pred = torch.rand(3, 3, 16, 20, device=device)
+    target = torch.rand(3, 3, 16, 20, device=device)
+    ref_pred = pred.double().requires_grad_(True)
+    per_percep = torch.stack([reference(features, ref_pred[i:i + 1], target[i:i + 1].double(), **ARTICLE)
+                              for i in range(3)])
+    per_feature = ((ref_pred - target.double()) ** 2).mean((1, 2, 3))
+    cases = [(lambda r: pl.PerceptualLoss(path, "vgg16", reduction=r), per_percep, 1e-3),
+             (lambda r: pl.FeatureLoss("mse", reduction=r), per_feature, 1e-5)]
+    for make, per_ref, grad_tol in cases:
+        for reduction, reduce in [("mean", torch.mean), ("sum", torch.sum), ("none", lambda v: v)]:
+            ours = pred.clone().requires_grad_(True)
+            value = make(reduction)(ours, target)
+            ref = reduce(per_ref)
+            torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=0)
+            g = per_image_weights(3, device) if reduction == "none" else torch.tensor(1.5, device=device)
+            (value * g).sum().backward()
+            (want,) = torch.autograd.grad((ref * g.double()).sum(), ref_pred, retain_graph=True)
+            err = ((ours.grad.double() - want).norm() / want.norm()).item()
+            assert err <= grad_tol, (reduction, err)
+
+
+def test_a_target_that_requires_grad_is_an_error(tmp_path):
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    pred = torch.rand(1, 3, 16, 16, requires_grad=True)
+    target = torch.rand(1, 3, 16, 16, requires_grad=True)
+    for module in (pl.PerceptualLoss(path), pl.FeatureLoss()):
+        with pytest.raises(ValueError, match=r"requires grad.*detach\(\)"):
+            module(pred, target)
+        assert module(pred, target.detach()).item() > 0
+        with torch.no_grad():
+            assert module(pred, target).item() > 0
+    with pytest.raises(ValueError, match="unknown reduction"):
+        pl.TVLoss(reduction="avg")
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        pl.TVLoss("l1_sum")
+
+
+def test_torch_compile_traces_the_losses_without_a_graph_break(tmp_path):
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    net = torch.nn.Conv2d(3, 3, 3, padding=1)
+    percep, tv = pl.PerceptualLoss(path, taps=["relu1_2", "relu2_2"]), pl.TVLoss("l1", weight=1e-3)
+    feature = pl.FeatureLoss("mae", reduction="sum")
+
+    def step(x, target):
+        out = net(x)
+        return percep(out, target) + tv(out) + feature(out, target)
+
+    x, target = torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    explained = torch._dynamo.explain(step)(x, target)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    # Compiled through AOT autograd (fake tensors, the registered
+    # backward) it gives eager's loss and gradients.
+    eager = step(x, target)
+    eager.backward()
+    want = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x, target)
+    compiled.backward()
+    assert compiled.item() == pytest.approx(eager.item(), rel=1e-6)
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-7)
+
+
+def test_the_ops_have_fake_implementations():
+    # torch.library's own checker: schema, fake (meta) implementation and
+    # autograd registration agree with the real op.
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    from perceptual_loss import torch_modules as tm
+
+    torch.library.opcheck(tm._tv_op, (x, 1, 1.0, 0.0, False, True, True))
+    torch.library.opcheck(tm._feature_op, (x, torch.rand(2, 3, 8, 8), 0, 2.0, False, False, True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_dlpack_arrays_run_on_their_gpu(tmp_path):
+    from test_numpy import Foreign
+
+    x = torch.rand(2, 3, 16, 16, device="cuda")
+    y = torch.rand(2, 3, 16, 16, device="cuda")
+    loss, grad = pl.tv_loss(Foreign(x), "l1")
+    want = pl.TVLoss("l1")(x.requires_grad_(True))
+    want.backward()
+    assert loss == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(grad, x.grad)
+    assert pl.feature_loss(Foreign(x.detach()), Foreign(y))[0] == pytest.approx(
+        pl.FeatureLoss()(x.detach(), y).item(), rel=1e-6)
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    vgg = pl.Vgg(path, context=pl.Context("cuda", 0))
+    value, g = pl.Perceptual(vgg)(Foreign(x.detach()), Foreign(y))
+    assert value == pytest.approx(pl.PerceptualLoss(path)(x.detach(), y).item(), rel=1e-5)
+    assert g.shape == x.shape and g.device.type == "cuda"
+    assert set(pl.cuda_libraries()) >= {"cuda", "cudnn"}
+
+
+def test_a_dropped_module_releases_its_weights(tmp_path):
+    import gc
+
+    from perceptual_loss import torch_modules as tm
+
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    module = pl.PerceptualLoss(path)
+    module(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
+    key = module.key
+    assert key in tm._perceptual_losses
+    del module
+    gc.collect()
+    assert key not in tm._perceptual_losses
