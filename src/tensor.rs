@@ -82,9 +82,11 @@ pub trait Element:
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    #[inline]
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline]
     fn from_f64(v: f64) -> Self {
         v as f32
     }
@@ -92,9 +94,11 @@ impl Element for f32 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    #[inline]
     fn to_f64(self) -> f64 {
         f16::to_f64(self)
     }
+    #[inline]
     fn from_f64(v: f64) -> Self {
         f16::from_f64(v)
     }
@@ -102,9 +106,11 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    #[inline]
     fn to_f64(self) -> f64 {
         bf16::to_f64(self)
     }
+    #[inline]
     fn from_f64(v: f64) -> Self {
         bf16::from_f64(v)
     }

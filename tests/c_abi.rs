@@ -14,11 +14,19 @@ fn build_c(name: &str) -> PathBuf {
     build_c_file(&format!("tests/c/{name}.c"), name)
 }
 
+/// The folder these tests write their programs and files into (cargo's
+/// scratch folder for integration tests), created on first use.
+fn work_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("c-abi");
+    std::fs::create_dir_all(&dir).expect("create the C ABI tests' folder");
+    dir
+}
+
 /// Compiles the C file at `source` (relative to the repository) into `exe`.
 fn build_c_file(source: &str, exe: &str) -> PathBuf {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let lib = common::built_libraries().join("libperceptual_loss.a");
-    let exe = root.join("target/c-abi").join(exe);
+    let exe = work_dir().join(exe);
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let out = Command::new(&cc)
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-I"])
@@ -109,9 +117,7 @@ fn c_perceptual_program_matches_the_oracle() {
     use perceptual_loss::{Shape, VggArch};
     let mut net = Net::random(VggArch::Vgg16, 41);
     let bytes = net.export_safetensors(safetensors::Dtype::F32, "", |_| false);
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/c-abi/vgg16-test.safetensors");
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let path = work_dir().join("vgg16-test.safetensors");
     std::fs::write(&path, bytes).unwrap();
     let out = run_c(&build_c("perceptual_check"), &[&path]);
     let value = |key: &str| -> f64 {
@@ -360,8 +366,7 @@ fn the_feature_distance_and_its_per_image_values() {
 #[test]
 fn the_header_compiles_on_its_own_as_c99_and_cpp() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let dir = root.join("target/c-abi");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = work_dir();
     // The header first, nothing before it; the version macro is usable.
     let source = "#include \"perceptual_loss.h\"\n\
                   int main(void) { return PL_ABI_VERSION == 2 && sizeof(pl_outputs) > 0 ? 0 : 1; }\n";
@@ -417,8 +422,7 @@ fn cuda_context_without_a_device_is_a_clean_error() {
 #[test]
 fn seeded_weights_and_streams_through_the_c_abi() {
     use std::ffi::CString;
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/c-abi");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = work_dir();
     let path = CString::new(dir.join("seeded-vgg19.safetensors").to_str().unwrap()).unwrap();
     unsafe {
         assert_eq!(

@@ -429,3 +429,54 @@ fn same_input_gives_bit_identical_loss() {
         assert_eq!(a.loss.to_bits(), b.loss.to_bits());
     }
 }
+
+/// A batch large enough that its planes are split across threads gives,
+/// bit for bit, what each image gives alone on one thread: every image's
+/// value and gradient, and the loss as the same fixed-order sum.
+#[test]
+fn a_batch_split_across_threads_gives_the_bits_of_its_images_alone() {
+    let mut rng = Rng::new(11);
+    let s = Shape::new(3, 1, 2048, 1500); // 9.2M elements: two threads or more
+    let x = rng.vec(numel(s), -1.0, 1.0);
+    let one = Shape::new(1, s.c, s.h, s.w);
+    for cfg in [
+        TvConfig::default(),
+        TvConfig {
+            variant: TvVariant::L2,
+            reduction: Reduction::Sum,
+            ..Default::default()
+        },
+        TvConfig {
+            variant: TvVariant::Isotropic,
+            ..Default::default()
+        },
+    ] {
+        let batch = run(cfg, &x, s);
+        let mut total = 0.0f64;
+        for (n, image) in x.chunks_exact(numel(one)).enumerate() {
+            let alone = run(cfg, image, one);
+            assert_eq!(batch.per_sample[n].to_bits(), alone.per_sample[0].to_bits());
+            total += alone.per_sample[0] as f64;
+            // A mean over the batch scales each image's gradient by 1/N.
+            let scale = if cfg.reduction == Reduction::Sum {
+                1.0
+            } else {
+                1.0 / s.n as f32
+            };
+            let got = &batch.grad[n * numel(one)..(n + 1) * numel(one)];
+            for (k, (&g, &a)) in got.iter().zip(&alone.grad).enumerate() {
+                assert!(
+                    (g - a * scale).abs() <= 1e-6 * a.abs().max(1e-30) * 4.0,
+                    "{cfg:?} image {n} element {k}: {g} vs {}",
+                    a * scale
+                );
+            }
+        }
+        let reduced = if cfg.reduction == Reduction::Sum {
+            total
+        } else {
+            total / s.n as f64
+        };
+        assert_rel(batch.loss as f64, reduced, 1e-6, "the batch loss");
+    }
+}

@@ -106,6 +106,12 @@ pub(crate) fn check_weight(what: &str, weight: f32) -> Result<()> {
     Ok(())
 }
 
+/// The machine's cores, which the CPU backend splits its work across.
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The derivative of |d| every absolute-value term uses: its sign, 0 at 0,
 /// NaN for NaN.
 pub(crate) fn sign(d: f64) -> f64 {

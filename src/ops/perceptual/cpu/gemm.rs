@@ -9,16 +9,11 @@
 //! benchmark's products with 1.3x on two cores (this split: see
 //! docs/performance.md).
 
-use std::sync::OnceLock;
+use crate::ops::cores;
 
 /// Below this many multiply-adds per part a product is not split: a
 /// thread costs tens of microseconds to start.
 const MIN_PART: usize = 1 << 21;
-
-fn cores() -> usize {
-    static CORES: OnceLock<usize> = OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
 
 /// A matrix operand: base address and row/column strides in elements.
 #[derive(Clone, Copy)]

@@ -1,0 +1,115 @@
+"""The CPU backend beside PyTorch eager on the same machine, threads and
+process: each case alternates one call of each, many times, and reports
+the median of the per-pair time ratios (perceptual-loss / PyTorch), so
+drift in the machine's speed cancels. Random weights (timing does not
+depend on them); two targets alternate so neither side reuses a target.
+
+    PERCEPTUAL_LOSS_LIB=target/release/libperceptual_loss.so \\
+        PYTHONPATH=bindings/python python3 scripts/cpu_vs_torch.py [--reps 15] [--only tv]
+
+Cases: VGG16 perceptual (taps [3, 8, 15, 22], MSE, f32) forward + backward
+at 1x3x64x64, 2x3x128x128 and 1x3x256x256, and the article's TV forward +
+backward at 4x3x256x256."""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torchvision
+
+import perceptual_loss as pl
+
+TAPS = [3, 8, 15, 22]
+
+
+def torch_perceptual(path):
+    from safetensors.torch import load_file
+
+    features = torchvision.models.vgg16(weights=None).features[: max(TAPS) + 1].eval()
+    state = {k.removeprefix("features."): v for k, v in load_file(path).items()}
+    features.load_state_dict({k: v for k, v in state.items() if int(k.split(".")[0]) <= max(TAPS)})
+    for p in features.parameters():
+        p.requires_grad_(False)
+    for i, m in enumerate(features):
+        if isinstance(m, torch.nn.ReLU):
+            features[i] = torch.nn.ReLU(inplace=False)
+
+    def run(pred, target):
+        pred = pred.clone().requires_grad_(True)
+        loss, x, y = 0.0, pred, target
+        for i, m in enumerate(features):
+            x, y = m(x), m(y)
+            if i in TAPS:
+                loss = loss + torch.nn.functional.mse_loss(x, y)
+        loss.backward()
+        return loss.item()
+
+    return run
+
+
+def torch_tv(x):
+    x = x.clone().requires_grad_(True)
+    n, c, h, w = x.shape
+    dh = (x[:, :, 1:, :] - x[:, :, :-1, :]).pow(2).sum()
+    dw = (x[:, :, :, 1:] - x[:, :, :, :-1]).pow(2).sum()
+    loss = 2 * (dh / (c * (h - 1) * w) + dw / (c * h * (w - 1))) / n
+    loss.backward()
+    return loss.item()
+
+
+def paired(ours, theirs, inputs, reps):
+    """Median of ours/theirs over `reps` alternating pairs (after a warm-up),
+    and each side's median time in ms."""
+    for args in inputs[:2]:
+        ours(*args), theirs(*args)
+    ratios, a, b = [], [], []
+    for k in range(reps):
+        args = inputs[k % len(inputs)]
+        t0 = time.perf_counter()
+        ours(*args)
+        t1 = time.perf_counter()
+        theirs(*args)
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ratios), 1e3 * statistics.median(a), 1e3 * statistics.median(b)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--only", choices=["tv", "perceptual"])
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    rng = np.random.default_rng(0)
+    rows = []
+    if args.only in (None, "tv"):
+        shape = (4, 3, 256, 256)
+        xs = [rng.random(shape, dtype=np.float32) for _ in range(2)]
+        ratio, ours, theirs = paired(lambda x, t: pl.tv_loss(x), lambda x, t: torch_tv(t),
+                                     [(x, torch.from_numpy(x)) for x in xs], args.reps * 4)
+        rows.append(("TV article " + "x".join(map(str, shape)), ratio, ours, theirs))
+    if args.only in (None, "perceptual"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "vgg16.safetensors")
+            pl.write_seeded_weights(path, "vgg16", seed=0)
+            ours_loss, theirs_loss = pl.Perceptual(pl.Vgg(path, depth=max(TAPS)), taps=TAPS), torch_perceptual(path)
+            for shape in [(1, 3, 64, 64), (2, 3, 128, 128), (1, 3, 256, 256)]:
+                pred = rng.random(shape, dtype=np.float32)
+                targets = [rng.random(shape, dtype=np.float32) for _ in range(2)]
+                inputs = [(pred, t, torch.from_numpy(pred), torch.from_numpy(t)) for t in targets]
+                ratio, ours, theirs = paired(lambda p, t, tp, tt: ours_loss(p, t),
+                                             lambda p, t, tp, tt: theirs_loss(tp, tt), inputs, args.reps)
+                rows.append(("perceptual " + "x".join(map(str, shape)), ratio, ours, theirs))
+    print(f"{os.cpu_count()} threads, torch {torch.__version__}, median of {args.reps}+ alternating pairs")
+    print(f"{'case (f32, fwd+bwd)':34} {'ours/torch':>10} {'ours ms':>9} {'torch ms':>9}")
+    for name, ratio, ours, theirs in rows:
+        print(f"{name:34} {ratio:10.2f} {ours:9.2f} {theirs:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
