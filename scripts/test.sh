@@ -16,7 +16,7 @@ if [ -s "$log" ]; then
     # suite<TAB>test<TAB>reason -> "  suite: N tests: reason"
     sort "$log" | awk -F'\t' '{ key = $1 "\t" $3; n[key]++ } END { for (k in n) { split(k, f, "\t");
         printf "  %s: %d test%s: %s\n", f[1], n[k], n[k] == 1 ? "" : "s", f[2] } }' | sort
-else
+elif [ "$status" -eq 0 ]; then
     echo "nothing skipped"
 fi
 exit $status

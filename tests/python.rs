@@ -36,10 +36,14 @@ fn python_package_tests() {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     println!("{text}");
     assert!(out.status.success(), "pytest failed:\n{text}");
-    // "SKIPPED [1] bindings/python/tests/test_torch.py:148: needs a GPU"
+    // "SKIPPED [2] bindings/python/tests/test_torch.py:148: needs a GPU":
+    // two tests (parametrized) skipped at that line.
     for skip in text.lines().filter_map(|l| l.strip_prefix("SKIPPED ")) {
-        let at = skip.split_once("] ").map_or(skip, |(_, rest)| rest);
+        let (count, at) = skip
+            .strip_prefix('[')
+            .and_then(|s| s.split_once("] "))
+            .unwrap_or(("1", skip));
         let at = at.rsplit_once("tests/").map_or(at, |(_, file)| file);
-        perceptual_loss::report_skip(&format!("pytest {at}"));
+        perceptual_loss::report_skip(&format!("pytest {at} ({count})"));
     }
 }

@@ -41,14 +41,18 @@ class PlatformWheel(bdist_wheel):
             return "py3", "none", plat
         libs = sorted(pathlib.Path(self.bdist_dir).rglob("libperceptual_loss*.so"))
         if not libs:
-            raise SystemExit("perceptual-loss: the built library is missing from the wheel")
+            # An editable install asks before anything is built; its wheel
+            # holds no library and stays on this machine.
+            return "py3", "none", plat
         arch = plat.split("_", 1)[1] if plat.startswith("linux_") else plat.rsplit("_", 1)[-1]
         return "py3", "none", manylinux_tag(libs[0], arch)
 
 
-# setuptools stages files in build/ and never removes old ones: a library
-# from an earlier build under another name would ship beside the new one.
-shutil.rmtree(pathlib.Path(__file__).resolve().parent / "build" / "lib", ignore_errors=True)
+# setuptools stages files in build/lib* and never removes old ones: a
+# library from an earlier build under another name, or a module since
+# deleted, would ship beside the new ones.
+for staged in (pathlib.Path(__file__).resolve().parent / "build").glob("lib*"):
+    shutil.rmtree(staged, ignore_errors=True)
 
 setup(
     rust_extensions=[

@@ -141,15 +141,27 @@ def _on_cuda(x):
     return x.__dlpack_device__()[0] == _DLPACK_CUDA
 
 
-def _from_dlpack_cuda(x, name):
-    """A CUDA DLPack array as a torch tensor sharing its memory, imported
-    on PyTorch's current stream (the producer orders its writes before it)."""
+def _from_dlpack_cuda(*named):
+    """CUDA DLPack arrays as torch tensors sharing their memory, imported
+    on PyTorch's current stream (the producer orders its writes before
+    it), and checked as the modules check theirs: contiguous NCHW of a
+    supported dtype, and a second array of the first one's shape, dtype
+    and device."""
     try:
         import torch
     except ImportError:
-        raise TypeError(f"{name} is a CUDA array: running it needs PyTorch (the GPU's memory is allocated "
+        raise TypeError(f"{named[0][1]} is a CUDA array: running it needs PyTorch (the GPU's memory is allocated "
                         "through it); install torch, or pass a NumPy array for the CPU backend") from None
-    return torch.from_dlpack(x)
+    from .torch_modules import _check_pair, _check_tensor
+
+    tensors = [torch.from_dlpack(x) if hasattr(x, "__dlpack__") else x for x, _ in named]
+    names = [n for _, n in named]
+    with torch.no_grad():
+        if len(tensors) == 1:
+            _check_tensor(tensors[0], names[0])
+        else:
+            _check_pair(*tensors, names)
+    return tensors
 
 
 def _as_image_batch(x, name):
@@ -163,7 +175,7 @@ def _as_image_batch(x, name):
         try:
             x = np.from_dlpack(x)
         except (TypeError, BufferError, RuntimeError) as e:
-            raise TypeError(f"{name} cannot be shared with NumPy by DLPack ({e}); float32 and float16 can") from None
+            raise TypeError(f"{name} cannot be shared with NumPy by DLPack: {e}") from None
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array or have __dlpack__, got {type(x).__name__}")
     if x.ndim != 4:
@@ -203,7 +215,7 @@ def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=Fal
     if _on_cuda(x):
         from .torch_modules import _tv_op
 
-        t = _from_dlpack_cuda(x, "x")
+        (t,) = _from_dlpack_cuda((x, "x"))
         return _cuda_results(_tv_op(t, cfg.variant, cfg.weight, cfg.eps, bool(check_finite),
                                     cfg.reduction == REDUCTIONS["sum"], grad), grad, per_sample)
     x = _as_image_batch(x, "x")
@@ -221,10 +233,12 @@ def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False,
     if _on_cuda(a) or _on_cuda(b):
         from .torch_modules import _feature_op
 
-        ta, tb = _from_dlpack_cuda(a, "a"), _from_dlpack_cuda(b, "b")
+        ta, tb = _from_dlpack_cuda((a, "a"), (b, "b"))
         return _cuda_results(_feature_op(ta, tb, _choice(CRITERIA, criterion, "criterion"), float(weight),
                                          bool(check_finite), False, grad), grad, per_sample)
     a, b = _as_image_batch(a, "a"), _as_image_batch(b, "b")
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"a and b differ: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
     cfg = _lib.FeatureConfig()
     _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
     cfg.criterion, cfg.weight = _choice(CRITERIA, criterion, "criterion"), weight
@@ -356,11 +370,9 @@ class Perceptual:
                             "context=Context('cuda', ordinal)")
         import torch
 
-        from .torch_modules import _TORCH_DTYPES, _check_pair, _outputs_like
+        from .torch_modules import _TORCH_DTYPES, _outputs_like
 
-        p, t = _from_dlpack_cuda(pred, "pred"), _from_dlpack_cuda(target, "target")
-        with torch.no_grad():
-            _check_pair(p, t, ("pred", "target"))
+        p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
         if p.device.index != ctx.ordinal:
             raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
         loss, per, g = _outputs_like(p, grad)

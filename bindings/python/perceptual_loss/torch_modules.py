@@ -37,10 +37,11 @@ class _DeviceContext:
         self.lock = threading.Lock()
 
     def call(self, fn):
+        """fn()'s result, run on PyTorch's current stream of the device."""
         with self.lock:
             if self.device.type == "cuda":
                 self.context.set_stream(torch.cuda.current_stream(self.device).cuda_stream)
-            fn()
+            return fn()
 
 
 _contexts = {}
@@ -112,10 +113,15 @@ def _setup_context(ctx, inputs, output):
     # inputs: (x, ..., summed, want_grad); the batch reduction the loss
     # was computed with decides how an image's gradient follows from it.
     ctx.summed = inputs[-2]
+    # The gradient output is a constant to autograd: its own derivative
+    # (a second derivative of the loss) is not computed, so asking for one
+    # is an error rather than a silent zero.
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2])
 
 
-def _backward(ctx, grad_loss, grad_per_sample, _grad_grad):
+def _backward(ctx, grad_loss, grad_per_sample, _grad_of_grad):
     """dL/dx for loss = r(l_1..l_N), r a mean (c = 1/N) or a sum (c = 1):
     the library's gradient G is c * dl_n/dx_n on image n, since each image's
     loss depends on that image alone. So an incoming gradient g on the
@@ -142,7 +148,13 @@ def _register(op, num_inputs):
     op.register_autograd(_backward, setup_context=setup)
 
 
-@torch.library.custom_op("perceptual_loss::tv", mutates_args=())
+# The library may allocate and wait on the host in a call (a new shape's
+# plan, check_finite), which a CUDA graph capture forbids: inductor's
+# CUDA graphs ("reduce-overhead") leave these ops out of their graphs.
+_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+
+
+@torch.library.custom_op("perceptual_loss::tv", mutates_args=(), tags=_TAGS)
 def _tv_op(x: torch.Tensor, variant: int, weight: float, eps: float, check_finite: bool, summed: bool,
            want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _lib.TvConfig()
@@ -157,7 +169,7 @@ def _tv_op(x: torch.Tensor, variant: int, weight: float, eps: float, check_finit
     return _run(x, want_grad, call)
 
 
-@torch.library.custom_op("perceptual_loss::feature", mutates_args=())
+@torch.library.custom_op("perceptual_loss::feature", mutates_args=(), tags=_TAGS)
 def _feature_op(a: torch.Tensor, b: torch.Tensor, criterion: int, weight: float, check_finite: bool, summed: bool,
                 want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cfg = _lib.FeatureConfig()
@@ -173,28 +185,41 @@ def _feature_op(a: torch.Tensor, b: torch.Tensor, criterion: int, weight: float,
 
 class _PerceptualLosses:
     """A PerceptualLoss module's library objects: its weights and loss,
-    loaded on first use on each device."""
+    loaded on first use on each device. Registered under a key of its own
+    (custom ops take tensors and plain values, so a module passes the key);
+    a copy or an unpickled one is a new object with a new key, which loads
+    its own weights, and the registry forgets an object once its module
+    is gone."""
 
     def __init__(self, weights, arch, compute, options):
         self.weights, self.arch, self.compute, self.options = weights, arch, compute, options
         self.by_device = {}
         self.lock = threading.Lock()
+        self.key = next(_perceptual_keys)
+        _perceptual_losses[self.key] = self
+
+    def __getstate__(self):
+        return (self.weights, self.arch, self.compute, self.options)
+
+    def __setstate__(self, state):
+        self.__init__(*state)
 
     def on(self, device):
         key = (device.type, device.index)
         with self.lock:
             if key not in self.by_device:
-                vgg = Vgg(self.weights, self.arch, self.compute, context=_context(device).context)
+                ctx = _context(device)
+                # Loaded on the stream the call runs on, under its lock.
+                vgg = ctx.call(lambda: Vgg(self.weights, self.arch, self.compute, context=ctx.context))
                 self.by_device[key] = Perceptual(vgg, **self.options)
             return self.by_device[key]
 
 
-# Custom ops take tensors and plain values, so a module passes its key here.
-_perceptual_losses = {}
+_perceptual_losses = weakref.WeakValueDictionary()
 _perceptual_keys = itertools.count()
 
 
-@torch.library.custom_op("perceptual_loss::perceptual", mutates_args=())
+@torch.library.custom_op("perceptual_loss::perceptual", mutates_args=(), tags=_TAGS)
 def _perceptual_op(pred: torch.Tensor, target: torch.Tensor, key: int, summed: bool,
                    want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     loss = _perceptual_losses[key].on(pred.device)
@@ -291,15 +316,12 @@ class PerceptualLoss(torch.nn.Module):
         # file (the header is checked; the weights load on first use).
         weights_depth(weights, arch)
         self.reduction = _check_reduction(reduction)
-        self.key = next(_perceptual_keys)
-        _perceptual_losses[self.key] = _PerceptualLosses(str(weights), arch, compute, options)
-        # The weights go with the module, not with the process.
-        weakref.finalize(self, _perceptual_losses.pop, self.key, None)
+        self.losses = _PerceptualLosses(str(weights), arch, compute, options)
 
     def forward(self, pred, target):
         _check_pair(pred, target, ("pred", "target"))
         widened = _widened(pred)
         if widened is not pred:
             pred, target = widened, target.float()
-        loss, per_sample, _ = _perceptual_op(pred, target.detach(), self.key, False, _needs_grad(pred))
+        loss, per_sample, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
         return _reduced(loss, per_sample, self.reduction, False)

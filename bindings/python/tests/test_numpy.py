@@ -280,3 +280,11 @@ def test_dlpack_inputs_the_library_cannot_take_are_refused():
         pl.tv_loss(Elsewhere(np.zeros((1, 3, 4, 4), np.float32)))
     with pytest.raises(TypeError, match="NumPy array or have __dlpack__"):
         pl.tv_loss([[1.0]])
+
+
+def test_feature_inputs_of_different_shapes_are_refused():
+    a = np.zeros((1, 3, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="a and b differ"):
+        pl.feature_loss(a, np.zeros((1, 3, 8, 4), np.float32))
+    with pytest.raises(ValueError, match="a and b differ"):
+        pl.feature_loss(a, np.zeros((1, 3, 8, 8), np.float16))

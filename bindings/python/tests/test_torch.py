@@ -332,8 +332,45 @@ def test_a_dropped_module_releases_its_weights(tmp_path):
     path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
     module = pl.PerceptualLoss(path)
     module(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8))
-    key = module.key
+    key = module.losses.key
     assert key in tm._perceptual_losses
     del module
     gc.collect()
     assert key not in tm._perceptual_losses
+
+
+def test_copies_and_pickles_load_their_own_weights(tmp_path):
+    import copy
+    import gc
+    import pickle
+
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    pred, target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    module = pl.PerceptualLoss(path, taps=["relu1_2"])
+    want = module(pred, target).item()
+    copied, pickled = copy.deepcopy(module), pickle.loads(pickle.dumps(module))
+    assert len({module.losses.key, copied.losses.key, pickled.losses.key}) == 3
+    del module
+    gc.collect()  # the original's weights go; the copies keep their own
+    assert copied(pred, target).item() == want
+    assert pickled(pred, target).item() == want
+
+
+def test_a_second_derivative_is_an_error_not_a_zero():
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(pl.TVLoss("l2_squared")(x), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad((g * g).sum(), x)
+
+
+def test_cuda_array_checks_run_before_the_library():
+    # The CUDA path's checks, on CPU tensors standing in for CUDA arrays.
+    from test_numpy import Foreign
+
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="contiguous"):
+        pl._from_dlpack_cuda((Foreign(x.transpose(2, 3)), "x"))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        pl._from_dlpack_cuda((Foreign(x.double()), "x"))
+    with pytest.raises(ValueError, match="a and b differ"):
+        pl._from_dlpack_cuda((Foreign(x), "a"), (Foreign(x[:, :, :4].contiguous()), "b"))
