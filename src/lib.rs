@@ -69,7 +69,9 @@ mod vgg;
 pub use device::{Device, DeviceKind};
 pub use error::{Error, Result};
 pub use ops::feature::{Criterion, FeatureLoss};
-pub use ops::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
+pub use ops::perceptual::{
+    Card, Floor, InputNorm, PerceptualConfig, PerceptualLoss, PlanReport, Tap,
+};
 pub use ops::tv::{Reduction, TvConfig, TvLoss, TvVariant};
 pub use ops::LossOutputs;
 #[doc(hidden)]

@@ -52,17 +52,22 @@ enum BuildError {
     Failed(String),
 }
 
-fn compile(image: &KernelImage, dir: &Path) -> std::result::Result<PathBuf, BuildError> {
+/// Compiles one kernel family against `shim` (written once, before any
+/// compile starts: rewriting it per family let one compiler read it while
+/// another thread had just truncated it).
+fn compile(
+    image: &KernelImage,
+    dir: &Path,
+    shim: &Path,
+) -> std::result::Result<PathBuf, BuildError> {
     let source = dir.join(format!("{}.cu", image.name));
-    let shim = dir.join("cuda_emulation.h");
     let library = dir.join(format!("{}.so", image.name));
     let io = |e: std::io::Error| BuildError::Failed(e.to_string());
     std::fs::write(&source, image.source).map_err(io)?;
-    std::fs::write(&shim, SHIM).map_err(io)?;
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = Command::new(&cxx)
         .args(["-std=c++20", "-O2", "-fPIC", "-shared", "-include"])
-        .arg(&shim)
+        .arg(shim)
         .args(["-x", "c++"])
         .arg(&source)
         .arg("-o")
@@ -81,13 +86,16 @@ fn compile(image: &KernelImage, dir: &Path) -> std::result::Result<PathBuf, Buil
 
 fn build() -> std::result::Result<Emulator, BuildError> {
     let dir = std::env::temp_dir().join(format!("perceptual-loss-emulator-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| BuildError::Failed(e.to_string()))?;
+    let io = |e: std::io::Error| BuildError::Failed(e.to_string());
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let shim = dir.join("cuda_emulation.h");
+    std::fs::write(&shim, SHIM).map_err(io)?;
     let built: Vec<_> = std::thread::scope(|s| {
         let jobs: Vec<_> = kernels::ALL
             .iter()
             .map(|image| {
-                let dir = &dir;
-                s.spawn(move || compile(image, dir).map(|path| (image.name, path)))
+                let (dir, shim) = (&dir, &shim);
+                s.spawn(move || compile(image, dir, shim).map(|path| (image.name, path)))
             })
             .collect();
         jobs.into_iter()

@@ -14,12 +14,13 @@ pub(crate) mod cpu;
 pub(crate) mod cuda;
 
 pub use config::{InputNorm, PerceptualConfig, Tap};
+pub use cuda::cost::{Card, Floor, PlanReport};
 
 use super::LossOutputs;
 use crate::backend::{self, DeviceIo, HostIo, Op, Values};
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
-use crate::tensor::{Element, Shape, TensorRef};
+use crate::tensor::{DType, Element, Shape, TensorRef};
 use crate::vgg::Vgg;
 use config::PerceptualSpec;
 use std::sync::Arc;
@@ -196,6 +197,19 @@ impl PerceptualLoss {
         super::value_on(self.vgg().device(), |loss| {
             self.compute(pred, target, LossOutputs::new(loss))
         })
+    }
+
+    /// What a CUDA call on `shape` with inputs of `dtype` costs (with the
+    /// gradient when `want_grad`): kernel launches, cuDNN calls, the bytes
+    /// the crate's own kernels move and the convolutions' FLOPs, counted
+    /// from the call's schedule, so it needs no GPU (a CPU network reports
+    /// what its weights would cost on CUDA, in their compute dtype).
+    /// [`PlanReport::floor`] turns it into a time floor on a card.
+    pub fn plan_report(&self, shape: Shape, dtype: DType, want_grad: bool) -> Result<PlanReport> {
+        shape.numel()?;
+        self.op.check_shape(shape)?;
+        let dtypes = (dtype, self.vgg().compute_dtype());
+        cuda::cost::report(self.vgg().layers(), &self.op.spec, shape, dtypes, want_grad)
     }
 
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on

@@ -11,6 +11,7 @@
 //! shapes and splits a batch into chunks under a memory budget.
 
 mod convs;
+pub(crate) mod cost;
 mod exec;
 mod layout;
 mod plan;

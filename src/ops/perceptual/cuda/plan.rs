@@ -73,7 +73,7 @@ pub(crate) struct ShapePlan {
 /// the cuDNN algorithms chosen per convolution (`timed` on the device, or
 /// from the heuristics) and the memory it takes.
 fn log_plan(
-    layers: &[Layer],
+    (layers, spec): (&[Layer], &PerceptualSpec),
     (convs, timed): (&[Option<CudnnConv>], bool),
     (s, compute): (Shape, DType),
     (dims, buffers, workspace): (&[Dims], usize, usize),
@@ -87,6 +87,11 @@ fn log_plan(
         mib(buffers),
         mib(workspace)
     );
+    // The caller's tensors counted in the compute dtype: the plan serves
+    // every input dtype.
+    if let Ok(cost) = super::cost::report(layers, spec, s, (compute, compute), true) {
+        eprintln!("  cost per call with the gradient: {cost}");
+    }
     for ((layer, conv), (c, h, w)) in layers.iter().zip(convs).zip(dims) {
         if let Some(conv) = conv {
             eprintln!(
@@ -200,7 +205,7 @@ impl ShapePlan {
         drop(scratch);
         if crate::cuda::env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
             log_plan(
-                layers,
+                (layers, spec),
                 (&convs, scratch_addrs.is_some()),
                 (s, compute),
                 (&dims, layout.bytes, workspace),

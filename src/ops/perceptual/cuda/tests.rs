@@ -9,7 +9,9 @@ use super::schedule::{self, layer_dims};
 use super::steps::{DeviceNet, Exec};
 use super::{exec, CudaCall};
 use crate::backend::DeviceIo;
+use crate::cuda::abi::pl_k_reduce;
 use crate::cuda::emulator::{addr, addr_mut, assert_close, load, store, values, Emulator};
+use crate::cuda::{Gpu, KernelImage};
 use crate::error::{Error, Result};
 use crate::ops::feature::Criterion;
 use crate::ops::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss, Tap};
@@ -18,7 +20,37 @@ use crate::vgg::device_weights::krsc_bytes;
 use crate::vgg::device_weights::ConvAddrs;
 use crate::vgg::{Dims, Layer, LayerAddrs, Pooling, VggArch, INPUT_CHANNELS};
 use crate::{LossOutputs, TensorMut, TensorRef};
+use cudarc::driver::DeviceRepr;
 use half::{bf16, f16};
+use std::cell::Cell;
+
+/// The emulator, counting the kernels launched through it.
+struct Counting<'a> {
+    gpu: &'a Emulator,
+    launches: Cell<usize>,
+}
+
+impl Gpu for Counting<'_> {
+    fn launch_symbol<P: DeviceRepr + Copy>(
+        &self,
+        image: &KernelImage,
+        symbol: &str,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        self.launches.set(self.launches.get() + 1);
+        self.gpu.launch_symbol(image, symbol, grid, params)
+    }
+
+    fn with_reduce<R>(
+        &self,
+        images: usize,
+        partials: usize,
+        f: impl FnOnce(pl_k_reduce) -> Result<R>,
+    ) -> Result<R> {
+        self.gpu.with_reduce(images, partials, f)
+    }
+}
 
 /// What cuDNN computes: NHWC, KRSC filters, zero padding 1, f32 sums,
 /// results rounded to the compute dtype.
@@ -27,6 +59,9 @@ pub(super) struct DirectConvs {
     /// Per layer: input and output dims.
     dims: Vec<(Dims, Dims)>,
     dtype: DType,
+    /// Calls made, and their multiply-adds times 2 (for the cost model).
+    calls: Cell<usize>,
+    flops: Cell<u64>,
 }
 
 impl DirectConvs {
@@ -42,7 +77,20 @@ impl DirectConvs {
                 (input, out[k])
             })
             .collect();
-        DirectConvs { n, dims, dtype }
+        DirectConvs {
+            n,
+            dims,
+            dtype,
+            calls: Cell::new(0),
+            flops: Cell::new(0),
+        }
+    }
+
+    fn counted(&self, layer: usize, images: usize) {
+        let ((ci, h, w), (co, _, _)) = self.dims[layer];
+        self.calls.set(self.calls.get() + 1);
+        self.flops
+            .set(self.flops.get() + (2 * images * co * ci * 9 * h * w) as u64);
     }
 
     /// Calls `f(output pixel, tap, input pixel)` for every in-bounds
@@ -72,6 +120,7 @@ impl Convs for DirectConvs {
         weight: u64,
         y: u64,
     ) -> Result<()> {
+        self.counted(layer, images);
         let ((ci, h, w), (co, _, _)) = self.dims[layer];
         let xs = load(x, self.dtype, images * h * w * ci);
         let ws = load(weight, self.dtype, co * 9 * ci);
@@ -88,6 +137,7 @@ impl Convs for DirectConvs {
     }
 
     unsafe fn backward_data(&self, layer: usize, weight: u64, dy: u64, dx: u64) -> Result<()> {
+        self.counted(layer, self.n);
         let ((ci, h, w), (co, _, _)) = self.dims[layer];
         let dys = load(dy, self.dtype, self.n * h * w * co);
         let ws = load(weight, self.dtype, co * 9 * ci);
@@ -185,8 +235,12 @@ fn check<T: Element>(case: Case) {
         let mut arena = vec![u64::MAX; words + GUARD];
         arena[words..].fill(0x5a5a_5a5a_5a5a_5a5a);
         let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
-        let x = Exec {
+        let counting = Counting {
             gpu: emu,
+            launches: Cell::new(0),
+        };
+        let x = Exec {
+            gpu: &counting,
             convs: &direct,
             net,
             spec,
@@ -195,6 +249,19 @@ fn check<T: Element>(case: Case) {
             base: addr_mut(&mut arena),
         };
         exec::run(&x, |_| Ok(())).unwrap();
+        // The cost model counts what this chunk launched.
+        let shape = Shape { n, ..s };
+        let cost =
+            super::cost::report(layers, spec, shape, (T::DTYPE, compute), want_grad).unwrap();
+        let seen = (
+            counting.launches.get(),
+            direct.calls.get(),
+            direct.flops.get(),
+        );
+        assert_eq!(
+            seen,
+            (cost.kernel_launches, cost.cudnn_calls, cost.conv_flops)
+        );
         assert!(
             arena[words..].iter().all(|&w| w == 0x5a5a_5a5a_5a5a_5a5a),
             "a kernel wrote past the end of the buffers"

@@ -1,0 +1,372 @@
+//! What one CUDA call costs, counted from its schedule (pure data, so it
+//! needs no GPU): kernel launches, cuDNN calls, the bytes the crate's own
+//! kernels read and write, and the convolutions' FLOPs, with the time
+//! floor these imply on a card of a given bandwidth and tensor throughput.
+//! A change that adds a pass or a launch changes these numbers, and the
+//! tests below pin them for a small shape.
+
+use super::schedule::{self, Buf, Images, Schedule, Step};
+use crate::error::Result;
+use crate::ops::perceptual::config::PerceptualSpec;
+use crate::tensor::{DType, Shape};
+use crate::vgg::{Dims, Layer, Module, INPUT_CHANNELS};
+
+/// The cost of one perceptual call on CUDA, from its schedule (see
+/// [`PerceptualLoss::plan_report`](crate::PerceptualLoss::plan_report)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanReport {
+    /// How many chunks the batch runs in (`max_chunk_images`; a memory
+    /// budget is resolved on the device and is not counted here).
+    pub chunks: usize,
+    /// Launches of the crate's own kernels.
+    pub kernel_launches: usize,
+    /// cuDNN convolution calls (forward and backward-data).
+    pub cudnn_calls: usize,
+    /// Bytes the crate's own kernels read (activations, masks, the
+    /// caller's inputs), not counting cuDNN's.
+    pub kernel_bytes_read: u64,
+    /// Bytes the crate's own kernels write.
+    pub kernel_bytes_written: u64,
+    /// Multiply-adds times 2 of every convolution call.
+    pub conv_flops: u64,
+}
+
+/// A card's ceilings, for [`PlanReport::floor`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Card {
+    /// What the card is called in reports.
+    pub name: &'static str,
+    /// DRAM bandwidth in bytes per second (a measured copy is the honest
+    /// ceiling).
+    pub bytes_per_s: f64,
+    /// Dense tensor-core throughput in FLOP/s for the compute dtype.
+    pub flops_per_s: f64,
+}
+
+impl Card {
+    /// NVIDIA H200 SXM: the 4.3 TB/s device-to-device copy measured on one
+    /// (docs/performance.md) and the 989 TFLOP/s dense bf16 of its data sheet.
+    pub const H200: Card = Card {
+        name: "H200",
+        bytes_per_s: 4.3e12,
+        flops_per_s: 989e12,
+    };
+}
+
+/// The time below which a call cannot run on a card: its own kernels'
+/// bytes at full bandwidth plus the convolutions' FLOPs at full throughput
+/// (they run one after the other).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Floor {
+    /// Seconds to move the kernels' bytes at the card's bandwidth.
+    pub memory_s: f64,
+    /// Seconds for the convolutions at the card's tensor throughput.
+    pub compute_s: f64,
+}
+
+impl Floor {
+    /// Both floors, one after the other.
+    pub fn total_s(&self) -> f64 {
+        self.memory_s + self.compute_s
+    }
+}
+
+impl PlanReport {
+    /// The time floor this call implies on `card`.
+    pub fn floor(&self, card: &Card) -> Floor {
+        Floor {
+            memory_s: (self.kernel_bytes_read + self.kernel_bytes_written) as f64
+                / card.bytes_per_s,
+            compute_s: self.conv_flops as f64 / card.flops_per_s,
+        }
+    }
+
+    fn add(&mut self, other: &PlanReport) {
+        self.kernel_launches += other.kernel_launches;
+        self.cudnn_calls += other.cudnn_calls;
+        self.kernel_bytes_read += other.kernel_bytes_read;
+        self.kernel_bytes_written += other.kernel_bytes_written;
+        self.conv_flops += other.conv_flops;
+    }
+}
+
+impl std::fmt::Display for PlanReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let floor = self.floor(&Card::H200);
+        write!(
+            f,
+            "{} chunk(s): {} kernel launches, {} cuDNN calls, kernels read {:.1} MiB and write {:.1} MiB, \
+             convolutions {:.2} GFLOP; floor on an {}: {:.1} us memory + {:.1} us compute",
+            self.chunks,
+            self.kernel_launches,
+            self.cudnn_calls,
+            self.kernel_bytes_read as f64 / (1u64 << 20) as f64,
+            self.kernel_bytes_written as f64 / (1u64 << 20) as f64,
+            self.conv_flops as f64 / 1e9,
+            Card::H200.name,
+            floor.memory_s * 1e6,
+            floor.compute_s * 1e6,
+        )
+    }
+}
+
+/// The report of a call on `shape` with inputs of `input` dtype, the
+/// network computing in `compute`.
+pub(crate) fn report(
+    layers: &[Layer],
+    spec: &PerceptualSpec,
+    shape: Shape,
+    (input, compute): (DType, DType),
+    want_grad: bool,
+) -> Result<PlanReport> {
+    let chunk = spec.chunk.unwrap_or(shape.n).min(shape.n).max(1);
+    let mut total = PlanReport {
+        chunks: shape.n.div_ceil(chunk),
+        kernel_launches: 0,
+        cudnn_calls: 0,
+        kernel_bytes_read: 0,
+        kernel_bytes_written: 0,
+        conv_flops: 0,
+    };
+    let mut start = 0;
+    while start < shape.n {
+        let n = chunk.min(shape.n - start);
+        let part = Shape { n, ..shape };
+        let sched = schedule::build(layers, spec, (n, shape.h, shape.w), want_grad, start > 0)?;
+        let layers = &layers[..=spec.deepest()];
+        total.add(&Counter::new(layers, &sched, part, (input, compute)).count());
+        start += n;
+    }
+    Ok(total)
+}
+
+/// Counts one chunk's schedule.
+struct Counter<'a> {
+    layers: &'a [Layer],
+    sched: &'a Schedule,
+    shape: Shape,
+    input: DType,
+    compute: DType,
+    /// The device dims of each layer's input.
+    inputs: Vec<Dims>,
+}
+
+impl<'a> Counter<'a> {
+    fn new(layers: &'a [Layer], sched: &'a Schedule, shape: Shape, dtypes: (DType, DType)) -> Self {
+        let out = schedule::layer_dims(layers, shape.h, shape.w);
+        let inputs = std::iter::once((INPUT_CHANNELS, shape.h, shape.w))
+            .chain(out.iter().copied())
+            .take(layers.len())
+            .collect();
+        Counter {
+            layers,
+            sched,
+            shape,
+            input: dtypes.0,
+            compute: dtypes.1,
+            inputs,
+        }
+    }
+
+    fn buf(&self, b: Buf) -> u64 {
+        self.sched.buffers[b].bytes(self.compute.size()) as u64
+    }
+
+    fn opt(&self, b: Option<Buf>) -> u64 {
+        b.map_or(0, |b| self.buf(b))
+    }
+
+    fn images(&self, i: Images, (c, h, w): Dims) -> u64 {
+        (i.count * c * h * w * self.compute.size()) as u64
+    }
+
+    /// The caller's pred and target (or gradient): n images each.
+    fn caller(&self) -> u64 {
+        (self.shape.n * self.shape.image_len() * self.input.size()) as u64
+    }
+
+    /// 2 * multiply-adds of convolution `layer` over `images` images.
+    fn conv_flops(&self, layer: usize, images: usize) -> u64 {
+        let (in_c, h, w) = self.inputs[layer];
+        let Module::Conv { out_c, .. } = self.layers[layer].module else {
+            return 0;
+        };
+        (2 * images * out_c * in_c * 9 * h * w) as u64
+    }
+
+    fn count(&self) -> PlanReport {
+        let mut r = PlanReport {
+            chunks: 1,
+            kernel_launches: 0,
+            cudnn_calls: 0,
+            kernel_bytes_read: 0,
+            kernel_bytes_written: 0,
+            conv_flops: 0,
+        };
+        let pooled = |(c, h, w): Dims| (c, h / 2, w / 2);
+        for step in &self.sched.steps {
+            let (read, written) = match step {
+                Step::ConvForward(s) => {
+                    r.cudnn_calls += 1;
+                    r.conv_flops += self.conv_flops(s.layer, s.x.count);
+                    continue;
+                }
+                Step::ConvBackwardData(s) => {
+                    r.cudnn_calls += 1;
+                    r.conv_flops += self.conv_flops(s.layer, self.shape.n);
+                    continue;
+                }
+                // Both caller inputs in; the padded batch out.
+                Step::Preprocess(s) => (2 * self.caller(), self.buf(s.out)),
+                // In place, and the pred images' 1-bit mask.
+                Step::BiasAct(s) => {
+                    let x = self.images(s.x, s.dims);
+                    (x, x + self.opt(s.mask))
+                }
+                Step::BiasActPool(s) => (
+                    self.images(s.x, s.input),
+                    self.images(s.y, pooled(s.input)) + self.opt(s.mask) + self.opt(s.argmax),
+                ),
+                Step::BiasActPoolTap(s) => (
+                    self.images(s.pred, s.input) + self.images(s.target, s.input),
+                    self.images(s.y_pred, pooled(s.input))
+                        + self.images(s.y_target, pooled(s.input))
+                        + self.opt(s.mask)
+                        + self.opt(s.argmax)
+                        + self.opt(s.tap.grad),
+                ),
+                Step::Pool(s) => (
+                    self.images(s.x, s.input),
+                    self.images(s.y, pooled(s.input)) + self.opt(s.argmax),
+                ),
+                Step::TapLoss(s) => (
+                    self.images(s.pred, s.dims) + self.images(s.target, s.dims),
+                    self.opt(s.tap.grad),
+                ),
+                Step::ReluBackward(s) => {
+                    let relu = s.relu;
+                    let read = self.buf(s.g) + self.buf(relu.mask);
+                    (
+                        read + self.opt(relu.before) + self.opt(relu.after),
+                        self.buf(s.g),
+                    )
+                }
+                Step::Unpool(s) => {
+                    let relu = s.relu.map_or(0, |r| {
+                        self.buf(r.mask) + self.opt(r.before) + self.opt(r.after)
+                    });
+                    let read = self.buf(s.gy) + self.opt(s.before) + self.opt(s.argmax);
+                    (read + relu, self.buf(s.gx))
+                }
+                // The padded gradient in; the caller's gradient out.
+                Step::InputGrad(s) => (self.buf(s.g), self.caller()),
+            };
+            r.kernel_launches += 1;
+            r.kernel_bytes_read += read;
+            r.kernel_bytes_written += written;
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
+    use crate::vgg::VggArch;
+
+    fn loss(taps: &[&str], chunk: Option<usize>) -> PerceptualLoss {
+        let config = PerceptualConfig {
+            taps: taps.iter().map(|&t| Tap::from(t)).collect(),
+            max_chunk_images: chunk,
+            ..Default::default()
+        };
+        PerceptualLoss::seeded(VggArch::Vgg16, &config)
+    }
+
+    /// One 4x4 f32 pair tapped at relu1_1, by hand. Device buffers: the
+    /// padded batch (2 x 8 x 16 values), conv1_1's pred and target outputs
+    /// (64 x 16 each, split at full resolution), pred's ReLU mask (1024
+    /// bits) and conv1_1's input gradient (8 x 16).
+    #[test]
+    fn a_small_call_costs_what_its_steps_add_up_to() {
+        let r = loss(&["relu1_1"], None)
+            .plan_report(Shape::new(1, 3, 4, 4), DType::F32, true)
+            .unwrap();
+        let act = 64 * 16 * 4; // one image's conv1_1 output, bytes
+        let mask = 1024 / 8;
+        // preprocess; bias+ReLU on pred (with mask) and on target; the
+        // tap; ReLU backward; the input gradient.
+        assert_eq!(r.kernel_launches, 6);
+        // conv1_1 forward on each half, and its backward-data.
+        assert_eq!(r.cudnn_calls, 3);
+        let read = 2 * 48 * 4 // the caller's pred and target
+            + act + act       // bias+ReLU, in place, each half
+            + 2 * act         // the tap reads both
+            + act + mask      // ReLU backward: gradient and mask
+            + 8 * 16 * 4; // the input gradient reads conv1_1's dx
+        let written = 2 * 8 * 16 * 4 // the padded batch
+            + act + mask + act       // bias+ReLU, the mask once
+            + act                    // the tap's gradient
+            + act                    // ReLU backward, in place
+            + 48 * 4; // the caller's gradient
+        assert_eq!(r.kernel_bytes_read, read as u64);
+        assert_eq!(r.kernel_bytes_written, written as u64);
+        // 2 * (64 x 8 x 3 x 3 multiply-adds per pixel, 16 pixels), over
+        // each half forward and pred backward (8: the padded input).
+        assert_eq!(r.conv_flops, 3 * 2 * 64 * 8 * 9 * 16);
+        assert_eq!(r.chunks, 1);
+    }
+
+    #[test]
+    fn forward_only_drops_the_backward_and_the_mask() {
+        let l = loss(&["relu1_1"], None);
+        let s = Shape::new(1, 3, 4, 4);
+        let fwd = l.plan_report(s, DType::F32, false).unwrap();
+        let both = l.plan_report(s, DType::F32, true).unwrap();
+        assert_eq!(fwd.kernel_launches, 4);
+        assert_eq!(fwd.cudnn_calls, 2);
+        assert_eq!(both.conv_flops - fwd.conv_flops, 2 * 64 * 8 * 9 * 16);
+        let act = 64 * 16 * 4;
+        // No mask, no tap gradient, no backward passes.
+        assert_eq!(fwd.kernel_bytes_written, (2 * 8 * 16 * 4 + 2 * act) as u64);
+    }
+
+    #[test]
+    fn chunks_repeat_the_steps_of_one() {
+        let s = Shape::new(3, 3, 16, 16);
+        let chunked = loss(&["relu2_2"], Some(1))
+            .plan_report(s, DType::F16, true)
+            .unwrap();
+        let one = loss(&["relu2_2"], None)
+            .plan_report(Shape { n: 1, ..s }, DType::F16, true)
+            .unwrap();
+        assert_eq!(chunked.chunks, 3);
+        assert_eq!(chunked.kernel_launches, 3 * one.kernel_launches);
+        assert_eq!(chunked.cudnn_calls, 3 * one.cudnn_calls);
+        assert_eq!(chunked.kernel_bytes_read, 3 * one.kernel_bytes_read);
+        assert_eq!(chunked.conv_flops, 3 * one.conv_flops);
+    }
+
+    #[test]
+    fn the_floor_divides_by_the_card() {
+        let r = PlanReport {
+            chunks: 1,
+            kernel_launches: 1,
+            cudnn_calls: 0,
+            kernel_bytes_read: 3_000,
+            kernel_bytes_written: 1_000,
+            conv_flops: 8_000,
+        };
+        let card = Card {
+            name: "test",
+            bytes_per_s: 1_000.0,
+            flops_per_s: 2_000.0,
+        };
+        let floor = r.floor(&card);
+        assert_eq!(
+            (floor.memory_s, floor.compute_s, floor.total_s()),
+            (4.0, 4.0, 8.0)
+        );
+    }
+}
