@@ -211,6 +211,43 @@ typedef struct pl_perceptual_config {
 } pl_perceptual_config;
 
 /**
+ * What one CUDA call of a perceptual loss costs, counted from its
+ * schedule (no GPU needed): fill `struct_size` with
+ * `pl_plan_report_init`, then `pl_perceptual_plan_report` writes the rest.
+ */
+typedef struct pl_plan_report {
+  /**
+   * sizeof(pl_plan_report), as `pl_plan_report_init` writes it.
+   */
+  size_t struct_size;
+  /**
+   * Chunks the batch runs in (`max_chunk_images`; a memory budget is
+   * resolved on the device and not counted).
+   */
+  uint64_t chunks;
+  /**
+   * Launches of the library's own kernels.
+   */
+  uint64_t kernel_launches;
+  /**
+   * cuDNN convolution calls.
+   */
+  uint64_t cudnn_calls;
+  /**
+   * Bytes the library's own kernels read (cuDNN's not counted).
+   */
+  uint64_t kernel_bytes_read;
+  /**
+   * Bytes the library's own kernels write.
+   */
+  uint64_t kernel_bytes_written;
+  /**
+   * 2 x the multiply-adds of every convolution call.
+   */
+  uint64_t conv_flops;
+} pl_plan_report;
+
+/**
  * Total-variation formula.
  */
 typedef int32_t pl_tv_variant;
@@ -608,6 +645,34 @@ pl_status pl_perceptual_loss(struct pl_perceptual *loss,
                              int64_t h,
                              int64_t w,
                              const struct pl_outputs *out);
+
+/**
+ * Writes `struct_size` and zero counts to `report`.
+ *
+ * # Safety
+ * `report` must be NULL or a writable `pl_plan_report`.
+ */
+pl_status pl_plan_report_init(struct pl_plan_report *report);
+
+/**
+ * Writes to `report` (its `struct_size` set by `pl_plan_report_init`)
+ * what a CUDA call of `loss` on n x c x h x w inputs of `dtype` costs,
+ * with the gradient when `want_grad` is nonzero: kernel launches, cuDNN
+ * calls, the bytes the library's kernels move and the convolutions'
+ * FLOPs, in the network's compute dtype (f32 for weights on the CPU).
+ * Nothing runs; the shape is checked as a loss call checks it.
+ *
+ * # Safety
+ * `loss` must be a live handle and `report` a writable `pl_plan_report`.
+ */
+pl_status pl_perceptual_plan_report(struct pl_perceptual *loss,
+                                    pl_dtype dtype,
+                                    int64_t n,
+                                    int64_t c,
+                                    int64_t h,
+                                    int64_t w,
+                                    int32_t want_grad,
+                                    struct pl_plan_report *report);
 
 /**
  * The library version, e.g. "0.1.0". Never NULL.

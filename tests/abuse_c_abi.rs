@@ -66,6 +66,12 @@ fn perceptual_config() -> pl_perceptual_config {
     c
 }
 
+fn plan_report() -> pl_plan_report {
+    let mut r = unsafe { std::mem::zeroed() };
+    unsafe { assert_eq!(pl_plan_report_init(&mut r), PL_OK) };
+    r
+}
+
 fn vgg_options() -> pl_vgg_options {
     let mut o = unsafe { std::mem::zeroed() };
     unsafe { assert_eq!(pl_vgg_options_init(&mut o), PL_OK) };
@@ -573,6 +579,52 @@ fn cases() -> Vec<Case> {
             out.grad = w.x() as *mut c_void;
             w.perceptual(PL_F32, ONE, &out)
         }),
+        // The cost model of a loss.
+        (
+            "plan report: NULL loss",
+            PL_ERR_INVALID_ARGUMENT,
+            |_| unsafe {
+                let mut r = plan_report();
+                pl_perceptual_plan_report(null_mut(), PL_F32, 1, 3, 16, 16, 1, &mut r)
+            },
+        ),
+        (
+            "plan report: NULL report",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe { pl_perceptual_plan_report(w.loss, PL_F32, 1, 3, 16, 16, 1, null_mut()) },
+        ),
+        (
+            "plan report: struct_size 0",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let mut r = plan_report();
+                r.struct_size = 0;
+                let st = pl_perceptual_plan_report(w.loss, PL_F32, 1, 3, 16, 16, 1, &mut r);
+                if r.kernel_launches != 0 {
+                    return PL_OK; // written despite the error: fail the case
+                }
+                st
+            },
+        ),
+        (
+            "plan report: dtype 3, 2 channels, negative n",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let mut r = plan_report();
+                let statuses = [
+                    pl_perceptual_plan_report(w.loss, 3, 1, 3, 16, 16, 1, &mut r),
+                    match pl_perceptual_plan_report(w.loss, PL_F32, 1, 2, 16, 16, 1, &mut r) {
+                        PL_ERR_INVALID_SHAPE => PL_ERR_INVALID_ARGUMENT,
+                        other => other,
+                    },
+                    match pl_perceptual_plan_report(w.loss, PL_F32, -1, 3, 16, 16, 1, &mut r) {
+                        PL_ERR_INVALID_SHAPE => PL_ERR_INVALID_ARGUMENT,
+                        other => other,
+                    },
+                ];
+                every(&statuses, PL_ERR_INVALID_ARGUMENT)
+            },
+        ),
         // A well-formed call still works after all of the above.
         ("a good call", PL_OK, |w| {
             w.perceptual(PL_F32, ONE, &with_grad())

@@ -477,6 +477,46 @@ fn seeded_weights_and_streams_through_the_c_abi() {
         );
         assert_eq!(st, PL_OK, "{}", last_error());
         assert_eq!(value, 0.0, "identical inputs");
+        // The cost model through C is the Rust one, field for field.
+        let mut report = std::mem::zeroed();
+        assert_eq!(pl_plan_report_init(&mut report), PL_OK);
+        let st = pl_perceptual_plan_report(loss, PL_BF16, 2, 3, 8, 8, 1, &mut report);
+        assert_eq!(st, PL_OK, "{}", last_error());
+        let seeded =
+            perceptual_loss::seeded_safetensors(perceptual_loss::VggArch::Vgg19, 7).unwrap();
+        let vgg19 = perceptual_loss::Vgg::load(
+            &perceptual_loss::Device::cpu(),
+            perceptual_loss::WeightsSource::Bytes(&seeded),
+            perceptual_loss::VggArch::Vgg19,
+            perceptual_loss::DType::F32,
+        )
+        .unwrap();
+        let want = perceptual_loss::PerceptualLoss::new(vgg19, &Default::default())
+            .unwrap()
+            .plan_report(
+                perceptual_loss::Shape::new(2, 3, 8, 8),
+                perceptual_loss::DType::BF16,
+                true,
+            )
+            .unwrap();
+        let got = [
+            report.chunks,
+            report.kernel_launches,
+            report.cudnn_calls,
+            report.kernel_bytes_read,
+            report.kernel_bytes_written,
+            report.conv_flops,
+        ];
+        let want = [
+            want.chunks as u64,
+            want.kernel_launches as u64,
+            want.cudnn_calls as u64,
+            want.kernel_bytes_read,
+            want.kernel_bytes_written,
+            want.conv_flops,
+        ];
+        assert_eq!(got, want);
+        assert!(report.kernel_launches > 0 && report.conv_flops > 0);
         pl_perceptual_destroy(loss);
         pl_vgg_destroy(vgg);
         pl_context_destroy(ctx);

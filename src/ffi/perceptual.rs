@@ -264,3 +264,85 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         handle.loss.compute_on(&device, p, t, call.outputs)
     })
 }
+
+/// What one CUDA call of a perceptual loss costs, counted from its
+/// schedule (no GPU needed): fill `struct_size` with
+/// `pl_plan_report_init`, then `pl_perceptual_plan_report` writes the rest.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pl_plan_report {
+    /// sizeof(pl_plan_report), as `pl_plan_report_init` writes it.
+    pub struct_size: usize,
+    /// Chunks the batch runs in (`max_chunk_images`; a memory budget is
+    /// resolved on the device and not counted).
+    pub chunks: u64,
+    /// Launches of the library's own kernels.
+    pub kernel_launches: u64,
+    /// cuDNN convolution calls.
+    pub cudnn_calls: u64,
+    /// Bytes the library's own kernels read (cuDNN's not counted).
+    pub kernel_bytes_read: u64,
+    /// Bytes the library's own kernels write.
+    pub kernel_bytes_written: u64,
+    /// 2 x the multiply-adds of every convolution call.
+    pub conv_flops: u64,
+}
+
+released_once!(pl_plan_report, last conv_flops: u64, {
+    chunks: 0,
+    kernel_launches: 0,
+    cudnn_calls: 0,
+    kernel_bytes_read: 0,
+    kernel_bytes_written: 0,
+    conv_flops: 0,
+});
+
+/// Writes `struct_size` and zero counts to `report`.
+///
+/// # Safety
+/// `report` must be NULL or a writable `pl_plan_report`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_plan_report_init(report: *mut pl_plan_report) -> pl_status {
+    guard(|| options::init(report, "report"))
+}
+
+/// Writes to `report` (its `struct_size` set by `pl_plan_report_init`)
+/// what a CUDA call of `loss` on n x c x h x w inputs of `dtype` costs,
+/// with the gradient when `want_grad` is nonzero: kernel launches, cuDNN
+/// calls, the bytes the library's kernels move and the convolutions'
+/// FLOPs, in the network's compute dtype (f32 for weights on the CPU).
+/// Nothing runs; the shape is checked as a loss call checks it.
+///
+/// # Safety
+/// `loss` must be a live handle and `report` a writable `pl_plan_report`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_plan_report(
+    loss: *mut pl_perceptual,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    want_grad: i32,
+    report: *mut pl_plan_report,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(loss, "loss")?;
+        out_param(report, "report")?;
+        // The caller's version of the struct: its size must be one we know.
+        options::read(report.cast_const(), "report")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let r = handle.loss.plan_report(shape, dtype, want_grad != 0)?;
+        let count = |v: usize| v as u64;
+        *report = pl_plan_report {
+            struct_size: std::mem::size_of::<pl_plan_report>(),
+            chunks: count(r.chunks),
+            kernel_launches: count(r.kernel_launches),
+            cudnn_calls: count(r.cudnn_calls),
+            kernel_bytes_read: r.kernel_bytes_read,
+            kernel_bytes_written: r.kernel_bytes_written,
+            conv_flops: r.conv_flops,
+        };
+        Ok(())
+    })
+}

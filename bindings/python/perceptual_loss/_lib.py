@@ -117,6 +117,20 @@ class PerceptualConfig(ctypes.Structure):
     ]
 
 
+class PlanReport(ctypes.Structure):
+    """pl_plan_report, field for field."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("chunks", ctypes.c_uint64),
+        ("kernel_launches", ctypes.c_uint64),
+        ("cudnn_calls", ctypes.c_uint64),
+        ("kernel_bytes_read", ctypes.c_uint64),
+        ("kernel_bytes_written", ctypes.c_uint64),
+        ("conv_flops", ctypes.c_uint64),
+    ]
+
+
 def _declare(name, restype, *argtypes):
     fn = getattr(lib, name)
     fn.restype = restype
@@ -157,5 +171,10 @@ pl_perceptual_destroy = _declare("pl_perceptual_destroy", None, c_void_p)
 pl_perceptual_loss = _declare(
     "pl_perceptual_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
     ctypes.POINTER(Outputs),
+)
+pl_plan_report_init = _declare("pl_plan_report_init", c_int32, ctypes.POINTER(PlanReport))
+pl_perceptual_plan_report = _declare(
+    "pl_perceptual_plan_report", c_int32, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64, c_int32,
+    ctypes.POINTER(PlanReport),
 )
 pl_seeded_weights_write = _declare("pl_seeded_weights_write", c_int32, c_char_p, c_int32, ctypes.c_uint64)

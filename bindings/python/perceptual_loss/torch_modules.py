@@ -318,6 +318,13 @@ class PerceptualLoss(torch.nn.Module):
         self.reduction = _check_reduction(reduction)
         self.losses = _PerceptualLosses(str(weights), arch, compute, options)
 
+    def plan_report(self, shape, dtype=torch.float32, device="cpu", grad=True):
+        """What a CUDA call on `shape` costs, from its schedule (see
+        `perceptual_loss.Perceptual.plan_report`), in the compute dtype of
+        the weights as loaded on `device` (float32 on the CPU)."""
+        loss = self.losses.on(torch.device(device))
+        return loss.plan_report(tuple(shape), _TORCH_DTYPES[dtype], grad)
+
     def forward(self, pred, target):
         _check_pair(pred, target, ("pred", "target"))
         widened = _widened(pred)

@@ -288,3 +288,22 @@ def test_feature_inputs_of_different_shapes_are_refused():
         pl.feature_loss(a, np.zeros((1, 3, 8, 4), np.float32))
     with pytest.raises(ValueError, match="a and b differ"):
         pl.feature_loss(a, np.zeros((1, 3, 8, 8), np.float16))
+
+
+def test_plan_report_counts_a_small_call(seeded):
+    # By hand, as src/ops/perceptual/cuda/cost.rs's test: one 4x4 pair
+    # tapped at relu1_1, f32 throughout.
+    loss = pl.Perceptual(pl.Vgg(seeded), taps=["relu1_1"])
+    r = loss.plan_report((1, 3, 4, 4), "float32")
+    act, mask = 64 * 16 * 4, 1024 // 8
+    assert r == {
+        "chunks": 1,
+        "kernel_launches": 6,
+        "cudnn_calls": 3,
+        "kernel_bytes_read": 2 * 48 * 4 + 2 * act + 2 * act + act + mask + 8 * 16 * 4,
+        "kernel_bytes_written": 2 * 8 * 16 * 4 + 2 * act + mask + act + act + 48 * 4,
+        "conv_flops": 3 * 2 * 64 * 8 * 9 * 16,
+    }
+    assert loss.plan_report((1, 3, 4, 4), grad=False)["kernel_launches"] == 4
+    with pytest.raises(pl.Error, match="channels"):
+        loss.plan_report((1, 2, 4, 4))

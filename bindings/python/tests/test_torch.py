@@ -374,3 +374,11 @@ def test_cuda_array_checks_run_before_the_library():
         pl._from_dlpack_cuda((Foreign(x.double()), "x"))
     with pytest.raises(ValueError, match="a and b differ"):
         pl._from_dlpack_cuda((Foreign(x), "a"), (Foreign(x[:, :, :4].contiguous()), "b"))
+
+
+def test_the_module_reports_its_plan(tmp_path):
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    module = pl.PerceptualLoss(path, taps=["relu2_2"])
+    got = module.plan_report((2, 3, 32, 32), torch.bfloat16)
+    want = pl.Perceptual(pl.Vgg(path), taps=["relu2_2"]).plan_report((2, 3, 32, 32), "bfloat16")
+    assert got == want and got["kernel_launches"] > 0
