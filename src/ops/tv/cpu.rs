@@ -125,19 +125,20 @@ fn load<T: Element>(dst: &mut [f64], src: &[T]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f64());
 }
 
-/// The sum of phi over one plane's vertical and horizontal differences,
-/// with, when `g` is given, each element's gradient: the slope of the
-/// difference reaching it minus the slope of the one leaving it, in both
-/// directions. `phi(d, k)` is (value, slope), `k` the direction's
-/// coefficient.
+/// Runs one plane a row at a time and returns its sum; with `g`, writes
+/// each row's gradient once complete: what reaches each element from above
+/// (the row above's `down`) and from the left, less what leaves it.
+/// `slopes(row, below, down, right, lanes)` fills, for a row and the one
+/// below it (`None` on the last row), the slopes of the differences
+/// leaving each element downwards and to the right (0 where there is
+/// none), adding their values to the lanes.
 #[inline(always)]
-fn separable_plane<T: Element>(
+fn plane_rows<T: Element>(
     x: &[T],
     (h, w): (usize, usize),
-    (kh, kw): (f64, f64),
     rows: &mut Rows,
     mut g: Option<PlaneGrad<'_, T>>,
-    phi: impl Fn(f64, f64) -> (f64, f64),
+    mut slopes: impl FnMut(&[f64], Option<&[f64]>, &mut [f64], &mut [f64], &mut [f64; LANES]),
 ) -> f64 {
     let Rows {
         row,
@@ -149,20 +150,14 @@ fn separable_plane<T: Element>(
     } = rows;
     let mut acc = [0.0; LANES];
     prev.fill(0.0);
-    right.fill(0.0);
     load(row, &x[..w]);
     for i in 0..h {
-        if i + 1 < h {
+        let has_below = i + 1 < h;
+        if has_below {
             load(below, &x[(i + 1) * w..(i + 2) * w]);
-            accumulate(&mut acc, below, row, down, |b, r| phi(b - r, kh));
-        } else {
-            down.fill(0.0);
         }
-        accumulate(&mut acc, &row[1..], row, &mut right[..w - 1], |next, r| {
-            phi(next - r, kw)
-        });
+        slopes(row, has_below.then_some(&below[..]), down, right, &mut acc);
         if let Some(g) = g.as_mut() {
-            // right[w - 1] stays 0: no difference leaves the last column.
             let (d, rt) = (&down[..w], &right[..w]);
             combine(out, prev, |j| d[j] + rt[j], rt);
             g.store_row(i, out);
@@ -173,58 +168,58 @@ fn separable_plane<T: Element>(
     acc.iter().sum()
 }
 
+/// The sum of phi over one plane's vertical and horizontal differences,
+/// and its gradient. `phi(d, k)` is (value, slope), `k` the direction's
+/// coefficient.
+#[inline(always)]
+fn separable_plane<T: Element>(
+    x: &[T],
+    (h, w): (usize, usize),
+    (kh, kw): (f64, f64),
+    rows: &mut Rows,
+    g: Option<PlaneGrad<'_, T>>,
+    phi: impl Fn(f64, f64) -> (f64, f64),
+) -> f64 {
+    plane_rows(x, (h, w), rows, g, |row, below, down, right, acc| {
+        match below {
+            Some(b) => accumulate(acc, b, row, down, |b, r| phi(b - r, kh)),
+            None => down.fill(0.0),
+        }
+        accumulate(acc, &row[1..], row, &mut right[..w - 1], |next, r| {
+            phi(next - r, kw)
+        });
+        right[w - 1] = 0.0; // no difference leaves the last column
+    })
+}
+
 /// One plane's isotropic sum of sqrt(dh^2 + dw^2 + eps) over the
 /// (H-1) x (W-1) positions with both differences, and its gradient: each
-/// position pushes dh/t below, dw/t right and -(dh+dw)/t onto itself
-/// (nothing where the root is 0).
+/// position sends dh/t down and dw/t right (nothing where the root is 0).
 #[inline(always)]
 fn isotropic_plane<T: Element>(
     x: &[T],
     (h, w): (usize, usize),
     eps: f64,
     rows: &mut Rows,
-    mut g: Option<PlaneGrad<'_, T>>,
+    g: Option<PlaneGrad<'_, T>>,
 ) -> f64 {
-    let Rows {
-        row,
-        below,
-        down,
-        right,
-        prev,
-        out,
-    } = rows;
-    let mut acc = [0.0; LANES];
-    prev.fill(0.0);
-    load(row, &x[..w]);
-    for i in 0..h {
+    plane_rows(x, (h, w), rows, g, |row, below, down, right, acc| {
         down.fill(0.0);
         right.fill(0.0);
-        if i + 1 < h {
-            load(below, &x[(i + 1) * w..(i + 2) * w]);
-            let (b, r) = (&below[..w], &row[..w]);
-            let (d, rt) = (&mut down[..w - 1], &mut right[..w - 1]);
-            // The root couples both directions; it is not worth the
-            // chunked form (lane j % LANES, as there).
-            for j in 0..w - 1 {
-                let dh = b[j] - r[j];
-                let dw = r[j + 1] - r[j];
-                let t = (dh * dh + dw * dw + eps).sqrt();
-                acc[j % LANES] += t;
-                if t != 0.0 {
-                    d[j] = dh / t;
-                    rt[j] = dw / t;
-                }
+        let Some(b) = below else { return };
+        // The root couples both directions; it is not worth the chunked
+        // form of `accumulate` (lane j % LANES, as there).
+        for j in 0..w - 1 {
+            let dh = b[j] - row[j];
+            let dw = row[j + 1] - row[j];
+            let t = (dh * dh + dw * dw + eps).sqrt();
+            acc[j % LANES] += t;
+            if t != 0.0 {
+                down[j] = dh / t;
+                right[j] = dw / t;
             }
         }
-        if let Some(g) = g.as_mut() {
-            let (d, rt) = (&down[..w], &right[..w]);
-            combine(out, prev, |j| d[j] + rt[j], rt);
-            g.store_row(i, out);
-        }
-        std::mem::swap(prev, down);
-        std::mem::swap(row, below);
-    }
-    acc.iter().sum()
+    })
 }
 
 /// One plane's sum, writing its gradient scaled by `scale` when `g` is
