@@ -15,18 +15,18 @@ mod common;
 use common::{median, time_gpu};
 use perceptual_loss::half::bf16;
 use perceptual_loss::{
-    seeded_safetensors, DType, Device, Element, LossOutputs, PerceptualConfig, PerceptualLoss,
-    Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
+    seeded_safetensors, Card, DType, Device, Element, LossOutputs, PerceptualConfig,
+    PerceptualLoss, Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
 };
 use std::time::Instant;
 
-/// (median ms, plan MiB, free-memory drop MiB) of forward + backward (or
-/// forward only) on `dev`.
+/// (median ms, plan MiB, free-memory drop MiB, the cost model's H200
+/// floor in ms) of forward + backward (or forward only) on `dev`.
 fn gpu_case<T: Element>(
     dev: &Device,
     bytes: &[u8],
     (s, compute, tf32, with_grad): (Shape, DType, bool, bool),
-) -> Result<(f64, f64, f64), Box<dyn std::error::Error>> {
+) -> Result<(f64, f64, f64, f64), Box<dyn std::error::Error>> {
     let st = dev.cuda_stream().ok_or("not a CUDA device")?.clone();
     let ctx = st.context().clone();
     let vgg = Vgg::load(dev, WeightsSource::Bytes(bytes), VggArch::Vgg16, compute)?;
@@ -65,7 +65,14 @@ fn gpu_case<T: Element>(
     // The first call planned the shape and succeeded: later ones reuse it.
     let ms = time_gpu(dev, 30, || step().unwrap());
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    Ok((ms, mib(loss.plan_footprint(s)?.unwrap_or(0)), mib(drop)))
+    let floor = loss.plan_report(s, T::DTYPE, with_grad)?.floor(&Card::H200);
+    let floor_ms = floor.total_s() * 1e3;
+    Ok((
+        ms,
+        mib(loss.plan_footprint(s)?.unwrap_or(0)),
+        mib(drop),
+        floor_ms,
+    ))
 }
 
 fn main() {
@@ -133,14 +140,14 @@ fn gpu_cases(bytes: &[u8]) {
         Err(e) => return println!("\nGPU: skipped: no CUDA device ({e})"),
     };
     println!(
-        "\n| perceptual VGG16 [3,8,15,22] on {}, cuDNN algorithms {} | median ms | plan MiB | free-memory drop MiB |",
+        "\n| perceptual VGG16 [3,8,15,22] on {}, cuDNN algorithms {} | median ms | plan MiB | free-memory drop MiB | H200 floor ms (cost model, bf16 peak) |",
         dev.name(),
         match std::env::var("PERCEPTUAL_LOSS_CUDNN_BENCHMARK").as_deref() {
             Ok("1") => "timed (PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1)",
             _ => "from heuristics",
         }
     );
-    println!("|---|---|---|---|");
+    println!("|---|---|---|---|---|");
     let cases = [
         (Shape::new(8, 3, 256, 256), DType::BF16, false, true),
         (Shape::new(8, 3, 256, 256), DType::BF16, false, false),
@@ -166,8 +173,12 @@ fn gpu_cases(bytes: &[u8]) {
             if with_grad { "fwd+bwd" } else { "forward only" }
         );
         match result {
-            Ok((ms, plan, drop)) => println!("| {what} | {ms:.3} | {plan:.0} | {drop:.0} |"),
-            Err(e) => println!("| {what} | failed: {e} | | |"),
+            // The floor takes the bf16 tensor peak: for f32 it is no floor.
+            Ok((ms, plan, drop, floor)) if compute != DType::F32 => {
+                println!("| {what} | {ms:.3} | {plan:.0} | {drop:.0} | {floor:.3} |")
+            }
+            Ok((ms, plan, drop, _)) => println!("| {what} | {ms:.3} | {plan:.0} | {drop:.0} | |"),
+            Err(e) => println!("| {what} | failed: {e} | | | |"),
         }
     }
 }
