@@ -134,6 +134,11 @@ pub(crate) fn run<const N: usize>(
         Some(dev) => {
             let io = device_io(dev, &inputs, &out)?;
             if op.checks_finite() {
+                dev.refuse_in_capture(|| {
+                    "check_finite waits for the device to read its result (turn it off for \
+                     captured calls)"
+                        .into()
+                })?;
                 let first = finite::first_on_device(dev, &io.inputs, dtype, shape.numel()?)?;
                 if let Some((input, index, value)) = first {
                     return Err(finite::error(inputs[input].1, shape, index, value));

@@ -558,3 +558,108 @@ fn create_and_destroy_cycles_return_device_memory() {
         "free memory went from {before} to {after} bytes over 1000 cycles"
     );
 }
+
+/// A call whose shape is already planned on its stream can be captured
+/// into a CUDA graph (as `torch.cuda.graph` or a C caller's
+/// `cuStreamBeginCapture` does) and replayed: the replay writes the same
+/// loss, per-image values and gradient bits as a direct call. While the
+/// stream is capturing, a shape not planned there and `check_finite` are
+/// errors that say so, and the stream works after the capture ends.
+#[test]
+fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
+    use perceptual_loss::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use perceptual_loss::cudarc::driver::CudaSlice;
+    use perceptual_loss::{LossOutputs, TensorMut};
+    let Some(dev) = gpu() else { return };
+    let cfg = PerceptualConfig::default();
+    let (_, cuda) = losses(&dev, VggArch::Vgg16, &cfg, DType::BF16, 71);
+    let s = Shape::new(2, 3, 32, 32);
+    let mut rng = Rng::new(72);
+    let (p, t) = (
+        rng.vec(s.n * 3 * 32 * 32, 0.0, 1.0),
+        rng.vec(s.n * 3 * 32 * 32, 0.0, 1.0),
+    );
+    // Planned on this stream by one call, which also gives the bits to match.
+    let want = on_stream(&cuda, &dev, &p, &t, s);
+
+    let st = dev.cuda_stream().unwrap().clone();
+    let (pd, td) = (st.clone_htod(&p).unwrap(), st.clone_htod(&t).unwrap());
+    let mut ld = st.clone_htod(&[f32::NAN]).unwrap();
+    let mut per = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
+    let mut gd = st.clone_htod(&vec![f32::NAN; p.len()]).unwrap();
+    // Buffers for one image, allocated before the capture.
+    let one = Shape { n: 1, ..s };
+    let (mut l1, mut p1) = (
+        st.clone_htod(&[0f32]).unwrap(),
+        st.clone_htod(&[0f32]).unwrap(),
+    );
+    let mut g1 = st.clone_htod(&vec![0f32; p.len() / 2]).unwrap();
+    let half = p.len() / 2;
+    let (pd1, td1) = (
+        st.clone_htod(&p[..half]).unwrap(),
+        st.clone_htod(&t[..half]).unwrap(),
+    );
+    dev.synchronize().unwrap();
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+        .unwrap();
+    let call = |(pred, target): (&CudaSlice<f32>, &CudaSlice<f32>),
+                shape: Shape,
+                (ld, per, gd): (
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<f32>,
+    ),
+                loss: &PerceptualLoss| {
+        let out = LossOutputs::new(TensorMut::cuda(ld, Shape::flat(1)).unwrap())
+            .with_per_sample(TensorMut::cuda(per, Shape::flat(shape.n)).unwrap())
+            .with_grad(TensorMut::cuda(gd, shape).unwrap());
+        loss.compute(
+            &TensorRef::cuda(pred, shape).unwrap(),
+            &TensorRef::cuda(target, shape).unwrap(),
+            out,
+        )
+    };
+    let captured = call((&pd, &td), s, (&mut ld, &mut per, &mut gd), &cuda);
+    // One image of the same size is another shape: not planned here.
+    let unplanned = call((&pd1, &td1), one, (&mut l1, &mut p1, &mut g1), &cuda);
+    let graph = st
+        .end_capture(CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a graph");
+    captured.unwrap();
+    let e = unplanned.unwrap_err().to_string();
+    assert!(
+        e.contains("no plan for") && e.contains("before capturing"),
+        "{e}"
+    );
+    graph.launch().unwrap();
+    dev.synchronize().unwrap();
+    let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut got = bits(st.clone_dtoh(&ld).unwrap());
+    got.extend(bits(st.clone_dtoh(&per).unwrap()));
+    assert_eq!(got, want.0, "the replayed loss and per-image values");
+    assert_eq!(
+        bits(st.clone_dtoh(&gd).unwrap()),
+        want.1,
+        "the replayed gradient"
+    );
+
+    // check_finite waits for the device: refused while capturing.
+    let checked = PerceptualConfig {
+        check_finite: true,
+        ..Default::default()
+    };
+    let (_, finite) = losses(&dev, VggArch::Vgg16, &checked, DType::BF16, 71);
+    on_stream(&finite, &dev, &p, &t, s);
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+        .unwrap();
+    let refused = call((&pd, &td), s, (&mut ld, &mut per, &mut gd), &finite);
+    let _ = st.end_capture(CUgraphInstantiate_flags(0));
+    let e = refused.unwrap_err().to_string();
+    assert!(
+        e.contains("check_finite") && e.contains("CUDA graph capture"),
+        "{e}"
+    );
+    // The stream still works.
+    assert_eq!(on_stream(&cuda, &dev, &p, &t, s), want);
+}

@@ -105,6 +105,23 @@ impl CudaDevice {
         &self.stream
     }
 
+    /// An error when this device's stream is being captured into a CUDA
+    /// graph (a caller's `cuStreamBeginCapture`, PyTorch's
+    /// `torch.cuda.graph`): `what` would allocate device memory, create a
+    /// handle or wait for the device, which breaks a capture. A capture
+    /// status the driver cannot report counts as no capture, so a call
+    /// outside any capture is never refused here.
+    pub(crate) fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
+        use cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        match self.stream.capture_status() {
+            Ok(status) if status != CU_STREAM_CAPTURE_STATUS_NONE => Err(Error::arg(format!(
+                "{}, which a CUDA graph capture of this stream forbids",
+                what()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Makes this device's context current on the calling thread (for the
     /// driver and cuDNN calls that use the current context).
     pub(crate) fn bind(&self) -> Result<()> {
@@ -185,7 +202,14 @@ impl CudaDevice {
         self.bind()?;
         let handle = match guard.take() {
             Some(h) => h,
-            None => crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?,
+            None => {
+                self.refuse_in_capture(|| {
+                    "this stream has no cuDNN handle yet (run one call on it before capturing): \
+                     creating one"
+                        .into()
+                })?;
+                crate::cuda::cudnn::Handle::new(self.stream.cu_stream())?
+            }
         };
         let result = f(&handle);
         *guard = Some(handle);
@@ -202,6 +226,12 @@ impl CudaDevice {
         let mut guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
         if guard.as_ref().is_none_or(|ws| ws.len() < need) {
+            self.refuse_in_capture(|| {
+                format!(
+                    "this call needs {need} bytes of reduction scratch on this stream (run it once \
+                     there before capturing): allocating them"
+                )
+            })?;
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).
             let size = need.next_power_of_two().max(4096);
             *guard = None; // free the old block first (stream-ordered)

@@ -382,3 +382,27 @@ def test_the_module_reports_its_plan(tmp_path):
     got = module.plan_report((2, 3, 32, 32), torch.bfloat16)
     want = pl.Perceptual(pl.Vgg(path), taps=["relu2_2"]).plan_report((2, 3, 32, 32), "bfloat16")
     assert got == want and got["kernel_launches"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_planned_training_step_is_captured_with_torch_cuda_graph(tmp_path):
+    # Warm-up on the capture stream plans the shape there; the captured
+    # step then replays with the eager step's loss.
+    path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    module = pl.PerceptualLoss(path, compute="bfloat16")
+    net = torch.nn.Conv2d(3, 3, 3, padding=1).cuda()
+    x, target = torch.rand(2, 3, 32, 32, device="cuda"), torch.rand(2, 3, 32, 32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            module(net(x), target).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        static_loss = module(net(x), target)
+        static_loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = module(net(x), target)  # the same path (with the gradient), not replayed
+    assert static_loss.item() == eager.item()

@@ -226,7 +226,16 @@ impl Plans {
             let compute = vgg.compute_dtype();
             let plan = plans.get_or_try_insert(
                 |p| p.matches(dev, shape, compute, spec.tf32),
-                || ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute),
+                || {
+                    dev.refuse_in_capture(|| {
+                        format!(
+                            "no plan for {shape} on this stream yet (run one call of this shape \
+                             on it before capturing): building one allocates device memory and \
+                             chooses cuDNN algorithms"
+                        )
+                    })?;
+                    ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute)
+                },
             )?;
             f(handle, plan)
         })
