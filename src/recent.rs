@@ -29,13 +29,26 @@ impl<T> Recent<T> {
         Some(self.items.remove(k))
     }
 
+    /// Whether a value `matches` picks is kept.
+    pub(crate) fn contains(&self, matches: impl Fn(&T) -> bool) -> bool {
+        self.items.iter().any(matches)
+    }
+
     /// Adds `item` as the most recent, dropping the least recently used
-    /// value if full.
-    pub(crate) fn push(&mut self, item: T) {
-        if self.items.len() == self.cap {
-            self.items.pop();
-        }
+    /// value that `keep` does not hold on to (one a captured CUDA graph
+    /// still uses) if full: with every value kept, the list grows past its
+    /// cap.
+    pub(crate) fn push_keeping(&mut self, item: T, keep: impl Fn(&T) -> bool) {
+        self.make_room(keep);
         self.items.insert(0, item);
+    }
+
+    fn make_room(&mut self, keep: impl Fn(&T) -> bool) {
+        if self.items.len() >= self.cap {
+            if let Some(k) = self.items.iter().rposition(|t| !keep(t)) {
+                self.items.remove(k);
+            }
+        }
     }
 
     /// Drops every value.
@@ -51,12 +64,21 @@ impl<T> Recent<T> {
         matches: impl Fn(&T) -> bool,
         make: impl FnOnce() -> Result<T>,
     ) -> Result<&mut T> {
+        self.get_or_try_insert_keeping(matches, |_| false, make)
+    }
+
+    /// [`get_or_try_insert`](Self::get_or_try_insert), never dropping a
+    /// value `keep` holds on to.
+    pub(crate) fn get_or_try_insert_keeping(
+        &mut self,
+        matches: impl Fn(&T) -> bool,
+        keep: impl Fn(&T) -> bool,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<&mut T> {
         let item = match self.take(matches) {
             Some(item) => item,
             None => {
-                if self.items.len() == self.cap {
-                    self.items.pop();
-                }
+                self.make_room(keep);
                 make()?
             }
         };
@@ -100,5 +122,24 @@ mod tests {
         let err = r.get_or_try_insert(|_| false, || Err(Error::arg("no")));
         assert!(err.is_err());
         assert_eq!(r.len(), 0);
+    }
+
+    #[test]
+    fn kept_values_are_never_dropped() {
+        let mut r = Recent::new(2);
+        let keep = |v: &u32| v.is_multiple_of(2); // even values are "captured"
+        for v in [2, 4, 1, 3, 5] {
+            r.push_keeping(v, keep);
+        }
+        // 2 and 4 stay; each odd value pushed out the odd one before it.
+        assert!(r.contains(|&v| v == 2) && r.contains(|&v| v == 4));
+        assert!(r.contains(|&v| v == 5) && !r.contains(|&v| v == 3));
+        assert_eq!(r.len(), 3, "grown past its cap of 2 for the kept values");
+        let got = *r
+            .get_or_try_insert_keeping(|&v| v == 7, keep, || Ok(7))
+            .unwrap();
+        assert_eq!(got, 7);
+        assert!(!r.contains(|&v| v == 5), "the one value it could drop went");
+        assert_eq!(r.len(), 3);
     }
 }

@@ -562,9 +562,11 @@ fn create_and_destroy_cycles_return_device_memory() {
 /// A call whose shape is already planned on its stream can be captured
 /// into a CUDA graph (as `torch.cuda.graph` or a C caller's
 /// `cuStreamBeginCapture` does) and replayed: the replay writes the same
-/// loss, per-image values and gradient bits as a direct call. While the
+/// loss, per-image values and gradient bits as a direct call, also after
+/// four other shapes have been run (the captured plan is kept). While the
 /// stream is capturing, a shape not planned there and `check_finite` are
-/// errors that say so, and the stream works after the capture ends.
+/// errors that say so, and the stream works after the capture ends. The
+/// capture is thread-local, so tests on other threads are not affected.
 #[test]
 fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
     use perceptual_loss::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -600,7 +602,7 @@ fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
         st.clone_htod(&t[..half]).unwrap(),
     );
     dev.synchronize().unwrap();
-    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
     let call = |(pred, target): (&CudaSlice<f32>, &CudaSlice<f32>),
                 shape: Shape,
@@ -622,27 +624,42 @@ fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
     let captured = call((&pd, &td), s, (&mut ld, &mut per, &mut gd), &cuda);
     // One image of the same size is another shape: not planned here.
     let unplanned = call((&pd1, &td1), one, (&mut l1, &mut p1, &mut g1), &cuda);
-    let graph = st
-        .end_capture(CUgraphInstantiate_flags(0))
-        .unwrap()
-        .expect("a graph");
+    let graph = st.end_capture(CUgraphInstantiate_flags(0));
     captured.unwrap();
+    let graph = graph.unwrap().expect("a graph");
     let e = unplanned.unwrap_err().to_string();
     assert!(
         e.contains("no plan for") && e.contains("before capturing"),
         "{e}"
     );
-    graph.launch().unwrap();
-    dev.synchronize().unwrap();
     let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let mut got = bits(st.clone_dtoh(&ld).unwrap());
-    got.extend(bits(st.clone_dtoh(&per).unwrap()));
-    assert_eq!(got, want.0, "the replayed loss and per-image values");
-    assert_eq!(
-        bits(st.clone_dtoh(&gd).unwrap()),
-        want.1,
-        "the replayed gradient"
-    );
+    let replay =
+        |what: &str, ld: &mut CudaSlice<f32>, per: &mut CudaSlice<f32>, gd: &mut CudaSlice<f32>| {
+            st.memset_zeros(ld).unwrap();
+            st.memset_zeros(per).unwrap();
+            st.memset_zeros(gd).unwrap();
+            graph.launch().unwrap();
+            dev.synchronize().unwrap();
+            let mut got = bits(st.clone_dtoh(ld).unwrap());
+            got.extend(bits(st.clone_dtoh(per).unwrap()));
+            assert_eq!(
+                got, want.0,
+                "the replayed loss and per-image values, {what}"
+            );
+            assert_eq!(
+                bits(st.clone_dtoh(gd).unwrap()),
+                want.1,
+                "the replayed gradient, {what}"
+            );
+        };
+    replay("first replay", &mut ld, &mut per, &mut gd);
+    // Four more shapes fill the loss's plan cache: the captured plan stays.
+    for h in [16, 24, 40, 48] {
+        let o = Shape::new(1, 3, h, h);
+        let (po, to) = (rng.vec(3 * h * h, 0.0, 1.0), rng.vec(3 * h * h, 0.0, 1.0));
+        on_stream(&cuda, &dev, &po, &to, o);
+    }
+    replay("after four other shapes", &mut ld, &mut per, &mut gd);
 
     // check_finite waits for the device: refused while capturing.
     let checked = PerceptualConfig {
@@ -651,7 +668,7 @@ fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
     };
     let (_, finite) = losses(&dev, VggArch::Vgg16, &checked, DType::BF16, 71);
     on_stream(&finite, &dev, &p, &t, s);
-    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+    st.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .unwrap();
     let refused = call((&pd, &td), s, (&mut ld, &mut per, &mut gd), &finite);
     let _ = st.end_capture(CUgraphInstantiate_flags(0));

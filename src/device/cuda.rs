@@ -56,15 +56,25 @@ fn shared(ordinal: usize) -> Result<Arc<Shared>> {
 pub(crate) struct CudaDevice {
     shared: Arc<Shared>,
     stream: Arc<CudaStream>,
-    reduce_scratch: Mutex<Option<CudaSlice<u8>>>,
+    reduce_scratch: Mutex<Scratch>,
     cudnn: Mutex<Option<crate::cuda::cudnn::Handle>>,
+}
+
+/// The stream's reduction scratch. A block a CUDA graph captured is never
+/// freed while the device lives (the graph holds its address): a larger
+/// one replaces it, and it is retired instead.
+#[derive(Default)]
+struct Scratch {
+    block: Option<CudaSlice<u8>>,
+    captured: bool,
+    retired: Vec<CudaSlice<u8>>,
 }
 
 /// The scratch of one deterministic reduction (block partials, per-image
 /// values and the finishing counter), held locked until its launch is
 /// queued. Not the cuDNN workspace, which each per-shape plan owns.
 pub(crate) struct ReduceScratch<'a> {
-    _guard: MutexGuard<'a, Option<CudaSlice<u8>>>,
+    _guard: MutexGuard<'a, Scratch>,
     pub reduce: pl_k_reduce,
 }
 
@@ -85,7 +95,7 @@ impl CudaDevice {
         Ok(CudaDevice {
             shared,
             stream,
-            reduce_scratch: Mutex::new(None),
+            reduce_scratch: Mutex::default(),
             cudnn: Mutex::new(None),
         })
     }
@@ -112,14 +122,34 @@ impl CudaDevice {
     /// status the driver cannot report counts as no capture, so a call
     /// outside any capture is never refused here.
     pub(crate) fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
-        use cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
-        match self.stream.capture_status() {
-            Ok(status) if status != CU_STREAM_CAPTURE_STATUS_NONE => Err(Error::arg(format!(
+        match self.capturing() {
+            true => Err(Error::arg(format!(
                 "{}, which a CUDA graph capture of this stream forbids",
                 what()
             ))),
-            _ => Ok(()),
+            false => Ok(()),
         }
+    }
+
+    /// Whether this device's stream is being captured into a CUDA graph.
+    /// The legacy default stream answers "implicit" while another stream
+    /// captures in a mode that forbids touching it: that counts as
+    /// capturing. Any other error counts as not.
+    pub(crate) fn capturing(&self) -> bool {
+        use cudarc::driver::sys::{
+            CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+            CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE,
+        };
+        match self.stream.capture_status() {
+            Ok(status) => status != CU_STREAM_CAPTURE_STATUS_NONE,
+            Err(e) => e.0 == CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
+        }
+    }
+
+    /// Whether a CUDA graph captured this stream's reduction scratch (such
+    /// a device must be kept while the graph may run).
+    pub(crate) fn captured(&self) -> bool {
+        self.reduce_scratch.lock().is_ok_and(|s| s.captured)
     }
 
     /// Makes this device's context current on the calling thread (for the
@@ -225,24 +255,34 @@ impl CudaDevice {
     ) -> Result<ReduceScratch<'_>> {
         let mut guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
-        if guard.as_ref().is_none_or(|ws| ws.len() < need) {
-            self.refuse_in_capture(|| {
-                format!(
+        let capturing = self.capturing();
+        if guard.block.as_ref().is_none_or(|ws| ws.len() < need) {
+            if capturing {
+                return Err(Error::arg(format!(
                     "this call needs {need} bytes of reduction scratch on this stream (run it once \
-                     there before capturing): allocating them"
-                )
-            })?;
+                     there before capturing): allocating them, which a CUDA graph capture of this \
+                     stream forbids"
+                )));
+            }
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).
             let size = need.next_power_of_two().max(4096);
-            *guard = None; // free the old block first (stream-ordered)
-            *guard = Some(
+            let old = guard.block.take();
+            match (old, guard.captured) {
+                // A graph holds its address: kept, not freed.
+                (Some(old), true) => guard.retired.push(old),
+                // Freed first (stream-ordered), so its memory serves the new one.
+                (old, _) => drop(old),
+            }
+            guard.captured = false;
+            guard.block = Some(
                 self.stream
                     .alloc_zeros::<u8>(size)
                     .map_err(|e| Error::cuda_alloc("reduction scratch", size, e))?,
             );
         }
+        guard.captured |= capturing;
         let base = {
-            let ws = guard.as_ref().expect("allocated above");
+            let ws = guard.block.as_ref().expect("allocated above");
             let (ptr, _sync) = ws.device_ptr(&self.stream);
             ptr
         };

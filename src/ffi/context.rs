@@ -78,7 +78,11 @@ impl Streams {
             .take(|(s, _)| *s == stream)
             .map_or_else(make, |(_, d)| Ok(d))?;
         let previous = std::mem::replace(&mut *current, (stream, next));
-        recent.push(previous);
+        // A device whose scratch a CUDA graph captured stays alive: the
+        // graph holds its addresses.
+        recent.push_keeping(previous, |(_, d)| {
+            d.cuda_device().is_some_and(|c| c.captured())
+        });
         Ok(())
     }
 

@@ -328,14 +328,17 @@ pub unsafe extern "C" fn pl_perceptual_plan_report(
 ) -> pl_status {
     guard(|| {
         let handle = borrow(loss, "loss")?;
-        out_param(report, "report")?;
-        // The caller's version of the struct: its size must be one we know.
-        options::read(report.cast_const(), "report")?;
+        if report.is_null() {
+            return Err(Error::arg("report is NULL"));
+        }
+        // Aligned, and a version of the struct this library knows (checked
+        // on the raw pointer, before any reference to it exists).
+        let size = options::read(report.cast_const(), "report")?.struct_size;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let r = handle.loss.plan_report(shape, dtype, want_grad != 0)?;
         let count = |v: usize| v as u64;
-        *report = pl_plan_report {
-            struct_size: std::mem::size_of::<pl_plan_report>(),
+        let value = pl_plan_report {
+            struct_size: size,
             chunks: count(r.chunks),
             kernel_launches: count(r.kernel_launches),
             cudnn_calls: count(r.cudnn_calls),
@@ -343,6 +346,13 @@ pub unsafe extern "C" fn pl_perceptual_plan_report(
             kernel_bytes_written: r.kernel_bytes_written,
             conv_flops: r.conv_flops,
         };
+        // Only the caller's version's bytes: an older, smaller struct ends
+        // where its fields do.
+        std::ptr::copy_nonoverlapping(
+            (&value as *const pl_plan_report).cast::<u8>(),
+            report.cast::<u8>(),
+            size,
+        );
         Ok(())
     })
 }

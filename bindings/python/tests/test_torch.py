@@ -387,7 +387,7 @@ def test_the_module_reports_its_plan(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_planned_training_step_is_captured_with_torch_cuda_graph(tmp_path):
     # Warm-up on the capture stream plans the shape there; the captured
-    # step then replays with the eager step's loss.
+    # step, replayed on new data, gives the eager step's loss and gradient.
     path = torchvision_weights(tmp_path / "vgg16.safetensors", "vgg16")
     module = pl.PerceptualLoss(path, compute="bfloat16")
     net = torch.nn.Conv2d(3, 3, 3, padding=1).cuda()
@@ -398,11 +398,24 @@ def test_a_planned_training_step_is_captured_with_torch_cuda_graph(tmp_path):
         for _ in range(2):
             module(net(x), target).backward()
     torch.cuda.current_stream().wait_stream(side)
+    net.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         static_loss = module(net(x), target)
         static_loss.backward()
+    # New data in the captured input, NaN where the replay must write.
+    x.copy_(torch.rand_like(x))
+    static_loss.fill_(float("nan"))
+    net.weight.grad.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    eager = module(net(x), target)  # the same path (with the gradient), not replayed
+    replayed_grad = net.weight.grad.clone()
+    net.zero_grad(set_to_none=True)
+    eager = module(net(x), target)
+    eager.backward()
     assert static_loss.item() == eager.item()
+    torch.testing.assert_close(replayed_grad, net.weight.grad, rtol=1e-5, atol=1e-7)
+    # A shape the capture stream has not planned is refused, saying why.
+    with pytest.raises(pl.Error, match="before capturing"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=side):
+            module(net(x[:1]), target[:1])

@@ -6,7 +6,7 @@
 //! tests below pin them for a small shape.
 
 use super::schedule::{self, Buf, Images, Schedule, Step};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::perceptual::config::PerceptualSpec;
 use crate::tensor::{DType, Shape};
 use crate::vgg::{Dims, Layer, Module, INPUT_CHANNELS};
@@ -81,12 +81,23 @@ impl PlanReport {
         }
     }
 
-    fn add(&mut self, other: &PlanReport) {
-        self.kernel_launches += other.kernel_launches;
-        self.cudnn_calls += other.cudnn_calls;
-        self.kernel_bytes_read += other.kernel_bytes_read;
-        self.kernel_bytes_written += other.kernel_bytes_written;
-        self.conv_flops += other.conv_flops;
+    /// `self` plus `times` x `other`, or an error when a count overflows.
+    fn add(&mut self, other: &PlanReport, times: usize) -> Result<()> {
+        let over = || Error::shape("the cost of this call does not fit 64-bit counts");
+        let times64 = times as u64;
+        let mul = |a: usize| a.checked_mul(times).ok_or_else(over);
+        let mul64 = |a: u64| a.checked_mul(times64).ok_or_else(over);
+        let sum = |a: usize, b: usize| a.checked_add(b).ok_or_else(over);
+        let sum64 = |a: u64, b: u64| a.checked_add(b).ok_or_else(over);
+        self.kernel_launches = sum(self.kernel_launches, mul(other.kernel_launches)?)?;
+        self.cudnn_calls = sum(self.cudnn_calls, mul(other.cudnn_calls)?)?;
+        self.kernel_bytes_read = sum64(self.kernel_bytes_read, mul64(other.kernel_bytes_read)?)?;
+        self.kernel_bytes_written = sum64(
+            self.kernel_bytes_written,
+            mul64(other.kernel_bytes_written)?,
+        )?;
+        self.conv_flops = sum64(self.conv_flops, mul64(other.conv_flops)?)?;
+        Ok(())
     }
 }
 
@@ -128,14 +139,18 @@ pub(crate) fn report(
         kernel_bytes_written: 0,
         conv_flops: 0,
     };
-    let mut start = 0;
-    while start < shape.n {
-        let n = chunk.min(shape.n - start);
+    // Chunks of one size have the same steps (only whether a tap adds to
+    // the loss differs): count a whole chunk and the rest once each.
+    let (whole, rest) = (shape.n / chunk, shape.n % chunk);
+    for (n, times) in [(chunk, whole), (rest, 1)] {
+        if n == 0 || times == 0 {
+            continue;
+        }
+        let sched = schedule::build(layers, spec, (n, shape.h, shape.w), want_grad, false)?;
         let part = Shape { n, ..shape };
-        let sched = schedule::build(layers, spec, (n, shape.h, shape.w), want_grad, start > 0)?;
-        let layers = &layers[..=spec.deepest()];
-        total.add(&Counter::new(layers, &sched, part, (input, compute)).count());
-        start += n;
+        let counted =
+            Counter::new(&layers[..=spec.deepest()], &sched, part, (input, compute)).count()?;
+        total.add(&counted, times)?;
     }
     Ok(total)
 }
@@ -168,52 +183,58 @@ impl<'a> Counter<'a> {
         }
     }
 
-    fn buf(&self, b: Buf) -> u64 {
-        self.sched.buffers[b].bytes(self.compute.size()) as u64
+    // Counted in u128 (the shape check bounds each buffer, not these
+    // products), then checked into u64.
+    fn buf(&self, b: Buf) -> u128 {
+        self.sched.buffers[b].bytes(self.compute.size()) as u128
     }
 
-    fn opt(&self, b: Option<Buf>) -> u64 {
+    fn opt(&self, b: Option<Buf>) -> u128 {
         b.map_or(0, |b| self.buf(b))
     }
 
-    fn images(&self, i: Images, (c, h, w): Dims) -> u64 {
-        (i.count * c * h * w * self.compute.size()) as u64
+    fn images(&self, i: Images, (c, h, w): Dims) -> u128 {
+        [i.count, c, h, w, self.compute.size()]
+            .iter()
+            .map(|&v| v as u128)
+            .product()
     }
 
     /// The caller's pred and target (or gradient): n images each.
-    fn caller(&self) -> u64 {
-        (self.shape.n * self.shape.image_len() * self.input.size()) as u64
+    fn caller(&self) -> u128 {
+        let s = self.shape;
+        [s.n, s.c, s.h, s.w, self.input.size()]
+            .iter()
+            .map(|&v| v as u128)
+            .product()
     }
 
     /// 2 * multiply-adds of convolution `layer` over `images` images.
-    fn conv_flops(&self, layer: usize, images: usize) -> u64 {
+    fn conv_flops(&self, layer: usize, images: usize) -> u128 {
         let (in_c, h, w) = self.inputs[layer];
         let Module::Conv { out_c, .. } = self.layers[layer].module else {
             return 0;
         };
-        (2 * images * out_c * in_c * 9 * h * w) as u64
+        [2, images, out_c, in_c, 9, h, w]
+            .iter()
+            .map(|&v| v as u128)
+            .product()
     }
 
-    fn count(&self) -> PlanReport {
-        let mut r = PlanReport {
-            chunks: 1,
-            kernel_launches: 0,
-            cudnn_calls: 0,
-            kernel_bytes_read: 0,
-            kernel_bytes_written: 0,
-            conv_flops: 0,
-        };
+    fn count(&self) -> Result<PlanReport> {
+        let (mut launches, mut cudnn) = (0usize, 0usize);
+        let (mut read_total, mut written_total, mut flops) = (0u128, 0u128, 0u128);
         let pooled = |(c, h, w): Dims| (c, h / 2, w / 2);
         for step in &self.sched.steps {
             let (read, written) = match step {
                 Step::ConvForward(s) => {
-                    r.cudnn_calls += 1;
-                    r.conv_flops += self.conv_flops(s.layer, s.x.count);
+                    cudnn += 1;
+                    flops += self.conv_flops(s.layer, s.x.count);
                     continue;
                 }
                 Step::ConvBackwardData(s) => {
-                    r.cudnn_calls += 1;
-                    r.conv_flops += self.conv_flops(s.layer, self.shape.n);
+                    cudnn += 1;
+                    flops += self.conv_flops(s.layer, self.shape.n);
                     continue;
                 }
                 // Both caller inputs in; the padded batch out.
@@ -261,11 +282,22 @@ impl<'a> Counter<'a> {
                 // The padded gradient in; the caller's gradient out.
                 Step::InputGrad(s) => (self.buf(s.g), self.caller()),
             };
-            r.kernel_launches += 1;
-            r.kernel_bytes_read += read;
-            r.kernel_bytes_written += written;
+            launches += 1;
+            read_total += read;
+            written_total += written;
         }
-        r
+        let fit = |v: u128| {
+            u64::try_from(v)
+                .map_err(|_| Error::shape("the cost of this call does not fit 64-bit counts"))
+        };
+        Ok(PlanReport {
+            chunks: 1,
+            kernel_launches: launches,
+            cudnn_calls: cudnn,
+            kernel_bytes_read: fit(read_total)?,
+            kernel_bytes_written: fit(written_total)?,
+            conv_flops: fit(flops)?,
+        })
     }
 }
 
@@ -346,6 +378,27 @@ mod tests {
         assert_eq!(chunked.cudnn_calls, 3 * one.cudnn_calls);
         assert_eq!(chunked.kernel_bytes_read, 3 * one.kernel_bytes_read);
         assert_eq!(chunked.conv_flops, 3 * one.conv_flops);
+    }
+
+    /// A huge batch costs one schedule per chunk size, not per chunk, and
+    /// counts that do not fit 64 bits are an error, not a wrap.
+    #[test]
+    fn huge_batches_are_counted_at_once_or_refused() {
+        let l = loss(&["relu1_1"], Some(1));
+        let one = l
+            .plan_report(Shape::new(1, 3, 4, 4), DType::F32, true)
+            .unwrap();
+        let n = 1 << 30;
+        let many = l
+            .plan_report(Shape::new(n, 3, 4, 4), DType::F32, true)
+            .unwrap();
+        assert_eq!(many.chunks, n);
+        assert_eq!(many.kernel_launches, n * one.kernel_launches);
+        assert_eq!(many.conv_flops, n as u64 * one.conv_flops);
+        let e = l
+            .plan_report(Shape::new(1 << 46, 3, 4, 4), DType::F32, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
     }
 
     #[test]

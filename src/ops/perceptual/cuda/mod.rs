@@ -207,6 +207,20 @@ impl Plans {
         spec: &PerceptualSpec,
         s: Shape,
     ) -> Result<usize> {
+        // The search builds plans: under a capture only a decided chunk goes.
+        let decided = |c: &Recent<((Shape, DType), usize)>| {
+            c.contains(|(key, _)| *key == (s, vgg.compute_dtype()))
+        };
+        if spec.budget.is_some()
+            && dev.capturing()
+            && !decided(&*self.chunks.lock().map_err(|_| Error::poisoned())?)
+        {
+            return Err(Error::arg(format!(
+                "no chunk size for {s} under the memory budget yet (run one call of this shape \
+                 before capturing): choosing one builds plans, which a CUDA graph capture of this \
+                 stream forbids"
+            )));
+        }
         self.chunk_images(vgg, spec, s, vgg.compute_dtype(), |k| {
             self.with_plan(dev, vgg, spec, Shape { n: k, ..s }, |_, _| Ok(()))
         })
@@ -224,19 +238,23 @@ impl Plans {
         dev.with_cudnn(|handle| {
             let mut plans = self.plans.lock().map_err(|_| Error::poisoned())?;
             let compute = vgg.compute_dtype();
-            let plan = plans.get_or_try_insert(
-                |p| p.matches(dev, shape, compute, spec.tf32),
-                || {
-                    dev.refuse_in_capture(|| {
-                        format!(
-                            "no plan for {shape} on this stream yet (run one call of this shape \
-                             on it before capturing): building one allocates device memory and \
-                             chooses cuDNN algorithms"
-                        )
-                    })?;
-                    ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute)
-                },
+            let matches = |p: &ShapePlan| p.matches(dev, shape, compute, spec.tf32);
+            let capturing = dev.capturing();
+            // Refused before the cache makes room: dropping a plan frees
+            // memory, which a capture must not see either.
+            if capturing && !plans.contains(matches) {
+                return Err(Error::arg(format!(
+                    "no plan for {shape} on this stream yet (run one call of this shape on it \
+                     before capturing): building one allocates device memory and chooses cuDNN \
+                     algorithms, which a CUDA graph capture of this stream forbids"
+                )));
+            }
+            let plan = plans.get_or_try_insert_keeping(
+                matches,
+                |p| p.captured,
+                || ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute),
             )?;
+            plan.captured |= capturing;
             f(handle, plan)
         })
     }

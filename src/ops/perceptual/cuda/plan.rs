@@ -67,6 +67,9 @@ pub(crate) struct ShapePlan {
     workspace: CudaSlice<u8>,
     /// Device bytes held by this plan.
     pub footprint: usize,
+    /// A CUDA graph captured a call of this plan: its buffers must outlive
+    /// the graph, so the plan cache never drops it.
+    pub captured: bool,
 }
 
 /// With PERCEPTUAL_LOSS_LOG_PLANS=1, every new plan is described on stderr:
@@ -217,6 +220,7 @@ impl ShapePlan {
             key: (s, compute, spec.tf32, stream_id(dev)),
             convs,
             footprint: layout.bytes.max(256) + workspace.len(),
+            captured: false,
             arena,
             layout,
             workspace,
