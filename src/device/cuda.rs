@@ -146,10 +146,13 @@ impl CudaDevice {
         }
     }
 
-    /// Whether a CUDA graph captured this stream's reduction scratch (such
-    /// a device must be kept while the graph may run).
+    /// Whether a CUDA graph captured this stream's reduction scratch, the
+    /// current block or a retired one (such a device must be kept while
+    /// the graph may run).
     pub(crate) fn captured(&self) -> bool {
-        self.reduce_scratch.lock().is_ok_and(|s| s.captured)
+        self.reduce_scratch
+            .lock()
+            .is_ok_and(|s| s.captured || !s.retired.is_empty())
     }
 
     /// Makes this device's context current on the calling thread (for the
