@@ -23,6 +23,14 @@ fn pattern(h: usize, w: usize, seed: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `compare a b` on the CPU with the seeded stand-in weights, then `extra`.
+fn seeded_compare(a: &Path, b: &Path, extra: &[&str]) -> (i32, String, String) {
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let mut args = vec!["compare", a, b, "--seeded-weights", "--device", "cpu"];
+    args.extend_from_slice(extra);
+    cli(&args)
+}
+
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_perceptual-loss"))
         .args(args)
@@ -273,16 +281,7 @@ fn a_missing_path_is_named_plainly() {
     let folder = dir.join("A");
     std::fs::create_dir_all(&folder).unwrap();
     let (nothere, nodir) = (dir.join("nothere.png"), dir.join("nodir"));
-    let compare = |a: &Path, b: &Path| {
-        cli(&[
-            "compare",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "--seeded-weights",
-            "--device",
-            "cpu",
-        ])
-    };
+    let compare = |a: &Path, b: &Path| seeded_compare(a, b, &[]);
     for (a, b, missing) in [
         (&target, &nothere, &nothere),
         (&nothere, &target, &nothere),
@@ -317,18 +316,7 @@ fn half_precision_on_the_cpu_warns_that_it_computes_in_float32() {
     let (a, b) = (dir.join("a.png"), dir.join("b.png"));
     save_png(&a, &pattern(16, 16, 1), s, 0).unwrap();
     save_png(&b, &pattern(16, 16, 2), s, 0).unwrap();
-    let compare = |dtype: &str| {
-        cli(&[
-            "compare",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-            "--seeded-weights",
-            "--device",
-            "cpu",
-            "--dtype",
-            dtype,
-        ])
-    };
+    let compare = |dtype: &str| seeded_compare(&a, &b, &["--dtype", dtype]);
     let (code, f32_out, err) = compare("f32");
     assert_eq!((code, err.as_str()), (0, ""), "{f32_out}");
     for dtype in ["bf16", "f16"] {

@@ -80,6 +80,14 @@ pub(crate) struct ReduceScratch<'a> {
 
 const COUNTER_BYTES: usize = 256;
 
+/// The error for `what` (an allocation, a new handle, a wait) that a call
+/// would do while its stream is being captured into a CUDA graph.
+pub(crate) fn capture_forbids(what: String) -> Error {
+    Error::arg(format!(
+        "{what}, which a CUDA graph capture of this stream forbids"
+    ))
+}
+
 impl CudaDevice {
     pub(crate) fn new(ordinal: usize, stream: Option<CUstream>) -> Result<Self> {
         let shared = shared(ordinal)?;
@@ -118,15 +126,10 @@ impl CudaDevice {
     /// An error when this device's stream is being captured into a CUDA
     /// graph (a caller's `cuStreamBeginCapture`, PyTorch's
     /// `torch.cuda.graph`): `what` would allocate device memory, create a
-    /// handle or wait for the device, which breaks a capture. A capture
-    /// status the driver cannot report counts as no capture, so a call
-    /// outside any capture is never refused here.
+    /// handle or wait for the device, which breaks a capture.
     pub(crate) fn refuse_in_capture(&self, what: impl FnOnce() -> String) -> Result<()> {
         match self.capturing() {
-            true => Err(Error::arg(format!(
-                "{}, which a CUDA graph capture of this stream forbids",
-                what()
-            ))),
+            true => Err(capture_forbids(what())),
             false => Ok(()),
         }
     }
@@ -134,7 +137,8 @@ impl CudaDevice {
     /// Whether this device's stream is being captured into a CUDA graph.
     /// The legacy default stream answers "implicit" while another stream
     /// captures in a mode that forbids touching it: that counts as
-    /// capturing. Any other error counts as not.
+    /// capturing. Any other error counts as not, so a call outside any
+    /// capture is never refused for a status the driver cannot report.
     pub(crate) fn capturing(&self) -> bool {
         use cudarc::driver::sys::{
             CUresult::CUDA_ERROR_STREAM_CAPTURE_IMPLICIT,
@@ -261,10 +265,9 @@ impl CudaDevice {
         let capturing = self.capturing();
         if guard.block.as_ref().is_none_or(|ws| ws.len() < need) {
             if capturing {
-                return Err(Error::arg(format!(
+                return Err(capture_forbids(format!(
                     "this call needs {need} bytes of reduction scratch on this stream (run it once \
-                     there before capturing): allocating them, which a CUDA graph capture of this \
-                     stream forbids"
+                     there before capturing): allocating them"
                 )));
             }
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).

@@ -10,7 +10,7 @@
 
 mod cuda;
 
-pub(crate) use cuda::CudaDevice;
+pub(crate) use cuda::{capture_forbids, CudaDevice};
 
 use crate::error::{Error, Result};
 use cudarc::driver::CudaStream;

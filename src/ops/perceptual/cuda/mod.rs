@@ -23,7 +23,7 @@ mod tests;
 use super::config::PerceptualSpec;
 use crate::backend::DeviceIo;
 use crate::cuda::cudnn::Handle;
-use crate::device::CudaDevice;
+use crate::device::{capture_forbids, CudaDevice};
 use crate::error::{Error, Result};
 use crate::recent::Recent;
 use crate::tensor::{DType, Shape};
@@ -215,10 +215,9 @@ impl Plans {
             && dev.capturing()
             && !decided(&*self.chunks.lock().map_err(|_| Error::poisoned())?)
         {
-            return Err(Error::arg(format!(
+            return Err(capture_forbids(format!(
                 "no chunk size for {s} under the memory budget yet (run one call of this shape \
-                 before capturing): choosing one builds plans, which a CUDA graph capture of this \
-                 stream forbids"
+                 before capturing): choosing one builds plans"
             )));
         }
         self.chunk_images(vgg, spec, s, vgg.compute_dtype(), |k| {
@@ -243,10 +242,10 @@ impl Plans {
             // Refused before the cache makes room: dropping a plan frees
             // memory, which a capture must not see either.
             if capturing && !plans.contains(matches) {
-                return Err(Error::arg(format!(
+                return Err(capture_forbids(format!(
                     "no plan for {shape} on this stream yet (run one call of this shape on it \
                      before capturing): building one allocates device memory and chooses cuDNN \
-                     algorithms, which a CUDA graph capture of this stream forbids"
+                     algorithms"
                 )));
             }
             let plan = plans.get_or_try_insert_keeping(
