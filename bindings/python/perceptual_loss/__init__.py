@@ -100,7 +100,7 @@ class Context:
     def __init__(self, kind="cpu", ordinal=0, stream=0):
         kinds = {"cpu": 0, "cuda": 1}
         if kind == "cuda":
-            _cuda_libs.preload()
+            _cuda_libs.preload_once()
         handle = ctypes.c_void_p()
         _check(_lib.pl_context_create(_choice(kinds, kind, "device kind"), ordinal, ctypes.c_void_p(stream or None), ctypes.byref(handle)))
         self.kind, self.ordinal, self.stream, self._handle = kind, ordinal, stream, handle

@@ -72,6 +72,18 @@ def preload(dirs=None):
             ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
 
 
+_preloaded = False
+
+
+def preload_once():
+    """`preload()` from this interpreter's site directories, the first time
+    a CUDA context is made (the search does not change after that)."""
+    global _preloaded
+    if not _preloaded:
+        preload()
+        _preloaded = True
+
+
 def loaded():
     """{"cuda" | "cudnn" | "nvrtc" | "nvtx": path} of the CUDA libraries in
     this process now (Linux; empty elsewhere or before any CUDA use)."""
