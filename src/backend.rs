@@ -29,6 +29,12 @@ pub(crate) trait Op<const N: usize> {
         Ok(())
     }
 
+    /// Whether the loss has two parts (perceptual, style) a call can ask
+    /// for with [`LossOutputs::with_parts`]; none by default.
+    fn has_parts(&self) -> bool {
+        false
+    }
+
     /// Whether a non-finite input is an error (the loss's `check_finite`
     /// option), checked by [`run`] before any work.
     fn checks_finite(&self) -> bool {
@@ -51,6 +57,9 @@ pub(crate) struct Values {
     pub loss: f64,
     /// Each image's loss, the weight applied, before the batch reduction.
     pub per_sample: Vec<f64>,
+    /// A loss of two parts (perceptual, style), each weighted, summing to
+    /// `loss`; `None` for a loss of one part.
+    pub parts: Option<[f64; 2]>,
 }
 
 /// A CPU call: the inputs as `T` and, when asked for, the gradient.
@@ -102,6 +111,8 @@ pub(crate) struct DeviceIo<const N: usize> {
     pub loss: u64,
     /// `shape.n` f32, when asked for.
     pub per_sample: Option<u64>,
+    /// Two f32, when asked for (a loss with parts).
+    pub parts: Option<u64>,
 }
 
 /// An input of a call and its name in messages.
@@ -129,6 +140,11 @@ pub(crate) fn run<const N: usize>(
     shape.numel()?;
     op.check_shape(shape)?;
     out.validate(dtype, shape)?;
+    if out.parts.is_some() && !op.has_parts() {
+        return Err(Error::arg(
+            "this loss has one part; parts are the perceptual loss's (perceptual, style)",
+        ));
+    }
     match device.cuda_device() {
         None => dtype.dispatch(OnHost { op, inputs, out }),
         Some(dev) => {
@@ -189,6 +205,12 @@ impl<O: Op<N>, const N: usize> PerDType for OnHost<'_, '_, '_, O, N> {
             grad,
         })?;
         host_f32(&mut out.loss, "loss output")?[0] = result.loss as f32;
+        if let Some(p) = out.parts.as_mut() {
+            let parts = result.parts.unwrap_or([result.loss, 0.0]);
+            for (slot, v) in host_f32(p, "parts output")?.iter_mut().zip(parts) {
+                *slot = v as f32;
+            }
+        }
         if let Some(p) = out.per_sample.as_mut() {
             for (slot, v) in host_f32(p, "per-sample output")?
                 .iter_mut()
@@ -241,6 +263,9 @@ fn device_io<const N: usize>(
     let per_sample = (out.per_sample.as_ref())
         .map(|p| output(p, "per-sample output"))
         .transpose()?;
+    let parts = (out.parts.as_ref())
+        .map(|p| output(p, "parts output"))
+        .transpose()?;
     check_disjoint(&input_spans, &output_spans)?;
     Ok(DeviceIo {
         shape,
@@ -250,6 +275,7 @@ fn device_io<const N: usize>(
         beta: out.beta,
         loss,
         per_sample,
+        parts,
     })
 }
 

@@ -29,6 +29,7 @@ fn reference(criterion: Criterion, weight: f64, a: &[f64], b: &[f64]) -> f64 {
     let sum: f64 = match criterion {
         Criterion::Mse => d.map(|v| v * v).sum(),
         Criterion::Mae => d.map(f64::abs).sum(),
+        Criterion::Fro => unreachable!("the feature loss refuses Fro"),
     };
     weight * sum / a.len() as f64
 }
@@ -137,6 +138,14 @@ fn bf16_inputs() {
         .collect();
     let got: Vec<f64> = grad.iter().map(|v| v.to_f64()).collect();
     assert_close(&got, &want, 1e-2, 1e-6, "bf16 grad");
+}
+
+#[test]
+fn the_fro_criterion_is_refused_by_name() {
+    let e = FeatureLoss::new(Criterion::Fro, 1.0)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("Fro") && e.contains("perceptual"), "{e}");
 }
 
 #[test]

@@ -24,6 +24,7 @@ pub struct LossOutputs<'a> {
     pub(crate) grad: Option<TensorMut<'a>>,
     pub(crate) beta: f32,
     pub(crate) per_sample: Option<TensorMut<'a>>,
+    pub(crate) parts: Option<TensorMut<'a>>,
 }
 
 impl<'a> LossOutputs<'a> {
@@ -34,6 +35,7 @@ impl<'a> LossOutputs<'a> {
             grad: None,
             beta: 0.0,
             per_sample: None,
+            parts: None,
         }
     }
 
@@ -54,6 +56,15 @@ impl<'a> LossOutputs<'a> {
     /// batch reduction) as `n` f32 values.
     pub fn with_per_sample(mut self, per_sample: TensorMut<'a>) -> Self {
         self.per_sample = Some(per_sample);
+        self
+    }
+
+    /// Also write the two parts of a perceptual loss with style terms as
+    /// two f32: (perceptual, style), each with its weight, summing to the
+    /// loss (the second is 0 without style taps, the first without
+    /// perceptual taps). Other losses refuse it.
+    pub fn with_parts(mut self, parts: TensorMut<'a>) -> Self {
+        self.parts = Some(parts);
         self
     }
 
@@ -84,6 +95,15 @@ impl<'a> LossOutputs<'a> {
             if p.dtype != DType::F32 || p.shape.numel()? != images {
                 return Err(Error::arg(format!(
                     "per-sample output must be {images} f32 values, got {} of shape {}",
+                    p.dtype.name(),
+                    p.shape
+                )));
+            }
+        }
+        if let Some(p) = &self.parts {
+            if p.dtype != DType::F32 || p.shape.numel()? != 2 {
+                return Err(Error::arg(format!(
+                    "parts output must be 2 f32 values, got {} of shape {}",
                     p.dtype.name(),
                     p.shape
                 )));

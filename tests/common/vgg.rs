@@ -68,6 +68,17 @@ impl Net {
         Net { ops }
     }
 
+    /// Channels of module `layer`'s output.
+    #[allow(dead_code)]
+    pub fn channels(&self, layer: usize) -> usize {
+        (self.ops[..=layer].iter().rev())
+            .find_map(|op| match op {
+                Op::Conv { out_c, .. } => Some(*out_c),
+                _ => None,
+            })
+            .unwrap_or(3)
+    }
+
     /// safetensors bytes with torchvision names, stored as `dtype`
     /// (F32, F16 or BF16), optionally with a name prefix. Tensors whose
     /// name `skip` returns true for are left out. The values are rounded to

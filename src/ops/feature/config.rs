@@ -9,4 +9,9 @@ pub enum Criterion {
     Mse,
     /// Mean absolute error.
     Mae,
+    /// The Frobenius norm of the whole batch's difference, sqrt(sum of
+    /// squares) (BasicSR's `criterion='fro'`): not a mean, so a batch's
+    /// value is not the mean of its images'. The perceptual and style
+    /// losses take it, on the CPU; the feature loss does not.
+    Fro,
 }

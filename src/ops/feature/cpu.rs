@@ -12,7 +12,8 @@ use crate::tensor::{Element, Shape};
 /// D(d) and dD/dd for a difference d.
 fn term(criterion: Criterion, d: f64) -> (f64, f64) {
     match criterion {
-        Criterion::Mse => (d * d, 2.0 * d),
+        // Fro's terms are squares too; the norm is taken of their sum.
+        Criterion::Mse | Criterion::Fro => (d * d, 2.0 * d),
         Criterion::Mae => (d.abs(), sign(d)),
     }
 }
@@ -69,5 +70,6 @@ pub(crate) fn evaluate<T: Element>(
     Ok(Values {
         loss,
         per_sample: sums,
+        parts: None,
     })
 }

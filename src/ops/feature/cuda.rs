@@ -11,12 +11,17 @@ use crate::error::Result;
 const ELEMS_PER_THREAD: usize = 8;
 const MAX_BLOCKS: usize = 1024;
 
-/// The kernels' number for a criterion (`pl_k_criterion`).
-pub(crate) fn criterion_id(criterion: Criterion) -> i32 {
-    (match criterion {
-        Criterion::Mse => pl_k_criterion_PL_K_MSE,
-        Criterion::Mae => pl_k_criterion_PL_K_MAE,
-    }) as i32
+/// The kernels' number for a criterion (`pl_k_criterion`). The kernels
+/// reduce elementwise terms in one pass; the Frobenius norm needs the
+/// whole batch's sum before any gradient, which they do not do.
+pub(crate) fn criterion_id(criterion: Criterion) -> Result<i32> {
+    match criterion {
+        Criterion::Mse => Ok(pl_k_criterion_PL_K_MSE as i32),
+        Criterion::Mae => Ok(pl_k_criterion_PL_K_MAE as i32),
+        Criterion::Fro => Err(crate::Error::arg(
+            "the Fro criterion is computed on the CPU only; use Mse or Mae on CUDA",
+        )),
+    }
 }
 
 /// Queues the distance of `io.inputs[0]` from `io.inputs[1]` on `dev`.
@@ -28,6 +33,7 @@ pub(crate) fn launch(
 ) -> Result<()> {
     let s = io.shape;
     let _range = nvtx::range(|| format!("feature {criterion:?} {s}"));
+    let criterion_id = criterion_id(criterion)?;
     let per_image = s.image_len();
     let split = BlockSplit::new(
         s.n,
@@ -48,7 +54,7 @@ pub(crate) fn launch(
             per_block: split.per_block as i64,
             blocks_per_image: split.blocks_per_image as i32,
             dtype: kernel_dtype(io.dtype),
-            criterion: criterion_id(criterion),
+            criterion: criterion_id,
             weight,
             beta: io.beta,
             reserved: 0,
@@ -95,6 +101,7 @@ mod tests {
             beta,
             loss: &mut loss as *mut f32 as u64,
             per_sample: Some(addr_mut(&mut per_sample)),
+            parts: None,
         };
         launch(emu, criterion, weight, &io).unwrap();
         let what = format!("{criterion:?} {s} {}", T::DTYPE.name());

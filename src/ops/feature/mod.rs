@@ -42,6 +42,12 @@ impl FeatureLoss {
     /// A feature distance with a weight multiplying loss and gradient.
     pub fn new(criterion: Criterion, weight: f32) -> Result<Self> {
         check_weight("weight", weight)?;
+        if criterion == Criterion::Fro {
+            return Err(crate::Error::arg(
+                "the feature loss takes Mse or Mae; Fro is a criterion of the perceptual and \
+                 style losses",
+            ));
+        }
         Ok(FeatureLoss {
             criterion,
             weight,

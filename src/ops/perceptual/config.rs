@@ -62,8 +62,21 @@ pub struct PerceptualConfig {
     pub taps: Vec<Tap>,
     /// One weight per tap; empty means all 1.
     pub tap_weights: Vec<f32>,
-    /// MSE (default) or MAE.
+    /// MSE (default), MAE, or Fro (the norm of the batch's difference at
+    /// each tap, BasicSR's `'fro'`; CPU only).
     pub criterion: Criterion,
+    /// Modules whose Gram matrices are compared (the style loss); default
+    /// none. `taps` may be empty when this is not: a style loss alone.
+    pub style_taps: Vec<Tap>,
+    /// One weight per style tap; empty means all 1.
+    pub style_tap_weights: Vec<f32>,
+    /// The distance between Gram matrices: MSE (default: the mean over the
+    /// batch's N*C*C entries), MAE, or Fro (the norm of the whole
+    /// N x C x C difference).
+    pub style_criterion: Criterion,
+    /// The style loss's overall weight (`weight` is the perceptual
+    /// part's); default 1.
+    pub style_weight: f32,
     /// Input normalisation; default none.
     pub input_norm: InputNorm,
     /// Max (default) or average pooling.
@@ -94,6 +107,10 @@ impl Default for PerceptualConfig {
             taps: [3, 8, 15, 22].into_iter().map(Tap::Index).collect(),
             tap_weights: Vec::new(),
             criterion: Criterion::Mse,
+            style_taps: Vec::new(),
+            style_tap_weights: Vec::new(),
+            style_criterion: Criterion::Mse,
+            style_weight: 1.0,
             input_norm: InputNorm::None,
             pooling: Pooling::Max,
             weight: 1.0,
@@ -109,9 +126,13 @@ impl Default for PerceptualConfig {
 /// taps by layer index, ascending, each with its weight.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct PerceptualSpec {
-    /// (layer index, tap weight), ascending by index.
+    /// (layer index, tap weight), ascending by index: the perceptual terms.
     pub taps: Vec<(usize, f64)>,
     pub criterion: Criterion,
+    /// The style (Gram) terms, the same way.
+    pub style: Vec<(usize, f64)>,
+    pub style_criterion: Criterion,
+    pub style_weight: f64,
     pub norm: InputNorm,
     pub pooling: Pooling,
     pub weight: f64,
@@ -126,46 +147,26 @@ impl PerceptualSpec {
     /// loaded, taps are distinct, one weight per tap, finite weights.
     pub(crate) fn resolve(config: &PerceptualConfig, vgg: &Vgg) -> Result<Self> {
         check_weight("weight", config.weight)?;
+        check_weight("style_weight", config.style_weight)?;
         if config.max_chunk_images == Some(0) {
             return Err(Error::arg("max_chunk_images must be at least 1"));
         }
-        if config.taps.is_empty() {
-            return Err(Error::arg("a perceptual loss needs at least one tap"));
+        if config.taps.is_empty() && config.style_taps.is_empty() {
+            return Err(Error::arg(
+                "a perceptual loss needs at least one tap or style tap",
+            ));
         }
-        if !config.tap_weights.is_empty() && config.tap_weights.len() != config.taps.len() {
-            return Err(Error::arg(format!(
-                "{} taps but {} tap weights",
-                config.taps.len(),
-                config.tap_weights.len()
-            )));
-        }
-        let arch = vgg.arch();
-        let name = |layer: usize| arch.layer_name(layer).unwrap_or_default();
-        let mut taps = Vec::with_capacity(config.taps.len());
-        for (k, tap) in config.taps.iter().enumerate() {
-            let layer = match tap {
-                Tap::Index(i) => arch.resolve(&i.to_string())?,
-                Tap::Name(n) => arch.resolve(n)?,
-            };
-            if layer > vgg.depth() {
-                return Err(Error::arg(format!(
-                    "tap {} ({layer}) is deeper than the loaded weights (up to module {}, {})",
-                    name(layer),
-                    vgg.depth(),
-                    name(vgg.depth())
-                )));
-            }
-            let w = config.tap_weights.get(k).copied().unwrap_or(1.0);
-            check_weight(&format!("the weight of tap {} ({layer})", name(layer)), w)?;
-            if taps.iter().any(|&(i, _)| i == layer) {
-                return Err(Error::arg(format!("tap {layer} is listed twice")));
-            }
-            taps.push((layer, w as f64));
-        }
-        taps.sort_by_key(|t| t.0);
         Ok(PerceptualSpec {
-            taps,
+            taps: resolve_taps(vgg, "tap", &config.taps, &config.tap_weights)?,
             criterion: config.criterion,
+            style: resolve_taps(
+                vgg,
+                "style tap",
+                &config.style_taps,
+                &config.style_tap_weights,
+            )?,
+            style_criterion: config.style_criterion,
+            style_weight: config.style_weight as f64,
             norm: config.input_norm,
             pooling: config.pooling,
             weight: config.weight as f64,
@@ -176,14 +177,35 @@ impl PerceptualSpec {
         })
     }
 
-    /// The deepest tapped layer: the network runs up to it.
+    /// The deepest tapped layer, perceptual or style: the network runs up
+    /// to it.
     pub(crate) fn deepest(&self) -> usize {
-        self.taps.last().map_or(0, |t| t.0)
+        let last = |taps: &[(usize, f64)]| taps.last().map_or(0, |t| t.0);
+        last(&self.taps).max(last(&self.style))
     }
 
-    /// The weight of the tap at `layer`, if it is one.
+    /// The weight of the perceptual tap at `layer`, if it is one.
     pub(crate) fn tap_weight(&self, layer: usize) -> Option<f64> {
         self.taps.iter().find(|t| t.0 == layer).map(|t| t.1)
+    }
+
+    /// The weight of the style tap at `layer`, if it is one.
+    pub(crate) fn style_weight_at(&self, layer: usize) -> Option<f64> {
+        self.style.iter().find(|t| t.0 == layer).map(|t| t.1)
+    }
+
+    /// Every tapped layer, perceptual or style, ascending, each once.
+    pub(crate) fn tapped(&self) -> Vec<usize> {
+        let mut layers: Vec<usize> = self.taps.iter().chain(&self.style).map(|t| t.0).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        layers
+    }
+
+    /// Whether any term needs the whole batch before its gradient (Fro).
+    pub(crate) fn has_norm_terms(&self) -> bool {
+        (self.criterion == Criterion::Fro && !self.taps.is_empty())
+            || (self.style_criterion == Criterion::Fro && !self.style.is_empty())
     }
 
     /// How many poolings the deepest tap follows among `layers`.
@@ -193,4 +215,45 @@ impl PerceptualSpec {
             .filter(|l| l.module == Module::Pool)
             .count() as u32
     }
+}
+
+/// Resolves `taps` (the `what`s of a config, with their `weights`, empty
+/// for all 1) against `vgg`: each exists, is loaded and is listed once;
+/// returned ascending by layer index.
+fn resolve_taps(vgg: &Vgg, what: &str, taps: &[Tap], weights: &[f32]) -> Result<Vec<(usize, f64)>> {
+    if !weights.is_empty() && weights.len() != taps.len() {
+        return Err(Error::arg(format!(
+            "{} {what}s but {} {what} weights",
+            taps.len(),
+            weights.len()
+        )));
+    }
+    let arch = vgg.arch();
+    let name = |layer: usize| arch.layer_name(layer).unwrap_or_default();
+    let mut resolved = Vec::with_capacity(taps.len());
+    for (k, tap) in taps.iter().enumerate() {
+        let layer = match tap {
+            Tap::Index(i) => arch.resolve(&i.to_string())?,
+            Tap::Name(n) => arch.resolve(n)?,
+        };
+        if layer > vgg.depth() {
+            return Err(Error::arg(format!(
+                "{what} {} ({layer}) is deeper than the loaded weights (up to module {}, {})",
+                name(layer),
+                vgg.depth(),
+                name(vgg.depth())
+            )));
+        }
+        let w = weights.get(k).copied().unwrap_or(1.0);
+        check_weight(
+            &format!("the weight of {what} {} ({layer})", name(layer)),
+            w,
+        )?;
+        if resolved.iter().any(|&(i, _)| i == layer) {
+            return Err(Error::arg(format!("{what} {layer} is listed twice")));
+        }
+        resolved.push((layer, w as f64));
+    }
+    resolved.sort_by_key(|t| t.0);
+    Ok(resolved)
 }

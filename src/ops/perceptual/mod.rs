@@ -37,6 +37,26 @@ use std::sync::Arc;
 /// normalisation. The gradient is w.r.t. pred; target is a constant. A
 /// 1-channel input is replicated to 3 channels (its gradient summed back).
 ///
+/// With `criterion` Fro, a tap's D is instead the norm sqrt(sum (a-b)^2)
+/// of the whole batch's difference there (BasicSR's `'fro'`): not a mean,
+/// so each image's value is its own norm and the batch's is not their
+/// mean.
+///
+/// **Style terms** (`style_taps`): for each, G(phi) = F F^T / (C H W) is the
+/// C x C Gram matrix of one image's C x HW feature map F, accumulated in f32
+/// whatever the dtype, and the style part is
+/// style_weight * sum_j s_j * D_style(G_j(pred), G_j(target)), D_style the
+/// mean over all N*C*C entries of the squared (Mse) or absolute (Mae)
+/// difference, or the norm of the whole N x C x C difference (Fro). The
+/// loss is the perceptual part plus the style part (BasicSR's
+/// `PerceptualLoss` returns the two, as [`LossOutputs::with_parts`]
+/// does); the network runs once over pred and once over target for both,
+/// and the gradient is that of the sum. `taps` may be empty: a style loss
+/// alone. A Fro term's gradient at a zero difference is 0. On the CPU a
+/// Fro term with the gradient runs pred's forward twice (the norm is
+/// needed first). Style terms, Fro and parts are computed on the CPU only
+/// in this version; a CUDA call with them is an error.
+///
 /// Clones share the
 /// caches of both backends, and calls through them are serialised where
 /// they touch a cache. On CUDA the plans (buffers and cuDNN algorithms)
@@ -62,6 +82,10 @@ struct Perceptual {
 impl Op<2> for Perceptual {
     fn checks_finite(&self) -> bool {
         self.spec.check_finite
+    }
+
+    fn has_parts(&self) -> bool {
+        true
     }
 
     /// 1 or 3 channels, and every pool before the deepest tap halves H and
@@ -104,7 +128,20 @@ impl Op<2> for Perceptual {
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {
-        self.device.queue(dev, &self.vgg, &self.spec, &io)
+        let spec = &self.spec;
+        let cpu_only = match () {
+            _ if !spec.style.is_empty() => Some("style taps"),
+            _ if spec.criterion == crate::Criterion::Fro => Some("the Fro criterion"),
+            _ if io.parts.is_some() => Some("the parts output"),
+            _ => None,
+        };
+        if let Some(what) = cpu_only {
+            return Err(Error::arg(format!(
+                "{what}: computed on the CPU only in this version (load the network on the \
+                 CPU, or use Mse/Mae perceptual taps on CUDA)"
+            )));
+        }
+        self.device.queue(dev, &self.vgg, spec, &io)
     }
 }
 

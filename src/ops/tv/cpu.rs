@@ -311,7 +311,11 @@ pub(crate) fn evaluate<T: Element>(
     let mut per_sample = fallible::with_capacity(s.n, "per-image TV values")?;
     per_sample.extend(score.iter().map(|v| weight * v));
     let loss = per_sample.iter().sum::<f64>() * batch_scale;
-    Ok(Values { loss, per_sample })
+    Ok(Values {
+        loss,
+        per_sample,
+        parts: None,
+    })
 }
 
 /// Every plane's sum, in plane order, writing image n's gradient scaled by

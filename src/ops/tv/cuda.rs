@@ -95,6 +95,7 @@ mod tests {
             beta,
             loss: &mut loss as *mut f32 as u64,
             per_sample: Some(addr_mut(&mut per_sample)),
+            parts: None,
         };
         launch(emu, &config, &io).unwrap();
         let what = format!("{:?} {s} {}", config.variant, T::DTYPE.name());

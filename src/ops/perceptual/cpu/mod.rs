@@ -7,6 +7,7 @@
 //! `layers.rs` (see `cuda/steps/tests/`).
 
 mod gemm;
+mod gram;
 pub(crate) mod layers;
 
 use super::config::{InputNorm, PerceptualSpec};
@@ -14,6 +15,7 @@ use crate::backend::{HostGrad, HostIo, Values};
 use crate::error::{Error, Result};
 use crate::fallible;
 use crate::ops::feature::cpu::distance_sum;
+use crate::ops::feature::Criterion;
 use crate::tensor::{as_bytes, DType, Element, Shape};
 use crate::vgg::{output_dims, HostWeights, Layer, Module};
 use std::sync::{Arc, Mutex};
@@ -83,8 +85,9 @@ pub(crate) fn input_grad(
     }
 }
 
-/// Forward through the network to the deepest tap; calls `at_tap(layer, tap
-/// weight, features)` and, when `saved` is given, keeps what backward needs.
+/// Forward through the network to the deepest tap; calls `at_tap(layer,
+/// features, (C, H*W))` at every tapped layer (perceptual or style) and,
+/// when `saved` is given, keeps what backward needs.
 fn forward(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -92,8 +95,9 @@ fn forward(
     h: usize,
     w: usize,
     mut saved: Option<&mut Vec<Saved>>,
-    mut at_tap: impl FnMut(usize, f64, &[f32]) -> Result<()>,
+    mut at_tap: impl FnMut(usize, &[f32], (usize, usize)) -> Result<()>,
 ) -> Result<()> {
+    let tapped = spec.tapped();
     let (mut c, mut h, mut w) = (3, h, w);
     let (mut next, mut cols) = (Vec::new(), Vec::new());
     for layer in &net.layers[..=spec.deepest()] {
@@ -129,42 +133,156 @@ fn forward(
                 w /= 2;
             }
         }
-        if let Some(weight) = spec.tap_weight(layer.index) {
-            at_tap(layer.index, weight, &x)?;
+        if tapped.contains(&layer.index) {
+            at_tap(layer.index, &x, (c, h * w))?;
         }
     }
     Ok(())
 }
 
-/// One target image's features at every tap: all the loss needs of it.
+/// What the loss needs of one target image at one tapped layer: its
+/// features where a perceptual term reads them, its Gram matrix where a
+/// style term does (each empty otherwise).
+#[derive(Debug, Default, Clone, PartialEq)]
+struct TapTarget {
+    features: Vec<f32>,
+    gram: Vec<f32>,
+}
+
+/// One target image at every tapped layer.
 fn image_features<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
     image: &[T],
     (c, h, w): (usize, usize, usize),
-) -> Result<Vec<Vec<f32>>> {
+) -> Result<Vec<TapTarget>> {
     let mut taps = Vec::new();
     let x = preprocess(image, c, h * w, spec.norm)?;
-    forward(net, spec, x, h, w, None, |_, _, f| {
-        taps.push(fallible::copied(f, "a target's tap features")?);
+    forward(net, spec, x, h, w, None, |layer, f, (c, m)| {
+        let mut kept = TapTarget::default();
+        if spec.tap_weight(layer).is_some() {
+            kept.features = fallible::copied(f, "a target's tap features")?;
+        }
+        if spec.style_weight_at(layer).is_some() {
+            kept.gram = gram::gram(f, c, m)?;
+        }
+        taps.push(kept);
         Ok(())
     })?;
     Ok(taps)
 }
 
-/// Per image, per tap, the features.
-type TapFeatures = Vec<Vec<Vec<f32>>>;
+/// Per image, per tapped layer, what the target contributes.
+type TapFeatures = Vec<Vec<TapTarget>>;
 
 /// The target of a call: its images, or their tap features kept from an
 /// earlier call.
 enum Target<'a, T> {
     Images(&'a [T]),
-    Features(&'a [Vec<Vec<f32>>]),
+    Features(&'a [Vec<TapTarget>]),
+}
+
+/// The terms of a loss, in a fixed order: the perceptual taps, then the
+/// style taps, each ascending by layer. A term's `sum` over one image is
+/// its criterion's elementwise sum there (squares for Fro).
+struct Terms {
+    /// (layer, criterion, weight with the overall one, elements per image
+    /// it compares, whether it is a style term).
+    terms: Vec<(usize, Criterion, f64, usize, bool)>,
+    images: usize,
+}
+
+impl Terms {
+    fn new(net: HostNet<'_>, spec: &PerceptualSpec, s: Shape) -> Terms {
+        let dims = output_dims(net.layers, (3, s.h, s.w));
+        let perceptual = spec.taps.iter().map(|&(layer, w)| {
+            let (c, h, wd) = dims[layer];
+            (layer, spec.criterion, w * spec.weight, c * h * wd, false)
+        });
+        let style = spec.style.iter().map(|&(layer, w)| {
+            let c = dims[layer].0;
+            (
+                layer,
+                spec.style_criterion,
+                w * spec.style_weight,
+                c * c,
+                true,
+            )
+        });
+        Terms {
+            terms: perceptual.chain(style).collect(),
+            images: s.n,
+        }
+    }
+
+    /// The term at `layer` of the perceptual (`style` false) or style loss.
+    fn index(&self, layer: usize, style: bool) -> Option<usize> {
+        self.terms.iter().position(|t| t.0 == layer && t.4 == style)
+    }
+
+    /// What a mean term's sum is multiplied by to give its share of the
+    /// loss (the batch mean of per-image means); the weight is rounded to
+    /// f32 first, as the CUDA kernels receive it.
+    fn mean_scale(&self, term: usize) -> f64 {
+        let (_, _, weight, count, _) = self.terms[term];
+        ((weight / self.images as f64) as f32) as f64 / count as f64
+    }
+
+    /// What each term's elementwise slopes are multiplied by in the
+    /// gradient. A Fro term's, w / (2 ||D||) (a zero difference: 0), needs
+    /// the batch's sums (`totals`); without them (no gradient) it is 0.
+    fn grad_scales(&self, totals: Option<&[f64]>) -> Vec<f64> {
+        (0..self.terms.len())
+            .map(|t| match (self.terms[t].1, totals) {
+                (Criterion::Fro, Some(totals)) if totals[t] > 0.0 => {
+                    self.terms[t].2 / (2.0 * totals[t].sqrt())
+                }
+                (Criterion::Fro, _) => 0.0,
+                _ => self.mean_scale(t),
+            })
+            .collect()
+    }
+}
+
+/// Each image's term sums (`sums[n][term]`), composed into the values.
+fn compose(terms: &Terms, sums: &[Vec<f64>]) -> Values {
+    let n = terms.images;
+    let mut parts = [0.0f64; 2];
+    let mut per_sample = vec![0.0; n];
+    // Mean terms: image by image, in term order (the sum order the loss's
+    // bits have always had).
+    for (image, sums) in sums.iter().enumerate() {
+        let mut image_parts = [0.0f64; 2];
+        for (t, &(_, criterion, ..)) in terms.terms.iter().enumerate() {
+            if criterion != Criterion::Fro {
+                image_parts[terms.terms[t].4 as usize] += sums[t] * terms.mean_scale(t);
+            }
+        }
+        parts[0] += image_parts[0];
+        parts[1] += image_parts[1];
+        per_sample[image] = (image_parts[0] + image_parts[1]) * n as f64;
+    }
+    // Norm terms: of the whole batch; an image's value is its own norm.
+    for (t, &(_, criterion, weight, _, style)) in terms.terms.iter().enumerate() {
+        if criterion == Criterion::Fro {
+            let total: f64 = sums.iter().map(|s| s[t]).sum();
+            parts[style as usize] += weight * total.sqrt();
+            for (image, sums) in sums.iter().enumerate() {
+                per_sample[image] += weight * sums[t].sqrt();
+            }
+        }
+    }
+    Values {
+        loss: parts[0] + parts[1],
+        per_sample,
+        parts: Some(parts),
+    }
 }
 
 /// The batch loss and each image's; writes `beta * grad + dL/dpred` when
 /// `grad` is given, once every image has succeeded (a failure part way,
-/// such as an allocation, leaves it untouched).
+/// such as an allocation, leaves it untouched). A Fro term's gradient
+/// needs the batch's norm first: then the forward runs once more.
 fn network<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -173,27 +291,55 @@ fn network<T: Element>(
     s: Shape,
     grad: Option<HostGrad<'_, T>>,
 ) -> Result<Values> {
+    let terms = Terms::new(net, spec, s);
+    let totals = match grad.is_some() && spec.has_norm_terms() {
+        true => {
+            let sums = pass(net, spec, &terms, pred, &target, s, None, &[])?;
+            let totals = (0..terms.terms.len())
+                .map(|t| sums.iter().map(|s| s[t]).sum())
+                .collect::<Vec<f64>>();
+            Some(totals)
+        }
+        false => None,
+    };
+    let scales = terms.grad_scales(totals.as_deref());
+    let sums = pass(net, spec, &terms, pred, &target, s, grad, &scales)?;
+    Ok(compose(&terms, &sums))
+}
+
+/// One pass over the batch: each image's term sums, and, when `grad` is
+/// given, the gradient with each term's slopes times `scales[term]`.
+#[allow(clippy::too_many_arguments)]
+fn pass<T: Element>(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    terms: &Terms,
+    pred: &[T],
+    target: &Target<'_, T>,
+    s: Shape,
+    grad: Option<HostGrad<'_, T>>,
+    scales: &[f64],
+) -> Result<Vec<Vec<f64>>> {
     let (hw, image) = (s.h * s.w, s.image_len());
     let dims = (s.c, s.h, s.w);
-    let mut total = 0.0;
-    let mut per_sample = fallible::with_capacity(s.n, "per-image losses")?;
+    let mut sums = fallible::with_capacity(s.n, "per-image losses")?;
     // What the gradient will hold once every image is done (blended with
     // beta and rounded, as a direct store would be), copied in at the end.
     let staged_len = if grad.is_some() { pred.len() } else { 0 };
     let mut staged = fallible::filled(staged_len, T::from_f64(0.0), "the staged input gradient")?;
+    let want_grad = grad.is_some();
     for n in 0..s.n {
         let range = n * image..(n + 1) * image;
-        // This image's target features: kept ones borrowed, or computed
-        // now and each dropped once its tap is done (they would otherwise
-        // stay alive through the whole pred pass).
+        // This image's target: kept tap data borrowed, or computed now
+        // and each tap's dropped once it is done (it would otherwise stay
+        // alive through the whole pred pass).
         let (kept, mut computed) = match target {
             Target::Features(f) => (Some(&f[n]), Vec::new()),
             Target::Images(t) => (None, image_features(net, spec, &t[range.clone()], dims)?),
         };
-        // Pred features, each tap's loss and (when asked) its gradient.
-        let mut saved = grad.as_ref().map(|_| Vec::new());
+        let mut saved = want_grad.then(Vec::new);
         let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
-        let mut image_loss = 0.0;
+        let mut image_sums = vec![0.0; terms.terms.len()];
         let mut k = 0;
         let x = preprocess(&pred[range.clone()], s.c, hw, spec.norm)?;
         forward(
@@ -203,16 +349,7 @@ fn network<T: Element>(
             s.h,
             s.w,
             saved.as_mut(),
-            |layer, tap_weight, f| {
-                // The batch mean over N images of per-image means.
-                let weight = (tap_weight * spec.weight / s.n as f64) as f32;
-                let scale = weight as f64 / f.len() as f64;
-                let g_len = if grad.is_some() { f.len() } else { 0 };
-                let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
-                let slot = grad.as_ref().map(|_| HostGrad {
-                    values: &mut g[..],
-                    beta: 0.0,
-                });
+            |layer, f, (c, m)| {
                 let taken;
                 let t = match kept {
                     Some(kept) => &kept[k],
@@ -221,14 +358,46 @@ fn network<T: Element>(
                         &taken
                     }
                 };
-                image_loss += distance_sum(spec.criterion, f, t, slot, scale) * scale;
-                tap_grads.push((layer, g));
                 k += 1;
+                let g_len = if want_grad { f.len() } else { 0 };
+                let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
+                if let Some(term) = terms.index(layer, false) {
+                    let slot = want_grad.then(|| HostGrad {
+                        values: &mut g[..],
+                        beta: 0.0,
+                    });
+                    image_sums[term] = distance_sum(
+                        spec.criterion,
+                        f,
+                        &t.features,
+                        slot,
+                        scales.get(term).copied().unwrap_or(0.0),
+                    );
+                }
+                if let Some(term) = terms.index(layer, true) {
+                    let gp = gram::gram(f, c, m)?;
+                    let e_len = if want_grad { gp.len() } else { 0 };
+                    let mut e = fallible::filled(e_len, 0f32, "a Gram matrix's gradient")?;
+                    let slot = want_grad.then(|| HostGrad {
+                        values: &mut e[..],
+                        beta: 0.0,
+                    });
+                    let scale = scales.get(term).copied().unwrap_or(0.0);
+                    image_sums[term] =
+                        distance_sum(spec.style_criterion, &gp, &t.gram, slot, scale);
+                    if want_grad {
+                        let mut gs = fallible::filled(f.len(), 0f32, "a style tap's gradient")?;
+                        gram::gram_backward(&e, f, c, m, &mut gs)?;
+                        g.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
+                    }
+                }
+                if want_grad {
+                    tap_grads.push((layer, g));
+                }
                 Ok(())
             },
         )?;
-        per_sample.push(image_loss * s.n as f64);
-        total += image_loss;
+        sums.push(image_sums);
 
         let (Some(out), Some(saved)) = (grad.as_ref(), saved) else {
             continue;
@@ -245,10 +414,7 @@ fn network<T: Element>(
     if let Some(out) = grad {
         out.values.copy_from_slice(&staged);
     }
-    Ok(Values {
-        loss: total,
-        per_sample,
-    })
+    Ok(sums)
 }
 
 /// Back-propagates the tap gradients of one pred image through the layers
@@ -348,11 +514,12 @@ impl TargetCache {
             }
         }
         let dims = output_dims(net.layers, (3, s.h, s.w));
-        let per_image: usize = spec
+        let features = spec
             .taps
             .iter()
-            .map(|&(layer, _)| dims[layer].0 * dims[layer].1 * dims[layer].2)
-            .sum();
+            .map(|&(l, _)| dims[l].0 * dims[l].1 * dims[l].2);
+        let grams = spec.style.iter().map(|&(l, _)| dims[l].0 * dims[l].0);
+        let per_image: usize = features.chain(grams).sum();
         if s.n * per_image * 4 + bytes.len() > TARGET_CACHE_BYTES {
             return Ok(None);
         }
@@ -380,7 +547,17 @@ mod tests {
 
     #[test]
     fn kept_target_features_give_the_same_bits_as_the_images() {
-        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+        let with_style = PerceptualConfig {
+            style_taps: vec![3.into(), 6.into()],
+            ..Default::default()
+        };
+        for config in [PerceptualConfig::default(), with_style] {
+            kept_target_gives_the_images_bits(&config);
+        }
+    }
+
+    fn kept_target_gives_the_images_bits(config: &PerceptualConfig) {
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, config);
         let net = HostNet {
             layers: loss.vgg().layers(),
             weights: loss.vgg().host_weights().unwrap(),

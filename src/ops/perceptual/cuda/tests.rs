@@ -220,6 +220,7 @@ fn check<T: Element>(case: Case) {
         beta,
         loss: &mut got as *mut f32 as u64,
         per_sample: Some(addr_mut(&mut got_per)),
+        parts: None,
     });
     let chunk = loss
         .device_plans()

@@ -117,6 +117,7 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
     ) -> Result<()> {
         let n = self.call.io.shape.n;
         let split = BlockSplit::new(n, per_image / unit, BLOCK as usize, TAP_BLOCKS)?;
+        let criterion = criterion_id(self.spec.criterion)?;
         self.gpu.with_reduce(0, split.blocks(n), |mut reduce| {
             reduce.loss = self.call.io.loss as *mut f32;
             reduce.per_sample = self.call.io.per_sample.unwrap_or(0) as *mut f32;
@@ -131,7 +132,7 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
                 per_block: split.per_block as i64,
                 blocks_per_image: split.blocks_per_image as i32,
                 dtype: self.compute(),
-                criterion: criterion_id(self.spec.criterion),
+                criterion,
                 accumulate: tap.accumulate as i32,
                 weight: tap.weight as f32,
                 accumulate_per_sample: !tap.first as i32,

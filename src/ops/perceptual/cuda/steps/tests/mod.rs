@@ -154,6 +154,9 @@ impl Setup {
         let spec = PerceptualSpec {
             taps: Vec::new(),
             criterion,
+            style: Vec::new(),
+            style_criterion: Criterion::Mse,
+            style_weight: 1.0,
             norm: InputNorm::None,
             pooling,
             weight: 1.0,
@@ -177,6 +180,7 @@ impl Setup {
                 beta: 0.0,
                 loss: 0,
                 per_sample: None,
+                parts: None,
             }),
             compute,
         }
