@@ -84,6 +84,14 @@ typedef struct pl_outputs {
    * Write 0 (as `pl_outputs_init` does).
    */
   int32_t reserved;
+  /**
+   * Optional (NULL = not written): two floats, the perceptual and the
+   * style part of a perceptual loss, each weighted, summing to the loss;
+   * other losses refuse it. Added in the struct's second version: a
+   * caller built against the first passes a smaller struct_size and gets
+   * NULL here.
+   */
+  float *parts;
 } pl_outputs;
 
 /**
@@ -159,8 +167,9 @@ typedef struct pl_perceptual_config {
    */
   const char *const *tap_names;
   /**
-   * Number of entries in taps or tap_names, 1 to 37 (distinct modules);
-   * default 4.
+   * Number of entries in taps or tap_names, 0 to 37 (distinct modules);
+   * default 4. 0: no perceptual terms (a style loss alone; taps and
+   * tap_names are then not read).
    */
   size_t num_taps;
   /**
@@ -173,7 +182,7 @@ typedef struct pl_perceptual_config {
    */
   size_t num_tap_weights;
   /**
-   * PL_MSE (default) or PL_MAE.
+   * PL_MSE (default), PL_MAE or PL_FRO (CPU only).
    */
   pl_criterion criterion;
   /**
@@ -208,6 +217,36 @@ typedef struct pl_perceptual_config {
    * workspace (the batch is chunked to fit); 0 (the default) for no limit.
    */
   size_t memory_budget_bytes;
+  /**
+   * Style (Gram) taps by module index, or NULL; the fields from here on
+   * were added in the struct's second version (a caller built against
+   * the first gets no style terms). Default NULL. CPU only.
+   */
+  const int32_t *style_taps;
+  /**
+   * Style taps by name, or NULL; at most one of the two. Default NULL.
+   */
+  const char *const *style_tap_names;
+  /**
+   * Number of style taps, 0 (the default: no style terms) to 37.
+   */
+  size_t num_style_taps;
+  /**
+   * One weight per style tap, or NULL (the default) for all 1.
+   */
+  const float *style_tap_weights;
+  /**
+   * Number of entries in style_tap_weights.
+   */
+  size_t num_style_tap_weights;
+  /**
+   * Distance between Gram matrices: PL_MSE (default), PL_MAE or PL_FRO.
+   */
+  pl_criterion style_criterion;
+  /**
+   * The style part's weight; default 1.
+   */
+  float style_weight;
 } pl_perceptual_config;
 
 /**
@@ -374,6 +413,12 @@ typedef struct pl_vgg_options {
  * Mean absolute error.
  */
 #define PL_MAE 1
+
+/**
+ * The Frobenius norm of the whole batch's difference (BasicSR's 'fro'):
+ * perceptual and style terms only, on the CPU only.
+ */
+#define PL_FRO 2
 
 /**
  * Inputs used as given (the default).

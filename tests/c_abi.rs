@@ -168,6 +168,35 @@ fn c_perceptual_program_matches_the_oracle() {
         2e-5,
         "C named loss",
     );
+    // The C config's style fields reach the loss: the same terms through
+    // the Rust API (tests/style_cpu.rs checks them against an oracle).
+    let line = out.lines().find(|l| l.starts_with("style ")).unwrap();
+    // %.9g round-trips an f32
+    let got: Vec<f32> = line[6..].split(' ').map(|v| v.parse().unwrap()).collect();
+    let vgg = common::cpu_vgg(
+        &std::fs::read(&path).unwrap(),
+        VggArch::Vgg16,
+        perceptual_loss::DType::F32,
+    );
+    let cfg = perceptual_loss::PerceptualConfig {
+        taps: vec!["relu2_2".into()],
+        style_taps: vec!["relu1_2".into(), "relu2_2".into()],
+        style_weight: 3.0,
+        ..Default::default()
+    };
+    let loss = perceptual_loss::PerceptualLoss::new(vgg, &cfg).unwrap();
+    let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let (p, t) = (as_f32(&pred), as_f32(&target));
+    let (mut value, mut parts) = (0f32, [0f32; 2]);
+    use perceptual_loss::{LossOutputs, TensorMut, TensorRef};
+    loss.compute(
+        &TensorRef::host(&p, s).unwrap(),
+        &TensorRef::host(&t, s).unwrap(),
+        LossOutputs::new(TensorMut::scalar(&mut value))
+            .with_parts(TensorMut::host(&mut parts, Shape::flat(2)).unwrap()),
+    )
+    .unwrap();
+    assert_eq!(got, parts, "C style parts");
 }
 
 /// The TV options of `variant` and `reduction`, weight `weight`.

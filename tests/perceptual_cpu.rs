@@ -28,6 +28,7 @@ fn spec_of(vgg: &Vgg, cfg: &PerceptualConfig, taps: &[usize]) -> Spec {
     let affine = std::array::from_fn(|c| match cfg.input_norm {
         InputNorm::None => (1.0, 0.0),
         InputNorm::Imagenet => (1.0 / IMAGENET_STD[c], -IMAGENET_MEAN[c] / IMAGENET_STD[c]),
+        InputNorm::FromPm1 => (0.5, 0.5),
         InputNorm::ImagenetFromPm1 => (
             0.5 / IMAGENET_STD[c],
             (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c],
@@ -189,6 +190,16 @@ fn grayscale_from_pm1_is_replicated() {
         5,
         20,
     );
+}
+
+#[test]
+fn from_pm1_maps_the_range_only() {
+    let cfg = PerceptualConfig {
+        taps: vec![3.into(), 8.into()],
+        input_norm: InputNorm::FromPm1,
+        ..Default::default()
+    };
+    check_against_oracle(VggArch::Vgg16, cfg, &[3, 8], Shape::new(1, 3, 8, 10), 8, 10);
 }
 
 #[test]

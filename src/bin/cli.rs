@@ -30,7 +30,8 @@ options:
   --arch vgg16|vgg19    network (default vgg16)
   --layers L1,L2,...    tapped layers by name or index (default relu1_2,relu2_2,relu3_3,relu4_3)
   --criterion mse|mae   feature distance (default mse)
-  --norm none|imagenet|imagenet_from_pm1   input normalisation (default none)
+  --norm NORM           input normalisation: none (default), imagenet,
+                        imagenet_from_pm1 or from_pm1
   --tv VARIANT          article|l1|l2_squared|l2|isotropic (default article)
   --device cpu|cuda|cuda:N   (default: CUDA device 0 when usable, else the CPU)
   --dtype f32|f16|bf16  compute dtype on CUDA (default f32)
@@ -112,6 +113,7 @@ fn parse(args: &[String]) -> Result<Options> {
                     "none" => InputNorm::None,
                     "imagenet" => InputNorm::Imagenet,
                     "imagenet_from_pm1" => InputNorm::ImagenetFromPm1,
+                    "from_pm1" => InputNorm::FromPm1,
                     v => return Err(usage(&format!("unknown --norm {v}"))),
                 }
             }

@@ -2,7 +2,7 @@
 //! `pl_outputs` struct of its results; and the one function that turns
 //! caller pointers into tensor views on the context's device.
 
-use super::options::{self, check_aligned, released_once};
+use super::options::{self, check_aligned, released};
 use super::status::pl_status;
 use crate::backend::{check_disjoint, Span};
 use crate::error::Error;
@@ -48,14 +48,21 @@ pub struct pl_outputs {
     pub beta: f32,
     /// Write 0 (as `pl_outputs_init` does).
     pub reserved: i32,
+    /// Optional (NULL = not written): two floats, the perceptual and the
+    /// style part of a perceptual loss, each weighted, summing to the loss;
+    /// other losses refuse it. Added in the struct's second version: a
+    /// caller built against the first passes a smaller struct_size and gets
+    /// NULL here.
+    pub parts: *mut f32,
 }
 
-released_once!(pl_outputs, last reserved: i32, {
+released!(pl_outputs, since [parts], reserved reserved, last parts: *mut f32, {
     loss: std::ptr::null_mut(),
     grad: std::ptr::null_mut(),
     per_sample: std::ptr::null_mut(),
     beta: 0.0,
     reserved: 0,
+    parts: std::ptr::null_mut(),
 });
 
 /// Writes the defaults to `out`: struct_size set, no pointers, beta 0.
@@ -123,7 +130,8 @@ pub(crate) struct CallViews<'a> {
 ///
 /// # Safety
 /// Each input and `out.grad` must address `shape` elements of `dtype`,
-/// `out.loss` one f32 and `out.per_sample` n f32, on the context's device,
+/// `out.loss` one f32, `out.per_sample` n f32 and `out.parts` two, on the
+/// context's device,
 /// valid for the call.
 pub(crate) unsafe fn views<'a>(
     device: &Device,
@@ -155,6 +163,7 @@ pub(crate) unsafe fn views<'a>(
         (out.loss.cast(), 4, 4, "out.loss"),
         (out.grad, bytes, dtype.size(), "out.grad"),
         (out.per_sample.cast(), shape.n * 4, 4, "out.per_sample"),
+        (out.parts.cast(), 2 * 4, 4, "out.parts"),
     ]
     .into_iter()
     .filter(|o| !o.0.is_null())
@@ -196,6 +205,9 @@ pub(crate) unsafe fn views<'a>(
     if !out.per_sample.is_null() {
         let per_sample = view_out(out.per_sample.cast(), DType::F32, Shape::flat(shape.n))?;
         outputs = outputs.with_per_sample(per_sample);
+    }
+    if !out.parts.is_null() {
+        outputs = outputs.with_parts(view_out(out.parts.cast(), DType::F32, Shape::flat(2))?);
     }
     Ok(CallViews { inputs, outputs })
 }

@@ -5,7 +5,7 @@ use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
-use super::options::{self, released_once};
+use super::options::{self, released};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::{Criterion, FeatureLoss};
@@ -17,11 +17,15 @@ pub type pl_criterion = i32;
 pub const PL_MSE: pl_criterion = 0;
 /// Mean absolute error.
 pub const PL_MAE: pl_criterion = 1;
+/// The Frobenius norm of the whole batch's difference (BasicSR's 'fro'):
+/// perceptual and style terms only, on the CPU only.
+pub const PL_FRO: pl_criterion = 2;
 
 pub(crate) fn criterion_of(c: pl_criterion) -> Result<Criterion, Error> {
     match c {
         PL_MSE => Ok(Criterion::Mse),
         PL_MAE => Ok(Criterion::Mae),
+        PL_FRO => Ok(Criterion::Fro),
         v => Err(Error::arg(format!("unknown pl_criterion {v}"))),
     }
 }
@@ -43,7 +47,7 @@ pub struct pl_feature_config {
     pub reserved: i32,
 }
 
-released_once!(pl_feature_config, last reserved: i32, {
+released!(pl_feature_config, reserved reserved, last reserved: i32, {
     criterion: PL_MSE,
     weight: 1.0,
     check_finite: 0,

@@ -39,17 +39,21 @@ pub(crate) unsafe trait Options: Copy {
     }
 }
 
-/// Implements [`Options`] for a struct with one released version: its C
-/// name, its size, its defaults (`struct_size` filled in), its `reserved`
-/// field when that ends it, and a compile-time check that its last field
-/// ends it (no trailing padding).
-macro_rules! released_once {
-    (@impl $ty:ident, $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* }
-        $(, $reserved:ident)?) => {
-        // SAFETY: repr(C), struct_size first, plain data; one released version.
+/// Implements [`Options`] for a struct: its C name, its size, its
+/// defaults (`struct_size` filled in), its `reserved` field when that ends
+/// it, and a compile-time check that its last field ends it (no trailing
+/// padding). A struct that grew names the first field of each later
+/// version with `since [field, ...]`: each earlier version ends where
+/// such a field begins.
+macro_rules! released {
+    (@impl $ty:ident, [$($since:ident),*], $last:ident: $last_ty:ty,
+        { $($field:ident: $value:expr),* } $(, $reserved:ident)?) => {
+        // SAFETY: repr(C), struct_size first, plain data; each earlier
+        // version is a prefix ending where a later version's fields start.
         unsafe impl $crate::ffi::options::Options for $ty {
             const NAME: &'static str = stringify!($ty);
-            const SIZES: &'static [usize] = &[std::mem::size_of::<$ty>()];
+            const SIZES: &'static [usize] =
+                &[$(std::mem::offset_of!($ty, $since),)* std::mem::size_of::<$ty>()];
             fn defaults() -> Self {
                 $ty {
                     struct_size: std::mem::size_of::<$ty>(),
@@ -63,18 +67,18 @@ macro_rules! released_once {
         const _: () = assert!(
             std::mem::size_of::<$ty>()
                 == std::mem::offset_of!($ty, $last) + std::mem::size_of::<$last_ty>()
-                && std::mem::size_of::<$ty>() % 8 == 0,
+                && std::mem::size_of::<$ty>() % 8 == 0
+                $(&& std::mem::offset_of!($ty, $since) % 8 == 0)*,
             "a version of an options struct must end without padding",
         );
     };
-    ($ty:ident, last reserved: i32, { $($field:ident: $value:expr),* $(,)? }) => {
-        $crate::ffi::options::released_once!(@impl $ty, reserved: i32, { $($field: $value),* }, reserved);
-    };
-    ($ty:ident, last $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* $(,)? }) => {
-        $crate::ffi::options::released_once!(@impl $ty, $last: $last_ty, { $($field: $value),* });
+    ($ty:ident, $(since [$($since:ident),*],)? $(reserved $reserved:ident,)?
+        last $last:ident: $last_ty:ty, { $($field:ident: $value:expr),* $(,)? }) => {
+        $crate::ffi::options::released!(@impl $ty, [$($($since),*)?], $last: $last_ty,
+            { $($field: $value),* } $(, $reserved)?);
     };
 }
-pub(crate) use released_once;
+pub(crate) use released;
 
 /// Reads the options at `ptr` (parameter `param`): the defaults for NULL,
 /// else the version its `struct_size` names, later fields defaulted.

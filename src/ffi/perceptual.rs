@@ -6,7 +6,7 @@ use super::context::Streams;
 use super::feature::{criterion_of, pl_criterion, PL_MSE};
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
-use super::options::{self, released_once};
+use super::options::{self, released};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
 use crate::error::Error;
@@ -23,6 +23,8 @@ pub const PL_NORM_NONE: pl_input_norm = 0;
 pub const PL_NORM_IMAGENET: pl_input_norm = 1;
 /// Inputs in [-1, 1] mapped to [0, 1], then ImageNet mean/std.
 pub const PL_NORM_IMAGENET_FROM_PM1: pl_input_norm = 2;
+/// Inputs in [-1, 1] mapped to [0, 1] only.
+pub const PL_NORM_FROM_PM1: pl_input_norm = 3;
 
 /// Pooling of the VGG network.
 pub type pl_pooling = i32;
@@ -48,17 +50,19 @@ pub struct pl_perceptual_config {
     /// Tapped module names such as "relu3_3" or "conv5_4", or NULL when
     /// taps is given; give one of the two. Default NULL.
     pub tap_names: *const *const c_char,
-    /// Number of entries in taps or tap_names, 1 to 37 (distinct modules);
-    /// default 4.
+    /// Number of entries in taps or tap_names, 0 to 37 (distinct modules);
+    /// default 4. 0: no perceptual terms (a style loss alone; taps and
+    /// tap_names are then not read).
     pub num_taps: usize,
     /// One weight per tap, or NULL (the default) for all 1.
     pub tap_weights: *const f32,
     /// Number of entries in tap_weights: num_taps, or 0 when tap_weights
     /// is NULL.
     pub num_tap_weights: usize,
-    /// PL_MSE (default) or PL_MAE.
+    /// PL_MSE (default), PL_MAE or PL_FRO (CPU only).
     pub criterion: pl_criterion,
-    /// PL_NORM_NONE (default), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
+    /// PL_NORM_NONE (default), PL_NORM_IMAGENET, PL_NORM_IMAGENET_FROM_PM1
+    /// or PL_NORM_FROM_PM1.
     pub input_norm: pl_input_norm,
     /// PL_POOL_MAX (default) or PL_POOL_AVG.
     pub pooling: pl_pooling,
@@ -76,9 +80,25 @@ pub struct pl_perceptual_config {
     /// On CUDA, device bytes one call may hold for buffers and cuDNN
     /// workspace (the batch is chunked to fit); 0 (the default) for no limit.
     pub memory_budget_bytes: usize,
+    /// Style (Gram) taps by module index, or NULL; the fields from here on
+    /// were added in the struct's second version (a caller built against
+    /// the first gets no style terms). Default NULL. CPU only.
+    pub style_taps: *const i32,
+    /// Style taps by name, or NULL; at most one of the two. Default NULL.
+    pub style_tap_names: *const *const c_char,
+    /// Number of style taps, 0 (the default: no style terms) to 37.
+    pub num_style_taps: usize,
+    /// One weight per style tap, or NULL (the default) for all 1.
+    pub style_tap_weights: *const f32,
+    /// Number of entries in style_tap_weights.
+    pub num_style_tap_weights: usize,
+    /// Distance between Gram matrices: PL_MSE (default), PL_MAE or PL_FRO.
+    pub style_criterion: pl_criterion,
+    /// The style part's weight; default 1.
+    pub style_weight: f32,
 }
 
-released_once!(pl_perceptual_config, last memory_budget_bytes: usize, {
+released!(pl_perceptual_config, since [style_taps], last style_weight: f32, {
     taps: DEFAULT_TAPS.as_ptr(),
     tap_names: std::ptr::null(),
     num_taps: DEFAULT_TAPS.len(),
@@ -92,6 +112,13 @@ released_once!(pl_perceptual_config, last memory_budget_bytes: usize, {
     check_finite: 0,
     max_chunk_images: 0,
     memory_budget_bytes: 0,
+    style_taps: std::ptr::null(),
+    style_tap_names: std::ptr::null(),
+    num_style_taps: 0,
+    style_tap_weights: std::ptr::null(),
+    num_style_tap_weights: 0,
+    style_criterion: PL_MSE,
+    style_weight: 1.0,
 });
 
 /// A perceptual loss; it keeps its VGG alive and runs on its context's
@@ -105,6 +132,89 @@ impl Handle for pl_perceptual {
     const NAME: &'static str = "pl_perceptual";
 }
 
+/// A list of taps as a config gives it: by index or by name, `count` of
+/// them, and `num_weights` weights or none.
+struct TapList {
+    what: &'static str,
+    ids: *const i32,
+    names: *const *const c_char,
+    count: usize,
+    weights: *const f32,
+    num_weights: usize,
+}
+
+impl TapList {
+    /// The taps and their weights (empty for all 1).
+    ///
+    /// # Safety
+    /// The arrays must hold their counts of entries; names must be
+    /// NUL-terminated strings.
+    unsafe fn read(&self) -> Result<(Vec<Tap>, Vec<f32>), Error> {
+        let what = self.what;
+        // Taps are distinct modules, so a larger count cannot be valid;
+        // refusing it here keeps a garbage count from becoming a read past
+        // the array.
+        let modules = VggArch::Vgg19.module_count();
+        if self.count > modules {
+            return Err(Error::arg(format!(
+                "config.num_{what}s is {}; there are at most {modules} distinct {what}s",
+                self.count
+            )));
+        }
+        let taps = match (self.count, self.ids.is_null(), self.names.is_null()) {
+            (0, ..) => Vec::new(),
+            (_, false, true) => std::slice::from_raw_parts(self.ids, self.count)
+                .iter()
+                .map(|&i| {
+                    usize::try_from(i)
+                        .map(Tap::Index)
+                        .map_err(|_| Error::arg(format!("{what} {i} is negative")))
+                })
+                .collect::<Result<_, _>>()?,
+            (_, true, false) => std::slice::from_raw_parts(self.names, self.count)
+                .iter()
+                .map(|&p| {
+                    if p.is_null() {
+                        return Err(Error::arg(format!("a {what} name is NULL")));
+                    }
+                    Ok(Tap::Name(CStr::from_ptr(p).to_string_lossy().into_owned()))
+                })
+                .collect::<Result<_, Error>>()?,
+            (_, true, true) => {
+                return Err(Error::arg(format!(
+                    "config.{what}s and config.{what}_names are NULL"
+                )))
+            }
+            (_, false, false) => {
+                return Err(Error::arg(format!(
+                    "give config.{what}s or config.{what}_names, not both"
+                )))
+            }
+        };
+        let weights = match (self.weights.is_null(), self.num_weights) {
+            (true, 0) => Vec::new(),
+            (true, n) => {
+                return Err(Error::arg(format!(
+                    "num_{what}_weights is {n} but {what}_weights is NULL"
+                )))
+            }
+            (false, 0) => {
+                return Err(Error::arg(format!(
+                    "{what}_weights needs num_{what}_weights"
+                )))
+            }
+            (false, n) if n != taps.len() => {
+                return Err(Error::arg(format!(
+                    "{} {what}s but {n} {what} weights",
+                    taps.len()
+                )))
+            }
+            (false, n) => std::slice::from_raw_parts(self.weights, n).to_vec(),
+        };
+        Ok((taps, weights))
+    }
+}
+
 /// The Rust config of a C one.
 ///
 /// # Safety
@@ -112,62 +222,32 @@ impl Handle for pl_perceptual {
 /// NUL-terminated strings.
 unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig, Error> {
     let mut cfg = PerceptualConfig::default();
-    if c.num_taps == 0 {
-        return Err(Error::arg(
-            "config.num_taps is 0; a perceptual loss needs at least one tap",
-        ));
+    (cfg.taps, cfg.tap_weights) = TapList {
+        what: "tap",
+        ids: c.taps,
+        names: c.tap_names,
+        count: c.num_taps,
+        weights: c.tap_weights,
+        num_weights: c.num_tap_weights,
     }
-    // Taps are distinct modules, so a larger count cannot be valid; refusing
-    // it here keeps a garbage count from becoming a read past the array.
-    let modules = VggArch::Vgg19.module_count();
-    if c.num_taps > modules {
-        return Err(Error::arg(format!(
-            "config.num_taps is {}; there are at most {modules} distinct taps",
-            c.num_taps
-        )));
+    .read()?;
+    (cfg.style_taps, cfg.style_tap_weights) = TapList {
+        what: "style_tap",
+        ids: c.style_taps,
+        names: c.style_tap_names,
+        count: c.num_style_taps,
+        weights: c.style_tap_weights,
+        num_weights: c.num_style_tap_weights,
     }
-    cfg.taps = match (c.taps.is_null(), c.tap_names.is_null()) {
-        (false, true) => std::slice::from_raw_parts(c.taps, c.num_taps)
-            .iter()
-            .map(|&i| {
-                usize::try_from(i)
-                    .map(Tap::Index)
-                    .map_err(|_| Error::arg(format!("tap {i} is negative")))
-            })
-            .collect::<Result<_, _>>()?,
-        (true, false) => std::slice::from_raw_parts(c.tap_names, c.num_taps)
-            .iter()
-            .map(|&p| {
-                if p.is_null() {
-                    return Err(Error::arg("a tap name is NULL"));
-                }
-                Ok(Tap::Name(CStr::from_ptr(p).to_string_lossy().into_owned()))
-            })
-            .collect::<Result<_, Error>>()?,
-        (true, true) => return Err(Error::arg("config.taps and config.tap_names are NULL")),
-        (false, false) => return Err(Error::arg("give config.taps or config.tap_names, not both")),
-    };
-    match (c.tap_weights.is_null(), c.num_tap_weights) {
-        (true, 0) => {}
-        (true, n) => {
-            return Err(Error::arg(format!(
-                "num_tap_weights is {n} but tap_weights is NULL"
-            )))
-        }
-        (false, 0) => return Err(Error::arg("tap_weights needs num_tap_weights")),
-        (false, n) => {
-            let taps = cfg.taps.len();
-            if n != taps {
-                return Err(Error::arg(format!("{taps} taps but {n} tap weights")));
-            }
-            cfg.tap_weights = std::slice::from_raw_parts(c.tap_weights, n).to_vec();
-        }
-    }
+    .read()?;
     cfg.criterion = criterion_of(c.criterion)?;
+    cfg.style_criterion = criterion_of(c.style_criterion)?;
+    cfg.style_weight = c.style_weight;
     cfg.input_norm = match c.input_norm {
         PL_NORM_NONE => InputNorm::None,
         PL_NORM_IMAGENET => InputNorm::Imagenet,
         PL_NORM_IMAGENET_FROM_PM1 => InputNorm::ImagenetFromPm1,
+        PL_NORM_FROM_PM1 => InputNorm::FromPm1,
         v => return Err(Error::arg(format!("unknown pl_input_norm {v}"))),
     };
     cfg.pooling = match c.pooling {
@@ -288,7 +368,7 @@ pub struct pl_plan_report {
     pub conv_flops: u64,
 }
 
-released_once!(pl_plan_report, last conv_flops: u64, {
+released!(pl_plan_report, last conv_flops: u64, {
     chunks: 0,
     kernel_launches: 0,
     cudnn_calls: 0,

@@ -7,7 +7,7 @@ use super::args::{shape_of, views};
 use super::context::pl_context;
 use super::guard::guard;
 use super::handle::borrow;
-use super::options::{self, released_once};
+use super::options::{self, released};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::{TvConfig, TvLoss, TvVariant};
@@ -49,7 +49,7 @@ pub struct pl_tv_config {
     pub reserved: i32,
 }
 
-released_once!(pl_tv_config, last reserved: i32, {
+released!(pl_tv_config, reserved reserved, last reserved: i32, {
     variant: PL_TV_ARTICLE,
     reduction: PL_REDUCTION_MEAN,
     weight: 1.0,

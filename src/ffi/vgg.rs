@@ -5,7 +5,7 @@ use super::args::{dtype_of, pl_dtype, PL_F32};
 use super::context::{pl_context, Streams};
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
-use super::options::{self, released_once};
+use super::options::{self, released};
 use super::status::pl_status;
 use crate::error::Error;
 use crate::vgg::{Vgg, VggArch, VggOptions, WeightsSource};
@@ -50,7 +50,7 @@ pub struct pl_vgg_options {
     pub reserved: i32,
 }
 
-released_once!(pl_vgg_options, last reserved: i32, {
+released!(pl_vgg_options, reserved reserved, last reserved: i32, {
     arch: PL_VGG16,
     compute: PL_F32,
     depth: -1,

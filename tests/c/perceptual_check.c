@@ -74,6 +74,52 @@ int main(int argc, char **argv) {
     CHECK(pl_perceptual_loss(named, pred, target, PL_F32, N, C, H, W, &loss_only) == PL_OK, "named loss");
     printf("named %.9g\n", value);
 
+    /* Perceptual (relu2_2) + style (relu1_2, relu2_2 Grams, weight 3) in
+     * one call, both parts returned. */
+    const char *style_names[] = {"relu1_2", "relu2_2"};
+    pl_perceptual_config both;
+    pl_perceptual_config_init(&both);
+    CHECK(both.num_style_taps == 0 && both.style_weight == 1.0f && both.style_criterion == PL_MSE,
+          "no style terms by default");
+    both.taps = NULL;
+    both.tap_names = names;
+    both.num_taps = 1;
+    both.style_tap_names = style_names;
+    both.num_style_taps = 2;
+    both.style_weight = 3.0f;
+    pl_perceptual *combined = NULL;
+    CHECK(pl_perceptual_create(shallow, &both, &combined) == PL_OK, "create with style");
+    float parts[2] = {-1.0f, -1.0f};
+    pl_outputs with_parts;
+    pl_outputs_init(&with_parts);
+    with_parts.loss = &value;
+    with_parts.parts = parts;
+    CHECK(pl_perceptual_loss(combined, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK, "style loss");
+    CHECK(parts[0] > 0.0f && parts[1] > 0.0f && fabsf(parts[0] + parts[1] - value) <= 1e-6f * value,
+          "parts %g + %g sum to the loss %g", parts[0], parts[1], value);
+    printf("style %.9g %.9g\n", parts[0], parts[1]);
+    /* A caller built before parts existed: its smaller pl_outputs is read
+     * up to where it ends. */
+    with_parts.struct_size = offsetof(pl_outputs, parts);
+    parts[0] = -1.0f;
+    CHECK(pl_perceptual_loss(combined, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK, "v1 outputs");
+    CHECK(parts[0] == -1.0f, "a v1 pl_outputs has no parts pointer");
+    /* ... and its smaller config gets no style terms. */
+    both.struct_size = offsetof(pl_perceptual_config, style_taps);
+    pl_perceptual *old = NULL;
+    CHECK(pl_perceptual_create(shallow, &both, &old) == PL_OK, "v1 config");
+    with_parts.struct_size = sizeof(pl_outputs);
+    CHECK(pl_perceptual_loss(old, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK && parts[1] == 0.0f,
+          "a v1 config has no style part");
+    pl_perceptual_destroy(old);
+    pl_perceptual_destroy(combined);
+    pl_outputs tv_parts;
+    pl_outputs_init(&tv_parts);
+    tv_parts.loss = &value;
+    tv_parts.parts = parts;
+    CHECK(pl_tv_loss(ctx, NULL, pred, PL_F32, N, C, H, W, &tv_parts) == PL_ERR_INVALID_ARGUMENT,
+          "parts of a TV loss");
+
     /* Errors. */
     const int32_t deep[] = {3, 99}, too_deep[] = {22};
     pl_perceptual_config bad;

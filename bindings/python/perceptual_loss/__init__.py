@@ -4,8 +4,8 @@ losses with gradients, over the library's C ABI.
 The functions take NumPy arrays or any array with `__dlpack__` (PyTorch,
 CuPy, JAX) without copies: CPU arrays run on the CPU backend, CUDA arrays
 on their GPU (through PyTorch, which then must be installed). The PyTorch
-modules (`TVLoss`, `FeatureLoss`, `PerceptualLoss`) are imported on
-demand.
+modules (`TVLoss`, `FeatureLoss`, `PerceptualLoss`, `StyleLoss`, and
+`perceptual_loss.basicsr.PerceptualLoss`) are imported on demand.
 
     import numpy as np, perceptual_loss as pl
     loss, grad = pl.tv_loss(np.random.rand(2, 3, 64, 64).astype(np.float32))
@@ -20,13 +20,13 @@ from ._cuda_libs import loaded as cuda_libraries
 
 __all__ = [
     "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "weights_depth", "write_seeded_weights",
-    "version", "cuda_libraries", "TVLoss", "FeatureLoss", "PerceptualLoss",
+    "version", "cuda_libraries", "TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss",
 ]
 
 
 def __getattr__(name):
     # The PyTorch modules import torch only when asked for.
-    if name in ("TVLoss", "FeatureLoss", "PerceptualLoss"):
+    if name in ("TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss"):
         from . import torch_modules
 
         return getattr(torch_modules, name)
@@ -38,8 +38,10 @@ TV_VARIANTS = {"article": 0, "l1": 1, "l2_squared": 2, "l2": 3, "isotropic": 4}
 REDUCTIONS = {"mean": 0, "sum": 1}
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 ARCHS = {"vgg16": 0, "vgg19": 1}
-CRITERIA = {"mse": 0, "mae": 1}
-NORMS = {"none": 0, "imagenet": 1, "imagenet_from_pm1": 2}
+# "fro": the norm of the whole batch's difference (perceptual and style
+# terms, CPU only); "l1" is "mae" by BasicSR's name.
+CRITERIA = {"mse": 0, "mae": 1, "l1": 1, "fro": 2}
+NORMS = {"none": 0, "imagenet": 1, "imagenet_from_pm1": 2, "from_pm1": 3}
 POOLINGS = {"max": 0, "avg": 1}
 
 
@@ -74,17 +76,20 @@ def tv_config(variant="article", weight=1.0, eps=0.0, check_finite=False):
     return cfg
 
 
-def outputs(loss_ptr, grad_ptr=None, per_sample_ptr=None, beta=0.0):
+def outputs(loss_ptr, grad_ptr=None, per_sample_ptr=None, beta=0.0, parts_ptr=None):
     """A pl_outputs naming where a call writes (addresses as ints)."""
     out = _lib.Outputs()
     _check(_lib.pl_outputs_init(ctypes.byref(out)))
     out.loss, out.grad, out.per_sample, out.beta = loss_ptr, grad_ptr, per_sample_ptr, beta
+    out.parts = parts_ptr
     return out
 
 
-def _results(loss, grad, per_sample):
-    """(loss, grad) or, with per-sample values asked for, (loss, grad, per_sample)."""
-    return (float(loss[0]), grad) if per_sample is None else (float(loss[0]), grad, per_sample)
+def _results(loss, grad, per_sample, parts=None):
+    """(loss, grad), then each image's loss if asked for, then the
+    (perceptual, style) parts if asked for."""
+    extra = tuple(v for v in (per_sample, parts) if v is not None)
+    return (float(loss[0]), grad) + extra
 
 
 def version():
@@ -187,13 +192,15 @@ def _as_image_batch(x, name):
     return x
 
 
-def _call_arrays(x, grad, per_sample):
-    """The loss, gradient and per-sample arrays of a NumPy call, and their outputs."""
+def _call_arrays(x, grad, per_sample, parts=False):
+    """The loss, gradient, per-sample and parts arrays of a NumPy call, and
+    their outputs."""
     g = np.empty_like(x) if grad else None
     loss = np.zeros(1, np.float32)
     per = np.zeros(x.shape[0], np.float32) if per_sample else None
-    out = outputs(loss.ctypes.data, None if g is None else g.ctypes.data, None if per is None else per.ctypes.data)
-    return loss, g, per, out
+    two = np.zeros(2, np.float32) if parts else None
+    addr = lambda a: None if a is None else a.ctypes.data  # noqa: E731
+    return loss, g, per, two, outputs(loss.ctypes.data, addr(g), addr(per), parts_ptr=addr(two))
 
 
 def _cuda_results(ran, grad, per_sample):
@@ -219,7 +226,7 @@ def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=Fal
         return _cuda_results(_tv_op(t, cfg.variant, cfg.weight, cfg.eps, bool(check_finite),
                                     cfg.reduction == REDUCTIONS["sum"], grad), grad, per_sample)
     x = _as_image_batch(x, "x")
-    loss, g, per, out = _call_arrays(x, grad, per_sample)
+    loss, g, per, _, out = _call_arrays(x, grad, per_sample)
     _check(_lib.pl_tv_loss(_cpu_context()._handle, ctypes.byref(cfg), x.ctypes.data, DTYPES[x.dtype.name], *x.shape,
                            ctypes.byref(out)))
     return _results(loss, g, per)
@@ -243,7 +250,7 @@ def feature_loss(a, b, criterion="mse", weight=1.0, grad=True, per_sample=False,
     _check(_lib.pl_feature_config_init(ctypes.byref(cfg)))
     cfg.criterion, cfg.weight = _choice(CRITERIA, criterion, "criterion"), weight
     cfg.check_finite = int(bool(check_finite))
-    loss, g, per, out = _call_arrays(a, grad, per_sample)
+    loss, g, per, _, out = _call_arrays(a, grad, per_sample)
     _check(_lib.pl_feature_loss(_cpu_context()._handle, ctypes.byref(cfg), a.ctypes.data, b.ctypes.data,
                                 DTYPES[a.dtype.name], *a.shape, ctypes.byref(out)))
     return _results(loss, g, per)
@@ -297,38 +304,56 @@ class Vgg:
             self._handle = None
 
 
+def _set_taps(cfg, prefix, taps, weights, keep):
+    """Fills the config's `{prefix}taps`/`{prefix}tap_names`, its count and
+    weights from a list of indices or of names; `keep` holds the arrays the
+    config points into until the create call returns."""
+    if all(isinstance(t, str) for t in taps):
+        names = (ctypes.c_char_p * len(taps))(*[t.encode() for t in taps])
+        keep.append(names)
+        setattr(cfg, f"{prefix}taps", None)
+        setattr(cfg, f"{prefix}tap_names", ctypes.cast(names, ctypes.POINTER(ctypes.c_char_p)))
+    elif all(isinstance(t, int) for t in taps):
+        idx = (ctypes.c_int32 * len(taps))(*taps)
+        keep.append(idx)
+        setattr(cfg, f"{prefix}taps", ctypes.cast(idx, ctypes.POINTER(ctypes.c_int32)))
+    else:
+        raise TypeError(f"{prefix}taps must be all indices or all names")
+    setattr(cfg, f"num_{prefix}taps", len(taps))
+    if weights is not None:
+        w = (ctypes.c_float * len(weights))(*weights)
+        keep.append(w)
+        setattr(cfg, f"{prefix}tap_weights", ctypes.cast(w, ctypes.POINTER(ctypes.c_float)))
+        setattr(cfg, f"num_{prefix}tap_weights", len(weights))
+
+
 class Perceptual:
     """A perceptual loss over `vgg`. Defaults are the article's: taps
     relu1_2, relu2_2, relu3_3, relu4_3, MSE, unit weights, no input
-    normalisation. `taps` are indices or names ("relu3_3", "conv5_4").
-    On CUDA, `max_chunk_images` and `memory_budget` (bytes for buffers and
-    cuDNN workspace) split the batch into chunks; the loss is the same.
+    normalisation. `taps` are indices or names ("relu3_3", "conv5_4"); an
+    empty list means no perceptual terms (a style loss alone).
+    `style_taps` add style terms: the Gram matrices F F^T / (C H W) of
+    those layers compared by `style_criterion` ("mse", "l1"/"mae" or
+    "fro"), weighted per tap and by `style_weight` (CPU only). On CUDA,
+    `max_chunk_images` and `memory_budget` (bytes for buffers and cuDNN
+    workspace) split the batch into chunks; the loss is the same.
     `check_finite` makes a NaN or infinite input an error naming it."""
 
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
-                 weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None, check_finite=False):
+                 weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None, check_finite=False,
+                 style_taps=None, style_tap_weights=None, style_criterion="mse", style_weight=1.0):
         cfg = _lib.PerceptualConfig()
         _check(_lib.pl_perceptual_config_init(ctypes.byref(cfg)))  # the article's defaults
         keep = []  # arrays the config points into, alive until create returns
-        if taps:
-            if all(isinstance(t, str) for t in taps):
-                names = (ctypes.c_char_p * len(taps))(*[t.encode() for t in taps])
-                keep.append(names)
-                cfg.taps = None
-                cfg.tap_names = ctypes.cast(names, ctypes.POINTER(ctypes.c_char_p))
-            elif all(isinstance(t, int) for t in taps):
-                idx = (ctypes.c_int32 * len(taps))(*taps)
-                keep.append(idx)
-                cfg.taps = ctypes.cast(idx, ctypes.POINTER(ctypes.c_int32))
-            else:
-                raise TypeError("taps must be all indices or all names")
-            cfg.num_taps = len(taps)
-        if tap_weights is not None:
-            w = (ctypes.c_float * len(tap_weights))(*tap_weights)
-            keep.append(w)
-            cfg.tap_weights = ctypes.cast(w, ctypes.POINTER(ctypes.c_float))
-            cfg.num_tap_weights = len(tap_weights)
+        if taps is not None:
+            _set_taps(cfg, "", list(taps), tap_weights, keep)
+        elif tap_weights is not None:
+            _set_taps(cfg, "", [3, 8, 15, 22], tap_weights, keep)
+        if style_taps is not None:
+            _set_taps(cfg, "style_", list(style_taps), style_tap_weights, keep)
         cfg.criterion = _choice(CRITERIA, criterion, "criterion")
+        cfg.style_criterion = _choice(CRITERIA, style_criterion, "style criterion")
+        cfg.style_weight = style_weight
         cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")
         cfg.weight = weight
@@ -359,21 +384,24 @@ class Perceptual:
         context); `out` is a pl_outputs from `outputs()`."""
         _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
 
-    def __call__(self, pred, target, grad=True, per_sample=False):
-        """Loss and dL/dpred, and each image's loss last with
-        `per_sample=True`, of NumPy batches (or any CPU arrays with
-        `__dlpack__`) for weights on the CPU, or CUDA arrays with
+    def __call__(self, pred, target, grad=True, per_sample=False, parts=False):
+        """Loss and dL/dpred, then each image's loss with
+        `per_sample=True`, then the (perceptual, style) parts as two floats
+        with `parts=True` (CPU only), of NumPy batches (or any CPU arrays
+        with `__dlpack__`) for weights on the CPU, or CUDA arrays with
         `__dlpack__` for weights on that GPU (returned as torch tensors)."""
         if _on_cuda(pred) or _on_cuda(target):
+            if parts:
+                raise ValueError("parts are computed on the CPU only")
             return self._call_cuda(pred, target, grad, per_sample)
         if self.vgg.context.kind != "cpu":
             raise TypeError("pred is in host memory but this loss's weights are on CUDA: pass CUDA arrays")
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
-        loss, g, per, out = _call_arrays(pred, grad, per_sample)
+        loss, g, per, two, out = _call_arrays(pred, grad, per_sample, parts)
         self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, out)
-        return _results(loss, g, per)
+        return _results(loss, g, per, two)
 
     def _call_cuda(self, pred, target, grad, per_sample):
         ctx = self.vgg.context

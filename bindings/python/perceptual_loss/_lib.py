@@ -55,6 +55,7 @@ class Outputs(ctypes.Structure):
         ("per_sample", c_void_p),
         ("beta", c_float),
         ("reserved", c_int32),
+        ("parts", c_void_p),
     ]
 
 
@@ -114,6 +115,13 @@ class PerceptualConfig(ctypes.Structure):
         ("check_finite", c_int32),
         ("max_chunk_images", c_size_t),
         ("memory_budget_bytes", c_size_t),
+        ("style_taps", ctypes.POINTER(c_int32)),
+        ("style_tap_names", ctypes.POINTER(c_char_p)),
+        ("num_style_taps", c_size_t),
+        ("style_tap_weights", ctypes.POINTER(c_float)),
+        ("num_style_tap_weights", c_size_t),
+        ("style_criterion", c_int32),
+        ("style_weight", c_float),
     ]
 
 

@@ -5,10 +5,11 @@ them without a graph break.
 
 Each op runs on the tensors' own memory (CUDA tensors on their GPU and
 PyTorch's current stream; CPU tensors on the CPU backend) and returns the
-loss, each image's loss and, when asked, the gradient from the same pass;
-backward scales that gradient by the incoming ones. No copies. Without
-autograd (torch.no_grad(), or an input that needs no gradient) only the
-losses are computed."""
+loss, each image's loss and, when asked, the gradient from the same pass
+(the perceptual op also its (perceptual, style) parts); backward scales
+that gradient by the incoming ones. No copies. Without autograd
+(torch.no_grad(), or an input that needs no gradient) only the losses are
+computed."""
 import ctypes
 import itertools
 import threading
@@ -88,25 +89,34 @@ def _check_reduction(reduction):
     return reduction
 
 
-def _outputs_like(x, want_grad):
+def _outputs_like(x, want_grad, parts=False):
     """The op's outputs: the loss (0-d float32), each image's loss (N
-    float32) and dL/dx (x's shape and dtype, or empty without one)."""
+    float32), dL/dx (x's shape and dtype, or empty without one) and, with
+    `parts`, the two parts (2 float32)."""
     loss = x.new_empty((), dtype=torch.float32)
     per_sample = x.new_empty((x.shape[0],), dtype=torch.float32)
     grad = torch.empty_like(x) if want_grad else x.new_empty((0,))
+    if parts:
+        return loss, per_sample, grad, x.new_empty((2,), dtype=torch.float32)
     return loss, per_sample, grad
 
 
-def _run(x, want_grad, call):
+def _run(x, want_grad, call, parts=False):
     """Allocates the outputs and has `call(pl_outputs)` fill them."""
-    loss, per_sample, grad = _outputs_like(x, want_grad)
-    out = outputs(loss.data_ptr(), grad.data_ptr() if want_grad else None, per_sample.data_ptr())
+    results = _outputs_like(x, want_grad, parts)
+    loss, per_sample, grad = results[:3]
+    out = outputs(loss.data_ptr(), grad.data_ptr() if want_grad else None, per_sample.data_ptr(),
+                  parts_ptr=results[3].data_ptr() if parts else None)
     _context(x.device).call(lambda: call(out))
-    return loss, per_sample, grad
+    return results
 
 
 def _fake(x, *_args):
     return _outputs_like(x, _args[-1])
+
+
+def _fake_with_parts(x, *_args):
+    return _outputs_like(x, _args[-1], parts=True)
 
 
 def _setup_context(ctx, inputs, output):
@@ -121,28 +131,44 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[2])
 
 
-def _backward(ctx, grad_loss, grad_per_sample, _grad_of_grad):
+def _backward(ctx, grad_loss, grad_per_sample, _grad_of_grad, grad_parts=None):
     """dL/dx for loss = r(l_1..l_N), r a mean (c = 1/N) or a sum (c = 1):
     the library's gradient G is c * dl_n/dx_n on image n, since each image's
     loss depends on that image alone. So an incoming gradient g on the
     loss and g_n on l_n give G * (g + g_n / c) on image n. Scaled in
     float32 and rounded once: a loss scale such as 2**16 would itself
-    overflow to inf in float16."""
+    overflow to inf in float16.
+
+    The parts (perceptual P, style S) sum to the loss and G is the
+    gradient of that sum only, so the incoming gradients on them count as
+    one on the loss, and must be equal when both parts have terms (as in
+    `P + S`); a part without terms is a constant 0 and its gradient is
+    ignored."""
     (grad,) = ctx.saved_tensors
     scale = grad.new_zeros((grad.shape[0],), dtype=torch.float32)
     if grad_loss is not None:
         scale = scale + grad_loss.float()
+    if grad_parts is not None:
+        present = [k for k in (0, 1) if ctx.parts[k]]
+        if len(present) == 2:
+            torch._assert_async(grad_parts[0] == grad_parts[1],
+                                "perceptual-loss computes the gradient of perceptual + style only: "
+                                "backpropagate through their sum (or use two losses)")
+        scale = scale + grad_parts[present[0]].float()
     if grad_per_sample is not None:
         scale = scale + grad_per_sample.float() * (1.0 if ctx.summed else grad.shape[0])
     x_grad = (grad.float() * scale.view(-1, 1, 1, 1)).to(grad.dtype)
     return (x_grad,) + (None,) * (ctx.num_inputs - 1)
 
 
-def _register(op, num_inputs):
-    op.register_fake(_fake)
+def _register(op, num_inputs, parts=False):
+    op.register_fake(_fake_with_parts if parts else _fake)
 
     def setup(ctx, inputs, output):
         ctx.num_inputs = num_inputs
+        if parts:
+            # inputs: (pred, target, key, ...): which parts have terms
+            ctx.parts = _perceptual_losses[inputs[2]].parts
         _setup_context(ctx, inputs, output)
 
     op.register_autograd(_backward, setup_context=setup)
@@ -193,6 +219,9 @@ class _PerceptualLosses:
 
     def __init__(self, weights, arch, compute, options):
         self.weights, self.arch, self.compute, self.options = weights, arch, compute, options
+        # (perceptual terms, style terms); the default taps are perceptual
+        self.parts = (options.get("taps") is None or len(options["taps"]) > 0,
+                      len(options.get("style_taps") or ()) > 0)
         self.by_device = {}
         self.lock = threading.Lock()
         self.key = next(_perceptual_keys)
@@ -221,18 +250,26 @@ _perceptual_keys = itertools.count()
 
 @torch.library.custom_op("perceptual_loss::perceptual", mutates_args=(), tags=_TAGS)
 def _perceptual_op(pred: torch.Tensor, target: torch.Tensor, key: int, summed: bool,
-                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss = _perceptual_losses[key].on(pred.device)
+                   want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    losses = _perceptual_losses[key]
+    loss = losses.on(pred.device)
 
     def call(out):
+        if pred.device.type == "cuda":
+            out.parts = None  # one part on CUDA: written below
         loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), out)
 
-    return _run(pred, want_grad, call)
+    results = _run(pred, want_grad, call, parts=True)
+    if pred.device.type == "cuda":
+        # CUDA computes perceptual terms only (the library refuses style
+        # ones there), so the parts are (loss, 0).
+        results[3].copy_(torch.stack([results[0], torch.zeros_like(results[0])]))
+    return results
 
 
 _register(_tv_op, 7)
 _register(_feature_op, 7)
-_register(_perceptual_op, 5)
+_register(_perceptual_op, 5, parts=True)
 
 
 def _needs_grad(x):
@@ -330,5 +367,20 @@ class PerceptualLoss(torch.nn.Module):
         widened = _widened(pred)
         if widened is not pred:
             pred, target = widened, target.float()
-        loss, per_sample, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
+        loss, per_sample, _, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
         return _reduced(loss, per_sample, self.reduction, False)
+
+
+class StyleLoss(PerceptualLoss):
+    """Style (Gram) loss: weight * sum_j w_j D(G_j(pred), G_j(target)),
+    G = F F^T / (C H W) of each image's C x HW features at layer j (names
+    or indices, with their weights w_j, in `layers`), D the mean over the
+    batch's N*C*C entries of squares ("mse") or absolute values ("l1"), or
+    the norm of the whole difference ("fro"). CPU only in this version.
+    Other options as in `PerceptualLoss`."""
+
+    def __init__(self, weights, layers=None, criterion="mse", weight=1.0, arch="vgg16", **options):
+        layers = dict(layers or {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0})
+        super().__init__(weights, arch=arch, taps=[], style_taps=list(layers),
+                         style_tap_weights=[float(w) for w in layers.values()], style_criterion=criterion,
+                         style_weight=float(weight), **options)

@@ -37,6 +37,9 @@ pub enum InputNorm {
     Imagenet,
     /// Inputs in [-1, 1]: mapped by (x + 1) / 2, then ImageNet mean/std.
     ImagenetFromPm1,
+    /// Inputs in [-1, 1] mapped by (x + 1) / 2 only (BasicSR's
+    /// `range_norm` without `use_input_norm`).
+    FromPm1,
 }
 
 /// ImageNet's per-channel mean and standard deviation (RGB).
@@ -50,6 +53,7 @@ impl InputNorm {
             InputNorm::None => (1.0, 0.0),
             InputNorm::Imagenet => (1.0 / STD[c], -MEAN[c] / STD[c]),
             InputNorm::ImagenetFromPm1 => (0.5 / STD[c], (0.5 - MEAN[c]) / STD[c]),
+            InputNorm::FromPm1 => (0.5, 0.5),
         }
     }
 }
