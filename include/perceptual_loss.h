@@ -186,7 +186,8 @@ typedef struct pl_perceptual_config {
    */
   pl_criterion criterion;
   /**
-   * PL_NORM_NONE (default), PL_NORM_IMAGENET or PL_NORM_IMAGENET_FROM_PM1.
+   * PL_NORM_NONE (default), PL_NORM_IMAGENET, PL_NORM_IMAGENET_FROM_PM1
+   * or PL_NORM_FROM_PM1.
    */
   pl_input_norm input_norm;
   /**
@@ -434,6 +435,11 @@ typedef struct pl_vgg_options {
  * Inputs in [-1, 1] mapped to [0, 1], then ImageNet mean/std.
  */
 #define PL_NORM_IMAGENET_FROM_PM1 2
+
+/**
+ * Inputs in [-1, 1] mapped to [0, 1] only.
+ */
+#define PL_NORM_FROM_PM1 3
 
 /**
  * Max-pooling (the default).
