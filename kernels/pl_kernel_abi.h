@@ -256,6 +256,59 @@ typedef struct pl_k_input_grad_params {
     int32_t reserved;
 } pl_k_input_grad_params;
 
+/* Gram matrices G = F^T F * scale of `count` images of NHWC features
+ * [M][C] (the style loss's G = F F^T / (C H W) of the CHW map), summed in
+ * f32 over 32 x 32 tiles of G. Each tile's rows are split into `slices`
+ * runs of `rows_per_slice` pixels (a multiple of 32): with one slice `out`
+ * receives the scaled Grams [count][C][C]; with more, the unscaled
+ * partial sums [slice][count][C][C], which pl_vgg_gram_sum adds in slice
+ * order. Images 0..split-1 are read from x, the others from x2. */
+typedef struct pl_k_gram_params {
+    const void *x;
+    const void *x2;
+    float *out;
+    int64_t count;
+    int64_t split;
+    int64_t m;            /* pixels per image */
+    int64_t rows_per_slice;
+    int32_t c;
+    int32_t slices;
+    int32_t dtype;
+    float scale;          /* 1 / (C M) */
+} pl_k_gram_params;
+
+/* out[i] = scale * sum over slices k, in order, of partial[k][i]. */
+typedef struct pl_k_gram_sum_params {
+    const float *partial;
+    float *out;
+    int64_t len;          /* count * C * C */
+    int32_t slices;
+    float scale;
+} pl_k_gram_sum_params;
+
+/* dL/dF of n images of NHWC features [M][C] from dL/dG [n][C][C] (f32)
+ * for G = F^T F * scale: F (E + E^T) * scale, stored into grad in dtype,
+ * or added to what grad holds when `accumulate`. */
+typedef struct pl_k_gram_backward_params {
+    const float *e;
+    const void *x;
+    void *grad;
+    int64_t n;
+    int64_t m;
+    int32_t c;
+    int32_t dtype;
+    float scale;
+    int32_t accumulate;
+} pl_k_gram_backward_params;
+
+/* The end of a call asked for its parts: a part without terms is 0, and
+ * the loss is the sum of the two. */
+typedef struct pl_k_parts_params {
+    float *parts;         /* [2]: perceptual, style */
+    float *loss;
+    int32_t present[2];   /* whether each part has terms */
+} pl_k_parts_params;
+
 /* The first non-finite element of a tensor (kernels/check.cu): `first`
  * holds the smallest index of a NaN or an infinity, or stays as it was
  * (set to all ones by the host) when there is none. An integer minimum:

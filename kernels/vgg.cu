@@ -13,6 +13,10 @@
  * one pass), unpool (with the ReLU before it in the same pass), conv
  * backward-data (cuDNN), and input_grad, which writes the caller's
  * gradient in its dtype and NCHW layout.
+ * A style tap takes the Gram matrices of pred and target (gram, and
+ * gram_sum when split along the pixels), compares them with tap_loss in
+ * f32, and turns dL/dG into the tap's feature gradient (gram_backward)
+ * before the next layer runs, so backward sees it like any tap's.
  *
  * All are memory-bound elementwise passes: grid-stride loops, one read and
  * one write per element, PL_VEC elements per thread in 16-byte accesses,
@@ -373,4 +377,102 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_input_grad(pl_k_in
             pl_store(p.grad, p.out_dtype, idx, v);
         }
     }
+}
+
+/* Tiles of 32 x 32: one warp's lanes take one channel each (coalesced
+ * loads of a pixel's channels), the 8 warps 4 rows each. */
+#define PL_GT 32
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_gram(pl_k_gram_params p) {
+    // Rows of F: a[q][i] = F[r + q][ti * 32 + i], b likewise for tile tj.
+    // G[i][j] and G[j][i] add the same products in the same order, so the
+    // matrix is symmetric to the bit.
+    __shared__ float a[PL_GT][PL_GT + 1], b[PL_GT][PL_GT + 1];
+    const int tiles = (p.c + PL_GT - 1) / PL_GT;
+    const int ti = blockIdx.x / tiles, tj = blockIdx.x - ti * tiles;
+    const int tx = threadIdx.x % PL_GT, ty = threadIdx.x / PL_GT;
+    const int ci = ti * PL_GT + tx, cj = tj * PL_GT + tx;
+    for (int64_t z = blockIdx.y; z < p.count * p.slices; z += gridDim.y) {
+        const int64_t img = pl_div(z, p.slices), slice = z - img * p.slices;
+        const bool first = img < p.split;
+        const void *src = first ? p.x : p.x2;
+        const int64_t base = (first ? img : img - p.split) * p.m * p.c;
+        const int64_t r0 = slice * p.rows_per_slice, r1 = min(p.m, r0 + p.rows_per_slice);
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t r = r0; r < r1; r += PL_GT) {
+            for (int k = 0; k < 4; ++k) {
+                const int row = ty + 8 * k;
+                const int64_t at = base + (r + row) * p.c;
+                const bool in = r + row < r1;
+                a[row][tx] = in && ci < p.c ? pl_load(src, p.dtype, at + ci) : 0.0f;
+                b[row][tx] = in && cj < p.c ? pl_load(src, p.dtype, at + cj) : 0.0f;
+            }
+            __syncthreads();
+            for (int q = 0; q < PL_GT; ++q) {
+                const float bj = b[q][tx];
+                for (int k = 0; k < 4; ++k) acc[k] = fmaf(a[q][ty * 4 + k], bj, acc[k]);
+            }
+            __syncthreads();
+        }
+        const float scale = p.slices == 1 ? p.scale : 1.0f;
+        for (int k = 0; k < 4; ++k) {
+            const int i = ti * PL_GT + ty * 4 + k;
+            if (i < p.c && cj < p.c) p.out[((slice * p.count + img) * p.c + i) * p.c + cj] = acc[k] * scale;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_gram_sum(pl_k_gram_sum_params p) {
+    PL_FOR_EACH(i, p.len) {
+        float sum = 0.0f;
+        for (int k = 0; k < p.slices; ++k) sum += p.partial[k * p.len + i];
+        p.out[i] = sum * p.scale;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_gram_backward(pl_k_gram_backward_params p) {
+    // A 32-pixel x 32-channel tile of dF per block: f[q][j] = F[pixel q][j0 + j],
+    // s[j][c] = (E + E^T)[c][j0 + j], summed over j in f32.
+    __shared__ float f[PL_GT][PL_GT + 1], s[PL_GT][PL_GT + 1];
+    const int ctiles = (p.c + PL_GT - 1) / PL_GT;
+    const int64_t tiles = pl_div(p.m + PL_GT - 1, PL_GT) * ctiles;
+    const int tx = threadIdx.x % PL_GT, ty = threadIdx.x / PL_GT;
+    for (int64_t img = blockIdx.y; img < p.n; img += gridDim.y) {
+        const float *e = p.e + img * p.c * p.c;
+        for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+            const int64_t pt = pl_div(t, ctiles);
+            const int cc = (int)(t - pt * ctiles) * PL_GT + tx;
+            float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int j0 = 0; j0 < p.c; j0 += PL_GT) {
+                for (int k = 0; k < 4; ++k) {
+                    const int row = ty + 8 * k;
+                    const int64_t pix = pt * PL_GT + row;
+                    const int j = j0 + tx, jj = j0 + row;
+                    f[row][tx] = pix < p.m && j < p.c ? pl_load(p.x, p.dtype, (img * p.m + pix) * p.c + j) : 0.0f;
+                    s[row][tx] = jj < p.c && cc < p.c ? e[cc * p.c + jj] + e[jj * p.c + cc] : 0.0f;
+                }
+                __syncthreads();
+                for (int q = 0; q < PL_GT; ++q) {
+                    const float sv = s[q][tx];
+                    for (int k = 0; k < 4; ++k) acc[k] = fmaf(f[ty * 4 + k][q], sv, acc[k]);
+                }
+                __syncthreads();
+            }
+            for (int k = 0; k < 4; ++k) {
+                const int64_t pix = pt * PL_GT + ty * 4 + k;
+                if (pix >= p.m || cc >= p.c) continue;
+                const int64_t idx = (img * p.m + pix) * p.c + cc;
+                float v = acc[k] * p.scale;
+                if (p.accumulate) v += pl_load(p.grad, p.dtype, idx);
+                pl_store(p.grad, p.dtype, idx, v);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_parts_total(pl_k_parts_params p) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    for (int k = 0; k < 2; ++k)
+        if (!p.present[k]) p.parts[k] = 0.0f;
+    *p.loss = p.parts[0] + p.parts[1];
 }

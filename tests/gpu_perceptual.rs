@@ -226,6 +226,43 @@ fn every_option() {
 }
 
 #[test]
+fn style_terms_match_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    // BasicSR's combination: the same VGG19 layers for both losses.
+    let layers: Vec<Tap> = ["conv2_2", "conv3_4", "conv5_4"].map(Tap::from).to_vec();
+    let both = PerceptualConfig {
+        taps: layers.clone(),
+        criterion: Criterion::Mae,
+        style_taps: layers,
+        style_criterion: Criterion::Mae,
+        style_weight: 1e3,
+        input_norm: InputNorm::Imagenet,
+        ..Default::default()
+    };
+    for compute in [DType::F32, DType::BF16] {
+        let s = Shape::new(2, 3, 96, 80); // relu1_2 of 7680 pixels: 4 Gram slices
+        compare(&dev, VggArch::Vgg19, both.clone(), compute, s, 58);
+    }
+    // fast_neural_style's Grams alone, MSE, at 128 x 128.
+    let style = PerceptualConfig {
+        taps: vec![],
+        style_taps: ["relu1_2", "relu2_2", "relu3_3", "relu4_3"]
+            .map(Tap::from)
+            .to_vec(),
+        style_weight: 1e5,
+        ..Default::default()
+    };
+    compare(
+        &dev,
+        VggArch::Vgg16,
+        style,
+        DType::F32,
+        Shape::new(2, 3, 128, 128),
+        59,
+    );
+}
+
+#[test]
 fn identical_inputs_accumulation_and_determinism() {
     let Some(dev) = gpu() else { return };
     let (cpu, cuda) = losses(

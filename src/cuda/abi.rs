@@ -528,6 +528,125 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct pl_k_gram_params {
+    pub x: *const ::std::os::raw::c_void,
+    pub x2: *const ::std::os::raw::c_void,
+    pub out: *mut f32,
+    pub count: i64,
+    pub split: i64,
+    pub m: i64,
+    pub rows_per_slice: i64,
+    pub c: i32,
+    pub slices: i32,
+    pub dtype: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_gram_params"][::std::mem::size_of::<pl_k_gram_params>() - 72usize];
+    ["Alignment of pl_k_gram_params"][::std::mem::align_of::<pl_k_gram_params>() - 8usize];
+    ["Offset of field: pl_k_gram_params::x"][::std::mem::offset_of!(pl_k_gram_params, x) - 0usize];
+    ["Offset of field: pl_k_gram_params::x2"]
+        [::std::mem::offset_of!(pl_k_gram_params, x2) - 8usize];
+    ["Offset of field: pl_k_gram_params::out"]
+        [::std::mem::offset_of!(pl_k_gram_params, out) - 16usize];
+    ["Offset of field: pl_k_gram_params::count"]
+        [::std::mem::offset_of!(pl_k_gram_params, count) - 24usize];
+    ["Offset of field: pl_k_gram_params::split"]
+        [::std::mem::offset_of!(pl_k_gram_params, split) - 32usize];
+    ["Offset of field: pl_k_gram_params::m"][::std::mem::offset_of!(pl_k_gram_params, m) - 40usize];
+    ["Offset of field: pl_k_gram_params::rows_per_slice"]
+        [::std::mem::offset_of!(pl_k_gram_params, rows_per_slice) - 48usize];
+    ["Offset of field: pl_k_gram_params::c"][::std::mem::offset_of!(pl_k_gram_params, c) - 56usize];
+    ["Offset of field: pl_k_gram_params::slices"]
+        [::std::mem::offset_of!(pl_k_gram_params, slices) - 60usize];
+    ["Offset of field: pl_k_gram_params::dtype"]
+        [::std::mem::offset_of!(pl_k_gram_params, dtype) - 64usize];
+    ["Offset of field: pl_k_gram_params::scale"]
+        [::std::mem::offset_of!(pl_k_gram_params, scale) - 68usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_gram_sum_params {
+    pub partial: *const f32,
+    pub out: *mut f32,
+    pub len: i64,
+    pub slices: i32,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_gram_sum_params"][::std::mem::size_of::<pl_k_gram_sum_params>() - 32usize];
+    ["Alignment of pl_k_gram_sum_params"][::std::mem::align_of::<pl_k_gram_sum_params>() - 8usize];
+    ["Offset of field: pl_k_gram_sum_params::partial"]
+        [::std::mem::offset_of!(pl_k_gram_sum_params, partial) - 0usize];
+    ["Offset of field: pl_k_gram_sum_params::out"]
+        [::std::mem::offset_of!(pl_k_gram_sum_params, out) - 8usize];
+    ["Offset of field: pl_k_gram_sum_params::len"]
+        [::std::mem::offset_of!(pl_k_gram_sum_params, len) - 16usize];
+    ["Offset of field: pl_k_gram_sum_params::slices"]
+        [::std::mem::offset_of!(pl_k_gram_sum_params, slices) - 24usize];
+    ["Offset of field: pl_k_gram_sum_params::scale"]
+        [::std::mem::offset_of!(pl_k_gram_sum_params, scale) - 28usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_gram_backward_params {
+    pub e: *const f32,
+    pub x: *const ::std::os::raw::c_void,
+    pub grad: *mut ::std::os::raw::c_void,
+    pub n: i64,
+    pub m: i64,
+    pub c: i32,
+    pub dtype: i32,
+    pub scale: f32,
+    pub accumulate: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_gram_backward_params"]
+        [::std::mem::size_of::<pl_k_gram_backward_params>() - 56usize];
+    ["Alignment of pl_k_gram_backward_params"]
+        [::std::mem::align_of::<pl_k_gram_backward_params>() - 8usize];
+    ["Offset of field: pl_k_gram_backward_params::e"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, e) - 0usize];
+    ["Offset of field: pl_k_gram_backward_params::x"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, x) - 8usize];
+    ["Offset of field: pl_k_gram_backward_params::grad"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, grad) - 16usize];
+    ["Offset of field: pl_k_gram_backward_params::n"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, n) - 24usize];
+    ["Offset of field: pl_k_gram_backward_params::m"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, m) - 32usize];
+    ["Offset of field: pl_k_gram_backward_params::c"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, c) - 40usize];
+    ["Offset of field: pl_k_gram_backward_params::dtype"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, dtype) - 44usize];
+    ["Offset of field: pl_k_gram_backward_params::scale"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, scale) - 48usize];
+    ["Offset of field: pl_k_gram_backward_params::accumulate"]
+        [::std::mem::offset_of!(pl_k_gram_backward_params, accumulate) - 52usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_parts_params {
+    pub parts: *mut f32,
+    pub loss: *mut f32,
+    pub present: [i32; 2usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_parts_params"][::std::mem::size_of::<pl_k_parts_params>() - 24usize];
+    ["Alignment of pl_k_parts_params"][::std::mem::align_of::<pl_k_parts_params>() - 8usize];
+    ["Offset of field: pl_k_parts_params::parts"]
+        [::std::mem::offset_of!(pl_k_parts_params, parts) - 0usize];
+    ["Offset of field: pl_k_parts_params::loss"]
+        [::std::mem::offset_of!(pl_k_parts_params, loss) - 8usize];
+    ["Offset of field: pl_k_parts_params::present"]
+        [::std::mem::offset_of!(pl_k_parts_params, present) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct pl_k_check_params {
     pub x: *const ::std::os::raw::c_void,
     pub first: *mut ::std::os::raw::c_ulonglong,

@@ -61,6 +61,10 @@ unsafe impl DeviceRepr for abi::pl_k_relu_backward_params {}
 unsafe impl DeviceRepr for abi::pl_k_unpool_params {}
 unsafe impl DeviceRepr for abi::pl_k_input_grad_params {}
 unsafe impl DeviceRepr for abi::pl_k_check_params {}
+unsafe impl DeviceRepr for abi::pl_k_gram_params {}
+unsafe impl DeviceRepr for abi::pl_k_gram_sum_params {}
+unsafe impl DeviceRepr for abi::pl_k_gram_backward_params {}
+unsafe impl DeviceRepr for abi::pl_k_parts_params {}
 
 /// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
 pub(crate) const BLOCK: u32 = 256;

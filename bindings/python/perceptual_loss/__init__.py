@@ -203,12 +203,12 @@ def _call_arrays(x, grad, per_sample, parts=False):
     return loss, g, per, two, outputs(loss.ctypes.data, addr(g), addr(per), parts_ptr=addr(two))
 
 
-def _cuda_results(ran, grad, per_sample):
-    """(loss, grad, [per_sample]) of a CUDA call from a torch op's outputs;
-    the arrays stay torch CUDA tensors (any DLPack consumer takes them
-    without a copy: `cupy.from_dlpack(grad)`)."""
-    loss, per, g = ran
-    return _results(loss.reshape(1).cpu(), g if grad else None, per if per_sample else None)
+def _cuda_results(ran, grad, per_sample, parts=None):
+    """(loss, grad, [per_sample], [parts]) of a CUDA call from a torch op's
+    outputs; the arrays stay torch CUDA tensors (any DLPack consumer takes
+    them without a copy: `cupy.from_dlpack(grad)`)."""
+    loss, per, g = ran[:3]
+    return _results(loss.reshape(1).cpu(), g if grad else None, per if per_sample else None, parts)
 
 
 def tv_loss(x, variant="article", weight=1.0, grad=True, eps=0.0, per_sample=False, check_finite=False):
@@ -334,7 +334,7 @@ class Perceptual:
     empty list means no perceptual terms (a style loss alone).
     `style_taps` add style terms: the Gram matrices F F^T / (C H W) of
     those layers compared by `style_criterion` ("mse", "l1"/"mae" or
-    "fro"), weighted per tap and by `style_weight` (CPU only). On CUDA,
+    "fro", CPU only), weighted per tap and by `style_weight`. On CUDA,
     `max_chunk_images` and `memory_budget` (bytes for buffers and cuDNN
     workspace) split the batch into chunks; the loss is the same.
     `check_finite` makes a NaN or infinite input an error naming it."""
@@ -387,13 +387,11 @@ class Perceptual:
     def __call__(self, pred, target, grad=True, per_sample=False, parts=False):
         """Loss and dL/dpred, then each image's loss with
         `per_sample=True`, then the (perceptual, style) parts as two floats
-        with `parts=True` (CPU only), of NumPy batches (or any CPU arrays
+        with `parts=True`, of NumPy batches (or any CPU arrays
         with `__dlpack__`) for weights on the CPU, or CUDA arrays with
         `__dlpack__` for weights on that GPU (returned as torch tensors)."""
         if _on_cuda(pred) or _on_cuda(target):
-            if parts:
-                raise ValueError("parts are computed on the CPU only")
-            return self._call_cuda(pred, target, grad, per_sample)
+            return self._call_cuda(pred, target, grad, per_sample, parts)
         if self.vgg.context.kind != "cpu":
             raise TypeError("pred is in host memory but this loss's weights are on CUDA: pass CUDA arrays")
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
@@ -403,7 +401,7 @@ class Perceptual:
         self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, out)
         return _results(loss, g, per, two)
 
-    def _call_cuda(self, pred, target, grad, per_sample):
+    def _call_cuda(self, pred, target, grad, per_sample, parts):
         ctx = self.vgg.context
         if ctx.kind != "cuda":
             raise TypeError("pred is a CUDA array but this loss's weights are on the CPU: load the Vgg with "
@@ -415,15 +413,16 @@ class Perceptual:
         p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
         if p.device.index != ctx.ordinal:
             raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
-        loss, per, g = _outputs_like(p, grad)
+        loss, per, g, two = _outputs_like(p, grad, parts=True)
         # The arrays were imported, and the outputs allocated, on PyTorch's
         # current stream, while this context queues on its own: wait for
         # PyTorch's work before the call and for the call before returning.
         torch.cuda.current_stream(p.device).synchronize()
         self.raw(p.data_ptr(), t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape),
-                 outputs(loss.data_ptr(), g.data_ptr() if grad else None, per.data_ptr()))
+                 outputs(loss.data_ptr(), g.data_ptr() if grad else None, per.data_ptr(),
+                         parts_ptr=two.data_ptr() if parts else None))
         ctx.synchronize()
-        return _cuda_results((loss, per, g), grad, per_sample)
+        return _cuda_results((loss, per, g), grad, per_sample, two if parts else None)
 
     def __del__(self):
         if getattr(self, "_handle", None):

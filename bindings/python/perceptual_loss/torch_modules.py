@@ -251,20 +251,12 @@ _perceptual_keys = itertools.count()
 @torch.library.custom_op("perceptual_loss::perceptual", mutates_args=(), tags=_TAGS)
 def _perceptual_op(pred: torch.Tensor, target: torch.Tensor, key: int, summed: bool,
                    want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    losses = _perceptual_losses[key]
-    loss = losses.on(pred.device)
+    loss = _perceptual_losses[key].on(pred.device)
 
     def call(out):
-        if pred.device.type == "cuda":
-            out.parts = None  # one part on CUDA: written below
         loss.raw(pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), out)
 
-    results = _run(pred, want_grad, call, parts=True)
-    if pred.device.type == "cuda":
-        # CUDA computes perceptual terms only (the library refuses style
-        # ones there), so the parts are (loss, 0).
-        results[3].copy_(torch.stack([results[0], torch.zeros_like(results[0])]))
-    return results
+    return _run(pred, want_grad, call, parts=True)
 
 
 _register(_tv_op, 7)
@@ -376,8 +368,8 @@ class StyleLoss(PerceptualLoss):
     G = F F^T / (C H W) of each image's C x HW features at layer j (names
     or indices, with their weights w_j, in `layers`), D the mean over the
     batch's N*C*C entries of squares ("mse") or absolute values ("l1"), or
-    the norm of the whole difference ("fro"). CPU only in this version.
-    Other options as in `PerceptualLoss`."""
+    the norm of the whole difference ("fro", CPU only). Other options as
+    in `PerceptualLoss`."""
 
     def __init__(self, weights, layers=None, criterion="mse", weight=1.0, arch="vgg16", **options):
         layers = dict(layers or {"relu1_2": 1.0, "relu2_2": 1.0, "relu3_3": 1.0, "relu4_3": 1.0})

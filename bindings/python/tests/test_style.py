@@ -1,8 +1,8 @@
 """Style (Gram) losses and BasicSR's PerceptualLoss against PyTorch: a
 float64 autograd reference written here from BasicSR's definitions
 (VGGFeatureExtractor, `_gram_mat`, L1Loss / MSELoss / torch.norm 'fro')
-over torchvision's VGG with the same weights. CPU only: style terms are
-computed on the CPU in this version."""
+over torchvision's VGG with the same weights, on the CPU and, where there
+is one, the GPU."""
 import pathlib
 import sys
 
@@ -18,6 +18,7 @@ from perceptual_loss.basicsr import PerceptualLoss as BasicsrLoss  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "scripts"))
 from torch_reference import load_features  # noqa: E402
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
 VGG19_NAMES = {"relu1_1": 1, "conv1_2": 2, "relu1_2": 3, "relu2_2": 8, "conv3_4": 16, "relu3_4": 17,
@@ -55,7 +56,7 @@ def basicsr_reference(features, x, gt, layer_weights, use_input_norm, range_norm
         if range_norm:
             v = (v + 1) / 2
         if use_input_norm:
-            v = (v - MEAN) / STD
+            v = (v - MEAN.to(v.device)) / STD.to(v.device)
         out = {}
         wanted = {VGG19_NAMES[k]: k for k in layer_weights}
         for i, module in enumerate(features[: max(wanted) + 1]):
@@ -70,20 +71,25 @@ def basicsr_reference(features, x, gt, layer_weights, use_input_norm, range_norm
     return percep, style
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("criterion", ["l1", "l2", "fro"])
-def test_basicsr_perceptual_and_style_match_its_definition(tmp_path, criterion):
+def test_basicsr_perceptual_and_style_match_its_definition(tmp_path, criterion, device):
     path = seeded_weights(tmp_path / "vgg19.safetensors", "vgg19")
     layer_weights = {"conv1_2": 0.5, "relu2_2": 1.0, "conv3_4": 2.0}
     options = dict(use_input_norm=True, range_norm=True, perceptual_weight=1.0, style_weight=50.0,
                    criterion=criterion)
     module = BasicsrLoss(layer_weights, "vgg19", weights=path, **options)
     torch.manual_seed(2)
-    x = (torch.rand(2, 3, 24, 20) * 2 - 1).requires_grad_(True)
-    gt = torch.rand(2, 3, 24, 20) * 2 - 1
+    x = (torch.rand(2, 3, 24, 20, device=device) * 2 - 1).requires_grad_(True)
+    gt = torch.rand(2, 3, 24, 20, device=device) * 2 - 1
+    if device == "cuda" and criterion == "fro":
+        with pytest.raises(pl.Error, match="Fro criterion is computed on the CPU only"):
+            module(x, gt)
+        return
     percep, style = module(x, gt)
     (percep + style).backward()
 
-    features = load_features(path, "vgg19", "cpu")
+    features = load_features(path, "vgg19", device)
     ref_x = x.detach().double().requires_grad_(True)
     ref_percep, ref_style = basicsr_reference(features, ref_x, gt.double(), layer_weights, **options)
     (ref_percep + ref_style).backward()
@@ -113,7 +119,8 @@ def test_one_part_alone_cannot_be_backpropagated_when_both_exist(tmp_path):
         percep.backward()
 
 
-def test_style_loss_module_matches_the_gram_definition(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_style_loss_module_matches_the_gram_definition(tmp_path, device):
     # fast_neural_style's style term: relu1_2..relu4_3 Grams, MSE, on
     # ImageNet-normalised [0, 1] inputs.
     path = seeded_weights(tmp_path / "vgg16.safetensors", "vgg16")
@@ -121,15 +128,15 @@ def test_style_loss_module_matches_the_gram_definition(tmp_path):
     taps = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22}
     module = pl.StyleLoss(path, layers, criterion="mse", weight=1e3, input_norm="imagenet")
     torch.manual_seed(3)
-    x = torch.rand(2, 3, 32, 32, requires_grad=True)
-    style = torch.rand(2, 3, 32, 32)
+    x = torch.rand(2, 3, 32, 32, device=device, requires_grad=True)
+    style = torch.rand(2, 3, 32, 32, device=device)
     value = module(x, style)
     value.backward()
-    features = load_features(path, "vgg16", "cpu")
+    features = load_features(path, "vgg16", device)
     ref_x = x.detach().double().requires_grad_(True)
 
     def grams(v):
-        v = (v - MEAN) / STD
+        v = (v - MEAN.to(v.device)) / STD.to(v.device)
         out = {}
         for i, m in enumerate(features[:23]):
             v = torch.relu(v) if isinstance(m, torch.nn.ReLU) else m(v)

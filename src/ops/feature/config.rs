@@ -11,7 +11,8 @@ pub enum Criterion {
     Mae,
     /// The Frobenius norm of the whole batch's difference, sqrt(sum of
     /// squares) (BasicSR's `criterion='fro'`): not a mean, so a batch's
-    /// value is not the mean of its images'. The perceptual and style
-    /// losses take it, on the CPU; the feature loss does not.
+    /// value is not the mean of its images'. The perceptual loss's
+    /// perceptual and style terms take it, on the CPU only; the feature
+    /// loss does not.
     Fro,
 }

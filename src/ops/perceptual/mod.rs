@@ -53,9 +53,13 @@ use std::sync::Arc;
 /// does); the network runs once over pred and once over target for both,
 /// and the gradient is that of the sum. `taps` may be empty: a style loss
 /// alone. A Fro term's gradient at a zero difference is 0. On the CPU a
-/// Fro term with the gradient runs pred's forward twice (the norm is
-/// needed first). Style terms, Fro and parts are computed on the CPU only
-/// in this version; a CUDA call with them is an error.
+/// Fro term with the gradient runs the forward twice (the norm is needed
+/// first); Fro is computed on the CPU only in this version (a CUDA call
+/// with it is an error). On CUDA the Grams are the crate's own tiled
+/// kernels (f32 sums, split along the pixels of large maps and added in a
+/// fixed order, so bit-identical run to run), computed in the forward pass
+/// right after their layer, whose output is then stored rather than fused
+/// into the pool.
 ///
 /// Clones share the
 /// caches of both backends, and calls through them are serialised where
@@ -129,17 +133,11 @@ impl Op<2> for Perceptual {
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {
         let spec = &self.spec;
-        let cpu_only = match () {
-            _ if !spec.style.is_empty() => Some("style taps"),
-            _ if spec.criterion == crate::Criterion::Fro => Some("the Fro criterion"),
-            _ if io.parts.is_some() => Some("the parts output"),
-            _ => None,
-        };
-        if let Some(what) = cpu_only {
-            return Err(Error::arg(format!(
-                "{what}: computed on the CPU only in this version (load the network on the \
-                 CPU, or use Mse/Mae perceptual taps on CUDA)"
-            )));
+        if spec.has_norm_terms() {
+            return Err(Error::arg(
+                "the Fro criterion is computed on the CPU only in this version (load the \
+                 network on the CPU, or use Mse or Mae on CUDA)",
+            ));
         }
         self.device.queue(dev, &self.vgg, spec, &io)
     }

@@ -7,7 +7,7 @@
 //! `layers.rs` (see `cuda/steps/tests/`).
 
 mod gemm;
-mod gram;
+pub(crate) mod gram;
 pub(crate) mod layers;
 
 use super::config::{InputNorm, PerceptualSpec};

@@ -264,6 +264,33 @@ impl<'a> Counter<'a> {
                     self.images(s.pred, s.dims) + self.images(s.target, s.dims),
                     self.opt(s.tap.grad),
                 ),
+                // Both halves' features in; the Grams (or their partial
+                // sums, added up by a second launch) out.
+                Step::Gram(s) => {
+                    let features = self.images(s.pred, s.dims) + self.images(s.target, s.dims);
+                    let grams = self.buf(s.out);
+                    match s.partial {
+                        None => (features, grams),
+                        Some(partial) => {
+                            launches += 1;
+                            let partial = self.buf(partial);
+                            (features + partial, partial + grams)
+                        }
+                    }
+                }
+                // Both halves' Grams in; dL/dG over pred's.
+                Step::GramLoss(s) => {
+                    let grams = self.buf(s.grams);
+                    (grams, s.tap.grad.map_or(0, |_| grams / 2))
+                }
+                // dL/dG and the pred features in (and the perceptual tap's
+                // gradient when adding to it); the feature gradient out.
+                Step::GramBackward(s) => {
+                    let grad = self.buf(s.grad);
+                    let e = self.buf(s.e) / 2;
+                    let old = if s.accumulate { grad } else { 0 };
+                    (e + self.images(s.x, s.dims) + old, grad)
+                }
                 Step::ReluBackward(s) => {
                     let relu = s.relu;
                     let read = self.buf(s.g) + self.buf(relu.mask);

@@ -32,5 +32,8 @@ pub(crate) fn run<G: Gpu, C: Convs>(
         x.launch(step)?;
         after_step(step)?;
     }
+    if io.parts.is_some() {
+        x.parts_total()?;
+    }
     Ok(())
 }

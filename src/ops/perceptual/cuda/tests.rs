@@ -210,6 +210,7 @@ fn check<T: Element>(case: Case) {
         v
     };
     let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
+    let mut got_parts = [f32::NAN; 2];
     got_per.extend([7.0; GUARD]);
     let mut got_grad = guarded(&old);
     let whole = CudaCall::new(DeviceIo {
@@ -220,7 +221,7 @@ fn check<T: Element>(case: Case) {
         beta,
         loss: &mut got as *mut f32 as u64,
         per_sample: Some(addr_mut(&mut got_per)),
-        parts: None,
+        parts: Some(got_parts.as_mut_ptr() as u64),
     });
     let chunk = loss
         .device_plans()
@@ -250,12 +251,13 @@ fn check<T: Element>(case: Case) {
             base: addr_mut(&mut arena),
         };
         exec::run(&x, |_| Ok(())).unwrap();
-        // The cost model counts what this chunk launched.
+        // The cost model counts what this chunk launched (but the parts'
+        // sum, one launch at the end of a call that asks for parts).
         let shape = Shape { n, ..s };
         let cost =
             super::cost::report(layers, spec, shape, (T::DTYPE, compute), want_grad).unwrap();
         let seen = (
-            counting.launches.get(),
+            counting.launches.get() - 1,
             direct.calls.get(),
             direct.flops.get(),
         );
@@ -276,9 +278,11 @@ fn check<T: Element>(case: Case) {
     let (got_grad, got_per) = (&got_grad[..count], &got_per[..s.n]);
 
     let (mut want, mut want_per) = (0f32, vec![0f32; s.n]);
+    let mut want_parts = [0f32; 2];
     let mut want_g = old.clone();
     let mut out = LossOutputs::new(TensorMut::scalar(&mut want))
-        .with_per_sample(TensorMut::host(&mut want_per, Shape::new(s.n, 1, 1, 1)).unwrap());
+        .with_per_sample(TensorMut::host(&mut want_per, Shape::new(s.n, 1, 1, 1)).unwrap())
+        .with_parts(TensorMut::host(&mut want_parts, Shape::flat(2)).unwrap());
     if want_grad {
         out = out
             .with_grad(TensorMut::host(&mut want_g, s).unwrap())
@@ -301,6 +305,13 @@ fn check<T: Element>(case: Case) {
         "{what}: loss {got} vs {want}"
     );
     assert_close(&format!("{what} per sample"), got_per, &want_per, tol);
+    for k in 0..2 {
+        let (g, w) = (got_parts[k] as f64, want_parts[k] as f64);
+        assert!(
+            (g - w).abs() <= tol * (want as f64).abs(),
+            "{what}: part {k} {g} vs {w}"
+        );
+    }
     assert_close(&format!("{what} gradient"), got_grad, &want_g, 10.0 * tol);
 }
 
@@ -433,6 +444,54 @@ fn pool_taps_average_pooling_grayscale_odd_sizes() {
         max_pools,
         Shape::new(1, 3, 20, 28),
     ));
+}
+
+#[test]
+fn style_terms_with_and_without_perceptual_ones() {
+    // A style tap shared with a perceptual one and fused into a pool
+    // otherwise (relu1_2), one alone (relu2_2), a pre-activation one
+    // (conv3_1, the deepest), MAE Grams; then Grams alone, chunked. The
+    // style weights make the style gradient outweigh beta * old.
+    let both = PerceptualConfig {
+        taps: taps(&["relu1_2", "relu2_1"]),
+        style_taps: taps(&["relu1_2", "relu2_2", "conv3_1"]),
+        style_tap_weights: vec![1.0, 0.5, 2.0],
+        style_criterion: Criterion::Mae,
+        style_weight: 3e4,
+        ..Default::default()
+    };
+    check::<f32>(f32_case(
+        VggArch::Vgg16,
+        both.clone(),
+        Shape::new(2, 3, 16, 12),
+    ));
+    check::<bf16>(Case {
+        arch: VggArch::Vgg16,
+        config: both,
+        shape: Shape::new(2, 3, 16, 12),
+        compute: DType::BF16,
+        want_grad: true,
+        tol: 3e-2,
+    });
+    let alone = PerceptualConfig {
+        taps: vec![],
+        style_taps: taps(&["relu1_2", "relu2_2"]),
+        style_weight: 1e5,
+        max_chunk_images: Some(2),
+        ..Default::default()
+    };
+    check::<f32>(f32_case(VggArch::Vgg16, alone, Shape::new(3, 1, 12, 10)));
+}
+
+#[test]
+fn a_large_map_sums_its_gram_in_slices() {
+    // 48 x 48 = 2304 pixels at relu1_2: two slices of the Gram's sum.
+    let config = PerceptualConfig {
+        taps: vec![],
+        style_taps: taps(&["relu1_2"]),
+        ..Default::default()
+    };
+    check::<f32>(f32_case(VggArch::Vgg16, config, Shape::new(1, 3, 48, 48)));
 }
 
 #[test]

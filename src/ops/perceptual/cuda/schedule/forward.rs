@@ -1,6 +1,9 @@
 //! The forward steps: preprocessing, then each layer of the network up to
 //! the deepest tap over the 2N batch [pred; target], fusing a ReLU with
 //! the pool after it (and with its tap) where the pool covers every pixel.
+//! A style tap's Grams, their distance and its feature gradient follow its
+//! layer (and its perceptual tap): the layer's output is then stored, not
+//! fused into the pool, since the Grams read it.
 
 use super::steps::*;
 use super::{values, Buf, Images, Schedule, Shapes, Size};
@@ -116,6 +119,8 @@ struct Forward<'a> {
     tap_grads: Vec<Option<Buf>>,
     /// No tap has run yet.
     first_tap: bool,
+    /// No tap of the perceptual (0) or style (1) part has run yet.
+    first_of_part: [bool; 2],
     /// The output of a pool already run with the ReLU before it.
     fused_pool: Option<Buf>,
     /// A tapped ReLU and its pool, run with the tap.
@@ -151,6 +156,7 @@ pub(super) fn build(
         saved: vec![None; layers.len()],
         tap_grads: vec![None; layers.len()],
         first_tap: true,
+        first_of_part: [true; 2],
         fused_pool: None,
         pending: None,
         deepest_grad: None,
@@ -164,6 +170,9 @@ pub(super) fn build(
         if let Some(weight) = spec.tap_weight(layer.index) {
             f.tap(layer.index, weight);
         }
+        if let Some(weight) = spec.style_weight_at(layer.index) {
+            f.style(layer.index, weight);
+        }
     }
     Kept {
         deepest_grad: f.deepest_grad,
@@ -172,9 +181,19 @@ pub(super) fn build(
     }
 }
 
+/// Pixels per slice of a Gram's sum: a tile of a large map is split into
+/// runs this long, summed apart then in order (fixed, so the bits depend
+/// on the shape only).
+pub(crate) const GRAM_ROWS: usize = 2048;
+
 impl Forward<'_> {
+    /// A perceptual or style tap: the layer's output is compared.
     fn is_tap(&self, layer: usize) -> bool {
-        self.spec.tap_weight(layer).is_some()
+        self.spec.tap_weight(layer).is_some() || self.is_style(layer)
+    }
+
+    fn is_style(&self, layer: usize) -> bool {
+        self.spec.style_weight_at(layer).is_some()
     }
 
     fn conv(&mut self, layer: usize) {
@@ -239,7 +258,7 @@ impl Forward<'_> {
             .get(layer + 1)
             .is_some_and(|l| l.module == Module::Pool);
         let want_grad = self.want_grad;
-        if !(pool_next && fuses_with_pool(dims)) {
+        if !(pool_next && fuses_with_pool(dims)) || self.is_style(layer) {
             for (x, pred) in self.cur.parts(n, per_image(dims)) {
                 self.s.steps.push(Step::BiasAct(BiasAct {
                     layer,
@@ -320,14 +339,32 @@ impl Forward<'_> {
         self.cur = Act::Joint(y);
     }
 
+    /// The next term of the loss, of `part`: where its gradient goes, its
+    /// weight, and whether it adds to the loss, its part and the
+    /// per-image values.
+    fn term(&mut self, grad: Option<Buf>, weight: f64, part: usize) -> TapTerm {
+        let term = TapTerm {
+            grad,
+            weight,
+            accumulate: self.accumulate || !self.first_tap,
+            first: self.first_tap,
+            part,
+            part_accumulate: self.accumulate || !self.first_of_part[part],
+        };
+        self.first_tap = false;
+        self.first_of_part[part] = false;
+        term
+    }
+
     fn tap(&mut self, layer: usize, tap_weight: f64) {
         let (n, dims) = (self.n, self.shapes.out[layer]);
         let deepest = self.layers.len() - 1;
         // The tap is the last reader of a split pred half when the pool
         // after it has run (or nothing follows): its gradient then
         // overwrites the pred values, element by element.
-        let in_place =
-            matches!(self.cur, Act::Split(..)) && (layer == deepest || self.fused_pool.is_some());
+        let in_place = matches!(self.cur, Act::Split(..))
+            && (layer == deepest || self.fused_pool.is_some())
+            && !self.is_style(layer);
         let grad = if in_place {
             self.cur.pred(n).buf
         } else {
@@ -336,12 +373,11 @@ impl Forward<'_> {
         if layer != deepest {
             self.tap_grads[layer] = Some(grad);
         }
-        let tap = TapTerm {
-            grad: self.want_grad.then_some(grad),
-            weight: tap_weight * self.spec.weight,
-            accumulate: self.accumulate || !self.first_tap,
-            first: self.first_tap,
-        };
+        let tap = self.term(
+            self.want_grad.then_some(grad),
+            tap_weight * self.spec.weight,
+            0,
+        );
         let (pred, target) = (self.cur.pred(n), self.cur.target(n, per_image(dims)));
         let step = match self.pending.take() {
             Some(p) => {
@@ -368,9 +404,58 @@ impl Forward<'_> {
             }),
         };
         self.s.steps.push(step);
-        self.first_tap = false;
         if layer == deepest {
             self.deepest_grad = Some(grad);
+        }
+    }
+
+    /// Style tap `layer` (weight `tap_weight`): the Grams of pred and
+    /// target, their distance, and dL/dF into the tap's gradient buffer
+    /// (the perceptual tap's there, added to, or a new one).
+    fn style(&mut self, layer: usize, tap_weight: f64) {
+        let (n, dims) = (self.n, self.shapes.out[layer]);
+        let (c, h, w) = dims;
+        let slices = (h * w).div_ceil(GRAM_ROWS);
+        let gram_bytes = 2 * n * c * c * 4;
+        let out = self.s.buffer(Size::Bytes(gram_bytes));
+        let partial = (slices > 1).then(|| self.s.buffer(Size::Bytes(slices * gram_bytes)));
+        let (pred, target) = (self.cur.pred(n), self.cur.target(n, per_image(dims)));
+        self.s.steps.push(Step::Gram(Gram {
+            layer,
+            pred,
+            target,
+            dims,
+            slices,
+            partial,
+            out,
+        }));
+        let deepest = layer == self.layers.len() - 1;
+        let perceptual = match deepest {
+            true => self.deepest_grad,
+            false => self.tap_grads[layer],
+        };
+        let grad = perceptual.unwrap_or_else(|| self.s.buffer(values(dims, n)));
+        match deepest {
+            true => self.deepest_grad = Some(grad),
+            false => self.tap_grads[layer] = Some(grad),
+        }
+        let weight = tap_weight * self.spec.style_weight;
+        let tap = self.term(self.want_grad.then_some(out), weight, 1);
+        self.s.steps.push(Step::GramLoss(GramLoss {
+            layer,
+            grams: out,
+            c,
+            tap,
+        }));
+        if self.want_grad {
+            self.s.steps.push(Step::GramBackward(GramBackward {
+                layer,
+                e: out,
+                x: pred,
+                dims,
+                grad,
+                accumulate: perceptual.is_some(),
+            }));
         }
     }
 }

@@ -139,9 +139,20 @@ mod tests {
     #[test]
     fn forward_only_keeps_nothing_for_backward() {
         let loss = article_loss();
+        forward_only_keeps_nothing(&steps_of(&loss, (1, 16, 16), false), 4);
+        let style = PerceptualConfig {
+            style_taps: vec![Tap::from("relu1_2"), Tap::from("relu4_3")],
+            ..Default::default()
+        };
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &style);
         let steps = steps_of(&loss, (1, 16, 16), false);
+        forward_only_keeps_nothing(&steps, 4);
+        assert_eq!(count(&steps, |s| matches!(s, Step::GramLoss(_))), 2);
+    }
+
+    fn forward_only_keeps_nothing(steps: &[Step], perceptual_taps: usize) {
         let no_grad = |t: &TapTerm| t.grad.is_none();
-        for step in &steps {
+        for step in steps {
             let keeps = match step {
                 Step::BiasAct(s) => s.mask.is_some(),
                 Step::BiasActPool(s) => s.mask.is_some() || s.argmax.is_some(),
@@ -150,7 +161,9 @@ mod tests {
                     s.mask.is_some() || s.argmax.is_some() || !no_grad(&s.tap)
                 }
                 Step::TapLoss(s) => !no_grad(&s.tap),
-                Step::ReluBackward(_)
+                Step::GramLoss(s) => !no_grad(&s.tap),
+                Step::GramBackward(_)
+                | Step::ReluBackward(_)
                 | Step::Unpool(_)
                 | Step::ConvBackwardData(_)
                 | Step::InputGrad(_) => panic!("{step:?} in a forward-only call"),
@@ -162,7 +175,7 @@ mod tests {
             );
         }
         let taps = |s: &Step| matches!(s, Step::TapLoss(_) | Step::BiasActPoolTap(_));
-        assert_eq!(count(&steps, taps), 4);
+        assert_eq!(count(steps, taps), perceptual_taps);
     }
 
     fn count(steps: &[Step], f: impl Fn(&Step) -> bool) -> usize {
@@ -203,6 +216,38 @@ mod tests {
         let steps = steps_of(&loss, (1, 16, 16), true);
         assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPool(_))), 3);
         assert_eq!(count(&steps, tapped_pool), 0);
+    }
+
+    #[test]
+    fn a_style_tap_keeps_its_layer_output_for_the_grams() {
+        // relu1_2 with a style tap: bias+ReLU alone, the tap, then the
+        // pool; its gradient is its own buffer, added to by the Grams'.
+        let style = PerceptualConfig {
+            style_taps: vec![Tap::from("relu1_2")],
+            ..Default::default()
+        };
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &style);
+        let steps = steps_of(&loss, (1, 16, 16), true);
+        assert_eq!(count(&steps, |s| matches!(s, Step::BiasActPoolTap(_))), 2);
+        let at = steps
+            .iter()
+            .position(|s| matches!(s, Step::Gram(g) if g.layer == 3))
+            .unwrap();
+        assert!(matches!(&steps[at - 1], Step::TapLoss(t) if t.layer == 3));
+        let Step::TapLoss(tap) = &steps[at - 1] else {
+            unreachable!()
+        };
+        assert!(matches!(&steps[at + 1], Step::GramLoss(_)));
+        let Step::GramBackward(back) = &steps[at + 2] else {
+            panic!("no gram backward after {:?}", steps[at + 1]);
+        };
+        assert!(back.accumulate && Some(back.grad) == tap.tap.grad);
+        assert_ne!(
+            Some(tap.pred.buf),
+            tap.tap.grad,
+            "not written over the features"
+        );
+        assert!(matches!(&steps[at + 3], Step::Pool(p) if p.layer == 4));
     }
 
     #[test]

@@ -116,6 +116,45 @@ pub(crate) struct Unpool {
     pub input: Dims,
 }
 
+/// The Gram matrices (f32, [2n][C][C] in `out`: pred's, then target's) of
+/// the `pred` and `target` images of `dims` at style tap `layer`
+/// (`pl_vgg_gram`); with more than one slice along the pixels, through the
+/// partial sums in `partial` (`pl_vgg_gram_sum`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Gram {
+    pub layer: usize,
+    pub pred: Images,
+    pub target: Images,
+    pub dims: Dims,
+    pub slices: usize,
+    pub partial: Option<Buf>,
+    pub out: Buf,
+}
+
+/// The style distance between the pred and target Grams in `grams` (C x
+/// C each) at tap `layer`; the gradient, when wanted, overwrites the pred
+/// Grams (`pl_vgg_tap_loss` in f32).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GramLoss {
+    pub layer: usize,
+    pub grams: Buf,
+    pub c: usize,
+    pub tap: TapTerm,
+}
+
+/// dL/dF at style tap `layer` from dL/dG (the first n Grams of `e`) and
+/// the pred features `x` of `dims`, into `grad`, or added to it when
+/// `accumulate` (a perceptual tap there wrote it) (`pl_vgg_gram_backward`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GramBackward {
+    pub layer: usize,
+    pub e: Buf,
+    pub x: Images,
+    pub dims: Dims,
+    pub grad: Buf,
+    pub accumulate: bool,
+}
+
 /// `dy` -> `dx` through convolution `layer`, transposed, over the pred
 /// half (cuDNN backward-data).
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +183,11 @@ pub(crate) struct TapTerm {
     pub accumulate: bool,
     /// The first tap of this call, which writes the per-image values.
     pub first: bool,
+    /// The loss part it adds to: 0 perceptual, 1 style (when the call
+    /// asks for parts, each part has its own sum).
+    pub part: usize,
+    /// Add to its part (an earlier tap of that part, or chunk, wrote it).
+    pub part_accumulate: bool,
 }
 
 /// A ReLU's backward folded into the pass after it: g = (g + `before`) *
@@ -165,6 +209,9 @@ pub(crate) enum Step {
     BiasActPoolTap(BiasActPoolTap),
     Pool(Pool),
     TapLoss(TapLoss),
+    Gram(Gram),
+    GramLoss(GramLoss),
+    GramBackward(GramBackward),
     ReluBackward(ReluBackward),
     Unpool(Unpool),
     ConvBackwardData(ConvBackwardData),
@@ -183,6 +230,9 @@ macro_rules! on_step {
             Step::BiasActPoolTap($s) => $body,
             Step::Pool($s) => $body,
             Step::TapLoss($s) => $body,
+            Step::Gram($s) => $body,
+            Step::GramLoss($s) => $body,
+            Step::GramBackward($s) => $body,
             Step::ReluBackward($s) => $body,
             Step::Unpool($s) => $body,
             Step::ConvBackwardData($s) => $body,
@@ -305,6 +355,41 @@ impl StepInfo for TapLoss {
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("tap {}", name(layers, self.layer))
+    }
+}
+
+impl StepInfo for Gram {
+    const KIND: &'static str = "gram";
+    fn buffers(&self) -> Vec<Buf> {
+        present([
+            Some(self.pred.buf),
+            Some(self.target.buf),
+            self.partial,
+            Some(self.out),
+        ])
+    }
+    fn label(&self, layers: &[Layer]) -> String {
+        format!("gram {}", name(layers, self.layer))
+    }
+}
+
+impl StepInfo for GramLoss {
+    const KIND: &'static str = "style tap";
+    fn buffers(&self) -> Vec<Buf> {
+        vec![self.grams]
+    }
+    fn label(&self, layers: &[Layer]) -> String {
+        format!("style tap {}", name(layers, self.layer))
+    }
+}
+
+impl StepInfo for GramBackward {
+    const KIND: &'static str = "gram backward";
+    fn buffers(&self) -> Vec<Buf> {
+        vec![self.e, self.x.buf, self.grad]
+    }
+    fn label(&self, layers: &[Layer]) -> String {
+        format!("style gradient {}", name(layers, self.layer))
     }
 }
 

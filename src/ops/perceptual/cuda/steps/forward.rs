@@ -105,21 +105,26 @@ impl BiasActPoolTap {
         check_vec(c)?;
         let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
         // A unit: 8 channels of a 2x2 window.
-        x.with_tap(inputs, (c * h * w, 4 * VEC), &self.tap, |tap, grid| {
-            let p = pl_k_bias_act_pool_tap_params {
-                tap,
-                y: x.span(self.y_pred) as *mut _,
-                y_target: x.span(self.y_target) as *mut _,
-                bias: x.bias(self.bias)?,
-                mask: x.opt(self.mask) as *mut u32,
-                argmax: x.opt(self.argmax) as *mut u32,
-                h: h as i64,
-                w: w as i64,
-                c: c as i32,
-                avg: x.avg(),
-            };
-            x.kernel("pl_vgg_bias_act_pool_tap", grid, &p)
-        })
+        x.with_tap(
+            inputs,
+            (c * h * w, 4 * VEC),
+            (&self.tap, x.spec.criterion),
+            |tap, grid| {
+                let p = pl_k_bias_act_pool_tap_params {
+                    tap,
+                    y: x.span(self.y_pred) as *mut _,
+                    y_target: x.span(self.y_target) as *mut _,
+                    bias: x.bias(self.bias)?,
+                    mask: x.opt(self.mask) as *mut u32,
+                    argmax: x.opt(self.argmax) as *mut u32,
+                    h: h as i64,
+                    w: w as i64,
+                    c: c as i32,
+                    avg: x.avg(),
+                };
+                x.kernel("pl_vgg_bias_act_pool_tap", grid, &p)
+            },
+        )
     }
 }
 
@@ -150,8 +155,11 @@ impl TapLoss {
     pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
         let (c, h, w) = self.dims;
         let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
-        x.with_tap(inputs, (c * h * w, VEC), &self.tap, |tap, grid| {
-            x.kernel("pl_vgg_tap_loss", grid, &tap)
-        })
+        x.with_tap(
+            inputs,
+            (c * h * w, VEC),
+            (&self.tap, x.spec.criterion),
+            |tap, grid| x.kernel("pl_vgg_tap_loss", grid, &tap),
+        )
     }
 }

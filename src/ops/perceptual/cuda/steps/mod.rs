@@ -7,6 +7,7 @@
 
 mod backward;
 mod forward;
+mod gram;
 #[cfg(test)]
 mod tests;
 
@@ -18,6 +19,7 @@ use crate::cuda::abi::pl_k_tap_loss_params;
 use crate::cuda::{kernel_dtype, kernels, BlockSplit, Gpu, BLOCK};
 use crate::error::{Error, Result};
 use crate::ops::feature::cuda::criterion_id;
+use crate::ops::feature::Criterion;
 use crate::ops::perceptual::config::PerceptualSpec;
 use crate::tensor::DType;
 use crate::vgg::{Layer, LayerAddrs, Pooling};
@@ -53,6 +55,21 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
     /// The device address of buffer `b`.
     fn at(&self, b: Buf) -> u64 {
         self.base + self.layout.offsets[b] as u64
+    }
+
+    /// The loss from the call's two parts, which the taps summed apart
+    /// (`pl_vgg_parts_total`): one launch more for a call with parts.
+    pub(crate) fn parts_total(&self) -> Result<()> {
+        let io = &self.call.io;
+        let parts = io
+            .parts
+            .ok_or_else(|| Error::Internal("a call without parts".into()))?;
+        let p = crate::cuda::abi::pl_k_parts_params {
+            parts: parts as *mut f32,
+            loss: io.loss as *mut f32,
+            present: [!self.spec.taps.is_empty(), !self.spec.style.is_empty()].map(i32::from),
+        };
+        self.kernel("pl_vgg_parts_total", (1, 1), &p)
     }
 
     /// The address of buffer `b`, or 0 (NULL) without one.
@@ -112,14 +129,20 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
         &self,
         (pred, target, grad): (u64, u64, u64),
         (per_image, unit): (usize, usize),
-        tap: &TapTerm,
+        (tap, criterion): (&TapTerm, Criterion),
         f: impl FnOnce(pl_k_tap_loss_params, (u32, u32)) -> Result<()>,
     ) -> Result<()> {
         let n = self.call.io.shape.n;
         let split = BlockSplit::new(n, per_image / unit, BLOCK as usize, TAP_BLOCKS)?;
-        let criterion = criterion_id(self.spec.criterion)?;
+        let criterion = criterion_id(criterion)?;
+        // With parts asked for, each part is summed on its own (the loss
+        // is their sum, written at the end of the call).
+        let (loss, accumulate) = match self.call.io.parts {
+            Some(parts) => (parts + 4 * tap.part as u64, tap.part_accumulate),
+            None => (self.call.io.loss, tap.accumulate),
+        };
         self.gpu.with_reduce(0, split.blocks(n), |mut reduce| {
-            reduce.loss = self.call.io.loss as *mut f32;
+            reduce.loss = loss as *mut f32;
             reduce.per_sample = self.call.io.per_sample.unwrap_or(0) as *mut f32;
             let p = pl_k_tap_loss_params {
                 x: pred as *const _,
@@ -133,7 +156,7 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
                 blocks_per_image: split.blocks_per_image as i32,
                 dtype: self.compute(),
                 criterion,
-                accumulate: tap.accumulate as i32,
+                accumulate: accumulate as i32,
                 weight: tap.weight as f32,
                 accumulate_per_sample: !tap.first as i32,
             };

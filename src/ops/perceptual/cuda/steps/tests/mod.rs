@@ -17,6 +17,7 @@
 
 mod backward;
 mod forward;
+mod gram;
 mod taps;
 
 use super::{DeviceNet, Exec};

@@ -132,6 +132,8 @@ fn tap_loss_matches_the_feature_distance() {
                 weight,
                 accumulate,
                 first: !accumulate,
+                part: 0,
+                part_accumulate: accumulate,
             };
             let step = TapLoss {
                 layer: 3,
@@ -219,6 +221,8 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
                     weight,
                     accumulate: false,
                     first: true,
+                    part: 0,
+                    part_accumulate: false,
                 },
             };
             setup.run(emu, &arena, Step::BiasActPoolTap(step));
