@@ -545,6 +545,12 @@ typedef struct pl_vgg_options {
  */
 #define PL_VGG19 1
 
+/**
+ * The VGG16 layers LPIPS compares: relu1_2, relu2_2, relu3_3, relu4_3,
+ * relu5_3.
+ */
+#define LPIPS_TAPS { 3, 8, 15, 22, 29, }
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

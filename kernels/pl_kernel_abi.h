@@ -301,6 +301,19 @@ typedef struct pl_k_gram_backward_params {
     int32_t accumulate;
 } pl_k_gram_backward_params;
 
+/* One LPIPS term: per pixel of [n][M][C] features, sum_c w_c (x_c / (|x| +
+ * 1e-10) - y_c / (|y| + 1e-10))^2, |.| the norm over the pixel's
+ * channels; the per-image mean over pixels times the weight, and its
+ * gradient w.r.t. x (0 at a pixel whose x is all 0). tap.per_image is M
+ * (the mean is over pixels) and tap.per_block counts pixels; c is a
+ * multiple of 32, at most 512. */
+typedef struct pl_k_lpips_tap_params {
+    pl_k_tap_loss_params tap;
+    const float *lin;     /* [C] */
+    int32_t c;
+    int32_t reserved;
+} pl_k_lpips_tap_params;
+
 /* The end of a call asked for its parts: a part without terms is 0, and
  * the loss is the sum of the two. */
 typedef struct pl_k_parts_params {

@@ -476,3 +476,55 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_parts_total(pl_k_p
         if (!p.present[k]) p.parts[k] = 0.0f;
     *p.loss = p.parts[0] + p.parts[1];
 }
+
+/* Sum over a warp's lanes, the same in every lane (a fixed butterfly). */
+__device__ __forceinline__ float pl_warp_sum(float v) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+#define PL_LPIPS_MAX_C 512
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_lpips_tap(pl_k_lpips_tap_params p) {
+    // One warp per pixel, its lanes over the channels (lane + 32 k): a
+    // pixel's channels are contiguous in NHWC. The warp reads all of them
+    // before it writes the gradient, so grad may be x itself.
+    const pl_k_tap_loss_params &t = p.tap;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, per_lane = p.c / 32;
+    const float scale = (float)((double)t.weight / ((double)t.batch * (double)t.per_image));
+    const int64_t begin = blockIdx.x * t.per_block, end = min(t.per_image, begin + t.per_block);
+    for (int64_t n = blockIdx.y; n < t.n; n += gridDim.y) {
+        double acc = 0.0;
+        for (int64_t pix = begin + warp; pix < end; pix += PL_WARPS) {
+            const int64_t base = (n * t.per_image + pix) * p.c;
+            float a[PL_LPIPS_MAX_C / 32], b[PL_LPIPS_MAX_C / 32];
+            float sa = 0.0f, sb = 0.0f;
+            for (int k = 0; k < per_lane; ++k) {
+                a[k] = pl_load(t.x, t.dtype, base + lane + 32 * k);
+                b[k] = pl_load(t.target, t.dtype, base + lane + 32 * k);
+                sa = fmaf(a[k], a[k], sa);
+                sb = fmaf(b[k], b[k], sb);
+            }
+            const float na = sqrtf(pl_warp_sum(sa)), nb = sqrtf(pl_warp_sum(sb));
+            const float ia = 1.0f / (na + 1e-10f), ib = 1.0f / (nb + 1e-10f);
+            float v = 0.0f, dot = 0.0f;
+            for (int k = 0; k < per_lane; ++k) {
+                const float w = p.lin[lane + 32 * k], d = a[k] * ia - b[k] * ib;
+                v = fmaf(w * d, d, v);
+                b[k] = 2.0f * w * d * scale;  // dv/dn(x), times the loss's scale
+                dot = fmaf(b[k], a[k], dot);
+            }
+            v = pl_warp_sum(v);
+            dot = pl_warp_sum(dot);
+            if (lane == 0) acc += (double)v;
+            if (!t.grad) continue;
+            for (int k = 0; k < per_lane; ++k) {
+                const float g = na > 0.0f ? b[k] * ia - a[k] * dot * ia * ia / na : 0.0f;
+                pl_store(t.grad, t.dtype, base + lane + 32 * k, g);
+            }
+        }
+        double block_sum = pl_block_sum(acc);
+        unsigned int total = (unsigned int)(t.blocks_per_image * t.n);
+        if (pl_publish_partial(t.reduce, n * t.blocks_per_image + blockIdx.x, block_sum, total)) tap_finish(t);
+    }
+}

@@ -263,6 +263,68 @@ fn style_terms_match_the_cpu() {
 }
 
 #[test]
+fn lpips_matches_the_cpu() {
+    use perceptual_loss::{LossOutputs, Lpips, LpipsConfig, TensorMut};
+    let Some(dev) = gpu() else { return };
+    let bytes = Net::random(VggArch::Vgg16, 60).export_safetensors(Dtype::F32, "", |_| false);
+    let s = Shape::new(3, 3, 64, 48);
+    let len = s.n * s.c * s.h * s.w;
+    let mut rng = Rng::new(61);
+    let (pred, target) = (rng.vec(len, -1.0, 1.0), rng.vec(len, -1.0, 1.0));
+    for compute in [DType::F32, DType::BF16] {
+        let lpips = |d: &Device, c| {
+            let vgg = Vgg::load(d, WeightsSource::Bytes(&bytes), VggArch::Vgg16, c).unwrap();
+            Lpips::new(vgg, &LpipsConfig::default()).unwrap()
+        };
+        let (cpu, cuda) = (lpips(&Device::cpu(), DType::F32), lpips(&dev, compute));
+        let (mut want, mut want_per, mut want_grad) = (0f32, vec![0f32; s.n], vec![0f32; len]);
+        cpu.compute(
+            &TensorRef::host(&pred, s).unwrap(),
+            &TensorRef::host(&target, s).unwrap(),
+            LossOutputs::new(TensorMut::scalar(&mut want))
+                .with_grad(TensorMut::host(&mut want_grad, s).unwrap())
+                .with_per_sample(TensorMut::host(&mut want_per, Shape::flat(s.n)).unwrap()),
+        )
+        .unwrap();
+        let st = dev.cuda_stream().unwrap();
+        let (p, t) = (
+            st.clone_htod(&pred).unwrap(),
+            st.clone_htod(&target).unwrap(),
+        );
+        let mut loss = st.clone_htod(&[f32::NAN]).unwrap();
+        let mut per = st.clone_htod(&vec![f32::NAN; s.n]).unwrap();
+        let mut grad = st.clone_htod(&vec![f32::NAN; len]).unwrap();
+        cuda.compute(
+            &TensorRef::cuda(&p, s).unwrap(),
+            &TensorRef::cuda(&t, s).unwrap(),
+            LossOutputs::new(TensorMut::cuda(&mut loss, Shape::flat(1)).unwrap())
+                .with_grad(TensorMut::cuda(&mut grad, s).unwrap())
+                .with_per_sample(TensorMut::cuda(&mut per, Shape::flat(s.n)).unwrap()),
+        )
+        .unwrap();
+        let got = st.clone_dtoh(&loss).unwrap()[0] as f64;
+        let what = format!("LPIPS {} {s}", compute.name());
+        assert_rel(got, want as f64, loss_tol(compute), &what);
+        let per: Vec<f64> = st
+            .clone_dtoh(&per)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let want_per: Vec<f64> = want_per.iter().map(|&v| v as f64).collect();
+        assert_close(&per, &want_per, loss_tol(compute), 0.0, &what);
+        let grad: Vec<f64> = st
+            .clone_dtoh(&grad)
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let want_grad: Vec<f64> = want_grad.iter().map(|&v| v as f64).collect();
+        check_grad(&grad, &want_grad, s, compute, &what);
+    }
+}
+
+#[test]
 fn identical_inputs_accumulation_and_determinism() {
     let Some(dev) = gpu() else { return };
     let (cpu, cuda) = losses(

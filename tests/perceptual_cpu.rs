@@ -29,6 +29,9 @@ fn spec_of(vgg: &Vgg, cfg: &PerceptualConfig, taps: &[usize]) -> Spec {
         InputNorm::None => (1.0, 0.0),
         InputNorm::Imagenet => (1.0 / IMAGENET_STD[c], -IMAGENET_MEAN[c] / IMAGENET_STD[c]),
         InputNorm::FromPm1 => (0.5, 0.5),
+        InputNorm::LpipsScaling | InputNorm::LpipsScalingFromUnit => {
+            unreachable!("LPIPS's scaling is tested in tests/lpips_cpu.rs")
+        }
         InputNorm::ImagenetFromPm1 => (
             0.5 / IMAGENET_STD[c],
             (0.5 - IMAGENET_MEAN[c]) / IMAGENET_STD[c],

@@ -160,6 +160,10 @@ template <typename T> inline T __shfl_down_sync(unsigned int, T v, int offset) {
     unsigned int lane = pl_emu::g_block->current & 31u;
     return lane + offset < 32 ? pl_emu::exchange(v, lane + offset) : pl_emu::exchange(v, lane);
 }
+template <typename T> inline T __shfl_xor_sync(unsigned int, T v, int mask) {
+    unsigned int lane = pl_emu::g_block->current & 31u;
+    return pl_emu::exchange(v, lane ^ (unsigned int)mask);
+}
 inline unsigned int __ballot_sync(unsigned int, int predicate) {
     pl_emu::Block &b = *pl_emu::g_block;
     unsigned int t = b.current, warp = t & ~31u;

@@ -629,6 +629,28 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct pl_k_lpips_tap_params {
+    pub tap: pl_k_tap_loss_params,
+    pub lin: *const f32,
+    pub c: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 136usize];
+    ["Alignment of pl_k_lpips_tap_params"]
+        [::std::mem::align_of::<pl_k_lpips_tap_params>() - 8usize];
+    ["Offset of field: pl_k_lpips_tap_params::tap"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, tap) - 0usize];
+    ["Offset of field: pl_k_lpips_tap_params::lin"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 120usize];
+    ["Offset of field: pl_k_lpips_tap_params::c"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 128usize];
+    ["Offset of field: pl_k_lpips_tap_params::reserved"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 132usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct pl_k_parts_params {
     pub parts: *mut f32,
     pub loss: *mut f32,

@@ -5,6 +5,7 @@
 //! implementation, which `backend::run` routes to a backend).
 
 pub mod feature;
+pub mod lpips;
 pub mod perceptual;
 pub mod tv;
 

@@ -40,11 +40,20 @@ pub enum InputNorm {
     /// Inputs in [-1, 1] mapped by (x + 1) / 2 only (BasicSR's
     /// `range_norm` without `use_input_norm`).
     FromPm1,
+    /// LPIPS's ScalingLayer for inputs in [-1, 1]: (x - shift) / scale
+    /// with shift [-.030, -.088, -.188], scale [.458, .448, .450].
+    LpipsScaling,
+    /// The same for inputs in [0, 1], mapped to [-1, 1] first by 2x - 1
+    /// (LPIPS's `normalize=True`).
+    LpipsScalingFromUnit,
 }
 
 /// ImageNet's per-channel mean and standard deviation (RGB).
 const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
 const STD: [f64; 3] = [0.229, 0.224, 0.225];
+/// LPIPS's ScalingLayer (ImageNet's, rewritten for inputs in [-1, 1]).
+const LPIPS_SHIFT: [f64; 3] = [-0.030, -0.088, -0.188];
+const LPIPS_SCALE: [f64; 3] = [0.458, 0.448, 0.450];
 
 impl InputNorm {
     /// (scale, shift) with normalised = x * scale + shift, for channel `c`.
@@ -54,6 +63,11 @@ impl InputNorm {
             InputNorm::Imagenet => (1.0 / STD[c], -MEAN[c] / STD[c]),
             InputNorm::ImagenetFromPm1 => (0.5 / STD[c], (0.5 - MEAN[c]) / STD[c]),
             InputNorm::FromPm1 => (0.5, 0.5),
+            InputNorm::LpipsScaling => (1.0 / LPIPS_SCALE[c], -LPIPS_SHIFT[c] / LPIPS_SCALE[c]),
+            InputNorm::LpipsScalingFromUnit => (
+                2.0 / LPIPS_SCALE[c],
+                (-1.0 - LPIPS_SHIFT[c]) / LPIPS_SCALE[c],
+            ),
         }
     }
 }
@@ -137,6 +151,9 @@ pub(crate) struct PerceptualSpec {
     pub style: Vec<(usize, f64)>,
     pub style_criterion: Criterion,
     pub style_weight: f64,
+    /// LPIPS: every perceptual tap is an LPIPS term with these channel
+    /// weights (`criterion` is then not used).
+    pub lpips: Option<std::sync::Arc<crate::ops::lpips::LinWeights>>,
     pub norm: InputNorm,
     pub pooling: Pooling,
     pub weight: f64,
@@ -171,6 +188,7 @@ impl PerceptualSpec {
             )?,
             style_criterion: config.style_criterion,
             style_weight: config.style_weight as f64,
+            lpips: None,
             norm: config.input_norm,
             pooling: config.pooling,
             weight: config.weight as f64,

@@ -179,6 +179,25 @@ impl PerceptualLoss {
         })
     }
 
+    /// An LPIPS metric: `config` with every tap an LPIPS term of `lin`
+    /// (`crate::Lpips` builds it).
+    pub(crate) fn with_lpips(
+        vgg: Arc<Vgg>,
+        config: &PerceptualConfig,
+        lin: Arc<crate::ops::lpips::LinWeights>,
+    ) -> Result<Self> {
+        let mut spec = PerceptualSpec::resolve(config, &vgg)?;
+        spec.lpips = Some(lin);
+        Ok(PerceptualLoss {
+            op: Arc::new(Perceptual {
+                vgg,
+                spec,
+                host: Default::default(),
+                device: Default::default(),
+            }),
+        })
+    }
+
     /// The network this loss runs.
     pub fn vgg(&self) -> &Arc<Vgg> {
         &self.op.vgg

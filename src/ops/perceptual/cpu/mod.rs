@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::fallible;
 use crate::ops::feature::cpu::distance_sum;
 use crate::ops::feature::Criterion;
+use crate::ops::lpips;
 use crate::tensor::{as_bytes, DType, Element, Shape};
 use crate::vgg::{output_dims, HostWeights, Layer, Module};
 use std::sync::{Arc, Mutex};
@@ -195,9 +196,15 @@ struct Terms {
 impl Terms {
     fn new(net: HostNet<'_>, spec: &PerceptualSpec, s: Shape) -> Terms {
         let dims = output_dims(net.layers, (3, s.h, s.w));
+        // An LPIPS term is a mean over pixels of a sum over channels.
         let perceptual = spec.taps.iter().map(|&(layer, w)| {
             let (c, h, wd) = dims[layer];
-            (layer, spec.criterion, w * spec.weight, c * h * wd, false)
+            let count = if spec.lpips.is_some() {
+                h * wd
+            } else {
+                c * h * wd
+            };
+            (layer, spec.criterion, w * spec.weight, count, false)
         });
         let style = spec.style.iter().map(|&(layer, w)| {
             let c = dims[layer].0;
@@ -362,17 +369,28 @@ fn pass<T: Element>(
                 let g_len = if want_grad { f.len() } else { 0 };
                 let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
                 if let Some(term) = terms.index(layer, false) {
-                    let slot = want_grad.then(|| HostGrad {
-                        values: &mut g[..],
-                        beta: 0.0,
-                    });
-                    image_sums[term] = distance_sum(
-                        spec.criterion,
-                        f,
-                        &t.features,
-                        slot,
-                        scales.get(term).copied().unwrap_or(0.0),
-                    );
+                    let scale = scales.get(term).copied().unwrap_or(0.0);
+                    image_sums[term] = match &spec.lpips {
+                        // LPIPS's taps are the perceptual taps, in order.
+                        Some(lin) => {
+                            let slot = want_grad.then_some(&mut g[..]);
+                            lpips::cpu::tap_sum(
+                                f,
+                                &t.features,
+                                (c, m),
+                                lin.layer(term),
+                                slot,
+                                scale,
+                            )
+                        }
+                        None => {
+                            let slot = want_grad.then(|| HostGrad {
+                                values: &mut g[..],
+                                beta: 0.0,
+                            });
+                            distance_sum(spec.criterion, f, &t.features, slot, scale)
+                        }
+                    };
                 }
                 if let Some(term) = terms.index(layer, true) {
                     let gp = gram::gram(f, c, m)?;

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::recent::Recent;
 use crate::tensor::{DType, Shape};
 use crate::vgg::Vgg;
+use cudarc::driver::{CudaSlice, DevicePtr};
 use plan::{buffer_bytes, ShapePlan};
 use std::sync::Mutex;
 
@@ -90,6 +91,8 @@ const KEPT_SHAPES: usize = 4;
 pub(crate) struct Plans {
     plans: Mutex<Recent<ShapePlan>>,
     chunks: Mutex<Recent<((Shape, DType), usize)>>,
+    /// LPIPS's channel weights on each device used, by ordinal.
+    lin: Mutex<Vec<(usize, CudaSlice<f32>)>>,
 }
 
 impl Default for Plans {
@@ -97,6 +100,7 @@ impl Default for Plans {
         Plans {
             plans: Mutex::new(Recent::new(KEPT_SHAPES)),
             chunks: Mutex::new(Recent::new(64)),
+            lin: Mutex::new(Vec::new()),
         }
     }
 }
@@ -119,6 +123,7 @@ impl Plans {
         io: &DeviceIo<2>,
     ) -> Result<()> {
         let weights = vgg.device_weights()?;
+        let lpips = self.lin_on(dev, spec)?;
         let chunk = self.device_chunk_images(dev, vgg, spec, io.shape)?;
         let calls = CudaCall::new(*io).chunks(chunk);
         // Every plan first (a full chunk's and the last one's), so that one
@@ -128,10 +133,34 @@ impl Plans {
         }
         for call in calls {
             self.with_plan(dev, vgg, spec, call.io.shape, |handle, plan| {
-                plan.run(dev, handle, weights, vgg.layers(), spec, &call)
+                plan.run(dev, handle, weights, vgg.layers(), spec, (&call, lpips))
             })?;
         }
         Ok(())
+    }
+
+    /// The device address of LPIPS's channel weights on `dev` (uploaded on
+    /// the first call there, and waited for, so any stream may read them),
+    /// or 0 for a loss without LPIPS terms.
+    fn lin_on(&self, dev: &CudaDevice, spec: &PerceptualSpec) -> Result<u64> {
+        let Some(lin) = &spec.lpips else {
+            return Ok(0);
+        };
+        let mut on = self.lin.lock().map_err(|_| Error::poisoned())?;
+        if let Some((_, slice)) = on.iter().find(|(o, _)| *o == dev.ordinal()) {
+            return Ok(slice.device_ptr(dev.stream()).0);
+        }
+        dev.refuse_in_capture(|| {
+            "the LPIPS weights are uploaded on the first call on a device (make one before \
+             capturing)"
+                .into()
+        })?;
+        let slice = (dev.stream().clone_htod(lin.all()))
+            .map_err(|e| Error::cuda_alloc("the LPIPS weights", 4 * lin.all().len(), e))?;
+        dev.synchronize()?;
+        let addr = slice.device_ptr(dev.stream()).0;
+        on.push((dev.ordinal(), slice));
+        Ok(addr)
     }
 
     /// Device bytes of the buffers and cuDNN workspace a call on `shape`

@@ -235,7 +235,7 @@ impl ShapePlan {
         weights: &DeviceWeights,
         layers: &[Layer],
         spec: &PerceptualSpec,
-        call: &CudaCall,
+        (call, lpips): (&CudaCall, u64),
     ) -> Result<()> {
         let cudnn = Cudnn {
             handle,
@@ -250,6 +250,7 @@ impl ShapePlan {
                 layers,
                 weights: &addrs,
                 compute: weights.dtype,
+                lpips,
             },
             spec,
             call,

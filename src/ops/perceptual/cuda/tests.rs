@@ -168,6 +168,12 @@ struct Case {
 /// Loss, per-sample losses and gradient (beta 0.5 over old values)
 /// through the emulated CUDA path and through the CPU backend.
 fn check<T: Element>(case: Case) {
+    let loss = PerceptualLoss::seeded(case.arch, &case.config);
+    check_loss::<T>(loss, case);
+}
+
+/// [`check`] of `loss` (built from the case's arch and config).
+fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
     let Some(emu) = Emulator::get() else { return };
     let Case {
         arch,
@@ -177,7 +183,6 @@ fn check<T: Element>(case: Case) {
         want_grad,
         tol,
     } = case;
-    let loss = PerceptualLoss::seeded(arch, &config);
     let (vgg, spec) = (loss.vgg().as_ref(), loss.spec());
     let count = s.n * s.image_len();
     let (pred, target) = (values::<T>(count, 1), values::<T>(count, 2));
@@ -201,6 +206,7 @@ fn check<T: Element>(case: Case) {
         layers: vgg.layers(),
         weights: &weights,
         compute,
+        lpips: spec.lpips.as_ref().map_or(0, |l| addr(l.all())),
     };
     // Outputs and the arena carry a guard tail: a write past an end shows.
     const GUARD: usize = 64;
@@ -313,6 +319,22 @@ fn check<T: Element>(case: Case) {
         );
     }
     assert_close(&format!("{what} gradient"), got_grad, &want_g, 10.0 * tol);
+    if T::DTYPE == DType::F32 && want_grad {
+        // The loss's own gradient, without beta * old (which can dwarf it):
+        // f32 outputs keep it to within a rounding of the old values.
+        let own = |g: &[T]| -> Vec<f32> {
+            g.iter()
+                .zip(&old)
+                .map(|(g, o)| (g.to_f64() - beta as f64 * o.to_f64()) as f32)
+                .collect()
+        };
+        assert_close(
+            &format!("{what} gradient less beta * old"),
+            &own(got_grad),
+            &own(&want_g),
+            10.0 * tol,
+        );
+    }
 }
 
 /// f32 in, f32 compute, with the gradient.
@@ -492,6 +514,31 @@ fn a_large_map_sums_its_gram_in_slices() {
         ..Default::default()
     };
     check::<f32>(f32_case(VggArch::Vgg16, config, Shape::new(1, 3, 48, 48)));
+}
+
+#[test]
+fn lpips_in_f32_and_bf16() {
+    use crate::ops::lpips::{LinWeights, LPIPS_TAPS};
+    let config = PerceptualConfig {
+        taps: LPIPS_TAPS.into_iter().map(Tap::Index).collect(),
+        input_norm: InputNorm::LpipsScaling,
+        ..Default::default()
+    };
+    let lpips = |lin: LinWeights| {
+        let seeded = PerceptualLoss::seeded(VggArch::Vgg16, &config);
+        let vgg = seeded.vgg().clone();
+        PerceptualLoss::with_lpips(vgg, &config, std::sync::Arc::new(lin)).unwrap()
+    };
+    let case = |compute, tol| Case {
+        arch: VggArch::Vgg16,
+        config: config.clone(),
+        shape: Shape::new(2, 3, 16, 16),
+        compute,
+        want_grad: true,
+        tol,
+    };
+    check_loss::<f32>(lpips(LinWeights::v0_1()), case(DType::F32, 1e-4));
+    check_loss::<bf16>(lpips(LinWeights::ones()), case(DType::BF16, 3e-2));
 }
 
 #[test]

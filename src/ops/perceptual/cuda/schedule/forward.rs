@@ -258,7 +258,9 @@ impl Forward<'_> {
             .get(layer + 1)
             .is_some_and(|l| l.module == Module::Pool);
         let want_grad = self.want_grad;
-        if !(pool_next && fuses_with_pool(dims)) || self.is_style(layer) {
+        // Only an elementwise perceptual tap runs in the fused pass.
+        let own_tap = self.is_style(layer) || (self.spec.lpips.is_some() && self.is_tap(layer));
+        if !(pool_next && fuses_with_pool(dims)) || own_tap {
             for (x, pred) in self.cur.parts(n, per_image(dims)) {
                 self.s.steps.push(Step::BiasAct(BiasAct {
                     layer,

@@ -4,7 +4,8 @@
 use super::{check_vec, vec_grid, Exec, VEC};
 use crate::cuda::abi::*;
 use crate::cuda::{grid_for, kernel_dtype, Gpu};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::ops::lpips::LinWeights;
 use crate::ops::perceptual::cuda::convs::Convs;
 use crate::ops::perceptual::cuda::schedule::*;
 use crate::vgg::INPUT_CHANNELS;
@@ -151,15 +152,33 @@ impl Pool {
 }
 
 impl TapLoss {
-    /// `pl_vgg_tap_loss`; reference `feature::cpu::distance_sum`.
+    /// `pl_vgg_tap_loss`, reference `feature::cpu::distance_sum`; or, for
+    /// LPIPS, `pl_vgg_lpips_tap`, reference `lpips::cpu::tap_sum`.
     pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
         let (c, h, w) = self.dims;
         let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
-        x.with_tap(
-            inputs,
-            (c * h * w, VEC),
-            (&self.tap, x.spec.criterion),
-            |tap, grid| x.kernel("pl_vgg_tap_loss", grid, &tap),
-        )
+        let tap = (&self.tap, x.spec.criterion);
+        if x.spec.lpips.is_none() {
+            return x.with_tap(inputs, (c * h * w, VEC), tap, |tap, grid| {
+                x.kernel("pl_vgg_tap_loss", grid, &tap)
+            });
+        }
+        if c % 32 != 0 || c > 512 {
+            return Err(Error::Internal(format!("an LPIPS tap of {c} channels")));
+        }
+        // LPIPS's taps are the perceptual taps, in order.
+        let k = (x.spec.taps.iter().position(|t| t.0 == self.layer))
+            .ok_or_else(|| Error::Internal(format!("layer {} is no LPIPS tap", self.layer)))?;
+        let lin = x.net.lpips + (LinWeights::offset(k) * 4) as u64;
+        // The mean is over pixels; a work unit is one pixel.
+        x.with_tap(inputs, (h * w, 1), tap, |tap, grid| {
+            let p = pl_k_lpips_tap_params {
+                tap,
+                lin: lin as *const f32,
+                c: c as i32,
+                reserved: 0,
+            };
+            x.kernel("pl_vgg_lpips_tap", grid, &p)
+        })
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct DeviceNet<'a> {
     pub layers: &'a [Layer],
     pub weights: &'a LayerAddrs,
     pub compute: DType,
+    /// LPIPS's channel weights (f32, all five layers), or 0.
+    pub lpips: u64,
 }
 
 /// Everything a step's launch needs: where to queue, the network, the

@@ -143,6 +143,8 @@ pub(super) struct Setup {
     weights: LayerAddrs,
     pub(super) call: CudaCall,
     compute: DType,
+    /// The host address of LPIPS's channel weights, or 0.
+    pub(super) lpips: u64,
 }
 
 impl Setup {
@@ -158,6 +160,7 @@ impl Setup {
             style: Vec::new(),
             style_criterion: Criterion::Mse,
             style_weight: 1.0,
+            lpips: None,
             norm: InputNorm::None,
             pooling,
             weight: 1.0,
@@ -184,6 +187,7 @@ impl Setup {
                 parts: None,
             }),
             compute,
+            lpips: 0,
         }
     }
 
@@ -197,6 +201,7 @@ impl Setup {
                 layers: &layers,
                 weights: &self.weights,
                 compute: self.compute,
+                lpips: self.lpips,
             },
             spec: &self.spec,
             call: &self.call,

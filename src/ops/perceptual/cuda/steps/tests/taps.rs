@@ -264,3 +264,110 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
         }
     }
 }
+
+#[test]
+fn lpips_tap_matches_the_lpips_term() {
+    use crate::ops::lpips::{cpu::tap_sum, LinWeights};
+    use std::sync::Arc;
+    let Some(emu) = Emulator::get() else { return };
+    let mut rng = Rng(17);
+    let lin = LinWeights::v0_1();
+    for dtype in DTYPES {
+        for (k, in_place) in [(0, false), (3, true)] {
+            let (n, batch) = (2, 3);
+            let c = [64, 128, 256, 512, 512][k];
+            let dims = (c, 3, 5);
+            let (m, per) = (15, c * 15);
+            // ReLU-like features, with one all-zero pixel in pred.
+            let relu = |v: Vec<f32>| v.into_iter().map(|x| x.max(0.0)).collect::<Vec<f32>>();
+            let mut a = relu(rng.values(n * per, dtype));
+            a[4 * c..5 * c].fill(0.0);
+            let b = relu(rng.values(n * per, dtype));
+            let mut arena = Arena::new(&[n * per * dtype.size(); 3]);
+            arena.put(0, dtype, &a);
+            arena.put(1, dtype, &b);
+            let mut out = TapOut {
+                loss: f32::NAN,
+                per_sample: vec![f32::NAN; n],
+            };
+            let mut setup = Setup::new(dtype, Pooling::Max, Criterion::Mse, None);
+            // Tap k of LPIPS's five: its weights start at the k-th offset.
+            setup.spec.taps = crate::ops::lpips::LPIPS_TAPS
+                .iter()
+                .map(|&t| (t, 1.0))
+                .collect();
+            setup.spec.lpips = Some(Arc::new(lin.clone()));
+            setup.lpips = lin.all().as_ptr() as u64;
+            setup.call.io.shape = Shape::new(n, 3, 1, 1);
+            setup.call.io.loss = &mut out.loss as *mut f32 as u64;
+            setup.call.io.per_sample = Some(out.per_sample.as_mut_ptr() as u64);
+            setup.call.batch = batch;
+            let grad = if in_place { 0 } else { 2 };
+            let weight = 0.75;
+            let tap = TapTerm {
+                grad: Some(grad),
+                weight,
+                accumulate: false,
+                first: true,
+                part: 0,
+                part_accumulate: false,
+            };
+            let step = TapLoss {
+                layer: crate::ops::lpips::LPIPS_TAPS[k],
+                pred: whole(0, n),
+                target: whole(1, n),
+                dims,
+                tap,
+            };
+            setup.run(emu, &arena, Step::TapLoss(step));
+            let (fa, fb) = (to_chw(&a, n, dims), to_chw(&b, n, dims));
+            let scale = weight / (batch * m) as f64;
+            let (mut want_grad, mut per_sample, mut total) = (vec![0f32; n * per], Vec::new(), 0.0);
+            for i in 0..n {
+                let r = i * per..(i + 1) * per;
+                let g = &mut want_grad[r.clone()];
+                let sum = tap_sum(&fa[r.clone()], &fb[r], (c, m), lin.layer(k), Some(g), scale);
+                per_sample.push(weight * sum / m as f64);
+                total += sum / m as f64;
+            }
+            let want = TapWant {
+                loss: total * weight / batch as f64,
+                per_sample,
+                grad: want_grad.into_iter().map(|g| round_to(dtype, g)).collect(),
+            };
+            let what = format!("lpips_tap {k} in_place={in_place} {}", dtype.name());
+            let got = to_chw(&arena.get(grad, dtype, n * per), n, dims);
+            let zero_pixel = (0..c).map(|ch| got[ch * m + 4]);
+            assert!(
+                zero_pixel.into_iter().all(|g| g == 0.0),
+                "{what}: a zero pixel's gradient"
+            );
+            // The gradient relative to its largest element (a pixel's terms
+            // cancel in the dot product).
+            let top = want.grad.iter().fold(0f32, |t, g| t.max(g.abs()));
+            let tol = tolerance(dtype).max(1e-4);
+            assert_each(
+                &format!("{what}: gradient"),
+                &got,
+                &want.grad,
+                &vec![top; got.len()],
+                tol,
+            );
+            assert_each(
+                &format!("{what}: loss"),
+                &[out.loss],
+                &[want.loss as f32],
+                &[],
+                1e-5,
+            );
+            let want_per: Vec<f32> = want.per_sample.iter().map(|&v| v as f32).collect();
+            assert_each(
+                &format!("{what}: per sample"),
+                &out.per_sample,
+                &want_per,
+                &[],
+                1e-5,
+            );
+        }
+    }
+}

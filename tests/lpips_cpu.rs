@@ -1,0 +1,210 @@
+//! LPIPS on the CPU backend against a float64 oracle written here from
+//! richzhang/PerceptualSimilarity's definition (ScalingLayer, unit
+//! normalisation over channels with eps 1e-10, per-channel lin weights,
+//! mean over H and W, sum over relu1_2..relu5_3) over the direct
+//! convolutions of tests/common/vgg.rs, and finite differences of it.
+//! tests/python.rs runs the `lpips` package itself against the crate.
+
+mod common;
+
+use common::vgg::Net;
+use common::{assert_close, assert_rel, Rng};
+use perceptual_loss::{
+    DType, LinWeights, LossOutputs, Lpips, LpipsConfig, Shape, TensorMut, TensorRef, VggArch,
+    LPIPS_TAPS,
+};
+use safetensors::Dtype;
+
+const SHIFT: [f64; 3] = [-0.030, -0.088, -0.188];
+const SCALE: [f64; 3] = [0.458, 0.448, 0.450];
+
+/// Each image's distance, from the definition.
+fn oracle(
+    net: &Net,
+    lin: &LinWeights,
+    x0: &[f64],
+    x1: &[f64],
+    s: Shape,
+    normalize: bool,
+) -> Vec<f64> {
+    let (h, w) = (s.h, s.w);
+    let image = s.c * h * w;
+    let scaled = |x: &[f64]| -> Vec<f64> {
+        (0..3)
+            .flat_map(|ch| {
+                let src = if s.c == 1 { 0 } else { ch };
+                x[src * h * w..(src + 1) * h * w].iter().map(move |&v| {
+                    let v = if normalize { 2.0 * v - 1.0 } else { v };
+                    (v - SHIFT[ch]) / SCALE[ch]
+                })
+            })
+            .collect()
+    };
+    (0..s.n)
+        .map(|k| {
+            let r = k * image..(k + 1) * image;
+            let f0 = net.features(&scaled(&x0[r.clone()]), h, w, 29, false);
+            let f1 = net.features(&scaled(&x1[r]), h, w, 29, false);
+            let mut d = 0.0;
+            for (l, &tap) in LPIPS_TAPS.iter().enumerate() {
+                let c = net.channels(tap);
+                let m = f0[tap].len() / c;
+                let unit = |f: &[f64], p: usize| -> Vec<f64> {
+                    let norm = (0..c).map(|ch| f[ch * m + p].powi(2)).sum::<f64>().sqrt();
+                    (0..c).map(|ch| f[ch * m + p] / (norm + 1e-10)).collect()
+                };
+                let mut sum = 0.0;
+                for p in 0..m {
+                    let (a, b) = (unit(&f0[tap], p), unit(&f1[tap], p));
+                    for ch in 0..c {
+                        sum += lin.layer(l)[ch] as f64 * (a[ch] - b[ch]).powi(2);
+                    }
+                }
+                d += sum / m as f64;
+            }
+            d
+        })
+        .collect()
+}
+
+struct Out {
+    loss: f64,
+    per_sample: Vec<f64>,
+    grad: Vec<f64>,
+}
+
+fn run(lpips: &Lpips, x0: &[f32], x1: &[f32], s: Shape) -> Out {
+    let (mut loss, mut per, mut grad) = (f32::NAN, vec![f32::NAN; s.n], vec![f32::NAN; x0.len()]);
+    lpips
+        .compute(
+            &TensorRef::host(x0, s).unwrap(),
+            &TensorRef::host(x1, s).unwrap(),
+            LossOutputs::new(TensorMut::scalar(&mut loss))
+                .with_grad(TensorMut::host(&mut grad, s).unwrap())
+                .with_per_sample(TensorMut::host(&mut per, Shape::flat(s.n)).unwrap()),
+        )
+        .unwrap();
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    Out {
+        loss: loss as f64,
+        per_sample: f64s(&per),
+        grad: f64s(&grad),
+    }
+}
+
+fn lpips_over(net: &mut Net, config: &LpipsConfig) -> Lpips {
+    let bytes = net.export_safetensors(Dtype::F32, "", |_| false);
+    Lpips::new(common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32), config).unwrap()
+}
+
+fn check(config: LpipsConfig, s: Shape, seed: u64, probes: usize) {
+    let mut net = Net::random(VggArch::Vgg16, seed);
+    let lpips = lpips_over(&mut net, &config);
+    let mut rng = Rng::new(seed + 1);
+    let len = s.n * s.c * s.h * s.w;
+    let (lo, hi) = if config.normalize {
+        (0.0, 1.0)
+    } else {
+        (-1.0, 1.0)
+    };
+    let (x0, x1) = (rng.vec(len, lo, hi), rng.vec(len, lo, hi));
+    let out = run(&lpips, &x0, &x1, s);
+    let (p, t): (Vec<f64>, Vec<f64>) = (
+        x0.iter().map(|&v| v as f64).collect(),
+        x1.iter().map(|&v| v as f64).collect(),
+    );
+    let want = oracle(&net, &config.lin, &p, &t, s, config.normalize);
+    let what = format!("normalize={} {s}", config.normalize);
+    assert!(want.iter().all(|&d| d > 0.0));
+    assert_close(
+        &out.per_sample,
+        &want,
+        2e-5,
+        0.0,
+        &format!("distances {what}"),
+    );
+    let mean = want.iter().sum::<f64>() / s.n as f64;
+    assert_rel(out.loss, mean, 2e-5, &format!("mean {what}"));
+    let total = |p: &[f64]| {
+        oracle(&net, &config.lin, p, &t, s, config.normalize)
+            .iter()
+            .sum::<f64>()
+            / s.n as f64
+    };
+    let scale = out.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0);
+    for _ in 0..probes {
+        let i = (rng.next_u64() % len as u64) as usize;
+        let h = 1e-6;
+        let mut q = p.clone();
+        q[i] += h;
+        let up = total(&q);
+        q[i] -= 2.0 * h;
+        let fd = (up - total(&q)) / (2.0 * h);
+        assert!(
+            (out.grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
+            "{what}: grad[{i}] = {} but finite difference {fd}",
+            out.grad[i]
+        );
+    }
+}
+
+#[test]
+fn lpips_matches_its_definition() {
+    check(LpipsConfig::default(), Shape::new(2, 3, 16, 16), 71, 12);
+}
+
+#[test]
+fn unit_inputs_plain_channel_sums_and_gray_images() {
+    let config = LpipsConfig {
+        normalize: true,
+        lin: LinWeights::ones(),
+        weight: 1.0,
+        ..Default::default()
+    };
+    check(config, Shape::new(1, 1, 20, 18), 72, 8);
+}
+
+#[test]
+fn identical_inputs_give_zero_and_a_zero_gradient() {
+    let mut net = Net::random(VggArch::Vgg16, 73);
+    let lpips = lpips_over(&mut net, &LpipsConfig::default());
+    let s = Shape::new(2, 3, 16, 16);
+    let x = Rng::new(74).vec(s.n * 3 * 16 * 16, -1.0, 1.0);
+    let out = run(&lpips, &x, &x, s);
+    assert_eq!(out.loss, 0.0);
+    assert!(out.per_sample.iter().all(|&v| v == 0.0));
+    assert!(out.grad.iter().all(|&g| g == 0.0));
+}
+
+#[test]
+fn bad_networks_and_shapes_are_errors() {
+    let mut net = Net::random(VggArch::Vgg16, 75);
+    let lpips = lpips_over(&mut net, &LpipsConfig::default());
+    let s = Shape::new(1, 3, 8, 16);
+    let x = vec![0.0f32; 3 * 8 * 16];
+    let mut loss = 0f32;
+    let e = lpips
+        .compute(
+            &TensorRef::host(&x, s).unwrap(),
+            &TensorRef::host(&x, s).unwrap(),
+            LossOutputs::new(TensorMut::scalar(&mut loss)),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too small") && e.contains("16"), "{e}");
+    // VGG19, or VGG16 loaded short of relu5_3.
+    let mut net19 = Net::random(VggArch::Vgg19, 76);
+    let bytes = net19.export_safetensors(Dtype::F32, "", |_| false);
+    let vgg19 = common::cpu_vgg(&bytes, VggArch::Vgg19, DType::F32);
+    let e = Lpips::new(vgg19, &LpipsConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("VGG16"), "{e}");
+    let bytes = net.export_safetensors(Dtype::F32, "", |n| n.starts_with("features.28"));
+    let short = common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32);
+    let e = Lpips::new(short, &LpipsConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("deeper than the loaded weights"), "{e}");
+}
