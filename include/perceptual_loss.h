@@ -36,6 +36,12 @@
 typedef struct pl_context pl_context;
 
 /**
+ * An LPIPS metric; it keeps its VGG alive and runs on its context's
+ * current stream.
+ */
+typedef struct pl_lpips pl_lpips;
+
+/**
  * A perceptual loss; it keeps its VGG alive and runs on its context's
  * current stream.
  */
@@ -135,6 +141,57 @@ typedef struct pl_feature_config {
  * Element type of the tensors of a call.
  */
 typedef int32_t pl_dtype;
+
+/**
+ * LPIPS options. Initialise with `pl_lpips_config_init`, which writes
+ * `lpips.LPIPS(net='vgg')`'s: the embedded v0.1 lin weights, inputs in
+ * [-1, 1].
+ */
+typedef struct pl_lpips_config {
+  /**
+   * sizeof(pl_lpips_config), as `pl_lpips_config_init` writes it.
+   */
+  size_t struct_size;
+  /**
+   * A safetensors file of lin weights (keys lin0..lin4), or NULL (the
+   * default) for the v0.1 weights embedded in the library.
+   */
+  const char *lin_weights_path;
+  /**
+   * On CUDA, at most this many images at a time; 0 (the default) for
+   * the whole batch.
+   */
+  size_t max_chunk_images;
+  /**
+   * On CUDA, device bytes one call may hold; 0 (the default) for no limit.
+   */
+  size_t memory_budget_bytes;
+  /**
+   * Nonzero: inputs in [0, 1], mapped to [-1, 1] first (LPIPS's
+   * `normalize=True`). Default 0.
+   */
+  int32_t normalize;
+  /**
+   * Zero: every channel weight 1 (`lin=False`); default 1.
+   */
+  int32_t lin;
+  /**
+   * Multiplies every distance and the gradient; default 1.
+   */
+  float weight;
+  /**
+   * Nonzero: a NaN or infinite input is an error. Default 0.
+   */
+  int32_t check_finite;
+  /**
+   * Nonzero lets f32 convolutions on CUDA use TF32; default 0.
+   */
+  int32_t allow_tf32;
+  /**
+   * Write 0 (as `pl_lpips_config_init` does).
+   */
+  int32_t reserved;
+} pl_lpips_config;
 
 /**
  * Input normalisation of a perceptual loss.
@@ -649,6 +706,52 @@ pl_status pl_feature_loss(struct pl_context *ctx,
                           int64_t h,
                           int64_t w,
                           const struct pl_outputs *out);
+
+/**
+ * Writes the defaults to `config`.
+ *
+ * # Safety
+ * `config` must be NULL or a writable `pl_lpips_config`.
+ */
+pl_status pl_lpips_config_init(struct pl_lpips_config *config);
+
+/**
+ * Creates LPIPS over `vgg` (VGG16, loaded to relu5_3 at least) with
+ * `config` (NULL = the defaults). A lin weights file is read now.
+ *
+ * # Safety
+ * `vgg` must be a live handle, `config` NULL or valid, `out` writable.
+ */
+pl_status pl_lpips_create(struct pl_vgg *vgg,
+                          const struct pl_lpips_config *config,
+                          struct pl_lpips **out);
+
+/**
+ * Destroys an LPIPS metric; NULL is ignored.
+ *
+ * # Safety
+ * `lpips` must be NULL or a handle from `pl_lpips_create`, not used again.
+ */
+void pl_lpips_destroy(struct pl_lpips *lpips);
+
+/**
+ * LPIPS distances of `pred` to the constant `target` (contiguous NCHW, c
+ * = 1 or 3, H and W of at least 16, same dtype): `out->per_sample` gets
+ * each image's distance, `out->loss` their mean, `out->grad` (if given)
+ * the mean's gradient w.r.t. pred.
+ *
+ * # Safety
+ * As `pl_perceptual_loss`.
+ */
+pl_status pl_lpips_loss(struct pl_lpips *lpips,
+                        const void *pred,
+                        const void *target,
+                        pl_dtype dtype,
+                        int64_t n,
+                        int64_t c,
+                        int64_t h,
+                        int64_t w,
+                        const struct pl_outputs *out);
 
 /**
  * Writes the defaults to `config`: the article's loss (taps relu1_2,

@@ -451,6 +451,38 @@ fn cases() -> Vec<Case> {
         ("create: NULL out", PL_ERR_INVALID_ARGUMENT, |w| unsafe {
             pl_perceptual_create(w.vgg, null(), null_mut())
         }),
+        // LPIPS: the world's weights stop at relu4_3, short of relu5_3.
+        (
+            "lpips: weights too shallow",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let mut l = null_mut();
+                let st = pl_lpips_create(w.vgg, null(), &mut l);
+                assert!(l.is_null());
+                st
+            },
+        ),
+        ("lpips: NULL vgg", PL_ERR_INVALID_ARGUMENT, |_| unsafe {
+            let mut l = null_mut();
+            pl_lpips_create(null_mut(), null(), &mut l)
+        }),
+        (
+            "lpips: loss of a NULL handle",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                pl_lpips_loss(null_mut(), w.x(), w.x(), PL_F32, 1, 3, 16, 16, &outputs())
+            },
+        ),
+        (
+            "lpips: a config never initialised",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let mut config: pl_lpips_config = std::mem::zeroed();
+                config.lin = 1;
+                let mut l = null_mut();
+                pl_lpips_create(w.vgg, &config, &mut l)
+            },
+        ),
         ("create: no taps", PL_ERR_INVALID_ARGUMENT, |w| {
             let mut c = perceptual_config();
             c.num_taps = 0;

@@ -187,16 +187,31 @@ fn c_perceptual_program_matches_the_oracle() {
     let loss = perceptual_loss::PerceptualLoss::new(vgg, &cfg).unwrap();
     let as_f32 = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
     let (p, t) = (as_f32(&pred), as_f32(&target));
-    let (mut value, mut parts) = (0f32, [0f32; 2]);
+    let (mut total, mut parts) = (0f32, [0f32; 2]);
     use perceptual_loss::{LossOutputs, TensorMut, TensorRef};
     loss.compute(
         &TensorRef::host(&p, s).unwrap(),
         &TensorRef::host(&t, s).unwrap(),
-        LossOutputs::new(TensorMut::scalar(&mut value))
+        LossOutputs::new(TensorMut::scalar(&mut total))
             .with_parts(TensorMut::host(&mut parts, Shape::flat(2)).unwrap()),
     )
     .unwrap();
     assert_eq!(got, parts, "C style parts");
+    // LPIPS with the embedded weights (tests/lpips_cpu.rs checks it
+    // against an oracle): the C call is the Rust one.
+    let vgg = common::cpu_vgg(
+        &std::fs::read(&path).unwrap(),
+        VggArch::Vgg16,
+        perceptual_loss::DType::F32,
+    );
+    let lpips = perceptual_loss::Lpips::new(vgg, &Default::default()).unwrap();
+    let want = lpips
+        .value(
+            &TensorRef::host(&p, s).unwrap(),
+            &TensorRef::host(&t, s).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(value("lpips") as f32, want, "C LPIPS");
 }
 
 /// The TV options of `variant` and `reduction`, weight `weight`.

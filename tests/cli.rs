@@ -371,6 +371,73 @@ fn missing_weights_and_bad_options_are_explained() {
 }
 
 #[test]
+fn style_and_lpips_metrics_are_the_library_values() {
+    use perceptual_loss::{Lpips, LpipsConfig, PerceptualConfig, PerceptualLoss, TensorRef};
+    let dir = workdir("cli-metrics");
+    let (_, w) = weights(&dir);
+    let s = Shape::new(1, 3, 16, 20);
+    let (a, b) = (pattern(16, 20, 3), pattern(16, 20, 4));
+    save_png(&dir.join("a.png"), &a, s, 0).unwrap();
+    save_png(&dir.join("b.png"), &b, s, 0).unwrap();
+    let (pa, pb) = (dir.join("a.png"), dir.join("b.png"));
+    let run = |metric: &str| {
+        let (code, out, err) = cli(&[
+            "compare",
+            pa.to_str().unwrap(),
+            pb.to_str().unwrap(),
+            "--weights",
+            w.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+            "--metric",
+            metric,
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        json_number(&out, metric)
+    };
+    let vgg = common::cpu_vgg(
+        &std::fs::read(&w).unwrap(),
+        VggArch::Vgg16,
+        perceptual_loss::DType::F32,
+    );
+    let (ta, tb) = (
+        TensorRef::host(&a, s).unwrap(),
+        TensorRef::host(&b, s).unwrap(),
+    );
+    // The CLI's images in [0, 1]: LPIPS with normalize (tests/lpips_cpu.rs
+    // checks the library against an oracle).
+    let config = LpipsConfig {
+        normalize: true,
+        ..Default::default()
+    };
+    let want = Lpips::new(vgg.clone(), &config)
+        .unwrap()
+        .value(&ta, &tb)
+        .unwrap();
+    assert_eq!(run("lpips") as f32, want);
+    let style = PerceptualConfig {
+        taps: vec![],
+        style_taps: PerceptualConfig::default().taps,
+        ..Default::default()
+    };
+    let want = PerceptualLoss::new(vgg, &style)
+        .unwrap()
+        .value(&ta, &tb)
+        .unwrap();
+    assert_eq!(run("style") as f32, want);
+    let (code, _, err) = seeded_compare(&pa, &pb, &["--metric", "lpips", "--layers", "relu1_2"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--layers does not apply to --metric lpips"),
+        "{err}"
+    );
+    let (code, _, err) = seeded_compare(&pa, &pb, &["--metric", "ssim"]);
+    assert!(code == 2 && err.contains("unknown --metric ssim"), "{err}");
+}
+
+#[test]
 fn help_prints_the_usage_and_succeeds() {
     for args in [
         &["--help"][..],

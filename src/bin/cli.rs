@@ -5,15 +5,16 @@
 //! ```
 //! A and B are two images, or two folders whose images are matched by file
 //! name (an image in one folder only is reported as a failed pair). Prints
-//! each pair's perceptual loss and the TV loss of each side, then their
-//! means over the pairs that worked, as a table, JSON or CSV.
+//! each pair's perceptual loss (or style loss, or LPIPS distance) and the
+//! TV loss of each side, then their means over the pairs that worked, as a
+//! table, JSON or CSV.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use perceptual_loss::images::load_rgb;
 use perceptual_loss::{
-    seeded_safetensors, Criterion, DType, Device, Error, InputNorm, PerceptualConfig,
-    PerceptualLoss, Result, Shape, Tap, TensorRef, TvConfig, TvLoss, TvVariant, Vgg, VggArch,
-    WeightsSource,
+    seeded_safetensors, Criterion, DType, Device, Error, InputNorm, Lpips, LpipsConfig,
+    PerceptualConfig, PerceptualLoss, Result, Shape, Tap, TensorRef, TvConfig, TvLoss, TvVariant,
+    Vgg, VggArch, WeightsSource,
 };
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -27,9 +28,11 @@ options:
   --weights PATH        VGG weights, safetensors with torchvision names
                         (write them with scripts/export_vgg.py)
   --seeded-weights      deterministic stand-in weights instead (demos only)
+  --metric NAME         perceptual (default), style (Gram matrices of the
+                        layers) or lpips (LPIPS v0.1, VGG16, images as [0, 1])
   --arch vgg16|vgg19    network (default vgg16)
   --layers L1,L2,...    tapped layers by name or index (default relu1_2,relu2_2,relu3_3,relu4_3)
-  --criterion mse|mae   feature distance (default mse)
+  --criterion mse|mae   feature (or Gram) distance (default mse)
   --norm NORM           input normalisation: none (default), imagenet,
                         imagenet_from_pm1 or from_pm1
   --tv VARIANT          article|l1|l2_squared|l2|isotropic (default article)
@@ -40,6 +43,7 @@ options:
 struct Options {
     a: PathBuf,
     b: PathBuf,
+    metric: String,
     weights: Option<PathBuf>,
     seeded: bool,
     arch: VggArch,
@@ -61,6 +65,7 @@ fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
         a: PathBuf::new(),
         b: PathBuf::new(),
+        metric: "perceptual".into(),
         weights: None,
         seeded: false,
         arch: VggArch::Vgg16,
@@ -81,6 +86,12 @@ fn parse(args: &[String]) -> Result<Options> {
         };
         match arg.as_str() {
             "--weights" => o.weights = Some(value("--weights")?.into()),
+            "--metric" => {
+                o.metric = value("--metric")?;
+                if !["perceptual", "style", "lpips"].contains(&o.metric.as_str()) {
+                    return Err(usage(&format!("unknown --metric {}", o.metric)));
+                }
+            }
             "--seeded-weights" => o.seeded = true,
             "--arch" => {
                 o.arch = match value("--arch")?.as_str() {
@@ -148,6 +159,20 @@ fn parse(args: &[String]) -> Result<Options> {
     }
     let [a, b] = <[PathBuf; 2]>::try_from(positional)
         .map_err(|_| usage("compare takes two paths, A and B"))?;
+    let given = |flag: &str| args.iter().any(|a| a == flag);
+    if o.metric == "lpips" {
+        if let Some(flag) = ["--layers", "--criterion", "--norm"]
+            .into_iter()
+            .find(|f| given(f))
+        {
+            return Err(usage(&format!(
+                "{flag} does not apply to --metric lpips (its layers, distance and scaling are fixed)"
+            )));
+        }
+        if o.arch != VggArch::Vgg16 {
+            return Err(usage("--metric lpips runs VGG16"));
+        }
+    }
     (o.a, o.b) = (a, b);
     if o.weights.is_none() && !o.seeded {
         return Err(usage(
@@ -247,12 +272,28 @@ fn image_names(dir: &Path) -> Result<BTreeSet<String>> {
 
 struct Row {
     name: String,
-    result: Result<[f64; 3]>, // perceptual, tv(a), tv(b)
+    result: Result<[f64; 3]>, // the metric, tv(a), tv(b)
+}
+
+/// What the first column measures.
+enum Metric {
+    /// A perceptual loss, or one of style terms alone.
+    Loss(PerceptualLoss),
+    Lpips(Lpips),
+}
+
+impl Metric {
+    fn value(&self, a: &TensorRef<'_>, b: &TensorRef<'_>) -> Result<f64> {
+        Ok(match self {
+            Metric::Loss(l) => l.value(a, b)?,
+            Metric::Lpips(l) => l.value(a, b)?,
+        } as f64)
+    }
 }
 
 fn compare_pair(
     device: &Device,
-    perceptual: &PerceptualLoss,
+    metric: &Metric,
     tv: &TvLoss,
     a: &Path,
     b: &Path,
@@ -285,7 +326,7 @@ fn compare_pair(
         None => {
             let (ta, tb) = (TensorRef::host(&va, s)?, TensorRef::host(&vb, s)?);
             Ok([
-                perceptual.value(&ta, &tb)? as f64,
+                metric.value(&ta, &tb)?,
                 tv.value(device, &ta)? as f64,
                 tv.value(device, &tb)? as f64,
             ])
@@ -298,7 +339,7 @@ fn compare_pair(
             );
             let (ta, tb) = (TensorRef::cuda(&da, s)?, TensorRef::cuda(&db, s)?);
             Ok([
-                perceptual.value(&ta, &tb)? as f64,
+                metric.value(&ta, &tb)?,
                 tv.value(device, &ta)? as f64,
                 tv.value(device, &tb)? as f64,
             ])
@@ -350,21 +391,22 @@ impl Mean {
     }
 }
 
-fn print(rows: &[Row], format: &str) {
+/// Prints the rows in `format`, the first value under `metric`'s name.
+fn print(rows: &[Row], format: &str, metric: &str) {
     let mean = Mean::of(rows);
     match format {
-        "json" => print_json(rows, mean.as_ref()),
-        "csv" => print_csv(rows, mean.as_ref()),
-        _ => print_table(rows, mean.as_ref()),
+        "json" => print_json(rows, mean.as_ref(), metric),
+        "csv" => print_csv(rows, mean.as_ref(), metric),
+        _ => print_table(rows, mean.as_ref(), metric),
     }
 }
 
-fn print_json(rows: &[Row], mean: Option<&Mean>) {
+fn print_json(rows: &[Row], mean: Option<&Mean>, metric: &str) {
     let items: Vec<String> = rows
         .iter()
         .map(|r| match &r.result {
             Ok(v) => format!(
-                "{{\"name\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+                "{{\"name\": {}, \"{metric}\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
                 json_string(&r.name),
                 v[0],
                 v[1],
@@ -379,15 +421,15 @@ fn print_json(rows: &[Row], mean: Option<&Mean>) {
         .collect();
     let mean = mean.map_or("null".into(), |m| {
         format!(
-            "{{\"pairs\": {}, \"perceptual\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
+            "{{\"pairs\": {}, \"{metric}\": {}, \"tv_a\": {}, \"tv_b\": {}}}",
             m.pairs, m.values[0], m.values[1], m.values[2]
         )
     });
     println!("{{\"pairs\": [{}], \"mean\": {mean}}}", items.join(", "));
 }
 
-fn print_csv(rows: &[Row], mean: Option<&Mean>) {
-    println!("name,perceptual,tv_a,tv_b,error");
+fn print_csv(rows: &[Row], mean: Option<&Mean>, metric: &str) {
+    println!("name,{metric},tv_a,tv_b,error");
     for r in rows {
         match &r.result {
             Ok(v) => println!("{},{},{},{},", csv_field(&r.name), v[0], v[1], v[2]),
@@ -400,7 +442,7 @@ fn print_csv(rows: &[Row], mean: Option<&Mean>) {
     }
 }
 
-fn print_table(rows: &[Row], mean: Option<&Mean>) {
+fn print_table(rows: &[Row], mean: Option<&Mean>, metric: &str) {
     let label = mean.map(Mean::label);
     let width = rows
         .iter()
@@ -411,7 +453,7 @@ fn print_table(rows: &[Row], mean: Option<&Mean>) {
         .unwrap_or(4);
     println!(
         "{:width$}  {:>12}  {:>12}  {:>12}",
-        "pair", "perceptual", "tv(A)", "tv(B)"
+        "pair", metric, "tv(A)", "tv(B)"
     );
     for r in rows {
         match &r.result {
@@ -455,15 +497,36 @@ fn run(args: &[String]) -> Result<bool> {
             o.dtype.name()
         );
     }
-    let mut config = PerceptualConfig {
-        criterion: o.criterion,
-        input_norm: o.norm,
-        ..Default::default()
+    let default_taps = PerceptualConfig::default().taps;
+    let layers = o.layers.unwrap_or(default_taps);
+    let metric = match o.metric.as_str() {
+        "lpips" => Metric::Lpips(Lpips::new(
+            vgg,
+            &LpipsConfig {
+                normalize: true, // images load as [0, 1]
+                ..Default::default()
+            },
+        )?),
+        "style" => Metric::Loss(PerceptualLoss::new(
+            vgg,
+            &PerceptualConfig {
+                taps: vec![],
+                style_taps: layers,
+                style_criterion: o.criterion,
+                input_norm: o.norm,
+                ..Default::default()
+            },
+        )?),
+        _ => Metric::Loss(PerceptualLoss::new(
+            vgg,
+            &PerceptualConfig {
+                taps: layers,
+                criterion: o.criterion,
+                input_norm: o.norm,
+                ..Default::default()
+            },
+        )?),
     };
-    if let Some(layers) = o.layers {
-        config.taps = layers;
-    }
-    let perceptual = PerceptualLoss::new(vgg, &config)?;
     let tv = TvLoss::new(TvConfig::new(o.tv))?;
     let bar = if pairs.len() > 1 {
         let bar = ProgressBar::new(pairs.len() as u64);
@@ -479,13 +542,13 @@ fn run(args: &[String]) -> Result<bool> {
         .into_iter()
         .map(|Pair { name, a, b }| {
             bar.set_message(name.clone());
-            let result = compare_pair(&device, &perceptual, &tv, &a, &b);
+            let result = compare_pair(&device, &metric, &tv, &a, &b);
             bar.inc(1);
             Row { name, result }
         })
         .collect();
     bar.finish_and_clear();
-    print(&rows, &o.format);
+    print(&rows, &o.format, &o.metric);
     Ok(rows.iter().all(|r| r.result.is_ok()))
 }
 

@@ -5,7 +5,8 @@
 //! - It returns a [`pl_status`]; on failure it leaves a message for
 //!   [`pl_last_error`] and writes no output. Panics are caught
 //!   ([`PL_ERR_PANIC`]); nothing unwinds into the caller.
-//! - Handles are opaque (`pl_context`, `pl_vgg`, `pl_perceptual`); a NULL
+//! - Handles are opaque (`pl_context`, `pl_vgg`, `pl_perceptual`,
+//!   `pl_lpips`); a NULL
 //!   handle is an error naming the parameter, and every destroy function
 //!   accepts NULL. A loss keeps the weights and the context it was made
 //!   from alive.
@@ -24,7 +25,7 @@
 //! `guard.rs` (the panic guard), `handle.rs` (typed handle casts),
 //! `options.rs` (the struct-size rule), `args.rs` (dtype, dimensions,
 //! outputs, views), `context.rs`, `tv.rs`, `feature.rs`, `vgg.rs`,
-//! `perceptual.rs`.
+//! `perceptual.rs`, `lpips.rs`.
 #![allow(non_camel_case_types)]
 
 mod args;
@@ -32,6 +33,7 @@ mod context;
 mod feature;
 mod guard;
 mod handle;
+mod lpips;
 mod options;
 mod perceptual;
 mod status;
@@ -41,6 +43,7 @@ mod vgg;
 pub use args::*;
 pub use context::*;
 pub use feature::*;
+pub use lpips::*;
 pub use perceptual::*;
 pub use status::*;
 pub use tv::*;

@@ -173,6 +173,31 @@ int main(int argc, char **argv) {
     CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &out) == PL_ERR_INVALID_ARGUMENT,
           "grad aliases target");
 
+    /* LPIPS with the embedded v0.1 weights, on the full VGG16. */
+    pl_lpips *lpips = NULL;
+    CHECK(pl_lpips_create(again, NULL, &lpips) == PL_OK, "LPIPS with defaults");
+    float distance = -1.0f;
+    pl_outputs lp_out;
+    pl_outputs_init(&lp_out);
+    lp_out.loss = &value;
+    lp_out.per_sample = &distance;
+    CHECK(pl_lpips_loss(lpips, pred, target, PL_F32, N, C, H, W, &lp_out) == PL_OK, "LPIPS loss");
+    CHECK(distance == value && distance > 0.0f, "one image: its distance %g is the mean %g", distance, value);
+    printf("lpips %.9g\n", value);
+    pl_lpips *bad_lpips = NULL;
+    CHECK(pl_lpips_create(shallow, NULL, &bad_lpips) == PL_ERR_INVALID_ARGUMENT && bad_lpips == NULL,
+          "LPIPS on weights to relu3_3");
+    CHECK(strstr(pl_last_error(), "deeper than the loaded weights") != NULL, "message says why");
+    pl_lpips_config lp_cfg;
+    CHECK(pl_lpips_config_init(&lp_cfg) == PL_OK && lp_cfg.lin == 1 && lp_cfg.weight == 1.0f, "LPIPS config init");
+    lp_cfg.lin_weights_path = "/nonexistent/lin.safetensors";
+    CHECK(pl_lpips_create(again, &lp_cfg, &bad_lpips) == PL_ERR_IO, "a missing lin weights file");
+    lp_cfg.lin = 0;
+    CHECK(pl_lpips_create(again, &lp_cfg, &bad_lpips) == PL_ERR_INVALID_ARGUMENT, "lin 0 with a file");
+    CHECK(pl_lpips_loss(lpips, pred, target, PL_F32, N, C, 8, 8, &lp_out) == PL_ERR_INVALID_SHAPE, "8x8 for relu5_3");
+    pl_lpips_destroy(lpips);
+    pl_lpips_destroy(NULL);
+
     pl_perceptual_destroy(named);
     pl_perceptual_destroy(loss);
     pl_perceptual_destroy(NULL);

@@ -20,13 +20,13 @@ from ._cuda_libs import loaded as cuda_libraries
 
 __all__ = [
     "Error", "Context", "Vgg", "Perceptual", "tv_loss", "feature_loss", "weights_depth", "write_seeded_weights",
-    "version", "cuda_libraries", "TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss",
+    "version", "cuda_libraries", "TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss", "Lpips", "LPIPS",
 ]
 
 
 def __getattr__(name):
     # The PyTorch modules import torch only when asked for.
-    if name in ("TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss"):
+    if name in ("TVLoss", "FeatureLoss", "PerceptualLoss", "StyleLoss", "LPIPS"):
         from . import torch_modules
 
         return getattr(torch_modules, name)
@@ -427,4 +427,40 @@ class Perceptual:
     def __del__(self):
         if getattr(self, "_handle", None):
             _lib.pl_perceptual_destroy(self._handle)
+            self._handle = None
+
+
+class Lpips(Perceptual):
+    """LPIPS v0.1 (VGG16) over `vgg` (loaded to relu5_3 at least), as
+    `lpips.LPIPS(net='vgg')` defines it: inputs in [-1, 1] (`normalize=True`:
+    [0, 1]), the embedded v0.1 lin weights (`lin=False`: all 1;
+    `lin_weights`: a safetensors file with lin0..lin4). Calls return (mean
+    distance, its gradient w.r.t. pred or None) and, with
+    `per_sample=True`, each image's distance; as `Perceptual` otherwise."""
+
+    def __init__(self, vgg, normalize=False, lin=True, lin_weights=None, weight=1.0, allow_tf32=False,
+                 max_chunk_images=0, memory_budget=None, check_finite=False):
+        cfg = _lib.LpipsConfig()
+        _check(_lib.pl_lpips_config_init(ctypes.byref(cfg)))
+        cfg.normalize, cfg.lin, cfg.weight = int(bool(normalize)), int(bool(lin)), weight
+        cfg.lin_weights_path = None if lin_weights is None else str(lin_weights).encode()
+        cfg.allow_tf32, cfg.check_finite = int(bool(allow_tf32)), int(bool(check_finite))
+        cfg.max_chunk_images = max_chunk_images
+        if memory_budget is not None and memory_budget <= 0:
+            raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
+        cfg.memory_budget_bytes = memory_budget or 0
+        handle = ctypes.c_void_p()
+        _check(_lib.pl_lpips_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
+        self.vgg, self._handle = vgg, handle
+
+    def plan_report(self, shape, dtype="float32", grad=True):
+        raise NotImplementedError("plan_report is the perceptual loss's")
+
+    def raw(self, pred_ptr, target_ptr, dtype, shape, out):
+        """The C call on raw addresses; `out` is a pl_outputs from `outputs()`."""
+        _check(_lib.pl_lpips_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _lib.pl_lpips_destroy(self._handle)
             self._handle = None

@@ -125,6 +125,23 @@ class PerceptualConfig(ctypes.Structure):
     ]
 
 
+class LpipsConfig(ctypes.Structure):
+    """pl_lpips_config, field for field."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("lin_weights_path", c_char_p),
+        ("max_chunk_images", c_size_t),
+        ("memory_budget_bytes", c_size_t),
+        ("normalize", c_int32),
+        ("lin", c_int32),
+        ("weight", c_float),
+        ("check_finite", c_int32),
+        ("allow_tf32", c_int32),
+        ("reserved", c_int32),
+    ]
+
+
 class PlanReport(ctypes.Structure):
     """pl_plan_report, field for field."""
 
@@ -178,6 +195,13 @@ pl_perceptual_create = _declare(
 pl_perceptual_destroy = _declare("pl_perceptual_destroy", None, c_void_p)
 pl_perceptual_loss = _declare(
     "pl_perceptual_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
+    ctypes.POINTER(Outputs),
+)
+pl_lpips_config_init = _declare("pl_lpips_config_init", c_int32, ctypes.POINTER(LpipsConfig))
+pl_lpips_create = _declare("pl_lpips_create", c_int32, c_void_p, ctypes.POINTER(LpipsConfig), ctypes.POINTER(c_void_p))
+pl_lpips_destroy = _declare("pl_lpips_destroy", None, c_void_p)
+pl_lpips_loss = _declare(
+    "pl_lpips_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
     ctypes.POINTER(Outputs),
 )
 pl_plan_report_init = _declare("pl_plan_report_init", c_int32, ctypes.POINTER(PlanReport))

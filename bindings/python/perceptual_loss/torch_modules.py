@@ -18,8 +18,8 @@ import weakref
 import torch
 
 from . import (
-    CRITERIA, DTYPES, REDUCTIONS, TV_VARIANTS, Context, Perceptual, Vgg, _check, _choice, _lib, outputs, tv_config,
-    weights_depth,
+    CRITERIA, DTYPES, REDUCTIONS, TV_VARIANTS, Context, Lpips, Perceptual, Vgg, _check, _choice, _lib, outputs,
+    tv_config, weights_depth,
 )
 
 _TORCH_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -217,8 +217,8 @@ class _PerceptualLosses:
     its own weights, and the registry forgets an object once its module
     is gone."""
 
-    def __init__(self, weights, arch, compute, options):
-        self.weights, self.arch, self.compute, self.options = weights, arch, compute, options
+    def __init__(self, weights, arch, compute, options, kind=Perceptual):
+        self.weights, self.arch, self.compute, self.options, self.kind = weights, arch, compute, options, kind
         # (perceptual terms, style terms); the default taps are perceptual
         self.parts = (options.get("taps") is None or len(options["taps"]) > 0,
                       len(options.get("style_taps") or ()) > 0)
@@ -228,7 +228,7 @@ class _PerceptualLosses:
         _perceptual_losses[self.key] = self
 
     def __getstate__(self):
-        return (self.weights, self.arch, self.compute, self.options)
+        return (self.weights, self.arch, self.compute, self.options, self.kind)
 
     def __setstate__(self, state):
         self.__init__(*state)
@@ -240,7 +240,7 @@ class _PerceptualLosses:
                 ctx = _context(device)
                 # Loaded on the stream the call runs on, under its lock.
                 vgg = ctx.call(lambda: Vgg(self.weights, self.arch, self.compute, context=ctx.context))
-                self.by_device[key] = Perceptual(vgg, **self.options)
+                self.by_device[key] = self.kind(vgg, **self.options)
             return self.by_device[key]
 
 
@@ -376,3 +376,31 @@ class StyleLoss(PerceptualLoss):
         super().__init__(weights, arch=arch, taps=[], style_taps=list(layers),
                          style_tap_weights=[float(w) for w in layers.values()], style_criterion=criterion,
                          style_weight=float(weight), **options)
+
+
+class LPIPS(torch.nn.Module):
+    """LPIPS v0.1 (VGG16), as `lpips.LPIPS(net='vgg')`: forward(pred, target)
+    returns each image's distance, shape (N, 1, 1, 1). `vgg_weights` is the
+    VGG16 safetensors file (scripts/export_vgg.py); `normalize=True` takes
+    inputs in [0, 1]; `lin=False` weighs every channel 1; `lin_weights`
+    names a safetensors file of lin weights instead of the embedded v0.1
+    ones. `spatial=True` (a per-pixel map) is not provided. `target` is a
+    constant; other options as in `perceptual_loss.Lpips`."""
+
+    def __init__(self, vgg_weights, normalize=False, lin=True, spatial=False, lin_weights=None,
+                 compute="float32", **options):
+        super().__init__()
+        if spatial:
+            raise NotImplementedError("LPIPS(spatial=True) is not provided by perceptual-loss yet")
+        weights_depth(vgg_weights, "vgg16")
+        options = dict(options, normalize=bool(normalize), lin=bool(lin),
+                       lin_weights=None if lin_weights is None else str(lin_weights))
+        self.losses = _PerceptualLosses(str(vgg_weights), "vgg16", compute, options, kind=Lpips)
+
+    def forward(self, pred, target):
+        _check_pair(pred, target, ("pred", "target"))
+        widened = _widened(pred)
+        if widened is not pred:
+            pred, target = widened, target.float()
+        _, per_sample, _, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
+        return per_sample.view(-1, 1, 1, 1)

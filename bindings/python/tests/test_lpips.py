@@ -1,0 +1,103 @@
+"""LPIPS against the `lpips` package itself: `lpips.LPIPS(net='vgg',
+pretrained=True, pnet_rand=True)` holds the shipped v0.1 lin weights over a
+random VGG16 trunk, which is exported to safetensors for the crate; the
+distances must agree within 1e-5 relative in f32, and the gradient with the
+package's autograd (in float64). CI installs the package; elsewhere these
+tests skip without it."""
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+lpips = pytest.importorskip("lpips")
+
+import perceptual_loss as pl  # noqa: E402
+
+# The package builds torchvision's VGG with the deprecated `pretrained=`.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The package's model (random trunk, real lin weights) and the
+    trunk's weights as a safetensors file with torchvision's names."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    trunk = {}
+    for name, value in model.net.state_dict().items():
+        _, index, kind = name.split(".")  # sliceK.N.weight
+        trunk[f"features.{index}.{kind}"] = value.contiguous()
+    path = tmp_path_factory.mktemp("lpips") / "vgg16-random.safetensors"
+    save_file(trunk, str(path))
+    return model, path
+
+
+def package_distances(model, x0, x1, normalize=False, grad=False):
+    """The package's distances (N,) in float64 and, with `grad`, the
+    gradient of their mean w.r.t. x0."""
+    m = model.double()
+    a = x0.detach().double().requires_grad_(grad)
+    d = m(a, x1.double(), normalize=normalize).reshape(-1)
+    if not grad:
+        return d.detach(), None
+    d.mean().backward()
+    return d.detach(), a.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_distances_and_gradient_match_the_package(reference, device):
+    model, path = reference
+    torch.manual_seed(6)
+    x0 = (torch.rand(3, 3, 32, 48) * 2 - 1).to(device).requires_grad_(True)
+    x1 = (torch.rand(3, 3, 32, 48) * 2 - 1).to(device)
+    ours = pl.LPIPS(path)(x0, x1)
+    assert ours.shape == (3, 1, 1, 1) and ours.dtype == torch.float32
+    ours.mean().backward()
+    want, want_grad = package_distances(model.to(device), x0, x1, grad=True)
+    torch.testing.assert_close(ours.reshape(-1).double(), want, rtol=1e-5, atol=0)
+    err = ((x0.grad.double() - want_grad).norm() / want_grad.norm()).item()
+    assert err <= 1e-3, err
+
+
+def test_unit_inputs_and_plain_sums_match_the_package(reference, tmp_path):
+    model, path = reference
+    torch.manual_seed(7)
+    x0, x1 = torch.rand(2, 3, 24, 24), torch.rand(2, 3, 24, 24)
+    ours = pl.LPIPS(path, normalize=True)(x0, x1).reshape(-1)
+    want, _ = package_distances(model, x0, x1, normalize=True)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=0)
+    plain = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, lpips=False, verbose=False).eval()
+    plain.net.load_state_dict(model.net.state_dict())
+    ours = pl.LPIPS(path, lin=False)(x0 * 2 - 1, x1 * 2 - 1).reshape(-1)
+    want, _ = package_distances(plain, x0 * 2 - 1, x1 * 2 - 1)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=0)
+
+
+def test_the_numpy_call_and_explicit_lin_weights(reference, tmp_path):
+    from safetensors.torch import save_file
+
+    model, path = reference
+    # The package's own lin weights, written as a file: the same distances.
+    lins = {f"lin{k}": model.lins[k].model[1].weight.detach().float().contiguous() for k in range(5)}
+    lin_path = tmp_path / "lin.safetensors"
+    save_file(lins, str(lin_path))
+    rng = np.random.default_rng(8)
+    x0, x1 = (rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32) for _ in range(2))
+    vgg = pl.Vgg(str(path))
+    mean, grad, per = pl.Lpips(vgg, lin_weights=lin_path)(x0, x1, per_sample=True)
+    want, _ = package_distances(model, torch.from_numpy(x0), torch.from_numpy(x1))
+    np.testing.assert_allclose(per, want.numpy(), rtol=1e-5)
+    assert mean == pytest.approx(float(want.mean()), rel=1e-5) and grad.shape == x0.shape
+    lins["lin3"] = -lins["lin3"]
+    save_file(lins, str(lin_path))
+    with pytest.raises(pl.Error, match="non-negative"):
+        pl.Lpips(vgg, lin_weights=lin_path)
+    same, _, per = pl.Lpips(vgg)(x0, x0, per_sample=True)
+    assert same == 0.0 and (per == 0).all()
+    with pytest.raises(NotImplementedError, match="spatial"):
+        pl.LPIPS(path, spatial=True)

@@ -1,0 +1,174 @@
+//! `pl_lpips`: LPIPS v0.1 over loaded VGG16 weights (docs/design.md,
+//! "LPIPS").
+
+use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::context::Streams;
+use super::guard::guard;
+use super::handle::{borrow, destroy, give, out_param, Handle};
+use super::options::{self, released};
+use super::status::pl_status;
+use super::vgg::pl_vgg;
+use crate::error::Error;
+use crate::{LinWeights, Lpips, LpipsConfig};
+use std::ffi::{c_char, c_void, CStr};
+use std::sync::Arc;
+
+/// LPIPS options. Initialise with `pl_lpips_config_init`, which writes
+/// `lpips.LPIPS(net='vgg')`'s: the embedded v0.1 lin weights, inputs in
+/// [-1, 1].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct pl_lpips_config {
+    /// sizeof(pl_lpips_config), as `pl_lpips_config_init` writes it.
+    pub struct_size: usize,
+    /// A safetensors file of lin weights (keys lin0..lin4), or NULL (the
+    /// default) for the v0.1 weights embedded in the library.
+    pub lin_weights_path: *const c_char,
+    /// On CUDA, at most this many images at a time; 0 (the default) for
+    /// the whole batch.
+    pub max_chunk_images: usize,
+    /// On CUDA, device bytes one call may hold; 0 (the default) for no limit.
+    pub memory_budget_bytes: usize,
+    /// Nonzero: inputs in [0, 1], mapped to [-1, 1] first (LPIPS's
+    /// `normalize=True`). Default 0.
+    pub normalize: i32,
+    /// Zero: every channel weight 1 (`lin=False`); default 1.
+    pub lin: i32,
+    /// Multiplies every distance and the gradient; default 1.
+    pub weight: f32,
+    /// Nonzero: a NaN or infinite input is an error. Default 0.
+    pub check_finite: i32,
+    /// Nonzero lets f32 convolutions on CUDA use TF32; default 0.
+    pub allow_tf32: i32,
+    /// Write 0 (as `pl_lpips_config_init` does).
+    pub reserved: i32,
+}
+
+released!(pl_lpips_config, reserved reserved, last reserved: i32, {
+    lin_weights_path: std::ptr::null(),
+    max_chunk_images: 0,
+    memory_budget_bytes: 0,
+    normalize: 0,
+    lin: 1,
+    weight: 1.0,
+    check_finite: 0,
+    allow_tf32: 0,
+    reserved: 0,
+});
+
+/// An LPIPS metric; it keeps its VGG alive and runs on its context's
+/// current stream.
+pub struct pl_lpips {
+    lpips: Lpips,
+    streams: Arc<Streams>,
+}
+
+impl Handle for pl_lpips {
+    const NAME: &'static str = "pl_lpips";
+}
+
+/// The Rust config of a C one.
+///
+/// # Safety
+/// `lin_weights_path` must be NULL or a NUL-terminated string.
+unsafe fn lpips_config(c: &pl_lpips_config) -> Result<LpipsConfig, Error> {
+    let lin = match (c.lin, c.lin_weights_path.is_null()) {
+        (0, true) => LinWeights::ones(),
+        (0, false) => {
+            return Err(Error::arg(
+                "config.lin is 0 (all weights 1) but config.lin_weights_path is given",
+            ))
+        }
+        (_, true) => LinWeights::v0_1(),
+        (_, false) => {
+            let path = CStr::from_ptr(c.lin_weights_path)
+                .to_string_lossy()
+                .into_owned();
+            LinWeights::from_file(std::path::Path::new(&path))?
+        }
+    };
+    Ok(LpipsConfig {
+        normalize: c.normalize != 0,
+        lin,
+        weight: c.weight,
+        max_chunk_images: (c.max_chunk_images > 0).then_some(c.max_chunk_images),
+        memory_budget: (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes),
+        allow_tf32: c.allow_tf32 != 0,
+        check_finite: c.check_finite != 0,
+    })
+}
+
+/// Writes the defaults to `config`.
+///
+/// # Safety
+/// `config` must be NULL or a writable `pl_lpips_config`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_config_init(config: *mut pl_lpips_config) -> pl_status {
+    guard(|| options::init(config, "config"))
+}
+
+/// Creates LPIPS over `vgg` (VGG16, loaded to relu5_3 at least) with
+/// `config` (NULL = the defaults). A lin weights file is read now.
+///
+/// # Safety
+/// `vgg` must be a live handle, `config` NULL or valid, `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_create(
+    vgg: *mut pl_vgg,
+    config: *const pl_lpips_config,
+    out: *mut *mut pl_lpips,
+) -> pl_status {
+    guard(|| {
+        let vgg = borrow(vgg, "vgg")?;
+        let out = out_param(out, "out")?;
+        let config = lpips_config(&options::read(config, "config")?)?;
+        let lpips = Lpips::new(vgg.vgg.clone(), &config)?;
+        let streams = vgg.streams.clone();
+        give(pl_lpips { lpips, streams }, out);
+        Ok(())
+    })
+}
+
+/// Destroys an LPIPS metric; NULL is ignored.
+///
+/// # Safety
+/// `lpips` must be NULL or a handle from `pl_lpips_create`, not used again.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_destroy(lpips: *mut pl_lpips) {
+    destroy(lpips)
+}
+
+/// LPIPS distances of `pred` to the constant `target` (contiguous NCHW, c
+/// = 1 or 3, H and W of at least 16, same dtype): `out->per_sample` gets
+/// each image's distance, `out->loss` their mean, `out->grad` (if given)
+/// the mean's gradient w.r.t. pred.
+///
+/// # Safety
+/// As `pl_perceptual_loss`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_loss(
+    lpips: *mut pl_lpips,
+    pred: *const c_void,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    out: *const pl_outputs,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(lpips, "lpips")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        let call = views(
+            &device,
+            &[(pred, "pred"), (target, "target")],
+            dtype,
+            shape,
+            out,
+        )?;
+        let (p, t) = (&call.inputs[0], &call.inputs[1]);
+        handle.lpips.compute_on(&device, p, t, call.outputs)
+    })
+}
