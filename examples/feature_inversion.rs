@@ -5,7 +5,14 @@
 //! (`step_0000.png` on), and at the end the loss curve as SVG.
 //!
 //! `cargo run --release --example feature_inversion -- [--target img.png]
-//!  [--weights vgg16.safetensors] [--size 64] [--steps 120] [--out inversion]`
+//!  [--weights vgg16.safetensors] [--size 64] [--steps 120] [--out inversion]
+//!  [--style style.png|generated]`
+//!
+//! With `--style` it is style transfer instead: the image matches the
+//! target's relu3_3 features (the content) and the style image's Gram
+//! matrices at relu1_2, relu2_2 and relu3_3, the style image kept by its
+//! loss (`set_target`) so that each step runs the network over the image
+//! alone for that term.
 //!
 //! Without `--weights` it uses seeded stand-in weights, so the image comes
 //! to match the features of a random network; real runs use weights
@@ -22,6 +29,8 @@ use std::time::Instant;
 
 struct Args {
     target: Option<PathBuf>,
+    /// A style image, or "generated".
+    style: Option<String>,
     weights: Option<PathBuf>,
     size: usize,
     steps: usize,
@@ -31,6 +40,7 @@ struct Args {
 fn args() -> Result<Args> {
     let mut a = Args {
         target: None,
+        style: None,
         weights: None,
         size: 64,
         steps: 120,
@@ -48,6 +58,7 @@ fn args() -> Result<Args> {
         };
         match flag.as_str() {
             "--target" => a.target = Some(value()?.into()),
+            "--style" => a.style = Some(value()?),
             "--weights" => a.weights = Some(value()?.into()),
             "--size" => a.size = number(value()?)?.max(16),
             "--steps" => a.steps = number(value()?)?.max(1),
@@ -56,6 +67,31 @@ fn args() -> Result<Args> {
         }
     }
     Ok(a)
+}
+
+/// A style image of `shape`: a file, or diagonal stripes for "generated".
+fn style_image(spec: &str, shape: Shape) -> Result<Vec<f32>> {
+    if spec != "generated" {
+        let (s, v) = load_rgb(std::path::Path::new(spec))?;
+        if (s.h, s.w) != (shape.h, shape.w) {
+            return Err(Error::InvalidShape(format!(
+                "the style image is {}x{}; use one of the target's size, {}x{}",
+                s.w, s.h, shape.w, shape.h
+            )));
+        }
+        return Ok(v);
+    }
+    let (h, w) = (shape.h, shape.w);
+    let mut img = vec![0f32; 3 * h * w];
+    for i in 0..h {
+        for j in 0..w {
+            let band = ((i + 2 * j) / 5) % 3;
+            for c in 0..3 {
+                img[(c * h + i) * w + j] = if c == band { 0.9 } else { 0.15 };
+            }
+        }
+    }
+    Ok(img)
 }
 
 /// A colourful target: rings and stripes.
@@ -110,7 +146,7 @@ fn svg(losses: &[f32]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{SVG_W}\" height=\"{SVG_H}\" \
          font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{LEFT}\" y=\"24\" font-size=\"14\">perceptual + TV loss: {:.4e} at step 0, {:.4e} at step {last}</text>\n",
+         <text x=\"{LEFT}\" y=\"24\" font-size=\"14\">loss: {:.4e} at step 0, {:.4e} at step {last}</text>\n",
         losses[0], losses[last]
     );
     for step in step_ticks(last) {
@@ -275,12 +311,43 @@ fn main() -> Result<()> {
         VggArch::Vgg16,
         DType::F32,
     )?;
-    say_taps();
+    let taps: &[&str] = if a.style.is_some() {
+        &["relu3_3"]
+    } else {
+        &TAPS
+    };
+    if a.style.is_none() {
+        say_taps();
+    }
     let config = PerceptualConfig {
-        taps: TAPS.into_iter().map(Tap::from).collect(),
+        taps: taps.iter().map(|&t| Tap::from(t)).collect(),
         ..Default::default()
     };
-    let perceptual = PerceptualLoss::new(vgg, &config)?;
+    let perceptual = PerceptualLoss::new(vgg.clone(), &config)?;
+    let style = match &a.style {
+        None => None,
+        Some(spec) => {
+            let image = style_image(spec, shape)?;
+            let style = PerceptualLoss::new(
+                vgg,
+                &PerceptualConfig {
+                    taps: vec![],
+                    style_taps: STYLE_TAPS.into_iter().map(Tap::from).collect(),
+                    style_weight: STYLE_WEIGHT,
+                    ..Default::default()
+                },
+            )?;
+            keep_target(&device, &style, &image, shape)?;
+            std::fs::create_dir_all(&a.out)
+                .map_err(|e| Error::Io(format!("{}: {e}", a.out.display())))?;
+            save_png(&a.out.join("style.png"), &image, shape, 0)?;
+            println!(
+                "style transfer: content relu3_3 of the target, style Grams at {} of the style image (kept by its loss)",
+                STYLE_TAPS.join(", ")
+            );
+            Some(style)
+        }
+    };
     let tv = TvLoss::new(TvConfig {
         weight: 1e-3,
         ..Default::default()
@@ -317,7 +384,15 @@ fn main() -> Result<()> {
     // the loss is also measured after the last update, so that each saved
     // image has its point on the curve.
     for step in 0..=a.steps {
-        let (p, t) = compute(&device, &perceptual, &tv, &x, &target, shape, &mut grad)?;
+        let losses_now = compute(
+            &device,
+            (&perceptual, style.as_ref(), &tv),
+            &x,
+            &target,
+            shape,
+            &mut grad,
+        )?;
+        let (p, t) = (losses_now.0 + losses_now.1, losses_now.2);
         losses.push(p + t);
         if step % every == 0 || step == a.steps {
             save_png(&a.out.join(format!("step_{step:04}.png")), &x, shape, 0)?;
@@ -341,17 +416,32 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Perceptual and TV losses of `x`, with their summed gradient in `grad`.
+/// The style layers and weight of `--style`.
+const STYLE_TAPS: [&str; 3] = ["relu1_2", "relu2_2", "relu3_3"];
+const STYLE_WEIGHT: f32 = 1e4;
+
+/// Has `loss` keep the style image (copied from a device buffer on CUDA).
+fn keep_target(device: &Device, loss: &PerceptualLoss, image: &[f32], s: Shape) -> Result<()> {
+    match device.cuda_stream() {
+        None => loss.set_target(&TensorRef::host(image, s)?),
+        Some(st) => {
+            let d = (st.clone_htod(image)).map_err(|e| Error::Cuda(e.to_string()))?;
+            loss.set_target(&TensorRef::cuda(&d, s)?)
+        }
+    }
+}
+
+/// Perceptual, style (against its kept target, when given) and TV losses
+/// of `x`, with their summed gradient in `grad`.
 fn compute(
     device: &Device,
-    perceptual: &PerceptualLoss,
-    tv: &TvLoss,
+    (perceptual, style, tv): (&PerceptualLoss, Option<&PerceptualLoss>, &TvLoss),
     x: &[f32],
     target: &[f32],
     s: Shape,
     grad: &mut [f32],
-) -> Result<(f32, f32)> {
-    let (mut p, mut t) = (0f32, 0f32);
+) -> Result<(f32, f32, f32)> {
+    let (mut p, mut st_loss, mut t) = (0f32, 0f32, 0f32);
     match device.cuda_stream() {
         None => {
             let (xr, tr) = (TensorRef::host(x, s)?, TensorRef::host(target, s)?);
@@ -360,6 +450,14 @@ fn compute(
                 &tr,
                 LossOutputs::new(TensorMut::scalar(&mut p)).with_grad(TensorMut::host(grad, s)?),
             )?;
+            if let Some(style) = style {
+                style.compute_resident(
+                    &xr,
+                    LossOutputs::new(TensorMut::scalar(&mut st_loss))
+                        .with_grad(TensorMut::host(grad, s)?)
+                        .accumulate(1.0),
+                )?;
+            }
             // TV's gradient is added to the perceptual one (beta = 1).
             tv.compute(
                 device,
@@ -376,7 +474,8 @@ fn compute(
                 st.clone_htod(target).map_err(err)?,
             );
             let mut gd = st.alloc_zeros::<f32>(x.len()).map_err(err)?;
-            let (mut pd, mut tvd) = (
+            let (mut pd, mut sd, mut tvd) = (
+                st.alloc_zeros::<f32>(1).map_err(err)?,
                 st.alloc_zeros::<f32>(1).map_err(err)?,
                 st.alloc_zeros::<f32>(1).map_err(err)?,
             );
@@ -387,6 +486,14 @@ fn compute(
                 LossOutputs::new(TensorMut::cuda(&mut pd, Shape::flat(1))?)
                     .with_grad(TensorMut::cuda(&mut gd, s)?),
             )?;
+            if let Some(style) = style {
+                style.compute_resident(
+                    &xr,
+                    LossOutputs::new(TensorMut::cuda(&mut sd, Shape::flat(1))?)
+                        .with_grad(TensorMut::cuda(&mut gd, s)?)
+                        .accumulate(1.0),
+                )?;
+            }
             tv.compute(
                 device,
                 &xr,
@@ -396,8 +503,9 @@ fn compute(
             )?;
             st.memcpy_dtoh(&gd, grad).map_err(err)?;
             p = st.clone_dtoh(&pd).map_err(err)?[0];
+            st_loss = st.clone_dtoh(&sd).map_err(err)?[0];
             t = st.clone_dtoh(&tvd).map_err(err)?[0];
         }
     }
-    Ok((p, t))
+    Ok((p, st_loss, t))
 }

@@ -738,7 +738,8 @@ void pl_lpips_destroy(struct pl_lpips *lpips);
  * LPIPS distances of `pred` to the constant `target` (contiguous NCHW, c
  * = 1 or 3, H and W of at least 16, same dtype): `out->per_sample` gets
  * each image's distance, `out->loss` their mean, `out->grad` (if given)
- * the mean's gradient w.r.t. pred.
+ * the mean's gradient w.r.t. pred. A NULL `target` means the one
+ * `pl_lpips_set_target` kept.
  *
  * # Safety
  * As `pl_perceptual_loss`.
@@ -752,6 +753,29 @@ pl_status pl_lpips_loss(struct pl_lpips *lpips,
                         int64_t h,
                         int64_t w,
                         const struct pl_outputs *out);
+
+/**
+ * Keeps `target` for `pl_lpips_loss` calls with a NULL target (as
+ * `pl_perceptual_set_target`).
+ *
+ * # Safety
+ * As `pl_perceptual_set_target`.
+ */
+pl_status pl_lpips_set_target(struct pl_lpips *lpips,
+                              const void *target,
+                              pl_dtype dtype,
+                              int64_t n,
+                              int64_t c,
+                              int64_t h,
+                              int64_t w);
+
+/**
+ * Drops the target `pl_lpips_set_target` kept.
+ *
+ * # Safety
+ * `lpips` must be a live handle.
+ */
+pl_status pl_lpips_clear_target(struct pl_lpips *lpips);
 
 /**
  * Writes the defaults to `config`: the article's loss (taps relu1_2,
@@ -786,6 +810,7 @@ void pl_perceptual_destroy(struct pl_perceptual *loss);
 /**
  * Perceptual loss of `pred` against the constant `target` (contiguous
  * NCHW, c = 1 or 3, same dtype), on the device its VGG was loaded for.
+ * A NULL `target` means the one `pl_perceptual_set_target` kept.
  * Writes the loss and, as `out` asks, dL/dpred (in `dtype` and pred's
  * layout) and each image's loss. In PL_F16 the gradient of a mean over
  * many elements can fall below half precision's normal range (about
@@ -805,6 +830,35 @@ pl_status pl_perceptual_loss(struct pl_perceptual *loss,
                              int64_t h,
                              int64_t w,
                              const struct pl_outputs *out);
+
+/**
+ * Keeps `target` (n x c x h x w of `dtype` on the loss's device) for
+ * later `pl_perceptual_loss` calls with a NULL target, replacing one kept
+ * before. What the loss needs is copied before this returns (the caller
+ * may free or change `target` at once). A target of one image serves any
+ * batch size; otherwise later preds have its n. On the CPU the target's
+ * features are computed now and later calls run the network over pred
+ * alone; on CUDA the images are copied and run beside pred.
+ *
+ * # Safety
+ * `loss` must be a live handle; `target` must address n*c*h*w elements
+ * of `dtype` on the loss's device.
+ */
+pl_status pl_perceptual_set_target(struct pl_perceptual *loss,
+                                   const void *target,
+                                   pl_dtype dtype,
+                                   int64_t n,
+                                   int64_t c,
+                                   int64_t h,
+                                   int64_t w);
+
+/**
+ * Drops the target `pl_perceptual_set_target` kept (no-op without one).
+ *
+ * # Safety
+ * `loss` must be a live handle.
+ */
+pl_status pl_perceptual_clear_target(struct pl_perceptual *loss);
 
 /**
  * Writes `struct_size` and zero counts to `report`.

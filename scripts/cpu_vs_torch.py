@@ -8,8 +8,12 @@ depend on them); two targets alternate so neither side reuses a target.
         PYTHONPATH=bindings/python python3 scripts/cpu_vs_torch.py [--reps 15] [--only tv]
 
 Cases: VGG16 perceptual (taps [3, 8, 15, 22], MSE, f32) forward + backward
-at 1x3x64x64, 2x3x128x128 and 1x3x256x256, and the article's TV forward +
-backward at 4x3x256x256."""
+at 1x3x64x64, 2x3x128x128 and 1x3x256x256, the article's TV forward +
+backward at 4x3x256x256, LPIPS (VGG16) forward + backward at 1x3x64x64
+against the `lpips` package (`--only lpips`; needs it installed), and a
+call against a kept target over the same call with the target passed
+(`--only kept`: content relu2_2 + style Grams relu1_2..relu4_3 at
+2x3x128x128; the "torch" column is then ours with the target passed)."""
 import argparse
 import os
 import statistics
@@ -82,7 +86,7 @@ def paired(ours, theirs, inputs, reps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--only", choices=["tv", "perceptual"])
+    ap.add_argument("--only", choices=["tv", "perceptual", "lpips", "kept"])
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)
@@ -105,6 +109,42 @@ def main():
                 ratio, ours, theirs = paired(lambda p, t, tp, tt: ours_loss(p, t),
                                              lambda p, t, tp, tt: theirs_loss(tp, tt), inputs, args.reps)
                 rows.append(("perceptual " + "x".join(map(str, shape)), ratio, ours, theirs))
+    if args.only in (None, "lpips", "kept"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "vgg16.safetensors")
+            pl.write_seeded_weights(path, "vgg16", seed=0)
+            vgg = pl.Vgg(path)
+            if args.only in (None, "lpips"):
+                import lpips
+
+                theirs_model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+
+                def theirs_lpips(p, t):
+                    p = p.clone().requires_grad_(True)
+                    d = theirs_model(p, t)
+                    d.mean().backward()
+                    return d
+
+                ours_lpips = pl.Lpips(vgg)
+                shape = (1, 3, 64, 64)
+                pred = rng.uniform(-1, 1, shape).astype(np.float32)
+                targets = [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(2)]
+                inputs = [(pred, t, torch.from_numpy(pred), torch.from_numpy(t)) for t in targets]
+                ratio, ours, theirs = paired(lambda p, t, tp, tt: ours_lpips(p, t),
+                                             lambda p, t, tp, tt: theirs_lpips(tp, tt), inputs, args.reps)
+                rows.append(("LPIPS " + "x".join(map(str, shape)), ratio, ours, theirs))
+            if args.only in (None, "kept"):
+                style = dict(taps=["relu2_2"], style_taps=["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
+                kept, passed = pl.Perceptual(vgg, **style), pl.Perceptual(vgg, **style)
+                shape = (2, 3, 128, 128)
+                pred = rng.random(shape, dtype=np.float32)
+                target = rng.random(shape, dtype=np.float32)
+                kept.set_target(target)
+                # Passed targets alternate, so the explicit call cannot reuse one.
+                targets = [target, rng.random(shape, dtype=np.float32)]
+                ratio, ours, theirs = paired(lambda t: kept(pred), lambda t: passed(pred, t),
+                                             [(t,) for t in targets], args.reps)
+                rows.append(("kept / passed target " + "x".join(map(str, shape)), ratio, ours, theirs))
     print(f"{os.cpu_count()} threads, torch {torch.__version__}, median of {args.reps}+ alternating pairs")
     print(f"{'case (f32, fwd+bwd)':34} {'ours/torch':>10} {'ours ms':>9} {'torch ms':>9}")
     for name, ratio, ours, theirs in rows:

@@ -29,6 +29,12 @@ pub(crate) trait Op<const N: usize> {
         Ok(())
     }
 
+    /// The loss's own rules for the first input beyond its shape (checked
+    /// with the shape); none by default.
+    fn check_input(&self, _first: &TensorRef<'_>) -> Result<()> {
+        Ok(())
+    }
+
     /// Whether the loss has two parts (perceptual, style) a call can ask
     /// for with [`LossOutputs::with_parts`]; none by default.
     fn has_parts(&self) -> bool {
@@ -139,6 +145,7 @@ pub(crate) fn run<const N: usize>(
     }
     shape.numel()?;
     op.check_shape(shape)?;
+    op.check_input(first)?;
     out.validate(dtype, shape)?;
     if out.parts.is_some() && !op.has_parts() {
         return Err(Error::arg(

@@ -124,6 +124,30 @@ pub(crate) struct CallViews<'a> {
 
 /// Views over caller pointers: device addresses for a CUDA context (the
 /// loss call checks them against their allocations), host slices for the
+/// A view of a target to keep: `ptr` checked as an input of a call.
+///
+/// # Safety
+/// `ptr` must address `shape` elements of `dtype` on `device`.
+pub(crate) unsafe fn target_view<'a>(
+    device: &Device,
+    ptr: *const c_void,
+    dtype: DType,
+    shape: Shape,
+) -> Result<TensorRef<'a>, Error> {
+    if ptr.is_null() {
+        return Err(Error::arg("target is NULL"));
+    }
+    let bytes = shape.bytes(dtype).map_err(|e| e.context("target"))?;
+    match device.ordinal() {
+        Some(ordinal) => Ok(TensorRef::from_raw_cuda(ptr as u64, ordinal, dtype, shape)),
+        None => {
+            check_aligned(ptr, dtype.size(), "target")?;
+            check_host_span(ptr as u64, bytes, "target")?;
+            TensorRef::from_raw_host(ptr.cast(), dtype, shape)
+        }
+    }
+}
+
 /// CPU after checking alignment and that no output overlaps an input or
 /// another output (overlapping `&` and `&mut` slices would be undefined
 /// behaviour).

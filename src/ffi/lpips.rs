@@ -1,7 +1,7 @@
 //! `pl_lpips`: LPIPS v0.1 over loaded VGG16 weights (docs/design.md,
 //! "LPIPS").
 
-use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, target_view, views};
 use super::context::Streams;
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
@@ -141,7 +141,8 @@ pub unsafe extern "C" fn pl_lpips_destroy(lpips: *mut pl_lpips) {
 /// LPIPS distances of `pred` to the constant `target` (contiguous NCHW, c
 /// = 1 or 3, H and W of at least 16, same dtype): `out->per_sample` gets
 /// each image's distance, `out->loss` their mean, `out->grad` (if given)
-/// the mean's gradient w.r.t. pred.
+/// the mean's gradient w.r.t. pred. A NULL `target` means the one
+/// `pl_lpips_set_target` kept.
 ///
 /// # Safety
 /// As `pl_perceptual_loss`.
@@ -161,6 +162,10 @@ pub unsafe extern "C" fn pl_lpips_loss(
         let handle = borrow(lpips, "lpips")?;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = handle.streams.current()?;
+        if target.is_null() {
+            let call = views(&device, &[(pred, "pred")], dtype, shape, out)?;
+            return (handle.lpips).compute_resident_on(&device, &call.inputs[0], call.outputs);
+        }
         let call = views(
             &device,
             &[(pred, "pred"), (target, "target")],
@@ -171,4 +176,37 @@ pub unsafe extern "C" fn pl_lpips_loss(
         let (p, t) = (&call.inputs[0], &call.inputs[1]);
         handle.lpips.compute_on(&device, p, t, call.outputs)
     })
+}
+
+/// Keeps `target` for `pl_lpips_loss` calls with a NULL target (as
+/// `pl_perceptual_set_target`).
+///
+/// # Safety
+/// As `pl_perceptual_set_target`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_set_target(
+    lpips: *mut pl_lpips,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(lpips, "lpips")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        let t = target_view(&device, target, dtype, shape)?;
+        handle.lpips.set_target_on(&device, &t)
+    })
+}
+
+/// Drops the target `pl_lpips_set_target` kept.
+///
+/// # Safety
+/// `lpips` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_clear_target(lpips: *mut pl_lpips) -> pl_status {
+    guard(|| borrow(lpips, "lpips")?.lpips.clear_target())
 }

@@ -1,7 +1,7 @@
 //! `pl_perceptual`: a VGG perceptual loss over loaded weights
 //! (docs/design.md, "Perceptual loss").
 
-use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, views};
+use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, target_view, views};
 use super::context::Streams;
 use super::feature::{criterion_of, pl_criterion, PL_MSE};
 use super::guard::guard;
@@ -308,6 +308,7 @@ pub unsafe extern "C" fn pl_perceptual_destroy(loss: *mut pl_perceptual) {
 
 /// Perceptual loss of `pred` against the constant `target` (contiguous
 /// NCHW, c = 1 or 3, same dtype), on the device its VGG was loaded for.
+/// A NULL `target` means the one `pl_perceptual_set_target` kept.
 /// Writes the loss and, as `out` asks, dL/dpred (in `dtype` and pred's
 /// layout) and each image's loss. In PL_F16 the gradient of a mean over
 /// many elements can fall below half precision's normal range (about
@@ -333,6 +334,10 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         let handle = borrow(loss, "loss")?;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = handle.streams.current()?;
+        if target.is_null() {
+            let call = views(&device, &[(pred, "pred")], dtype, shape, out)?;
+            return (handle.loss).compute_resident_on(&device, &call.inputs[0], call.outputs);
+        }
         let call = views(
             &device,
             &[(pred, "pred"), (target, "target")],
@@ -343,6 +348,45 @@ pub unsafe extern "C" fn pl_perceptual_loss(
         let (p, t) = (&call.inputs[0], &call.inputs[1]);
         handle.loss.compute_on(&device, p, t, call.outputs)
     })
+}
+
+/// Keeps `target` (n x c x h x w of `dtype` on the loss's device) for
+/// later `pl_perceptual_loss` calls with a NULL target, replacing one kept
+/// before. What the loss needs is copied before this returns (the caller
+/// may free or change `target` at once). A target of one image serves any
+/// batch size; otherwise later preds have its n. On the CPU the target's
+/// features are computed now and later calls run the network over pred
+/// alone; on CUDA the images are copied and run beside pred.
+///
+/// # Safety
+/// `loss` must be a live handle; `target` must address n*c*h*w elements
+/// of `dtype` on the loss's device.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_set_target(
+    loss: *mut pl_perceptual,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(loss, "loss")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        let t = target_view(&device, target, dtype, shape)?;
+        handle.loss.set_target_on(&device, &t)
+    })
+}
+
+/// Drops the target `pl_perceptual_set_target` kept (no-op without one).
+///
+/// # Safety
+/// `loss` must be a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_clear_target(loss: *mut pl_perceptual) -> pl_status {
+    guard(|| borrow(loss, "loss")?.loss.clear_target())
 }
 
 /// What one CUDA call of a perceptual loss costs, counted from its

@@ -173,6 +173,27 @@ int main(int argc, char **argv) {
     CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &out) == PL_ERR_INVALID_ARGUMENT,
           "grad aliases target");
 
+    /* A kept target: the same loss as passing it, from a copy. */
+    float explicit_value = -1.0f, kept_value = -2.0f;
+    pl_outputs kept_out;
+    pl_outputs_init(&kept_out);
+    kept_out.loss = &explicit_value;
+    CHECK(pl_perceptual_loss(loss, pred, target, PL_F32, N, C, H, W, &kept_out) == PL_OK, "explicit target");
+    static float copy[COUNT];
+    memcpy(copy, target, sizeof copy);
+    CHECK(pl_perceptual_set_target(loss, copy, PL_F32, N, C, H, W) == PL_OK, "set_target");
+    memset(copy, 0, sizeof copy); /* the library kept its own copy */
+    kept_out.loss = &kept_value;
+    CHECK(pl_perceptual_loss(loss, pred, NULL, PL_F32, N, C, H, W, &kept_out) == PL_OK, "kept target");
+    CHECK(kept_value == explicit_value, "kept %g vs passed %g", kept_value, explicit_value);
+    CHECK(pl_perceptual_loss(loss, pred, NULL, PL_F32, N, C, H, 8, &kept_out) == PL_ERR_INVALID_ARGUMENT,
+          "a pred of another shape than the kept target");
+    CHECK(pl_perceptual_clear_target(loss) == PL_OK, "clear_target");
+    CHECK(pl_perceptual_loss(loss, pred, NULL, PL_F32, N, C, H, W, &kept_out) == PL_ERR_INVALID_ARGUMENT,
+          "no kept target");
+    CHECK(strstr(pl_last_error(), "no kept target") != NULL, "message says so");
+    CHECK(pl_perceptual_set_target(loss, NULL, PL_F32, N, C, H, W) == PL_ERR_INVALID_ARGUMENT, "NULL to keep");
+
     /* LPIPS with the embedded v0.1 weights, on the full VGG16. */
     pl_lpips *lpips = NULL;
     CHECK(pl_lpips_create(again, NULL, &lpips) == PL_OK, "LPIPS with defaults");
@@ -184,6 +205,12 @@ int main(int argc, char **argv) {
     CHECK(pl_lpips_loss(lpips, pred, target, PL_F32, N, C, H, W, &lp_out) == PL_OK, "LPIPS loss");
     CHECK(distance == value && distance > 0.0f, "one image: its distance %g is the mean %g", distance, value);
     printf("lpips %.9g\n", value);
+    float kept_distance = -1.0f;
+    lp_out.per_sample = &kept_distance;
+    CHECK(pl_lpips_set_target(lpips, target, PL_F32, N, C, H, W) == PL_OK, "LPIPS set_target");
+    CHECK(pl_lpips_loss(lpips, pred, NULL, PL_F32, N, C, H, W, &lp_out) == PL_OK && kept_distance == distance,
+          "LPIPS against its kept target");
+    CHECK(pl_lpips_clear_target(lpips) == PL_OK, "LPIPS clear_target");
     pl_lpips *bad_lpips = NULL;
     CHECK(pl_lpips_create(shallow, NULL, &bad_lpips) == PL_ERR_INVALID_ARGUMENT && bad_lpips == NULL,
           "LPIPS on weights to relu3_3");

@@ -381,24 +381,53 @@ class Perceptual:
 
     def raw(self, pred_ptr, target_ptr, dtype, shape, out):
         """The C call on raw addresses (device addresses for a CUDA
-        context); `out` is a pl_outputs from `outputs()`."""
+        context; a target of None means the kept one); `out` is a
+        pl_outputs from `outputs()`."""
         _check(_lib.pl_perceptual_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
 
-    def __call__(self, pred, target, grad=True, per_sample=False, parts=False):
+    def raw_set_target(self, ptr, dtype, shape):
+        """`set_target` on a raw address."""
+        _check(_lib.pl_perceptual_set_target(self._handle, ptr, DTYPES[dtype], *shape))
+
+    def clear_target(self):
+        """Drops the kept target."""
+        _check(_lib.pl_perceptual_clear_target(self._handle))
+
+    def set_target(self, target):
+        """Keeps a copy of `target` (N x C x H x W, NumPy or any array with
+        `__dlpack__`, on this loss's device) for calls with `target=None`:
+        on the CPU its features are computed once. A target of one image
+        serves any batch size; later preds have its C, H, W and dtype. The
+        caller may change `target` afterwards."""
+        if _on_cuda(target):
+            import torch
+
+            (t,) = _from_dlpack_cuda((target, "target"))
+            torch.cuda.current_stream(t.device).synchronize()
+            from .torch_modules import _TORCH_DTYPES
+            self.raw_set_target(t.data_ptr(), _TORCH_DTYPES[t.dtype], tuple(t.shape))
+            return
+        t = _as_image_batch(target, "target")
+        self.raw_set_target(t.ctypes.data, t.dtype.name, t.shape)
+
+    def __call__(self, pred, target=None, grad=True, per_sample=False, parts=False):
         """Loss and dL/dpred, then each image's loss with
         `per_sample=True`, then the (perceptual, style) parts as two floats
         with `parts=True`, of NumPy batches (or any CPU arrays
         with `__dlpack__`) for weights on the CPU, or CUDA arrays with
-        `__dlpack__` for weights on that GPU (returned as torch tensors)."""
-        if _on_cuda(pred) or _on_cuda(target):
+        `__dlpack__` for weights on that GPU (returned as torch tensors).
+        Without a target, the one `set_target` kept."""
+        if _on_cuda(pred) or (target is not None and _on_cuda(target)):
             return self._call_cuda(pred, target, grad, per_sample, parts)
         if self.vgg.context.kind != "cpu":
             raise TypeError("pred is in host memory but this loss's weights are on CUDA: pass CUDA arrays")
-        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
-        if pred.shape != target.shape or pred.dtype != target.dtype:
-            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        pred = _as_image_batch(pred, "pred")
+        if target is not None:
+            target = _as_image_batch(target, "target")
+            if pred.shape != target.shape or pred.dtype != target.dtype:
+                raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
         loss, g, per, two, out = _call_arrays(pred, grad, per_sample, parts)
-        self.raw(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, out)
+        self.raw(pred.ctypes.data, None if target is None else target.ctypes.data, pred.dtype.name, pred.shape, out)
         return _results(loss, g, per, two)
 
     def _call_cuda(self, pred, target, grad, per_sample, parts):
@@ -410,7 +439,11 @@ class Perceptual:
 
         from .torch_modules import _TORCH_DTYPES, _outputs_like
 
-        p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
+        if target is None:
+            (p,) = _from_dlpack_cuda((pred, "pred"))
+            t = None
+        else:
+            p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
         if p.device.index != ctx.ordinal:
             raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
         loss, per, g, two = _outputs_like(p, grad, parts=True)
@@ -418,7 +451,7 @@ class Perceptual:
         # current stream, while this context queues on its own: wait for
         # PyTorch's work before the call and for the call before returning.
         torch.cuda.current_stream(p.device).synchronize()
-        self.raw(p.data_ptr(), t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape),
+        self.raw(p.data_ptr(), None if t is None else t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape),
                  outputs(loss.data_ptr(), g.data_ptr() if grad else None, per.data_ptr(),
                          parts_ptr=two.data_ptr() if parts else None))
         ctx.synchronize()
@@ -459,6 +492,12 @@ class Lpips(Perceptual):
     def raw(self, pred_ptr, target_ptr, dtype, shape, out):
         """The C call on raw addresses; `out` is a pl_outputs from `outputs()`."""
         _check(_lib.pl_lpips_loss(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, ctypes.byref(out)))
+
+    def raw_set_target(self, ptr, dtype, shape):
+        _check(_lib.pl_lpips_set_target(self._handle, ptr, DTYPES[dtype], *shape))
+
+    def clear_target(self):
+        _check(_lib.pl_lpips_clear_target(self._handle))
 
     def __del__(self):
         if getattr(self, "_handle", None):

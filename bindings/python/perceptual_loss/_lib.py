@@ -197,6 +197,14 @@ pl_perceptual_loss = _declare(
     "pl_perceptual_loss", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
     ctypes.POINTER(Outputs),
 )
+pl_perceptual_set_target = _declare(
+    "pl_perceptual_set_target", c_int32, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64
+)
+pl_perceptual_clear_target = _declare("pl_perceptual_clear_target", c_int32, c_void_p)
+pl_lpips_set_target = _declare(
+    "pl_lpips_set_target", c_int32, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64
+)
+pl_lpips_clear_target = _declare("pl_lpips_clear_target", c_int32, c_void_p)
 pl_lpips_config_init = _declare("pl_lpips_config_init", c_int32, ctypes.POINTER(LpipsConfig))
 pl_lpips_create = _declare("pl_lpips_create", c_int32, c_void_p, ctypes.POINTER(LpipsConfig), ctypes.POINTER(c_void_p))
 pl_lpips_destroy = _declare("pl_lpips_destroy", None, c_void_p)

@@ -161,14 +161,14 @@ def _backward(ctx, grad_loss, grad_per_sample, _grad_of_grad, grad_parts=None):
     return (x_grad,) + (None,) * (ctx.num_inputs - 1)
 
 
-def _register(op, num_inputs, parts=False):
+def _register(op, num_inputs, parts=False, key_at=2):
     op.register_fake(_fake_with_parts if parts else _fake)
 
     def setup(ctx, inputs, output):
         ctx.num_inputs = num_inputs
         if parts:
-            # inputs: (pred, target, key, ...): which parts have terms
-            ctx.parts = _perceptual_losses[inputs[2]].parts
+            # inputs[key_at] is the loss's key: which parts have terms
+            ctx.parts = _perceptual_losses[inputs[key_at]].parts
         _setup_context(ctx, inputs, output)
 
     op.register_autograd(_backward, setup_context=setup)
@@ -259,9 +259,50 @@ def _perceptual_op(pred: torch.Tensor, target: torch.Tensor, key: int, summed: b
     return _run(pred, want_grad, call, parts=True)
 
 
+@torch.library.custom_op("perceptual_loss::perceptual_kept", mutates_args=(), tags=_TAGS)
+def _perceptual_kept_op(pred: torch.Tensor, key: int, summed: bool,
+                        want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The perceptual op against the target the loss kept (set_target)."""
+    loss = _perceptual_losses[key].on(pred.device)
+
+    def call(out):
+        loss.raw(pred.data_ptr(), None, _TORCH_DTYPES[pred.dtype], tuple(pred.shape), out)
+
+    return _run(pred, want_grad, call, parts=True)
+
+
 _register(_tv_op, 7)
 _register(_feature_op, 7)
 _register(_perceptual_op, 5, parts=True)
+_register(_perceptual_kept_op, 4, parts=True, key_at=1)
+
+
+class _KeptTarget:
+    """set_target / clear_target, and a forward against the kept target,
+    for modules over `self.losses` (a _PerceptualLosses)."""
+
+    def set_target(self, target):
+        """Keeps a copy of `target` on its device for calls without one
+        (on the CPU its features are computed once). A target of one image
+        serves any batch; later preds have its C, H, W and dtype (float16
+        is kept, and later preds computed, as float32)."""
+        _check_tensor(target, "target")
+        t = target.detach()
+        if t.dtype == torch.float16:
+            t = t.float()
+        loss = self.losses.on(t.device)
+        _context(t.device).call(lambda: loss.raw_set_target(t.data_ptr(), _TORCH_DTYPES[t.dtype], tuple(t.shape)))
+
+    def clear_target(self):
+        """Drops the kept target on every device."""
+        for loss in list(self.losses.by_device.values()):
+            loss.clear_target()
+
+    def _against_kept(self, pred):
+        _check_tensor(pred, "pred")
+        if pred.dtype == torch.float16:
+            pred = pred.float()
+        return _perceptual_kept_op(pred, self.losses.key, False, _needs_grad(pred))
 
 
 def _needs_grad(x):
@@ -333,11 +374,12 @@ class FeatureLoss(torch.nn.Module):
         return _reduced(loss, per_sample, self.reduction, False)
 
 
-class PerceptualLoss(torch.nn.Module):
-    """VGG perceptual loss of `pred` against a constant `target`. Weights
-    come from a safetensors file (scripts/export_vgg.py) and are loaded once
-    per device, on first use there. Options as in `perceptual_loss.Perceptual`;
-    `reduction` over the batch: "mean" (default), "sum" or "none"."""
+class PerceptualLoss(_KeptTarget, torch.nn.Module):
+    """VGG perceptual loss of `pred` against a constant `target` (or, given
+    none, the one `set_target` kept). Weights come from a safetensors file
+    (scripts/export_vgg.py) and are loaded once per device, on first use
+    there. Options as in `perceptual_loss.Perceptual`; `reduction` over the
+    batch: "mean" (default), "sum" or "none"."""
 
     def __init__(self, weights, arch="vgg16", compute="float32", reduction="mean", **options):
         super().__init__()
@@ -354,7 +396,10 @@ class PerceptualLoss(torch.nn.Module):
         loss = self.losses.on(torch.device(device))
         return loss.plan_report(tuple(shape), _TORCH_DTYPES[dtype], grad)
 
-    def forward(self, pred, target):
+    def forward(self, pred, target=None):
+        if target is None:
+            loss, per_sample, _, _ = self._against_kept(pred)
+            return _reduced(loss, per_sample, self.reduction, False)
         _check_pair(pred, target, ("pred", "target"))
         widened = _widened(pred)
         if widened is not pred:
@@ -378,7 +423,7 @@ class StyleLoss(PerceptualLoss):
                          style_weight=float(weight), **options)
 
 
-class LPIPS(torch.nn.Module):
+class LPIPS(_KeptTarget, torch.nn.Module):
     """LPIPS v0.1 (VGG16), as `lpips.LPIPS(net='vgg')`: forward(pred, target)
     returns each image's distance, shape (N, 1, 1, 1). `vgg_weights` is the
     VGG16 safetensors file (scripts/export_vgg.py); `normalize=True` takes
@@ -397,7 +442,9 @@ class LPIPS(torch.nn.Module):
                        lin_weights=None if lin_weights is None else str(lin_weights))
         self.losses = _PerceptualLosses(str(vgg_weights), "vgg16", compute, options, kind=Lpips)
 
-    def forward(self, pred, target):
+    def forward(self, pred, target=None):
+        if target is None:
+            return self._against_kept(pred)[1].view(-1, 1, 1, 1)
         _check_pair(pred, target, ("pred", "target"))
         widened = _widened(pred)
         if widened is not pred:

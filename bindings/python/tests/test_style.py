@@ -197,3 +197,56 @@ def test_numpy_parts_sum_to_the_loss(tmp_path):
     assert parts[0] == 0.0 and parts[1] == pytest.approx(value)
     with pytest.raises(pl.Error, match="at least one tap or style tap"):
         pl.Perceptual(vgg, taps=[])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_kept_style_target_gives_the_loss_of_a_passed_one(tmp_path, device):
+    # Style transfer's loop: one style image kept, a batch of predictions.
+    path = seeded_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    module = pl.StyleLoss(path, {"relu1_2": 1.0, "relu2_2": 1.0}, weight=1e3)
+    torch.manual_seed(9)
+    style = torch.rand(1, 3, 24, 24, device=device)
+    x = torch.rand(3, 3, 24, 24, device=device, requires_grad=True)
+    want = module(x, style.expand(3, -1, -1, -1).contiguous())
+    want.backward()
+    want_grad = x.grad.clone()
+    x.grad = None
+    kept = style.clone()
+    module.set_target(kept)
+    kept.zero_()  # the module keeps its own copy
+    got = module(x)
+    got.backward()
+    assert got.item() == want.item()
+    assert torch.equal(x.grad, want_grad)
+    module.clear_target()
+    with pytest.raises(pl.Error, match="no kept target"):
+        module(x)
+
+
+def test_a_kept_numpy_target_and_lpips(tmp_path):
+    path = seeded_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    vgg = pl.Vgg(str(path))
+    rng = np.random.default_rng(10)
+    pred, target = (rng.random((2, 3, 16, 16), dtype=np.float32) for _ in range(2))
+    for loss in (pl.Perceptual(vgg, style_taps=["relu1_2"]), pl.Lpips(vgg, normalize=True)):
+        want, want_grad = loss(pred, target)
+        loss.set_target(target.copy())
+        got, got_grad = loss(pred)
+        assert got == want and np.array_equal(got_grad, want_grad)
+    lp = pl.LPIPS(path, normalize=True)
+    lp.set_target(torch.from_numpy(target))
+    assert torch.equal(lp(torch.from_numpy(pred)), pl.LPIPS(path, normalize=True)(torch.from_numpy(pred),
+                                                                                   torch.from_numpy(target)))
+
+
+def test_the_kept_target_op_checks_and_compiles(tmp_path):
+    from perceptual_loss import torch_modules as tm
+
+    path = seeded_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    module = pl.PerceptualLoss(path, taps=["relu1_2"], style_taps=["relu2_2"])
+    module.set_target(torch.rand(1, 3, 16, 16))
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    torch.library.opcheck(tm._perceptual_kept_op, (x, module.losses.key, False, True))
+    torch.library.opcheck(tm._perceptual_op, (x, torch.rand(2, 3, 16, 16), module.losses.key, False, True))
+    explained = torch._dynamo.explain(lambda v: module(v * 2))(x)
+    assert explained.graph_break_count == 0, explained.break_reasons

@@ -241,6 +241,38 @@ impl Lpips {
         self.loss.compute_on(device, pred, target, out)
     }
 
+    /// Keeps `target` for [`compute_resident`](Self::compute_resident)
+    /// (see [`PerceptualLoss::set_target`]).
+    pub fn set_target(&self, target: &TensorRef<'_>) -> Result<()> {
+        self.loss.set_target(target)
+    }
+
+    /// [`set_target`](Self::set_target) on another stream.
+    pub fn set_target_on(&self, device: &Device, target: &TensorRef<'_>) -> Result<()> {
+        self.loss.set_target_on(device, target)
+    }
+
+    /// Drops the kept target.
+    pub fn clear_target(&self) -> Result<()> {
+        self.loss.clear_target()
+    }
+
+    /// The distances of `pred` to the kept target (see
+    /// [`PerceptualLoss::compute_resident`]).
+    pub fn compute_resident(&self, pred: &TensorRef<'_>, out: LossOutputs<'_>) -> Result<()> {
+        self.loss.compute_resident(pred, out)
+    }
+
+    /// [`compute_resident`](Self::compute_resident) on another stream.
+    pub fn compute_resident_on(
+        &self,
+        device: &Device,
+        pred: &TensorRef<'_>,
+        out: LossOutputs<'_>,
+    ) -> Result<()> {
+        self.loss.compute_resident_on(device, pred, out)
+    }
+
     /// Convenience: the mean distance, waiting for the device.
     pub fn value(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<f32> {
         self.loss.value(pred, target)

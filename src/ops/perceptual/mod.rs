@@ -12,6 +12,7 @@
 mod config;
 pub(crate) mod cpu;
 pub(crate) mod cuda;
+mod resident;
 
 pub use config::{InputNorm, PerceptualConfig, Tap};
 pub use cuda::cost::{Card, Floor, PlanReport};
@@ -23,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, Shape, TensorRef};
 use crate::vgg::Vgg;
 use config::PerceptualSpec;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A perceptual loss over a shared, resident [`Vgg`].
 ///
@@ -81,6 +82,8 @@ struct Perceptual {
     spec: PerceptualSpec,
     host: cpu::TargetCache,
     device: cuda::Plans,
+    /// The target `set_target` kept.
+    resident: Mutex<Option<Arc<resident::Resident>>>,
 }
 
 impl Op<2> for Perceptual {
@@ -175,6 +178,7 @@ impl PerceptualLoss {
                 spec,
                 host: Default::default(),
                 device: Default::default(),
+                resident: Mutex::new(None),
             }),
         })
     }
@@ -194,6 +198,7 @@ impl PerceptualLoss {
                 spec,
                 host: Default::default(),
                 device: Default::default(),
+                resident: Mutex::new(None),
             }),
         })
     }
@@ -251,6 +256,80 @@ impl PerceptualLoss {
         super::value_on(self.vgg().device(), |loss| {
             self.compute(pred, target, LossOutputs::new(loss))
         })
+    }
+
+    /// Keeps `target` (on the network's device, N x 1 or 3 x H x W) for
+    /// [`compute_resident`](Self::compute_resident), replacing a target
+    /// kept before. What the loss needs is copied before this returns: the
+    /// caller may change or free `target`'s memory at once. On the CPU the
+    /// target's tap features (and Grams) are computed now, so later calls
+    /// run the network over pred alone; on CUDA the images are copied to
+    /// the device and each call runs them beside pred (the result is the
+    /// same as passing them). Shared by the loss's clones. On CUDA the
+    /// copy is queued on the network's stream and waited for: the target
+    /// must be written by work that is done or queued there
+    /// ([`set_target_on`](Self::set_target_on) takes another stream).
+    pub fn set_target(&self, target: &TensorRef<'_>) -> Result<()> {
+        self.set_target_on(self.vgg().device(), target)
+    }
+
+    /// [`set_target`](Self::set_target), copying on another stream of the
+    /// network's device.
+    pub fn set_target_on(&self, device: &Device, target: &TensorRef<'_>) -> Result<()> {
+        if device.ordinal() != self.vgg().device().ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "the network lives on {:?}, the target is kept on {device:?}",
+                self.vgg().device()
+            )));
+        }
+        let kept = resident::Resident::new(&self.op, device, target)?;
+        *self.op.resident.lock().map_err(|_| Error::poisoned())? = Some(Arc::new(kept));
+        Ok(())
+    }
+
+    /// Drops the kept target (and its memory); calls with an explicit
+    /// target work either way.
+    pub fn clear_target(&self) -> Result<()> {
+        *self.op.resident.lock().map_err(|_| Error::poisoned())? = None;
+        Ok(())
+    }
+
+    /// The loss of `pred` against the kept target: pred has the target's
+    /// C, H, W and dtype, and its batch size, or any batch size for a
+    /// target of one image (each pred image is compared with it). An error
+    /// without a kept target.
+    pub fn compute_resident(&self, pred: &TensorRef<'_>, out: LossOutputs<'_>) -> Result<()> {
+        self.compute_resident_on(self.vgg().device(), pred, out)
+    }
+
+    /// [`compute_resident`](Self::compute_resident) on another stream of
+    /// the network's device.
+    pub fn compute_resident_on(
+        &self,
+        device: &Device,
+        pred: &TensorRef<'_>,
+        out: LossOutputs<'_>,
+    ) -> Result<()> {
+        if device.ordinal() != self.vgg().device().ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "the network lives on {:?}, the call asks for {device:?}",
+                self.vgg().device()
+            )));
+        }
+        let target = self
+            .op
+            .resident
+            .lock()
+            .map_err(|_| Error::poisoned())?
+            .clone();
+        let target = target.ok_or_else(|| {
+            Error::arg("no kept target: call set_target first, or pass the target")
+        })?;
+        let call = resident::ResidentCall {
+            op: &self.op,
+            target: &target,
+        };
+        backend::run(&call, device, [(pred, "pred")], out)
     }
 
     /// What a CUDA call on `shape` with inputs of `dtype` costs (with the

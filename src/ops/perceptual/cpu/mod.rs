@@ -145,7 +145,7 @@ fn forward(
 /// features where a perceptual term reads them, its Gram matrix where a
 /// style term does (each empty otherwise).
 #[derive(Debug, Default, Clone, PartialEq)]
-struct TapTarget {
+pub(crate) struct TapTarget {
     features: Vec<f32>,
     gram: Vec<f32>,
 }
@@ -174,7 +174,7 @@ fn image_features<T: Element>(
 }
 
 /// Per image, per tapped layer, what the target contributes.
-type TapFeatures = Vec<Vec<TapTarget>>;
+pub(crate) type TapFeatures = Vec<Vec<TapTarget>>;
 
 /// The target of a call: its images, or their tap features kept from an
 /// earlier call.
@@ -340,8 +340,9 @@ fn pass<T: Element>(
         // This image's target: kept tap data borrowed, or computed now
         // and each tap's dropped once it is done (it would otherwise stay
         // alive through the whole pred pass).
+        // A kept target of one image serves every pred image.
         let (kept, mut computed) = match target {
-            Target::Features(f) => (Some(&f[n]), Vec::new()),
+            Target::Features(f) => (Some(&f[if f.len() == 1 { 0 } else { n }]), Vec::new()),
             Target::Images(t) => (None, image_features(net, spec, &t[range.clone()], dims)?),
         };
         let mut saved = want_grad.then(Vec::new);
@@ -497,7 +498,39 @@ impl std::fmt::Debug for TargetCache {
 /// Largest target (input plus features) kept between calls.
 const TARGET_CACHE_BYTES: usize = 64 << 20;
 
+/// The loss of `io.inputs[0]` (pred) against a kept target's `features`
+/// (one image's, for any batch, or one per pred image).
+pub(crate) fn with_features<T: Element>(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    io: HostIo<'_, T, 1>,
+    features: &TapFeatures,
+) -> Result<Values> {
+    let [pred] = io.inputs;
+    network(
+        net,
+        spec,
+        pred,
+        Target::Features(features),
+        io.shape,
+        io.grad,
+    )
+}
+
 impl TargetCache {
+    /// Every image's tap features of `target` (of shape `s`).
+    pub(crate) fn features_of<T: Element>(
+        net: HostNet<'_>,
+        spec: &PerceptualSpec,
+        target: &[T],
+        s: Shape,
+    ) -> Result<TapFeatures> {
+        target
+            .chunks_exact(s.image_len())
+            .map(|image| image_features(net, spec, image, (s.c, s.h, s.w)))
+            .collect()
+    }
+
     /// The loss of `io.inputs[0]` (pred) against `io.inputs[1]` (target).
     pub(crate) fn evaluate<T: Element>(
         &self,
@@ -542,11 +575,7 @@ impl TargetCache {
             return Ok(None);
         }
         // Computed without the lock: other threads' calls go on meanwhile.
-        let features = target
-            .chunks_exact(s.image_len())
-            .map(|image| image_features(net, spec, image, (s.c, s.h, s.w)))
-            .collect::<Result<Vec<_>>>()?;
-        let features = Arc::new(features);
+        let features = Arc::new(Self::features_of(net, spec, target, s)?);
         *self.last.lock().map_err(|_| Error::poisoned())? = Some(KeptTarget {
             shape: s,
             dtype: T::DTYPE,
