@@ -16,40 +16,54 @@ pub(crate) fn tap_sum(
     t: &[f32],
     (c, m): (usize, usize),
     w: &[f32],
-    mut grad: Option<&mut [f32]>,
+    grad: Option<&mut [f32]>,
     scale: f64,
 ) -> f64 {
-    let norm = |x: &[f32], p: usize| -> f64 {
-        (0..c)
-            .map(|ch| (x[ch * m + p] as f64).powi(2))
-            .sum::<f64>()
-            .sqrt()
-    };
-    let mut total = 0.0;
-    let mut g = vec![0.0f64; c];
-    for p in 0..m {
-        let (sf, st) = (norm(f, p), norm(t, p));
-        let (af, at) = (sf + EPS, st + EPS);
-        let mut value = 0.0;
-        let mut dot = 0.0;
-        for ch in 0..c {
-            let d = f[ch * m + p] as f64 / af - t[ch * m + p] as f64 / at;
-            value += w[ch] as f64 * d * d;
-            g[ch] = 2.0 * w[ch] as f64 * d * scale;
-            dot += g[ch] * f[ch * m + p] as f64;
+    // Channel by channel over all pixels (the CHW rows are contiguous),
+    // each pixel's sums gathered over the channels in order.
+    let mut sf = vec![0.0f64; m];
+    let mut st = vec![0.0f64; m];
+    for ch in 0..c {
+        let (fr, tr) = (&f[ch * m..(ch + 1) * m], &t[ch * m..(ch + 1) * m]);
+        for p in 0..m {
+            sf[p] += (fr[p] as f64).powi(2);
+            st[p] += (tr[p] as f64).powi(2);
         }
-        total += value;
-        if let Some(out) = grad.as_deref_mut() {
-            for ch in 0..c {
-                let fc = f[ch * m + p] as f64;
-                out[ch * m + p] = match sf > 0.0 {
-                    true => (g[ch] / af - fc * dot / (sf * af * af)) as f32,
+    }
+    sf.iter_mut().for_each(|v| *v = v.sqrt());
+    st.iter_mut().for_each(|v| *v = v.sqrt());
+    // d_c = f_c / a_f - t_c / a_t; the value and sum_c g_c f_c per pixel.
+    let mut value = vec![0.0f64; m];
+    let mut dot = vec![0.0f64; m];
+    let want_grad = grad.is_some();
+    for ch in 0..c {
+        let (fr, tr) = (&f[ch * m..(ch + 1) * m], &t[ch * m..(ch + 1) * m]);
+        let wc = w[ch] as f64;
+        for p in 0..m {
+            let d = fr[p] as f64 / (sf[p] + EPS) - tr[p] as f64 / (st[p] + EPS);
+            value[p] += wc * d * d;
+            if want_grad {
+                dot[p] += 2.0 * wc * d * scale * fr[p] as f64;
+            }
+        }
+    }
+    if let Some(out) = grad {
+        for ch in 0..c {
+            let (fr, tr) = (&f[ch * m..(ch + 1) * m], &t[ch * m..(ch + 1) * m]);
+            let wc = w[ch] as f64;
+            let row = &mut out[ch * m..(ch + 1) * m];
+            for p in 0..m {
+                let (sp, af) = (sf[p], sf[p] + EPS);
+                let d = fr[p] as f64 / af - tr[p] as f64 / (st[p] + EPS);
+                let g = 2.0 * wc * d * scale;
+                row[p] = match sp > 0.0 {
+                    true => (g / af - fr[p] as f64 * dot[p] / (sp * af * af)) as f32,
                     false => 0.0,
                 };
             }
         }
     }
-    total
+    value.iter().sum()
 }
 
 #[cfg(test)]
