@@ -131,22 +131,7 @@ fn check(config: LpipsConfig, s: Shape, seed: u64, probes: usize) {
             .sum::<f64>()
             / s.n as f64
     };
-    let scale = out.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0);
-    for _ in 0..probes {
-        let i = (rng.next_u64() % len as u64) as usize;
-        let h = 1e-6;
-        let mut q = p.clone();
-        q[i] += h;
-        let up = total(&q);
-        q[i] -= 2.0 * h;
-        let fd = (up - total(&q)) / (2.0 * h);
-        assert!(
-            (out.grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
-            "{what}: grad[{i}] = {} but finite difference {fd}",
-            out.grad[i]
-        );
-    }
+    common::assert_grad_at_random_elements(&out.grad, &p, (probes, &mut rng), total, &what);
 }
 
 #[test]

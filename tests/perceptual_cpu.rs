@@ -92,22 +92,7 @@ fn check_against_oracle(
         0.0,
         &format!("per-sample {what}"),
     );
-    let scale = out.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    for _ in 0..probes {
-        let i = (rng.next_u64() % n as u64) as usize;
-        let h = 1e-6;
-        let mut p = p64.clone();
-        p[i] += h;
-        let up = oracle(&p);
-        p[i] -= 2.0 * h;
-        let down = oracle(&p);
-        let fd = (up - down) / (2.0 * h);
-        assert!(
-            (out.grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
-            "{what}: grad[{i}] = {} but finite difference {fd}",
-            out.grad[i]
-        );
-    }
+    common::assert_grad_at_random_elements(&out.grad, &p64, (probes, &mut rng), oracle, &what);
 }
 
 #[test]

@@ -172,22 +172,7 @@ fn check(t: Terms, s: Shape, seed: u64, probes: usize) {
         &format!("per-sample {what}"),
     );
     let total = |p: &[f64]| oracle(&net, &t, p, &t64, s).iter().sum::<f64>();
-    let scale = out.grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0, "{what}: a zero gradient");
-    for _ in 0..probes {
-        let i = (rng.next_u64() % len as u64) as usize;
-        let h = 1e-6;
-        let mut p = p64.clone();
-        p[i] += h;
-        let up = total(&p);
-        p[i] -= 2.0 * h;
-        let fd = (up - total(&p)) / (2.0 * h);
-        assert!(
-            (out.grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
-            "{what}: grad[{i}] = {} but finite difference {fd}",
-            out.grad[i]
-        );
-    }
+    common::assert_grad_at_random_elements(&out.grad, &p64, (probes, &mut rng), total, &what);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! `pl_lpips`: LPIPS v0.1 over loaded VGG16 weights (docs/design.md,
 //! "LPIPS").
 
-use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, target_view, views};
+use super::args::{pl_dtype, pl_outputs};
 use super::context::Streams;
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
 use super::options::{self, released};
+use super::perceptual::{keep_target, loss_call};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
 use crate::error::Error;
@@ -160,21 +161,15 @@ pub unsafe extern "C" fn pl_lpips_loss(
 ) -> pl_status {
     guard(|| {
         let handle = borrow(lpips, "lpips")?;
-        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
-        let device = handle.streams.current()?;
-        if target.is_null() {
-            let call = views(&device, &[(pred, "pred")], dtype, shape, out)?;
-            return (handle.lpips).compute_resident_on(&device, &call.inputs[0], call.outputs);
-        }
-        let call = views(
-            &device,
-            &[(pred, "pred"), (target, "target")],
+        let loss = handle.lpips.perceptual();
+        loss_call(
+            loss,
+            &handle.streams,
+            (pred, target),
             dtype,
-            shape,
+            [n, c, h, w],
             out,
-        )?;
-        let (p, t) = (&call.inputs[0], &call.inputs[1]);
-        handle.lpips.compute_on(&device, p, t, call.outputs)
+        )
     })
 }
 
@@ -195,10 +190,8 @@ pub unsafe extern "C" fn pl_lpips_set_target(
 ) -> pl_status {
     guard(|| {
         let handle = borrow(lpips, "lpips")?;
-        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
-        let device = handle.streams.current()?;
-        let t = target_view(&device, target, dtype, shape)?;
-        handle.lpips.set_target_on(&device, &t)
+        let loss = handle.lpips.perceptual();
+        keep_target(loss, &handle.streams, target, dtype, [n, c, h, w])
     })
 }
 

@@ -332,22 +332,63 @@ pub unsafe extern "C" fn pl_perceptual_loss(
 ) -> pl_status {
     guard(|| {
         let handle = borrow(loss, "loss")?;
-        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
-        let device = handle.streams.current()?;
-        if target.is_null() {
-            let call = views(&device, &[(pred, "pred")], dtype, shape, out)?;
-            return (handle.loss).compute_resident_on(&device, &call.inputs[0], call.outputs);
-        }
-        let call = views(
-            &device,
-            &[(pred, "pred"), (target, "target")],
+        loss_call(
+            &handle.loss,
+            &handle.streams,
+            (pred, target),
             dtype,
-            shape,
+            [n, c, h, w],
             out,
-        )?;
-        let (p, t) = (&call.inputs[0], &call.inputs[1]);
-        handle.loss.compute_on(&device, p, t, call.outputs)
+        )
     })
+}
+
+/// A loss call of `loss` (the perceptual loss or LPIPS's) on its context's
+/// current stream: against `target`, or the kept target when it is NULL.
+///
+/// # Safety
+/// As `pl_perceptual_loss`.
+pub(super) unsafe fn loss_call(
+    loss: &PerceptualLoss,
+    streams: &Streams,
+    (pred, target): (*const c_void, *const c_void),
+    dtype: pl_dtype,
+    [n, c, h, w]: [i64; 4],
+    out: *const pl_outputs,
+) -> Result<(), Error> {
+    let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+    let device = streams.current()?;
+    if target.is_null() {
+        let call = views(&device, &[(pred, "pred")], dtype, shape, out)?;
+        return loss.compute_resident_on(&device, &call.inputs[0], call.outputs);
+    }
+    let call = views(
+        &device,
+        &[(pred, "pred"), (target, "target")],
+        dtype,
+        shape,
+        out,
+    )?;
+    let (p, t) = (&call.inputs[0], &call.inputs[1]);
+    loss.compute_on(&device, p, t, call.outputs)
+}
+
+/// Keeps `target` for `loss` (the perceptual loss or LPIPS's), copied on
+/// its context's current stream.
+///
+/// # Safety
+/// As `pl_perceptual_set_target`.
+pub(super) unsafe fn keep_target(
+    loss: &PerceptualLoss,
+    streams: &Streams,
+    target: *const c_void,
+    dtype: pl_dtype,
+    [n, c, h, w]: [i64; 4],
+) -> Result<(), Error> {
+    let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+    let device = streams.current()?;
+    let t = target_view(&device, target, dtype, shape)?;
+    loss.set_target_on(&device, &t)
 }
 
 /// Keeps `target` (n x c x h x w of `dtype` on the loss's device) for
@@ -373,10 +414,7 @@ pub unsafe extern "C" fn pl_perceptual_set_target(
 ) -> pl_status {
     guard(|| {
         let handle = borrow(loss, "loss")?;
-        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
-        let device = handle.streams.current()?;
-        let t = target_view(&device, target, dtype, shape)?;
-        handle.loss.set_target_on(&device, &t)
+        keep_target(&handle.loss, &handle.streams, target, dtype, [n, c, h, w])
     })
 }
 

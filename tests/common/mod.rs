@@ -121,6 +121,36 @@ pub fn finite_diff(x: &[f64], h: f64, mut loss: impl FnMut(&[f64]) -> f64) -> Ve
 
 /// Asserts |got - want| <= atol + rtol * |want| elementwise, naming the
 /// first mismatches.
+/// Asserts `grad` matches central differences (step 1e-6) of `loss` at
+/// `probes` random elements of `x`: within 2e-3 of the difference plus
+/// 2e-3 of the gradient's largest element.
+#[allow(dead_code)]
+pub fn assert_grad_at_random_elements(
+    grad: &[f64],
+    x: &[f64],
+    (probes, rng): (usize, &mut Rng),
+    loss: impl Fn(&[f64]) -> f64,
+    what: &str,
+) {
+    let scale = grad.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: a zero gradient");
+    let mut p = x.to_vec();
+    for _ in 0..probes {
+        let i = (rng.next_u64() % x.len() as u64) as usize;
+        let h = 1e-6;
+        p[i] = x[i] + h;
+        let up = loss(&p);
+        p[i] = x[i] - h;
+        let fd = (up - loss(&p)) / (2.0 * h);
+        p[i] = x[i];
+        assert!(
+            (grad[i] - fd).abs() <= 2e-3 * fd.abs() + 2e-3 * scale,
+            "{what}: grad[{i}] = {} but finite difference {fd}",
+            grad[i]
+        );
+    }
+}
+
 pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let bad: Vec<String> = got

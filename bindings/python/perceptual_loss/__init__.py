@@ -327,6 +327,16 @@ def _set_taps(cfg, prefix, taps, weights, keep):
         setattr(cfg, f"num_{prefix}tap_weights", len(weights))
 
 
+def _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite):
+    """The options a perceptual or LPIPS config shares: TF32, chunking, the
+    memory budget (bytes, or None for no limit) and check_finite."""
+    cfg.allow_tf32, cfg.check_finite = int(bool(allow_tf32)), int(bool(check_finite))
+    cfg.max_chunk_images = max_chunk_images
+    if memory_budget is not None and memory_budget <= 0:
+        raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
+    cfg.memory_budget_bytes = memory_budget or 0
+
+
 class Perceptual:
     """A perceptual loss over `vgg`. Defaults are the article's: taps
     relu1_2, relu2_2, relu3_3, relu4_3, MSE, unit weights, no input
@@ -357,12 +367,7 @@ class Perceptual:
         cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")
         cfg.weight = weight
-        cfg.allow_tf32 = int(bool(allow_tf32))
-        cfg.check_finite = int(bool(check_finite))
-        cfg.max_chunk_images = max_chunk_images
-        if memory_budget is not None and memory_budget <= 0:
-            raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
-        cfg.memory_budget_bytes = memory_budget or 0
+        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite)
         handle = ctypes.c_void_p()
         _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle
@@ -477,11 +482,7 @@ class Lpips(Perceptual):
         _check(_lib.pl_lpips_config_init(ctypes.byref(cfg)))
         cfg.normalize, cfg.lin, cfg.weight = int(bool(normalize)), int(bool(lin)), weight
         cfg.lin_weights_path = None if lin_weights is None else str(lin_weights).encode()
-        cfg.allow_tf32, cfg.check_finite = int(bool(allow_tf32)), int(bool(check_finite))
-        cfg.max_chunk_images = max_chunk_images
-        if memory_budget is not None and memory_budget <= 0:
-            raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
-        cfg.memory_budget_bytes = memory_budget or 0
+        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite)
         handle = ctypes.c_void_p()
         _check(_lib.pl_lpips_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle

@@ -217,6 +217,11 @@ impl Lpips {
         self.loss.vgg()
     }
 
+    /// The perceptual loss it is (its taps are LPIPS terms).
+    pub(crate) fn perceptual(&self) -> &PerceptualLoss {
+        &self.loss
+    }
+
     /// The distances of `pred` to `target` (same shape and dtype, N x 1 or
     /// 3 x H x W, H and W of at least 16): the loss is their mean, the
     /// per-sample values each image's distance; the gradient w.r.t. pred

@@ -208,6 +208,17 @@ impl PerceptualLoss {
         &self.op.vgg
     }
 
+    /// An error unless `device` is the network's (any of its streams).
+    fn check_device(&self, device: &Device) -> Result<()> {
+        if device.ordinal() != self.vgg().device().ordinal() {
+            return Err(Error::DeviceMismatch(format!(
+                "the network lives on {:?}, the call asks for {device:?}",
+                self.vgg().device()
+            )));
+        }
+        Ok(())
+    }
+
     /// The tapped module indices, ascending.
     pub fn taps(&self) -> Vec<usize> {
         self.op.spec.taps.iter().map(|t| t.0).collect()
@@ -237,12 +248,7 @@ impl PerceptualLoss {
         target: &TensorRef<'_>,
         out: LossOutputs<'_>,
     ) -> Result<()> {
-        if device.ordinal() != self.vgg().device().ordinal() {
-            return Err(Error::DeviceMismatch(format!(
-                "the network lives on {:?}, the call asks for {device:?}",
-                self.vgg().device()
-            )));
-        }
+        self.check_device(device)?;
         backend::run(
             self.op.as_ref(),
             device,
@@ -276,12 +282,7 @@ impl PerceptualLoss {
     /// [`set_target`](Self::set_target), copying on another stream of the
     /// network's device.
     pub fn set_target_on(&self, device: &Device, target: &TensorRef<'_>) -> Result<()> {
-        if device.ordinal() != self.vgg().device().ordinal() {
-            return Err(Error::DeviceMismatch(format!(
-                "the network lives on {:?}, the target is kept on {device:?}",
-                self.vgg().device()
-            )));
-        }
+        self.check_device(device)?;
         let kept = resident::Resident::new(&self.op, device, target)?;
         *self.op.resident.lock().map_err(|_| Error::poisoned())? = Some(Arc::new(kept));
         Ok(())
@@ -310,12 +311,7 @@ impl PerceptualLoss {
         pred: &TensorRef<'_>,
         out: LossOutputs<'_>,
     ) -> Result<()> {
-        if device.ordinal() != self.vgg().device().ordinal() {
-            return Err(Error::DeviceMismatch(format!(
-                "the network lives on {:?}, the call asks for {device:?}",
-                self.vgg().device()
-            )));
-        }
+        self.check_device(device)?;
         let target = self
             .op
             .resident
