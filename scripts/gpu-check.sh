@@ -36,7 +36,8 @@ cargo build --release --examples --message-format=json | collect
 rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli" \
     "$bundle/bin/test-perceptual_cpu" "$bundle/bin/test-tv_cpu" "$bundle/bin/test-feature_cpu" \
     "$bundle/bin/test-robustness" "$bundle/bin/test-nonfinite" "$bundle/bin/test-fuzz_weights" \
-    "$bundle/bin/test-abuse_c_abi"
+    "$bundle/bin/test-abuse_c_abi" "$bundle/bin/test-style_cpu" "$bundle/bin/test-lpips_cpu" \
+    "$bundle/bin/test-resident_cpu"
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"

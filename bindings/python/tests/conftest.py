@@ -17,9 +17,11 @@ else:
     # Import the package from this checkout without installing it.
     sys.path.insert(0, str(PACKAGE_ROOT))
 
-# CI installs torch (CPU) and lpips and sets this, so that the PyTorch tests cannot
-# be skipped there unnoticed.
+# CI installs torch (CPU) and sets this, so that the PyTorch tests cannot
+# be skipped there unnoticed; and the lpips package, the reference of
+# test_lpips.py, with its own flag (the GPU machine may not have it).
 if os.environ.get("PERCEPTUAL_LOSS_REQUIRE_TORCH") == "1":
-    import lpips  # noqa: F401  (the reference of test_lpips.py)
     import torch  # noqa: F401
     import torchvision  # noqa: F401
+if os.environ.get("PERCEPTUAL_LOSS_REQUIRE_LPIPS") == "1":
+    import lpips  # noqa: F401
