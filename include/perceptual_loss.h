@@ -778,6 +778,29 @@ pl_status pl_lpips_set_target(struct pl_lpips *lpips,
 pl_status pl_lpips_clear_target(struct pl_lpips *lpips);
 
 /**
+ * The spatial LPIPS map and per-layer distances of `pred` against
+ * `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
+ * `map` n*h*w floats (each image's layers' per-pixel values resized
+ * bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
+ * CPU contexts only in this version; no gradient.
+ *
+ * # Safety
+ * `lpips` must be a live handle; `pred` and `target` must address
+ * n*c*h*w elements of `dtype`, `map` n*h*w floats and `layers` NULL or
+ * n*5 floats, all host memory.
+ */
+pl_status pl_lpips_spatial(struct pl_lpips *lpips,
+                           const void *pred,
+                           const void *target,
+                           pl_dtype dtype,
+                           int64_t n,
+                           int64_t c,
+                           int64_t h,
+                           int64_t w,
+                           float *map,
+                           float *layers);
+
+/**
  * Writes the defaults to `config`: the article's loss (taps relu1_2,
  * relu2_2, relu3_3, relu4_3, unit weights, MSE, no normalisation,
  * max-pooling, weight 1), TF32 off, no chunking, no memory budget.

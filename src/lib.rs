@@ -69,7 +69,7 @@ mod vgg;
 pub use device::{Device, DeviceKind};
 pub use error::{Error, Result};
 pub use ops::feature::{Criterion, FeatureLoss};
-pub use ops::lpips::{LinWeights, Lpips, LpipsConfig, LPIPS_TAPS};
+pub use ops::lpips::{LinWeights, Lpips, LpipsConfig, LpipsMaps, LPIPS_TAPS};
 pub use ops::perceptual::{
     Card, Floor, InputNorm, PerceptualConfig, PerceptualLoss, PlanReport, Tap,
 };

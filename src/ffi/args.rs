@@ -124,25 +124,26 @@ pub(crate) struct CallViews<'a> {
 
 /// Views over caller pointers: device addresses for a CUDA context (the
 /// loss call checks them against their allocations), host slices for the
-/// A view of a target to keep: `ptr` checked as an input of a call.
+/// A view of one input (`what` in messages) outside a loss call, such as a
+/// target to keep: `ptr` checked as `views` checks a call's inputs.
 ///
 /// # Safety
 /// `ptr` must address `shape` elements of `dtype` on `device`.
-pub(crate) unsafe fn target_view<'a>(
+pub(crate) unsafe fn input_view<'a>(
     device: &Device,
     ptr: *const c_void,
-    dtype: DType,
-    shape: Shape,
+    (dtype, shape): (DType, Shape),
+    what: &str,
 ) -> Result<TensorRef<'a>, Error> {
     if ptr.is_null() {
-        return Err(Error::arg("target is NULL"));
+        return Err(Error::arg(format!("{what} is NULL")));
     }
-    let bytes = shape.bytes(dtype).map_err(|e| e.context("target"))?;
+    let bytes = shape.bytes(dtype).map_err(|e| e.context(what))?;
     match device.ordinal() {
         Some(ordinal) => Ok(TensorRef::from_raw_cuda(ptr as u64, ordinal, dtype, shape)),
         None => {
-            check_aligned(ptr, dtype.size(), "target")?;
-            check_host_span(ptr as u64, bytes, "target")?;
+            check_aligned(ptr, dtype.size(), what)?;
+            check_host_span(ptr as u64, bytes, what)?;
             TensorRef::from_raw_host(ptr.cast(), dtype, shape)
         }
     }

@@ -1,7 +1,7 @@
 //! `pl_lpips`: LPIPS v0.1 over loaded VGG16 weights (docs/design.md,
 //! "LPIPS").
 
-use super::args::{pl_dtype, pl_outputs};
+use super::args::{dtype_of, input_view, pl_dtype, pl_outputs, shape_of};
 use super::context::Streams;
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
@@ -202,4 +202,60 @@ pub unsafe extern "C" fn pl_lpips_set_target(
 #[no_mangle]
 pub unsafe extern "C" fn pl_lpips_clear_target(lpips: *mut pl_lpips) -> pl_status {
     guard(|| borrow(lpips, "lpips")?.lpips.clear_target())
+}
+
+/// The spatial LPIPS map and per-layer distances of `pred` against
+/// `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
+/// `map` n*h*w floats (each image's layers' per-pixel values resized
+/// bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
+/// CPU contexts only in this version; no gradient.
+///
+/// # Safety
+/// `lpips` must be a live handle; `pred` and `target` must address
+/// n*c*h*w elements of `dtype`, `map` n*h*w floats and `layers` NULL or
+/// n*5 floats, all host memory.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_spatial(
+    lpips: *mut pl_lpips,
+    pred: *const c_void,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    map: *mut f32,
+    layers: *mut f32,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(lpips, "lpips")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        if device.cuda_device().is_some() {
+            return Err(Error::arg(
+                "pl_lpips_spatial runs on a CPU context in this version",
+            ));
+        }
+        // Computed before anything is written, and the input views gone
+        // by then (an output may alias an input).
+        let maps = {
+            let p = input_view(&device, pred, (dtype, shape), "pred")?;
+            let t = input_view(&device, target, (dtype, shape), "target")?;
+            handle.lpips.spatial(&p, &t)?
+        };
+        if map.is_null() {
+            return Err(Error::arg("map is NULL"));
+        }
+        for (ptr, what) in [(map, "map"), (layers, "layers")] {
+            if !ptr.is_null() {
+                super::options::check_aligned(ptr.cast_const().cast(), 4, what)?;
+            }
+        }
+        std::ptr::copy_nonoverlapping(maps.map.as_ptr(), map, maps.map.len());
+        if !layers.is_null() {
+            let flat: Vec<f32> = maps.layers.iter().flatten().copied().collect();
+            std::ptr::copy_nonoverlapping(flat.as_ptr(), layers, flat.len());
+        }
+        Ok(())
+    })
 }

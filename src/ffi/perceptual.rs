@@ -1,7 +1,7 @@
 //! `pl_perceptual`: a VGG perceptual loss over loaded weights
 //! (docs/design.md, "Perceptual loss").
 
-use super::args::{dtype_of, pl_dtype, pl_outputs, shape_of, target_view, views};
+use super::args::{dtype_of, input_view, pl_dtype, pl_outputs, shape_of, views};
 use super::context::Streams;
 use super::feature::{criterion_of, pl_criterion, PL_MSE};
 use super::guard::guard;
@@ -387,7 +387,7 @@ pub(super) unsafe fn keep_target(
 ) -> Result<(), Error> {
     let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
     let device = streams.current()?;
-    let t = target_view(&device, target, dtype, shape)?;
+    let t = input_view(&device, target, (dtype, shape), "target")?;
     loss.set_target_on(&device, &t)
 }
 

@@ -211,6 +211,15 @@ int main(int argc, char **argv) {
     CHECK(pl_lpips_loss(lpips, pred, NULL, PL_F32, N, C, H, W, &lp_out) == PL_OK && kept_distance == distance,
           "LPIPS against its kept target");
     CHECK(pl_lpips_clear_target(lpips) == PL_OK, "LPIPS clear_target");
+    static float lp_map[H * W];
+    float lp_layers[5];
+    CHECK(pl_lpips_spatial(lpips, pred, target, PL_F32, N, C, H, W, lp_map, lp_layers) == PL_OK, "LPIPS map");
+    float layer_sum = 0.0f;
+    for (int k = 0; k < 5; k++) layer_sum += lp_layers[k];
+    CHECK(fabsf(layer_sum - distance) <= 1e-5f * distance, "per-layer values %g sum to the distance %g", layer_sum,
+          distance);
+    CHECK(pl_lpips_spatial(lpips, pred, target, PL_F32, N, C, H, W, NULL, NULL) == PL_ERR_INVALID_ARGUMENT,
+          "a NULL map");
     pl_lpips *bad_lpips = NULL;
     CHECK(pl_lpips_create(shallow, NULL, &bad_lpips) == PL_ERR_INVALID_ARGUMENT && bad_lpips == NULL,
           "LPIPS on weights to relu3_3");

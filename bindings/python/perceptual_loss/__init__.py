@@ -497,6 +497,23 @@ class Lpips(Perceptual):
     def raw_set_target(self, ptr, dtype, shape):
         _check(_lib.pl_lpips_set_target(self._handle, ptr, DTYPES[dtype], *shape))
 
+    def spatial(self, pred, target):
+        """(map, layers) of NumPy batches on a CPU network, as
+        `lpips.LPIPS(spatial=True)` and `retPerLayer=True` give them: the
+        N x 1 x H x W map (each layer's per-pixel values resized bilinearly,
+        align_corners=False, and summed) and the N x 5 per-layer distances.
+        No gradient."""
+        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
+        if pred.shape != target.shape or pred.dtype != target.dtype:
+            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        n, _, h, w = pred.shape
+        spatial_map = np.empty((n, 1, h, w), np.float32)
+        layers = np.empty((n, 5), np.float32)
+        as_float = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # noqa: E731
+        _check(_lib.pl_lpips_spatial(self._handle, pred.ctypes.data, target.ctypes.data, DTYPES[pred.dtype.name],
+                                     *pred.shape, as_float(spatial_map), as_float(layers)))
+        return spatial_map, layers
+
     def clear_target(self):
         _check(_lib.pl_lpips_clear_target(self._handle))
 

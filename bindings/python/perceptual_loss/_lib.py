@@ -205,6 +205,10 @@ pl_lpips_set_target = _declare(
     "pl_lpips_set_target", c_int32, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64
 )
 pl_lpips_clear_target = _declare("pl_lpips_clear_target", c_int32, c_void_p)
+pl_lpips_spatial = _declare(
+    "pl_lpips_spatial", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
+    ctypes.POINTER(c_float), ctypes.POINTER(c_float),
+)
 pl_lpips_config_init = _declare("pl_lpips_config_init", c_int32, ctypes.POINTER(LpipsConfig))
 pl_lpips_create = _declare("pl_lpips_create", c_int32, c_void_p, ctypes.POINTER(LpipsConfig), ctypes.POINTER(c_void_p))
 pl_lpips_destroy = _declare("pl_lpips_destroy", None, c_void_p)

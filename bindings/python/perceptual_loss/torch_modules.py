@@ -429,20 +429,35 @@ class LPIPS(_KeptTarget, torch.nn.Module):
     VGG16 safetensors file (scripts/export_vgg.py); `normalize=True` takes
     inputs in [0, 1]; `lin=False` weighs every channel 1; `lin_weights`
     names a safetensors file of lin weights instead of the embedded v0.1
-    ones. `spatial=True` (a per-pixel map) is not provided. `target` is a
-    constant; other options as in `perceptual_loss.Lpips`."""
+    ones. `spatial=True` returns the N x 1 x H x W map instead, for CPU
+    tensors and without a gradient in this version. `target` is a constant;
+    other options as in `perceptual_loss.Lpips`."""
 
     def __init__(self, vgg_weights, normalize=False, lin=True, spatial=False, lin_weights=None,
                  compute="float32", **options):
         super().__init__()
-        if spatial:
-            raise NotImplementedError("LPIPS(spatial=True) is not provided by perceptual-loss yet")
+        self.spatial = bool(spatial)
         weights_depth(vgg_weights, "vgg16")
         options = dict(options, normalize=bool(normalize), lin=bool(lin),
                        lin_weights=None if lin_weights is None else str(lin_weights))
         self.losses = _PerceptualLosses(str(vgg_weights), "vgg16", compute, options, kind=Lpips)
 
+    def _spatial(self, pred, target):
+        if target is None:
+            raise ValueError("LPIPS(spatial=True) needs the target passed")
+        _check_pair(pred, target, ("pred", "target"))
+        if pred.device.type != "cpu":
+            raise ValueError("LPIPS(spatial=True) runs on CPU tensors in this version")
+        if torch.is_grad_enabled() and pred.requires_grad:
+            raise ValueError("LPIPS(spatial=True) has no gradient in this version: call it under "
+                             "torch.no_grad(), or use spatial=False")
+        lpips = self.losses.on(pred.device)
+        spatial_map, _ = _context(pred.device).call(lambda: lpips.spatial(pred.numpy(), target.numpy()))
+        return torch.from_numpy(spatial_map)
+
     def forward(self, pred, target=None):
+        if self.spatial:
+            return self._spatial(pred, target)
         if target is None:
             return self._against_kept(pred)[1].view(-1, 1, 1, 1)
         _check_pair(pred, target, ("pred", "target"))

@@ -4,9 +4,6 @@ random VGG16 trunk, which is exported to safetensors for the crate; the
 distances must agree within 1e-5 relative in f32, and the gradient with the
 package's autograd (in float64). CI installs the package; elsewhere these
 tests skip without it."""
-import pathlib
-import sys
-
 import numpy as np
 import pytest
 
@@ -99,5 +96,23 @@ def test_the_numpy_call_and_explicit_lin_weights(reference, tmp_path):
         pl.Lpips(vgg, lin_weights=lin_path)
     same, _, per = pl.Lpips(vgg)(x0, x0, per_sample=True)
     assert same == 0.0 and (per == 0).all()
-    with pytest.raises(NotImplementedError, match="spatial"):
-        pl.LPIPS(path, spatial=True)
+
+
+def test_the_spatial_map_and_per_layer_values_match_the_package(reference):
+    model, path = reference
+    spatial = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, spatial=True, verbose=False).eval().double()
+    spatial.net.load_state_dict(model.net.state_dict())
+    torch.manual_seed(11)
+    x0, x1 = torch.rand(2, 3, 20, 28) * 2 - 1, torch.rand(2, 3, 20, 28) * 2 - 1
+    with torch.no_grad():
+        ours = pl.LPIPS(path, spatial=True)(x0, x1)
+        want, want_layers = spatial(x0.double(), x1.double(), retPerLayer=True)
+    assert ours.shape == (2, 1, 20, 28)
+    torch.testing.assert_close(ours.double(), want, rtol=1e-5, atol=1e-7)
+    _, layers = pl.Lpips(pl.Vgg(str(path))).spatial(x0.numpy(), x1.numpy())
+    # The package's per-layer values with spatial=False: each layer's mean.
+    _, plain_layers = model.double()(x0.double(), x1.double(), retPerLayer=True)
+    np.testing.assert_allclose(layers, torch.cat([v.reshape(-1, 1) for v in plain_layers], 1).detach().numpy(), rtol=1e-5)
+    assert len(want_layers) == 5
+    with pytest.raises(ValueError, match="no gradient"):
+        pl.LPIPS(path, spatial=True)(x0.requires_grad_(True), x1)

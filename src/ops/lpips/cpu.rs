@@ -66,6 +66,55 @@ pub(crate) fn tap_sum(
     value.iter().sum()
 }
 
+/// Each pixel's sum_c w_c (n(f)_c - n(t)_c)^2 (what [`tap_sum`] adds up),
+/// in f64, for the spatial map.
+pub(crate) fn pixel_values(f: &[f32], t: &[f32], (c, m): (usize, usize), w: &[f32]) -> Vec<f64> {
+    let norms = |x: &[f32]| -> Vec<f64> {
+        let mut s = vec![0.0f64; m];
+        for row in x.chunks_exact(m).take(c) {
+            s.iter_mut()
+                .zip(row)
+                .for_each(|(a, &v)| *a += (v as f64).powi(2));
+        }
+        s.into_iter().map(|v| v.sqrt() + EPS).collect()
+    };
+    let (af, at) = (norms(f), norms(t));
+    let mut value = vec![0.0f64; m];
+    for ch in 0..c {
+        let (fr, tr) = (&f[ch * m..(ch + 1) * m], &t[ch * m..(ch + 1) * m]);
+        for p in 0..m {
+            let d = fr[p] as f64 / af[p] - tr[p] as f64 / at[p];
+            value[p] += w[ch] as f64 * d * d;
+        }
+    }
+    value
+}
+
+/// `map` (h x w) bilinearly resized to `out_h` x `out_w` and added to
+/// `out`, as PyTorch's `interpolate(mode='bilinear', align_corners=False)`
+/// samples: source = (dst + 0.5) * in / out - 0.5, clamped at 0.
+pub(crate) fn add_upsampled(
+    map: &[f64],
+    (h, w): (usize, usize),
+    out: &mut [f64],
+    (out_h, out_w): (usize, usize),
+) {
+    let taps = |dst: usize, n_in: usize, n_out: usize| -> (usize, usize, f64) {
+        let src = ((dst as f64 + 0.5) * n_in as f64 / n_out as f64 - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        (i0, (i0 + 1).min(n_in - 1), src - i0 as f64)
+    };
+    for y in 0..out_h {
+        let (y0, y1, ly) = taps(y, h, out_h);
+        for x in 0..out_w {
+            let (x0, x1, lx) = taps(x, w, out_w);
+            let top = map[y0 * w + x0] * (1.0 - lx) + map[y0 * w + x1] * lx;
+            let bottom = map[y1 * w + x0] * (1.0 - lx) + map[y1 * w + x1] * lx;
+            out[y * out_w + x] += top * (1.0 - ly) + bottom * ly;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +154,21 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// PyTorch's `interpolate([[1, 2], [3, 4]], size=(4, 4), mode='bilinear',
+    /// align_corners=False)`, and a 1-pixel map spread everywhere.
+    #[test]
+    fn resizing_matches_pytorchs_bilinear_interpolation() {
+        let mut out = vec![0.0; 16];
+        add_upsampled(&[1.0, 2.0, 3.0, 4.0], (2, 2), &mut out, (4, 4));
+        let want = [
+            1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0,
+        ];
+        assert_eq!(out, want);
+        let mut out = vec![1.0; 6];
+        add_upsampled(&[0.5], (1, 1), &mut out, (2, 3));
+        assert_eq!(out, vec![1.5; 6]);
     }
 
     #[test]

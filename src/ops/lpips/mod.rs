@@ -283,6 +283,35 @@ impl Lpips {
         self.loss.value(pred, target)
     }
 
+    /// The spatial map and per-layer values of `pred` against `target`
+    /// (host memory, on a CPU network), as `lpips.LPIPS(spatial=True)` and
+    /// `retPerLayer=True` give them: per image, each layer's per-pixel
+    /// values bilinearly resized to H x W (align_corners=False) and summed,
+    /// and each layer's mean. The weight is applied; no gradient.
+    pub fn spatial(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<LpipsMaps> {
+        let s = pred.shape;
+        if target.shape != s || target.dtype != pred.dtype {
+            return Err(Error::arg(format!(
+                "pred and target must have one shape and dtype, got {} {s} and {} {}",
+                pred.dtype.name(),
+                target.dtype.name(),
+                target.shape
+            )));
+        }
+        if self.vgg().device().cuda_device().is_some() {
+            return Err(Error::arg(
+                "LPIPS maps are computed on the CPU in this version: load the network there",
+            ));
+        }
+        s.numel()?;
+        self.loss.check_shape(s)?;
+        pred.dtype.dispatch(Maps {
+            lpips: self,
+            pred,
+            target,
+        })
+    }
+
     /// What a CUDA call costs (see [`PerceptualLoss::plan_report`]).
     pub fn plan_report(
         &self,
@@ -291,6 +320,59 @@ impl Lpips {
         want_grad: bool,
     ) -> Result<super::perceptual::PlanReport> {
         self.loss.plan_report(shape, dtype, want_grad)
+    }
+}
+
+/// What [`Lpips::spatial`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LpipsMaps {
+    /// N x H x W: each image's map, the sum of its layers' resized maps.
+    pub map: Vec<f32>,
+    /// Per image, each layer's distance (the mean of its map); their sum
+    /// is the image's distance.
+    pub layers: Vec<[f32; 5]>,
+}
+
+/// [`Lpips::spatial`] in the inputs' element type.
+struct Maps<'a, 't> {
+    lpips: &'a Lpips,
+    pred: &'a TensorRef<'t>,
+    target: &'a TensorRef<'t>,
+}
+
+impl crate::tensor::PerDType for Maps<'_, '_> {
+    type Output = Result<LpipsMaps>;
+
+    fn run<T: crate::tensor::Element>(self) -> Result<LpipsMaps> {
+        let on_host = || Error::DeviceMismatch("LPIPS maps take host memory".into());
+        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
+        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
+        let vgg = self.lpips.vgg();
+        let net = super::perceptual::cpu::HostNet {
+            layers: vgg.layers(),
+            weights: vgg.host_weights()?,
+        };
+        let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
+        let weight = spec.weight;
+        let (image, hw) = (s.image_len(), s.h * s.w);
+        let mut out = LpipsMaps {
+            map: Vec::with_capacity(s.n * hw),
+            layers: Vec::with_capacity(s.n),
+        };
+        for n in 0..s.n {
+            let r = n * image..(n + 1) * image;
+            let images = (&pred[r.clone()], &target[r]);
+            let maps = super::perceptual::cpu::lpips_maps(net, spec, images, (s.c, s.h, s.w))?;
+            let mut map = vec![0.0f64; hw];
+            let mut layers = [0f32; 5];
+            for (k, (values, dims)) in maps.iter().enumerate() {
+                cpu::add_upsampled(values, *dims, &mut map, (s.h, s.w));
+                layers[k] = (weight * values.iter().sum::<f64>() / values.len() as f64) as f32;
+            }
+            out.map.extend(map.iter().map(|&v| (weight * v) as f32));
+            out.layers.push(layers);
+        }
+        Ok(out)
     }
 }
 

@@ -156,11 +156,6 @@ impl PerceptualLoss {
         PerceptualLoss::new(vgg, config).expect("a valid config")
     }
 
-    /// The resolved configuration.
-    pub(crate) fn spec(&self) -> &PerceptualSpec {
-        &self.op.spec
-    }
-
     /// The CUDA backend's caches.
     pub(crate) fn device_plans(&self) -> &cuda::Plans {
         &self.op.device
@@ -206,6 +201,16 @@ impl PerceptualLoss {
     /// The network this loss runs.
     pub fn vgg(&self) -> &Arc<Vgg> {
         &self.op.vgg
+    }
+
+    /// The resolved configuration.
+    pub(crate) fn spec(&self) -> &PerceptualSpec {
+        &self.op.spec
+    }
+
+    /// The loss's rules for an input shape (as a call checks them).
+    pub(crate) fn check_shape(&self, s: Shape) -> Result<()> {
+        self.op.check_shape(s)
     }
 
     /// An error unless `device` is the network's (any of its streams).

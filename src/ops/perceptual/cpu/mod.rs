@@ -498,6 +498,30 @@ impl std::fmt::Debug for TargetCache {
 /// Largest target (input plus features) kept between calls.
 const TARGET_CACHE_BYTES: usize = 64 << 20;
 
+/// LPIPS's per-layer maps of one pred image against one target image (CHW,
+/// `dims` = (C, H, W)): each tap's per-pixel values and its (h, w).
+pub(crate) fn lpips_maps<T: Element>(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    (pred, target): (&[T], &[T]),
+    dims: (usize, usize, usize),
+) -> Result<Vec<(Vec<f64>, (usize, usize))>> {
+    let lin = (spec.lpips.as_ref())
+        .ok_or_else(|| Error::Internal("LPIPS maps of a loss that is not LPIPS".into()))?;
+    let (c, h, w) = dims;
+    let targets = image_features(net, spec, target, dims)?;
+    let layer_dims = output_dims(net.layers, (3, h, w));
+    let mut maps = Vec::new();
+    let x = preprocess(pred, c, h * w, spec.norm)?;
+    forward(net, spec, x, h, w, None, |layer, f, (ch, m)| {
+        let k = maps.len();
+        let values = lpips::cpu::pixel_values(f, &targets[k].features, (ch, m), lin.layer(k));
+        maps.push((values, (layer_dims[layer].1, layer_dims[layer].2)));
+        Ok(())
+    })?;
+    Ok(maps)
+}
+
 /// The loss of `io.inputs[0]` (pred) against a kept target's `features`
 /// (one image's, for any batch, or one per pred image).
 pub(crate) fn with_features<T: Element>(
