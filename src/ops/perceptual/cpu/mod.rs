@@ -498,14 +498,17 @@ impl std::fmt::Debug for TargetCache {
 /// Largest target (input plus features) kept between calls.
 const TARGET_CACHE_BYTES: usize = 64 << 20;
 
+/// One layer's per-pixel values and its (h, w).
+pub(crate) type LayerMap = (Vec<f64>, (usize, usize));
+
 /// LPIPS's per-layer maps of one pred image against one target image (CHW,
-/// `dims` = (C, H, W)): each tap's per-pixel values and its (h, w).
+/// `dims` = (C, H, W)), tap by tap.
 pub(crate) fn lpips_maps<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
     (pred, target): (&[T], &[T]),
     dims: (usize, usize, usize),
-) -> Result<Vec<(Vec<f64>, (usize, usize))>> {
+) -> Result<Vec<LayerMap>> {
     let lin = (spec.lpips.as_ref())
         .ok_or_else(|| Error::Internal("LPIPS maps of a loss that is not LPIPS".into()))?;
     let (c, h, w) = dims;
