@@ -180,6 +180,26 @@ impl Default for LpipsConfig {
 /// distance; the loss is their mean. The gradient is w.r.t. pred (x0);
 /// where a pixel's features are all 0 the gradient there is 0 (the
 /// reference's autograd gives NaN: the norm's derivative at 0).
+///
+/// ```
+/// use perceptual_loss::*;
+/// # fn main() -> perceptual_loss::Result<()> {
+/// # let weights = seeded_safetensors(VggArch::Vgg16, 0)?; // stand-in for a real file
+/// let vgg = Vgg::load(&Device::cpu(), WeightsSource::Bytes(&weights), VggArch::Vgg16, DType::F32)?;
+/// let lpips = Lpips::new(vgg, &LpipsConfig::default())?; // v0.1 lin weights, inputs in [-1, 1]
+/// let s = Shape::new(2, 3, 32, 32);
+/// let (a, b) = (vec![0.1f32; 2 * 3 * 32 * 32], vec![-0.3f32; 2 * 3 * 32 * 32]);
+/// let (mut mean, mut distances) = (0f32, [0f32; 2]);
+/// lpips.compute(
+///     &TensorRef::host(&a, s)?,
+///     &TensorRef::host(&b, s)?,
+///     LossOutputs::new(TensorMut::scalar(&mut mean))
+///         .with_per_sample(TensorMut::host(&mut distances, Shape::flat(2))?),
+/// )?;
+/// assert_eq!(distances[0], distances[1]); // the same pair twice
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct Lpips {
     loss: PerceptualLoss,

@@ -62,6 +62,37 @@ use std::sync::{Arc, Mutex};
 /// right after their layer, whose output is then stored rather than fused
 /// into the pool.
 ///
+/// Style transfer's loss, the style image kept by the loss so that each
+/// step gives only the image being optimised:
+///
+/// ```
+/// use perceptual_loss::*;
+/// # fn main() -> perceptual_loss::Result<()> {
+/// # let weights = seeded_safetensors(VggArch::Vgg16, 0)?; // stand-in for a real file
+/// let vgg = Vgg::load(&Device::cpu(), WeightsSource::Bytes(&weights), VggArch::Vgg16, DType::F32)?;
+/// let config = PerceptualConfig {
+///     taps: vec![],                                   // Gram terms alone
+///     style_taps: vec!["relu1_2".into(), "relu2_2".into()],
+///     style_weight: 1e5,
+///     ..Default::default()
+/// };
+/// let style = PerceptualLoss::new(vgg, &config)?;
+/// let s = Shape::new(1, 3, 32, 32);
+/// let style_image = vec![0.5f32; 3 * 32 * 32];
+/// style.set_target(&TensorRef::host(&style_image, s)?)?;    // copied: the buffer may go
+/// let image = vec![0.25f32; 3 * 32 * 32];
+/// let (mut value, mut grad, mut parts) = (0f32, vec![0f32; 3 * 32 * 32], [0f32; 2]);
+/// style.compute_resident(
+///     &TensorRef::host(&image, s)?,
+///     LossOutputs::new(TensorMut::scalar(&mut value))
+///         .with_grad(TensorMut::host(&mut grad, s)?)
+///         .with_parts(TensorMut::host(&mut parts, Shape::flat(2))?),
+/// )?;
+/// assert_eq!(parts, [0.0, value]); // no perceptual terms: all style
+/// # Ok(())
+/// # }
+/// ```
+///
 /// Clones share the
 /// caches of both backends, and calls through them are serialised where
 /// they touch a cache. On CUDA the plans (buffers and cuDNN algorithms)
