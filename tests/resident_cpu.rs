@@ -151,6 +151,22 @@ fn mismatched_preds_are_errors() {
 }
 
 #[test]
+fn check_finite_covers_the_kept_target() {
+    let loss = loss_with(&PerceptualConfig {
+        check_finite: true,
+        ..Default::default()
+    });
+    let s = Shape::new(1, 3, 16, 16);
+    let mut target = vec![0.5f32; 3 * 16 * 16];
+    target[77] = f32::NAN;
+    let e = loss
+        .set_target(&TensorRef::host(&target, s).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("target") && e.contains("NaN"), "{e}");
+}
+
+#[test]
 fn lpips_keeps_its_target_too() {
     let bytes = Net::random(VggArch::Vgg16, 84).export_safetensors(Dtype::F32, "", |_| false);
     let vgg = common::cpu_vgg(&bytes, VggArch::Vgg16, DType::F32);

@@ -83,9 +83,14 @@ def _check_pair(a, b, names):
                          f"pass {names[1]}.detach()")
 
 
-def _check_reduction(reduction):
+def _check_reduction(reduction, options=None):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; one of {list(_REDUCTIONS)}")
+    fro = any((options or {}).get(k) == "fro" for k in ("criterion", "style_criterion"))
+    if fro and reduction != "mean":
+        # A Fro term's value is a norm over the whole batch: an image's
+        # value (its own norm) is not what the gradient differentiates.
+        raise ValueError("the 'fro' criterion is a norm over the whole batch: use reduction='mean'")
     return reduction
 
 
@@ -151,9 +156,14 @@ def _backward(ctx, grad_loss, grad_per_sample, _grad_of_grad, grad_parts=None):
     if grad_parts is not None:
         present = [k for k in (0, 1) if ctx.parts[k]]
         if len(present) == 2:
-            torch._assert_async(grad_parts[0] == grad_parts[1],
-                                "perceptual-loss computes the gradient of perceptual + style only: "
-                                "backpropagate through their sum (or use two losses)")
+            message = ("perceptual-loss computes the gradient of perceptual + style only: backpropagate through "
+                       "their sum (or use two losses)")
+            if torch.compiler.is_compiling() or type(grad_parts) is not torch.Tensor:
+                # A traced backward (fake or functional tensors) cannot
+                # branch on values; a mismatch then fails on the device.
+                torch._assert_async(grad_parts[0] == grad_parts[1], message)
+            elif not torch.equal(grad_parts[0], grad_parts[1]):
+                raise RuntimeError(message)
         scale = scale + grad_parts[present[0]].float()
     if grad_per_sample is not None:
         scale = scale + grad_per_sample.float() * (1.0 if ctx.summed else grad.shape[0])
@@ -386,7 +396,7 @@ class PerceptualLoss(_KeptTarget, torch.nn.Module):
         # Fails now, with the library's message, on a missing or malformed
         # file (the header is checked; the weights load on first use).
         weights_depth(weights, arch)
-        self.reduction = _check_reduction(reduction)
+        self.reduction = _check_reduction(reduction, options)
         self.losses = _PerceptualLosses(str(weights), arch, compute, options)
 
     def plan_report(self, shape, dtype=torch.float32, device="cpu", grad=True):
@@ -451,6 +461,8 @@ class LPIPS(_KeptTarget, torch.nn.Module):
         if torch.is_grad_enabled() and pred.requires_grad:
             raise ValueError("LPIPS(spatial=True) has no gradient in this version: call it under "
                              "torch.no_grad(), or use spatial=False")
+        if pred.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
+            pred, target = pred.float(), target.float()
         lpips = self.losses.on(pred.device)
         spatial_map, _ = _context(pred.device).call(lambda: lpips.spatial(pred.numpy(), target.numpy()))
         return torch.from_numpy(spatial_map)

@@ -114,5 +114,8 @@ def test_the_spatial_map_and_per_layer_values_match_the_package(reference):
     _, plain_layers = model.double()(x0.double(), x1.double(), retPerLayer=True)
     np.testing.assert_allclose(layers, torch.cat([v.reshape(-1, 1) for v in plain_layers], 1).detach().numpy(), rtol=1e-5)
     assert len(want_layers) == 5
+    with torch.no_grad():
+        half = pl.LPIPS(path, spatial=True)(x0.bfloat16(), x1.bfloat16())
+        torch.testing.assert_close(half, pl.LPIPS(path, spatial=True)(x0.bfloat16().float(), x1.bfloat16().float()))
     with pytest.raises(ValueError, match="no gradient"):
         pl.LPIPS(path, spatial=True)(x0.requires_grad_(True), x1)

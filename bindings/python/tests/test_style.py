@@ -250,3 +250,13 @@ def test_the_kept_target_op_checks_and_compiles(tmp_path):
     torch.library.opcheck(tm._perceptual_op, (x, torch.rand(2, 3, 16, 16), module.losses.key, False, True))
     explained = torch._dynamo.explain(lambda v: module(v * 2))(x)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_fro_takes_the_mean_reduction_only(tmp_path):
+    path = seeded_weights(tmp_path / "vgg16.safetensors", "vgg16")
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match="fro"):
+            pl.StyleLoss(path, {"relu1_2": 1.0}, criterion="fro", reduction=reduction)
+        with pytest.raises(ValueError, match="fro"):
+            pl.PerceptualLoss(path, taps=["relu1_2"], criterion="fro", reduction=reduction)
+    pl.StyleLoss(path, {"relu1_2": 1.0}, criterion="fro")  # the mean is fine

@@ -13,6 +13,11 @@
 //! A target of one image serves a batch of any size (each pred image is
 //! compared with it); otherwise pred must have the target's batch size.
 //! C, H, W and the dtype must be the target's.
+//!
+//! On CUDA the copies are read by calls on any stream of the device, so
+//! replacing or dropping a kept target waits for the whole device. A
+//! one-image target serving a batch of N is repeated to N images on the
+//! device (memory outside `memory_budget`).
 
 use super::cpu::{self, TargetCache};
 use super::{Perceptual, PerceptualSpec};
@@ -59,6 +64,9 @@ impl Resident {
         let s = target.shape;
         s.numel()?;
         op.check_shape(s)?;
+        if op.spec.check_finite {
+            check_finite(device, target)?;
+        }
         let held = match (device.cuda_device(), &target.storage) {
             (None, Storage::Host(_)) => Held::Host(Arc::new(
                 target.dtype.dispatch(HostFeatures { op, target })?,
@@ -168,9 +176,60 @@ impl Resident {
                 .map_err(|e| Error::cuda("repeating the target", e))?;
             }
         }
+        // Complete before any stream reads it; and a buffer it replaces may
+        // still be read by another stream's queued work.
+        dev.synchronize()?;
         let addr = buf.device_ptr(st).0;
-        *repeated = Some((n, buf));
+        if let Some((_, old)) = repeated.replace((n, buf)) {
+            wait_then_free(old);
+        }
         Ok(addr)
+    }
+}
+
+/// Frees a kept buffer once no stream can still be reading it: calls on
+/// any stream of the device may have queued reads of a kept target, so
+/// the whole device is waited for (replacing or dropping a kept target is
+/// rare; a call's own work is never waited for).
+fn wait_then_free(buf: CudaSlice<u8>) {
+    // A failed wait leaves the buffer allocated rather than freed under
+    // a reader.
+    if buf.context().synchronize().is_err() {
+        std::mem::forget(buf);
+    }
+}
+
+impl Drop for Resident {
+    /// A kept device target is freed only once no stream can be reading it
+    /// (see [`wait_then_free`]).
+    fn drop(&mut self) {
+        if let Held::Device { images, .. } = &self.held {
+            let _ = images.context().synchronize();
+        }
+    }
+}
+
+/// An error naming the first NaN or infinite element of `target`.
+fn check_finite(device: &Device, target: &TensorRef<'_>) -> Result<()> {
+    struct OnHost<'a, 't>(&'a TensorRef<'t>);
+    impl PerDType for OnHost<'_, '_> {
+        type Output = Option<(usize, f64)>;
+        fn run<T: Element>(self) -> Self::Output {
+            let values = self.0.host_values::<T>()?;
+            crate::finite::first_on_host(values).map(|i| (i, values[i].to_f64()))
+        }
+    }
+    let s = target.shape;
+    let first = match (device.cuda_device(), &target.storage) {
+        (Some(dev), Storage::Cuda { ptr, .. }) => {
+            let found = crate::finite::first_on_device(dev, &[*ptr], target.dtype, s.numel()?)?;
+            found.map(|(_, index, value)| (index, value))
+        }
+        _ => target.dtype.dispatch(OnHost(target)),
+    };
+    match first {
+        Some((index, value)) => Err(crate::finite::error("target", s, index, value)),
+        None => Ok(()),
     }
 }
 
