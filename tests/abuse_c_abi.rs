@@ -483,6 +483,58 @@ fn cases() -> Vec<Case> {
                 pl_lpips_create(w.vgg, &config, &mut l)
             },
         ),
+        // Kept targets.
+        (
+            "set_target: NULL handle",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe { pl_perceptual_set_target(null_mut(), w.x(), PL_F32, 1, 3, 16, 16) },
+        ),
+        (
+            "set_target: NULL target",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe { pl_perceptual_set_target(w.loss, null(), PL_F32, 1, 3, 16, 16) },
+        ),
+        (
+            "set_target: dimensions past the address space",
+            PL_ERR_INVALID_SHAPE,
+            |w| unsafe { pl_perceptual_set_target(w.loss, w.x(), PL_F32, 1 << 40, 3, 1 << 20, 16) },
+        ),
+        (
+            "set_target: a bad dtype",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe { pl_perceptual_set_target(w.loss, w.x(), 9, 1, 3, 16, 16) },
+        ),
+        (
+            "loss: no kept target",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                pl_perceptual_loss(w.loss, w.x(), null(), PL_F32, 1, 3, 16, 16, &outputs())
+            },
+        ),
+        (
+            "clear_target: NULL handle",
+            PL_ERR_INVALID_ARGUMENT,
+            |_| unsafe { pl_perceptual_clear_target(null_mut()) },
+        ),
+        (
+            "lpips_spatial: NULL handle",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let mut map = vec![0f32; 256];
+                pl_lpips_spatial(
+                    null_mut(),
+                    w.x(),
+                    w.x(),
+                    PL_F32,
+                    1,
+                    3,
+                    16,
+                    16,
+                    map.as_mut_ptr(),
+                    null_mut(),
+                )
+            },
+        ),
         ("create: no taps", PL_ERR_INVALID_ARGUMENT, |w| {
             let mut c = perceptual_config();
             c.num_taps = 0;
