@@ -342,6 +342,11 @@ typedef struct pl_plan_report {
    * 2 x the multiply-adds of every convolution call.
    */
   uint64_t conv_flops;
+  /**
+   * 2 x the multiply-adds of the style terms' Gram products (f32, CUDA
+   * cores); added in the struct's second version.
+   */
+  uint64_t gram_flops;
 } pl_plan_report;
 
 /**

@@ -550,6 +550,7 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             report.kernel_bytes_read,
             report.kernel_bytes_written,
             report.conv_flops,
+            report.gram_flops,
         ];
         let want = [
             want.chunks as u64,
@@ -558,8 +559,19 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             want.kernel_bytes_read,
             want.kernel_bytes_written,
             want.conv_flops,
+            want.gram_flops,
         ];
         assert_eq!(got, want);
+        // A caller built before gram_flops: its smaller struct is written
+        // up to where it ends.
+        let mut old = report;
+        old.struct_size = std::mem::offset_of!(pl_plan_report, gram_flops);
+        old.gram_flops = 12345;
+        assert_eq!(
+            pl_perceptual_plan_report(loss, PL_BF16, 2, 3, 8, 8, 1, &mut old),
+            PL_OK
+        );
+        assert_eq!((old.gram_flops, old.conv_flops), (12345, report.conv_flops));
         assert!(report.kernel_launches > 0 && report.conv_flops > 0);
         pl_perceptual_destroy(loss);
         pl_vgg_destroy(vgg);

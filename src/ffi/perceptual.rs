@@ -448,15 +448,19 @@ pub struct pl_plan_report {
     pub kernel_bytes_written: u64,
     /// 2 x the multiply-adds of every convolution call.
     pub conv_flops: u64,
+    /// 2 x the multiply-adds of the style terms' Gram products (f32, CUDA
+    /// cores); added in the struct's second version.
+    pub gram_flops: u64,
 }
 
-released!(pl_plan_report, last conv_flops: u64, {
+released!(pl_plan_report, since [gram_flops], last gram_flops: u64, {
     chunks: 0,
     kernel_launches: 0,
     cudnn_calls: 0,
     kernel_bytes_read: 0,
     kernel_bytes_written: 0,
     conv_flops: 0,
+    gram_flops: 0,
 });
 
 /// Writes `struct_size` and zero counts to `report`.
@@ -507,6 +511,7 @@ pub unsafe extern "C" fn pl_perceptual_plan_report(
             kernel_bytes_read: r.kernel_bytes_read,
             kernel_bytes_written: r.kernel_bytes_written,
             conv_flops: r.conv_flops,
+            gram_flops: r.gram_flops,
         };
         // Only the caller's version's bytes: an older, smaller struct ends
         // where its fields do.

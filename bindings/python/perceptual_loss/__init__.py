@@ -377,7 +377,7 @@ class Perceptual:
         costs, counted from its schedule without running anything (no GPU
         needed), in the weights' compute dtype (float32 for weights on the
         CPU): {"chunks", "kernel_launches", "cudnn_calls",
-        "kernel_bytes_read", "kernel_bytes_written", "conv_flops"}."""
+        "kernel_bytes_read", "kernel_bytes_written", "conv_flops", "gram_flops"}."""
         report = _lib.PlanReport()
         _check(_lib.pl_plan_report_init(ctypes.byref(report)))
         _check(_lib.pl_perceptual_plan_report(self._handle, _choice(DTYPES, dtype, "dtype"), *shape, int(bool(grad)),

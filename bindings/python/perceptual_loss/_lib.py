@@ -153,6 +153,7 @@ class PlanReport(ctypes.Structure):
         ("kernel_bytes_read", ctypes.c_uint64),
         ("kernel_bytes_written", ctypes.c_uint64),
         ("conv_flops", ctypes.c_uint64),
+        ("gram_flops", ctypes.c_uint64),
     ]
 
 

@@ -303,6 +303,7 @@ def test_plan_report_counts_a_small_call(seeded):
         "kernel_bytes_read": 2 * 48 * 4 + 2 * act + 2 * act + act + mask + 8 * 16 * 4,
         "kernel_bytes_written": 2 * 8 * 16 * 4 + 2 * act + mask + act + act + 48 * 4,
         "conv_flops": 3 * 2 * 64 * 8 * 9 * 16,
+        "gram_flops": 0,
     }
     assert loss.plan_report((1, 3, 4, 4), grad=False)["kernel_launches"] == 4
     with pytest.raises(pl.Error, match="channels"):

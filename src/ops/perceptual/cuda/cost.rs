@@ -29,6 +29,9 @@ pub struct PlanReport {
     pub kernel_bytes_written: u64,
     /// Multiply-adds times 2 of every convolution call.
     pub conv_flops: u64,
+    /// Multiply-adds times 2 of the crate's own f32 products on CUDA cores:
+    /// the style terms' Grams and their gradient.
+    pub gram_flops: u64,
 }
 
 /// A card's ceilings, for [`PlanReport::floor`].
@@ -41,15 +44,19 @@ pub struct Card {
     pub bytes_per_s: f64,
     /// Dense tensor-core throughput in FLOP/s for the compute dtype.
     pub flops_per_s: f64,
+    /// f32 throughput of the CUDA cores in FLOP/s (the Gram kernels').
+    pub f32_flops_per_s: f64,
 }
 
 impl Card {
     /// NVIDIA H200 SXM: the 4.3 TB/s device-to-device copy measured on one
-    /// (docs/performance.md) and the 989 TFLOP/s dense bf16 of its data sheet.
+    /// (docs/performance.md), and the 989 TFLOP/s dense bf16 and 67 TFLOP/s
+    /// f32 of its data sheet.
     pub const H200: Card = Card {
         name: "H200",
         bytes_per_s: 4.3e12,
         flops_per_s: 989e12,
+        f32_flops_per_s: 67e12,
     };
 }
 
@@ -62,12 +69,14 @@ pub struct Floor {
     pub memory_s: f64,
     /// Seconds for the convolutions at the card's tensor throughput.
     pub compute_s: f64,
+    /// Seconds for the Gram products at the card's f32 throughput.
+    pub gram_s: f64,
 }
 
 impl Floor {
-    /// Both floors, one after the other.
+    /// The floors, one after the other.
     pub fn total_s(&self) -> f64 {
-        self.memory_s + self.compute_s
+        self.memory_s + self.compute_s + self.gram_s
     }
 }
 
@@ -78,6 +87,7 @@ impl PlanReport {
             memory_s: (self.kernel_bytes_read + self.kernel_bytes_written) as f64
                 / card.bytes_per_s,
             compute_s: self.conv_flops as f64 / card.flops_per_s,
+            gram_s: self.gram_flops as f64 / card.f32_flops_per_s,
         }
     }
 
@@ -97,6 +107,7 @@ impl PlanReport {
             mul64(other.kernel_bytes_written)?,
         )?;
         self.conv_flops = sum64(self.conv_flops, mul64(other.conv_flops)?)?;
+        self.gram_flops = sum64(self.gram_flops, mul64(other.gram_flops)?)?;
         Ok(())
     }
 }
@@ -107,16 +118,19 @@ impl std::fmt::Display for PlanReport {
         write!(
             f,
             "{} chunk(s): {} kernel launches, {} cuDNN calls, kernels read {:.1} MiB and write {:.1} MiB, \
-             convolutions {:.2} GFLOP; floor on an {}: {:.1} us memory + {:.1} us compute",
+             convolutions {:.2} GFLOP, Grams {:.2} GFLOP; floor on an {}: {:.1} us memory + {:.1} us \
+             compute + {:.1} us Grams",
             self.chunks,
             self.kernel_launches,
             self.cudnn_calls,
             self.kernel_bytes_read as f64 / (1u64 << 20) as f64,
             self.kernel_bytes_written as f64 / (1u64 << 20) as f64,
             self.conv_flops as f64 / 1e9,
+            self.gram_flops as f64 / 1e9,
             Card::H200.name,
             floor.memory_s * 1e6,
             floor.compute_s * 1e6,
+            floor.gram_s * 1e6,
         )
     }
 }
@@ -138,6 +152,7 @@ pub(crate) fn report(
         kernel_bytes_read: 0,
         kernel_bytes_written: 0,
         conv_flops: 0,
+        gram_flops: 0,
     };
     // Chunks of one size have the same steps (only whether a tap adds to
     // the loss differs): count a whole chunk and the rest once each.
@@ -224,6 +239,11 @@ impl<'a> Counter<'a> {
     fn count(&self) -> Result<PlanReport> {
         let (mut launches, mut cudnn) = (0usize, 0usize);
         let (mut read_total, mut written_total, mut flops) = (0u128, 0u128, 0u128);
+        let mut gram_flops = 0u128;
+        // 2 * multiply-adds of C x C from M pixels, per image.
+        let gram = |(c, h, w): Dims, images: usize| -> u128 {
+            [2, images, c, c, h, w].iter().map(|&v| v as u128).product()
+        };
         let pooled = |(c, h, w): Dims| (c, h / 2, w / 2);
         for step in &self.sched.steps {
             let (read, written) = match step {
@@ -267,6 +287,7 @@ impl<'a> Counter<'a> {
                 // Both halves' features in; the Grams (or their partial
                 // sums, added up by a second launch) out.
                 Step::Gram(s) => {
+                    gram_flops += gram(s.dims, s.pred.count + s.target.count);
                     let features = self.images(s.pred, s.dims) + self.images(s.target, s.dims);
                     let grams = self.buf(s.out);
                     match s.partial {
@@ -286,6 +307,7 @@ impl<'a> Counter<'a> {
                 // dL/dG and the pred features in (and the perceptual tap's
                 // gradient when adding to it); the feature gradient out.
                 Step::GramBackward(s) => {
+                    gram_flops += gram(s.dims, s.x.count);
                     let grad = self.buf(s.grad);
                     let e = self.buf(s.e) / 2;
                     let old = if s.accumulate { grad } else { 0 };
@@ -324,6 +346,7 @@ impl<'a> Counter<'a> {
             kernel_bytes_read: fit(read_total)?,
             kernel_bytes_written: fit(written_total)?,
             conv_flops: fit(flops)?,
+            gram_flops: fit(gram_flops)?,
         })
     }
 }
@@ -437,16 +460,44 @@ mod tests {
             kernel_bytes_read: 3_000,
             kernel_bytes_written: 1_000,
             conv_flops: 8_000,
+            gram_flops: 300,
         };
         let card = Card {
             name: "test",
             bytes_per_s: 1_000.0,
             flops_per_s: 2_000.0,
+            f32_flops_per_s: 100.0,
         };
         let floor = r.floor(&card);
         assert_eq!(
-            (floor.memory_s, floor.compute_s, floor.total_s()),
-            (4.0, 4.0, 8.0)
+            (
+                floor.memory_s,
+                floor.compute_s,
+                floor.gram_s,
+                floor.total_s()
+            ),
+            (4.0, 4.0, 3.0, 11.0)
         );
+    }
+
+    /// A style tap at relu1_1 of one 4x4 pair, by hand: the Grams of both
+    /// images (2 x 64 x 64 x 16 multiply-adds each) and pred's gradient
+    /// (64 x 64 x 16); gram, gram distance and gram gradient launches.
+    #[test]
+    fn style_terms_count_their_grams() {
+        let config = PerceptualConfig {
+            taps: vec![],
+            style_taps: vec![Tap::from("relu1_1")],
+            ..Default::default()
+        };
+        let l = PerceptualLoss::seeded(VggArch::Vgg16, &config);
+        let s = Shape::new(1, 3, 4, 4);
+        let r = l.plan_report(s, DType::F32, true).unwrap();
+        assert_eq!(r.gram_flops, 3 * 2 * 64 * 64 * 16);
+        // preprocess, bias+ReLU per half, the three Gram steps, ReLU
+        // backward, the input gradient.
+        assert_eq!(r.kernel_launches, 8);
+        let fwd = l.plan_report(s, DType::F32, false).unwrap();
+        assert_eq!(fwd.gram_flops, 2 * 2 * 64 * 64 * 16);
     }
 }
