@@ -239,7 +239,7 @@ typedef struct pl_perceptual_config {
    */
   size_t num_tap_weights;
   /**
-   * PL_MSE (default), PL_MAE or PL_FRO (CPU only).
+   * PL_MSE (default), PL_MAE or PL_FRO (on CUDA, one chunk).
    */
   pl_criterion criterion;
   /**
@@ -432,6 +432,8 @@ typedef struct pl_vgg_options {
   int32_t reserved;
 } pl_vgg_options;
 
+#define pl_k_criterion_PL_K_FRO 2
+
 /**
  * IEEE binary32.
  */
@@ -479,7 +481,7 @@ typedef struct pl_vgg_options {
 
 /**
  * The Frobenius norm of the whole batch's difference (BasicSR's 'fro'):
- * perceptual and style terms only, on the CPU only.
+ * perceptual and style terms only.
  */
 #define PL_FRO 2
 

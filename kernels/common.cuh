@@ -234,6 +234,31 @@ __device__ __forceinline__ void pl_finish_means(const pl_k_reduce &r, int64_t n,
     pl_reset_counter(r);
 }
 
+/* Last block of a Fro reduction over n images: each image's value is
+ * weight * its own norm, the loss weight * the norm of the whole batch
+ * (written, or added to with accumulate), and norm_scale receives
+ * weight / (2 norm) for the gradient pass (0 when the norm is 0). */
+__device__ __forceinline__ void pl_finish_norms(const pl_k_reduce &r, int64_t n, int blocks_per_image, float weight,
+                                                bool accumulate, bool accumulate_per_sample, float *norm_scale) {
+    double total = 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += PL_BLOCK) {
+        double sum = pl_image_sum(r, i, blocks_per_image);
+        if (r.per_sample) {
+            float v = (float)(weight * sqrt(sum));
+            r.per_sample[i] = accumulate_per_sample ? r.per_sample[i] + v : v;
+        }
+        total += sum;
+    }
+    total = pl_block_sum(total);
+    if (threadIdx.x == 0) {
+        double norm = sqrt(total);
+        float v = (float)(weight * norm);
+        *r.loss = accumulate ? *r.loss + v : v;
+        *norm_scale = norm > 0.0 ? (float)(weight / (2.0 * norm)) : 0.0f;
+    }
+    pl_reset_counter(r);
+}
+
 /* The feature distance of a difference d = a - b: d^2 (MSE) or |d| (MAE),
  * and its derivative: 2d, or sign(d) with 0 at 0 and NaN kept. */
 __device__ __forceinline__ double pl_distance(float d, bool mse) { return (double)(mse ? d * d : fabsf(d)); }

@@ -52,7 +52,11 @@ typedef enum pl_k_tv_pass {
 /* Feature distance criterion. */
 typedef enum pl_k_criterion {
     PL_K_MSE = 0,
-    PL_K_MAE = 1
+    PL_K_MAE = 1,
+    /* The norm of the whole batch's difference: two launches, the first
+     * (grad NULL) reducing and writing norm_scale, the second (grad set)
+     * writing the gradient from it (pl_vgg_tap_loss only). */
+    PL_K_FRO = 2
 } pl_k_criterion;
 
 /*
@@ -180,6 +184,7 @@ typedef struct pl_k_tap_loss_params {
     const void *x;        /* the pred images, [N][per_image] */
     const void *target;   /* the target images, [N][per_image] */
     void *grad;           /* [N][per_image] in dtype, or NULL */
+    float *norm_scale;    /* PL_K_FRO: weight / (2 |D|), 0 for D = 0; else NULL */
     pl_k_reduce reduce;   /* per_sample may be NULL */
     int64_t n;            /* images in this launch */
     int64_t batch;        /* images the loss averages over (n, or more when chunked) */

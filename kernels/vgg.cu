@@ -265,12 +265,28 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK, 3) pl_vgg_bias_act_pool_t
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap_loss(pl_k_tap_loss_params p) {
-    const bool mse = p.criterion == PL_K_MSE;
-    // d(weight * mean over the batch of mean_image D) / d a
-    const float scale = (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
+    const bool fro = p.criterion == PL_K_FRO, mse = p.criterion == PL_K_MSE || fro;
+    // d(weight * mean over the batch of mean_image D) / d a; for Fro the
+    // first launch's weight / (2 |D|), read by the second
+    const float scale = fro ? (p.grad ? *p.norm_scale : 0.0f)
+                            : (float)((double)p.weight / ((double)p.batch * (double)p.per_image));
     // per_block counts vectors of PL_VEC elements; per_image is a multiple of PL_VEC
     const int64_t begin = blockIdx.x * p.per_block * PL_VEC;
     const int64_t end = min(p.per_image, begin + p.per_block * PL_VEC);
+    if (fro && p.grad) {
+        // The Fro gradient launch: no reduction.
+        for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
+            for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
+                const int64_t i = n * p.per_image + k;
+                float a[PL_VEC], b[PL_VEC];
+                pl_load8(p.x, p.dtype, i, a);
+                pl_load8(p.target, p.dtype, i, b);
+                for (int e = 0; e < PL_VEC; ++e) a[e] = 2.0f * (a[e] - b[e]) * scale;
+                pl_store8(p.grad, p.dtype, i, a);
+            }
+        }
+        return;
+    }
     for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
         double acc = 0.0;
         for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
@@ -287,7 +303,14 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap_loss(pl_k_tap_
         }
         double block_sum = pl_block_sum(acc);
         unsigned int total = (unsigned int)(p.blocks_per_image * p.n);
-        if (pl_publish_partial(p.reduce, n * p.blocks_per_image + blockIdx.x, block_sum, total)) tap_finish(p);
+        if (pl_publish_partial(p.reduce, n * p.blocks_per_image + blockIdx.x, block_sum, total)) {
+            if (fro) {
+                pl_finish_norms(p.reduce, p.n, p.blocks_per_image, p.weight, p.accumulate, p.accumulate_per_sample,
+                                p.norm_scale);
+            } else {
+                tap_finish(p);
+            }
+        }
     }
 }
 

@@ -260,6 +260,32 @@ fn style_terms_match_the_cpu() {
         Shape::new(2, 3, 128, 128),
         59,
     );
+    // BasicSR's 'fro' for both, in one chunk; a chunked Fro call is refused.
+    let fro = PerceptualConfig {
+        taps: vec![Tap::from("relu2_2")],
+        criterion: Criterion::Fro,
+        style_taps: vec![Tap::from("relu1_2"), Tap::from("relu2_2")],
+        style_criterion: Criterion::Fro,
+        ..Default::default()
+    };
+    compare(
+        &dev,
+        VggArch::Vgg16,
+        fro.clone(),
+        DType::F32,
+        Shape::new(2, 3, 32, 32),
+        64,
+    );
+    let chunked = PerceptualConfig {
+        max_chunk_images: Some(1),
+        ..fro
+    };
+    let (_, cuda) = losses(&dev, VggArch::Vgg16, &chunked, DType::F32, 64);
+    let st = dev.cuda_stream().unwrap();
+    let x = st.clone_htod(&vec![0.5f32; 2 * 3 * 32 * 32]).unwrap();
+    let t = TensorRef::cuda(&x, Shape::new(2, 3, 32, 32)).unwrap();
+    let e = cuda.value(&t, &t).unwrap_err().to_string();
+    assert!(e.contains("one chunk"), "{e}");
 }
 
 #[test]

@@ -18,6 +18,7 @@ pub const pl_k_tv_pass_PL_K_TV_PASS_GRAD: pl_k_tv_pass = 2;
 pub type pl_k_tv_pass = ::std::os::raw::c_uint;
 pub const pl_k_criterion_PL_K_MSE: pl_k_criterion = 0;
 pub const pl_k_criterion_PL_K_MAE: pl_k_criterion = 1;
+pub const pl_k_criterion_PL_K_FRO: pl_k_criterion = 2;
 pub type pl_k_criterion = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -317,6 +318,7 @@ pub struct pl_k_tap_loss_params {
     pub x: *const ::std::os::raw::c_void,
     pub target: *const ::std::os::raw::c_void,
     pub grad: *mut ::std::os::raw::c_void,
+    pub norm_scale: *mut f32,
     pub reduce: pl_k_reduce,
     pub n: i64,
     pub batch: i64,
@@ -331,7 +333,7 @@ pub struct pl_k_tap_loss_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tap_loss_params"][::std::mem::size_of::<pl_k_tap_loss_params>() - 120usize];
+    ["Size of pl_k_tap_loss_params"][::std::mem::size_of::<pl_k_tap_loss_params>() - 128usize];
     ["Alignment of pl_k_tap_loss_params"][::std::mem::align_of::<pl_k_tap_loss_params>() - 8usize];
     ["Offset of field: pl_k_tap_loss_params::x"]
         [::std::mem::offset_of!(pl_k_tap_loss_params, x) - 0usize];
@@ -339,28 +341,30 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_tap_loss_params, target) - 8usize];
     ["Offset of field: pl_k_tap_loss_params::grad"]
         [::std::mem::offset_of!(pl_k_tap_loss_params, grad) - 16usize];
+    ["Offset of field: pl_k_tap_loss_params::norm_scale"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, norm_scale) - 24usize];
     ["Offset of field: pl_k_tap_loss_params::reduce"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, reduce) - 24usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, reduce) - 32usize];
     ["Offset of field: pl_k_tap_loss_params::n"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, n) - 64usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, n) - 72usize];
     ["Offset of field: pl_k_tap_loss_params::batch"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, batch) - 72usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, batch) - 80usize];
     ["Offset of field: pl_k_tap_loss_params::per_image"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, per_image) - 80usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, per_image) - 88usize];
     ["Offset of field: pl_k_tap_loss_params::per_block"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, per_block) - 88usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, per_block) - 96usize];
     ["Offset of field: pl_k_tap_loss_params::blocks_per_image"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, blocks_per_image) - 96usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, blocks_per_image) - 104usize];
     ["Offset of field: pl_k_tap_loss_params::dtype"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, dtype) - 100usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, dtype) - 108usize];
     ["Offset of field: pl_k_tap_loss_params::criterion"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, criterion) - 104usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, criterion) - 112usize];
     ["Offset of field: pl_k_tap_loss_params::accumulate"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate) - 108usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate) - 116usize];
     ["Offset of field: pl_k_tap_loss_params::weight"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, weight) - 112usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, weight) - 120usize];
     ["Offset of field: pl_k_tap_loss_params::accumulate_per_sample"]
-        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate_per_sample) - 116usize];
+        [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate_per_sample) - 124usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -379,29 +383,29 @@ pub struct pl_k_bias_act_pool_tap_params {
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of pl_k_bias_act_pool_tap_params"]
-        [::std::mem::size_of::<pl_k_bias_act_pool_tap_params>() - 184usize];
+        [::std::mem::size_of::<pl_k_bias_act_pool_tap_params>() - 192usize];
     ["Alignment of pl_k_bias_act_pool_tap_params"]
         [::std::mem::align_of::<pl_k_bias_act_pool_tap_params>() - 8usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::tap"]
         [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, tap) - 0usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::y"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y) - 120usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y) - 128usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::y_target"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y_target) - 128usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y_target) - 136usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::bias"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, bias) - 136usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, bias) - 144usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::mask"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, mask) - 144usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, mask) - 152usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::argmax"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, argmax) - 152usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, argmax) - 160usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::h"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, h) - 160usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, h) - 168usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::w"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, w) - 168usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, w) - 176usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::c"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, c) - 176usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, c) - 184usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::avg"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, avg) - 180usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, avg) - 188usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -637,17 +641,17 @@ pub struct pl_k_lpips_tap_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 136usize];
+    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 144usize];
     ["Alignment of pl_k_lpips_tap_params"]
         [::std::mem::align_of::<pl_k_lpips_tap_params>() - 8usize];
     ["Offset of field: pl_k_lpips_tap_params::tap"]
         [::std::mem::offset_of!(pl_k_lpips_tap_params, tap) - 0usize];
     ["Offset of field: pl_k_lpips_tap_params::lin"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 120usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 128usize];
     ["Offset of field: pl_k_lpips_tap_params::c"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 128usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 136usize];
     ["Offset of field: pl_k_lpips_tap_params::reserved"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 132usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 140usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -18,7 +18,7 @@ pub const PL_MSE: pl_criterion = 0;
 /// Mean absolute error.
 pub const PL_MAE: pl_criterion = 1;
 /// The Frobenius norm of the whole batch's difference (BasicSR's 'fro'):
-/// perceptual and style terms only, on the CPU only.
+/// perceptual and style terms only.
 pub const PL_FRO: pl_criterion = 2;
 
 pub(crate) fn criterion_of(c: pl_criterion) -> Result<Criterion, Error> {

@@ -59,7 +59,7 @@ pub struct pl_perceptual_config {
     /// Number of entries in tap_weights: num_taps, or 0 when tap_weights
     /// is NULL.
     pub num_tap_weights: usize,
-    /// PL_MSE (default), PL_MAE or PL_FRO (CPU only).
+    /// PL_MSE (default), PL_MAE or PL_FRO (on CUDA, one chunk).
     pub criterion: pl_criterion,
     /// PL_NORM_NONE (default), PL_NORM_IMAGENET, PL_NORM_IMAGENET_FROM_PM1
     /// or PL_NORM_FROM_PM1.

@@ -344,7 +344,7 @@ class Perceptual:
     empty list means no perceptual terms (a style loss alone).
     `style_taps` add style terms: the Gram matrices F F^T / (C H W) of
     those layers compared by `style_criterion` ("mse", "l1"/"mae" or
-    "fro", CPU only), weighted per tap and by `style_weight`. On CUDA,
+    "fro"), weighted per tap and by `style_weight`. On CUDA,
     `max_chunk_images` and `memory_budget` (bytes for buffers and cuDNN
     workspace) split the batch into chunks; the loss is the same.
     `check_finite` makes a NaN or infinite input an error naming it."""

@@ -423,7 +423,7 @@ class StyleLoss(PerceptualLoss):
     G = F F^T / (C H W) of each image's C x HW features at layer j (names
     or indices, with their weights w_j, in `layers`), D the mean over the
     batch's N*C*C entries of squares ("mse") or absolute values ("l1"), or
-    the norm of the whole difference ("fro", CPU only). Other options as
+    the norm of the whole difference ("fro"). Other options as
     in `PerceptualLoss`."""
 
     def __init__(self, weights, layers=None, criterion="mse", weight=1.0, arch="vgg16", **options):

@@ -12,7 +12,7 @@ pub enum Criterion {
     /// The Frobenius norm of the whole batch's difference, sqrt(sum of
     /// squares) (BasicSR's `criterion='fro'`): not a mean, so a batch's
     /// value is not the mean of its images'. The perceptual loss's
-    /// perceptual and style terms take it, on the CPU only; the feature
-    /// loss does not.
+    /// perceptual and style terms take it (on CUDA the batch runs in one
+    /// chunk); the feature loss does not.
     Fro,
 }

@@ -11,17 +11,14 @@ use crate::error::Result;
 const ELEMS_PER_THREAD: usize = 8;
 const MAX_BLOCKS: usize = 1024;
 
-/// The kernels' number for a criterion (`pl_k_criterion`). The kernels
-/// reduce elementwise terms in one pass; the Frobenius norm needs the
-/// whole batch's sum before any gradient, which they do not do.
-pub(crate) fn criterion_id(criterion: Criterion) -> Result<i32> {
-    match criterion {
-        Criterion::Mse => Ok(pl_k_criterion_PL_K_MSE as i32),
-        Criterion::Mae => Ok(pl_k_criterion_PL_K_MAE as i32),
-        Criterion::Fro => Err(crate::Error::arg(
-            "the Fro criterion is computed on the CPU only; use Mse or Mae on CUDA",
-        )),
-    }
+/// The kernels' number for a criterion (`pl_k_criterion`); Fro only
+/// `pl_vgg_tap_loss` takes (the feature loss refuses it when built).
+pub(crate) fn criterion_id(criterion: Criterion) -> i32 {
+    (match criterion {
+        Criterion::Mse => pl_k_criterion_PL_K_MSE,
+        Criterion::Mae => pl_k_criterion_PL_K_MAE,
+        Criterion::Fro => pl_k_criterion_PL_K_FRO,
+    }) as i32
 }
 
 /// Queues the distance of `io.inputs[0]` from `io.inputs[1]` on `dev`.
@@ -33,7 +30,7 @@ pub(crate) fn launch(
 ) -> Result<()> {
     let s = io.shape;
     let _range = nvtx::range(|| format!("feature {criterion:?} {s}"));
-    let criterion_id = criterion_id(criterion)?;
+    let criterion_id = criterion_id(criterion);
     let per_image = s.image_len();
     let split = BlockSplit::new(
         s.n,

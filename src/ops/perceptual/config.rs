@@ -81,7 +81,8 @@ pub struct PerceptualConfig {
     /// One weight per tap; empty means all 1.
     pub tap_weights: Vec<f32>,
     /// MSE (default), MAE, or Fro (the norm of the batch's difference at
-    /// each tap, BasicSR's `'fro'`; CPU only).
+    /// each tap, BasicSR's `'fro'`; on CUDA the batch must run in one
+    /// chunk).
     pub criterion: Criterion,
     /// Modules whose Gram matrices are compared (the style loss); default
     /// none. `taps` may be empty when this is not: a style loss alone.

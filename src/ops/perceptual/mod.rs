@@ -55,8 +55,8 @@ use std::sync::{Arc, Mutex};
 /// and the gradient is that of the sum. `taps` may be empty: a style loss
 /// alone. A Fro term's gradient at a zero difference is 0. On the CPU a
 /// Fro term with the gradient runs the forward twice (the norm is needed
-/// first); Fro is computed on the CPU only in this version (a CUDA call
-/// with it is an error). On CUDA the Grams are the crate's own tiled
+/// first); on CUDA a Fro term takes two launches (the norm, then the
+/// gradient) and needs the batch in one chunk. On CUDA the Grams are the crate's own tiled
 /// kernels (f32 sums, split along the pixels of large maps and added in a
 /// fixed order, so bit-identical run to run), computed in the forward pass
 /// right after their layer, whose output is then stored rather than fused
@@ -166,14 +166,7 @@ impl Op<2> for Perceptual {
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {
-        let spec = &self.spec;
-        if spec.has_norm_terms() {
-            return Err(Error::arg(
-                "the Fro criterion is computed on the CPU only in this version (load the \
-                 network on the CPU, or use Mse or Mae on CUDA)",
-            ));
-        }
-        self.device.queue(dev, &self.vgg, spec, &io)
+        self.device.queue(dev, &self.vgg, &self.spec, &io)
     }
 }
 

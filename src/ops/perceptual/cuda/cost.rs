@@ -236,6 +236,14 @@ impl<'a> Counter<'a> {
             .product()
     }
 
+    /// 1 for a Fro term's second launch (the gradient), counted in
+    /// `launches`; 0 otherwise.
+    fn fro_pass(&self, norm: Option<Buf>, grad: Option<Buf>, launches: &mut usize) -> u128 {
+        let two = norm.is_some() && grad.is_some();
+        *launches += two as usize;
+        two as u128
+    }
+
     fn count(&self) -> Result<PlanReport> {
         let (mut launches, mut cudnn) = (0usize, 0usize);
         let (mut read_total, mut written_total, mut flops) = (0u128, 0u128, 0u128);
@@ -280,10 +288,12 @@ impl<'a> Counter<'a> {
                     self.images(s.x, s.input),
                     self.images(s.y, pooled(s.input)) + self.opt(s.argmax),
                 ),
-                Step::TapLoss(s) => (
-                    self.images(s.pred, s.dims) + self.images(s.target, s.dims),
-                    self.opt(s.tap.grad),
-                ),
+                Step::TapLoss(s) => {
+                    let both = self.images(s.pred, s.dims) + self.images(s.target, s.dims);
+                    // A Fro term's gradient launch reads both halves again.
+                    let again = self.fro_pass(s.tap.norm, s.tap.grad, &mut launches) * both;
+                    (both + again, self.opt(s.tap.grad))
+                }
                 // Both halves' features in; the Grams (or their partial
                 // sums, added up by a second launch) out.
                 Step::Gram(s) => {
@@ -302,7 +312,8 @@ impl<'a> Counter<'a> {
                 // Both halves' Grams in; dL/dG over pred's.
                 Step::GramLoss(s) => {
                     let grams = self.buf(s.grams);
-                    (grams, s.tap.grad.map_or(0, |_| grams / 2))
+                    let again = self.fro_pass(s.tap.norm, s.tap.grad, &mut launches) * grams;
+                    (grams + again, s.tap.grad.map_or(0, |_| grams / 2))
                 }
                 // dL/dG and the pred features in (and the perceptual tap's
                 // gradient when adding to it); the feature gradient out.

@@ -125,6 +125,13 @@ impl Plans {
         let weights = vgg.device_weights()?;
         let lpips = self.lin_on(dev, spec)?;
         let chunk = self.device_chunk_images(dev, vgg, spec, io.shape)?;
+        if spec.has_norm_terms() && chunk < io.shape.n {
+            return Err(Error::arg(format!(
+                "the Fro criterion's norm spans the whole batch, which must run in one chunk \
+                 (max_chunk_images or the memory budget allows {chunk} of {} images)",
+                io.shape.n
+            )));
+        }
         let calls = CudaCall::new(*io).chunks(chunk);
         // Every plan first (a full chunk's and the last one's), so that one
         // that cannot be built fails the call before anything is written.

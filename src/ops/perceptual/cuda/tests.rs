@@ -506,6 +506,32 @@ fn style_terms_with_and_without_perceptual_ones() {
 }
 
 #[test]
+fn fro_norms_of_features_and_grams() {
+    // BasicSR's criterion='fro' for both losses, shared and separate taps.
+    let config = PerceptualConfig {
+        taps: taps(&["relu1_2", "relu2_2"]),
+        criterion: Criterion::Fro,
+        style_taps: taps(&["relu1_2", "conv2_1"]),
+        style_criterion: Criterion::Fro,
+        style_weight: 300.0,
+        ..Default::default()
+    };
+    check::<f32>(f32_case(
+        VggArch::Vgg16,
+        config.clone(),
+        Shape::new(2, 3, 16, 12),
+    ));
+    check::<bf16>(Case {
+        arch: VggArch::Vgg16,
+        config,
+        shape: Shape::new(3, 3, 8, 8),
+        compute: DType::BF16,
+        want_grad: true,
+        tol: 3e-2,
+    });
+}
+
+#[test]
 fn a_large_map_sums_its_gram_in_slices() {
     // 48 x 48 = 2304 pixels at relu1_2: two slices of the Gram's sum.
     let config = PerceptualConfig {

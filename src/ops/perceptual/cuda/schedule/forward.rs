@@ -7,6 +7,7 @@
 
 use super::steps::*;
 use super::{values, Buf, Images, Schedule, Shapes, Size};
+use crate::ops::feature::Criterion;
 use crate::ops::perceptual::config::PerceptualSpec;
 use crate::vgg::{Dims, Layer, Module, Pooling};
 
@@ -258,8 +259,10 @@ impl Forward<'_> {
             .get(layer + 1)
             .is_some_and(|l| l.module == Module::Pool);
         let want_grad = self.want_grad;
-        // Only an elementwise perceptual tap runs in the fused pass.
-        let own_tap = self.is_style(layer) || (self.spec.lpips.is_some() && self.is_tap(layer));
+        // Only an elementwise perceptual tap runs in the fused pass (Fro's
+        // norm needs a second pass).
+        let elementwise = self.spec.lpips.is_none() && self.spec.criterion != Criterion::Fro;
+        let own_tap = self.is_style(layer) || (!elementwise && self.is_tap(layer));
         if !(pool_next && fuses_with_pool(dims)) || own_tap {
             for (x, pred) in self.cur.parts(n, per_image(dims)) {
                 self.s.steps.push(Step::BiasAct(BiasAct {
@@ -345,7 +348,10 @@ impl Forward<'_> {
     /// weight, and whether it adds to the loss, its part and the
     /// per-image values.
     fn term(&mut self, grad: Option<Buf>, weight: f64, part: usize) -> TapTerm {
+        let criterion = [self.spec.criterion, self.spec.style_criterion][part];
+        let norm = (criterion == Criterion::Fro).then(|| self.s.buffer(Size::Bytes(4)));
         let term = TapTerm {
+            norm,
             grad,
             weight,
             accumulate: self.accumulate || !self.first_tap,

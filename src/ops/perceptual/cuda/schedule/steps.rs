@@ -188,6 +188,8 @@ pub(crate) struct TapTerm {
     pub part: usize,
     /// Add to its part (an earlier tap of that part, or chunk, wrote it).
     pub part_accumulate: bool,
+    /// A Fro term's gradient scale (one f32) between its two launches.
+    pub norm: Option<Buf>,
 }
 
 /// A ReLU's backward folded into the pass after it: g = (g + `before`) *
@@ -330,6 +332,7 @@ impl StepInfo for BiasActPoolTap {
             self.mask,
             self.argmax,
             self.tap.grad,
+            self.tap.norm,
         ])
     }
     fn label(&self, layers: &[Layer]) -> String {
@@ -351,7 +354,12 @@ impl StepInfo for Pool {
 impl StepInfo for TapLoss {
     const KIND: &'static str = "tap";
     fn buffers(&self) -> Vec<Buf> {
-        present([Some(self.pred.buf), Some(self.target.buf), self.tap.grad])
+        present([
+            Some(self.pred.buf),
+            Some(self.target.buf),
+            self.tap.grad,
+            self.tap.norm,
+        ])
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("tap {}", name(layers, self.layer))
@@ -376,7 +384,7 @@ impl StepInfo for Gram {
 impl StepInfo for GramLoss {
     const KIND: &'static str = "style tap";
     fn buffers(&self) -> Vec<Buf> {
-        vec![self.grams]
+        present([Some(self.grams), self.tap.norm])
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("style tap {}", name(layers, self.layer))

@@ -5,6 +5,7 @@ use super::{check_vec, vec_grid, Exec, VEC};
 use crate::cuda::abi::*;
 use crate::cuda::{grid_for, kernel_dtype, Gpu};
 use crate::error::{Error, Result};
+use crate::ops::feature::Criterion;
 use crate::ops::lpips::LinWeights;
 use crate::ops::perceptual::cuda::convs::Convs;
 use crate::ops::perceptual::cuda::schedule::*;
@@ -104,6 +105,9 @@ impl BiasActPoolTap {
     pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
         let (c, h, w) = self.input;
         check_vec(c)?;
+        if x.spec.criterion == Criterion::Fro {
+            return Err(Error::Internal("a Fro tap in the fused pass".into()));
+        }
         let inputs = (x.span(self.pred), x.span(self.target), x.opt(self.tap.grad));
         // A unit: 8 channels of a 2x2 window.
         x.with_tap(

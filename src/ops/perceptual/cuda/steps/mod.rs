@@ -132,11 +132,12 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
         (pred, target, grad): (u64, u64, u64),
         (per_image, unit): (usize, usize),
         (tap, criterion): (&TapTerm, Criterion),
-        f: impl FnOnce(pl_k_tap_loss_params, (u32, u32)) -> Result<()>,
+        mut f: impl FnMut(pl_k_tap_loss_params, (u32, u32)) -> Result<()>,
     ) -> Result<()> {
         let n = self.call.io.shape.n;
         let split = BlockSplit::new(n, per_image / unit, BLOCK as usize, TAP_BLOCKS)?;
-        let criterion = criterion_id(criterion)?;
+        let fro = criterion == Criterion::Fro;
+        let criterion = criterion_id(criterion);
         // With parts asked for, each part is summed on its own (the loss
         // is their sum, written at the end of the call).
         let (loss, accumulate) = match self.call.io.parts {
@@ -149,7 +150,13 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
             let p = pl_k_tap_loss_params {
                 x: pred as *const _,
                 target: target as *const _,
-                grad: grad as *mut _,
+                // Fro's first launch reduces, the second writes the gradient.
+                grad: if fro {
+                    std::ptr::null_mut()
+                } else {
+                    grad as *mut _
+                },
+                norm_scale: self.opt(tap.norm) as *mut f32,
                 reduce,
                 n: n as i64,
                 batch: self.call.batch as i64,
@@ -162,7 +169,17 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
                 weight: tap.weight as f32,
                 accumulate_per_sample: !tap.first as i32,
             };
-            f(p, split.grid)
+            f(p, split.grid)?;
+            if fro && grad != 0 {
+                f(
+                    pl_k_tap_loss_params {
+                        grad: grad as *mut _,
+                        ..p
+                    },
+                    split.grid,
+                )?;
+            }
+            Ok(())
         })
     }
 }

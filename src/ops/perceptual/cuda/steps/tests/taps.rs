@@ -134,6 +134,7 @@ fn tap_loss_matches_the_feature_distance() {
                 first: !accumulate,
                 part: 0,
                 part_accumulate: accumulate,
+                norm: None,
             };
             let step = TapLoss {
                 layer: 3,
@@ -223,6 +224,7 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
                     first: true,
                     part: 0,
                     part_accumulate: false,
+                    norm: None,
                 },
             };
             setup.run(emu, &arena, Step::BiasActPoolTap(step));
@@ -311,6 +313,7 @@ fn lpips_tap_matches_the_lpips_term() {
                 first: true,
                 part: 0,
                 part_accumulate: false,
+                norm: None,
             };
             let step = TapLoss {
                 layer: crate::ops::lpips::LPIPS_TAPS[k],
