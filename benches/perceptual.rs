@@ -3,7 +3,10 @@
 //! CPU: 1x3x64x64 f32 (the fallback's target: well under a second on two
 //! cores). GPU: 8x3x256x256 bf16 (the headline figure; PyTorch on the same
 //! card: scripts/torch_perceptual_bench.py), plus f32 with TF32 off and a
-//! small launch-bound batch; each the median of CUDA-event-timed runs, with
+//! small launch-bound batch, and at 8x3x256x256 bf16 the style issue's
+//! comparisons: taps to relu5_3 against LPIPS (LPIPS's budget is 1.2x
+//! that), the default taps plus Grams at relu1_2..relu4_3, and the same
+//! against a kept target; each the median of CUDA-event-timed runs, with
 //! the device memory the call holds (its plan: buffers and cuDNN
 //! workspace) and the drop in free device memory it caused. Weights are
 //! deterministic pseudo-random (timing does not depend on them).
@@ -15,10 +18,26 @@ mod common;
 use common::{median, time_gpu};
 use perceptual_loss::half::bf16;
 use perceptual_loss::{
-    seeded_safetensors, Card, DType, Device, Element, LossOutputs, PerceptualConfig,
-    PerceptualLoss, Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
+    seeded_safetensors, Card, DType, Device, Element, LossOutputs, Lpips, LpipsConfig,
+    PerceptualConfig, PerceptualLoss, Shape, TensorMut, TensorRef, Vgg, VggArch, WeightsSource,
+    LPIPS_TAPS,
 };
 use std::time::Instant;
+
+/// What a GPU case computes.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// The default perceptual loss.
+    Perceptual,
+    /// Taps relu1_2..relu5_3: LPIPS's network and taps as a perceptual loss.
+    PerceptualTo53,
+    /// LPIPS v0.1.
+    Lpips,
+    /// The default taps plus Grams at relu1_2..relu4_3.
+    WithStyle,
+    /// The same against a kept target.
+    WithStyleKept,
+}
 
 /// (median ms, plan MiB, free-memory drop MiB, the cost model's H200
 /// floor in ms) of forward + backward (or forward only) on `dev`.
@@ -26,17 +45,30 @@ fn gpu_case<T: Element>(
     dev: &Device,
     bytes: &[u8],
     (s, compute, tf32, with_grad): (Shape, DType, bool, bool),
+    kind: Kind,
 ) -> Result<(f64, f64, f64, f64), Box<dyn std::error::Error>> {
     let st = dev.cuda_stream().ok_or("not a CUDA device")?.clone();
     let ctx = st.context().clone();
     let vgg = Vgg::load(dev, WeightsSource::Bytes(bytes), VggArch::Vgg16, compute)?;
-    let loss = PerceptualLoss::new(
-        vgg,
-        &PerceptualConfig {
-            allow_tf32: tf32,
-            ..Default::default()
+    let lpips =
+        matches!(kind, Kind::Lpips).then(|| Lpips::new(vgg.clone(), &LpipsConfig::default()));
+    let taps = |t: &[usize]| t.iter().map(|&i| i.into()).collect::<Vec<_>>();
+    let config = PerceptualConfig {
+        allow_tf32: tf32,
+        taps: match kind {
+            Kind::PerceptualTo53 => taps(&LPIPS_TAPS),
+            _ => PerceptualConfig::default().taps,
         },
-    )?;
+        style_taps: match kind {
+            Kind::WithStyle | Kind::WithStyleKept => taps(&[3, 8, 15, 22]),
+            _ => vec![],
+        },
+        ..Default::default()
+    };
+    let loss = match lpips {
+        Some(l) => l?.perceptual_loss(),
+        None => PerceptualLoss::new(vgg, &config)?,
+    };
     let n = s.n * s.c * s.h * s.w;
     let host = |m: usize| {
         (0..n)
@@ -53,12 +85,18 @@ fn gpu_case<T: Element>(
         if with_grad {
             out = out.with_grad(TensorMut::cuda(&mut grad, s)?);
         }
-        loss.compute(
-            &TensorRef::cuda(&pred, s)?,
-            &TensorRef::cuda(&target, s)?,
-            out,
-        )
+        match kind {
+            Kind::WithStyleKept => loss.compute_resident(&TensorRef::cuda(&pred, s)?, out),
+            _ => loss.compute(
+                &TensorRef::cuda(&pred, s)?,
+                &TensorRef::cuda(&target, s)?,
+                out,
+            ),
+        }
     };
+    if matches!(kind, Kind::WithStyleKept) {
+        loss.set_target(&TensorRef::cuda(&target, s)?)?;
+    }
     step()?;
     dev.synchronize()?;
     let drop = free_before.saturating_sub(ctx.mem_get_info()?.0);
@@ -156,14 +194,21 @@ fn gpu_cases(bytes: &[u8]) {
         (Shape::new(16, 3, 128, 128), DType::BF16, false, true),
         (Shape::new(1, 3, 64, 64), DType::BF16, false, true),
     ];
-    for case in cases {
+    let big = (Shape::new(8, 3, 256, 256), DType::BF16, false, true);
+    let runs = cases.into_iter().map(|c| (c, Kind::Perceptual, "")).chain([
+        (big, Kind::PerceptualTo53, " to relu5_3"),
+        (big, Kind::Lpips, " LPIPS"),
+        (big, Kind::WithStyle, " + Grams relu1_2..relu4_3"),
+        (big, Kind::WithStyleKept, " + Grams, kept target"),
+    ]);
+    for (case, kind, label) in runs {
         let (s, compute, tf32, with_grad) = case;
         let result = match compute {
-            DType::BF16 => gpu_case::<bf16>(&dev, bytes, case),
-            _ => gpu_case::<f32>(&dev, bytes, case),
+            DType::BF16 => gpu_case::<bf16>(&dev, bytes, case, kind),
+            _ => gpu_case::<f32>(&dev, bytes, case, kind),
         };
         let what = format!(
-            "{s} {}{} {}",
+            "{s}{label} {}{} {}",
             compute.name(),
             match (compute, tf32) {
                 (DType::F32, true) => " (TF32 on)",

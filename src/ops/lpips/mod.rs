@@ -242,6 +242,12 @@ impl Lpips {
         &self.loss
     }
 
+    /// The perceptual loss it is, as one: same calls, same values (its
+    /// taps are LPIPS terms), for code that takes a `PerceptualLoss`.
+    pub fn perceptual_loss(&self) -> PerceptualLoss {
+        self.loss.clone()
+    }
+
     /// The distances of `pred` to `target` (same shape and dtype, N x 1 or
     /// 3 x H x W, H and W of at least 16): the loss is their mean, the
     /// per-sample values each image's distance; the gradient w.r.t. pred
