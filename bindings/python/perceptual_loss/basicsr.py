@@ -19,7 +19,7 @@ other keyword arguments are `perceptual_loss.PerceptualLoss`'s.
 import torch
 
 from .torch_modules import PerceptualLoss as _Loss
-from .torch_modules import _check_pair, _needs_grad, _perceptual_op, _widened
+from .torch_modules import _check_tensor
 
 _CRITERIA = {"l1": "mae", "l2": "mse", "fro": "fro"}
 
@@ -49,11 +49,8 @@ class PerceptualLoss(torch.nn.Module):
             style_criterion=_CRITERIA[criterion], style_weight=self.style_weight if style else 1.0, **options)
 
     def forward(self, x, gt):
-        _check_pair(x, gt, ("x", "gt"))
-        widened = _widened(x)
-        if widened is not x:
-            x, gt = widened, gt.float()
-        _, _, _, parts = _perceptual_op(x, gt.detach(), self.loss.losses.key, False, _needs_grad(x))
+        _check_tensor(gt, "gt")  # always passed: never the kept target
+        _, _, _, parts = self.loss._outputs(x, gt, ("x", "gt"))
         percep = parts[0] if self.perceptual_weight > 0 else None
         style = parts[1] if self.style_weight > 0 else None
         return percep, style

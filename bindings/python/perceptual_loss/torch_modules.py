@@ -288,8 +288,8 @@ _register(_perceptual_kept_op, 4, parts=True, key_at=1)
 
 
 class _KeptTarget:
-    """set_target / clear_target, and a forward against the kept target,
-    for modules over `self.losses` (a _PerceptualLosses)."""
+    """set_target / clear_target, and the op's outputs against a passed or
+    the kept target, for modules over `self.losses` (a _PerceptualLosses)."""
 
     def set_target(self, target):
         """Keeps a copy of `target` on its device for calls without one
@@ -308,11 +308,19 @@ class _KeptTarget:
         for loss in list(self.losses.by_device.values()):
             loss.clear_target()
 
-    def _against_kept(self, pred):
-        _check_tensor(pred, "pred")
-        if pred.dtype == torch.float16:
-            pred = pred.float()
-        return _perceptual_kept_op(pred, self.losses.key, False, _needs_grad(pred))
+    def _outputs(self, pred, target, names=("pred", "target")):
+        """(loss, per-image values, gradient, parts) of `pred` against
+        `target`, or against the kept target when it is None."""
+        if target is None:
+            _check_tensor(pred, names[0])
+            if pred.dtype == torch.float16:
+                pred = pred.float()
+            return _perceptual_kept_op(pred, self.losses.key, False, _needs_grad(pred))
+        _check_pair(pred, target, names)
+        widened = _widened(pred)
+        if widened is not pred:
+            pred, target = widened, target.float()
+        return _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
 
 
 def _needs_grad(x):
@@ -407,14 +415,7 @@ class PerceptualLoss(_KeptTarget, torch.nn.Module):
         return loss.plan_report(tuple(shape), _TORCH_DTYPES[dtype], grad)
 
     def forward(self, pred, target=None):
-        if target is None:
-            loss, per_sample, _, _ = self._against_kept(pred)
-            return _reduced(loss, per_sample, self.reduction, False)
-        _check_pair(pred, target, ("pred", "target"))
-        widened = _widened(pred)
-        if widened is not pred:
-            pred, target = widened, target.float()
-        loss, per_sample, _, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
+        loss, per_sample, _, _ = self._outputs(pred, target)
         return _reduced(loss, per_sample, self.reduction, False)
 
 
@@ -470,11 +471,4 @@ class LPIPS(_KeptTarget, torch.nn.Module):
     def forward(self, pred, target=None):
         if self.spatial:
             return self._spatial(pred, target)
-        if target is None:
-            return self._against_kept(pred)[1].view(-1, 1, 1, 1)
-        _check_pair(pred, target, ("pred", "target"))
-        widened = _widened(pred)
-        if widened is not pred:
-            pred, target = widened, target.float()
-        _, per_sample, _, _ = _perceptual_op(pred, target.detach(), self.losses.key, False, _needs_grad(pred))
-        return per_sample.view(-1, 1, 1, 1)
+        return self._outputs(pred, target)[1].view(-1, 1, 1, 1)
