@@ -106,7 +106,7 @@ pub(crate) fn shape_of(n: i64, c: i64, h: i64, w: i64) -> Result<Shape, Error> {
 const HOST_ADDRESS_END: u64 = 1 << 57;
 
 /// Errors unless `bytes` bytes at host address `p` can exist.
-fn check_host_span(p: u64, bytes: usize, what: &str) -> Result<(), Error> {
+pub(crate) fn check_host_span(p: u64, bytes: usize, what: &str) -> Result<(), Error> {
     match p.checked_add(bytes as u64) {
         Some(end) if end <= HOST_ADDRESS_END => Ok(()),
         _ => Err(Error::shape(format!(

@@ -1,11 +1,11 @@
 //! `pl_lpips`: LPIPS v0.1 over loaded VGG16 weights (docs/design.md,
 //! "LPIPS").
 
-use super::args::{dtype_of, input_view, pl_dtype, pl_outputs, shape_of};
+use super::args::{check_host_span, dtype_of, input_view, pl_dtype, pl_outputs, shape_of};
 use super::context::Streams;
 use super::guard::guard;
 use super::handle::{borrow, destroy, give, out_param, Handle};
-use super::options::{self, released};
+use super::options::{self, check_aligned, released};
 use super::perceptual::{keep_target, loss_call};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
@@ -236,6 +236,17 @@ pub unsafe extern "C" fn pl_lpips_spatial(
                 "pl_lpips_spatial runs on a CPU context in this version",
             ));
         }
+        // The outputs checked as `views` checks a call's, before any work.
+        if map.is_null() {
+            return Err(Error::arg("map is NULL"));
+        }
+        let map_floats = shape.n * shape.h * shape.w;
+        for (ptr, floats, what) in [(map, map_floats, "map"), (layers, shape.n * 5, "layers")] {
+            if !ptr.is_null() {
+                check_aligned(ptr.cast_const().cast(), 4, what)?;
+                check_host_span(ptr as u64, 4 * floats, what)?;
+            }
+        }
         // Computed before anything is written, and the input views gone
         // by then (an output may alias an input).
         let maps = {
@@ -243,14 +254,6 @@ pub unsafe extern "C" fn pl_lpips_spatial(
             let t = input_view(&device, target, (dtype, shape), "target")?;
             handle.lpips.spatial(&p, &t)?
         };
-        if map.is_null() {
-            return Err(Error::arg("map is NULL"));
-        }
-        for (ptr, what) in [(map, "map"), (layers, "layers")] {
-            if !ptr.is_null() {
-                super::options::check_aligned(ptr.cast_const().cast(), 4, what)?;
-            }
-        }
         std::ptr::copy_nonoverlapping(maps.map.as_ptr(), map, maps.map.len());
         if !layers.is_null() {
             let flat: Vec<f32> = maps.layers.iter().flatten().copied().collect();
