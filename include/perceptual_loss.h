@@ -866,9 +866,10 @@ pl_status pl_perceptual_loss(struct pl_perceptual *loss,
  * later `pl_perceptual_loss` calls with a NULL target, replacing one kept
  * before. What the loss needs is copied before this returns (the caller
  * may free or change `target` at once). A target of one image serves any
- * batch size; otherwise later preds have its n. On the CPU the target's
- * features are computed now and later calls run the network over pred
- * alone; on CUDA the images are copied and run beside pred.
+ * batch size; otherwise later preds have its n. The target's tap
+ * features (and Grams) are computed now and kept (on CUDA on the device,
+ * outside the memory budget): later calls run the network over pred
+ * alone.
  *
  * # Safety
  * `loss` must be a live handle; `target` must address n*c*h*w elements

@@ -119,8 +119,8 @@ typedef struct pl_k_feature_params {
 /* Caller NCHW pred/target -> normalised NHWC batch, channels zero-padded. */
 typedef struct pl_k_preprocess_params {
     const void *pred;
-    const void *target;
-    void *out;            /* [2N][H][W][cpad] */
+    const void *target;   /* NULL: the batch is the pred images alone */
+    void *out;            /* [2N][H][W][cpad], or [N][H][W][cpad] */
     int64_t n, h, w;
     int32_t c;            /* 1 (replicated) or 3 */
     int32_t cpad;         /* channels of out, >= 3 */
@@ -182,7 +182,8 @@ typedef struct pl_k_bias_act_pool_params {
  * its own images' values first. */
 typedef struct pl_k_tap_loss_params {
     const void *x;        /* the pred images, [N][per_image] */
-    const void *target;   /* the target images, [N][per_image] */
+    const void *target;   /* the target images, [N][per_image], or one image
+                             when target_shared */
     void *grad;           /* [N][per_image] in dtype, or NULL */
     float *norm_scale;    /* PL_K_FRO: weight / (2 |D|), 0 for D = 0; else NULL */
     pl_k_reduce reduce;   /* per_sample may be NULL */
@@ -197,6 +198,7 @@ typedef struct pl_k_tap_loss_params {
     int32_t accumulate;
     float weight;         /* tap weight times the overall weight */
     int32_t accumulate_per_sample;
+    int32_t target_shared; /* 1: one target image serves every pred image */
 } pl_k_tap_loss_params;
 
 /* A tapped ReLU layer, the 2x2 pooling after it and the tap, in one pass
@@ -209,14 +211,27 @@ typedef struct pl_k_bias_act_pool_tap_params {
                              per_image = C*H*W; per_block counts units of
                              8 channels of one pooled pixel */
     void *y;              /* pooled pred images, [N][H/2][W/2][C] */
-    void *y_target;       /* pooled target images */
+    void *y_target;       /* pooled target images; unused when target_kept */
     const float *bias;    /* [C] or NULL */
     uint32_t *mask;       /* pred ReLU mask, or NULL */
     uint32_t *argmax;     /* pred argmax, or NULL; max-pooling only */
     int64_t h, w;
     int32_t c;
     int32_t avg;          /* 0 max, 1 average */
+    int32_t target_kept;  /* 1: tap.target is a kept target's ReLU output
+                             (no bias, ReLU or pooling of it) */
+    int32_t reserved;
 } pl_k_bias_act_pool_tap_params;
+
+/* dst = src over `count` values of dtype (a multiple of 8): a kept
+ * target's features. */
+typedef struct pl_k_copy_params {
+    const void *src;
+    void *dst;
+    int64_t count;
+    int32_t dtype;
+    int32_t reserved;
+} pl_k_copy_params;
 
 /* One backward step over [N][HW][C] in place:
  * g = (g + before) * mask + after, each term optional (NULL). */

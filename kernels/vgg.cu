@@ -17,6 +17,9 @@
  * gram_sum when split along the pixels), compares them with tap_loss in
  * f32, and turns dL/dG into the tap's feature gradient (gram_backward)
  * before the next layer runs, so backward sees it like any tap's.
+ * Against a kept target (set_target) the batch is pred alone: the taps read
+ * the target's features (or Grams) kept by an earlier forward over the
+ * target alone, which copied them out (copy).
  *
  * All are memory-bound elementwise passes: grid-stride loops, one read and
  * one write per element, PL_VEC elements per thread in 16-byte accesses,
@@ -31,7 +34,7 @@
  * channels are written at once (one 16-byte store for 16-bit dtypes). */
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_preprocess(pl_k_preprocess_params p) {
     const int64_t hw = p.h * p.w;
-    PL_FOR_EACH(pix, 2 * p.n * hw) {
+    PL_FOR_EACH(pix, (p.target ? 2 : 1) * p.n * hw) {
         const int64_t img = pl_div(pix, hw), ij = pix - img * hw;
         const void *src = img < p.n ? p.pred : p.target;
         const int64_t n = img < p.n ? img : img - p.n;
@@ -203,8 +206,11 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_bias_act_pool(pl_k
 }
 
 /* The pooling kind is a template argument: max-pooling then keeps no row
- * sums and average pooling no argmax in registers. */
-template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k_bias_act_pool_tap_params &p) {
+ * sums and average pooling no argmax in registers. So is a kept target
+ * (KEPT), read as the ReLU output it was stored as, and not pooled: the
+ * pass over [pred; target] keeps its registers. */
+template <bool AVG, bool KEPT>
+__device__ __forceinline__ void bias_act_pool_tap(const pl_k_bias_act_pool_tap_params &p) {
     // The tap's grid and reduction (see pl_vgg_tap_loss), over units of PL_VEC
     // channels of one pooled pixel: each thread reads the 2x2 window of
     // pred and of target once, and from it writes the pred mask, both
@@ -221,6 +227,8 @@ template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k
     const int64_t end = min(units, begin + t.per_block);
     for (int64_t n = blockIdx.y; n < t.n; n += gridDim.y) {
         double sum = 0.0;
+        // A shared kept target is one image: its index runs behind pred's.
+        const int64_t behind = KEPT && t.target_shared ? n * t.per_image : 0;
         for (int64_t u = begin + threadIdx.x; u < end; u += PL_BLOCK) {
             int64_t pix = pl_div(u, groups), ch = (u - pix * groups) * PL_VEC;
             int64_t i = pl_div(pix, ow), j = pix - i * ow;
@@ -230,12 +238,14 @@ template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k
                 const int64_t at = n * t.per_image + ((2 * i + (q >> 1)) * p.w + 2 * j + (q & 1)) * p.c + ch;
                 float a[PL_VEC], b[PL_VEC];
                 pl_load8(t.x, t.dtype, at, a);
-                pl_load8(t.target, t.dtype, at, b);
+                pl_load8(t.target, t.dtype, at - behind, b);
                 const unsigned int bits = relu8(a, p.bias, ch, t.dtype);
-                relu8(b, p.bias, ch, t.dtype);
                 if (mask) mask[at / PL_VEC] = (uint8_t)bits;
                 pool8_add(pa, q, a, AVG);
-                pool8_add(ta, q, b, AVG);
+                if (!KEPT) {
+                    relu8(b, p.bias, ch, t.dtype);
+                    pool8_add(ta, q, b, AVG);
+                }
                 for (int k = 0; k < PL_VEC; ++k) {
                     const float d = a[k] - b[k];
                     sum += pl_distance(d, mse);
@@ -246,7 +256,7 @@ template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k
             }
             const int64_t o = n * pooled + pix * p.c + ch;
             pool8_store(pa, AVG, p.y, t.dtype, o, argmax);
-            pool8_store(ta, AVG, p.y_target, t.dtype, o, nullptr);
+            if (!KEPT) pool8_store(ta, AVG, p.y_target, t.dtype, o, nullptr);
         }
         double block_sum = pl_block_sum(sum);
         unsigned int total = (unsigned int)(t.blocks_per_image * t.n);
@@ -257,10 +267,16 @@ template <bool AVG> __device__ __forceinline__ void bias_act_pool_tap(const pl_k
 /* Three blocks per SM: about 80 registers a thread without spilling
  * (ptxas), where the unconstrained build takes ~110 and fits only two. */
 extern "C" __global__ void __launch_bounds__(PL_BLOCK, 3) pl_vgg_bias_act_pool_tap(pl_k_bias_act_pool_tap_params p) {
-    if (p.avg) {
-        bias_act_pool_tap<true>(p);
+    if (p.target_kept) {
+        if (p.avg) {
+            bias_act_pool_tap<true, true>(p);
+        } else {
+            bias_act_pool_tap<false, true>(p);
+        }
+    } else if (p.avg) {
+        bias_act_pool_tap<true, false>(p);
     } else {
-        bias_act_pool_tap<false>(p);
+        bias_act_pool_tap<false, false>(p);
     }
 }
 
@@ -276,11 +292,12 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap_loss(pl_k_tap_
     if (fro && p.grad) {
         // The Fro gradient launch: no reduction.
         for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
+            const int64_t behind = p.target_shared ? n * p.per_image : 0;
             for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
                 const int64_t i = n * p.per_image + k;
                 float a[PL_VEC], b[PL_VEC];
                 pl_load8(p.x, p.dtype, i, a);
-                pl_load8(p.target, p.dtype, i, b);
+                pl_load8(p.target, p.dtype, i - behind, b);
                 for (int e = 0; e < PL_VEC; ++e) a[e] = 2.0f * (a[e] - b[e]) * scale;
                 pl_store8(p.grad, p.dtype, i, a);
             }
@@ -289,11 +306,13 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_tap_loss(pl_k_tap_
     }
     for (int64_t n = blockIdx.y; n < p.n; n += gridDim.y) {
         double acc = 0.0;
+        // A shared target is one image: its index runs behind pred's.
+        const int64_t behind = p.target_shared ? n * p.per_image : 0;
         for (int64_t k = begin + threadIdx.x * PL_VEC; k < end; k += PL_BLOCK * PL_VEC) {
             const int64_t i = n * p.per_image + k;
             float a[PL_VEC], b[PL_VEC];
             pl_load8(p.x, p.dtype, i, a);
-            pl_load8(p.target, p.dtype, i, b);
+            pl_load8(p.target, p.dtype, i - behind, b);
             for (int e = 0; e < PL_VEC; ++e) {
                 const float d = a[e] - b[e];
                 acc += pl_distance(d, mse);
@@ -500,6 +519,14 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_parts_total(pl_k_p
     *p.loss = p.parts[0] + p.parts[1];
 }
 
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_copy(pl_k_copy_params p) {
+    PL_FOR_EACH(t, p.count / PL_VEC) {
+        float v[PL_VEC];
+        pl_load8(p.src, p.dtype, t * PL_VEC, v);
+        pl_store8(p.dst, p.dtype, t * PL_VEC, v);
+    }
+}
+
 /* Sum over a warp's lanes, the same in every lane (a fixed butterfly). */
 __device__ __forceinline__ float pl_warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
@@ -518,13 +545,15 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_lpips_tap(pl_k_lpi
     const int64_t begin = blockIdx.x * t.per_block, end = min(t.per_image, begin + t.per_block);
     for (int64_t n = blockIdx.y; n < t.n; n += gridDim.y) {
         double acc = 0.0;
+        // A shared target is one image: its index runs behind pred's.
+        const int64_t behind = t.target_shared ? n * t.per_image * p.c : 0;
         for (int64_t pix = begin + warp; pix < end; pix += PL_WARPS) {
             const int64_t base = (n * t.per_image + pix) * p.c;
             float a[PL_LPIPS_MAX_C / 32], b[PL_LPIPS_MAX_C / 32];
             float sa = 0.0f, sb = 0.0f;
             for (int k = 0; k < per_lane; ++k) {
                 a[k] = pl_load(t.x, t.dtype, base + lane + 32 * k);
-                b[k] = pl_load(t.target, t.dtype, base + lane + 32 * k);
+                b[k] = pl_load(t.target, t.dtype, base - behind + lane + 32 * k);
                 sa = fmaf(a[k], a[k], sa);
                 sb = fmaf(b[k], b[k], sb);
             }

@@ -330,10 +330,11 @@ pub struct pl_k_tap_loss_params {
     pub accumulate: i32,
     pub weight: f32,
     pub accumulate_per_sample: i32,
+    pub target_shared: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_tap_loss_params"][::std::mem::size_of::<pl_k_tap_loss_params>() - 128usize];
+    ["Size of pl_k_tap_loss_params"][::std::mem::size_of::<pl_k_tap_loss_params>() - 136usize];
     ["Alignment of pl_k_tap_loss_params"][::std::mem::align_of::<pl_k_tap_loss_params>() - 8usize];
     ["Offset of field: pl_k_tap_loss_params::x"]
         [::std::mem::offset_of!(pl_k_tap_loss_params, x) - 0usize];
@@ -365,6 +366,8 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_tap_loss_params, weight) - 120usize];
     ["Offset of field: pl_k_tap_loss_params::accumulate_per_sample"]
         [::std::mem::offset_of!(pl_k_tap_loss_params, accumulate_per_sample) - 124usize];
+    ["Offset of field: pl_k_tap_loss_params::target_shared"]
+        [::std::mem::offset_of!(pl_k_tap_loss_params, target_shared) - 128usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -379,33 +382,63 @@ pub struct pl_k_bias_act_pool_tap_params {
     pub w: i64,
     pub c: i32,
     pub avg: i32,
+    pub target_kept: i32,
+    pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
     ["Size of pl_k_bias_act_pool_tap_params"]
-        [::std::mem::size_of::<pl_k_bias_act_pool_tap_params>() - 192usize];
+        [::std::mem::size_of::<pl_k_bias_act_pool_tap_params>() - 208usize];
     ["Alignment of pl_k_bias_act_pool_tap_params"]
         [::std::mem::align_of::<pl_k_bias_act_pool_tap_params>() - 8usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::tap"]
         [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, tap) - 0usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::y"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y) - 128usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y) - 136usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::y_target"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y_target) - 136usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, y_target) - 144usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::bias"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, bias) - 144usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, bias) - 152usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::mask"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, mask) - 152usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, mask) - 160usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::argmax"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, argmax) - 160usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, argmax) - 168usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::h"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, h) - 168usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, h) - 176usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::w"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, w) - 176usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, w) - 184usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::c"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, c) - 184usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, c) - 192usize];
     ["Offset of field: pl_k_bias_act_pool_tap_params::avg"]
-        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, avg) - 188usize];
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, avg) - 196usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::target_kept"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, target_kept) - 200usize];
+    ["Offset of field: pl_k_bias_act_pool_tap_params::reserved"]
+        [::std::mem::offset_of!(pl_k_bias_act_pool_tap_params, reserved) - 204usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_copy_params {
+    pub src: *const ::std::os::raw::c_void,
+    pub dst: *mut ::std::os::raw::c_void,
+    pub count: i64,
+    pub dtype: i32,
+    pub reserved: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_copy_params"][::std::mem::size_of::<pl_k_copy_params>() - 32usize];
+    ["Alignment of pl_k_copy_params"][::std::mem::align_of::<pl_k_copy_params>() - 8usize];
+    ["Offset of field: pl_k_copy_params::src"]
+        [::std::mem::offset_of!(pl_k_copy_params, src) - 0usize];
+    ["Offset of field: pl_k_copy_params::dst"]
+        [::std::mem::offset_of!(pl_k_copy_params, dst) - 8usize];
+    ["Offset of field: pl_k_copy_params::count"]
+        [::std::mem::offset_of!(pl_k_copy_params, count) - 16usize];
+    ["Offset of field: pl_k_copy_params::dtype"]
+        [::std::mem::offset_of!(pl_k_copy_params, dtype) - 24usize];
+    ["Offset of field: pl_k_copy_params::reserved"]
+        [::std::mem::offset_of!(pl_k_copy_params, reserved) - 28usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -641,17 +674,17 @@ pub struct pl_k_lpips_tap_params {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 144usize];
+    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 152usize];
     ["Alignment of pl_k_lpips_tap_params"]
         [::std::mem::align_of::<pl_k_lpips_tap_params>() - 8usize];
     ["Offset of field: pl_k_lpips_tap_params::tap"]
         [::std::mem::offset_of!(pl_k_lpips_tap_params, tap) - 0usize];
     ["Offset of field: pl_k_lpips_tap_params::lin"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 128usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 136usize];
     ["Offset of field: pl_k_lpips_tap_params::c"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 136usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 144usize];
     ["Offset of field: pl_k_lpips_tap_params::reserved"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 140usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 148usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -399,9 +399,10 @@ class Perceptual:
         _check(_lib.pl_perceptual_clear_target(self._handle))
 
     def set_target(self, target):
-        """Keeps a copy of `target` (N x C x H x W, NumPy or any array with
-        `__dlpack__`, on this loss's device) for calls with `target=None`:
-        on the CPU its features are computed once. A target of one image
+        """Keeps what the loss needs of `target` (N x C x H x W, NumPy or any
+        array with `__dlpack__`, on this loss's device) for calls with
+        `target=None`: its features are computed once and later calls run
+        the network over pred alone. A target of one image
         serves any batch size; later preds have its C, H, W and dtype. The
         caller may change `target` afterwards."""
         if _on_cuda(target):

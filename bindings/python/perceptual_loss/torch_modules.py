@@ -292,8 +292,9 @@ class _KeptTarget:
     the kept target, for modules over `self.losses` (a _PerceptualLosses)."""
 
     def set_target(self, target):
-        """Keeps a copy of `target` on its device for calls without one
-        (on the CPU its features are computed once). A target of one image
+        """Keeps what the loss needs of `target` on its device for calls
+        without one: its features are computed once and later calls run the
+        network over pred alone. A target of one image
         serves any batch; later preds have its C, H, W and dtype (float16
         is kept, and later preds computed, as float32)."""
         _check_tensor(target, "target")

@@ -166,7 +166,7 @@ impl Op<2> for Perceptual {
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<2>) -> Result<()> {
-        self.device.queue(dev, &self.vgg, &self.spec, &io)
+        self.device.queue(dev, &self.vgg, &self.spec, &io, None)
     }
 }
 
@@ -295,21 +295,22 @@ impl PerceptualLoss {
 
     /// Keeps `target` (on the network's device, N x 1 or 3 x H x W) for
     /// [`compute_resident`](Self::compute_resident), replacing a target
-    /// kept before. What the loss needs is copied before this returns: the
-    /// caller may change or free `target`'s memory at once. On the CPU the
-    /// target's tap features (and Grams) are computed now, so later calls
-    /// run the network over pred alone; on CUDA the images are copied to
-    /// the device and each call runs them beside pred (the result is the
-    /// same as passing them). Shared by the loss's clones. On CUDA the
-    /// copy is queued on the network's stream and waited for: the target
-    /// must be written by work that is done or queued there
+    /// kept before. The target's tap features (and Grams) are computed now
+    /// and kept, so later calls run the network over pred alone (half the
+    /// forward work); the caller may change or free `target`'s memory as
+    /// soon as this returns. Shared by the loss's clones. On CUDA they stay
+    /// on the device in the compute dtype (Grams in f32), outside
+    /// `memory_budget`, and agree with passing the target to rounding (the
+    /// target's batch may get other cuDNN algorithms); the target's forward
+    /// is queued on the network's stream and waited for: the target must be
+    /// written by work that is done or queued there
     /// ([`set_target_on`](Self::set_target_on) takes another stream).
     pub fn set_target(&self, target: &TensorRef<'_>) -> Result<()> {
         self.set_target_on(self.vgg().device(), target)
     }
 
-    /// [`set_target`](Self::set_target), copying on another stream of the
-    /// network's device.
+    /// [`set_target`](Self::set_target), running the target's forward on
+    /// another stream of the network's device.
     pub fn set_target_on(&self, device: &Device, target: &TensorRef<'_>) -> Result<()> {
         self.check_device(device)?;
         let kept = resident::Resident::new(&self.op, device, target)?;
@@ -367,7 +368,13 @@ impl PerceptualLoss {
         shape.numel()?;
         self.op.check_shape(shape)?;
         let dtypes = (dtype, self.vgg().compute_dtype());
-        cuda::cost::report(self.vgg().layers(), &self.op.spec, shape, dtypes, want_grad)
+        cuda::cost::report(
+            self.vgg().layers(),
+            &self.op.spec,
+            (shape, cuda::Batch::Pairs),
+            dtypes,
+            want_grad,
+        )
     }
 
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on

@@ -2,31 +2,33 @@
 //! pred: style transfer, feature inversion and texture synthesis compare
 //! many predictions with one fixed target.
 //!
-//! `set_target` copies what the loss needs, so the caller may change or
-//! free the target's memory as soon as it returns. On the CPU that is the
-//! target's tap features (and Grams), computed once; later calls run the
-//! network over pred alone. On CUDA it is a device copy of the target
-//! images, which each call runs beside pred as with an explicit target
-//! (the same bits as passing it), so the saving there is the caller's
-//! upload, not yet the target's half of the forward pass.
+//! `set_target` keeps what the loss needs, so the caller may change or
+//! free the target's memory as soon as it returns: the target's tap
+//! features (and Grams), computed once by a forward over the target alone.
+//! Later calls run the network over pred alone, half the forward work of
+//! a call with its target. On CUDA they live on the device in the compute
+//! dtype (Grams in f32), outside `memory_budget`; the chunks of a call
+//! are sized by the budget for pred alone.
 //!
 //! A target of one image serves a batch of any size (each pred image is
-//! compared with it); otherwise pred must have the target's batch size.
-//! C, H, W and the dtype must be the target's.
+//! compared with it, from the one copy); otherwise pred must have the
+//! target's batch size. C, H, W and the dtype must be the target's.
 //!
-//! On CUDA the copies are read by calls on any stream of the device, so
-//! replacing or dropping a kept target waits for the whole device. A
-//! one-image target serving a batch of N is repeated to N images on the
-//! device (memory outside `memory_budget`).
+//! On CUDA the kept features are read by calls on any stream of the
+//! device, so replacing or dropping a kept target waits for the whole
+//! device. The target's features come from a batch of the target alone,
+//! where cuDNN may choose other algorithms than for [pred; target]: the
+//! results agree with passing the target to rounding, not always to the
+//! bit.
 
 use super::cpu::{self, TargetCache};
+use super::cuda::DeviceTarget;
 use super::{Perceptual, PerceptualSpec};
 use crate::backend::{DeviceIo, HostIo, Op, Values};
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Element, PerDType, Shape, Storage, TensorRef};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// The kept target of a loss.
 pub(crate) struct Resident {
@@ -35,17 +37,11 @@ pub(crate) struct Resident {
     held: Held,
 }
 
-/// Where the kept target lives.
+/// Where the kept target lives: its tap features (and Grams), image by
+/// image.
 enum Held {
-    /// Its tap features (and Grams), image by image.
     Host(Arc<cpu::TapFeatures>),
-    /// A copy of its images on a device, and that copy repeated to the
-    /// last batch size a one-image target served.
-    Device {
-        ordinal: usize,
-        images: CudaSlice<u8>,
-        repeated: Mutex<Option<(usize, CudaSlice<u8>)>>,
-    },
+    Device(DeviceTarget),
 }
 
 impl std::fmt::Debug for Resident {
@@ -74,26 +70,22 @@ impl Resident {
             (Some(dev), Storage::Cuda { ptr, ordinal }) if *ordinal == dev.ordinal() => {
                 let bytes = s.bytes(target.dtype)?;
                 dev.check_buffer(*ptr, bytes, target.dtype.size(), "target")?;
-                dev.refuse_in_capture(|| "set_target allocates and waits for its copy".into())?;
-                let st = dev.stream();
-                let mut images = (st.alloc_zeros::<u8>(bytes))
-                    .map_err(|e| Error::cuda_alloc("the kept target", bytes, e))?;
-                let (dst, _guard) = images.device_ptr_mut(st);
-                // SAFETY: both ranges hold `bytes` bytes on this device (the
-                // source checked against its allocation above).
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(dst, *ptr, bytes, st.cu_stream())
-                }
-                .map_err(|e| Error::cuda("copying the target", e))?;
-                drop(_guard);
-                // Copied before set_target returns: the caller may reuse
-                // the memory at once.
-                dev.synchronize()?;
-                Held::Device {
-                    ordinal: dev.ordinal(),
-                    images,
-                    repeated: Mutex::new(None),
-                }
+                dev.refuse_in_capture(|| {
+                    "set_target allocates, plans and waits for the target's forward".into()
+                })?;
+                let io = DeviceIo {
+                    shape: s,
+                    dtype: target.dtype,
+                    inputs: [*ptr, 0],
+                    grad: None,
+                    beta: 0.0,
+                    loss: 0,
+                    per_sample: None,
+                    parts: None,
+                };
+                // Done before set_target returns: the caller may reuse the
+                // memory at once.
+                Held::Device(op.device.keep(dev, &op.vgg, &op.spec, &io)?)
             }
             _ => {
                 return Err(Error::DeviceMismatch(format!(
@@ -123,88 +115,21 @@ impl Resident {
         Ok(())
     }
 
-    /// The device address of the target's images for a batch of `n`
-    /// (the one-image target repeated when needed).
-    fn device_images(&self, dev: &CudaDevice, n: usize) -> Result<u64> {
-        let Held::Device {
-            ordinal,
-            images,
-            repeated,
-        } = &self.held
-        else {
+    /// The kept target on `dev`.
+    fn on_device(&self, dev: &CudaDevice) -> Result<&DeviceTarget> {
+        let Held::Device(target) = &self.held else {
             return Err(Error::DeviceMismatch(
                 "the target was kept on the CPU; this call runs on CUDA".into(),
             ));
         };
-        if *ordinal != dev.ordinal() {
+        if target.ordinal != dev.ordinal() {
             return Err(Error::DeviceMismatch(format!(
-                "the target was kept on CUDA device {ordinal}, the call runs on {}",
+                "the target was kept on CUDA device {}, the call runs on {}",
+                target.ordinal,
                 dev.ordinal()
             )));
         }
-        let st = dev.stream();
-        if self.shape.n == n {
-            return Ok(images.device_ptr(st).0);
-        }
-        let mut repeated = repeated.lock().map_err(|_| Error::poisoned())?;
-        if let Some((_, buf)) = repeated.as_ref().filter(|(count, _)| *count == n) {
-            return Ok(buf.device_ptr(st).0);
-        }
-        dev.refuse_in_capture(|| {
-            format!("the kept target is repeated for a batch of {n} on the first such call (make one before capturing)")
-        })?;
-        let image = self.shape.bytes(self.dtype)?;
-        let bytes = image
-            .checked_mul(n)
-            .ok_or_else(|| Error::shape(format!("{n} copies of the target do not fit")))?;
-        let mut buf = (st.alloc_zeros::<u8>(bytes))
-            .map_err(|e| Error::cuda_alloc("the repeated target", bytes, e))?;
-        {
-            let src = images.device_ptr(st).0;
-            let (dst, _guard) = buf.device_ptr_mut(st);
-            for k in 0..n {
-                // SAFETY: image k of the new buffer, and the one image.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtod_async(
-                        dst + (k * image) as u64,
-                        src,
-                        image,
-                        st.cu_stream(),
-                    )
-                }
-                .map_err(|e| Error::cuda("repeating the target", e))?;
-            }
-        }
-        // Complete before any stream reads it; and a buffer it replaces may
-        // still be read by another stream's queued work.
-        dev.synchronize()?;
-        let addr = buf.device_ptr(st).0;
-        if let Some((_, old)) = repeated.replace((n, buf)) {
-            wait_then_free(old);
-        }
-        Ok(addr)
-    }
-}
-
-/// Frees a kept buffer once no stream can still be reading it: calls on
-/// any stream of the device may have queued reads of a kept target, so
-/// the whole device is waited for (replacing or dropping a kept target is
-/// rare; a call's own work is never waited for).
-fn wait_then_free(buf: CudaSlice<u8>) {
-    // A failed wait leaves the buffer allocated rather than freed under
-    // a reader.
-    if buf.context().synchronize().is_err() {
-        std::mem::forget(buf);
-    }
-}
-
-impl Drop for Resident {
-    /// A kept device target is freed only once no stream can be reading it
-    /// (see [`wait_then_free`]).
-    fn drop(&mut self) {
-        if let Held::Device { images, .. } = &self.held {
-            let _ = images.context().synchronize();
-        }
+        Ok(target)
     }
 }
 
@@ -295,17 +220,18 @@ impl Op<1> for ResidentCall<'_> {
     }
 
     fn cuda(&self, dev: &CudaDevice, io: DeviceIo<1>) -> Result<()> {
-        let target = self.target.device_images(dev, io.shape.n)?;
+        let target = self.target.on_device(dev)?;
         let io = DeviceIo {
             shape: io.shape,
             dtype: io.dtype,
-            inputs: [io.inputs[0], target],
+            inputs: [io.inputs[0], 0],
             grad: io.grad,
             beta: io.beta,
             loss: io.loss,
             per_sample: io.per_sample,
             parts: io.parts,
         };
-        self.op.cuda(dev, io)
+        let op = self.op;
+        op.device.queue(dev, &op.vgg, &op.spec, &io, Some(target))
     }
 }

@@ -5,7 +5,7 @@
 //! A change that adds a pass or a launch changes these numbers, and the
 //! tests below pin them for a small shape.
 
-use super::schedule::{self, Buf, Images, Schedule, Step};
+use super::schedule::{self, Batch, Buf, Images, Schedule, Step};
 use crate::error::{Error, Result};
 use crate::ops::perceptual::config::PerceptualSpec;
 use crate::tensor::{DType, Shape};
@@ -136,11 +136,11 @@ impl std::fmt::Display for PlanReport {
 }
 
 /// The report of a call on `shape` with inputs of `input` dtype, the
-/// network computing in `compute`.
+/// network computing in `compute`, its batch holding `holds`.
 pub(crate) fn report(
     layers: &[Layer],
     spec: &PerceptualSpec,
-    shape: Shape,
+    (shape, holds): (Shape, Batch),
     (input, compute): (DType, DType),
     want_grad: bool,
 ) -> Result<PlanReport> {
@@ -161,7 +161,7 @@ pub(crate) fn report(
         if n == 0 || times == 0 {
             continue;
         }
-        let sched = schedule::build(layers, spec, (n, shape.h, shape.w), want_grad, false)?;
+        let sched = schedule::build(layers, spec, holds, (n, shape.h, shape.w), want_grad, false)?;
         let part = Shape { n, ..shape };
         let counted =
             Counter::new(&layers[..=spec.deepest()], &sched, part, (input, compute)).count()?;
@@ -265,8 +265,11 @@ impl<'a> Counter<'a> {
                     flops += self.conv_flops(s.layer, self.shape.n);
                     continue;
                 }
-                // Both caller inputs in; the padded batch out.
-                Step::Preprocess(s) => (2 * self.caller(), self.buf(s.out)),
+                // The caller's inputs in; the padded batch out.
+                Step::Preprocess(s) => {
+                    let inputs = if s.pairs { 2 } else { 1 };
+                    (inputs * self.caller(), self.buf(s.out))
+                }
                 // In place, and the pred images' 1-bit mask.
                 Step::BiasAct(s) => {
                     let x = self.images(s.x, s.dims);
@@ -279,7 +282,7 @@ impl<'a> Counter<'a> {
                 Step::BiasActPoolTap(s) => (
                     self.images(s.pred, s.input) + self.images(s.target, s.input),
                     self.images(s.y_pred, pooled(s.input))
-                        + self.images(s.y_target, pooled(s.input))
+                        + s.y_target.map_or(0, |y| self.images(y, pooled(s.input)))
                         + self.opt(s.mask)
                         + self.opt(s.argmax)
                         + self.opt(s.tap.grad),
@@ -294,12 +297,15 @@ impl<'a> Counter<'a> {
                     let again = self.fro_pass(s.tap.norm, s.tap.grad, &mut launches) * both;
                     (both + again, self.opt(s.tap.grad))
                 }
-                // Both halves' features in; the Grams (or their partial
-                // sums, added up by a second launch) out.
+                // Both halves' features (or one's) in; the Grams (or
+                // their partial sums, added up by a second launch) out.
                 Step::Gram(s) => {
-                    gram_flops += gram(s.dims, s.pred.count + s.target.count);
-                    let features = self.images(s.pred, s.dims) + self.images(s.target, s.dims);
-                    let grams = self.buf(s.out);
+                    let target = s.target.map_or(0, |t| t.count);
+                    gram_flops += gram(s.dims, s.pred.count + target);
+                    let features = self.images(s.pred, s.dims)
+                        + s.target.map_or(0, |t| self.images(t, s.dims));
+                    let (c, _, _) = s.dims;
+                    let grams = ((s.pred.count + target) * c * c * 4) as u128;
                     match s.partial {
                         None => (features, grams),
                         Some(partial) => {
@@ -309,11 +315,17 @@ impl<'a> Counter<'a> {
                         }
                     }
                 }
-                // Both halves' Grams in; dL/dG over pred's.
+                // Both halves' Grams in (a kept target's counted as n
+                // images); dL/dG over pred's.
                 Step::GramLoss(s) => {
-                    let grams = self.buf(s.grams);
+                    let grams = (2 * self.shape.n * s.c * s.c * 4) as u128;
                     let again = self.fro_pass(s.tap.norm, s.tap.grad, &mut launches) * grams;
                     (grams + again, s.tap.grad.map_or(0, |_| grams / 2))
+                }
+                // A target's features copied out.
+                Step::Keep(s) => {
+                    let x = self.images(s.x, s.dims);
+                    (x, x)
                 }
                 // dL/dG and the pred features in (and the perceptual tap's
                 // gradient when adding to it); the feature gradient out.

@@ -20,12 +20,20 @@ pub(crate) fn run<G: Gpu, C: Convs>(
     let sched = schedule::build(
         x.net.layers,
         x.spec,
+        x.call.holds,
         (s.n, s.h, s.w),
         io.grad.is_some(),
         x.call.accumulate,
     )?;
     if x.layout.offsets.len() < sched.buffers.len() {
         return Err(Error::Internal("a layout from another schedule".into()));
+    }
+    if x.kept.addrs.len() != sched.kept.len() {
+        return Err(Error::Internal(format!(
+            "{} kept target slots for a schedule of {}",
+            x.kept.addrs.len(),
+            sched.kept.len()
+        )));
     }
     for step in &sched.steps {
         let _range = nvtx::range(|| step.label(x.net.layers));

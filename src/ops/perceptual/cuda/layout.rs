@@ -5,7 +5,7 @@
 //! gradients and the backward pass, and the allocation is close to the
 //! largest set of buffers alive at any one step rather than their sum.
 
-use super::schedule::Schedule;
+use super::schedule::{Schedule, Size};
 
 /// Every buffer start is aligned to this (cuDNN and vector loads like it).
 const ALIGN: usize = 256;
@@ -16,6 +16,9 @@ pub(crate) struct Layout {
     pub offsets: Vec<usize>,
     /// Size of the allocation.
     pub bytes: usize,
+    /// By buffer: the kept target slot it is, which lives outside the
+    /// allocation.
+    pub kept: Vec<Option<usize>>,
 }
 
 /// (first step, last step) that uses each buffer.
@@ -60,7 +63,10 @@ impl Layout {
         let sizes: Vec<usize> = schedule
             .buffers
             .iter()
-            .map(|s| s.bytes(value_bytes).max(1).next_multiple_of(ALIGN))
+            .map(|s| match s {
+                Size::Kept(_) => 0,
+                s => s.bytes(value_bytes).max(1).next_multiple_of(ALIGN),
+            })
             .collect();
         let span = |b: usize| life[b].1.saturating_sub(life[b].0);
         let mut largest: Vec<usize> = (0..sizes.len()).collect();
@@ -79,6 +85,12 @@ impl Layout {
             }
             best = best.min_by(place(&order, &sizes, &life));
         }
+        best.kept = (schedule.buffers.iter())
+            .map(|s| match s {
+                Size::Kept(slot) => Some(*slot),
+                _ => None,
+            })
+            .collect();
         best
     }
 
@@ -120,13 +132,17 @@ fn place(order: &[usize], sizes: &[usize], life: &[(usize, usize)]) -> Layout {
         .map(|&b| offsets[b] + sizes[b])
         .max()
         .unwrap_or(0);
-    Layout { offsets, bytes }
+    Layout {
+        offsets,
+        bytes,
+        kept: Vec::new(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::perceptual::cuda::schedule;
+    use crate::ops::perceptual::cuda::schedule::{self, Batch};
     use crate::ops::perceptual::{PerceptualConfig, PerceptualLoss, Tap};
     use crate::vgg::{Pooling, VggArch};
 
@@ -149,6 +165,13 @@ mod tests {
                     ..Default::default()
                 },
             ),
+            (
+                VggArch::Vgg16,
+                PerceptualConfig {
+                    style_taps: taps(&["relu1_2", "relu2_2", "relu3_3"]),
+                    ..Default::default()
+                },
+            ),
         ]
     }
 
@@ -156,10 +179,15 @@ mod tests {
     fn buffers_alive_together_never_share_bytes() {
         for (arch, config) in configs() {
             let loss = PerceptualLoss::seeded(arch, &config);
-            for want_grad in [true, false] {
+            let batches = [Batch::Pairs, Batch::Pred, Batch::Target];
+            for (want_grad, batch) in [true, false]
+                .into_iter()
+                .flat_map(|g| batches.map(|b| (g, b)))
+            {
                 let s = schedule::build(
                     loss.vgg().layers(),
                     loss.spec(),
+                    batch,
                     (3, 37, 21),
                     want_grad,
                     false,
@@ -169,6 +197,11 @@ mod tests {
                 let life = lifetimes(&s);
                 let size = |b: usize| s.buffers[b].bytes(2);
                 for a in 0..s.buffers.len() {
+                    // A kept slot is outside the allocation.
+                    assert_eq!(
+                        layout.kept[a].is_some(),
+                        matches!(s.buffers[a], Size::Kept(_))
+                    );
                     assert_eq!(layout.offsets[a] % ALIGN, 0);
                     assert!(layout.offsets[a] + size(a) <= layout.bytes);
                     for b in a + 1..s.buffers.len() {
@@ -190,8 +223,9 @@ mod tests {
         // The benchmark's shape: 8x3x256x256 in bf16.
         for (arch, config) in configs() {
             let loss = PerceptualLoss::seeded(arch, &config);
-            let s = schedule::build(loss.vgg().layers(), loss.spec(), (8, 256, 256), true, false)
-                .unwrap();
+            let (layers, spec) = (loss.vgg().layers(), loss.spec());
+            let s =
+                schedule::build(layers, spec, Batch::Pairs, (8, 256, 256), true, false).unwrap();
             let layout = Layout::new(&s, 2);
             let peak = live_peak(&s, 2);
             let sum: usize = s.buffers.iter().map(|b| b.bytes(2)).sum();

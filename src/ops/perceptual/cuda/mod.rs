@@ -8,11 +8,13 @@
 //! launches each step, `exec.rs` queues a schedule, `plan.rs` holds what
 //! one input shape needs (cuDNN algorithms, buffers laid out by
 //! `layout.rs`, workspace), and [`Plans`] keeps the plans of recent
-//! shapes and splits a batch into chunks under a memory budget.
+//! shapes and splits a batch into chunks under a memory budget. A kept
+//! target (`kept.rs`) replaces the target half of the batch.
 
 mod convs;
 pub(crate) mod cost;
 mod exec;
+mod kept;
 mod layout;
 mod plan;
 mod schedule;
@@ -29,26 +31,35 @@ use crate::recent::Recent;
 use crate::tensor::{DType, Shape};
 use crate::vgg::Vgg;
 use cudarc::driver::{CudaSlice, DevicePtr};
+pub(crate) use kept::DeviceTarget;
 use plan::{buffer_bytes, ShapePlan};
+pub(crate) use schedule::Batch;
 use std::sync::Mutex;
 
 /// One call (or one chunk of images of it) on the device.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CudaCall {
-    /// The addresses: pred, target, and the outputs.
+    /// The addresses: pred, target (0 against a kept target, and for a
+    /// target's own forward pred is the target), and the outputs.
     pub io: DeviceIo<2>,
+    /// What the batch holds.
+    pub holds: Batch,
     /// Images the loss averages over: the whole batch when chunked.
     pub batch: usize,
+    /// The chunk's first image in the whole call.
+    pub first: usize,
     /// Whether the loss already holds earlier chunks' share.
     pub accumulate: bool,
 }
 
 impl CudaCall {
     /// The whole of a call.
-    fn new(io: DeviceIo<2>) -> Self {
+    fn new(io: DeviceIo<2>, holds: Batch) -> Self {
         CudaCall {
             io,
+            holds,
             batch: io.shape.n,
+            first: 0,
             accumulate: false,
         }
     }
@@ -62,6 +73,7 @@ impl CudaCall {
         let chunk = chunk.clamp(1, s.n);
         // pred, target and gradient share the image size
         let image_bytes = (s.image_len() * io.dtype.size()) as u64;
+        let offset = |p: u64, at: u64| if p == 0 { 0 } else { p + at * image_bytes };
         (0..s.n)
             .step_by(chunk)
             .map(|start| {
@@ -69,13 +81,14 @@ impl CudaCall {
                 CudaCall {
                     io: DeviceIo {
                         shape: Shape::new(chunk.min(s.n - start), s.c, s.h, s.w),
-                        inputs: io.inputs.map(|p| p + at * image_bytes),
+                        inputs: io.inputs.map(|p| offset(p, at)),
                         grad: io.grad.map(|g| g + at * image_bytes),
                         per_sample: io.per_sample.map(|ps| ps + at * 4),
                         ..io
                     },
-                    batch: self.batch,
+                    first: self.first + start,
                     accumulate: self.accumulate || start > 0,
+                    ..*self
                 }
             })
             .collect()
@@ -90,7 +103,7 @@ const KEPT_SHAPES: usize = 4;
 /// chosen for each (batch shape, compute dtype).
 pub(crate) struct Plans {
     plans: Mutex<Recent<ShapePlan>>,
-    chunks: Mutex<Recent<((Shape, DType), usize)>>,
+    chunks: Mutex<Recent<(ChunkKey, usize)>>,
     /// LPIPS's channel weights on each device used, by ordinal.
     lin: Mutex<Vec<(usize, CudaSlice<f32>)>>,
 }
@@ -112,35 +125,85 @@ impl std::fmt::Debug for Plans {
     }
 }
 
+/// A chunk size is chosen per (batch shape, compute dtype, what the batch
+/// holds).
+type ChunkKey = (Shape, DType, Batch);
+
 impl Plans {
     /// Queues the loss of `io.inputs[0]` (pred) against `io.inputs[1]`
-    /// (target) on `dev`, chunk by chunk.
+    /// (target), or against the `kept` target, on `dev`, chunk by chunk.
     pub(crate) fn queue(
         &self,
         dev: &CudaDevice,
         vgg: &Vgg,
         spec: &PerceptualSpec,
         io: &DeviceIo<2>,
+        kept: Option<&DeviceTarget>,
     ) -> Result<()> {
+        let holds = match kept {
+            Some(_) => Batch::Pred,
+            None => Batch::Pairs,
+        };
+        self.queue_chunks(dev, vgg, spec, CudaCall::new(*io, holds), kept)
+    }
+
+    /// Keeps the target `io.inputs[0]` of `io.shape` on `dev` for calls
+    /// against it: one forward over it alone fills the kept slots, and is
+    /// waited for (the caller may reuse the target's memory, and calls on
+    /// any stream may read the slots).
+    pub(crate) fn keep(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        io: &DeviceIo<2>,
+    ) -> Result<DeviceTarget> {
+        let s = io.shape;
+        let layers = vgg.layers();
+        let one = schedule::build(layers, spec, Batch::Target, (1, s.h, s.w), false, false)?;
+        let target = DeviceTarget::alloc(dev, &one, s.n, vgg.compute_dtype().size())?;
+        let call = CudaCall::new(*io, Batch::Target);
+        self.queue_chunks(dev, vgg, spec, call, Some(&target))?;
+        dev.synchronize()?;
+        Ok(target)
+    }
+
+    fn queue_chunks(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        whole: CudaCall,
+        kept: Option<&DeviceTarget>,
+    ) -> Result<()> {
+        let (s, holds) = (whole.io.shape, whole.holds);
         let weights = vgg.device_weights()?;
         let lpips = self.lin_on(dev, spec)?;
-        let chunk = self.device_chunk_images(dev, vgg, spec, io.shape)?;
-        if spec.has_norm_terms() && chunk < io.shape.n {
+        let chunk = self.device_chunk_images(dev, vgg, spec, (s, holds))?;
+        if spec.has_norm_terms() && holds != Batch::Target && chunk < s.n {
             return Err(Error::arg(format!(
                 "the Fro criterion's norm spans the whole batch, which must run in one chunk \
                  (max_chunk_images or the memory budget allows {chunk} of {} images)",
-                io.shape.n
+                s.n
             )));
         }
-        let calls = CudaCall::new(*io).chunks(chunk);
+        let calls = whole.chunks(chunk);
         // Every plan first (a full chunk's and the last one's), so that one
         // that cannot be built fails the call before anything is written.
         if let Some(last) = calls.last().filter(|c| c.io.shape.n != chunk) {
-            self.with_plan(dev, vgg, spec, last.io.shape, |_, _| Ok(()))?;
+            self.with_plan(dev, vgg, spec, (last.io.shape, holds), |_, _| Ok(()))?;
         }
         for call in calls {
-            self.with_plan(dev, vgg, spec, call.io.shape, |handle, plan| {
-                plan.run(dev, handle, weights, vgg.layers(), spec, (&call, lpips))
+            let kept = kept.map(|k| k.at(dev, call.first)).unwrap_or_default();
+            self.with_plan(dev, vgg, spec, (call.io.shape, holds), |handle, plan| {
+                plan.run(
+                    dev,
+                    handle,
+                    weights,
+                    vgg.layers(),
+                    spec,
+                    (&call, lpips, &kept),
+                )
             })?;
         }
         Ok(())
@@ -179,11 +242,12 @@ impl Plans {
         spec: &PerceptualSpec,
         shape: Shape,
     ) -> Result<usize> {
+        let key = (shape, Batch::Pairs);
         let chunk = Shape {
-            n: self.device_chunk_images(dev, vgg, spec, shape)?,
+            n: self.device_chunk_images(dev, vgg, spec, key)?,
             ..shape
         };
-        self.with_plan(dev, vgg, spec, chunk, |_, plan| Ok(plan.footprint))
+        self.with_plan(dev, vgg, spec, (chunk, key.1), |_, plan| Ok(plan.footprint))
     }
 
     /// Images per chunk: `max_chunk_images`, lowered until the buffers fit
@@ -194,7 +258,7 @@ impl Plans {
         &self,
         vgg: &Vgg,
         spec: &PerceptualSpec,
-        s: Shape,
+        (s, holds): (Shape, Batch),
         compute: DType,
         mut plans: impl FnMut(usize) -> Result<()>,
     ) -> Result<usize> {
@@ -203,11 +267,12 @@ impl Plans {
             return Ok(cap);
         };
         let mut chunks = self.chunks.lock().map_err(|_| Error::poisoned())?;
-        let key = (s, compute);
+        let key = (s, compute, holds);
         let chosen = chunks.get_or_try_insert(
             |(k, _)| *k == key,
             || {
-                let bytes = |k: usize| buffer_bytes(vgg.layers(), spec, (k, s.h, s.w), compute);
+                let bytes =
+                    |k: usize| buffer_bytes(vgg.layers(), spec, holds, (k, s.h, s.w), compute);
                 let one = bytes(1)?;
                 if one > budget {
                     return Err(Error::OutOfMemory(format!(
@@ -241,11 +306,11 @@ impl Plans {
         dev: &CudaDevice,
         vgg: &Vgg,
         spec: &PerceptualSpec,
-        s: Shape,
+        (s, holds): (Shape, Batch),
     ) -> Result<usize> {
         // The search builds plans: under a capture only a decided chunk goes.
-        let decided = |c: &Recent<((Shape, DType), usize)>| {
-            c.contains(|(key, _)| *key == (s, vgg.compute_dtype()))
+        let decided = |c: &Recent<(ChunkKey, usize)>| {
+            c.contains(|(key, _)| *key == (s, vgg.compute_dtype(), holds))
         };
         if spec.budget.is_some()
             && dev.capturing()
@@ -256,24 +321,25 @@ impl Plans {
                  before capturing): choosing one builds plans"
             )));
         }
-        self.chunk_images(vgg, spec, s, vgg.compute_dtype(), |k| {
-            self.with_plan(dev, vgg, spec, Shape { n: k, ..s }, |_, _| Ok(()))
+        self.chunk_images(vgg, spec, (s, holds), vgg.compute_dtype(), |k| {
+            self.with_plan(dev, vgg, spec, (Shape { n: k, ..s }, holds), |_, _| Ok(()))
         })
     }
 
-    /// Runs `f` with the device's cuDNN handle and the plan for `shape`.
+    /// Runs `f` with the device's cuDNN handle and the plan for a batch of
+    /// `shape` holding `holds`.
     fn with_plan<R>(
         &self,
         dev: &CudaDevice,
         vgg: &Vgg,
         spec: &PerceptualSpec,
-        shape: Shape,
+        (shape, holds): (Shape, Batch),
         f: impl FnOnce(&Handle, &mut ShapePlan) -> Result<R>,
     ) -> Result<R> {
         dev.with_cudnn(|handle| {
             let mut plans = self.plans.lock().map_err(|_| Error::poisoned())?;
             let compute = vgg.compute_dtype();
-            let matches = |p: &ShapePlan| p.matches(dev, shape, compute, spec.tf32);
+            let matches = |p: &ShapePlan| p.matches(dev, (shape, holds), compute, spec.tf32);
             let capturing = dev.capturing();
             // Refused before the cache makes room: dropping a plan frees
             // memory, which a capture must not see either.
@@ -287,7 +353,7 @@ impl Plans {
             let plan = plans.get_or_try_insert_keeping(
                 matches,
                 |p| p.captured,
-                || ShapePlan::new(dev, handle, vgg.layers(), spec, shape, compute),
+                || ShapePlan::new(dev, handle, vgg.layers(), spec, (shape, holds), compute),
             )?;
             plan.captured |= capturing;
             f(handle, plan)

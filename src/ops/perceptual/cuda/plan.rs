@@ -6,8 +6,8 @@
 use super::convs::Cudnn;
 use super::exec;
 use super::layout::Layout;
-use super::schedule::{self, layer_dims, Step};
-use super::steps::{DeviceNet, Exec};
+use super::schedule::{self, layer_dims, Batch, Step};
+use super::steps::{DeviceNet, Exec, KeptAt};
 use super::CudaCall;
 use crate::cuda::cudnn::{self, CudnnConv, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
 use crate::cuda::step_times::StepTimes;
@@ -32,15 +32,16 @@ fn alloc(dev: &CudaDevice, bytes: usize, what: &str) -> Result<CudaSlice<u8>> {
         .map_err(|e| Error::cuda_alloc(what, bytes, e))
 }
 
-/// Bytes of the buffers (not the cuDNN workspace) a call on `n` image
-/// pairs of `h` x `w` holds.
+/// Bytes of the buffers (not the cuDNN workspace) a call on `n` images
+/// (or image pairs) of `h` x `w` in a batch holding `holds` holds.
 pub(crate) fn buffer_bytes(
     layers: &[Layer],
     spec: &PerceptualSpec,
+    holds: Batch,
     nhw: (usize, usize, usize),
     compute: DType,
 ) -> Result<usize> {
-    let sched = schedule::build(layers, spec, nhw, true, false)?;
+    let sched = schedule::build(layers, spec, holds, nhw, true, false)?;
     Ok(Layout::new(&sched, compute.size()).bytes)
 }
 
@@ -57,8 +58,9 @@ fn benchmark_algorithms() -> bool {
 
 /// Everything one input shape needs, allocated once.
 pub(crate) struct ShapePlan {
-    /// (input shape, compute dtype, TF32, stream): buffers belong to one stream.
-    key: (Shape, DType, bool, usize),
+    /// (input shape, what the batch holds, compute dtype, TF32, stream):
+    /// buffers belong to one stream.
+    key: (Shape, Batch, DType, bool, usize),
     /// By layer index: the cuDNN convolution of each conv layer.
     convs: Vec<Option<CudnnConv>>,
     /// Every buffer of the schedule, at `layout`'s offsets.
@@ -78,12 +80,17 @@ pub(crate) struct ShapePlan {
 fn log_plan(
     (layers, spec): (&[Layer], &PerceptualSpec),
     (convs, timed): (&[Option<CudnnConv>], bool),
-    (s, compute): (Shape, DType),
+    ((s, holds), compute): ((Shape, Batch), DType),
     (dims, buffers, workspace): (&[Dims], usize, usize),
 ) {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let batch = match holds {
+        Batch::Pairs => "",
+        Batch::Pred => " against a kept target",
+        Batch::Target => " keeping a target",
+    };
     eprintln!(
-        "perceptual plan for {s} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
+        "perceptual plan for {s}{batch} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
         compute.name(),
         cudnn::version(),
         if timed { "timed" } else { "from heuristics" },
@@ -92,7 +99,7 @@ fn log_plan(
     );
     // The caller's tensors counted in the compute dtype: the plan serves
     // every input dtype.
-    if let Ok(cost) = super::cost::report(layers, spec, s, (compute, compute), true) {
+    if let Ok(cost) = super::cost::report(layers, spec, (s, holds), (compute, compute), true) {
         eprintln!("  cost per call with the gradient: {cost}");
     }
     for ((layer, conv), (c, h, w)) in layers.iter().zip(convs).zip(dims) {
@@ -134,8 +141,14 @@ fn conv_shapes(layers: &[Layer], dims: &[Dims], sched: &schedule::Schedule) -> C
 }
 
 impl ShapePlan {
-    pub(crate) fn matches(&self, dev: &CudaDevice, s: Shape, dtype: DType, tf32: bool) -> bool {
-        self.key == (s, dtype, tf32, stream_id(dev))
+    pub(crate) fn matches(
+        &self,
+        dev: &CudaDevice,
+        (s, holds): (Shape, Batch),
+        dtype: DType,
+        tf32: bool,
+    ) -> bool {
+        self.key == (s, holds, dtype, tf32, stream_id(dev))
     }
 
     pub(crate) fn new(
@@ -143,14 +156,14 @@ impl ShapePlan {
         handle: &Handle,
         layers: &[Layer],
         spec: &PerceptualSpec,
-        s: Shape,
+        (s, holds): (Shape, Batch),
         compute: DType,
     ) -> Result<Self> {
         let layers = &layers[..=spec.deepest()];
         let dims = layer_dims(layers, s.h, s.w);
         // The call with the gradient uses every buffer a forward-only call
         // does, and has every convolution at its batch.
-        let sched = schedule::build(layers, spec, (s.n, s.h, s.w), true, false)?;
+        let sched = schedule::build(layers, spec, holds, (s.n, s.h, s.w), true, false)?;
         let layout = Layout::new(&sched, compute.size());
         // The workspace gets what the budget leaves after the buffers (its
         // allocation is at least 256 bytes).
@@ -210,14 +223,14 @@ impl ShapePlan {
             log_plan(
                 (layers, spec),
                 (&convs, scratch_addrs.is_some()),
-                (s, compute),
+                ((s, holds), compute),
                 (&dims, layout.bytes, workspace),
             );
         }
         let arena = alloc(dev, layout.bytes, "activations and gradients")?;
         let workspace = alloc(dev, workspace, "cuDNN workspace")?;
         Ok(ShapePlan {
-            key: (s, compute, spec.tf32, stream_id(dev)),
+            key: (s, holds, compute, spec.tf32, stream_id(dev)),
             convs,
             footprint: layout.bytes.max(256) + workspace.len(),
             captured: false,
@@ -235,7 +248,7 @@ impl ShapePlan {
         weights: &DeviceWeights,
         layers: &[Layer],
         spec: &PerceptualSpec,
-        (call, lpips): (&CudaCall, u64),
+        (call, lpips, kept): (&CudaCall, u64, &KeptAt),
     ) -> Result<()> {
         let cudnn = Cudnn {
             handle,
@@ -256,6 +269,7 @@ impl ShapePlan {
             call,
             layout: &self.layout,
             base: addr(&self.arena, dev),
+            kept,
         };
         let mut times = StepTimes::start(dev)?;
         exec::run(&x, |step| match times.as_mut() {

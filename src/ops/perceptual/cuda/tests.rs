@@ -5,8 +5,9 @@
 
 use super::convs::Convs;
 use super::layout::Layout;
+use super::schedule::Batch;
 use super::schedule::{self, layer_dims};
-use super::steps::{DeviceNet, Exec};
+use super::steps::{DeviceNet, Exec, KeptAt};
 use super::{exec, CudaCall};
 use crate::backend::DeviceIo;
 use crate::cuda::abi::pl_k_reduce;
@@ -169,12 +170,187 @@ struct Case {
 /// through the emulated CUDA path and through the CPU backend.
 fn check<T: Element>(case: Case) {
     let loss = PerceptualLoss::seeded(case.arch, &case.config);
-    check_loss::<T>(loss, case);
+    check_loss::<T>(loss, case, None);
 }
 
-/// [`check`] of `loss` (built from the case's arch and config).
-fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
-    let Some(emu) = Emulator::get() else { return };
+/// [`check`] against a kept target of `images` images (1 or the batch's):
+/// the target's own forward fills the kept slots, then the call runs over
+/// pred alone.
+fn check_kept<T: Element>(case: Case, images: usize) {
+    let loss = PerceptualLoss::seeded(case.arch, &case.config);
+    check_loss::<T>(loss, case, Some(images));
+}
+
+/// The network's weights as the emulated kernels read them.
+struct EmulatedNet {
+    /// The filters `weights` points into.
+    _filters: Vec<(usize, Vec<u8>)>,
+    weights: LayerAddrs,
+}
+
+impl EmulatedNet {
+    fn new(loss: &PerceptualLoss, compute: DType) -> Self {
+        let host = loss.vgg().host_weights().unwrap();
+        let filters: Vec<(usize, Vec<u8>)> = host
+            .convs()
+            .map(|(layer, p)| (layer, krsc_bytes(p, compute)))
+            .collect();
+        let mut weights = LayerAddrs::default();
+        for ((layer, p), (_, f)) in host.convs().zip(&filters) {
+            weights.0.resize(layer + 1, None);
+            weights.0[layer] = Some(ConvAddrs {
+                weight: addr(f),
+                bias: addr(&p.bias),
+            });
+        }
+        EmulatedNet {
+            _filters: filters,
+            weights,
+        }
+    }
+}
+
+/// Outputs and the arena carry a guard tail: a write past an end shows.
+const GUARD: usize = 64;
+const GUARD_WORD: u64 = 0x5a5a_5a5a_5a5a_5a5a;
+
+/// Runs `whole` chunk by chunk through the emulator, checking each chunk
+/// against the cost model and for writes past the arena's end; `kept`
+/// gives the kept target's slots from a chunk's first image.
+fn emulate(
+    loss: &PerceptualLoss,
+    net: DeviceNet<'_>,
+    whole: CudaCall,
+    kept: &dyn Fn(usize) -> KeptAt,
+    input: DType,
+) {
+    let emu = Emulator::get().unwrap();
+    let (vgg, spec, compute) = (loss.vgg().as_ref(), loss.spec(), net.compute);
+    let (s, holds) = (whole.io.shape, whole.holds);
+    let chunk = loss
+        .device_plans()
+        .chunk_images(vgg, spec, (s, holds), compute, |_| Ok(()))
+        .unwrap();
+    let want_grad = whole.io.grad.is_some();
+    for call in whole.chunks(chunk) {
+        let n = call.io.shape.n;
+        let layers = &vgg.layers()[..=spec.deepest()];
+        let sched = schedule::build(layers, spec, holds, (n, s.h, s.w), true, false).unwrap();
+        let layout = Layout::new(&sched, compute.size());
+        // Poisoned (a NaN pattern), so a read before a write shows.
+        let words = layout.bytes.div_ceil(8);
+        let mut arena = vec![u64::MAX; words + GUARD];
+        arena[words..].fill(GUARD_WORD);
+        let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
+        let counting = Counting {
+            gpu: emu,
+            launches: Cell::new(0),
+        };
+        let kept = kept(call.first);
+        let x = Exec {
+            gpu: &counting,
+            convs: &direct,
+            net,
+            spec,
+            call: &call,
+            layout: &layout,
+            base: addr_mut(&mut arena),
+            kept: &kept,
+        };
+        exec::run(&x, |_| Ok(())).unwrap();
+        // The cost model counts what this chunk launched (but the parts'
+        // sum, one launch at the end of a call that asks for parts).
+        let shape = Shape { n, ..s };
+        let cost =
+            super::cost::report(layers, spec, (shape, holds), (input, compute), want_grad).unwrap();
+        let seen = (
+            counting.launches.get() - call.io.parts.is_some() as usize,
+            direct.calls.get(),
+            direct.flops.get(),
+        );
+        assert_eq!(
+            seen,
+            (cost.kernel_launches, cost.cudnn_calls, cost.conv_flops)
+        );
+        assert!(
+            arena[words..].iter().all(|&w| w == GUARD_WORD),
+            "a kernel wrote past the end of the buffers"
+        );
+    }
+}
+
+/// Host memory in place of a kept target's slots on the device: the
+/// target's own forward through the emulator fills them.
+struct EmulatedTarget {
+    slots: Vec<(Vec<u64>, usize)>,
+    images: usize,
+}
+
+impl EmulatedTarget {
+    fn new<T: Element>(
+        loss: &PerceptualLoss,
+        net: DeviceNet<'_>,
+        target: &[T],
+        shape: Shape,
+    ) -> Self {
+        let (layers, spec) = (loss.vgg().layers(), loss.spec());
+        let one = (1, shape.h, shape.w);
+        let sched = schedule::build(layers, spec, Batch::Target, one, false, false).unwrap();
+        let mut slots: Vec<(Vec<u64>, usize)> = (sched.kept.iter())
+            .map(|slot| {
+                let per_image = slot.per_image.bytes(net.compute.size());
+                let words = (shape.n * per_image).div_ceil(8);
+                let mut mem = vec![u64::MAX; words + GUARD];
+                mem[words..].fill(GUARD_WORD);
+                (mem, per_image)
+            })
+            .collect();
+        let bases: Vec<(u64, usize)> = (slots.iter_mut())
+            .map(|(mem, per_image)| (addr_mut(mem), *per_image))
+            .collect();
+        let mut unused = 0f32;
+        let whole = CudaCall::new(
+            DeviceIo {
+                shape,
+                dtype: T::DTYPE,
+                inputs: [addr(target), 0],
+                grad: None,
+                beta: 0.0,
+                loss: &mut unused as *mut f32 as u64,
+                per_sample: None,
+                parts: None,
+            },
+            Batch::Target,
+        );
+        let kept = |first| KeptAt::of(bases.iter().copied(), shape.n, first);
+        emulate(loss, net, whole, &kept, T::DTYPE);
+        assert!(unused == 0.0, "a target's forward wrote a loss");
+        for (mem, per_image) in &slots {
+            let words = (shape.n * per_image).div_ceil(8);
+            assert!(
+                mem[words..].iter().all(|&w| w == GUARD_WORD),
+                "a kernel wrote past the end of a kept slot"
+            );
+        }
+        EmulatedTarget {
+            slots,
+            images: shape.n,
+        }
+    }
+
+    fn at(&self, first: usize) -> KeptAt {
+        let bases = self
+            .slots
+            .iter()
+            .map(|(mem, per_image)| (addr(mem), *per_image));
+        KeptAt::of(bases, self.images, first)
+    }
+}
+
+/// [`check`] of `loss` (built from the case's arch and config), against
+/// its target or a kept target of `kept` images.
+fn check_loss<T: Element>(loss: PerceptualLoss, case: Case, kept: Option<usize>) {
+    let Some(_) = Emulator::get() else { return };
     let Case {
         arch,
         config,
@@ -183,33 +359,26 @@ fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
         want_grad,
         tol,
     } = case;
-    let (vgg, spec) = (loss.vgg().as_ref(), loss.spec());
+    let spec = loss.spec();
     let count = s.n * s.image_len();
-    let (pred, target) = (values::<T>(count, 1), values::<T>(count, 2));
+    let target_shape = Shape {
+        n: kept.unwrap_or(s.n),
+        ..s
+    };
+    let (pred, target) = (
+        values::<T>(count, 1),
+        values::<T>(target_shape.n * s.image_len(), 2),
+    );
     let old = values::<T>(count, 3);
     let beta = 0.5;
 
-    let host = vgg.host_weights().unwrap();
-    let filters: Vec<(usize, Vec<u8>)> = host
-        .convs()
-        .map(|(layer, p)| (layer, krsc_bytes(p, compute)))
-        .collect();
-    let mut weights = LayerAddrs::default();
-    for ((layer, p), (_, f)) in host.convs().zip(&filters) {
-        weights.0.resize(layer + 1, None);
-        weights.0[layer] = Some(ConvAddrs {
-            weight: addr(f),
-            bias: addr(&p.bias),
-        });
-    }
+    let emulated = EmulatedNet::new(&loss, compute);
     let net = DeviceNet {
-        layers: vgg.layers(),
-        weights: &weights,
+        layers: loss.vgg().layers(),
+        weights: &emulated.weights,
         compute,
         lpips: spec.lpips.as_ref().map_or(0, |l| addr(l.all())),
     };
-    // Outputs and the arena carry a guard tail: a write past an end shows.
-    const GUARD: usize = 64;
     let guarded = |v: &[T]| -> Vec<T> {
         let mut v = v.to_vec();
         v.extend((0..GUARD).map(|_| T::from_f64(7.0)));
@@ -219,62 +388,32 @@ fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
     let mut got_parts = [f32::NAN; 2];
     got_per.extend([7.0; GUARD]);
     let mut got_grad = guarded(&old);
-    let whole = CudaCall::new(DeviceIo {
+    let kept_target = kept.map(|_| EmulatedTarget::new(&loss, net, &target, target_shape));
+    let io = DeviceIo {
         shape: s,
         dtype: T::DTYPE,
-        inputs: [addr(&pred), addr(&target)],
+        inputs: [addr(&pred), if kept.is_some() { 0 } else { addr(&target) }],
         grad: want_grad.then(|| addr_mut(&mut got_grad)),
         beta,
         loss: &mut got as *mut f32 as u64,
         per_sample: Some(addr_mut(&mut got_per)),
         parts: Some(got_parts.as_mut_ptr() as u64),
-    });
-    let chunk = loss
-        .device_plans()
-        .chunk_images(vgg, spec, s, compute, |_| Ok(()))
-        .unwrap();
-    for call in whole.chunks(chunk) {
-        let n = call.io.shape.n;
-        let layers = &vgg.layers()[..=spec.deepest()];
-        let sched = schedule::build(layers, spec, (n, s.h, s.w), true, false).unwrap();
-        let layout = Layout::new(&sched, compute.size());
-        // Poisoned (a NaN pattern), so a read before a write shows.
-        let words = layout.bytes.div_ceil(8);
-        let mut arena = vec![u64::MAX; words + GUARD];
-        arena[words..].fill(0x5a5a_5a5a_5a5a_5a5a);
-        let direct = DirectConvs::new(layers, n, s.h, s.w, compute);
-        let counting = Counting {
-            gpu: emu,
-            launches: Cell::new(0),
-        };
-        let x = Exec {
-            gpu: &counting,
-            convs: &direct,
+    };
+    match &kept_target {
+        None => emulate(
+            &loss,
             net,
-            spec,
-            call: &call,
-            layout: &layout,
-            base: addr_mut(&mut arena),
-        };
-        exec::run(&x, |_| Ok(())).unwrap();
-        // The cost model counts what this chunk launched (but the parts'
-        // sum, one launch at the end of a call that asks for parts).
-        let shape = Shape { n, ..s };
-        let cost =
-            super::cost::report(layers, spec, shape, (T::DTYPE, compute), want_grad).unwrap();
-        let seen = (
-            counting.launches.get() - 1,
-            direct.calls.get(),
-            direct.flops.get(),
-        );
-        assert_eq!(
-            seen,
-            (cost.kernel_launches, cost.cudnn_calls, cost.conv_flops)
-        );
-        assert!(
-            arena[words..].iter().all(|&w| w == 0x5a5a_5a5a_5a5a_5a5a),
-            "a kernel wrote past the end of the buffers"
-        );
+            CudaCall::new(io, Batch::Pairs),
+            &|_| KeptAt::default(),
+            T::DTYPE,
+        ),
+        Some(t) => emulate(
+            &loss,
+            net,
+            CudaCall::new(io, Batch::Pred),
+            &|first| t.at(first),
+            T::DTYPE,
+        ),
     }
     assert!(
         got_grad[count..].iter().all(|v| v.to_f64() == 7.0)
@@ -283,6 +422,11 @@ fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
     );
     let (got_grad, got_per) = (&got_grad[..count], &got_per[..s.n]);
 
+    // The CPU reference takes the target image by image.
+    let target: Vec<T> = match target_shape.n {
+        1 => (0..s.n).flat_map(|_| target.iter().copied()).collect(),
+        _ => target,
+    };
     let (mut want, mut want_per) = (0f32, vec![0f32; s.n]);
     let mut want_parts = [0f32; 2];
     let mut want_g = old.clone();
@@ -302,9 +446,10 @@ fn check_loss<T: Element>(loss: PerceptualLoss, case: Case) {
     .unwrap();
 
     let what = format!(
-        "{arch:?} {config:?} {s} {} via {}",
+        "{arch:?} {config:?} {s} {} via {}{}",
         T::DTYPE.name(),
-        compute.name()
+        compute.name(),
+        kept.map_or(String::new(), |n| format!(" against a kept target of {n}"))
     );
     assert!(
         (got as f64 - want as f64).abs() <= tol * want.abs() as f64,
@@ -394,8 +539,13 @@ fn a_memory_budget_picks_the_largest_chunk_that_fits() {
         PerceptualLoss::seeded(VggArch::Vgg16, &config)
     };
     let chunk = |loss: &PerceptualLoss, plans: &mut dyn FnMut(usize) -> Result<()>| {
-        loss.device_plans()
-            .chunk_images(loss.vgg(), loss.spec(), s, DType::F32, plans)
+        loss.device_plans().chunk_images(
+            loss.vgg(),
+            loss.spec(),
+            (s, Batch::Pairs),
+            DType::F32,
+            plans,
+        )
     };
     let fits = &mut |_| Ok(());
     assert_eq!(chunk(&budgeted(three), fits).unwrap(), 3);
@@ -430,7 +580,7 @@ fn a_memory_budget_picks_the_largest_chunk_that_fits() {
 }
 
 fn plan_bytes(layers: &[Layer], loss: &PerceptualLoss, nhw: (usize, usize, usize)) -> usize {
-    super::plan::buffer_bytes(layers, loss.spec(), nhw, DType::F32).unwrap()
+    super::plan::buffer_bytes(layers, loss.spec(), Batch::Pairs, nhw, DType::F32).unwrap()
 }
 
 #[test]
@@ -563,8 +713,8 @@ fn lpips_in_f32_and_bf16() {
         want_grad: true,
         tol,
     };
-    check_loss::<f32>(lpips(LinWeights::v0_1()), case(DType::F32, 1e-4));
-    check_loss::<bf16>(lpips(LinWeights::ones()), case(DType::BF16, 3e-2));
+    check_loss::<f32>(lpips(LinWeights::v0_1()), case(DType::F32, 1e-4), None);
+    check_loss::<bf16>(lpips(LinWeights::ones()), case(DType::BF16, 3e-2), None);
 }
 
 #[test]
@@ -577,4 +727,101 @@ fn forward_only() {
         want_grad: false,
         tol: 3e-2,
     });
+}
+
+#[test]
+fn against_a_kept_target() {
+    // The article's taps (relu1_2..relu3_3 fused with their pools), a
+    // target of the batch's size and one image serving every pred image.
+    let article = || {
+        f32_case(
+            VggArch::Vgg16,
+            PerceptualConfig::default(),
+            Shape::new(2, 3, 16, 12),
+        )
+    };
+    check_kept::<f32>(article(), 2);
+    check_kept::<f32>(article(), 1);
+    check_kept::<bf16>(
+        Case {
+            compute: DType::BF16,
+            tol: 3e-2,
+            ..article()
+        },
+        1,
+    );
+    // Chunks read the kept target from their own first image on.
+    let chunked = PerceptualConfig {
+        max_chunk_images: Some(2),
+        ..Default::default()
+    };
+    check_kept::<f32>(
+        f32_case(VggArch::Vgg16, chunked, Shape::new(3, 3, 16, 12)),
+        3,
+    );
+    // Pre-activation and pool taps, average pooling, MAE.
+    let conv_taps = PerceptualConfig {
+        taps: taps(&["conv1_2", "pool1", "relu2_1"]),
+        criterion: Criterion::Mae,
+        pooling: Pooling::Avg,
+        ..Default::default()
+    };
+    check_kept::<f32>(
+        f32_case(VggArch::Vgg16, conv_taps, Shape::new(2, 1, 13, 11)),
+        1,
+    );
+    // Forward only.
+    check_kept::<f32>(
+        Case {
+            want_grad: false,
+            ..article()
+        },
+        2,
+    );
+}
+
+#[test]
+fn style_and_fro_against_a_kept_target() {
+    // Kept Grams (split in slices at 48 x 48), shared with a perceptual
+    // tap and alone; Fro norms of both.
+    let both = PerceptualConfig {
+        taps: taps(&["relu1_2", "relu2_1"]),
+        style_taps: taps(&["relu1_2", "relu2_2"]),
+        style_weight: 3e4,
+        ..Default::default()
+    };
+    check_kept::<f32>(f32_case(VggArch::Vgg16, both, Shape::new(2, 3, 16, 12)), 1);
+    let fro = PerceptualConfig {
+        taps: taps(&["relu1_2"]),
+        criterion: Criterion::Fro,
+        style_taps: taps(&["relu1_2", "conv2_1"]),
+        style_criterion: Criterion::Fro,
+        style_weight: 300.0,
+        ..Default::default()
+    };
+    check_kept::<f32>(f32_case(VggArch::Vgg16, fro, Shape::new(2, 3, 16, 12)), 2);
+    let sliced = PerceptualConfig {
+        taps: vec![],
+        style_taps: taps(&["relu1_2"]),
+        ..Default::default()
+    };
+    check_kept::<f32>(
+        f32_case(VggArch::Vgg16, sliced, Shape::new(2, 3, 48, 48)),
+        1,
+    );
+}
+
+#[test]
+fn lpips_against_a_kept_target() {
+    use crate::ops::lpips::{LinWeights, LPIPS_TAPS};
+    let config = PerceptualConfig {
+        taps: LPIPS_TAPS.into_iter().map(Tap::Index).collect(),
+        input_norm: InputNorm::LpipsScaling,
+        ..Default::default()
+    };
+    let seeded = PerceptualLoss::seeded(VggArch::Vgg16, &config);
+    let lin = std::sync::Arc::new(LinWeights::v0_1());
+    let loss = PerceptualLoss::with_lpips(seeded.vgg().clone(), &config, lin).unwrap();
+    let case = f32_case(VggArch::Vgg16, config, Shape::new(2, 3, 16, 16));
+    check_loss::<f32>(loss, case, Some(1));
 }

@@ -4,9 +4,13 @@
 //! A style tap's Grams, their distance and its feature gradient follow its
 //! layer (and its perceptual tap): the layer's output is then stored, not
 //! fused into the pool, since the Grams read it.
+//!
+//! Against a kept target the batch is one half ([`Batch`]): pred, whose
+//! taps read the kept slots, or the target, whose taps copy their layer's
+//! output (and Grams) into them.
 
 use super::steps::*;
-use super::{values, Buf, Images, Schedule, Shapes, Size};
+use super::{values, Batch, Buf, Images, KeptSlot, Schedule, Shapes, Size};
 use crate::ops::feature::Criterion;
 use crate::ops::perceptual::config::PerceptualSpec;
 use crate::vgg::{Dims, Layer, Module, Pooling};
@@ -109,6 +113,8 @@ struct Forward<'a> {
     layers: &'a [Layer],
     spec: &'a PerceptualSpec,
     shapes: &'a Shapes,
+    batch: Batch,
+    /// Pred images (or, for [`Batch::Target`], target images).
     n: usize,
     want_grad: bool,
     accumulate: bool,
@@ -135,17 +141,20 @@ pub(super) fn build(
     layers: &[Layer],
     spec: &PerceptualSpec,
     shapes: &Shapes,
-    n: usize,
+    (batch, n): (Batch, usize),
     want_grad: bool,
     accumulate: bool,
 ) -> Kept {
-    let input = s.buffer(values(shapes.input, 2 * n));
-    s.steps.push(Step::Preprocess(Preprocess { out: input }));
+    let pairs = batch == Batch::Pairs;
+    let input = s.buffer(values(shapes.input, if pairs { 2 * n } else { n }));
+    s.steps
+        .push(Step::Preprocess(Preprocess { out: input, pairs }));
     let mut f = Forward {
         s,
         layers,
         spec,
         shapes,
+        batch,
         n,
         want_grad,
         accumulate,
@@ -197,6 +206,43 @@ impl Forward<'_> {
         self.spec.style_weight_at(layer).is_some()
     }
 
+    /// Images in the batch: both halves, or one.
+    fn images(&self) -> usize {
+        match self.batch {
+            Batch::Pairs => 2 * self.n,
+            Batch::Pred | Batch::Target => self.n,
+        }
+    }
+
+    /// The passes an elementwise step over the current activation (of
+    /// `dims`) takes, as [`Act::parts`].
+    fn parts(&self, dims: Dims) -> Vec<(Images, usize)> {
+        match self.batch {
+            Batch::Pairs => self.cur.parts(self.n, per_image(dims)),
+            Batch::Pred | Batch::Target => vec![(self.cur.pred(self.n), self.n)],
+        }
+    }
+
+    /// The target images at tap `layer` (of `dims`): the batch's second
+    /// half, or the kept slot of the layer's features or Grams.
+    fn kept_slot(&mut self, layer: usize, grams: bool, dims: Dims) -> Images {
+        let (c, _, _) = dims;
+        let per_image = match grams {
+            true => Size::Bytes(c * c * 4),
+            false => values(dims, 1),
+        };
+        let buf = self.s.kept_slot(KeptSlot {
+            layer,
+            grams,
+            per_image,
+        });
+        Images {
+            buf,
+            offset: 0,
+            count: self.n,
+        }
+    }
+
     fn conv(&mut self, layer: usize) {
         let (n, dims) = (self.n, self.shapes.out[layer]);
         let cur = self.cur;
@@ -204,7 +250,7 @@ impl Forward<'_> {
             cur.pred(n),
             cur.target(n, per_image(self.shapes.input(layer))),
         );
-        if layer < self.first_pool {
+        if layer < self.first_pool && self.batch == Batch::Pairs {
             let p = self.s.buffer(values(dims, n));
             let t = self.s.buffer(values(dims, n));
             for (x, y) in [(x_pred, p), (x_target, t)] {
@@ -215,14 +261,13 @@ impl Forward<'_> {
             }
             self.cur = Act::Split(p, t);
         } else {
-            // After the first pool every activation is joint.
+            // After the first pool every activation is joint (a batch of
+            // one half always is).
             debug_assert!(matches!(cur, Act::Joint(_)));
-            let y = self.s.buffer(values(dims, 2 * n));
-            let x = Images {
-                count: 2 * n,
-                ..x_pred
-            };
-            let y = images(y, 0, 2 * n, dims);
+            let count = self.images();
+            let y = self.s.buffer(values(dims, count));
+            let x = Images { count, ..x_pred };
+            let y = images(y, 0, count, dims);
             self.s
                 .steps
                 .push(Step::ConvForward(ConvForward { layer, x, y }));
@@ -230,7 +275,7 @@ impl Forward<'_> {
         }
         if self.is_tap(layer) {
             // A pre-activation tap: the bias now, the ReLU after the tap.
-            for (x, pred) in self.cur.parts(n, per_image(dims)) {
+            for (x, pred) in self.parts(dims) {
                 self.s.steps.push(Step::BiasAct(BiasAct {
                     layer,
                     x,
@@ -252,8 +297,10 @@ impl Forward<'_> {
             _ => None,
         };
         let (c, h, w) = dims;
-        let mask = self.s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 4));
-        self.saved[layer] = Some(mask);
+        // A target's forward keeps nothing for backward.
+        let mask = (self.batch != Batch::Target)
+            .then(|| self.s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 4)));
+        self.saved[layer] = mask;
         let pool_next = self
             .layers
             .get(layer + 1)
@@ -261,17 +308,21 @@ impl Forward<'_> {
         let want_grad = self.want_grad;
         // Only an elementwise perceptual tap runs in the fused pass (Fro's
         // norm needs a second pass).
-        let elementwise = self.spec.lpips.is_none() && self.spec.criterion != Criterion::Fro;
+        // A target's forward keeps the ReLU's output, which the fused pass
+        // does not store.
+        let elementwise = self.spec.lpips.is_none()
+            && self.spec.criterion != Criterion::Fro
+            && self.batch != Batch::Target;
         let own_tap = self.is_style(layer) || (!elementwise && self.is_tap(layer));
         if !(pool_next && fuses_with_pool(dims)) || own_tap {
-            for (x, pred) in self.cur.parts(n, per_image(dims)) {
+            for (x, pred) in self.parts(dims) {
                 self.s.steps.push(Step::BiasAct(BiasAct {
                     layer,
                     x,
                     pred,
                     bias,
                     relu: true,
-                    mask: Some(mask).filter(|_| want_grad && pred > 0),
+                    mask: mask.filter(|_| want_grad && pred > 0),
                     dims,
                 }));
             }
@@ -281,7 +332,7 @@ impl Forward<'_> {
         // the pool layer then only moves `cur`.
         let pooled = self.shapes.out[layer + 1];
         let (argmax, y) = self.pool_buffers(layer + 1, pooled);
-        let (mask, argmax) = (want_grad.then_some(mask), argmax.filter(|_| want_grad));
+        let (mask, argmax) = (mask.filter(|_| want_grad), argmax.filter(|_| want_grad));
         if self.is_tap(layer) {
             self.pending = Some(PendingTap {
                 layer,
@@ -291,7 +342,7 @@ impl Forward<'_> {
                 argmax,
             });
         } else {
-            for (x, pred) in self.cur.parts(n, per_image(dims)) {
+            for (x, pred) in self.parts(dims) {
                 let first_image = if pred > 0 { 0 } else { n };
                 self.s.steps.push(Step::BiasActPool(BiasActPool {
                     layer,
@@ -313,10 +364,10 @@ impl Forward<'_> {
     fn pool_buffers(&mut self, layer: usize, (c, h, w): Dims) -> (Option<Buf>, Buf) {
         let n = self.n;
         // 2 bits per output, in whole 32-output groups.
-        let argmax = (self.spec.pooling == Pooling::Max)
+        let argmax = (self.spec.pooling == Pooling::Max && self.batch != Batch::Target)
             .then(|| self.s.buffer(Size::Bytes((n * c * h * w).div_ceil(32) * 8)));
         self.saved[layer] = argmax;
-        (argmax, self.s.buffer(Size::Values(2 * n * c * h * w)))
+        (argmax, self.s.buffer(values((c, h, w), self.images())))
     }
 
     fn pool(&mut self, layer: usize) {
@@ -327,7 +378,7 @@ impl Forward<'_> {
                 let dims = self.shapes.out[layer];
                 let (argmax, y) = self.pool_buffers(layer, dims);
                 let want_grad = self.want_grad;
-                for (x, pred) in self.cur.parts(n, per_image(input)) {
+                for (x, pred) in self.parts(input) {
                     let first_image = if pred > 0 { 0 } else { n };
                     self.s.steps.push(Step::Pool(Pool {
                         layer,
@@ -366,13 +417,24 @@ impl Forward<'_> {
 
     fn tap(&mut self, layer: usize, tap_weight: f64) {
         let (n, dims) = (self.n, self.shapes.out[layer]);
+        if self.batch == Batch::Target {
+            let into = self.kept_slot(layer, false, dims).buf;
+            let x = self.cur.pred(n);
+            self.s.steps.push(Step::Keep(Keep {
+                layer,
+                x,
+                dims,
+                into,
+            }));
+            return;
+        }
         let deepest = self.layers.len() - 1;
-        // The tap is the last reader of a split pred half when the pool
-        // after it has run (or nothing follows): its gradient then
+        // The tap is the last reader of a buffer of pred images alone when
+        // the pool after it has run (or nothing follows): its gradient then
         // overwrites the pred values, element by element.
-        let in_place = matches!(self.cur, Act::Split(..))
-            && (layer == deepest || self.fused_pool.is_some())
-            && !self.is_style(layer);
+        let pred_only = matches!(self.cur, Act::Split(..)) || self.batch == Batch::Pred;
+        let in_place =
+            pred_only && (layer == deepest || self.fused_pool.is_some()) && !self.is_style(layer);
         let grad = if in_place {
             self.cur.pred(n).buf
         } else {
@@ -386,7 +448,11 @@ impl Forward<'_> {
             tap_weight * self.spec.weight,
             0,
         );
-        let (pred, target) = (self.cur.pred(n), self.cur.target(n, per_image(dims)));
+        let pred = self.cur.pred(n);
+        let target = match self.batch {
+            Batch::Pairs => self.cur.target(n, per_image(dims)),
+            Batch::Pred | Batch::Target => self.kept_slot(layer, false, dims),
+        };
         let step = match self.pending.take() {
             Some(p) => {
                 let pooled = self.shapes.out[layer + 1];
@@ -395,7 +461,7 @@ impl Forward<'_> {
                     pred,
                     target,
                     y_pred: images(p.y, 0, n, pooled),
-                    y_target: images(p.y, n, n, pooled),
+                    y_target: (self.batch == Batch::Pairs).then(|| images(p.y, n, n, pooled)),
                     bias: p.bias,
                     mask: p.mask,
                     argmax: p.argmax,
@@ -424,10 +490,14 @@ impl Forward<'_> {
         let (n, dims) = (self.n, self.shapes.out[layer]);
         let (c, h, w) = dims;
         let slices = (h * w).div_ceil(GRAM_ROWS);
-        let gram_bytes = 2 * n * c * c * 4;
-        let out = self.s.buffer(Size::Bytes(gram_bytes));
+        let gram_bytes = self.images() * c * c * 4;
+        let out = match self.batch {
+            Batch::Target => self.kept_slot(layer, true, dims).buf,
+            Batch::Pairs | Batch::Pred => self.s.buffer(Size::Bytes(gram_bytes)),
+        };
         let partial = (slices > 1).then(|| self.s.buffer(Size::Bytes(slices * gram_bytes)));
-        let (pred, target) = (self.cur.pred(n), self.cur.target(n, per_image(dims)));
+        let pred = self.cur.pred(n);
+        let target = (self.batch == Batch::Pairs).then(|| self.cur.target(n, per_image(dims)));
         self.s.steps.push(Step::Gram(Gram {
             layer,
             pred,
@@ -437,6 +507,11 @@ impl Forward<'_> {
             partial,
             out,
         }));
+        let kept_grams = match self.batch {
+            Batch::Target => return,
+            Batch::Pred => Some(self.kept_slot(layer, true, dims).buf),
+            Batch::Pairs => None,
+        };
         let deepest = layer == self.layers.len() - 1;
         let perceptual = match deepest {
             true => self.deepest_grad,
@@ -452,6 +527,7 @@ impl Forward<'_> {
         self.s.steps.push(Step::GramLoss(GramLoss {
             layer,
             grams: out,
+            target: kept_grams,
             c,
             tap,
         }));

@@ -8,6 +8,11 @@
 //! pred half's gradients, ReLU masks, pool argmax and the gradients of
 //! inner taps. `forward.rs` builds the forward steps, `backward.rs` the
 //! backward ones from what the forward left; `steps.rs` defines each step.
+//!
+//! Against a kept target ([`Batch`]) the batch is one half: a forward over
+//! the target alone keeps its tap features and Grams in buffers outside
+//! the arena (the schedule's [`KeptSlot`]s), and later calls run over pred
+//! alone, their taps reading those buffers.
 
 mod backward;
 mod forward;
@@ -29,15 +34,40 @@ pub(crate) enum Size {
     Values(usize),
     /// Raw bytes (bit masks, argmax).
     Bytes(usize),
+    /// Kept target slot k ([`Schedule::kept`]): memory of the kept target,
+    /// not of the arena (0 bytes there).
+    Kept(usize),
 }
 
 impl Size {
+    /// Bytes in the arena.
     pub(crate) fn bytes(self, value_bytes: usize) -> usize {
         match self {
             Size::Values(n) => n * value_bytes,
             Size::Bytes(n) => n,
+            Size::Kept(_) => 0,
         }
     }
+}
+
+/// What the batch of a call holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Batch {
+    /// [pred; target]: a call with its target.
+    Pairs,
+    /// Pred alone: the taps read a kept target's slots.
+    Pred,
+    /// A target alone, forward only: its taps fill the kept slots.
+    Target,
+}
+
+/// What a kept target holds of one tap layer, per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeptSlot {
+    pub layer: usize,
+    /// The layer's Grams (f32, C x C) rather than its features.
+    pub grams: bool,
+    pub per_image: Size,
 }
 
 /// Images of one buffer: those from `offset` (in values) on, `count` of them.
@@ -53,12 +83,21 @@ pub(crate) struct Images {
 pub(crate) struct Schedule {
     pub steps: Vec<Step>,
     pub buffers: Vec<Size>,
+    /// The kept target's slots a [`Batch::Pred`] call reads or a
+    /// [`Batch::Target`] one writes, in tap order (the same for both).
+    pub kept: Vec<KeptSlot>,
 }
 
 impl Schedule {
     fn buffer(&mut self, size: Size) -> Buf {
         self.buffers.push(size);
         self.buffers.len() - 1
+    }
+
+    /// The buffer of a new kept slot.
+    fn kept_slot(&mut self, slot: KeptSlot) -> Buf {
+        self.kept.push(slot);
+        self.buffer(Size::Kept(self.kept.len() - 1))
     }
 }
 
@@ -98,14 +137,17 @@ pub(crate) fn layer_dims(layers: &[Layer], h: usize, w: usize) -> Vec<Dims> {
     Shapes::new(layers, h, w).out
 }
 
-/// The steps of one call over `n` image pairs of `h` x `w`. `accumulate`:
-/// the loss already holds an earlier chunk's share, so every tap adds to it.
+/// The steps of one call over `n` images (or image pairs) of `h` x `w`
+/// in a `batch`. `accumulate`: the loss already holds an earlier chunk's
+/// share, so every tap adds to it.
 ///
 /// Without the gradient the steps are the same forward steps using fewer
-/// buffers, numbered as with it: one layout serves both.
+/// buffers, numbered as with it: one layout serves both. A target's
+/// forward ([`Batch::Target`]) has no gradient.
 pub(crate) fn build(
     layers: &[Layer],
     spec: &PerceptualSpec,
+    batch: Batch,
     (n, h, w): (usize, usize, usize),
     want_grad: bool,
     accumulate: bool,
@@ -113,7 +155,16 @@ pub(crate) fn build(
     let layers = &layers[..=spec.deepest()];
     let shapes = Shapes::new(layers, h, w);
     let mut s = Schedule::default();
-    let kept = forward::build(&mut s, layers, spec, &shapes, n, want_grad, accumulate);
+    let want_grad = want_grad && batch != Batch::Target;
+    let kept = forward::build(
+        &mut s,
+        layers,
+        spec,
+        &shapes,
+        (batch, n),
+        want_grad,
+        accumulate,
+    );
     if want_grad {
         backward::build(&mut s, layers, &shapes, n, kept)?;
     }
@@ -131,9 +182,16 @@ mod tests {
     }
 
     fn steps_of(loss: &PerceptualLoss, nhw: (usize, usize, usize), want_grad: bool) -> Vec<Step> {
-        build(loss.vgg().layers(), loss.spec(), nhw, want_grad, false)
-            .unwrap()
-            .steps
+        build(
+            loss.vgg().layers(),
+            loss.spec(),
+            Batch::Pairs,
+            nhw,
+            want_grad,
+            false,
+        )
+        .unwrap()
+        .steps
     }
 
     #[test]
@@ -248,6 +306,57 @@ mod tests {
             "not written over the features"
         );
         assert!(matches!(&steps[at + 3], Step::Pool(p) if p.layer == 4));
+    }
+
+    #[test]
+    fn a_kept_target_halves_the_forward() {
+        // Perceptual taps fused with pools, a pre-activation tap, and Grams.
+        let config = PerceptualConfig {
+            taps: vec![
+                Tap::from("relu1_2"),
+                Tap::from("conv2_1"),
+                Tap::from("relu3_3"),
+            ],
+            style_taps: vec![Tap::from("relu2_2"), Tap::from("relu3_3")],
+            ..Default::default()
+        };
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &config);
+        let (layers, spec) = (loss.vgg().layers(), loss.spec());
+        let of = |batch| build(layers, spec, batch, (3, 16, 16), true, false).unwrap();
+        let (pairs, pred, target) = (of(Batch::Pairs), of(Batch::Pred), of(Batch::Target));
+        let conv_images = |s: &Schedule| -> usize {
+            (s.steps.iter())
+                .map(|s| match s {
+                    Step::ConvForward(c) => c.x.count,
+                    _ => 0,
+                })
+                .sum()
+        };
+        assert_eq!(conv_images(&pred), conv_images(&pairs) / 2);
+        assert_eq!(conv_images(&target), conv_images(&pred));
+        // Both list the same slots: features of each perceptual tap, then
+        // the Grams of each style tap, layer by layer.
+        assert_eq!(pred.kept, target.kept);
+        let slots: Vec<(usize, bool)> = pred.kept.iter().map(|k| (k.layer, k.grams)).collect();
+        assert_eq!(
+            slots,
+            [(3, false), (5, false), (8, true), (15, false), (15, true)]
+        );
+        assert!(pairs.kept.is_empty());
+        // The target's forward keeps nothing for backward and has no loss.
+        assert!(target.steps.iter().all(|s| match s {
+            Step::BiasAct(b) => b.mask.is_none(),
+            Step::BiasActPool(b) => b.mask.is_none() && b.argmax.is_none(),
+            Step::Pool(p) => p.argmax.is_none(),
+            Step::Preprocess(p) => !p.pairs,
+            Step::ConvForward(_) | Step::Gram(_) | Step::Keep(_) => true,
+            _ => false,
+        }));
+        assert_eq!(count(&target.steps, |s| matches!(s, Step::Keep(_))), 3);
+        // Pred's relu1_2 tap stays fused with its pool, reading the kept
+        // ReLU output.
+        let fused = |s: &Step| matches!(s, Step::BiasActPoolTap(t) if t.y_target.is_none());
+        assert_eq!(count(&pred.steps, fused), 1);
     }
 
     #[test]

@@ -7,11 +7,12 @@
 use super::{Buf, Images};
 use crate::vgg::{Dims, Layer};
 
-/// Caller pred and target -> `out`, normalised and channel-padded
-/// (`pl_vgg_preprocess`).
+/// Caller pred and target (`pairs`), or the one input alone -> `out`,
+/// normalised and channel-padded (`pl_vgg_preprocess`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Preprocess {
     pub out: Buf,
+    pub pairs: bool,
 }
 
 /// `x` -> `y` through convolution `layer` (no bias; cuDNN).
@@ -55,14 +56,15 @@ pub(crate) struct BiasActPool {
 /// A tapped ReLU layer, the pooling after it and the tap in one pass: as
 /// [`BiasActPool`] on the `pred` and `target` images (into `y_pred` and
 /// `y_target`), with the tap taken on the ReLU output
-/// (`pl_vgg_bias_act_pool_tap`).
+/// (`pl_vgg_bias_act_pool_tap`). Without `y_target`, `target` is a kept
+/// target's ReLU output, read as it is.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct BiasActPoolTap {
     pub layer: usize,
     pub pred: Images,
     pub target: Images,
     pub y_pred: Images,
-    pub y_target: Images,
+    pub y_target: Option<Images>,
     pub bias: Option<usize>,
     pub mask: Option<Buf>,
     pub argmax: Option<Buf>,
@@ -117,29 +119,41 @@ pub(crate) struct Unpool {
 }
 
 /// The Gram matrices (f32, [2n][C][C] in `out`: pred's, then target's) of
-/// the `pred` and `target` images of `dims` at style tap `layer`
-/// (`pl_vgg_gram`); with more than one slice along the pixels, through the
-/// partial sums in `partial` (`pl_vgg_gram_sum`).
+/// the `pred` and `target` images of `dims` at style tap `layer`, or of
+/// the `pred` images alone (`pl_vgg_gram`); with more than one slice along
+/// the pixels, through the partial sums in `partial` (`pl_vgg_gram_sum`).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Gram {
     pub layer: usize,
     pub pred: Images,
-    pub target: Images,
+    pub target: Option<Images>,
     pub dims: Dims,
     pub slices: usize,
     pub partial: Option<Buf>,
     pub out: Buf,
 }
 
-/// The style distance between the pred and target Grams in `grams` (C x
-/// C each) at tap `layer`; the gradient, when wanted, overwrites the pred
-/// Grams (`pl_vgg_tap_loss` in f32).
+/// The style distance between the pred Grams in `grams` (C x C each) and
+/// the target's, after them or in a kept slot `target`, at tap `layer`;
+/// the gradient, when wanted, overwrites the pred Grams
+/// (`pl_vgg_tap_loss` in f32).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct GramLoss {
     pub layer: usize,
     pub grams: Buf,
+    pub target: Option<Buf>,
     pub c: usize,
     pub tap: TapTerm,
+}
+
+/// A target's features `x` (of `dims`) at tap `layer` copied into its
+/// kept slot `into` (`pl_vgg_copy`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Keep {
+    pub layer: usize,
+    pub x: Images,
+    pub dims: Dims,
+    pub into: Buf,
 }
 
 /// dL/dF at style tap `layer` from dL/dG (the first n Grams of `e`) and
@@ -214,6 +228,7 @@ pub(crate) enum Step {
     Gram(Gram),
     GramLoss(GramLoss),
     GramBackward(GramBackward),
+    Keep(Keep),
     ReluBackward(ReluBackward),
     Unpool(Unpool),
     ConvBackwardData(ConvBackwardData),
@@ -235,6 +250,7 @@ macro_rules! on_step {
             Step::Gram($s) => $body,
             Step::GramLoss($s) => $body,
             Step::GramBackward($s) => $body,
+            Step::Keep($s) => $body,
             Step::ReluBackward($s) => $body,
             Step::Unpool($s) => $body,
             Step::ConvBackwardData($s) => $body,
@@ -328,7 +344,7 @@ impl StepInfo for BiasActPoolTap {
             Some(self.pred.buf),
             Some(self.target.buf),
             Some(self.y_pred.buf),
-            Some(self.y_target.buf),
+            self.y_target.map(|y| y.buf),
             self.mask,
             self.argmax,
             self.tap.grad,
@@ -371,7 +387,7 @@ impl StepInfo for Gram {
     fn buffers(&self) -> Vec<Buf> {
         present([
             Some(self.pred.buf),
-            Some(self.target.buf),
+            self.target.map(|t| t.buf),
             self.partial,
             Some(self.out),
         ])
@@ -384,7 +400,7 @@ impl StepInfo for Gram {
 impl StepInfo for GramLoss {
     const KIND: &'static str = "style tap";
     fn buffers(&self) -> Vec<Buf> {
-        present([Some(self.grams), self.tap.norm])
+        present([Some(self.grams), self.target, self.tap.norm])
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("style tap {}", name(layers, self.layer))
@@ -398,6 +414,16 @@ impl StepInfo for GramBackward {
     }
     fn label(&self, layers: &[Layer]) -> String {
         format!("style gradient {}", name(layers, self.layer))
+    }
+}
+
+impl StepInfo for Keep {
+    const KIND: &'static str = "keep";
+    fn buffers(&self) -> Vec<Buf> {
+        vec![self.x.buf, self.into]
+    }
+    fn label(&self, layers: &[Layer]) -> String {
+        format!("keep {}", name(layers, self.layer))
     }
 }
 

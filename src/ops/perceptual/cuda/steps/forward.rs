@@ -19,7 +19,7 @@ impl Preprocess {
         let (scale, shift) = x.norm();
         let p = pl_k_preprocess_params {
             pred: io.inputs[0] as *const _,
-            target: io.inputs[1] as *const _,
+            target: if self.pairs { io.inputs[1] } else { 0 } as *const _,
             out: x.at(self.out) as *mut _,
             n: s.n as i64,
             h: s.h as i64,
@@ -31,7 +31,8 @@ impl Preprocess {
             scale,
             shift,
         };
-        x.kernel("pl_vgg_preprocess", grid_for(2 * s.n * s.h * s.w), &p)
+        let images = if self.pairs { 2 * s.n } else { s.n };
+        x.kernel("pl_vgg_preprocess", grid_for(images * s.h * s.w), &p)
     }
 }
 
@@ -118,7 +119,7 @@ impl BiasActPoolTap {
                 let p = pl_k_bias_act_pool_tap_params {
                     tap,
                     y: x.span(self.y_pred) as *mut _,
-                    y_target: x.span(self.y_target) as *mut _,
+                    y_target: self.y_target.map_or(0, |y| x.span(y)) as *mut _,
                     bias: x.bias(self.bias)?,
                     mask: x.opt(self.mask) as *mut u32,
                     argmax: x.opt(self.argmax) as *mut u32,
@@ -126,10 +127,28 @@ impl BiasActPoolTap {
                     w: w as i64,
                     c: c as i32,
                     avg: x.avg(),
+                    target_kept: self.y_target.is_none() as i32,
+                    reserved: 0,
                 };
                 x.kernel("pl_vgg_bias_act_pool_tap", grid, &p)
             },
         )
+    }
+}
+
+impl Keep {
+    /// `pl_vgg_copy`.
+    pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
+        let (c, h, w) = self.dims;
+        let count = self.x.count * c * h * w;
+        let p = pl_k_copy_params {
+            src: x.span(self.x) as *const _,
+            dst: x.at(self.into) as *mut _,
+            count: count as i64,
+            dtype: x.compute(),
+            reserved: 0,
+        };
+        x.kernel("pl_vgg_copy", vec_grid(count, c)?, &p)
     }
 }
 

@@ -18,6 +18,7 @@ impl Gram {
     pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
         let (c, h, w) = self.dims;
         let (n, m) = (self.pred.count, h * w);
+        let count = n + self.target.map_or(0, |t| t.count);
         let tiles = c.div_ceil(32);
         let out = match self.partial {
             Some(partial) => x.at(partial),
@@ -26,9 +27,9 @@ impl Gram {
         let scale = 1.0 / (c * m) as f32;
         let p = pl_k_gram_params {
             x: x.span(self.pred) as *const _,
-            x2: x.span(self.target) as *const _,
+            x2: x.span(self.target.unwrap_or(self.pred)) as *const _,
             out: out as *mut f32,
-            count: 2 * n as i64,
+            count: count as i64,
             split: n as i64,
             m: m as i64,
             rows_per_slice: m.div_ceil(self.slices).next_multiple_of(32) as i64,
@@ -39,13 +40,13 @@ impl Gram {
         };
         let grid = (
             (tiles * tiles) as u32,
-            (2 * n * self.slices).min(MAX_GRID) as u32,
+            (count * self.slices).min(MAX_GRID) as u32,
         );
         x.kernel("pl_vgg_gram", grid, &p)?;
         if self.partial.is_none() {
             return Ok(());
         }
-        let len = 2 * n * c * c;
+        let len = count * c * c;
         let sum = pl_k_gram_sum_params {
             partial: out as *const f32,
             out: x.at(self.out) as *mut f32,
@@ -58,11 +59,15 @@ impl Gram {
 }
 
 impl GramLoss {
-    /// `pl_vgg_tap_loss` over the f32 Grams: pred's first, target's after.
+    /// `pl_vgg_tap_loss` over the f32 Grams: pred's first, target's after
+    /// them or kept.
     pub(super) fn launch<G: Gpu, C: Convs>(&self, x: &Exec<'_, G, C>) -> Result<()> {
         let per_image = self.c * self.c;
         let pred = x.at(self.grams);
-        let target = pred + (x.call.io.shape.n * per_image * 4) as u64;
+        let target = match self.target {
+            Some(kept) => x.at(kept),
+            None => pred + (x.call.io.shape.n * per_image * 4) as u64,
+        };
         let inputs = (pred, target, x.opt(self.tap.grad));
         let tap = (&self.tap, x.spec.style_criterion);
         x.with_tap(inputs, (per_image, VEC), tap, |mut tap, grid| {

@@ -35,6 +35,35 @@ pub(crate) struct DeviceNet<'a> {
     pub lpips: u64,
 }
 
+/// Where a call's kept target slots are, for the images of one chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeptAt {
+    /// By slot: the address of the chunk's first image there.
+    pub addrs: Vec<u64>,
+    /// The kept target is one image, which serves every pred image.
+    pub shared: bool,
+}
+
+impl KeptAt {
+    /// Where slots at (address, bytes per image) of a kept target of
+    /// `images` images are for a chunk from image `first`: a one-image
+    /// target serves every image from its one copy.
+    pub(crate) fn of(
+        slots: impl Iterator<Item = (u64, usize)>,
+        images: usize,
+        first: usize,
+    ) -> KeptAt {
+        let shared = images == 1;
+        let first = if shared { 0 } else { first };
+        KeptAt {
+            addrs: slots
+                .map(|(base, per_image)| base + (first * per_image) as u64)
+                .collect(),
+            shared,
+        }
+    }
+}
+
 /// Everything a step's launch needs: where to queue, the network, the
 /// options, the call, and where the schedule's buffers are.
 pub(crate) struct Exec<'a, G, C> {
@@ -43,9 +72,10 @@ pub(crate) struct Exec<'a, G, C> {
     pub net: DeviceNet<'a>,
     pub spec: &'a PerceptualSpec,
     pub call: &'a CudaCall,
-    /// The buffers: at `base` + the layout's offsets.
+    /// The buffers: at `base` + the layout's offsets, or a kept slot.
     pub layout: &'a Layout,
     pub base: u64,
+    pub kept: &'a KeptAt,
 }
 
 impl<G: Gpu, C: Convs> Exec<'_, G, C> {
@@ -54,9 +84,13 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
         on_step!(step, s => s.launch(self))
     }
 
-    /// The device address of buffer `b`.
+    /// The device address of buffer `b` (`exec::run` checked the kept
+    /// slots are all there).
     fn at(&self, b: Buf) -> u64 {
-        self.base + self.layout.offsets[b] as u64
+        match self.layout.kept.get(b).copied().flatten() {
+            Some(slot) => self.kept.addrs[slot],
+            None => self.base + self.layout.offsets[b] as u64,
+        }
     }
 
     /// The loss from the call's two parts, which the taps summed apart
@@ -168,6 +202,7 @@ impl<G: Gpu, C: Convs> Exec<'_, G, C> {
                 accumulate: accumulate as i32,
                 weight: tap.weight as f32,
                 accumulate_per_sample: !tap.first as i32,
+                target_shared: self.kept.shared as i32,
             };
             f(p, split.grid)?;
             if fro && grad != 0 {

@@ -38,7 +38,14 @@ fn preprocess_matches_cpu_preprocess() {
             setup.call.io.shape = s;
             setup.call.io.dtype = in_dtype;
             setup.call.io.inputs = [arena.addr(0), arena.addr(1)];
-            setup.run(emu, &arena, Step::Preprocess(Preprocess { out: 2 }));
+            setup.run(
+                emu,
+                &arena,
+                Step::Preprocess(Preprocess {
+                    out: 2,
+                    pairs: true,
+                }),
+            );
             // cpu::preprocess per image of pred, then of target, padded to 8 channels.
             let mut want = Vec::new();
             let mut scale = Vec::new();

@@ -26,7 +26,7 @@ fn gram_matches_the_cpu_gram_and_is_symmetric_to_the_bit() {
                 let step = Gram {
                     layer: 3,
                     pred: whole(0, n),
-                    target: whole(1, n),
+                    target: Some(whole(1, n)),
                     dims,
                     slices,
                     partial: (slices > 1).then_some(3),

@@ -20,7 +20,7 @@ mod forward;
 mod gram;
 mod taps;
 
-use super::{DeviceNet, Exec};
+use super::{DeviceNet, Exec, KeptAt};
 use crate::backend::DeviceIo;
 use crate::cuda::emulator::{load, round_to, store, Emulator};
 use crate::error::{Error, Result};
@@ -95,7 +95,11 @@ impl Arena {
         words[at / 16..].fill(GUARD);
         Arena {
             words,
-            layout: Layout { offsets, bytes: at },
+            layout: Layout {
+                kept: vec![None; offsets.len()],
+                offsets,
+                bytes: at,
+            },
         }
     }
 
@@ -176,16 +180,19 @@ impl Setup {
         Setup {
             spec,
             weights,
-            call: CudaCall::new(DeviceIo {
-                shape: Shape::new(1, 3, 1, 1),
-                dtype: DType::F32,
-                inputs: [0, 0],
-                grad: None,
-                beta: 0.0,
-                loss: 0,
-                per_sample: None,
-                parts: None,
-            }),
+            call: CudaCall::new(
+                DeviceIo {
+                    shape: Shape::new(1, 3, 1, 1),
+                    dtype: DType::F32,
+                    inputs: [0, 0],
+                    grad: None,
+                    beta: 0.0,
+                    loss: 0,
+                    per_sample: None,
+                    parts: None,
+                },
+                Batch::Pairs,
+            ),
             compute,
             lpips: 0,
         }
@@ -207,6 +214,7 @@ impl Setup {
             call: &self.call,
             layout: &arena.layout,
             base: arena.base(),
+            kept: &KeptAt::default(),
         };
         x.launch(&step).unwrap();
         arena.assert_guard();

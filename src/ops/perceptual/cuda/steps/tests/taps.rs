@@ -212,7 +212,7 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
                 pred: images(0, 0),
                 target: images(1, 0),
                 y_pred: images(2, 0),
-                y_target: images(2, n * per_out),
+                y_target: Some(images(2, n * per_out)),
                 bias: Some(0),
                 mask: Some(3),
                 argmax: max.then_some(4),
