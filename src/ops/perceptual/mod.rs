@@ -365,16 +365,32 @@ impl PerceptualLoss {
     /// what its weights would cost on CUDA, in their compute dtype).
     /// [`PlanReport::floor`] turns it into a time floor on a card.
     pub fn plan_report(&self, shape: Shape, dtype: DType, want_grad: bool) -> Result<PlanReport> {
-        shape.numel()?;
-        self.op.check_shape(shape)?;
+        self.report((shape, cuda::Batch::Pairs), dtype, want_grad)
+    }
+
+    /// [`plan_report`](Self::plan_report) of a
+    /// [`compute_resident`](Self::compute_resident) call with pred of
+    /// `shape`: the network runs over pred alone, and its taps read the
+    /// kept target (counted as `shape.n` images).
+    pub fn resident_plan_report(
+        &self,
+        shape: Shape,
+        dtype: DType,
+        want_grad: bool,
+    ) -> Result<PlanReport> {
+        self.report((shape, cuda::Batch::Pred), dtype, want_grad)
+    }
+
+    fn report(
+        &self,
+        call: (Shape, cuda::Batch),
+        dtype: DType,
+        want_grad: bool,
+    ) -> Result<PlanReport> {
+        call.0.numel()?;
+        self.op.check_shape(call.0)?;
         let dtypes = (dtype, self.vgg().compute_dtype());
-        cuda::cost::report(
-            self.vgg().layers(),
-            &self.op.spec,
-            (shape, cuda::Batch::Pairs),
-            dtypes,
-            want_grad,
-        )
+        cuda::cost::report(self.vgg().layers(), &self.op.spec, call, dtypes, want_grad)
     }
 
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on

@@ -523,4 +523,34 @@ mod tests {
         let fwd = l.plan_report(s, DType::F32, false).unwrap();
         assert_eq!(fwd.gram_flops, 2 * 2 * 64 * 64 * 16);
     }
+
+    /// The hand-derived call above against a kept target: one half of
+    /// every forward pass, the tap reading the kept target's conv1_1 output.
+    #[test]
+    fn a_kept_target_costs_one_half_of_the_forward() {
+        let l = loss(&["relu1_1"], None);
+        let s = Shape::new(1, 3, 4, 4);
+        let r = l.resident_plan_report(s, DType::F32, true).unwrap();
+        let act = 64 * 16 * 4;
+        let mask = 1024 / 8;
+        // preprocess; bias+ReLU on pred; the tap; ReLU backward; the input
+        // gradient. conv1_1 forward once, and its backward-data.
+        assert_eq!((r.kernel_launches, r.cudnn_calls), (5, 2));
+        let read = 48 * 4 + act + 2 * act + act + mask + 8 * 16 * 4;
+        let written = 8 * 16 * 4 + act + mask + act + act + 48 * 4;
+        assert_eq!(r.kernel_bytes_read, read as u64);
+        assert_eq!(r.kernel_bytes_written, written as u64);
+        let conv = 2 * 64 * 8 * 9 * 16;
+        assert_eq!(r.conv_flops, 2 * conv);
+        // At the article's taps and a larger shape: the forward halves.
+        let article = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+        let s = Shape::new(2, 3, 32, 32);
+        let flops = |kept: bool, grad: bool| match kept {
+            true => article.resident_plan_report(s, DType::BF16, grad),
+            false => article.plan_report(s, DType::BF16, grad),
+        };
+        let flops = |kept, grad| flops(kept, grad).unwrap().conv_flops;
+        assert_eq!(2 * flops(true, false), flops(false, false));
+        assert_eq!(flops(false, true) - flops(true, true), flops(true, false));
+    }
 }
