@@ -38,6 +38,9 @@ rm -f "$bundle/bin/test-c_abi" "$bundle/bin/test-python" "$bundle/bin/test-cli" 
     "$bundle/bin/test-robustness" "$bundle/bin/test-nonfinite" "$bundle/bin/test-fuzz_weights" \
     "$bundle/bin/test-abuse_c_abi" "$bundle/bin/test-style_cpu" "$bundle/bin/test-lpips_cpu" \
     "$bundle/bin/test-resident_cpu"
+# The CLI is tested on the CPU; leaving it out keeps the bundle under the
+# 64 MiB a device call carries.
+rm -f "$bundle/bin/bin-perceptual-loss"
 cargo build --release --lib
 mkdir -p "$bundle/lib"
 cp target/release/libperceptual_loss.so "$bundle/lib/"
@@ -46,8 +49,15 @@ cp target/release/libperceptual_loss.so "$bundle/lib/"
 mkdir -p "$bundle/bindings" "$bundle/scripts"
 mkdir -p "$bundle/bindings/python"  # the package, its tests and examples (not a local build/)
 cp -r bindings/python/perceptual_loss bindings/python/tests bindings/python/examples "$bundle/bindings/python/"
-cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/export_vgg.py scripts/torch_reference.py \
-    scripts/torch_parity.sh scripts/step_times.py "$bundle/scripts/"
+cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/torch_style_lpips_bench.py \
+    scripts/export_vgg.py scripts/torch_reference.py scripts/torch_parity.sh scripts/step_times.py "$bundle/scripts/"
+# The lpips package (pure Python, BSD-2-Clause, with its lin weights) for the
+# LPIPS baseline: the GPU machine cannot install it. Taken from the Python
+# the tests use, when it has it.
+python=${PERCEPTUAL_LOSS_PYTHON:-python3}
+if lpips_dir=$("$python" -c 'import os, lpips; print(os.path.dirname(lpips.__file__))' 2>/dev/null); then
+    mkdir -p "$bundle/py" && cp -r "$lpips_dir" "$bundle/py/"
+fi
 
 cat >"$bundle/run.sh" <<'RUN'
 #!/usr/bin/env bash
@@ -82,6 +92,13 @@ tail -15 python.log
 summary+=("| python (pytest) | $verdict | $(tail -1 python.log) | |")
 echo "=== example"
 ./bin/example-losses 2>&1 | tail -12
+echo "=== the main job on this device: feature inversion, then style transfer against a kept target"
+for style in "" "--style generated"; do
+    if timeout 60 ./bin/example-feature_inversion --steps 40 --out "main-job${style:+-style}" $style >main-job.log 2>&1; then
+        verdict=pass; else verdict=FAIL; fi
+    tail -3 main-job.log
+    summary+=("| main job ${style:-(feature inversion)} | $verdict | $(tail -1 main-job.log) | |")
+done
 echo "=== PyTorch parity (float64 torchvision + autograd vs the crate on the GPU)"
 timeout 240 scripts/torch_parity.sh bin/example-perceptual_dump >parity.log 2>&1
 parity_status=$?
@@ -93,8 +110,14 @@ if [ "${TORCH_ANCHORS:-1}" = 0 ]; then
 elif python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
     timeout 120 python3 scripts/torch_tv_bench.py 2>&1 | tail -6 || echo "(torch TV benchmark failed or timed out)"
     timeout 300 python3 scripts/torch_perceptual_bench.py 2>&1 | tail -8 || echo "(torch perceptual benchmark failed or timed out)"
+    PYTHONPATH="$PWD/py${PYTHONPATH:+:$PYTHONPATH}" timeout 300 python3 scripts/torch_style_lpips_bench.py 2>&1 |
+        grep -E '^\|' || echo "(torch style/LPIPS benchmark failed or timed out)"
 else
     echo "(skipped: torch has no CUDA device here)"
+    # The style/LPIPS baselines' losses, on the CPU at a tiny shape.
+    if PYTHONPATH="$PWD/py${PYTHONPATH:+:$PYTHONPATH}" timeout 120 python3 scripts/torch_style_lpips_bench.py --check \
+        >style-lpips-check.log 2>&1; then verdict=pass; else verdict=FAIL; tail -20 style-lpips-check.log; fi
+    summary+=("| torch_style_lpips_bench.py --check | $verdict | $(tail -1 style-lpips-check.log) | |")
 fi
 echo "=== crate benchmarks"
 timeout 120 ./bin/bench-tv 2>&1 | tail -10

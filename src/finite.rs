@@ -7,9 +7,9 @@
 
 use crate::cuda::abi::pl_k_check_params;
 use crate::cuda::{grid_for, kernels, Gpu};
-use crate::device::CudaDevice;
+use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Element, Shape};
+use crate::tensor::{DType, Element, PerDType, Shape, Storage, TensorRef};
 
 /// The index of the first non-finite element of `values`.
 pub(crate) fn first_on_host<T: Element>(values: &[T]) -> Option<usize> {
@@ -84,6 +84,32 @@ fn element_value(dtype: DType, bytes: &[u8; 4]) -> f64 {
         }
     }
     dtype.dispatch(Value(bytes))
+}
+
+/// An error naming the first NaN or infinite element of `t` (input `name`),
+/// wherever it lives; for a tensor checked outside a loss call (a kept
+/// target).
+pub(crate) fn check_tensor(device: &Device, t: &TensorRef<'_>, name: &str) -> Result<()> {
+    struct OnHost<'a, 't>(&'a TensorRef<'t>);
+    impl PerDType for OnHost<'_, '_> {
+        type Output = Option<(usize, f64)>;
+        fn run<T: Element>(self) -> Self::Output {
+            let values = self.0.host_values::<T>()?;
+            first_on_host(values).map(|i| (i, values[i].to_f64()))
+        }
+    }
+    let s = t.shape;
+    let first = match (device.cuda_device(), &t.storage) {
+        (Some(dev), Storage::Cuda { ptr, .. }) => {
+            first_on_device(dev, &[*ptr], t.dtype, s.numel()?)?
+                .map(|(_, index, value)| (index, value))
+        }
+        _ => t.dtype.dispatch(OnHost(t)),
+    };
+    match first {
+        Some((index, value)) => Err(error(name, s, index, value)),
+        None => Ok(()),
+    }
 }
 
 /// The error for input `name` of `shape`, non-finite (`value`) at `index`.

@@ -61,7 +61,7 @@ impl Resident {
         s.numel()?;
         op.check_shape(s)?;
         if op.spec.check_finite {
-            check_finite(device, target)?;
+            crate::finite::check_tensor(device, target, "target")?;
         }
         let held = match (device.cuda_device(), &target.storage) {
             (None, Storage::Host(_)) => Held::Host(Arc::new(
@@ -130,30 +130,6 @@ impl Resident {
             )));
         }
         Ok(target)
-    }
-}
-
-/// An error naming the first NaN or infinite element of `target`.
-fn check_finite(device: &Device, target: &TensorRef<'_>) -> Result<()> {
-    struct OnHost<'a, 't>(&'a TensorRef<'t>);
-    impl PerDType for OnHost<'_, '_> {
-        type Output = Option<(usize, f64)>;
-        fn run<T: Element>(self) -> Self::Output {
-            let values = self.0.host_values::<T>()?;
-            crate::finite::first_on_host(values).map(|i| (i, values[i].to_f64()))
-        }
-    }
-    let s = target.shape;
-    let first = match (device.cuda_device(), &target.storage) {
-        (Some(dev), Storage::Cuda { ptr, .. }) => {
-            let found = crate::finite::first_on_device(dev, &[*ptr], target.dtype, s.numel()?)?;
-            found.map(|(_, index, value)| (index, value))
-        }
-        _ => target.dtype.dispatch(OnHost(target)),
-    };
-    match first {
-        Some((index, value)) => Err(crate::finite::error("target", s, index, value)),
-        None => Ok(()),
     }
 }
 
