@@ -45,8 +45,14 @@ impl LinWeights {
     /// The v0.1 VGG weights the `lpips` package ships (BSD-2-Clause, see
     /// assets/lpips/LICENSE), embedded in the crate.
     pub fn v0_1() -> LinWeights {
-        // The embedded file is checked by a unit test.
-        LinWeights::from_safetensors(V0_1).expect("the embedded LPIPS weights are valid")
+        // Parsed once (every default config takes them); the embedded file
+        // is checked by a unit test.
+        static PARSED: std::sync::OnceLock<LinWeights> = std::sync::OnceLock::new();
+        PARSED
+            .get_or_init(|| {
+                LinWeights::from_safetensors(V0_1).expect("the embedded LPIPS weights are valid")
+            })
+            .clone()
     }
 
     /// All weights 1: the plain sum over channels (`lin=False`).
