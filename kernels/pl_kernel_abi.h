@@ -203,8 +203,9 @@ typedef struct pl_k_tap_loss_params {
 
 /* A tapped ReLU layer, the 2x2 pooling after it and the tap, in one pass
  * (H and W even): the pred and target images are read once; the pred
- * mask, both pooled outputs, the pred argmax, the tap's loss and its
- * gradient are written; the ReLU output is not stored. */
+ * mask, both pooled outputs (pred's alone against a kept target), the pred
+ * argmax, the tap's loss and its gradient are written; the ReLU output is
+ * not stored. */
 typedef struct pl_k_bias_act_pool_tap_params {
     pl_k_tap_loss_params tap;  /* x and target: the ReLU's input (before the bias);
                              grad may be x itself (written in place);

@@ -214,8 +214,9 @@ __device__ __forceinline__ void bias_act_pool_tap(const pl_k_bias_act_pool_tap_p
     // The tap's grid and reduction (see pl_vgg_tap_loss), over units of PL_VEC
     // channels of one pooled pixel: each thread reads the 2x2 window of
     // pred and of target once, and from it writes the pred mask, both
-    // pooled outputs, the pred argmax, and the tap's distance and gradient
-    // at all four positions. The ReLU output itself is never stored.
+    // pooled outputs (pred's alone when KEPT), the pred argmax, and the
+    // tap's distance and gradient at all four positions. The ReLU output
+    // itself is never stored.
     const pl_k_tap_loss_params &t = p.tap;
     uint8_t *mask = reinterpret_cast<uint8_t *>(p.mask);
     uint8_t *argmax = reinterpret_cast<uint8_t *>(p.argmax);

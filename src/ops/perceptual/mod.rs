@@ -96,8 +96,9 @@ use std::sync::{Arc, Mutex};
 /// Clones share the
 /// caches of both backends, and calls through them are serialised where
 /// they touch a cache. On CUDA the plans (buffers and cuDNN algorithms)
-/// of the 4 most recently used input shapes are kept; a fifth shape frees
-/// the least recently used one's buffers. On the CPU the last target's tap
+/// of the 4 most recently used kinds of call (an input shape, with its
+/// target passed or kept) are kept; a fifth frees the least recently used
+/// one's buffers. On the CPU the last target's tap
 /// features are kept (up to 64 MiB) while its bytes stay the same, so
 /// loops against one target (feature inversion, style) run the target
 /// through the network once.
@@ -394,8 +395,10 @@ impl PerceptualLoss {
     }
 
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on
-    /// `shape` holds (for one chunk when chunked; built now if not yet
-    /// seen); `None` on the CPU.
+    /// `shape` with its target passed holds (for one chunk when chunked;
+    /// built now if not yet seen); `None` on the CPU. A call against a kept
+    /// target has a plan of its own (about half of this), and the kept
+    /// target's features are not counted here.
     pub fn plan_footprint(&self, shape: Shape) -> Result<Option<usize>> {
         let Some(dev) = self.vgg().device().cuda_device() else {
             return Ok(None);

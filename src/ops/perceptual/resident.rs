@@ -41,7 +41,7 @@ pub(crate) struct Resident {
 /// image.
 enum Held {
     Host(Arc<cpu::TapFeatures>),
-    Device(DeviceTarget),
+    Device(Arc<DeviceTarget>),
 }
 
 impl std::fmt::Debug for Resident {
@@ -85,7 +85,7 @@ impl Resident {
                 };
                 // Done before set_target returns: the caller may reuse the
                 // memory at once.
-                Held::Device(op.device.keep(dev, &op.vgg, &op.spec, &io)?)
+                Held::Device(Arc::new(op.device.keep(dev, &op.vgg, &op.spec, &io)?))
             }
             _ => {
                 return Err(Error::DeviceMismatch(format!(
@@ -116,7 +116,7 @@ impl Resident {
     }
 
     /// The kept target on `dev`.
-    fn on_device(&self, dev: &CudaDevice) -> Result<&DeviceTarget> {
+    fn on_device(&self, dev: &CudaDevice) -> Result<&Arc<DeviceTarget>> {
         let Held::Device(target) = &self.held else {
             return Err(Error::DeviceMismatch(
                 "the target was kept on the CPU; this call runs on CUDA".into(),

@@ -332,7 +332,8 @@ impl<'a> Counter<'a> {
                 Step::GramBackward(s) => {
                     gram_flops += gram(s.dims, s.x.count);
                     let grad = self.buf(s.grad);
-                    let e = self.buf(s.e) / 2;
+                    let (c, _, _) = s.dims;
+                    let e = (s.x.count * c * c * 4) as u128;
                     let old = if s.accumulate { grad } else { 0 };
                     (e + self.images(s.x, s.dims) + old, grad)
                 }
@@ -542,6 +543,26 @@ mod tests {
         assert_eq!(r.kernel_bytes_written, written as u64);
         let conv = 2 * 64 * 8 * 9 * 16;
         assert_eq!(r.conv_flops, 2 * conv);
+        // With a style tap there too: what a kept call saves is the
+        // target's input, bias+ReLU and Grams (its 64 x 64 f32 Grams are
+        // read, not made); dL/dG is read as in a passed call.
+        let config = PerceptualConfig {
+            taps: vec![Tap::from("relu1_1")],
+            style_taps: vec![Tap::from("relu1_1")],
+            ..Default::default()
+        };
+        let style = PerceptualLoss::seeded(VggArch::Vgg16, &config);
+        let passed = style.plan_report(s, DType::F32, true).unwrap();
+        let kept = style.resident_plan_report(s, DType::F32, true).unwrap();
+        let grams = 64 * 64 * 4;
+        assert_eq!(
+            passed.kernel_bytes_read - kept.kernel_bytes_read,
+            (48 * 4 + act + act) as u64
+        );
+        assert_eq!(
+            passed.kernel_bytes_written - kept.kernel_bytes_written,
+            (8 * 16 * 4 + act + grams) as u64
+        );
         // At the article's taps and a larger shape: the forward halves.
         let article = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
         let s = Shape::new(2, 3, 32, 32);

@@ -34,7 +34,7 @@ use cudarc::driver::{CudaSlice, DevicePtr};
 pub(crate) use kept::DeviceTarget;
 use plan::{buffer_bytes, ShapePlan};
 pub(crate) use schedule::Batch;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// One call (or one chunk of images of it) on the device.
 #[derive(Debug, Clone, Copy)]
@@ -104,6 +104,9 @@ const KEPT_SHAPES: usize = 4;
 pub(crate) struct Plans {
     plans: Mutex<Recent<ShapePlan>>,
     chunks: Mutex<Recent<(ChunkKey, usize)>>,
+    /// Kept targets a CUDA graph captured a call against: its slots must
+    /// outlive the graph, so they stay while the loss lives.
+    captured_targets: Mutex<Vec<Arc<DeviceTarget>>>,
     /// LPIPS's channel weights on each device used, by ordinal.
     lin: Mutex<Vec<(usize, CudaSlice<f32>)>>,
 }
@@ -113,6 +116,7 @@ impl Default for Plans {
         Plans {
             plans: Mutex::new(Recent::new(KEPT_SHAPES)),
             chunks: Mutex::new(Recent::new(64)),
+            captured_targets: Mutex::new(Vec::new()),
             lin: Mutex::new(Vec::new()),
         }
     }
@@ -129,6 +133,15 @@ impl std::fmt::Debug for Plans {
 /// holds).
 type ChunkKey = (Shape, DType, Batch);
 
+/// What kind of call a batch holding `holds` is, for messages.
+fn call_kind(holds: Batch) -> &'static str {
+    match holds {
+        Batch::Pairs => "",
+        Batch::Pred => " against a kept target",
+        Batch::Target => " keeping a target",
+    }
+}
+
 impl Plans {
     /// Queues the loss of `io.inputs[0]` (pred) against `io.inputs[1]`
     /// (target), or against the `kept` target, on `dev`, chunk by chunk.
@@ -138,19 +151,35 @@ impl Plans {
         vgg: &Vgg,
         spec: &PerceptualSpec,
         io: &DeviceIo<2>,
-        kept: Option<&DeviceTarget>,
+        kept: Option<&Arc<DeviceTarget>>,
     ) -> Result<()> {
         let holds = match kept {
             Some(_) => Batch::Pred,
             None => Batch::Pairs,
         };
-        self.queue_chunks(dev, vgg, spec, CudaCall::new(*io, holds), kept)
+        if let Some(target) = kept.filter(|_| dev.capturing()) {
+            let mut captured = self
+                .captured_targets
+                .lock()
+                .map_err(|_| Error::poisoned())?;
+            if !captured.iter().any(|t| Arc::ptr_eq(t, target)) {
+                captured.push(target.clone());
+            }
+        }
+        self.queue_chunks(
+            dev,
+            vgg,
+            spec,
+            CudaCall::new(*io, holds),
+            kept.map(|t| &**t),
+        )
     }
 
     /// Keeps the target `io.inputs[0]` of `io.shape` on `dev` for calls
     /// against it: one forward over it alone fills the kept slots, and is
     /// waited for (the caller may reuse the target's memory, and calls on
-    /// any stream may read the slots).
+    /// any stream may read the slots). Its plan is freed after it: a
+    /// target is kept for many calls, and its buffers would otherwise stay.
     pub(crate) fn keep(
         &self,
         dev: &CudaDevice,
@@ -163,9 +192,12 @@ impl Plans {
         let one = schedule::build(layers, spec, Batch::Target, (1, s.h, s.w), false, false)?;
         let target = DeviceTarget::alloc(dev, &one, s.n, vgg.compute_dtype().size())?;
         let call = CudaCall::new(*io, Batch::Target);
-        self.queue_chunks(dev, vgg, spec, call, Some(&target))?;
-        dev.synchronize()?;
-        Ok(target)
+        let done = self
+            .queue_chunks(dev, vgg, spec, call, Some(&target))
+            .and_then(|()| dev.synchronize());
+        let mut plans = self.plans.lock().map_err(|_| Error::poisoned())?;
+        while plans.take(|p| p.holds() == Batch::Target).is_some() {}
+        done.map(|()| target)
     }
 
     fn queue_chunks(
@@ -317,8 +349,9 @@ impl Plans {
             && !decided(&*self.chunks.lock().map_err(|_| Error::poisoned())?)
         {
             return Err(capture_forbids(format!(
-                "no chunk size for {s} under the memory budget yet (run one call of this shape \
-                 before capturing): choosing one builds plans"
+                "no chunk size for {s}{} under the memory budget yet (run one such call before \
+                 capturing): choosing one builds plans",
+                call_kind(holds)
             )));
         }
         self.chunk_images(vgg, spec, (s, holds), vgg.compute_dtype(), |k| {
@@ -345,9 +378,10 @@ impl Plans {
             // memory, which a capture must not see either.
             if capturing && !plans.contains(matches) {
                 return Err(capture_forbids(format!(
-                    "no plan for {shape} on this stream yet (run one call of this shape on it \
-                     before capturing): building one allocates device memory and chooses cuDNN \
-                     algorithms"
+                    "no plan for {shape}{} on this stream yet (run one such call on it before \
+                     capturing): building one allocates device memory and chooses cuDNN \
+                     algorithms",
+                    call_kind(holds)
                 )));
             }
             let plan = plans.get_or_try_insert_keeping(

@@ -84,11 +84,7 @@ fn log_plan(
     (dims, buffers, workspace): (&[Dims], usize, usize),
 ) {
     let mib = |b: usize| b as f64 / (1 << 20) as f64;
-    let batch = match holds {
-        Batch::Pairs => "",
-        Batch::Pred => " against a kept target",
-        Batch::Target => " keeping a target",
-    };
+    let batch = super::call_kind(holds);
     eprintln!(
         "perceptual plan for {s}{batch} computing in {} (cuDNN {}, algorithms {}): buffers {:.1} MiB, cuDNN workspace {:.1} MiB",
         compute.name(),
@@ -141,6 +137,11 @@ fn conv_shapes(layers: &[Layer], dims: &[Dims], sched: &schedule::Schedule) -> C
 }
 
 impl ShapePlan {
+    /// What the batch of its calls holds.
+    pub(crate) fn holds(&self) -> Batch {
+        self.key.1
+    }
+
     pub(crate) fn matches(
         &self,
         dev: &CudaDevice,
