@@ -920,6 +920,24 @@ pl_status pl_perceptual_plan_report(struct pl_perceptual *loss,
                                     struct pl_plan_report *report);
 
 /**
+ * As `pl_perceptual_plan_report`, for a call against a kept target
+ * (`pl_perceptual_set_target`) with pred of n x c x h x w: the network
+ * runs over pred alone, and the taps read the kept target (counted as n
+ * images).
+ *
+ * # Safety
+ * `loss` must be a live handle and `report` a writable `pl_plan_report`.
+ */
+pl_status pl_perceptual_resident_plan_report(struct pl_perceptual *loss,
+                                             pl_dtype dtype,
+                                             int64_t n,
+                                             int64_t c,
+                                             int64_t h,
+                                             int64_t w,
+                                             int32_t want_grad,
+                                             struct pl_plan_report *report);
+
+/**
  * The library version, e.g. "0.1.0". Never NULL.
  */
 const char *pl_version(void);

@@ -535,8 +535,8 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             perceptual_loss::DType::F32,
         )
         .unwrap();
-        let want = perceptual_loss::PerceptualLoss::new(vgg19, &Default::default())
-            .unwrap()
+        let loss_rs = perceptual_loss::PerceptualLoss::new(vgg19, &Default::default()).unwrap();
+        let want = loss_rs
             .plan_report(
                 perceptual_loss::Shape::new(2, 3, 8, 8),
                 perceptual_loss::DType::BF16,
@@ -572,6 +572,28 @@ fn seeded_weights_and_streams_through_the_c_abi() {
             PL_OK
         );
         assert_eq!((old.gram_flops, old.conv_flops), (12345, report.conv_flops));
+        // Against a kept target: pred's half of the forward alone, as Rust
+        // counts it.
+        let mut kept = std::mem::zeroed();
+        assert_eq!(pl_plan_report_init(&mut kept), PL_OK);
+        let st = pl_perceptual_resident_plan_report(loss, PL_BF16, 2, 3, 8, 8, 1, &mut kept);
+        assert_eq!(st, PL_OK, "{}", last_error());
+        let want = loss_rs
+            .resident_plan_report(
+                perceptual_loss::Shape::new(2, 3, 8, 8),
+                perceptual_loss::DType::BF16,
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (kept.cudnn_calls, kept.conv_flops, kept.kernel_bytes_read),
+            (
+                want.cudnn_calls as u64,
+                want.conv_flops,
+                want.kernel_bytes_read
+            )
+        );
+        assert!(kept.conv_flops < report.conv_flops);
         assert!(report.kernel_launches > 0 && report.conv_flops > 0);
         pl_perceptual_destroy(loss);
         pl_vgg_destroy(vgg);

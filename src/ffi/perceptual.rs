@@ -9,9 +9,9 @@ use super::handle::{borrow, destroy, give, out_param, Handle};
 use super::options::{self, released};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::vgg::Pooling;
-use crate::{InputNorm, PerceptualConfig, PerceptualLoss, Tap, VggArch};
+use crate::{DType, InputNorm, PerceptualConfig, PerceptualLoss, PlanReport, Shape, Tap, VggArch};
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
 
@@ -494,33 +494,74 @@ pub unsafe extern "C" fn pl_perceptual_plan_report(
     report: *mut pl_plan_report,
 ) -> pl_status {
     guard(|| {
-        let handle = borrow(loss, "loss")?;
-        if report.is_null() {
-            return Err(Error::arg("report is NULL"));
-        }
-        // Aligned, and a version of the struct this library knows (checked
-        // on the raw pointer, before any reference to it exists).
-        let size = options::read(report.cast_const(), "report")?.struct_size;
-        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
-        let r = handle.loss.plan_report(shape, dtype, want_grad != 0)?;
-        let count = |v: usize| v as u64;
-        let value = pl_plan_report {
-            struct_size: size,
-            chunks: count(r.chunks),
-            kernel_launches: count(r.kernel_launches),
-            cudnn_calls: count(r.cudnn_calls),
-            kernel_bytes_read: r.kernel_bytes_read,
-            kernel_bytes_written: r.kernel_bytes_written,
-            conv_flops: r.conv_flops,
-            gram_flops: r.gram_flops,
-        };
-        // Only the caller's version's bytes: an older, smaller struct ends
-        // where its fields do.
-        std::ptr::copy_nonoverlapping(
-            (&value as *const pl_plan_report).cast::<u8>(),
-            report.cast::<u8>(),
-            size,
-        );
-        Ok(())
+        write_report(loss, (dtype, [n, c, h, w]), report, |l, s, d| {
+            l.plan_report(s, d, want_grad != 0)
+        })
     })
+}
+
+/// As `pl_perceptual_plan_report`, for a call against a kept target
+/// (`pl_perceptual_set_target`) with pred of n x c x h x w: the network
+/// runs over pred alone, and the taps read the kept target (counted as n
+/// images).
+///
+/// # Safety
+/// `loss` must be a live handle and `report` a writable `pl_plan_report`.
+#[no_mangle]
+pub unsafe extern "C" fn pl_perceptual_resident_plan_report(
+    loss: *mut pl_perceptual,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    want_grad: i32,
+    report: *mut pl_plan_report,
+) -> pl_status {
+    guard(|| {
+        write_report(loss, (dtype, [n, c, h, w]), report, |l, s, d| {
+            l.resident_plan_report(s, d, want_grad != 0)
+        })
+    })
+}
+
+/// Writes the report `of` gives for `loss` on a call of `dtype` and
+/// shape into the caller's `report`, as much of it as its version holds.
+///
+/// # Safety
+/// As `pl_perceptual_plan_report`.
+unsafe fn write_report(
+    loss: *mut pl_perceptual,
+    (dtype, [n, c, h, w]): (pl_dtype, [i64; 4]),
+    report: *mut pl_plan_report,
+    of: impl FnOnce(&PerceptualLoss, Shape, DType) -> Result<PlanReport>,
+) -> Result<()> {
+    let handle = borrow(loss, "loss")?;
+    if report.is_null() {
+        return Err(Error::arg("report is NULL"));
+    }
+    // Aligned, and a version of the struct this library knows (checked
+    // on the raw pointer, before any reference to it exists).
+    let size = options::read(report.cast_const(), "report")?.struct_size;
+    let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+    let r = of(&handle.loss, shape, dtype)?;
+    let count = |v: usize| v as u64;
+    let value = pl_plan_report {
+        struct_size: size,
+        chunks: count(r.chunks),
+        kernel_launches: count(r.kernel_launches),
+        cudnn_calls: count(r.cudnn_calls),
+        kernel_bytes_read: r.kernel_bytes_read,
+        kernel_bytes_written: r.kernel_bytes_written,
+        conv_flops: r.conv_flops,
+        gram_flops: r.gram_flops,
+    };
+    // Only the caller's version's bytes: an older, smaller struct ends
+    // where its fields do.
+    std::ptr::copy_nonoverlapping(
+        (&value as *const pl_plan_report).cast::<u8>(),
+        report.cast::<u8>(),
+        size,
+    );
+    Ok(())
 }

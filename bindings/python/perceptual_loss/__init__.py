@@ -372,16 +372,18 @@ class Perceptual:
         _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle
 
-    def plan_report(self, shape, dtype="float32", grad=True):
+    def plan_report(self, shape, dtype="float32", grad=True, kept=False):
         """What one CUDA call on inputs of `shape` (N, C, H, W) and `dtype`
         costs, counted from its schedule without running anything (no GPU
         needed), in the weights' compute dtype (float32 for weights on the
         CPU): {"chunks", "kernel_launches", "cudnn_calls",
-        "kernel_bytes_read", "kernel_bytes_written", "conv_flops", "gram_flops"}."""
+        "kernel_bytes_read", "kernel_bytes_written", "conv_flops", "gram_flops"}.
+        With `kept`, of a call against a kept target (`set_target`): the
+        network runs over pred alone."""
         report = _lib.PlanReport()
         _check(_lib.pl_plan_report_init(ctypes.byref(report)))
-        _check(_lib.pl_perceptual_plan_report(self._handle, _choice(DTYPES, dtype, "dtype"), *shape, int(bool(grad)),
-                                              ctypes.byref(report)))
+        of = _lib.pl_perceptual_resident_plan_report if kept else _lib.pl_perceptual_plan_report
+        _check(of(self._handle, _choice(DTYPES, dtype, "dtype"), *shape, int(bool(grad)), ctypes.byref(report)))
         return {name: getattr(report, name) for name, _ in _lib.PlanReport._fields_[1:]}
 
     def raw(self, pred_ptr, target_ptr, dtype, shape, out):

@@ -218,8 +218,8 @@ pl_lpips_loss = _declare(
     ctypes.POINTER(Outputs),
 )
 pl_plan_report_init = _declare("pl_plan_report_init", c_int32, ctypes.POINTER(PlanReport))
-pl_perceptual_plan_report = _declare(
-    "pl_perceptual_plan_report", c_int32, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64, c_int32,
-    ctypes.POINTER(PlanReport),
+pl_perceptual_plan_report, pl_perceptual_resident_plan_report = (
+    _declare(name, c_int32, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64, c_int32, ctypes.POINTER(PlanReport))
+    for name in ("pl_perceptual_plan_report", "pl_perceptual_resident_plan_report")
 )
 pl_seeded_weights_write = _declare("pl_seeded_weights_write", c_int32, c_char_p, c_int32, ctypes.c_uint64)

@@ -408,12 +408,13 @@ class PerceptualLoss(_KeptTarget, torch.nn.Module):
         self.reduction = _check_reduction(reduction, options)
         self.losses = _PerceptualLosses(str(weights), arch, compute, options)
 
-    def plan_report(self, shape, dtype=torch.float32, device="cpu", grad=True):
+    def plan_report(self, shape, dtype=torch.float32, device="cpu", grad=True, kept=False):
         """What a CUDA call on `shape` costs, from its schedule (see
-        `perceptual_loss.Perceptual.plan_report`), in the compute dtype of
-        the weights as loaded on `device` (float32 on the CPU)."""
+        `perceptual_loss.Perceptual.plan_report`; `kept`: against a kept
+        target), in the compute dtype of the weights as loaded on `device`
+        (float32 on the CPU)."""
         loss = self.losses.on(torch.device(device))
-        return loss.plan_report(tuple(shape), _TORCH_DTYPES[dtype], grad)
+        return loss.plan_report(tuple(shape), _TORCH_DTYPES[dtype], grad, kept)
 
     def forward(self, pred, target=None):
         loss, per_sample, _, _ = self._outputs(pred, target)

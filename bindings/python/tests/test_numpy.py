@@ -306,5 +306,10 @@ def test_plan_report_counts_a_small_call(seeded):
         "gram_flops": 0,
     }
     assert loss.plan_report((1, 3, 4, 4), grad=False)["kernel_launches"] == 4
+    # Against a kept target: pred's half of the forward alone.
+    kept = loss.plan_report((1, 3, 4, 4), "float32", kept=True)
+    assert (kept["kernel_launches"], kept["cudnn_calls"]) == (5, 2)
+    assert kept["kernel_bytes_read"] == 48 * 4 + act + 2 * act + act + mask + 8 * 16 * 4
+    assert kept["conv_flops"] == 2 * 2 * 64 * 8 * 9 * 16
     with pytest.raises(pl.Error, match="channels"):
         loss.plan_report((1, 2, 4, 4))
