@@ -151,6 +151,12 @@ pub fn assert_grad_at_random_elements(
     }
 }
 
+/// `v` widened to f64.
+#[allow(dead_code)]
+pub fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
 pub fn assert_close(got: &[f64], want: &[f64], rtol: f64, atol: f64, what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     let bad: Vec<String> = got

@@ -16,7 +16,7 @@ use super::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss};
 use super::LossOutputs;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Shape, TensorRef};
+use crate::tensor::{DType, Shape, TensorMut, TensorRef};
 use crate::vgg::{Vgg, VggArch};
 use std::sync::Arc;
 
@@ -321,6 +321,55 @@ impl Lpips {
     /// values bilinearly resized to H x W (align_corners=False) and summed,
     /// and each layer's mean. The weight is applied; no gradient.
     pub fn spatial(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<LpipsMaps> {
+        self.check_maps(pred, target)?;
+        pred.dtype.dispatch(Maps {
+            lpips: self,
+            pred,
+            target,
+        })
+    }
+
+    /// The gradient w.r.t. `pred` of the spatial map [`spatial`](Self::spatial)
+    /// gives, from `map_grad` (N x H x W f32, the gradient of the map, as
+    /// autograd's backward of `lpips.LPIPS(spatial=True)` receives it),
+    /// written into `grad` (pred's shape and dtype, host memory). CPU
+    /// network only. 0 at a pixel whose features are all 0, as for the
+    /// distance.
+    pub fn spatial_backward(
+        &self,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+        map_grad: &[f32],
+        mut grad: TensorMut<'_>,
+    ) -> Result<()> {
+        self.check_maps(pred, target)?;
+        let s = pred.shape;
+        if map_grad.len() != s.n * s.h * s.w {
+            return Err(Error::arg(format!(
+                "the map's gradient holds {} values; a map of {s} has N x H x W = {}",
+                map_grad.len(),
+                s.n * s.h * s.w
+            )));
+        }
+        if grad.shape() != s || grad.dtype() != pred.dtype {
+            return Err(Error::arg(format!(
+                "grad must have pred's shape and dtype ({} {s}), got {} {}",
+                pred.dtype.name(),
+                grad.dtype().name(),
+                grad.shape()
+            )));
+        }
+        pred.dtype.dispatch(MapGrad {
+            lpips: self,
+            pred,
+            target,
+            map_grad,
+            grad: &mut grad,
+        })
+    }
+
+    /// An error unless `pred` and `target` can be mapped on the CPU.
+    fn check_maps(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<()> {
         let s = pred.shape;
         if target.shape != s || target.dtype != pred.dtype {
             return Err(Error::arg(format!(
@@ -336,12 +385,7 @@ impl Lpips {
             ));
         }
         s.numel()?;
-        self.loss.check_shape(s)?;
-        pred.dtype.dispatch(Maps {
-            lpips: self,
-            pred,
-            target,
-        })
+        self.loss.check_shape(s)
     }
 
     /// What a CUDA call costs (see [`PerceptualLoss::plan_report`]).
@@ -405,6 +449,48 @@ impl crate::tensor::PerDType for Maps<'_, '_> {
             out.layers.push(layers);
         }
         Ok(out)
+    }
+}
+
+/// [`Lpips::spatial_backward`] in the inputs' element type.
+struct MapGrad<'a, 't, 'g> {
+    lpips: &'a Lpips,
+    pred: &'a TensorRef<'t>,
+    target: &'a TensorRef<'t>,
+    map_grad: &'a [f32],
+    grad: &'a mut TensorMut<'g>,
+}
+
+impl crate::tensor::PerDType for MapGrad<'_, '_, '_> {
+    type Output = Result<()>;
+
+    fn run<T: crate::tensor::Element>(self) -> Result<()> {
+        let on_host = || Error::DeviceMismatch("LPIPS maps take host memory".into());
+        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
+        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
+        let vgg = self.lpips.vgg();
+        let net = super::perceptual::cpu::HostNet {
+            layers: vgg.layers(),
+            weights: vgg.host_weights()?,
+        };
+        let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
+        let (image, hw) = (s.image_len(), s.h * s.w);
+        // Computed whole before any of `grad` is written.
+        let mut values = crate::fallible::filled(s.n * image, 0.0f64, "the map's input gradient")?;
+        for n in 0..s.n {
+            let r = n * image..(n + 1) * image;
+            let images = (&pred[r.clone()], &target[r.clone()]);
+            let g: Vec<f64> = (self.map_grad[n * hw..(n + 1) * hw].iter())
+                .map(|&v| spec.weight * v as f64)
+                .collect();
+            let dims = (s.c, s.h, s.w);
+            super::perceptual::cpu::lpips_map_grad(net, spec, images, dims, &g, &mut values[r])?;
+        }
+        let out = self.grad.host_values::<T>().ok_or_else(on_host)?;
+        out.iter_mut()
+            .zip(&values)
+            .for_each(|(o, &v)| *o = T::from_f64(v));
+        Ok(())
     }
 }
 

@@ -381,7 +381,7 @@ fn pass<T: Element>(
                                 (c, m),
                                 lin.layer(term),
                                 slot,
-                                scale,
+                                lpips::cpu::Scale::All(scale),
                             )
                         }
                         None => {
@@ -523,6 +523,49 @@ pub(crate) fn lpips_maps<T: Element>(
         Ok(())
     })?;
     Ok(maps)
+}
+
+/// dL/dpred (CHW, the caller's channels, into `out`) of one pred image
+/// against one target image (`dims` = (C, H, W)) from `map_grad` (H x
+/// W), the gradient of LPIPS's spatial map with the weight applied: each
+/// layer's map was resized to H x W and summed, so the layer's per-pixel
+/// values get `map_grad` brought back to their resolution (the resize's
+/// adjoint), which weights their gradients.
+pub(crate) fn lpips_map_grad<T: Element>(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    (pred, target): (&[T], &[T]),
+    dims: (usize, usize, usize),
+    map_grad: &[f64],
+    out: &mut [f64],
+) -> Result<()> {
+    let lin = (spec.lpips.as_ref())
+        .ok_or_else(|| Error::Internal("LPIPS maps of a loss that is not LPIPS".into()))?;
+    let (c, h, w) = dims;
+    let hw = h * w;
+    let targets = image_features(net, spec, target, dims)?;
+    let layer_dims = output_dims(net.layers, (3, h, w));
+    let mut saved = Vec::new();
+    let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
+    let x = preprocess(pred, c, hw, spec.norm)?;
+    forward(net, spec, x, h, w, Some(&mut saved), |layer, f, (ch, m)| {
+        let k = tap_grads.len();
+        let (_, lh, lw) = layer_dims[layer];
+        let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw));
+        let mut g = fallible::filled(f.len(), 0f32, "a tap's gradient")?;
+        let t = &targets[k].features;
+        let pixels = lpips::cpu::Scale::Pixels(&scale);
+        lpips::cpu::tap_sum(f, t, (ch, m), lin.layer(k), Some(&mut g), pixels);
+        tap_grads.push((layer, g));
+        Ok(())
+    })?;
+    let g = backward(net, spec, saved, tap_grads)?;
+    for ch in 0..c {
+        for i in 0..hw {
+            out[ch * hw + i] = input_grad(&g, c, hw, spec.norm, ch, i);
+        }
+    }
+    Ok(())
 }
 
 /// The loss of `io.inputs[0]` (pred) against a kept target's `features`

@@ -269,7 +269,8 @@ fn bias_act_pool_tap_matches_bias_relu_pool_and_the_distance() {
 
 #[test]
 fn lpips_tap_matches_the_lpips_term() {
-    use crate::ops::lpips::{cpu::tap_sum, LinWeights};
+    use crate::ops::lpips::cpu::{tap_sum, Scale};
+    use crate::ops::lpips::LinWeights;
     use std::sync::Arc;
     let Some(emu) = Emulator::get() else { return };
     let mut rng = Rng(17);
@@ -329,7 +330,14 @@ fn lpips_tap_matches_the_lpips_term() {
             for i in 0..n {
                 let r = i * per..(i + 1) * per;
                 let g = &mut want_grad[r.clone()];
-                let sum = tap_sum(&fa[r.clone()], &fb[r], (c, m), lin.layer(k), Some(g), scale);
+                let sum = tap_sum(
+                    &fa[r.clone()],
+                    &fb[r],
+                    (c, m),
+                    lin.layer(k),
+                    Some(g),
+                    Scale::All(scale),
+                );
                 per_sample.push(weight * sum / m as f64);
                 total += sum / m as f64;
             }
