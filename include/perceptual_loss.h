@@ -789,7 +789,8 @@ pl_status pl_lpips_clear_target(struct pl_lpips *lpips);
  * `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
  * `map` n*h*w floats (each image's layers' per-pixel values resized
  * bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
- * CPU contexts only in this version; no gradient.
+ * CPU contexts only in this version; its gradient is
+ * `pl_lpips_spatial_backward`'s.
  *
  * # Safety
  * `lpips` must be a live handle; `pred` and `target` must address
@@ -806,6 +807,28 @@ pl_status pl_lpips_spatial(struct pl_lpips *lpips,
                            int64_t w,
                            float *map,
                            float *layers);
+
+/**
+ * The gradient w.r.t. `pred` of the map `pl_lpips_spatial` gives, from
+ * `map_grad` (n*h*w floats, dL/dmap): into `grad`, n*c*h*w elements of
+ * `dtype` (0 at a pixel whose features are all 0). CPU contexts only in
+ * this version. `grad` may be `pred` itself.
+ *
+ * # Safety
+ * `lpips` must be a live handle; `pred`, `target` and `grad` must address
+ * n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, all host
+ * memory.
+ */
+pl_status pl_lpips_spatial_backward(struct pl_lpips *lpips,
+                                    const void *pred,
+                                    const void *target,
+                                    pl_dtype dtype,
+                                    int64_t n,
+                                    int64_t c,
+                                    int64_t h,
+                                    int64_t w,
+                                    const float *map_grad,
+                                    void *grad);
 
 /**
  * Writes the defaults to `config`: the article's loss (taps relu1_2,

@@ -535,6 +535,25 @@ fn cases() -> Vec<Case> {
                 )
             },
         ),
+        (
+            "lpips_spatial_backward: NULL handle",
+            PL_ERR_INVALID_ARGUMENT,
+            |w| unsafe {
+                let (map_grad, mut grad) = (vec![0f32; 256], vec![0f32; 768]);
+                pl_lpips_spatial_backward(
+                    null_mut(),
+                    w.x(),
+                    w.x(),
+                    PL_F32,
+                    1,
+                    3,
+                    16,
+                    16,
+                    map_grad.as_ptr(),
+                    grad.as_mut_ptr().cast(),
+                )
+            },
+        ),
         ("create: no taps", PL_ERR_INVALID_ARGUMENT, |w| {
             let mut c = perceptual_config();
             c.num_taps = 0;

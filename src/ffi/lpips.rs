@@ -10,7 +10,8 @@ use super::perceptual::{keep_target, loss_call};
 use super::status::pl_status;
 use super::vgg::pl_vgg;
 use crate::error::Error;
-use crate::{LinWeights, Lpips, LpipsConfig};
+use crate::tensor::{Element, PerDType};
+use crate::{DType, LinWeights, Lpips, LpipsConfig, Shape, TensorMut, TensorRef};
 use std::ffi::{c_char, c_void, CStr};
 use std::sync::Arc;
 
@@ -208,7 +209,8 @@ pub unsafe extern "C" fn pl_lpips_clear_target(lpips: *mut pl_lpips) -> pl_statu
 /// `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
 /// `map` n*h*w floats (each image's layers' per-pixel values resized
 /// bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
-/// CPU contexts only in this version; no gradient.
+/// CPU contexts only in this version; its gradient is
+/// `pl_lpips_spatial_backward`'s.
 ///
 /// # Safety
 /// `lpips` must be a live handle; `pred` and `target` must address
@@ -261,4 +263,87 @@ pub unsafe extern "C" fn pl_lpips_spatial(
         }
         Ok(())
     })
+}
+
+/// The gradient w.r.t. `pred` of the map `pl_lpips_spatial` gives, from
+/// `map_grad` (n*h*w floats, dL/dmap): into `grad`, n*c*h*w elements of
+/// `dtype` (0 at a pixel whose features are all 0). CPU contexts only in
+/// this version. `grad` may be `pred` itself.
+///
+/// # Safety
+/// `lpips` must be a live handle; `pred`, `target` and `grad` must address
+/// n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, all host
+/// memory.
+#[no_mangle]
+pub unsafe extern "C" fn pl_lpips_spatial_backward(
+    lpips: *mut pl_lpips,
+    pred: *const c_void,
+    target: *const c_void,
+    dtype: pl_dtype,
+    n: i64,
+    c: i64,
+    h: i64,
+    w: i64,
+    map_grad: *const f32,
+    grad: *mut c_void,
+) -> pl_status {
+    guard(|| {
+        let handle = borrow(lpips, "lpips")?;
+        let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
+        let device = handle.streams.current()?;
+        if device.cuda_device().is_some() {
+            return Err(Error::arg(
+                "pl_lpips_spatial_backward runs on a CPU context in this version",
+            ));
+        }
+        if grad.is_null() {
+            return Err(Error::arg("grad is NULL"));
+        }
+        let bytes = shape.bytes(dtype)?;
+        check_aligned(grad.cast_const(), dtype.size(), "grad")?;
+        check_host_span(grad as u64, bytes, "grad")?;
+        // Computed into a buffer of its own, then copied: grad may alias
+        // an input.
+        let staged = {
+            let p = input_view(&device, pred, (dtype, shape), "pred")?;
+            let t = input_view(&device, target, (dtype, shape), "target")?;
+            let map_shape = Shape::new(shape.n, 1, shape.h, shape.w);
+            let g = input_view(
+                &device,
+                map_grad.cast(),
+                (DType::F32, map_shape),
+                "map_grad",
+            )?;
+            let g = (g.host_values::<f32>())
+                .ok_or_else(|| Error::Internal("a host view without host values".into()))?;
+            dtype.dispatch(MapGrad {
+                lpips: &handle.lpips,
+                pred: &p,
+                target: &t,
+                map_grad: g,
+            })?
+        };
+        std::ptr::copy_nonoverlapping(staged.as_ptr(), grad.cast::<u8>(), bytes);
+        Ok(())
+    })
+}
+
+/// `Lpips::spatial_backward` into a buffer of pred's element type, as bytes.
+struct MapGrad<'a, 't> {
+    lpips: &'a Lpips,
+    pred: &'a TensorRef<'t>,
+    target: &'a TensorRef<'t>,
+    map_grad: &'a [f32],
+}
+
+impl PerDType for MapGrad<'_, '_> {
+    type Output = Result<Vec<u8>, Error>;
+
+    fn run<T: Element>(self) -> Self::Output {
+        let s = self.pred.shape();
+        let mut out = crate::fallible::filled(s.numel()?, T::from_f64(0.0), "the gradient")?;
+        let grad = TensorMut::host(&mut out, s)?;
+        (self.lpips).spatial_backward(self.pred, self.target, self.map_grad, grad)?;
+        Ok(crate::tensor::as_bytes(&out).to_vec())
+    }
 }

@@ -505,7 +505,7 @@ class Lpips(Perceptual):
         `lpips.LPIPS(spatial=True)` and `retPerLayer=True` give them: the
         N x 1 x H x W map (each layer's per-pixel values resized bilinearly,
         align_corners=False, and summed) and the N x 5 per-layer distances.
-        No gradient."""
+        The map's gradient is `spatial_backward`'s."""
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
@@ -516,6 +516,24 @@ class Lpips(Perceptual):
         _check(_lib.pl_lpips_spatial(self._handle, pred.ctypes.data, target.ctypes.data, DTYPES[pred.dtype.name],
                                      *pred.shape, as_float(spatial_map), as_float(layers)))
         return spatial_map, layers
+
+    def spatial_backward(self, pred, target, map_grad):
+        """The gradient w.r.t. `pred` (an array of its shape and dtype) of
+        the map `spatial` gives, from `map_grad` (N x 1 x H x W or N x H x
+        W, the gradient of the map); 0 at a pixel whose features are all 0."""
+        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
+        if pred.shape != target.shape or pred.dtype != target.dtype:
+            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        n, _, h, w = pred.shape
+        map_grad = np.ascontiguousarray(map_grad, np.float32)
+        if map_grad.size != n * h * w:
+            raise ValueError(f"map_grad has {map_grad.size} values; a map of {pred.shape} has N x H x W = {n * h * w}")
+        grad = np.empty_like(pred)
+        _check(_lib.pl_lpips_spatial_backward(self._handle, pred.ctypes.data, target.ctypes.data,
+                                              DTYPES[pred.dtype.name], *pred.shape,
+                                              map_grad.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                              grad.ctypes.data))
+        return grad
 
     def clear_target(self):
         _check(_lib.pl_lpips_clear_target(self._handle))

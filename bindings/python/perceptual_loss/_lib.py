@@ -206,6 +206,10 @@ pl_lpips_set_target = _declare(
     "pl_lpips_set_target", c_int32, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64
 )
 pl_lpips_clear_target = _declare("pl_lpips_clear_target", c_int32, c_void_p)
+pl_lpips_spatial_backward = _declare(
+    "pl_lpips_spatial_backward", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
+    ctypes.POINTER(ctypes.c_float), c_void_p,
+)
 pl_lpips_spatial = _declare(
     "pl_lpips_spatial", c_int32, c_void_p, c_void_p, c_void_p, c_int32, c_int64, c_int64, c_int64, c_int64,
     ctypes.POINTER(c_float), ctypes.POINTER(c_float),

@@ -281,6 +281,56 @@ def _perceptual_kept_op(pred: torch.Tensor, key: int, summed: bool,
     return _run(pred, want_grad, call, parts=True)
 
 
+def _numpy_pair(pred, target):
+    """CPU tensors as NumPy arrays for the LPIPS map (float32 holds
+    bfloat16 exactly; NumPy has no bfloat16)."""
+    if pred.dtype == torch.bfloat16:
+        pred, target = pred.float(), target.float()
+    return pred.detach().contiguous().numpy(), target.detach().contiguous().numpy()
+
+
+@torch.library.custom_op("perceptual_loss::lpips_spatial", mutates_args=(), tags=_TAGS)
+def _lpips_spatial_op(pred: torch.Tensor, target: torch.Tensor, key: int) -> torch.Tensor:
+    """LPIPS's N x 1 x H x W map, float32 (CPU tensors)."""
+    lpips = _perceptual_losses[key].on(pred.device)
+    p, t = _numpy_pair(pred, target)
+    spatial_map, _ = _context(pred.device).call(lambda: lpips.spatial(p, t))
+    return torch.from_numpy(spatial_map)
+
+
+@_lpips_spatial_op.register_fake
+def _(pred, target, key):
+    n, _, h, w = pred.shape
+    return pred.new_empty((n, 1, h, w), dtype=torch.float32)
+
+
+@torch.library.custom_op("perceptual_loss::lpips_spatial_backward", mutates_args=(), tags=_TAGS)
+def _lpips_spatial_backward_op(pred: torch.Tensor, target: torch.Tensor, key: int,
+                               map_grad: torch.Tensor) -> torch.Tensor:
+    """dL/dpred of the map from dL/dmap, in pred's dtype."""
+    lpips = _perceptual_losses[key].on(pred.device)
+    p, t = _numpy_pair(pred, target)
+    g = map_grad.detach().float().contiguous().numpy()
+    grad = _context(pred.device).call(lambda: lpips.spatial_backward(p, t, g))
+    return torch.from_numpy(grad).to(pred.dtype)
+
+
+@_lpips_spatial_backward_op.register_fake
+def _(pred, target, key, map_grad):
+    return torch.empty_like(pred)
+
+
+def _spatial_setup(ctx, inputs, output):
+    pred, target, ctx.key = inputs
+    ctx.save_for_backward(pred, target)
+
+
+def _spatial_backward(ctx, map_grad):
+    pred, target = ctx.saved_tensors
+    return _lpips_spatial_backward_op(pred, target, ctx.key, map_grad), None, None
+
+
+_lpips_spatial_op.register_autograd(_spatial_backward, setup_context=_spatial_setup)
 _register(_tv_op, 7)
 _register(_feature_op, 7)
 _register(_perceptual_op, 5, parts=True)
@@ -442,8 +492,8 @@ class LPIPS(_KeptTarget, torch.nn.Module):
     VGG16 safetensors file (scripts/export_vgg.py); `normalize=True` takes
     inputs in [0, 1]; `lin=False` weighs every channel 1; `lin_weights`
     names a safetensors file of lin weights instead of the embedded v0.1
-    ones. `spatial=True` returns the N x 1 x H x W map instead, for CPU
-    tensors and without a gradient in this version. `target` is a constant;
+    ones. `spatial=True` returns the N x 1 x H x W map instead (float32),
+    for CPU tensors in this version, with its gradient. `target` is a constant;
     other options as in `perceptual_loss.Lpips`."""
 
     def __init__(self, vgg_weights, normalize=False, lin=True, spatial=False, lin_weights=None,
@@ -461,14 +511,7 @@ class LPIPS(_KeptTarget, torch.nn.Module):
         _check_pair(pred, target, ("pred", "target"))
         if pred.device.type != "cpu":
             raise ValueError("LPIPS(spatial=True) runs on CPU tensors in this version")
-        if torch.is_grad_enabled() and pred.requires_grad:
-            raise ValueError("LPIPS(spatial=True) has no gradient in this version: call it under "
-                             "torch.no_grad(), or use spatial=False")
-        if pred.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds it exactly
-            pred, target = pred.float(), target.float()
-        lpips = self.losses.on(pred.device)
-        spatial_map, _ = _context(pred.device).call(lambda: lpips.spatial(pred.numpy(), target.numpy()))
-        return torch.from_numpy(spatial_map)
+        return _lpips_spatial_op(pred, target, self.losses.key)
 
     def forward(self, pred, target=None):
         if self.spatial:

@@ -117,5 +117,28 @@ def test_the_spatial_map_and_per_layer_values_match_the_package(reference):
     with torch.no_grad():
         half = pl.LPIPS(path, spatial=True)(x0.bfloat16(), x1.bfloat16())
         torch.testing.assert_close(half, pl.LPIPS(path, spatial=True)(x0.bfloat16().float(), x1.bfloat16().float()))
-    with pytest.raises(ValueError, match="no gradient"):
-        pl.LPIPS(path, spatial=True)(x0.requires_grad_(True), x1)
+
+
+def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
+    # d sum(map * g) / dx0 for a random g, against the package's float64
+    # autograd of spatial=True; through the NumPy function, the module and
+    # torch.compile (no graph break).
+    model, path = reference
+    spatial = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, spatial=True, verbose=False).eval().double()
+    spatial.net.load_state_dict(model.net.state_dict())
+    torch.manual_seed(12)
+    x0, x1 = torch.rand(2, 3, 20, 28) * 2 - 1, torch.rand(2, 3, 20, 28) * 2 - 1
+    g = torch.randn(2, 1, 20, 28)
+    want_x = x0.double().requires_grad_(True)
+    (spatial(want_x, x1.double()) * g.double()).sum().backward()
+    module = pl.LPIPS(path, spatial=True)
+    for run in (module, torch.compile(module, backend="aot_eager", fullgraph=True)):
+        got_x = x0.clone().requires_grad_(True)
+        (run(got_x, x1) * g).sum().backward()
+        torch.testing.assert_close(got_x.grad.double(), want_x.grad, rtol=1e-4, atol=1e-7)
+    numpy_grad = pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy())
+    np.testing.assert_allclose(numpy_grad, want_x.grad.numpy(), rtol=1e-4, atol=1e-7)
+    torch.library.opcheck(torch.ops.perceptual_loss.lpips_spatial.default,
+                          (x0.clone().requires_grad_(True), x1, module.losses.key))
+    with pytest.raises(ValueError, match="N x H x W"):
+        pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy()[:1])
