@@ -32,6 +32,9 @@ pub(crate) struct ConvWeights {
     pub out_c: usize,
     pub weight: Vec<f32>,
     pub bias: Vec<f32>,
+    /// The filters as the CPU's products take them, each made on first use
+    /// (`cpu::layers::Prepared` names them).
+    pub prepared: [std::sync::OnceLock<Vec<f32>>; 4],
 }
 
 /// Every convolution's parameters in f32, by layer index.
@@ -532,6 +535,7 @@ pub(crate) fn read(
             out_c,
             weight: values(source, &weight, layer, "weight")?,
             bias: values(source, &bias, layer, "bias")?,
+            prepared: Default::default(),
         });
     }
     Ok((HostWeights { by_layer }, count))

@@ -57,8 +57,19 @@ def test_distances_and_gradient_match_the_package(reference, device):
     ours.mean().backward()
     want, want_grad = package_distances(model.to(device), x0, x1, grad=True)
     torch.testing.assert_close(ours.reshape(-1).double(), want, rtol=1e-5, atol=0)
-    err = ((x0.grad.double() - want_grad).norm() / want_grad.norm()).item()
-    assert err <= 1e-3, err
+    assert_gradient_close(x0.grad.double(), want_grad)
+
+
+def assert_gradient_close(got, want):
+    """Image by image within 1e-3, but for at most one within 2e-2: a ReLU
+    whose input lies within f32 rounding of 0 takes the side the summation
+    order gives it, and the gradient through it with it (image 0 of the
+    seed above has a relu4_1 input at 4.6e-8 of that layer's largest; a
+    change of summation order once moved that image's gradient by 4e-3
+    while the distances stayed within 1e-7). A wrong gradient is off
+    everywhere."""
+    errs = [((g - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+    assert sum(e > 1e-3 for e in errs) <= 1 and max(errs) <= 2e-2, errs
 
 
 def test_unit_inputs_and_plain_sums_match_the_package(reference, tmp_path):

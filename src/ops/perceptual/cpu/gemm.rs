@@ -13,7 +13,7 @@ use crate::ops::cores;
 
 /// Below this many multiply-adds per part a product is not split: a
 /// thread costs tens of microseconds to start.
-const MIN_PART: usize = 1 << 21;
+pub(crate) const MIN_PART: usize = 1 << 21;
 
 /// A matrix operand: base address and row/column strides in elements.
 #[derive(Clone, Copy)]
@@ -118,6 +118,67 @@ pub(crate) fn sgemm(
             scope.spawn(move || run(start));
         }
         run(0);
+    });
+}
+
+/// Runs `f(i, c_i)` for the `count` equal parts c_i of `c`, each of
+/// `work` multiply-adds, shared among the cores (each part on one thread).
+pub(crate) fn each_part(
+    c: &mut [f32],
+    count: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let len = c.len() / count.max(1);
+    let parts = cores()
+        .min(count.saturating_mul(work) / MIN_PART)
+        .min(count)
+        .max(1);
+    let per_thread = count.div_ceil(parts);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut chunks = c.chunks_mut(per_thread * len.max(1)).enumerate();
+        let first = chunks.next();
+        for (t, chunk) in chunks {
+            scope.spawn(move || {
+                for (i, c_i) in chunk.chunks_mut(len.max(1)).enumerate() {
+                    f(t * per_thread + i, c_i);
+                }
+            });
+        }
+        if let Some((_, chunk)) = first {
+            for (i, c_i) in chunk.chunks_mut(len.max(1)).enumerate() {
+                f(i, c_i);
+            }
+        }
+    });
+}
+
+/// C_i = A_i B_i for `count` products of one shape, each operand the
+/// i-th of `count` contiguous row-major matrices (A m x k, B k x n, C m x
+/// n), on one thread each.
+pub(crate) fn sgemm_batch(
+    count: usize,
+    (m, k, n): (usize, usize, usize),
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) {
+    assert!(a.len() >= count * m * k && b.len() >= count * k * n && c.len() == count * m * n);
+    each_part(c, count, m * k * n, |i, c_i| {
+        let at = |base: &[f32], len: usize, rs: usize| Operand {
+            ptr: base[i * len..].as_ptr() as usize,
+            rs: rs as isize,
+            cs: 1,
+        };
+        let c_op = Operand {
+            ptr: c_i.as_mut_ptr() as usize,
+            rs: n as isize,
+            cs: 1,
+        };
+        // SAFETY: the assert bounds every product's operands; c_i is this
+        // product's alone.
+        unsafe { part(m, k, n, at(a, m * k, k), at(b, k * n, n), c_op) };
     });
 }
 

@@ -1,10 +1,11 @@
-//! VGG building blocks on one CHW image, f32: 3x3 convolution (im2col +
-//! sgemm) and its input gradient, the bias, ReLU, and 2x2 pooling with its
-//! gradient. The CUDA steps' tests compose these into the reference of
+//! VGG building blocks on one CHW image, f32: 3x3 convolution (Winograd's
+//! F(2x2, 3x3), `winograd.rs`, or im2col + sgemm for few channels) and its
+//! input gradient, the bias, ReLU, and 2x2 pooling with its gradient. The CUDA steps' tests compose these into the reference of
 //! each fused kernel. Every buffer whose size follows the image is
 //! allocated fallibly; the unfolded columns never exceed a fixed bound.
 
 use super::gemm::sgemm;
+use super::{packed, winograd};
 use crate::error::Result;
 use crate::fallible;
 use crate::vgg::{ConvWeights, Pooling};
@@ -128,8 +129,52 @@ fn col2im(cols: &[f32], dims: (usize, usize, usize), pixels: Range<usize>, dx: &
     });
 }
 
+/// The filters of a convolution as a product takes them, kept in its
+/// `ConvWeights::prepared` once made.
+#[derive(Clone, Copy)]
+enum Prepared {
+    /// Winograd's transformed filters, forward and for the input gradient.
+    Winograd = 0,
+    WinogradBackward = 1,
+    /// The filters (out_c x 9 in_c) and their transpose, packed for
+    /// `packed::product` (where the machine runs it).
+    Packed = 2,
+    PackedTransposed = 3,
+}
+
+impl Prepared {
+    fn of(self, p: &ConvWeights) -> &[f32] {
+        p.prepared[self as usize].get_or_init(|| match self {
+            Prepared::Winograd => winograd::filters(p, false),
+            Prepared::WinogradBackward => winograd::filters(p, true),
+            Prepared::Packed => pack_filters(p, false),
+            Prepared::PackedTransposed => pack_filters(p, true),
+        })
+    }
+}
+
+/// `p`'s filters (out_c x 9 in_c), or their transpose, packed.
+fn pack_filters(p: &ConvWeights, transposed: bool) -> Vec<f32> {
+    let k = p.in_c * 9;
+    let (rows, cols, a) = match transposed {
+        false => (p.out_c, k, p.weight.clone()),
+        true => {
+            let mut t = vec![0f32; k * p.out_c];
+            for o in 0..p.out_c {
+                for i in 0..k {
+                    t[i * p.out_c + o] = p.weight[o * k + i];
+                }
+            }
+            (k, p.out_c, t)
+        }
+    };
+    let mut out = vec![0f32; packed::packed_len(rows, cols)];
+    packed::pack(&a, (rows, cols), &mut out);
+    out
+}
+
 /// out = conv3x3(x) + bias, padding 1; x is in_c x h x w, out out_c x h x w.
-/// Computed in bands of output pixels (see `BAND_ELEMENTS`).
+/// Computed in bands of output pixels (see `BAND_ELEMENTS`), or of tiles.
 pub(crate) fn conv(
     x: &[f32],
     h: usize,
@@ -140,18 +185,27 @@ pub(crate) fn conv(
 ) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
     set_len(out, p.out_c * hw, "a convolution's output")?;
+    if winograd::suits(p.in_c, p.out_c, h, w) {
+        let u = Prepared::Winograd.of(p);
+        winograd::conv(x, (p.in_c, p.out_c), (h, w), u, out, cols)?;
+        add_bias(out, &p.bias, hw);
+        return Ok(());
+    }
     let band = band_pixels(k, hw);
     for first in (0..hw).step_by(band) {
         let pixels = first..(first + band).min(hw);
         let width = pixels.len();
         im2col(x, (p.in_c, h, w), pixels, cols)?;
-        sgemm(
-            (p.out_c, k, width),
-            &p.weight,
-            false,
-            (cols, width),
-            (&mut out[first..], hw),
-        );
+        let c = (&mut out[first..], hw);
+        match packed::available() {
+            true => packed::product(
+                Prepared::Packed.of(p),
+                (p.out_c, k, width),
+                (cols, width),
+                c,
+            ),
+            false => sgemm((p.out_c, k, width), &p.weight, false, (cols, width), c),
+        }
     }
     add_bias(out, &p.bias, hw);
     Ok(())
@@ -177,18 +231,23 @@ pub(crate) fn conv_backward(
     let (hw, k) = (h * w, p.in_c * 9);
     dx.clear();
     fallible::resize(dx, p.in_c * hw, 0.0, "a convolution's input gradient")?;
+    if winograd::suits(p.in_c, p.out_c, h, w) {
+        let u = Prepared::WinogradBackward.of(p);
+        return winograd::conv(dout, (p.out_c, p.in_c), (h, w), u, dx, cols);
+    }
     let band = band_pixels(k, hw);
     for first in (0..hw).step_by(band) {
         let pixels = first..(first + band).min(hw);
         let width = pixels.len();
         set_len(cols, k * width, "unfolded convolution columns")?;
-        sgemm(
-            (k, p.out_c, width),
-            &p.weight,
-            true,
-            (&dout[first..], hw),
-            (cols, width),
-        );
+        let b = (&dout[first..], hw);
+        match packed::available() {
+            true => {
+                let a = Prepared::PackedTransposed.of(p);
+                packed::product_on_cores(a, (k, p.out_c, width), b, (cols, width))
+            }
+            false => sgemm((k, p.out_c, width), &p.weight, true, b, (cols, width)),
+        }
         col2im(cols, (p.in_c, h, w), pixels, dx);
     }
     Ok(())
@@ -314,19 +373,41 @@ mod tests {
         }
     }
 
+    /// The Winograd path (16 channels or more on both sides, 32 tiles or
+    /// more): odd and even sizes (tiles that hang past the image), one row,
+    /// an image of several bands of tile rows (64 + 64 channels at 200 x
+    /// 180: 100 x 90 tiles, 22 rows of tiles a band), and rows longer than
+    /// a band (16 + 16 channels: 8192 tiles a band, rows of 10,000).
+    #[test]
+    fn winograd_convolution_matches_direct_sums() {
+        for (in_c, out_c, h, w) in [
+            (16, 24, 13, 11),
+            (32, 16, 16, 16),
+            (24, 16, 1, 77),
+            (64, 64, 200, 180),
+            (16, 16, 3, 20_000),
+        ] {
+            assert!(winograd::suits(in_c, out_c, h, w));
+            check_against_direct_sums(in_c, out_c, h, w);
+        }
+    }
+
     fn check_against_direct_sums(in_c: usize, out_c: usize, h: usize, w: usize) {
         let p = ConvWeights {
             in_c,
             out_c,
             weight: values(out_c * in_c * 9, 1),
             bias: values(out_c, 2),
+            prepared: Default::default(),
         };
         let x = values(in_c * h * w, 3);
         let dout = values(out_c * h * w, 4);
         let (mut out, mut dx, mut cols) = (Vec::new(), Vec::new(), Vec::new());
         conv(&x, h, w, &p, &mut out, &mut cols).unwrap();
         conv_backward(&dout, h, w, &p, &mut dx, &mut cols).unwrap();
-        assert!(cols.len() <= BAND_ELEMENTS + in_c * 9, "the band bound");
+        let one_row = 16 * (in_c + out_c) * w.div_ceil(2);
+        let bound = (BAND_ELEMENTS + in_c * 9).max(one_row);
+        assert!(cols.len() <= bound, "the band bound");
         // Every (o, c, ky, kx, output pixel, input pixel) pair of the
         // padded 3x3 convolution.
         let mut want_out: Vec<f64> = (0..out_c * h * w)

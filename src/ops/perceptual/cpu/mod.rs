@@ -9,6 +9,8 @@
 mod gemm;
 pub(crate) mod gram;
 pub(crate) mod layers;
+mod packed;
+mod winograd;
 
 use super::config::{InputNorm, PerceptualSpec};
 use crate::backend::{HostGrad, HostIo, Values};
