@@ -344,6 +344,9 @@ impl PerDType for MapGrad<'_, '_> {
         let mut out = crate::fallible::filled(s.numel()?, T::from_f64(0.0), "the gradient")?;
         let grad = TensorMut::host(&mut out, s)?;
         (self.lpips).spatial_backward(self.pred, self.target, self.map_grad, grad)?;
-        Ok(crate::tensor::as_bytes(&out).to_vec())
+        let bytes = crate::tensor::as_bytes(&out);
+        let mut staged = crate::fallible::filled(bytes.len(), 0u8, "the staged gradient")?;
+        staged.copy_from_slice(bytes);
+        Ok(staged)
     }
 }

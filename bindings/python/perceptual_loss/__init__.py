@@ -526,8 +526,9 @@ class Lpips(Perceptual):
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
         n, _, h, w = pred.shape
         map_grad = np.ascontiguousarray(map_grad, np.float32)
-        if map_grad.size != n * h * w:
-            raise ValueError(f"map_grad has {map_grad.size} values; a map of {pred.shape} has N x H x W = {n * h * w}")
+        if map_grad.shape not in ((n, 1, h, w), (n, h, w)):
+            raise ValueError(f"map_grad has shape {map_grad.shape}; the map of {pred.shape} is N x 1 x H x W = "
+                             f"{(n, 1, h, w)} (or N x H x W)")
         grad = np.empty_like(pred)
         _check(_lib.pl_lpips_spatial_backward(self._handle, pred.ctypes.data, target.ctypes.data,
                                               DTYPES[pred.dtype.name], *pred.shape,

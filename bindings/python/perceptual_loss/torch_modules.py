@@ -330,7 +330,12 @@ def _spatial_backward(ctx, map_grad):
     return _lpips_spatial_backward_op(pred, target, ctx.key, map_grad), None, None
 
 
+def _no_second_derivative(ctx, grad):
+    raise RuntimeError("perceptual-loss gives the LPIPS map's first derivative only")
+
+
 _lpips_spatial_op.register_autograd(_spatial_backward, setup_context=_spatial_setup)
+_lpips_spatial_backward_op.register_autograd(_no_second_derivative, setup_context=lambda ctx, inputs, output: None)
 _register(_tv_op, 7)
 _register(_feature_op, 7)
 _register(_perceptual_op, 5, parts=True)

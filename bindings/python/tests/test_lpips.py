@@ -151,5 +151,12 @@ def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
     np.testing.assert_allclose(numpy_grad, want_x.grad.numpy(), rtol=1e-4, atol=1e-7)
     torch.library.opcheck(torch.ops.perceptual_loss.lpips_spatial.default,
                           (x0.clone().requires_grad_(True), x1, module.losses.key))
-    with pytest.raises(ValueError, match="N x H x W"):
+    with pytest.raises(ValueError, match="N x 1 x H x W"):
         pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy()[:1])
+    with pytest.raises(ValueError, match="N x 1 x H x W"):  # as many values, transposed
+        pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy().reshape(2, 1, 28, 20))
+    # A second derivative is refused by name, not silently wrong.
+    x = x0.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad((module(x, x1) * g).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivative only"):
+        gx.sum().backward()

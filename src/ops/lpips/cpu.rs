@@ -2,6 +2,8 @@
 //! `pl_vgg_lpips_tap` kernel, and LPIPS's distance at each tap of the CPU
 //! backend.
 
+use crate::error::Result;
+
 /// LPIPS's epsilon in n(f) = f / (|f| + eps).
 pub(crate) const EPS: f64 = 1e-10;
 
@@ -147,8 +149,8 @@ pub(crate) fn upsampled_grad(
     g_out: &[f64],
     (out_h, out_w): (usize, usize),
     (h, w): (usize, usize),
-) -> Vec<f64> {
-    let mut g = vec![0.0; h * w];
+) -> Result<Vec<f64>> {
+    let mut g = crate::fallible::filled(h * w, 0.0, "a layer's share of the map's gradient")?;
     for y in 0..out_h {
         let (y0, y1, ly) = taps(y, h, out_h);
         for x in 0..out_w {
@@ -160,7 +162,7 @@ pub(crate) fn upsampled_grad(
             g[y1 * w + x1] += v * ly * lx;
         }
     }
-    g
+    Ok(g)
 }
 
 #[cfg(test)]
@@ -228,7 +230,7 @@ mod tests {
         let mut up = vec![0.0; 28];
         add_upsampled(&x, (3, 5), &mut up, (7, 4));
         let lhs: f64 = up.iter().zip(&g).map(|(a, b)| a * b).sum();
-        let back = upsampled_grad(&g, (7, 4), (3, 5));
+        let back = upsampled_grad(&g, (7, 4), (3, 5)).unwrap();
         let rhs: f64 = x.iter().zip(&back).map(|(a, b)| a * b).sum();
         assert!((lhs - rhs).abs() < 1e-12, "{lhs} vs {rhs}");
     }

@@ -480,9 +480,9 @@ impl crate::tensor::PerDType for MapGrad<'_, '_, '_> {
         for n in 0..s.n {
             let r = n * image..(n + 1) * image;
             let images = (&pred[r.clone()], &target[r.clone()]);
-            let g: Vec<f64> = (self.map_grad[n * hw..(n + 1) * hw].iter())
-                .map(|&v| spec.weight * v as f64)
-                .collect();
+            let mut g = crate::fallible::filled(hw, 0.0f64, "the map's gradient")?;
+            (g.iter_mut().zip(&self.map_grad[n * hw..(n + 1) * hw]))
+                .for_each(|(g, &v)| *g = spec.weight * v as f64);
             let dims = (s.c, s.h, s.w);
             super::perceptual::cpu::lpips_map_grad(net, spec, images, dims, &g, &mut values[r])?;
         }

@@ -553,7 +553,7 @@ pub(crate) fn lpips_map_grad<T: Element>(
     forward(net, spec, x, h, w, Some(&mut saved), |layer, f, (ch, m)| {
         let k = tap_grads.len();
         let (_, lh, lw) = layer_dims[layer];
-        let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw));
+        let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw))?;
         let mut g = fallible::filled(f.len(), 0f32, "a tap's gradient")?;
         let t = &targets[k].features;
         let pixels = lpips::cpu::Scale::Pixels(&scale);

@@ -34,10 +34,11 @@ pub(crate) fn packed_len(m: usize, k: usize) -> usize {
     m.div_ceil(MR) * MR * k
 }
 
-/// Row-major `a` (m x k) packed into `out` (`packed_len` floats): panel
-/// p holds rows p MR.. p MR + MR - 1, k-major, the MR values of one k
-/// together.
+/// Row-major `a` (m x k, k > 0) packed into `out` (`packed_len` floats):
+/// panel p holds rows p MR.. p MR + MR - 1, k-major, the MR values of one
+/// k together.
 pub(crate) fn pack(a: &[f32], (m, k): (usize, usize), out: &mut [f32]) {
+    assert!(k > 0 && a.len() >= m * k && out.len() >= packed_len(m, k));
     for (p, panel) in out.chunks_exact_mut(MR * k).enumerate() {
         for kk in 0..k {
             for r in 0..MR {
@@ -48,57 +49,93 @@ pub(crate) fn pack(a: &[f32], (m, k): (usize, usize), out: &mut [f32]) {
     }
 }
 
-/// C (m x n, rows `ldc` apart) = A B: A packed by [`pack`] from m x k, B
-/// k x n with rows `ldb` apart. Only where [`available`].
-pub(crate) fn product(
+/// An error unless the operands of C (m x n, rows `ldc` apart) = A B hold
+/// what the product reads and writes: A packed from m x k (k > 0), B k x n
+/// with rows `ldb` apart.
+fn check(
     a: &[f32],
     (m, k, n): (usize, usize, usize),
     (b, ldb): (&[f32], usize),
-    (c, ldc): (&mut [f32], usize),
+    (c, ldc): (&[f32], usize),
 ) {
-    assert!(a.len() >= packed_len(m, k) && available());
+    assert!(k > 0 && a.len() >= packed_len(m, k) && available());
     assert!(n == 0 || (ldb >= n && b.len() >= (k - 1) * ldb + n));
     assert!(n == 0 || m == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: AVX-512 is present (asserted), and the asserts bound every
-    // access the blocks make.
-    unsafe {
-        avx512::product(a, (m, k, n), (b, ldb), (c, ldc))
-    }
 }
 
-/// [`product`] with the columns of C shared among the cores (in whole
-/// kernel blocks), for one large product.
+/// C (m x n, rows `ldc` apart) = A B: A packed by [`pack`] from m x k, B
+/// k x n with rows `ldb` apart. On one thread; only where [`available`].
+pub(crate) fn product(
+    a: &[f32],
+    shape: (usize, usize, usize),
+    (b, ldb): (&[f32], usize),
+    (c, ldc): (&mut [f32], usize),
+) {
+    check(a, shape, (b, ldb), (c, ldc));
+    // SAFETY: checked above: AVX-512 is present and the operands hold
+    // every element the product touches.
+    unsafe { raw(a, shape, (b.as_ptr(), ldb), (c.as_mut_ptr(), ldc)) }
+}
+
+/// [`product`] with C shared among the cores in blocks of whole kernel
+/// blocks: of columns, or of rows where C has few columns (the deep layers
+/// of a small image).
 pub(crate) fn product_on_cores(
     a: &[f32],
     (m, k, n): (usize, usize, usize),
     (b, ldb): (&[f32], usize),
     (c, ldc): (&mut [f32], usize),
 ) {
+    check(a, (m, k, n), (b, ldb), (c, ldc));
+    let by_columns = n >= m;
+    let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
     let parts = crate::ops::cores()
         .min(m * k * n / super::gemm::MIN_PART)
-        .min(n / NR)
+        .min(len / unit)
         .max(1);
-    if parts == 1 {
-        return product(a, (m, k, n), (b, ldb), (c, ldc));
-    }
-    assert!(m == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
-    let block = n.div_ceil(parts).next_multiple_of(NR);
-    let c_at = c.as_mut_ptr() as usize;
-    let run = |j0: usize| {
-        let cols = block.min(n - j0);
-        let len = if m == 0 { 0 } else { (m - 1) * ldc + cols };
-        // SAFETY: within `c` (asserted above); the parts' columns are
-        // disjoint, so no element is written by two of them.
-        let c = unsafe { std::slice::from_raw_parts_mut((c_at as *mut f32).add(j0), len) };
-        product(a, (m, k, cols), (&b[j0..], ldb), (c, ldc));
+    let block = len.div_ceil(parts).next_multiple_of(unit);
+    let (b_at, c_at) = (b.as_ptr() as usize, c.as_mut_ptr() as usize);
+    let run = |start: usize| {
+        let size = block.min(len - start);
+        let (b, c) = (b_at as *const f32, c_at as *mut f32);
+        // SAFETY: checked above for the whole product; each part computes
+        // its own rows or columns of C (a block of whole panels of A), so
+        // no element is written by two parts.
+        unsafe {
+            match by_columns {
+                true => raw(a, (m, k, size), (b.add(start), ldb), (c.add(start), ldc)),
+                false => {
+                    let a = &a[start * k..];
+                    raw(a, (size, k, n), (b, ldb), (c.add(start * ldc), ldc))
+                }
+            }
+        }
     };
     std::thread::scope(|scope| {
-        for j0 in (block..n).step_by(block) {
-            scope.spawn(move || run(j0));
+        for start in (block..len).step_by(block) {
+            scope.spawn(move || run(start));
         }
         run(0);
     });
+}
+
+/// The product on raw operands.
+///
+/// # Safety
+/// AVX-512 is present, and the operands hold what [`check`] asks of them.
+unsafe fn raw(
+    a: &[f32],
+    shape: (usize, usize, usize),
+    b: (*const f32, usize),
+    c: (*mut f32, usize),
+) {
+    #[cfg(target_arch = "x86_64")]
+    avx512::product(a, shape, b, c);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, shape, b, c);
+        unreachable!("the packed product runs on x86-64 only");
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -109,13 +146,13 @@ mod avx512 {
     /// See [`super::product`].
     ///
     /// # Safety
-    /// AVX-512F is present; the operands hold what the caller asserted.
+    /// AVX-512F is present; the operands hold what the caller checked.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn product(
         a: &[f32],
         (m, k, n): (usize, usize, usize),
-        (b, ldb): (&[f32], usize),
-        (c, ldc): (&mut [f32], usize),
+        (b, ldb): (*const f32, usize),
+        (c, ldc): (*mut f32, usize),
     ) {
         for j0 in (0..n).step_by(NR) {
             // Lanes of each of the four vectors that lie inside C.
@@ -127,16 +164,8 @@ mod avx512 {
             for p in 0..m.div_ceil(MR) {
                 let panel = a.as_ptr().add(p * MR * k);
                 let rows = (m - p * MR).min(MR);
-                block(
-                    panel,
-                    k,
-                    b.as_ptr().add(j0),
-                    ldb,
-                    masks,
-                    rows,
-                    c.as_mut_ptr().add(p * MR * ldc + j0),
-                    ldc,
-                );
+                let c = c.add(p * MR * ldc + j0);
+                block(panel, k, b.add(j0), ldb, masks, rows, c, ldc);
             }
         }
     }
@@ -145,7 +174,9 @@ mod avx512 {
     ///
     /// # Safety
     /// As [`product`]: `rows` <= MR rows of C and the masked lanes of B's
-    /// rows lie inside the operands.
+    /// rows lie inside the operands. The addresses of vectors whose lanes
+    /// are all masked off are formed with wrapping arithmetic (they may lie
+    /// past the operands; nothing is read or written there).
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn block(
@@ -160,9 +191,9 @@ mod avx512 {
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; MR];
         for kk in 0..k {
-            let row = b.add(kk * ldb);
+            let row = b.wrapping_add(kk * ldb);
             let bv: [__m512; 4] =
-                std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.add(16 * v)));
+                std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.wrapping_add(16 * v)));
             let a = panel.add(kk * MR);
             for (r, acc_row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*a.add(r));
@@ -173,7 +204,8 @@ mod avx512 {
         }
         for (r, acc_row) in acc.iter().enumerate().take(rows) {
             for (v, slot) in acc_row.iter().enumerate() {
-                _mm512_mask_storeu_ps(c.add(r * ldc + 16 * v), masks[v], *slot);
+                let at = c.wrapping_add(r * ldc + 16 * v);
+                _mm512_mask_storeu_ps(at, masks[v], *slot);
             }
         }
     }
@@ -191,11 +223,15 @@ mod tests {
             crate::skipped::report_skip("no AVX-512 on this machine (the packed product)");
             return;
         }
+        // The last two are large enough for product_on_cores to split
+        // them: along the rows (n < m), and along the columns.
         for (m, k, n, ldb, ldc) in [
             (13, 37, 150, 160, 151),
             (6, 1, 64, 64, 64),
             (1, 8, 5, 9, 7),
             (64, 64, 16, 16, 16),
+            (600, 128, 70, 70, 80),
+            (8, 64, 9000, 9000, 9000),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
@@ -207,6 +243,9 @@ mod tests {
             pack(&a, (m, k), &mut packed);
             let mut c = vec![7.0f32; (m - 1) * ldc + n];
             product(&packed, (m, k, n), (&b, ldb), (&mut c, ldc));
+            let mut split = vec![7.0f32; c.len()];
+            product_on_cores(&packed, (m, k, n), (&b, ldb), (&mut split, ldc));
+            assert!(c == split, "{m}x{k}x{n}: split across the cores");
             for i in 0..m {
                 for j in 0..ldc.min(c.len() - i * ldc) {
                     let got = c[i * ldc + j];

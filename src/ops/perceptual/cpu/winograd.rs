@@ -28,12 +28,14 @@ const BAND_ELEMENTS: usize = 1 << 22;
 /// products would be too thin to run at speed.
 const MIN_CHANNELS: usize = 16;
 
-/// Tiles below which the unfolded product is used instead. The product
-/// packs each of its operands per call, and the 16 transformed filters
-/// are 16/9 of the filters: on a few tiles (VGG's 8 x 8 layers of a 64 x
-/// 64 image) packing them costs more than the multiply-adds saved. A
-/// 1x3x64x64 VGG16 call took 44 ms with every layer here, 34 ms from 32
-/// tiles on, 36 ms with none (2 cores, AVX-512).
+/// Tiles below which the unfolded product is used instead. The 16
+/// transformed filters are 16/9 of the filters, and on a few tiles (VGG's
+/// 8 x 8 layers of a 64 x 64 image) reading them costs more than the
+/// multiply-adds saved. Chosen when each product still packed both of its
+/// operands per call: a 1x3x64x64 VGG16 call took 44 ms with every layer
+/// here, 34 ms from 32 tiles on, 36 ms with none (2 cores, AVX-512). Both
+/// paths now read filters packed once (`layers::Prepared`); the threshold
+/// was kept, not re-tuned.
 const MIN_TILES: usize = 32;
 
 /// Whether a convolution of `in_c` -> `out_c` channels over h x w runs here.
