@@ -789,13 +789,15 @@ pl_status pl_lpips_clear_target(struct pl_lpips *lpips);
  * `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
  * `map` n*h*w floats (each image's layers' per-pixel values resized
  * bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
- * CPU contexts only in this version; its gradient is
- * `pl_lpips_spatial_backward`'s.
+ * Its gradient is `pl_lpips_spatial_backward`'s. On a CUDA context
+ * everything is device memory, the call is queued on the context's
+ * stream, and the outputs must not overlap the inputs; each call
+ * allocates scratch, so it cannot be captured.
  *
  * # Safety
  * `lpips` must be a live handle; `pred` and `target` must address
  * n*c*h*w elements of `dtype`, `map` n*h*w floats and `layers` NULL or
- * n*5 floats, all host memory.
+ * n*5 floats, on the context's device.
  */
 pl_status pl_lpips_spatial(struct pl_lpips *lpips,
                            const void *pred,
@@ -811,13 +813,15 @@ pl_status pl_lpips_spatial(struct pl_lpips *lpips,
 /**
  * The gradient w.r.t. `pred` of the map `pl_lpips_spatial` gives, from
  * `map_grad` (n*h*w floats, dL/dmap): into `grad`, n*c*h*w elements of
- * `dtype` (0 at a pixel whose features are all 0). CPU contexts only in
- * this version. `grad` may be `pred` itself.
+ * `dtype` (0 at a pixel whose features are all 0). On a CPU context
+ * `grad` may be `pred` itself; on a CUDA context everything is device
+ * memory, `grad` must not overlap an input, and the call is queued as
+ * `pl_lpips_spatial`'s.
  *
  * # Safety
  * `lpips` must be a live handle; `pred`, `target` and `grad` must address
- * n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, all host
- * memory.
+ * n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, on the
+ * context's device.
  */
 pl_status pl_lpips_spatial_backward(struct pl_lpips *lpips,
                                     const void *pred,

@@ -331,9 +331,38 @@ typedef struct pl_k_gram_backward_params {
 typedef struct pl_k_lpips_tap_params {
     pl_k_tap_loss_params tap;
     const float *lin;     /* [C] */
+    /* The spatial map's terms (NULL without): each pixel's value times
+     * tap.weight, stored at map[n * map_stride + pixel]. */
+    float *map;
+    /* With it, the gradient is that of sum over pixels of
+     * pixel_scale[n * map_stride + pixel] * tap.weight * value (dL/dmap
+     * brought back to this layer), in place of the weighted mean's. */
+    const float *pixel_scale;
+    int64_t map_stride;
     int32_t c;
     int32_t reserved;
 } pl_k_lpips_tap_params;
+
+/* LPIPS's spatial map from its layers' per-pixel terms, and back. Each
+ * image's terms are map_stride floats apart: layer k's layer_h[k] x
+ * layer_w[k] values from offset[k]. The map is h x w per image, each
+ * layer resized bilinearly (align_corners=False, PyTorch's source index
+ * (dst + 0.5) * in / out - 0.5, clamped at 0) and summed.
+ * pl_lpips_upsample: terms (src) -> map (dst); pl_lpips_upsample_adjoint:
+ * dL/dmap (src) -> dL/dterms (dst), the adjoint, gathered per term;
+ * pl_lpips_layer_means: terms (src) -> dst[n][5], each layer's mean
+ * (its distance). */
+typedef struct pl_k_lpips_maps_params {
+    const float *src;
+    float *dst;
+    int64_t n;
+    int64_t h;
+    int64_t w;
+    int64_t map_stride;
+    int64_t layer_h[5];
+    int64_t layer_w[5];
+    int64_t offset[5];
+} pl_k_lpips_maps_params;
 
 /* The end of a call asked for its parts: a part without terms is 0, and
  * the loss is the sum of the two. */

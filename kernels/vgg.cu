@@ -564,15 +564,19 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_lpips_tap(pl_k_lpi
             for (int k = 0; k < per_lane; ++k) {
                 const float w = p.lin[lane + 32 * k], d = a[k] * ia - b[k] * ib;
                 v = fmaf(w * d, d, v);
-                b[k] = 2.0f * w * d * scale;  // dv/dn(x), times the loss's scale
+                b[k] = 2.0f * w * d;  // dv/dn(x)
                 dot = fmaf(b[k], a[k], dot);
             }
             v = pl_warp_sum(v);
             dot = pl_warp_sum(dot);
             if (lane == 0) acc += (double)v;
+            if (p.map && lane == 0) p.map[n * p.map_stride + pix] = t.weight * v;
             if (!t.grad) continue;
+            // The spatial map's gradient takes this pixel's share of dL/dmap
+            // in place of the mean's weight / (batch * pixels).
+            const float s = p.pixel_scale ? t.weight * p.pixel_scale[n * p.map_stride + pix] : scale;
             for (int k = 0; k < per_lane; ++k) {
-                const float g = na > 0.0f ? b[k] * ia - a[k] * dot * ia * ia / na : 0.0f;
+                const float g = na > 0.0f ? s * (b[k] * ia - a[k] * dot * ia * ia / na) : 0.0f;
                 pl_store(t.grad, t.dtype, base + lane + 32 * k, g);
             }
         }

@@ -287,7 +287,7 @@ fn device_io<const N: usize>(
 }
 
 /// The address range of a view on `dev`, checked against its allocation.
-fn device_span<'n, B>(
+pub(crate) fn device_span<'n, B>(
     dev: &CudaDevice,
     storage: &Storage<B>,
     dtype: DType,

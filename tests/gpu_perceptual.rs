@@ -414,6 +414,91 @@ fn lpips_matches_the_cpu() {
     }
 }
 
+/// LPIPS's spatial map, per-layer distances and the map's gradient on the
+/// device against the CPU's, in f32 and bf16, with a batch run in chunks;
+/// and the map's gradient twice gives the same bits.
+#[test]
+fn lpips_spatial_maps_match_the_cpu() {
+    use perceptual_loss::{Lpips, LpipsConfig, TensorMut};
+    let Some(dev) = gpu() else { return };
+    let bytes = Net::random(VggArch::Vgg16, 62).export_safetensors(Dtype::F32, "", |_| false);
+    let s = Shape::new(3, 3, 40, 52);
+    let (len, pixels) = (s.n * s.c * s.h * s.w, s.n * s.h * s.w);
+    let map_shape = Shape::new(s.n, 1, s.h, s.w);
+    let mut rng = Rng::new(63);
+    let (pred, target) = (rng.vec(len, -1.0, 1.0), rng.vec(len, -1.0, 1.0));
+    let map_grad = rng.vec(pixels, -1.0, 1.0);
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let config = LpipsConfig {
+        weight: 0.5,
+        max_chunk_images: Some(2),
+        ..Default::default()
+    };
+    for compute in [DType::F32, DType::BF16] {
+        let lpips = |d: &Device, c| {
+            let vgg = Vgg::load(d, WeightsSource::Bytes(&bytes), VggArch::Vgg16, c).unwrap();
+            Lpips::new(vgg, &config).unwrap()
+        };
+        let (cpu, cuda) = (lpips(&Device::cpu(), DType::F32), lpips(&dev, compute));
+        let host = |v| TensorRef::host(v, s).unwrap();
+        let want = cpu.spatial(&host(&pred), &host(&target)).unwrap();
+        let mut want_grad = vec![0f32; len];
+        (cpu.spatial_backward(
+            &host(&pred),
+            &host(&target),
+            &TensorRef::host(&map_grad, map_shape).unwrap(),
+            TensorMut::host(&mut want_grad, s).unwrap(),
+        ))
+        .unwrap();
+
+        let st = dev.cuda_stream().unwrap();
+        let (p, t) = (
+            st.clone_htod(&pred).unwrap(),
+            st.clone_htod(&target).unwrap(),
+        );
+        let (pd, td) = (
+            TensorRef::cuda(&p, s).unwrap(),
+            TensorRef::cuda(&t, s).unwrap(),
+        );
+        let got = cuda.spatial(&pd, &td).unwrap();
+        let what = format!("LPIPS map {} {s}", compute.name());
+        assert_close(
+            &f64s(&got.map),
+            &f64s(&want.map),
+            loss_tol(compute),
+            1e-6,
+            &what,
+        );
+        let layers = |m: &perceptual_loss::LpipsMaps| f64s(&m.layers.concat());
+        assert_close(
+            &layers(&got),
+            &layers(&want),
+            loss_tol(compute),
+            1e-6,
+            &what,
+        );
+
+        let g = st.clone_htod(&map_grad).unwrap();
+        let gd = TensorRef::cuda(&g, map_shape).unwrap();
+        let mut runs = Vec::new();
+        for _ in 0..2 {
+            let mut grad = st.clone_htod(&vec![f32::NAN; len]).unwrap();
+            (cuda.spatial_backward(&pd, &td, &gd, TensorMut::cuda(&mut grad, s).unwrap())).unwrap();
+            runs.push(st.clone_dtoh(&grad).unwrap());
+        }
+        assert_eq!(runs[0], runs[1], "{what}: gradient bits run to run");
+        check_grad(&f64s(&runs[0]), &f64s(&want_grad), s, compute, &what);
+        // A gradient over an input is refused.
+        let at = perceptual_loss::cudarc::driver::DevicePtr::device_ptr(&p, st).0;
+        // SAFETY: pred's allocation, refused before anything is written.
+        let over = unsafe { TensorMut::from_raw_cuda(at, 0, DType::F32, s) };
+        let e = (cuda.spatial_backward(&pd, &td, &gd, over))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlap"), "{e}");
+    }
+}
+
 #[test]
 fn identical_inputs_accumulation_and_determinism() {
     let Some(dev) = gpu() else { return };

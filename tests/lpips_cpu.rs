@@ -253,11 +253,12 @@ fn the_spatial_map_and_its_gradient_match_the_definition() {
         "spatial map",
     );
     let mut grad = vec![f32::NAN; len];
+    let map_shape = Shape::new(s.n, 1, s.h, s.w);
     lpips
         .spatial_backward(
             &pred,
             &target,
-            &map_grad,
+            &TensorRef::host(&map_grad, map_shape).unwrap(),
             TensorMut::host(&mut grad, s).unwrap(),
         )
         .unwrap();
@@ -276,7 +277,7 @@ fn the_spatial_map_and_its_gradient_match_the_definition() {
         .spatial_backward(
             &pred,
             &target,
-            &uniform,
+            &TensorRef::host(&uniform, map_shape).unwrap(),
             TensorMut::host(&mut grad, s).unwrap(),
         )
         .unwrap();
@@ -295,12 +296,12 @@ fn the_spatial_map_and_its_gradient_match_the_definition() {
         .spatial_backward(
             &pred,
             &target,
-            &map_grad[1..],
+            &TensorRef::host(&map_grad[1..], Shape::flat(map_grad.len() - 1)).unwrap(),
             TensorMut::host(&mut short, s).unwrap(),
         )
         .unwrap_err()
         .to_string();
-    assert!(e.contains("N x H x W"), "{e}");
+    assert!(e.contains("map's gradient must be f32 with"), "{e}");
     assert!(short.iter().all(|&v| v == 7.0));
 }
 

@@ -669,22 +669,68 @@ const _: () = {
 pub struct pl_k_lpips_tap_params {
     pub tap: pl_k_tap_loss_params,
     pub lin: *const f32,
+    pub map: *mut f32,
+    pub pixel_scale: *const f32,
+    pub map_stride: i64,
     pub c: i32,
     pub reserved: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 152usize];
+    ["Size of pl_k_lpips_tap_params"][::std::mem::size_of::<pl_k_lpips_tap_params>() - 176usize];
     ["Alignment of pl_k_lpips_tap_params"]
         [::std::mem::align_of::<pl_k_lpips_tap_params>() - 8usize];
     ["Offset of field: pl_k_lpips_tap_params::tap"]
         [::std::mem::offset_of!(pl_k_lpips_tap_params, tap) - 0usize];
     ["Offset of field: pl_k_lpips_tap_params::lin"]
         [::std::mem::offset_of!(pl_k_lpips_tap_params, lin) - 136usize];
+    ["Offset of field: pl_k_lpips_tap_params::map"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, map) - 144usize];
+    ["Offset of field: pl_k_lpips_tap_params::pixel_scale"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, pixel_scale) - 152usize];
+    ["Offset of field: pl_k_lpips_tap_params::map_stride"]
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, map_stride) - 160usize];
     ["Offset of field: pl_k_lpips_tap_params::c"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 144usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, c) - 168usize];
     ["Offset of field: pl_k_lpips_tap_params::reserved"]
-        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 148usize];
+        [::std::mem::offset_of!(pl_k_lpips_tap_params, reserved) - 172usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_lpips_maps_params {
+    pub src: *const f32,
+    pub dst: *mut f32,
+    pub n: i64,
+    pub h: i64,
+    pub w: i64,
+    pub map_stride: i64,
+    pub layer_h: [i64; 5usize],
+    pub layer_w: [i64; 5usize],
+    pub offset: [i64; 5usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_lpips_maps_params"][::std::mem::size_of::<pl_k_lpips_maps_params>() - 168usize];
+    ["Alignment of pl_k_lpips_maps_params"]
+        [::std::mem::align_of::<pl_k_lpips_maps_params>() - 8usize];
+    ["Offset of field: pl_k_lpips_maps_params::src"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, src) - 0usize];
+    ["Offset of field: pl_k_lpips_maps_params::dst"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, dst) - 8usize];
+    ["Offset of field: pl_k_lpips_maps_params::n"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, n) - 16usize];
+    ["Offset of field: pl_k_lpips_maps_params::h"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, h) - 24usize];
+    ["Offset of field: pl_k_lpips_maps_params::w"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, w) - 32usize];
+    ["Offset of field: pl_k_lpips_maps_params::map_stride"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, map_stride) - 40usize];
+    ["Offset of field: pl_k_lpips_maps_params::layer_h"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, layer_h) - 48usize];
+    ["Offset of field: pl_k_lpips_maps_params::layer_w"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, layer_w) - 88usize];
+    ["Offset of field: pl_k_lpips_maps_params::offset"]
+        [::std::mem::offset_of!(pl_k_lpips_maps_params, offset) - 128usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -67,6 +67,7 @@ unsafe impl DeviceRepr for abi::pl_k_copy_params {}
 unsafe impl DeviceRepr for abi::pl_k_gram_backward_params {}
 unsafe impl DeviceRepr for abi::pl_k_parts_params {}
 unsafe impl DeviceRepr for abi::pl_k_lpips_tap_params {}
+unsafe impl DeviceRepr for abi::pl_k_lpips_maps_params {}
 
 /// Threads per block of every kernel (PL_BLOCK in kernels/common.cuh).
 pub(crate) const BLOCK: u32 = 256;

@@ -209,13 +209,15 @@ pub unsafe extern "C" fn pl_lpips_clear_target(lpips: *mut pl_lpips) -> pl_statu
 /// `target` (as `lpips.LPIPS(spatial=True)` and `retPerLayer=True`): into
 /// `map` n*h*w floats (each image's layers' per-pixel values resized
 /// bilinearly to h x w and summed) and, when not NULL, `layers` n*5 floats.
-/// CPU contexts only in this version; its gradient is
-/// `pl_lpips_spatial_backward`'s.
+/// Its gradient is `pl_lpips_spatial_backward`'s. On a CUDA context
+/// everything is device memory, the call is queued on the context's
+/// stream, and the outputs must not overlap the inputs; each call
+/// allocates scratch, so it cannot be captured.
 ///
 /// # Safety
 /// `lpips` must be a live handle; `pred` and `target` must address
 /// n*c*h*w elements of `dtype`, `map` n*h*w floats and `layers` NULL or
-/// n*5 floats, all host memory.
+/// n*5 floats, on the context's device.
 #[no_mangle]
 pub unsafe extern "C" fn pl_lpips_spatial(
     lpips: *mut pl_lpips,
@@ -233,20 +235,24 @@ pub unsafe extern "C" fn pl_lpips_spatial(
         let handle = borrow(lpips, "lpips")?;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = handle.streams.current()?;
-        if device.cuda_device().is_some() {
-            return Err(Error::arg(
-                "pl_lpips_spatial runs on a CPU context in this version",
-            ));
-        }
-        // The outputs checked as `views` checks a call's, before any work.
         if map.is_null() {
             return Err(Error::arg("map is NULL"));
         }
-        let map_floats = shape.n * shape.h * shape.w;
-        for (ptr, floats, what) in [(map, map_floats, "map"), (layers, shape.n * 5, "layers")] {
+        let map_shape = Shape::new(shape.n, 1, shape.h, shape.w);
+        let layers_shape = Shape::new(shape.n, 5, 1, 1);
+        if let Some(ordinal) = device.ordinal() {
+            let p = input_view(&device, pred, (dtype, shape), "pred")?;
+            let t = input_view(&device, target, (dtype, shape), "target")?;
+            let out =
+                |ptr: *mut f32, s| TensorMut::from_raw_cuda(ptr as u64, ordinal, DType::F32, s);
+            let layers = (!layers.is_null()).then(|| out(layers, layers_shape));
+            return (handle.lpips).spatial_into_on(&device, &p, &t, out(map, map_shape), layers);
+        }
+        // The outputs checked as `views` checks a call's, before any work.
+        for (ptr, s, what) in [(map, map_shape, "map"), (layers, layers_shape, "layers")] {
             if !ptr.is_null() {
                 check_aligned(ptr.cast_const().cast(), 4, what)?;
-                check_host_span(ptr as u64, 4 * floats, what)?;
+                check_host_span(ptr as u64, 4 * s.numel()?, what)?;
             }
         }
         // Computed before anything is written, and the input views gone
@@ -267,13 +273,15 @@ pub unsafe extern "C" fn pl_lpips_spatial(
 
 /// The gradient w.r.t. `pred` of the map `pl_lpips_spatial` gives, from
 /// `map_grad` (n*h*w floats, dL/dmap): into `grad`, n*c*h*w elements of
-/// `dtype` (0 at a pixel whose features are all 0). CPU contexts only in
-/// this version. `grad` may be `pred` itself.
+/// `dtype` (0 at a pixel whose features are all 0). On a CPU context
+/// `grad` may be `pred` itself; on a CUDA context everything is device
+/// memory, `grad` must not overlap an input, and the call is queued as
+/// `pl_lpips_spatial`'s.
 ///
 /// # Safety
 /// `lpips` must be a live handle; `pred`, `target` and `grad` must address
-/// n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, all host
-/// memory.
+/// n*c*h*w elements of `dtype`, and `map_grad` n*h*w floats, on the
+/// context's device.
 #[no_mangle]
 pub unsafe extern "C" fn pl_lpips_spatial_backward(
     lpips: *mut pl_lpips,
@@ -291,36 +299,39 @@ pub unsafe extern "C" fn pl_lpips_spatial_backward(
         let handle = borrow(lpips, "lpips")?;
         let (dtype, shape) = (dtype_of(dtype)?, shape_of(n, c, h, w)?);
         let device = handle.streams.current()?;
-        if device.cuda_device().is_some() {
-            return Err(Error::arg(
-                "pl_lpips_spatial_backward runs on a CPU context in this version",
-            ));
-        }
         if grad.is_null() {
             return Err(Error::arg("grad is NULL"));
+        }
+        let map_shape = Shape::new(shape.n, 1, shape.h, shape.w);
+        let views = || -> Result<_, Error> {
+            Ok((
+                input_view(&device, pred, (dtype, shape), "pred")?,
+                input_view(&device, target, (dtype, shape), "target")?,
+                input_view(
+                    &device,
+                    map_grad.cast(),
+                    (DType::F32, map_shape),
+                    "map_grad",
+                )?,
+            ))
+        };
+        if let Some(ordinal) = device.ordinal() {
+            let (p, t, g) = views()?;
+            let out = TensorMut::from_raw_cuda(grad as u64, ordinal, dtype, shape);
+            return (handle.lpips).spatial_backward_on(&device, &p, &t, &g, out);
         }
         let bytes = shape.bytes(dtype)?;
         check_aligned(grad.cast_const(), dtype.size(), "grad")?;
         check_host_span(grad as u64, bytes, "grad")?;
-        // Computed into a buffer of its own, then copied: grad may alias
-        // an input.
+        // Computed into a buffer of its own, then copied (the input views
+        // gone by then): grad may alias an input.
         let staged = {
-            let p = input_view(&device, pred, (dtype, shape), "pred")?;
-            let t = input_view(&device, target, (dtype, shape), "target")?;
-            let map_shape = Shape::new(shape.n, 1, shape.h, shape.w);
-            let g = input_view(
-                &device,
-                map_grad.cast(),
-                (DType::F32, map_shape),
-                "map_grad",
-            )?;
-            let g = (g.host_values::<f32>())
-                .ok_or_else(|| Error::Internal("a host view without host values".into()))?;
+            let (p, t, g) = views()?;
             dtype.dispatch(MapGrad {
                 lpips: &handle.lpips,
                 pred: &p,
                 target: &t,
-                map_grad: g,
+                map_grad: &g,
             })?
         };
         std::ptr::copy_nonoverlapping(staged.as_ptr(), grad.cast::<u8>(), bytes);
@@ -333,7 +344,7 @@ struct MapGrad<'a, 't> {
     lpips: &'a Lpips,
     pred: &'a TensorRef<'t>,
     target: &'a TensorRef<'t>,
-    map_grad: &'a [f32],
+    map_grad: &'a TensorRef<'t>,
 }
 
 impl PerDType for MapGrad<'_, '_> {

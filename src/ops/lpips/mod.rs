@@ -11,12 +11,16 @@
 //!   in assets/lpips/LICENSE) or read from a safetensors file.
 
 pub(crate) mod cpu;
+pub(crate) mod cuda;
+mod spatial;
+
+pub use spatial::LpipsMaps;
 
 use super::perceptual::{InputNorm, PerceptualConfig, PerceptualLoss};
 use super::LossOutputs;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Shape, TensorMut, TensorRef};
+use crate::tensor::{DType, Shape, TensorRef};
 use crate::vgg::{Vgg, VggArch};
 use std::sync::Arc;
 
@@ -315,79 +319,6 @@ impl Lpips {
         self.loss.value(pred, target)
     }
 
-    /// The spatial map and per-layer values of `pred` against `target`
-    /// (host memory, on a CPU network), as `lpips.LPIPS(spatial=True)` and
-    /// `retPerLayer=True` give them: per image, each layer's per-pixel
-    /// values bilinearly resized to H x W (align_corners=False) and summed,
-    /// and each layer's mean. The weight is applied; no gradient.
-    pub fn spatial(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<LpipsMaps> {
-        self.check_maps(pred, target)?;
-        pred.dtype.dispatch(Maps {
-            lpips: self,
-            pred,
-            target,
-        })
-    }
-
-    /// The gradient w.r.t. `pred` of the spatial map [`spatial`](Self::spatial)
-    /// gives, from `map_grad` (N x H x W f32, the gradient of the map, as
-    /// autograd's backward of `lpips.LPIPS(spatial=True)` receives it),
-    /// written into `grad` (pred's shape and dtype, host memory). CPU
-    /// network only. 0 at a pixel whose features are all 0, as for the
-    /// distance.
-    pub fn spatial_backward(
-        &self,
-        pred: &TensorRef<'_>,
-        target: &TensorRef<'_>,
-        map_grad: &[f32],
-        mut grad: TensorMut<'_>,
-    ) -> Result<()> {
-        self.check_maps(pred, target)?;
-        let s = pred.shape;
-        if map_grad.len() != s.n * s.h * s.w {
-            return Err(Error::arg(format!(
-                "the map's gradient holds {} values; a map of {s} has N x H x W = {}",
-                map_grad.len(),
-                s.n * s.h * s.w
-            )));
-        }
-        if grad.shape() != s || grad.dtype() != pred.dtype {
-            return Err(Error::arg(format!(
-                "grad must have pred's shape and dtype ({} {s}), got {} {}",
-                pred.dtype.name(),
-                grad.dtype().name(),
-                grad.shape()
-            )));
-        }
-        pred.dtype.dispatch(MapGrad {
-            lpips: self,
-            pred,
-            target,
-            map_grad,
-            grad: &mut grad,
-        })
-    }
-
-    /// An error unless `pred` and `target` can be mapped on the CPU.
-    fn check_maps(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<()> {
-        let s = pred.shape;
-        if target.shape != s || target.dtype != pred.dtype {
-            return Err(Error::arg(format!(
-                "pred and target must have one shape and dtype, got {} {s} and {} {}",
-                pred.dtype.name(),
-                target.dtype.name(),
-                target.shape
-            )));
-        }
-        if self.vgg().device().cuda_device().is_some() {
-            return Err(Error::arg(
-                "LPIPS maps are computed on the CPU in this version: load the network there",
-            ));
-        }
-        s.numel()?;
-        self.loss.check_shape(s)
-    }
-
     /// What a CUDA call costs (see [`PerceptualLoss::plan_report`]).
     pub fn plan_report(
         &self,
@@ -396,101 +327,6 @@ impl Lpips {
         want_grad: bool,
     ) -> Result<super::perceptual::PlanReport> {
         self.loss.plan_report(shape, dtype, want_grad)
-    }
-}
-
-/// What [`Lpips::spatial`] returns.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LpipsMaps {
-    /// N x H x W: each image's map, the sum of its layers' resized maps.
-    pub map: Vec<f32>,
-    /// Per image, each layer's distance (the mean of its map); their sum
-    /// is the image's distance.
-    pub layers: Vec<[f32; 5]>,
-}
-
-/// [`Lpips::spatial`] in the inputs' element type.
-struct Maps<'a, 't> {
-    lpips: &'a Lpips,
-    pred: &'a TensorRef<'t>,
-    target: &'a TensorRef<'t>,
-}
-
-impl crate::tensor::PerDType for Maps<'_, '_> {
-    type Output = Result<LpipsMaps>;
-
-    fn run<T: crate::tensor::Element>(self) -> Result<LpipsMaps> {
-        let on_host = || Error::DeviceMismatch("LPIPS maps take host memory".into());
-        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
-        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
-        let vgg = self.lpips.vgg();
-        let net = super::perceptual::cpu::HostNet {
-            layers: vgg.layers(),
-            weights: vgg.host_weights()?,
-        };
-        let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
-        let weight = spec.weight;
-        let (image, hw) = (s.image_len(), s.h * s.w);
-        let mut out = LpipsMaps {
-            map: Vec::with_capacity(s.n * hw),
-            layers: Vec::with_capacity(s.n),
-        };
-        for n in 0..s.n {
-            let r = n * image..(n + 1) * image;
-            let images = (&pred[r.clone()], &target[r]);
-            let maps = super::perceptual::cpu::lpips_maps(net, spec, images, (s.c, s.h, s.w))?;
-            let mut map = vec![0.0f64; hw];
-            let mut layers = [0f32; 5];
-            for (k, (values, dims)) in maps.iter().enumerate() {
-                cpu::add_upsampled(values, *dims, &mut map, (s.h, s.w));
-                layers[k] = (weight * values.iter().sum::<f64>() / values.len() as f64) as f32;
-            }
-            out.map.extend(map.iter().map(|&v| (weight * v) as f32));
-            out.layers.push(layers);
-        }
-        Ok(out)
-    }
-}
-
-/// [`Lpips::spatial_backward`] in the inputs' element type.
-struct MapGrad<'a, 't, 'g> {
-    lpips: &'a Lpips,
-    pred: &'a TensorRef<'t>,
-    target: &'a TensorRef<'t>,
-    map_grad: &'a [f32],
-    grad: &'a mut TensorMut<'g>,
-}
-
-impl crate::tensor::PerDType for MapGrad<'_, '_, '_> {
-    type Output = Result<()>;
-
-    fn run<T: crate::tensor::Element>(self) -> Result<()> {
-        let on_host = || Error::DeviceMismatch("LPIPS maps take host memory".into());
-        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
-        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
-        let vgg = self.lpips.vgg();
-        let net = super::perceptual::cpu::HostNet {
-            layers: vgg.layers(),
-            weights: vgg.host_weights()?,
-        };
-        let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
-        let (image, hw) = (s.image_len(), s.h * s.w);
-        // Computed whole before any of `grad` is written.
-        let mut values = crate::fallible::filled(s.n * image, 0.0f64, "the map's input gradient")?;
-        for n in 0..s.n {
-            let r = n * image..(n + 1) * image;
-            let images = (&pred[r.clone()], &target[r.clone()]);
-            let mut g = crate::fallible::filled(hw, 0.0f64, "the map's gradient")?;
-            (g.iter_mut().zip(&self.map_grad[n * hw..(n + 1) * hw]))
-                .for_each(|(g, &v)| *g = spec.weight * v as f64);
-            let dims = (s.c, s.h, s.w);
-            super::perceptual::cpu::lpips_map_grad(net, spec, images, dims, &g, &mut values[r])?;
-        }
-        let out = self.grad.host_values::<T>().ok_or_else(on_host)?;
-        out.iter_mut()
-            .zip(&values)
-            .for_each(|(o, &v)| *o = T::from_f64(v));
-        Ok(())
     }
 }
 

@@ -239,7 +239,7 @@ impl PerceptualLoss {
     }
 
     /// An error unless `device` is the network's (any of its streams).
-    fn check_device(&self, device: &Device) -> Result<()> {
+    pub(crate) fn check_device(&self, device: &Device) -> Result<()> {
         if device.ordinal() != self.vgg().device().ordinal() {
             return Err(Error::DeviceMismatch(format!(
                 "the network lives on {:?}, the call asks for {device:?}",
@@ -247,6 +247,19 @@ impl PerceptualLoss {
             )));
         }
         Ok(())
+    }
+
+    /// Queues an LPIPS call on `dev` that also writes the spatial map's
+    /// terms or takes their gradient (`terms`).
+    pub(crate) fn queue_with_terms(
+        &self,
+        dev: &CudaDevice,
+        io: &DeviceIo<2>,
+        terms: cuda::MapTerms,
+    ) -> Result<()> {
+        let op = &self.op;
+        op.device
+            .queue_with_terms(dev, &op.vgg, &op.spec, io, terms)
     }
 
     /// The tapped module indices, ascending.

@@ -50,6 +50,40 @@ pub(crate) struct CudaCall {
     pub first: usize,
     /// Whether the loss already holds earlier chunks' share.
     pub accumulate: bool,
+    /// An LPIPS call's spatial map terms (none for the others).
+    pub terms: MapTerms,
+}
+
+/// Where an LPIPS call's per-pixel terms (the spatial map's, before the
+/// resize) go, or their gradient comes from: device addresses of
+/// [n][stride] f32, 0 for none. LPIPS tap k's terms start at `offsets[k]`
+/// of an image's `stride`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MapTerms {
+    /// Written by the taps: each pixel's term, the weight applied.
+    pub values: u64,
+    /// Read by the taps: dL/dterm, which replaces the mean's scale in
+    /// the gradient.
+    pub scales: u64,
+    pub stride: usize,
+    pub offsets: [usize; 5],
+}
+
+impl MapTerms {
+    /// Tap `k`'s terms of a chunk's first image (`values` or `scales`),
+    /// checked to be `pixels` long; 0 for none.
+    pub(crate) fn at(&self, base: u64, k: usize, pixels: usize) -> Result<u64> {
+        if base == 0 {
+            return Ok(0);
+        }
+        let end = self.offsets.get(k + 1).copied().unwrap_or(self.stride);
+        match self.offsets.get(k) {
+            Some(&start) if end - start == pixels => Ok(base + 4 * start as u64),
+            _ => Err(Error::Internal(format!(
+                "LPIPS tap {k} has {pixels} pixels, its map terms another count"
+            ))),
+        }
+    }
 }
 
 impl CudaCall {
@@ -61,6 +95,7 @@ impl CudaCall {
             batch: io.shape.n,
             first: 0,
             accumulate: false,
+            terms: MapTerms::default(),
         }
     }
 
@@ -78,6 +113,13 @@ impl CudaCall {
             .step_by(chunk)
             .map(|start| {
                 let at = start as u64;
+                let terms_at = |p: u64| {
+                    if p == 0 {
+                        0
+                    } else {
+                        p + at * 4 * self.terms.stride as u64
+                    }
+                };
                 CudaCall {
                     io: DeviceIo {
                         shape: Shape::new(chunk.min(s.n - start), s.c, s.h, s.w),
@@ -88,6 +130,11 @@ impl CudaCall {
                     },
                     first: self.first + start,
                     accumulate: self.accumulate || start > 0,
+                    terms: MapTerms {
+                        values: terms_at(self.terms.values),
+                        scales: terms_at(self.terms.scales),
+                        ..self.terms
+                    },
                     ..*self
                 }
             })
@@ -173,6 +220,23 @@ impl Plans {
             CudaCall::new(*io, holds),
             kept.map(|t| &**t),
         )
+    }
+
+    /// Queues an LPIPS call of pred against its target that also writes
+    /// the spatial map's terms or takes their gradient (`terms`).
+    pub(crate) fn queue_with_terms(
+        &self,
+        dev: &CudaDevice,
+        vgg: &Vgg,
+        spec: &PerceptualSpec,
+        io: &DeviceIo<2>,
+        terms: MapTerms,
+    ) -> Result<()> {
+        let call = CudaCall {
+            terms,
+            ..CudaCall::new(*io, Batch::Pairs)
+        };
+        self.queue_chunks(dev, vgg, spec, call, None)
     }
 
     /// Keeps the target `io.inputs[0]` of `io.shape` on `dev` for calls

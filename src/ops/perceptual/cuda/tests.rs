@@ -825,3 +825,90 @@ fn lpips_against_a_kept_target() {
     let case = f32_case(VggArch::Vgg16, config, Shape::new(2, 3, 16, 16));
     check_loss::<f32>(loss, case, Some(1));
 }
+
+/// LPIPS's spatial map, per-layer distances and the map's gradient: the
+/// taps' per-pixel terms and gradient scales through the emulated CUDA
+/// path, chunk by chunk, with the resize kernels, against the CPU's
+/// `Lpips::spatial` and `spatial_backward` (odd sizes: the layers' ratios
+/// to the input are not powers of two).
+#[test]
+fn lpips_spatial_map_and_its_gradient() {
+    use crate::ops::lpips::cuda::{layer_means, upsample, upsample_adjoint, TermLayout};
+    use crate::ops::lpips::{Lpips, LpipsConfig};
+    let Some(emu) = Emulator::get() else { return };
+    let seeded = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+    let config = LpipsConfig {
+        weight: 0.7,
+        max_chunk_images: Some(1),
+        ..Default::default()
+    };
+    let lpips = Lpips::new(seeded.vgg().clone(), &config).unwrap();
+    let loss = lpips.perceptual();
+    let s = Shape::new(2, 3, 18, 22);
+    let (count, pixels) = (s.n * s.image_len(), s.n * s.h * s.w);
+    let (pred, target) = (values::<f32>(count, 1), values::<f32>(count, 2));
+    let map_grad = values::<f32>(pixels, 4);
+    let emulated = EmulatedNet::new(loss, DType::F32);
+    let net = DeviceNet {
+        layers: loss.vgg().layers(),
+        weights: &emulated.weights,
+        compute: DType::F32,
+        lpips: addr(loss.spec().lpips.as_ref().unwrap().all()),
+    };
+    let at = TermLayout::new(loss.vgg().layers(), (s.h, s.w));
+    let call = |terms, grad: Option<u64>| {
+        let mut unused = 0f32;
+        let io = DeviceIo {
+            shape: s,
+            dtype: DType::F32,
+            inputs: [addr(&pred), addr(&target)],
+            grad,
+            beta: 0.0,
+            loss: &mut unused as *mut f32 as u64,
+            per_sample: None,
+            parts: None,
+        };
+        let call = CudaCall {
+            terms,
+            ..CudaCall::new(io, Batch::Pairs)
+        };
+        emulate(loss, net, call, &|_| KeptAt::default(), DType::F32);
+    };
+
+    let mut terms = vec![f32::NAN; s.n * at.stride + GUARD];
+    call(at.terms(addr_mut(&mut terms), 0), None);
+    assert!(
+        terms[s.n * at.stride..].iter().all(|v| v.is_nan()),
+        "a tap wrote past its terms"
+    );
+    let (mut map, mut means) = (vec![f32::NAN; pixels], vec![f32::NAN; s.n * 5]);
+    upsample(emu, &at, addr(&terms), addr_mut(&mut map), s.n).unwrap();
+    layer_means(emu, &at, addr(&terms), addr_mut(&mut means), s.n).unwrap();
+    let (pred_host, target_host) = (
+        TensorRef::host(&pred, s).unwrap(),
+        TensorRef::host(&target, s).unwrap(),
+    );
+    let want = lpips.spatial(&pred_host, &target_host).unwrap();
+    assert_close("the map", &map, &want.map, 1e-5);
+    let want_means: Vec<f32> = want.layers.iter().flatten().copied().collect();
+    assert_close("the layers' distances", &means, &want_means, 1e-5);
+
+    let mut scales = vec![f32::NAN; s.n * at.stride];
+    upsample_adjoint(emu, &at, addr(&map_grad), addr_mut(&mut scales), s.n).unwrap();
+    let mut grad = vec![f32::NAN; count + GUARD];
+    call(at.terms(0, addr(&scales)), Some(addr_mut(&mut grad)));
+    assert!(
+        grad[count..].iter().all(|v| v.is_nan()),
+        "a kernel wrote past the gradient"
+    );
+    let mut want_grad = vec![0f32; count];
+    let map_shape = Shape::new(s.n, 1, s.h, s.w);
+    (lpips.spatial_backward(
+        &pred_host,
+        &target_host,
+        &TensorRef::host(&map_grad, map_shape).unwrap(),
+        TensorMut::host(&mut want_grad, s).unwrap(),
+    ))
+    .unwrap();
+    assert_close("the map's gradient", &grad[..count], &want_grad, 1e-4);
+}

@@ -193,11 +193,17 @@ impl TapLoss {
         let k = (x.spec.taps.iter().position(|t| t.0 == self.layer))
             .ok_or_else(|| Error::Internal(format!("layer {} is no LPIPS tap", self.layer)))?;
         let lin = x.net.lpips + (LinWeights::offset(k) * 4) as u64;
+        let terms = &x.call.terms;
+        let map = terms.at(terms.values, k, h * w)?;
+        let pixel_scale = terms.at(terms.scales, k, h * w)?;
         // The mean is over pixels; a work unit is one pixel.
         x.with_tap(inputs, (h * w, 1), tap, |tap, grid| {
             let p = pl_k_lpips_tap_params {
                 tap,
                 lin: lin as *const f32,
+                map: map as *mut f32,
+                pixel_scale: pixel_scale as *const f32,
+                map_stride: terms.stride as i64,
                 c: c as i32,
                 reserved: 0,
             };
