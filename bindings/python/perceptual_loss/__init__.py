@@ -512,10 +512,24 @@ class Lpips(Perceptual):
         n, _, h, w = pred.shape
         spatial_map = np.empty((n, 1, h, w), np.float32)
         layers = np.empty((n, 5), np.float32)
-        as_float = lambda a: a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))  # noqa: E731
-        _check(_lib.pl_lpips_spatial(self._handle, pred.ctypes.data, target.ctypes.data, DTYPES[pred.dtype.name],
-                                     *pred.shape, as_float(spatial_map), as_float(layers)))
+        self.raw_spatial(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, spatial_map.ctypes.data,
+                         layers.ctypes.data)
         return spatial_map, layers
+
+    def raw_spatial(self, pred_ptr, target_ptr, dtype, shape, map_ptr, layers_ptr=None):
+        """`spatial` on raw addresses (device addresses for a CUDA context,
+        queued on its stream): the map into `map_ptr` (N*H*W floats), the
+        per-layer distances into `layers_ptr` (N*5 floats) unless None."""
+        as_float = lambda p: ctypes.cast(p, ctypes.POINTER(ctypes.c_float)) if p else None  # noqa: E731
+        _check(_lib.pl_lpips_spatial(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, as_float(map_ptr),
+                                     as_float(layers_ptr)))
+
+    def raw_spatial_backward(self, pred_ptr, target_ptr, dtype, shape, map_grad_ptr, grad_ptr):
+        """`spatial_backward` on raw addresses, as `raw_spatial`: dL/dmap
+        from `map_grad_ptr` (N*H*W floats), dL/dpred into `grad_ptr`."""
+        map_grad = ctypes.cast(map_grad_ptr, ctypes.POINTER(ctypes.c_float))
+        _check(_lib.pl_lpips_spatial_backward(self._handle, pred_ptr, target_ptr, DTYPES[dtype], *shape, map_grad,
+                                              grad_ptr))
 
     def spatial_backward(self, pred, target, map_grad):
         """The gradient w.r.t. `pred` (an array of its shape and dtype) of
@@ -530,10 +544,8 @@ class Lpips(Perceptual):
             raise ValueError(f"map_grad has shape {map_grad.shape}; the map of {pred.shape} is N x 1 x H x W = "
                              f"{(n, 1, h, w)} (or N x H x W)")
         grad = np.empty_like(pred)
-        _check(_lib.pl_lpips_spatial_backward(self._handle, pred.ctypes.data, target.ctypes.data,
-                                              DTYPES[pred.dtype.name], *pred.shape,
-                                              map_grad.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                              grad.ctypes.data))
+        self.raw_spatial_backward(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape,
+                                  map_grad.ctypes.data, grad.ctypes.data)
         return grad
 
     def clear_target(self):

@@ -291,8 +291,15 @@ def _numpy_pair(pred, target):
 
 @torch.library.custom_op("perceptual_loss::lpips_spatial", mutates_args=(), tags=_TAGS)
 def _lpips_spatial_op(pred: torch.Tensor, target: torch.Tensor, key: int) -> torch.Tensor:
-    """LPIPS's N x 1 x H x W map, float32 (CPU tensors)."""
+    """LPIPS's N x 1 x H x W map, float32, on pred's device."""
     lpips = _perceptual_losses[key].on(pred.device)
+    if pred.device.type == "cuda":
+        n, _, h, w = pred.shape
+        spatial_map = pred.new_empty((n, 1, h, w), dtype=torch.float32)
+        _context(pred.device).call(lambda: lpips.raw_spatial(
+            pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape),
+            spatial_map.data_ptr()))
+        return spatial_map
     p, t = _numpy_pair(pred, target)
     spatial_map, _ = _context(pred.device).call(lambda: lpips.spatial(p, t))
     return torch.from_numpy(spatial_map)
@@ -307,8 +314,15 @@ def _(pred, target, key):
 @torch.library.custom_op("perceptual_loss::lpips_spatial_backward", mutates_args=(), tags=_TAGS)
 def _lpips_spatial_backward_op(pred: torch.Tensor, target: torch.Tensor, key: int,
                                map_grad: torch.Tensor) -> torch.Tensor:
-    """dL/dpred of the map from dL/dmap, in pred's dtype."""
+    """dL/dpred of the map from dL/dmap, in pred's dtype, on pred's device."""
     lpips = _perceptual_losses[key].on(pred.device)
+    if pred.device.type == "cuda":
+        g = map_grad.detach().to(torch.float32).contiguous()
+        grad = torch.empty_like(pred)
+        _context(pred.device).call(lambda: lpips.raw_spatial_backward(
+            pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), g.data_ptr(),
+            grad.data_ptr()))
+        return grad
     p, t = _numpy_pair(pred, target)
     g = map_grad.detach().float().contiguous().numpy()
     grad = _context(pred.device).call(lambda: lpips.spatial_backward(p, t, g))
@@ -497,8 +511,10 @@ class LPIPS(_KeptTarget, torch.nn.Module):
     VGG16 safetensors file (scripts/export_vgg.py); `normalize=True` takes
     inputs in [0, 1]; `lin=False` weighs every channel 1; `lin_weights`
     names a safetensors file of lin weights instead of the embedded v0.1
-    ones. `spatial=True` returns the N x 1 x H x W map instead (float32),
-    for CPU tensors in this version, with its gradient. `target` is a constant;
+    ones. `spatial=True` returns the N x 1 x H x W map instead (float32,
+    on the inputs' device), with its gradient; on CUDA each such call
+    allocates its scratch, so it cannot be captured in a CUDA graph.
+    `target` is a constant;
     other options as in `perceptual_loss.Lpips`."""
 
     def __init__(self, vgg_weights, normalize=False, lin=True, spatial=False, lin_weights=None,
@@ -514,8 +530,6 @@ class LPIPS(_KeptTarget, torch.nn.Module):
         if target is None:
             raise ValueError("LPIPS(spatial=True) needs the target passed")
         _check_pair(pred, target, ("pred", "target"))
-        if pred.device.type != "cpu":
-            raise ValueError("LPIPS(spatial=True) runs on CPU tensors in this version")
         return _lpips_spatial_op(pred, target, self.losses.key)
 
     def forward(self, pred, target=None):

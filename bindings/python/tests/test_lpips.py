@@ -130,6 +130,27 @@ def test_the_spatial_map_and_per_layer_values_match_the_package(reference):
         torch.testing.assert_close(half, pl.LPIPS(path, spatial=True)(x0.bfloat16().float(), x1.bfloat16().float()))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_spatial_map_and_its_gradient_on_cuda(reference):
+    # The CUDA map (on the device, on PyTorch's stream) and its gradient
+    # through autograd, against the package's float64 ones.
+    model, path = reference
+    spatial = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, spatial=True, verbose=False).eval().double()
+    spatial.net.load_state_dict(model.net.state_dict())
+    torch.manual_seed(13)
+    x0, x1 = torch.rand(2, 3, 36, 44) * 2 - 1, torch.rand(2, 3, 36, 44) * 2 - 1
+    g = torch.randn(2, 1, 36, 44)
+    want_x = x0.double().requires_grad_(True)
+    want = spatial(want_x, x1.double())
+    (want * g.double()).sum().backward()
+    got_x = x0.cuda().requires_grad_(True)
+    got = pl.LPIPS(path, spatial=True)(got_x, x1.cuda())
+    assert got.device.type == "cuda" and got.shape == (2, 1, 36, 44)
+    (got * g.cuda()).sum().backward()
+    torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_x.grad.cpu().double(), want_x.grad, rtol=1e-3, atol=1e-6)
+
+
 def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
     # d sum(map * g) / dx0 for a random g, against the package's float64
     # autograd of spatial=True; through the NumPy function, the module and
