@@ -5,7 +5,7 @@ drift in the machine's speed cancels. Random weights (timing does not
 depend on them); two targets alternate so neither side reuses a target.
 
     PERCEPTUAL_LOSS_LIB=target/release/libperceptual_loss.so \\
-        PYTHONPATH=bindings/python python3 scripts/cpu_vs_torch.py [--reps 15] [--only tv]
+        PYTHONPATH=bindings/python python3 scripts/cpu_vs_torch.py [--reps 15] [--only tv] [--settle-ms 300]
 
 Cases: VGG16 perceptual (taps [3, 8, 15, 22], MSE, f32) forward + backward
 at 1x3x64x64, 2x3x128x128 and 1x3x256x256, the article's TV forward +
@@ -64,22 +64,27 @@ def torch_tv(x):
     return loss.item()
 
 
-def paired(ours, theirs, inputs, reps):
+def paired(ours, theirs, inputs, reps, settle=0.0):
     """Median of ours/theirs over `reps` alternating pairs (after a warm-up),
-    and each side's median time in ms."""
+    and each side's median time in ms. With `settle` (seconds), each call
+    starts after that long idle, so the other side's worker threads (PyTorch's
+    OpenMP workers spin for a while after each of its calls) are asleep."""
     for args in inputs[:2]:
         ours(*args), theirs(*args)
     ratios, a, b = [], [], []
     for k in range(reps):
         args = inputs[k % len(inputs)]
+        time.sleep(settle)
         t0 = time.perf_counter()
         ours(*args)
         t1 = time.perf_counter()
-        theirs(*args)
+        time.sleep(settle)
         t2 = time.perf_counter()
+        theirs(*args)
+        t3 = time.perf_counter()
         a.append(t1 - t0)
-        b.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
+        b.append(t3 - t2)
+        ratios.append((t1 - t0) / (t3 - t2))
     return statistics.median(ratios), 1e3 * statistics.median(a), 1e3 * statistics.median(b)
 
 
@@ -87,15 +92,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--only", choices=["tv", "perceptual", "lpips", "kept"])
+    ap.add_argument("--settle-ms", type=float, default=0.0,
+                    help="idle time before each timed call (0: back to back, as in a training loop)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
+    settle = args.settle_ms / 1e3
     rng = np.random.default_rng(0)
     rows = []
     if args.only in (None, "tv"):
         shape = (4, 3, 256, 256)
         xs = [rng.random(shape, dtype=np.float32) for _ in range(2)]
         ratio, ours, theirs = paired(lambda x, t: pl.tv_loss(x), lambda x, t: torch_tv(t),
-                                     [(x, torch.from_numpy(x)) for x in xs], args.reps * 4)
+                                     [(x, torch.from_numpy(x)) for x in xs], args.reps * 4, settle)
         rows.append(("TV article " + "x".join(map(str, shape)), ratio, ours, theirs))
     if args.only in (None, "perceptual"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -107,7 +115,7 @@ def main():
                 targets = [rng.random(shape, dtype=np.float32) for _ in range(2)]
                 inputs = [(pred, t, torch.from_numpy(pred), torch.from_numpy(t)) for t in targets]
                 ratio, ours, theirs = paired(lambda p, t, tp, tt: ours_loss(p, t),
-                                             lambda p, t, tp, tt: theirs_loss(tp, tt), inputs, args.reps)
+                                             lambda p, t, tp, tt: theirs_loss(tp, tt), inputs, args.reps, settle)
                 rows.append(("perceptual " + "x".join(map(str, shape)), ratio, ours, theirs))
     if args.only in (None, "lpips", "kept"):
         with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +139,7 @@ def main():
                 targets = [rng.uniform(-1, 1, shape).astype(np.float32) for _ in range(2)]
                 inputs = [(pred, t, torch.from_numpy(pred), torch.from_numpy(t)) for t in targets]
                 ratio, ours, theirs = paired(lambda p, t, tp, tt: ours_lpips(p, t),
-                                             lambda p, t, tp, tt: theirs_lpips(tp, tt), inputs, args.reps)
+                                             lambda p, t, tp, tt: theirs_lpips(tp, tt), inputs, args.reps, settle)
                 rows.append(("LPIPS " + "x".join(map(str, shape)), ratio, ours, theirs))
             if args.only in (None, "kept"):
                 style = dict(taps=["relu2_2"], style_taps=["relu1_2", "relu2_2", "relu3_3", "relu4_3"])
@@ -143,9 +151,10 @@ def main():
                 # Passed targets alternate, so the explicit call cannot reuse one.
                 targets = [target, rng.random(shape, dtype=np.float32)]
                 ratio, ours, theirs = paired(lambda t: kept(pred), lambda t: passed(pred, t),
-                                             [(t,) for t in targets], args.reps)
+                                             [(t,) for t in targets], args.reps, settle)
                 rows.append(("kept / passed target " + "x".join(map(str, shape)), ratio, ours, theirs))
-    print(f"{os.cpu_count()} threads, torch {torch.__version__}, median of {args.reps}+ alternating pairs")
+    print(f"{os.cpu_count()} threads, torch {torch.__version__}, median of {args.reps}+ alternating pairs, "
+          f"{args.settle_ms:g} ms idle before each call")
     print(f"{'case (f32, fwd+bwd)':34} {'ours/torch':>10} {'ours ms':>9} {'torch ms':>9}")
     for name, ratio, ours, theirs in rows:
         print(f"{name:34} {ratio:10.2f} {ours:9.2f} {theirs:9.2f}")

@@ -462,21 +462,41 @@ fn lpips_spatial_maps_match_the_cpu() {
         );
         let got = cuda.spatial(&pd, &td).unwrap();
         let what = format!("LPIPS map {} {s}", compute.name());
-        assert_close(
-            &f64s(&got.map),
-            &f64s(&want.map),
-            loss_tol(compute),
-            1e-6,
-            &what,
-        );
         let layers = |m: &perceptual_loss::LpipsMaps| f64s(&m.layers.concat());
-        assert_close(
-            &layers(&got),
-            &layers(&want),
-            loss_tol(compute),
-            1e-6,
-            &what,
+        if compute == DType::F32 {
+            assert_close(&f64s(&got.map), &f64s(&want.map), 1e-4, 1e-6, &what);
+            assert_close(&layers(&got), &layers(&want), 1e-4, 1e-6, &what);
+        } else {
+            // bf16 features: each pixel's term moves by the features' rounding.
+            let err = rel_norm_err(&f64s(&got.map), &f64s(&want.map));
+            assert!(err <= 3e-2, "{what}: map relative error {err:e}");
+            assert_close(&layers(&got), &layers(&want), 3e-2, 1e-6, &what);
+        }
+        // Into device memory without the layers, the same map.
+        let mut map = st.clone_htod(&vec![f32::NAN; pixels]).unwrap();
+        let map_out = TensorMut::cuda(&mut map, map_shape).unwrap();
+        cuda.spatial_into(&pd, &td, map_out, None).unwrap();
+        assert_eq!(
+            st.clone_dtoh(&map).unwrap(),
+            got.map,
+            "{what}: spatial_into"
         );
+        // Host memory on a CUDA network, and a map of another dtype, are
+        // refused by name.
+        let mut host_map = vec![0f32; pixels];
+        let host_out = TensorMut::host(&mut host_map, map_shape).unwrap();
+        let e = cuda
+            .spatial_into(&pd, &td, host_out, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("map is host memory"), "{e}");
+        let mut half_map = st.clone_htod(&vec![bf16::ZERO; pixels]).unwrap();
+        let half_out = TensorMut::cuda(&mut half_map, map_shape).unwrap();
+        let e = cuda
+            .spatial_into(&pd, &td, half_out, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("map must be f32"), "{e}");
 
         let g = st.clone_htod(&map_grad).unwrap();
         let gd = TensorRef::cuda(&g, map_shape).unwrap();

@@ -305,6 +305,42 @@ fn the_spatial_map_and_its_gradient_match_the_definition() {
     assert!(short.iter().all(|&v| v == 7.0));
 }
 
+/// With `check_finite`, the map and its gradient refuse a NaN input by
+/// name, as the distance does, and leave the outputs alone.
+#[test]
+fn maps_check_their_inputs_when_asked() {
+    let mut net = Net::random(VggArch::Vgg16, 75);
+    let config = LpipsConfig {
+        check_finite: true,
+        ..Default::default()
+    };
+    let lpips = lpips_over(&mut net, &config);
+    let s = Shape::new(1, 3, 16, 16);
+    let mut x = Rng::new(76).vec(3 * 16 * 16, -1.0, 1.0);
+    let y = x.clone();
+    x[17] = f32::NAN;
+    let (p, t) = (
+        TensorRef::host(&y, s).unwrap(),
+        TensorRef::host(&x, s).unwrap(),
+    );
+    let e = lpips.spatial(&p, &t).unwrap_err().to_string();
+    assert!(
+        e.contains("target holds a non-finite value (NaN) at element 17"),
+        "{e}"
+    );
+    let g = vec![1.0f32; 16 * 16];
+    let mut grad = vec![7.0f32; 3 * 16 * 16];
+    let map_grad = TensorRef::host(&g, Shape::new(1, 1, 16, 16)).unwrap();
+    let e = (lpips.spatial_backward(&t, &p, &map_grad, TensorMut::host(&mut grad, s).unwrap()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("pred holds a non-finite value (NaN) at element 17"),
+        "{e}"
+    );
+    assert!(grad.iter().all(|&v| v == 7.0));
+}
+
 #[test]
 fn identical_inputs_give_zero_and_a_zero_gradient() {
     let mut net = Net::random(VggArch::Vgg16, 73);

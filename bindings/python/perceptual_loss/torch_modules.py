@@ -294,6 +294,7 @@ def _lpips_spatial_op(pred: torch.Tensor, target: torch.Tensor, key: int) -> tor
     """LPIPS's N x 1 x H x W map, float32, on pred's device."""
     lpips = _perceptual_losses[key].on(pred.device)
     if pred.device.type == "cuda":
+        pred, target = pred.contiguous(), target.contiguous()
         n, _, h, w = pred.shape
         spatial_map = pred.new_empty((n, 1, h, w), dtype=torch.float32)
         _context(pred.device).call(lambda: lpips.raw_spatial(
@@ -316,8 +317,13 @@ def _lpips_spatial_backward_op(pred: torch.Tensor, target: torch.Tensor, key: in
                                map_grad: torch.Tensor) -> torch.Tensor:
     """dL/dpred of the map from dL/dmap, in pred's dtype, on pred's device."""
     lpips = _perceptual_losses[key].on(pred.device)
+    n, _, h, w = pred.shape
+    if map_grad.numel() != n * h * w:
+        raise ValueError(f"map_grad has shape {tuple(map_grad.shape)}; the map of {tuple(pred.shape)} has "
+                         f"N x 1 x H x W = {(n, 1, h, w)}")
     if pred.device.type == "cuda":
-        g = map_grad.detach().to(torch.float32).contiguous()
+        pred, target = pred.contiguous(), target.contiguous()
+        g = map_grad.detach().to(device=pred.device, dtype=torch.float32).contiguous()
         grad = torch.empty_like(pred)
         _context(pred.device).call(lambda: lpips.raw_spatial_backward(
             pred.data_ptr(), target.data_ptr(), _TORCH_DTYPES[pred.dtype], tuple(pred.shape), g.data_ptr(),

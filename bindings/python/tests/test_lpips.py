@@ -149,6 +149,17 @@ def test_the_spatial_map_and_its_gradient_on_cuda(reference):
     (got * g.cuda()).sum().backward()
     torch.testing.assert_close(got.detach().cpu().double(), want.detach(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_x.grad.cpu().double(), want_x.grad, rtol=1e-3, atol=1e-6)
+    # On a stream of the caller's own, the same bits as on the default one.
+    module = pl.LPIPS(path, spatial=True)
+    side = torch.cuda.Stream()
+    with torch.no_grad():
+        default = module(x0.cuda(), x1.cuda())
+        with torch.cuda.stream(side):
+            on_side = module(x0.cuda(), x1.cuda())
+        side.synchronize()
+    assert torch.equal(default, on_side)
+    torch.library.opcheck(torch.ops.perceptual_loss.lpips_spatial.default,
+                          (x0.cuda().requires_grad_(True), x1.cuda(), module.losses.key))
 
 
 def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
@@ -176,6 +187,8 @@ def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
         pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy()[:1])
     with pytest.raises(ValueError, match="N x 1 x H x W"):  # as many values, transposed
         pl.Lpips(pl.Vgg(str(path))).spatial_backward(x0.numpy(), x1.numpy(), g.numpy().reshape(2, 1, 28, 20))
+    with pytest.raises(ValueError, match="N x 1 x H x W"):  # the op itself, called directly
+        torch.ops.perceptual_loss.lpips_spatial_backward(x0, x1, module.losses.key, g[:1])
     # A second derivative is refused by name, not silently wrong.
     x = x0.clone().requires_grad_(True)
     (gx,) = torch.autograd.grad((module(x, x1) * g).sum(), x, create_graph=True)

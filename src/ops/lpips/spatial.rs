@@ -29,6 +29,7 @@ impl Lpips {
     pub fn spatial(&self, pred: &TensorRef<'_>, target: &TensorRef<'_>) -> Result<LpipsMaps> {
         self.check_maps(pred, target)?;
         let Some(dev) = self.vgg().device().cuda_device() else {
+            self.check_finite(self.vgg().device(), pred, target)?;
             return pred.dtype.dispatch(Maps {
                 lpips: self,
                 pred,
@@ -36,6 +37,7 @@ impl Lpips {
             });
         };
         let s = pred.shape;
+        refuse_capture(dev)?;
         let mut map = alloc(dev, s.n * s.h * s.w, "the LPIPS map")?;
         let mut layers = alloc(dev, s.n * 5, "the LPIPS layer distances")?;
         self.spatial_into(
@@ -71,10 +73,13 @@ impl Lpips {
     }
 
     /// [`spatial_into`](Self::spatial_into) on another stream of the
-    /// network's device. On CUDA nothing is waited for; each call
-    /// allocates its per-pixel terms (4 bytes per pixel of the five
-    /// layers, about 1.33 H W per image) and frees them in stream order,
-    /// so it cannot be captured in a CUDA graph.
+    /// network's device. On CUDA the work is queued, not waited for
+    /// (except what any call may wait for: the first call on a device
+    /// uploads the lin weights, a new shape builds its plan, and
+    /// `check_finite` reads its result); each call allocates its
+    /// per-pixel terms (4 bytes per pixel of the five layers, about 1.33 H
+    /// W per image) and frees them in stream order, so it cannot be
+    /// captured in a CUDA graph.
     pub fn spatial_into_on(
         &self,
         device: &Device,
@@ -124,6 +129,7 @@ impl Lpips {
         }
         check_disjoint(&inputs, &outputs)?;
         refuse_capture(dev)?;
+        self.check_finite(device, pred, target)?;
         let at = TermLayout::new(self.vgg().layers(), (s.h, s.w));
         let terms = alloc(dev, s.n * at.stride, "the LPIPS map's terms")?;
         let loss = alloc(dev, 1, "the LPIPS distance")?;
@@ -185,6 +191,7 @@ impl Lpips {
             )));
         }
         let Some(dev) = device.cuda_device() else {
+            self.check_finite(device, pred, target)?;
             let on_host = || Error::DeviceMismatch(ON_HOST.into());
             let map_grad = map_grad.host_values::<f32>().ok_or_else(on_host)?;
             return pred.dtype.dispatch(MapGrad {
@@ -209,6 +216,7 @@ impl Lpips {
         let out = device_span(dev, &grad.storage, grad.dtype(), s, "grad")?;
         check_disjoint(&inputs, &[out])?;
         refuse_capture(dev)?;
+        self.check_finite(device, pred, target)?;
         let at = TermLayout::new(self.vgg().layers(), (s.h, s.w));
         let scales = alloc(
             dev,
@@ -220,6 +228,21 @@ impl Lpips {
         kernels::upsample_adjoint(dev, &at, inputs[2].0, scales_at, s.n)?;
         let io = distance_io(pred, &inputs[..2], addr(dev, &loss), Some(out.0));
         self.loss.queue_with_terms(dev, &io, at.terms(0, scales_at))
+    }
+
+    /// With `check_finite`, an error naming the first NaN or infinity of
+    /// pred or target (waiting for the device on CUDA), as a loss call's.
+    fn check_finite(
+        &self,
+        device: &Device,
+        pred: &TensorRef<'_>,
+        target: &TensorRef<'_>,
+    ) -> Result<()> {
+        if self.loss.spec().check_finite {
+            crate::finite::check_tensor(device, pred, "pred")?;
+            crate::finite::check_tensor(device, target, "target")?;
+        }
+        Ok(())
     }
 
     /// An error unless `pred` and `target` can be mapped.
