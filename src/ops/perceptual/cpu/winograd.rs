@@ -34,8 +34,9 @@ const MIN_CHANNELS: usize = 16;
 /// multiply-adds saved. Chosen when each product still packed both of its
 /// operands per call: a 1x3x64x64 VGG16 call took 44 ms with every layer
 /// here, 34 ms from 32 tiles on, 36 ms with none (2 cores, AVX-512). Both
-/// paths now read filters packed once (`layers::Prepared`); the threshold
-/// was kept, not re-tuned.
+/// paths now read filters packed once (`layers::Prepared`); re-checked
+/// then on a 2-core AMD EPYC, thresholds of 16 and 4 tiles made LPIPS at
+/// 1x3x64x64 about 10% and 15% slower (fastest of 15 calls).
 const MIN_TILES: usize = 32;
 
 /// Whether a convolution of `in_c` -> `out_c` channels over h x w runs here.
