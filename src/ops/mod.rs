@@ -6,6 +6,7 @@
 
 pub mod feature;
 pub mod lpips;
+pub(crate) mod parts;
 pub mod perceptual;
 pub mod tv;
 

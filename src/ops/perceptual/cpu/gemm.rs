@@ -10,9 +10,11 @@
 //! docs/performance.md).
 
 use crate::ops::cores;
+use crate::ops::parts::run_parts;
+use std::sync::Mutex;
 
-/// Below this many multiply-adds per part a product is not split: a
-/// thread costs tens of microseconds to start.
+/// Below this many multiply-adds per part a product is not split: handing
+/// a part to another core and waiting for it costs microseconds.
 pub(crate) const MIN_PART: usize = 1 << 21;
 
 /// A matrix operand: base address and row/column strides in elements.
@@ -113,12 +115,7 @@ pub(crate) fn sgemm(
             }
         }
     };
-    std::thread::scope(|scope| {
-        for start in (block..len).step_by(block) {
-            scope.spawn(move || run(start));
-        }
-        run(0);
-    });
+    run_parts(len.div_ceil(block), &|t| run(t * block));
 }
 
 /// Runs `f(i, c_i)` for the `count` equal parts c_i of `c`, each of
@@ -135,21 +132,14 @@ pub(crate) fn each_part(
         .min(count)
         .max(1);
     let per_thread = count.div_ceil(parts);
-    let f = &f;
-    std::thread::scope(|scope| {
-        let mut chunks = c.chunks_mut(per_thread * len.max(1)).enumerate();
-        let first = chunks.next();
-        for (t, chunk) in chunks {
-            scope.spawn(move || {
-                for (i, c_i) in chunk.chunks_mut(len.max(1)).enumerate() {
-                    f(t * per_thread + i, c_i);
-                }
-            });
-        }
-        if let Some((_, chunk)) = first {
-            for (i, c_i) in chunk.chunks_mut(len.max(1)).enumerate() {
-                f(i, c_i);
-            }
+    // One uncontended lock per part hands each its own block of c.
+    let chunks: Vec<Mutex<&mut [f32]>> = (c.chunks_mut(per_thread * len.max(1)))
+        .map(Mutex::new)
+        .collect();
+    run_parts(chunks.len(), &|t| {
+        let mut chunk = chunks[t].lock().unwrap_or_else(|e| e.into_inner());
+        for (i, c_i) in chunk.chunks_mut(len.max(1)).enumerate() {
+            f(t * per_thread + i, c_i);
         }
     });
 }

@@ -111,12 +111,7 @@ pub(crate) fn product_on_cores(
             }
         }
     };
-    std::thread::scope(|scope| {
-        for start in (block..len).step_by(block) {
-            scope.spawn(move || run(start));
-        }
-        run(0);
-    });
+    crate::ops::parts::run_parts(len.div_ceil(block), &|t| run(t * block));
 }
 
 /// The product on raw operands.
