@@ -505,7 +505,10 @@ class Lpips(Perceptual):
         `lpips.LPIPS(spatial=True)` and `retPerLayer=True` give them: the
         N x 1 x H x W map (each layer's per-pixel values resized bilinearly,
         align_corners=False, and summed) and the N x 5 per-layer distances.
-        The map's gradient is `spatial_backward`'s."""
+        The map's gradient is `spatial_backward`'s. CUDA arrays (by DLPack,
+        on this loss's device) give torch CUDA tensors."""
+        if _on_cuda(pred) or _on_cuda(target):
+            return self._spatial_cuda(pred, target, None)
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
@@ -515,6 +518,43 @@ class Lpips(Perceptual):
         self.raw_spatial(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape, spatial_map.ctypes.data,
                          layers.ctypes.data)
         return spatial_map, layers
+
+    def _spatial_cuda(self, pred, target, map_grad):
+        """`spatial` (map_grad None: (map, layers)) or `spatial_backward`
+        (the gradient) of CUDA arrays, as torch CUDA tensors."""
+        ctx = self.vgg.context
+        if ctx.kind != "cuda":
+            raise TypeError("pred is a CUDA array but this loss's weights are on the CPU: load the Vgg with "
+                            "context=Context('cuda', ordinal)")
+        import torch
+
+        from .torch_modules import _TORCH_DTYPES
+
+        p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
+        if p.device.index != ctx.ordinal:
+            raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
+        if p.shape != t.shape or p.dtype != t.dtype:
+            raise ValueError(f"pred and target differ: {p.dtype}{tuple(p.shape)} vs {t.dtype}{tuple(t.shape)}")
+        n, _, h, w = p.shape
+        args = (p.data_ptr(), t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape))
+        if map_grad is not None:
+            g = torch.from_dlpack(map_grad) if not isinstance(map_grad, torch.Tensor) else map_grad
+            g = g.to(device=p.device, dtype=torch.float32).contiguous()
+            if tuple(g.shape) not in ((n, 1, h, w), (n, h, w)):
+                raise ValueError(f"map_grad has shape {tuple(g.shape)}; the map of {tuple(p.shape)} is N x 1 x H x W "
+                                 f"= {(n, 1, h, w)} (or N x H x W)")
+            grad = torch.empty_like(p)
+        else:
+            spatial_map = torch.empty((n, 1, h, w), dtype=torch.float32, device=p.device)
+            layers = torch.empty((n, 5), dtype=torch.float32, device=p.device)
+        # As `_call_cuda`: PyTorch's stream's work first, the call's before returning.
+        torch.cuda.current_stream(p.device).synchronize()
+        if map_grad is not None:
+            self.raw_spatial_backward(*args, g.data_ptr(), grad.data_ptr())
+        else:
+            self.raw_spatial(*args, spatial_map.data_ptr(), layers.data_ptr())
+        ctx.synchronize()
+        return grad if map_grad is not None else (spatial_map, layers)
 
     def raw_spatial(self, pred_ptr, target_ptr, dtype, shape, map_ptr, layers_ptr=None):
         """`spatial` on raw addresses (device addresses for a CUDA context,
@@ -534,7 +574,10 @@ class Lpips(Perceptual):
     def spatial_backward(self, pred, target, map_grad):
         """The gradient w.r.t. `pred` (an array of its shape and dtype) of
         the map `spatial` gives, from `map_grad` (N x 1 x H x W or N x H x
-        W, the gradient of the map); 0 at a pixel whose features are all 0."""
+        W, the gradient of the map); 0 at a pixel whose features are all 0.
+        CUDA arrays give a torch CUDA tensor, as `spatial`."""
+        if _on_cuda(pred) or _on_cuda(target):
+            return self._spatial_cuda(pred, target, map_grad)
         pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
         if pred.shape != target.shape or pred.dtype != target.dtype:
             raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")

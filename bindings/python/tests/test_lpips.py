@@ -125,6 +125,16 @@ def test_the_spatial_map_and_per_layer_values_match_the_package(reference):
     _, plain_layers = model.double()(x0.double(), x1.double(), retPerLayer=True)
     np.testing.assert_allclose(layers, torch.cat([v.reshape(-1, 1) for v in plain_layers], 1).detach().numpy(), rtol=1e-5)
     assert len(want_layers) == 5
+
+    class CudaArray:  # what a CUDA array shows by DLPack, for a CPU network
+        def __dlpack__(self, stream=None):
+            raise AssertionError("a CPU network must not import a CUDA array")
+
+        def __dlpack_device__(self):
+            return (2, 0)
+
+    with pytest.raises(TypeError, match="weights are on the CPU"):
+        pl.Lpips(pl.Vgg(str(path))).spatial(CudaArray(), CudaArray())
     with torch.no_grad():
         half = pl.LPIPS(path, spatial=True)(x0.bfloat16(), x1.bfloat16())
         torch.testing.assert_close(half, pl.LPIPS(path, spatial=True)(x0.bfloat16().float(), x1.bfloat16().float()))
@@ -160,6 +170,15 @@ def test_the_spatial_map_and_its_gradient_on_cuda(reference):
     assert torch.equal(default, on_side)
     torch.library.opcheck(torch.ops.perceptual_loss.lpips_spatial.default,
                           (x0.cuda().requires_grad_(True), x1.cuda(), module.losses.key))
+    # The NumPy-level functions take CUDA arrays (DLPack) and give CUDA tensors.
+    cuda_lpips = pl.Lpips(pl.Vgg(str(path), context=pl.Context("cuda", 0)))
+    cuda_map, cuda_layers = cuda_lpips.spatial(x0.cuda(), x1.cuda())
+    cpu_map, cpu_layers = pl.Lpips(pl.Vgg(str(path))).spatial(x0.numpy(), x1.numpy())
+    assert cuda_map.device.type == "cuda"
+    np.testing.assert_allclose(cuda_map.cpu().numpy(), cpu_map, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cuda_layers.cpu().numpy(), cpu_layers, rtol=1e-4, atol=1e-6)
+    cuda_grad = cuda_lpips.spatial_backward(x0.cuda(), x1.cuda(), g.cuda())
+    np.testing.assert_allclose(cuda_grad.cpu().double().numpy(), want_x.grad.numpy(), rtol=1e-3, atol=1e-6)
 
 
 def test_the_spatial_maps_gradient_matches_the_packages_autograd(reference):
