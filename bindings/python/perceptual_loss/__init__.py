@@ -169,6 +169,23 @@ def _from_dlpack_cuda(*named):
     return tensors
 
 
+def _image_pair(pred, target):
+    """pred and target as `_as_image_batch` takes them, of one shape and dtype."""
+    pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
+    if pred.shape != target.shape or pred.dtype != target.dtype:
+        raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+    return pred, target
+
+
+def _check_map_grad(shape, pred_shape):
+    """An error unless dL/dmap of `shape` fits the LPIPS map of a batch of
+    `pred_shape`: N x 1 x H x W, or N x H x W."""
+    n, _, h, w = pred_shape
+    if tuple(shape) not in ((n, 1, h, w), (n, h, w)):
+        raise ValueError(f"map_grad has shape {tuple(shape)}; the map of {tuple(pred_shape)} is N x 1 x H x W = "
+                         f"{(n, 1, h, w)} (or N x H x W)")
+
+
 def _as_image_batch(x, name):
     """A C-contiguous float32/float16 NCHW array, or a clear error. Arrays
     from other libraries in memory the CPU can read come in by DLPack,
@@ -429,24 +446,21 @@ class Perceptual:
             return self._call_cuda(pred, target, grad, per_sample, parts)
         if self.vgg.context.kind != "cpu":
             raise TypeError("pred is in host memory but this loss's weights are on CUDA: pass CUDA arrays")
-        pred = _as_image_batch(pred, "pred")
-        if target is not None:
-            target = _as_image_batch(target, "target")
-            if pred.shape != target.shape or pred.dtype != target.dtype:
-                raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        if target is None:
+            pred = _as_image_batch(pred, "pred")
+        else:
+            pred, target = _image_pair(pred, target)
         loss, g, per, two, out = _call_arrays(pred, grad, per_sample, parts)
         self.raw(pred.ctypes.data, None if target is None else target.ctypes.data, pred.dtype.name, pred.shape, out)
         return _results(loss, g, per, two)
 
-    def _call_cuda(self, pred, target, grad, per_sample, parts):
+    def _cuda_inputs(self, pred, target):
+        """pred and target (None: the kept one) as torch tensors on this
+        loss's GPU, or a clear error."""
         ctx = self.vgg.context
         if ctx.kind != "cuda":
             raise TypeError("pred is a CUDA array but this loss's weights are on the CPU: load the Vgg with "
                             "context=Context('cuda', ordinal)")
-        import torch
-
-        from .torch_modules import _TORCH_DTYPES, _outputs_like
-
         if target is None:
             (p,) = _from_dlpack_cuda((pred, "pred"))
             t = None
@@ -454,6 +468,15 @@ class Perceptual:
             p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
         if p.device.index != ctx.ordinal:
             raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
+        return p, t
+
+    def _call_cuda(self, pred, target, grad, per_sample, parts):
+        import torch
+
+        from .torch_modules import _TORCH_DTYPES, _outputs_like
+
+        ctx = self.vgg.context
+        p, t = self._cuda_inputs(pred, target)
         loss, per, g, two = _outputs_like(p, grad, parts=True)
         # The arrays were imported, and the outputs allocated, on PyTorch's
         # current stream, while this context queues on its own: wait for
@@ -509,9 +532,7 @@ class Lpips(Perceptual):
         on this loss's device) give torch CUDA tensors."""
         if _on_cuda(pred) or _on_cuda(target):
             return self._spatial_cuda(pred, target, None)
-        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
-        if pred.shape != target.shape or pred.dtype != target.dtype:
-            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
+        pred, target = _image_pair(pred, target)
         n, _, h, w = pred.shape
         spatial_map = np.empty((n, 1, h, w), np.float32)
         layers = np.empty((n, 5), np.float32)
@@ -522,27 +543,20 @@ class Lpips(Perceptual):
     def _spatial_cuda(self, pred, target, map_grad):
         """`spatial` (map_grad None: (map, layers)) or `spatial_backward`
         (the gradient) of CUDA arrays, as torch CUDA tensors."""
-        ctx = self.vgg.context
-        if ctx.kind != "cuda":
-            raise TypeError("pred is a CUDA array but this loss's weights are on the CPU: load the Vgg with "
-                            "context=Context('cuda', ordinal)")
         import torch
 
         from .torch_modules import _TORCH_DTYPES
 
-        p, t = _from_dlpack_cuda((pred, "pred"), (target, "target"))
-        if p.device.index != ctx.ordinal:
-            raise ValueError(f"pred is on cuda:{p.device.index} but this loss's weights are on cuda:{ctx.ordinal}")
-        if p.shape != t.shape or p.dtype != t.dtype:
-            raise ValueError(f"pred and target differ: {p.dtype}{tuple(p.shape)} vs {t.dtype}{tuple(t.shape)}")
+        if target is None:
+            raise TypeError("the LPIPS map needs the target passed")
+        ctx = self.vgg.context
+        p, t = self._cuda_inputs(pred, target)  # checked as a pair: one shape, dtype and device
         n, _, h, w = p.shape
         args = (p.data_ptr(), t.data_ptr(), _TORCH_DTYPES[p.dtype], tuple(p.shape))
         if map_grad is not None:
             g = torch.from_dlpack(map_grad) if not isinstance(map_grad, torch.Tensor) else map_grad
             g = g.to(device=p.device, dtype=torch.float32).contiguous()
-            if tuple(g.shape) not in ((n, 1, h, w), (n, h, w)):
-                raise ValueError(f"map_grad has shape {tuple(g.shape)}; the map of {tuple(p.shape)} is N x 1 x H x W "
-                                 f"= {(n, 1, h, w)} (or N x H x W)")
+            _check_map_grad(tuple(g.shape), tuple(p.shape))
             grad = torch.empty_like(p)
         else:
             spatial_map = torch.empty((n, 1, h, w), dtype=torch.float32, device=p.device)
@@ -578,14 +592,9 @@ class Lpips(Perceptual):
         CUDA arrays give a torch CUDA tensor, as `spatial`."""
         if _on_cuda(pred) or _on_cuda(target):
             return self._spatial_cuda(pred, target, map_grad)
-        pred, target = _as_image_batch(pred, "pred"), _as_image_batch(target, "target")
-        if pred.shape != target.shape or pred.dtype != target.dtype:
-            raise ValueError(f"pred and target differ: {pred.dtype}{pred.shape} vs {target.dtype}{target.shape}")
-        n, _, h, w = pred.shape
+        pred, target = _image_pair(pred, target)
         map_grad = np.ascontiguousarray(map_grad, np.float32)
-        if map_grad.shape not in ((n, 1, h, w), (n, h, w)):
-            raise ValueError(f"map_grad has shape {map_grad.shape}; the map of {pred.shape} is N x 1 x H x W = "
-                             f"{(n, 1, h, w)} (or N x H x W)")
+        _check_map_grad(map_grad.shape, pred.shape)
         grad = np.empty_like(pred)
         self.raw_spatial_backward(pred.ctypes.data, target.ctypes.data, pred.dtype.name, pred.shape,
                                   map_grad.ctypes.data, grad.ctypes.data)

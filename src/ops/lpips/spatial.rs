@@ -11,11 +11,14 @@ use super::Lpips;
 use crate::backend::{check_disjoint, device_span, DeviceIo, Span};
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
+use crate::ops::perceptual::cpu::HostNet;
 use crate::tensor::{DType, Shape, TensorMut, TensorRef};
 use cudarc::driver::{CudaSlice, DevicePtr};
 
 /// Why a CPU network's map cannot use an input or output.
-const ON_HOST: &str = "LPIPS maps on a CPU network take and give host memory";
+fn on_host() -> Error {
+    Error::DeviceMismatch("LPIPS maps on a CPU network take and give host memory".into())
+}
 
 impl Lpips {
     /// The spatial map and per-layer distances of `pred` against `target`
@@ -97,7 +100,6 @@ impl Lpips {
         }
         let Some(dev) = device.cuda_device() else {
             let maps = self.spatial(pred, target)?;
-            let on_host = || Error::DeviceMismatch(ON_HOST.into());
             (map.host_values::<f32>().ok_or_else(on_host)?).copy_from_slice(&maps.map);
             if let Some(l) = layers.as_mut() {
                 let out = l.host_values::<f32>().ok_or_else(on_host)?;
@@ -127,19 +129,14 @@ impl Lpips {
                 "layers",
             )?);
         }
-        check_disjoint(&inputs, &outputs)?;
-        refuse_capture(dev)?;
-        self.check_finite(device, pred, target)?;
-        let at = TermLayout::new(self.vgg().layers(), (s.h, s.w));
-        let terms = alloc(dev, s.n * at.stride, "the LPIPS map's terms")?;
-        let loss = alloc(dev, 1, "the LPIPS distance")?;
-        let (terms_at, loss_at) = (addr(dev, &terms), addr(dev, &loss));
-        let io = distance_io(pred, &inputs, loss_at, None);
+        let call = self.device_call(device, dev, (pred, target), (&inputs, &outputs))?;
+        let (at, terms_at) = (&call.layout, addr(dev, &call.terms));
+        let io = call.io(pred, &inputs, dev, None);
         self.loss
             .queue_with_terms(dev, &io, at.terms(terms_at, 0))?;
-        kernels::upsample(dev, &at, terms_at, outputs[0].0, s.n)?;
+        kernels::upsample(dev, at, terms_at, outputs[0].0, s.n)?;
         if let Some(l) = outputs.get(1) {
-            kernels::layer_means(dev, &at, terms_at, l.0, s.n)?;
+            kernels::layer_means(dev, at, terms_at, l.0, s.n)?;
         }
         Ok(())
     }
@@ -192,7 +189,6 @@ impl Lpips {
         }
         let Some(dev) = device.cuda_device() else {
             self.check_finite(device, pred, target)?;
-            let on_host = || Error::DeviceMismatch(ON_HOST.into());
             let map_grad = map_grad.host_values::<f32>().ok_or_else(on_host)?;
             return pred.dtype.dispatch(MapGrad {
                 lpips: self,
@@ -214,20 +210,34 @@ impl Lpips {
             )?,
         ];
         let out = device_span(dev, &grad.storage, grad.dtype(), s, "grad")?;
-        check_disjoint(&inputs, &[out])?;
+        let call = self.device_call(device, dev, (pred, target), (&inputs, &[out]))?;
+        let (at, scales_at) = (&call.layout, addr(dev, &call.terms));
+        kernels::upsample_adjoint(dev, at, inputs[2].0, scales_at, s.n)?;
+        let io = call.io(pred, &inputs, dev, Some(out.0));
+        self.loss.queue_with_terms(dev, &io, at.terms(0, scales_at))
+    }
+
+    /// What a map call on CUDA shares before its work: no output over an
+    /// input, no capture, finite inputs when asked; then the terms'
+    /// layout and scratch (the terms, or their gradient) and the
+    /// distance's.
+    fn device_call(
+        &self,
+        device: &Device,
+        dev: &CudaDevice,
+        (pred, target): (&TensorRef<'_>, &TensorRef<'_>),
+        (inputs, outputs): (&[Span<'_>], &[Span<'_>]),
+    ) -> Result<DeviceCall> {
+        check_disjoint(inputs, outputs)?;
         refuse_capture(dev)?;
         self.check_finite(device, pred, target)?;
-        let at = TermLayout::new(self.vgg().layers(), (s.h, s.w));
-        let scales = alloc(
-            dev,
-            s.n * at.stride,
-            "the LPIPS map's gradient at its terms",
-        )?;
-        let loss = alloc(dev, 1, "the LPIPS distance")?;
-        let scales_at = addr(dev, &scales);
-        kernels::upsample_adjoint(dev, &at, inputs[2].0, scales_at, s.n)?;
-        let io = distance_io(pred, &inputs[..2], addr(dev, &loss), Some(out.0));
-        self.loss.queue_with_terms(dev, &io, at.terms(0, scales_at))
+        let s = pred.shape;
+        let layout = TermLayout::new(self.vgg().layers(), (s.h, s.w));
+        Ok(DeviceCall {
+            terms: alloc(dev, s.n * layout.stride, "the LPIPS map's terms")?,
+            loss: alloc(dev, 1, "the LPIPS distance")?,
+            layout,
+        })
     }
 
     /// With `check_finite`, an error naming the first NaN or infinity of
@@ -272,23 +282,36 @@ fn check_f32(dtype: DType, shape: Shape, floats: usize, what: &str) -> Result<()
     Ok(())
 }
 
-/// The LPIPS call under a map: pred against target, the distance into
-/// scratch, the gradient into `grad` when given.
-fn distance_io(
-    pred: &TensorRef<'_>,
-    inputs: &[Span<'_>],
-    loss: u64,
-    grad: Option<u64>,
-) -> DeviceIo<2> {
-    DeviceIo {
-        shape: pred.shape,
-        dtype: pred.dtype,
-        inputs: [inputs[0].0, inputs[1].0],
-        grad,
-        beta: 0.0,
-        loss,
-        per_sample: None,
-        parts: None,
+/// A map call's scratch on CUDA, freed in stream order when dropped.
+struct DeviceCall {
+    layout: TermLayout,
+    /// n x stride f32: the terms, or their gradient.
+    terms: CudaSlice<f32>,
+    /// The distance the LPIPS call under the map reduces to (unused).
+    loss: CudaSlice<f32>,
+}
+
+impl DeviceCall {
+    /// The LPIPS call under the map: pred against target (the first two
+    /// `inputs`), the distance into scratch, the gradient into `grad` when
+    /// given.
+    fn io(
+        &self,
+        pred: &TensorRef<'_>,
+        inputs: &[Span<'_>],
+        dev: &CudaDevice,
+        grad: Option<u64>,
+    ) -> DeviceIo<2> {
+        DeviceIo {
+            shape: pred.shape,
+            dtype: pred.dtype,
+            inputs: [inputs[0].0, inputs[1].0],
+            grad,
+            beta: 0.0,
+            loss: addr(dev, &self.loss),
+            per_sample: None,
+            parts: None,
+        }
     }
 }
 
@@ -307,6 +330,22 @@ fn alloc(dev: &CudaDevice, floats: usize, what: &str) -> Result<CudaSlice<f32>> 
 
 fn addr(dev: &CudaDevice, s: &CudaSlice<f32>) -> u64 {
     s.device_ptr(dev.stream()).0
+}
+
+/// The network on the host and pred's and target's elements, for the
+/// CPU's maps.
+fn host_pair<'a, T: crate::tensor::Element>(
+    lpips: &'a Lpips,
+    pred: &'a TensorRef<'_>,
+    target: &'a TensorRef<'_>,
+) -> Result<(HostNet<'a>, &'a [T], &'a [T])> {
+    let vgg = lpips.vgg();
+    let net = HostNet {
+        layers: vgg.layers(),
+        weights: vgg.host_weights()?,
+    };
+    let pred = pred.host_values::<T>().ok_or_else(on_host)?;
+    Ok((net, pred, target.host_values::<T>().ok_or_else(on_host)?))
 }
 
 /// What [`Lpips::spatial`] returns.
@@ -330,14 +369,7 @@ impl crate::tensor::PerDType for Maps<'_, '_> {
     type Output = Result<LpipsMaps>;
 
     fn run<T: crate::tensor::Element>(self) -> Result<LpipsMaps> {
-        let on_host = || Error::DeviceMismatch(ON_HOST.into());
-        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
-        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
-        let vgg = self.lpips.vgg();
-        let net = crate::ops::perceptual::cpu::HostNet {
-            layers: vgg.layers(),
-            weights: vgg.host_weights()?,
-        };
+        let (net, pred, target) = host_pair::<T>(self.lpips, self.pred, self.target)?;
         let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
         let weight = spec.weight;
         let (image, hw) = (s.image_len(), s.h * s.w);
@@ -375,14 +407,7 @@ impl crate::tensor::PerDType for MapGrad<'_, '_, '_> {
     type Output = Result<()>;
 
     fn run<T: crate::tensor::Element>(self) -> Result<()> {
-        let on_host = || Error::DeviceMismatch(ON_HOST.into());
-        let pred = self.pred.host_values::<T>().ok_or_else(on_host)?;
-        let target = self.target.host_values::<T>().ok_or_else(on_host)?;
-        let vgg = self.lpips.vgg();
-        let net = crate::ops::perceptual::cpu::HostNet {
-            layers: vgg.layers(),
-            weights: vgg.host_weights()?,
-        };
+        let (net, pred, target) = host_pair::<T>(self.lpips, self.pred, self.target)?;
         let (s, spec) = (self.pred.shape, self.lpips.loss.spec());
         let (image, hw) = (s.image_len(), s.h * s.w);
         // Computed whole before any of `grad` is written.

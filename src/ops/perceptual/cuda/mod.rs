@@ -108,22 +108,18 @@ impl CudaCall {
         let chunk = chunk.clamp(1, s.n);
         // pred, target and gradient share the image size
         let image_bytes = (s.image_len() * io.dtype.size()) as u64;
-        let offset = |p: u64, at: u64| if p == 0 { 0 } else { p + at * image_bytes };
+        // An address `bytes` on, where 0 (none) stays 0.
+        let shifted = |p: u64, bytes: u64| if p == 0 { 0 } else { p + bytes };
+        let term_bytes = 4 * self.terms.stride as u64;
         (0..s.n)
             .step_by(chunk)
             .map(|start| {
                 let at = start as u64;
-                let terms_at = |p: u64| {
-                    if p == 0 {
-                        0
-                    } else {
-                        p + at * 4 * self.terms.stride as u64
-                    }
-                };
+                let terms_at = |p: u64| shifted(p, at * term_bytes);
                 CudaCall {
                     io: DeviceIo {
                         shape: Shape::new(chunk.min(s.n - start), s.c, s.h, s.w),
-                        inputs: io.inputs.map(|p| offset(p, at)),
+                        inputs: io.inputs.map(|p| shifted(p, at * image_bytes)),
                         grad: io.grad.map(|g| g + at * image_bytes),
                         per_sample: io.per_sample.map(|ps| ps + at * 4),
                         ..io
