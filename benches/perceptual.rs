@@ -45,7 +45,7 @@ fn gpu_case<T: Element>(
     dev: &Device,
     bytes: &[u8],
     (s, compute, tf32, with_grad): (Shape, DType, bool, bool),
-    kind: Kind,
+    (kind, graphs): (Kind, bool),
 ) -> Result<(f64, f64, f64, f64), Box<dyn std::error::Error>> {
     let st = dev.cuda_stream().ok_or("not a CUDA device")?.clone();
     let ctx = st.context().clone();
@@ -63,6 +63,7 @@ fn gpu_case<T: Element>(
             Kind::WithStyle | Kind::WithStyleKept => taps(&[3, 8, 15, 22]),
             _ => vec![],
         },
+        cuda_graphs: graphs,
         ..Default::default()
     };
     let loss = match lpips {
@@ -97,8 +98,14 @@ fn gpu_case<T: Element>(
     if matches!(kind, Kind::WithStyleKept) {
         loss.set_target(&TensorRef::cuda(&target, s)?)?;
     }
-    step()?;
+    // With graphs, the calls after the first plan capture the call.
+    for _ in 0..if graphs { 3 } else { 1 } {
+        step()?;
+    }
     dev.synchronize()?;
+    if graphs && loss.cuda_graphs_held()? == 0 {
+        return Err("no CUDA graph was captured (PERCEPTUAL_LOSS_LOG_PLANS=1 says why)".into());
+    }
     let drop = free_before.saturating_sub(ctx.mem_get_info()?.0);
     // The first call planned the shape and succeeded: later ones reuse it.
     let ms = time_gpu(dev, 30, || step().unwrap());
@@ -199,12 +206,29 @@ fn gpu_cases(bytes: &[u8]) {
         (Shape::new(1, 3, 64, 64), DType::BF16, false, true),
     ];
     let big = (Shape::new(8, 3, 256, 256), DType::BF16, false, true);
-    let runs = cases.into_iter().map(|c| (c, Kind::Perceptual, "")).chain([
-        (big, Kind::PerceptualTo53, " to relu5_3"),
-        (big, Kind::Lpips, " LPIPS"),
-        (big, Kind::WithStyle, " + Grams relu1_2..relu4_3"),
-        (big, Kind::WithStyleKept, " + Grams, kept target"),
-    ]);
+    let graphed = [
+        Shape::new(1, 3, 64, 64),
+        Shape::new(16, 3, 128, 128),
+        Shape::new(8, 3, 256, 256),
+    ];
+    let plain = |(c, kind, label)| (c, (kind, false), label);
+    let runs = (cases.into_iter().map(|c| plain((c, Kind::Perceptual, ""))))
+        .chain(graphed.map(|s| {
+            (
+                (s, DType::BF16, false, true),
+                (Kind::Perceptual, true),
+                " CUDA graph",
+            )
+        }))
+        .chain(
+            [
+                (big, Kind::PerceptualTo53, " to relu5_3"),
+                (big, Kind::Lpips, " LPIPS"),
+                (big, Kind::WithStyle, " + Grams relu1_2..relu4_3"),
+                (big, Kind::WithStyleKept, " + Grams, kept target"),
+            ]
+            .map(plain),
+        );
     for (case, kind, label) in runs {
         let (s, compute, tf32, with_grad) = case;
         let result = match compute {

@@ -432,8 +432,6 @@ typedef struct pl_vgg_options {
   int32_t reserved;
 } pl_vgg_options;
 
-#define pl_k_criterion_PL_K_FRO 2
-
 /**
  * IEEE binary32.
  */

@@ -192,6 +192,15 @@ __device__ __forceinline__ bool pl_publish_partial(const pl_k_reduce &r, int64_t
     return is_last;
 }
 
+/* A caller's address as the launch gave it: itself, or with a call table
+ * its slot's base plus its offset (pl_kernel_abi.h). */
+template <typename P> __device__ __forceinline__ P *pl_call_addr(const unsigned long long *call, P *raw) {
+    const unsigned long long v = (unsigned long long)raw;
+    if (!call || v == 0ull) return raw;
+    const unsigned long long offset = v & ((1ull << PL_K_CALL_SLOT_SHIFT) - 1ull);
+    return (P *)(call[(v >> PL_K_CALL_SLOT_SHIFT) - 1ull] + offset);
+}
+
 /* Last block only: the counter goes back to zero for the next launch. */
 __device__ __forceinline__ void pl_reset_counter(const pl_k_reduce &r) {
     if (threadIdx.x == 0) *r.counter = 0u;

@@ -60,6 +60,30 @@ typedef enum pl_k_criterion {
 } pl_k_criterion;
 
 /*
+ * A call replayed from a CUDA graph reads the caller's tensors through a
+ * call table: device memory of PL_K_CALL_SLOTS addresses, one per slot
+ * below, that the host fills with one copy before each replay. The graph
+ * bakes each caller address as its slot and an offset,
+ * ((slot + 1) << PL_K_CALL_SLOT_SHIFT) | offset (real device addresses
+ * never reach those bits), and the `call` member of the struct that holds
+ * it points at the table; a plain launch passes `call` NULL and real
+ * addresses. 0 is NULL either way.
+ */
+typedef enum pl_k_call_slot {
+    PL_K_CALL_PRED = 0,
+    PL_K_CALL_TARGET = 1,
+    PL_K_CALL_GRAD = 2,
+    PL_K_CALL_LOSS = 3,
+    PL_K_CALL_PER_SAMPLE = 4,
+    PL_K_CALL_PARTS = 5,
+    PL_K_CALL_SLOTS = 6
+} pl_k_call_slot;
+
+typedef enum pl_k_call_encoding {
+    PL_K_CALL_SLOT_SHIFT = 56
+} pl_k_call_encoding;
+
+/*
  * Scratch memory for the deterministic two-stage reduction. Each block
  * writes one f64 partial; the last block to finish (counted with an integer
  * atomic) sums the partials in a fixed order, writes the loss and resets
@@ -128,6 +152,7 @@ typedef struct pl_k_preprocess_params {
     int32_t out_dtype;    /* the compute dtype */
     float scale[3];       /* normalised = x * scale + shift */
     float shift[3];
+    const unsigned long long *call;  /* NULL, or the call table of pred/target */
 } pl_k_preprocess_params;
 
 /* x = act(x + bias) in place over [2N][HW][C]; mask of the pred half. */
@@ -275,6 +300,7 @@ typedef struct pl_k_input_grad_params {
     float scale[3];
     float beta;           /* grad = beta * grad + dL/dx; 0: grad not read */
     int32_t reserved;
+    const unsigned long long *call;  /* NULL, or the call table of grad */
 } pl_k_input_grad_params;
 
 /* Gram matrices G = F^T F * scale of `count` images of NHWC features
@@ -371,6 +397,18 @@ typedef struct pl_k_parts_params {
     float *loss;
     int32_t present[2];   /* whether each part has terms */
 } pl_k_parts_params;
+
+/* The end of a call replayed from a CUDA graph: its taps left the loss,
+ * the parts and the per-sample values in the graph's own memory, and this
+ * copies them to the caller's outputs through the call table. */
+typedef struct pl_k_publish_params {
+    const float *from;    /* [loss][parts[2]][pad][per_sample[n]] */
+    float *loss;          /* call-table addresses (pl_k_call_slot) */
+    float *per_sample;    /* NULL when not asked for */
+    float *parts;         /* NULL when not asked for */
+    const unsigned long long *call;
+    int64_t n;
+} pl_k_publish_params;
 
 /* The first non-finite element of a tensor (kernels/check.cu): `first`
  * holds the smallest index of a NaN or an infinity, or stays as it was

@@ -34,9 +34,10 @@
  * channels are written at once (one 16-byte store for 16-bit dtypes). */
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_preprocess(pl_k_preprocess_params p) {
     const int64_t hw = p.h * p.w;
-    PL_FOR_EACH(pix, (p.target ? 2 : 1) * p.n * hw) {
+    const void *pred = pl_call_addr(p.call, p.pred), *target = pl_call_addr(p.call, p.target);
+    PL_FOR_EACH(pix, (target ? 2 : 1) * p.n * hw) {
         const int64_t img = pl_div(pix, hw), ij = pix - img * hw;
-        const void *src = img < p.n ? p.pred : p.target;
+        const void *src = img < p.n ? pred : target;
         const int64_t n = img < p.n ? img : img - p.n;
         float v[PL_VEC] = {};  // padding channels stay zero
         for (int ch = 0; ch < 3; ++ch) {
@@ -404,6 +405,7 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_unpool(pl_k_unpool
  * neighbouring threads write at neighbouring addresses. */
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_input_grad(pl_k_input_grad_params p) {
     const int64_t hw = p.h * p.w;
+    void *grad = pl_call_addr(p.call, p.grad);
     PL_FOR_EACH(pix, p.n * hw) {
         const int64_t n = pl_div(pix, hw), ij = pix - n * hw;
         float g[PL_VEC];
@@ -416,8 +418,8 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_input_grad(pl_k_in
             // The gray channel fed all three.
             float v = p.c == 1 ? g[0] * p.scale[0] + g[1] * p.scale[1] + g[2] * p.scale[2] : g[ch] * p.scale[ch];
             const int64_t idx = (n * p.c + ch) * hw + ij;
-            if (p.beta != 0.0f) v = fmaf(p.beta, pl_load(p.grad, p.out_dtype, idx), v);
-            pl_store(p.grad, p.out_dtype, idx, v);
+            if (p.beta != 0.0f) v = fmaf(p.beta, pl_load(grad, p.out_dtype, idx), v);
+            pl_store(grad, p.out_dtype, idx, v);
         }
     }
 }
@@ -518,6 +520,17 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_parts_total(pl_k_p
     for (int k = 0; k < 2; ++k)
         if (!p.present[k]) p.parts[k] = 0.0f;
     *p.loss = p.parts[0] + p.parts[1];
+}
+
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_publish(pl_k_publish_params p) {
+    if (blockIdx.x != 0) return;
+    float *per_sample = pl_call_addr(p.call, p.per_sample);
+    if (per_sample)
+        for (int64_t i = threadIdx.x; i < p.n; i += PL_BLOCK) per_sample[i] = p.from[4 + i];
+    if (threadIdx.x != 0) return;
+    *pl_call_addr(p.call, p.loss) = p.from[0];
+    float *parts = pl_call_addr(p.call, p.parts);
+    if (parts) parts[0] = p.from[1], parts[1] = p.from[2];
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_copy(pl_k_copy_params p) {

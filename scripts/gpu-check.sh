@@ -84,6 +84,11 @@ done
 if PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 timeout 240 ./bin/test-gpu_perceptual --test-threads=1 >timed.log 2>&1; then
     verdict=pass; else verdict=FAIL; grep -vE '^test .* ok$' timed.log | tail -40; fi
 summary+=("| test-gpu_perceptual, PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 | $verdict | $(grep -E '^test result:' timed.log | tail -1) | |")
+# Every perceptual test again with each loss's calls replayed from its own
+# CUDA graphs: the results must not change.
+if PERCEPTUAL_LOSS_CUDA_GRAPHS=1 timeout 240 ./bin/test-gpu_perceptual --test-threads=1 >graphs.log 2>&1; then
+    verdict=pass; else verdict=FAIL; grep -vE '^test .* ok$' graphs.log | tail -40; fi
+summary+=("| test-gpu_perceptual, PERCEPTUAL_LOSS_CUDA_GRAPHS=1 | $verdict | $(grep -E '^test result:' graphs.log | tail -1) | |")
 echo "=== Python package (NumPy and PyTorch paths)"
 if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" PERCEPTUAL_LOSS_REQUIRE_TORCH=1 \
     timeout 300 python3 -m pytest -q -p no:cacheprovider bindings/python/tests >python.log 2>&1; then

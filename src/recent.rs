@@ -23,6 +23,11 @@ impl<T> Recent<T> {
         self.items.len()
     }
 
+    /// The values, most recent first.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+
     /// Removes and returns the value `matches` picks, if any.
     pub(crate) fn take(&mut self, matches: impl Fn(&T) -> bool) -> Option<T> {
         let k = self.items.iter().position(matches)?;

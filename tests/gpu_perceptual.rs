@@ -974,3 +974,88 @@ fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
     // The stream still works.
     assert_eq!(on_stream(&cuda, &dev, &p, &t, s), want);
 }
+
+/// With `cuda_graphs`, a shape's second call is captured into a CUDA graph
+/// of the loss's own and later calls replay it. Every call here gets
+/// fresh buffers (so a replay must take the caller's addresses from its
+/// call table) and gives, bit for bit, what the same loss without graphs
+/// gives: perceptual and style parts, per-image values and a gradient
+/// added to the old one (beta 1), in two chunks, and against a kept
+/// target.
+#[test]
+fn calls_replayed_from_the_losss_own_cuda_graph_give_the_plain_bits() {
+    use perceptual_loss::{LossOutputs, TensorMut};
+    let Some(dev) = gpu() else { return };
+    let st = dev.cuda_stream().unwrap();
+    let s = Shape::new(2, 3, 32, 32);
+    let image = 3 * 32 * 32;
+    let style = PerceptualConfig {
+        style_taps: vec![Tap::from("relu2_2")],
+        style_weight: 1e3,
+        max_chunk_images: Some(1),
+        ..Default::default()
+    };
+    let cases = [
+        (PerceptualConfig::default(), DType::BF16, false),
+        (style.clone(), DType::F32, false),
+        (style, DType::BF16, true),
+    ];
+    for (cfg, compute, kept) in cases {
+        let graphed = PerceptualConfig {
+            cuda_graphs: true,
+            ..cfg.clone()
+        };
+        let (_, plain) = losses(&dev, VggArch::Vgg16, &cfg, compute, 81);
+        let (_, graphs) = losses(&dev, VggArch::Vgg16, &graphed, compute, 81);
+        let mut rng = Rng::new(82);
+        let target = rng.vec(s.n * image, 0.0, 1.0);
+        if kept {
+            let t = st.clone_htod(&target).unwrap();
+            for loss in [&plain, &graphs] {
+                loss.set_target(&TensorRef::cuda(&t, s).unwrap()).unwrap();
+            }
+        }
+        let call = |loss: &PerceptualLoss, pred: &[f32], old: &[f32]| -> Vec<u32> {
+            let p = st.clone_htod(pred).unwrap();
+            let t = st.clone_htod(&target).unwrap();
+            let mut l = st.clone_htod(&[f32::NAN]).unwrap();
+            let mut per = st.clone_htod(&[f32::NAN; 2]).unwrap();
+            let mut parts = st.clone_htod(&[f32::NAN; 2]).unwrap();
+            let mut g = st.clone_htod(old).unwrap();
+            let out = LossOutputs::new(TensorMut::cuda(&mut l, Shape::flat(1)).unwrap())
+                .with_per_sample(TensorMut::cuda(&mut per, Shape::flat(2)).unwrap())
+                .with_parts(TensorMut::cuda(&mut parts, Shape::flat(2)).unwrap())
+                .with_grad(TensorMut::cuda(&mut g, s).unwrap())
+                .accumulate(1.0);
+            let pred = TensorRef::cuda(&p, s).unwrap();
+            match kept {
+                true => loss.compute_resident(&pred, out).unwrap(),
+                false => loss
+                    .compute(&pred, &TensorRef::cuda(&t, s).unwrap(), out)
+                    .unwrap(),
+            }
+            [l, per, parts, g]
+                .iter()
+                .flat_map(|v| st.clone_dtoh(v).unwrap())
+                .map(f32::to_bits)
+                .collect()
+        };
+        let what = format!("{} {compute:?}, kept target {kept}", cfg.style_taps.len());
+        for k in 0..4 {
+            let (pred, old) = (
+                rng.vec(s.n * image, 0.0, 1.0),
+                rng.vec(s.n * image, -1.0, 1.0),
+            );
+            let want = call(&plain, &pred, &old);
+            assert!(
+                call(&graphs, &pred, &old) == want,
+                "{what}: call {k} through the loss's CUDA graph gave other bits"
+            );
+        }
+        // PERCEPTUAL_LOSS_CUDA_GRAPHS decides for both losses when set.
+        if std::env::var_os("PERCEPTUAL_LOSS_CUDA_GRAPHS").is_none() {
+            assert_eq!(graphs.cuda_graphs_held().unwrap(), 1, "{what}");
+            assert_eq!(plain.cuda_graphs_held().unwrap(), 0, "{what}");
+        }
+    }
+}

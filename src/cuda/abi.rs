@@ -20,6 +20,16 @@ pub const pl_k_criterion_PL_K_MSE: pl_k_criterion = 0;
 pub const pl_k_criterion_PL_K_MAE: pl_k_criterion = 1;
 pub const pl_k_criterion_PL_K_FRO: pl_k_criterion = 2;
 pub type pl_k_criterion = ::std::os::raw::c_uint;
+pub const pl_k_call_slot_PL_K_CALL_PRED: pl_k_call_slot = 0;
+pub const pl_k_call_slot_PL_K_CALL_TARGET: pl_k_call_slot = 1;
+pub const pl_k_call_slot_PL_K_CALL_GRAD: pl_k_call_slot = 2;
+pub const pl_k_call_slot_PL_K_CALL_LOSS: pl_k_call_slot = 3;
+pub const pl_k_call_slot_PL_K_CALL_PER_SAMPLE: pl_k_call_slot = 4;
+pub const pl_k_call_slot_PL_K_CALL_PARTS: pl_k_call_slot = 5;
+pub const pl_k_call_slot_PL_K_CALL_SLOTS: pl_k_call_slot = 6;
+pub type pl_k_call_slot = ::std::os::raw::c_uint;
+pub const pl_k_call_encoding_PL_K_CALL_SLOT_SHIFT: pl_k_call_encoding = 56;
+pub type pl_k_call_encoding = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pl_k_reduce {
@@ -158,10 +168,11 @@ pub struct pl_k_preprocess_params {
     pub out_dtype: i32,
     pub scale: [f32; 3usize],
     pub shift: [f32; 3usize],
+    pub call: *const ::std::os::raw::c_ulonglong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_preprocess_params"][::std::mem::size_of::<pl_k_preprocess_params>() - 88usize];
+    ["Size of pl_k_preprocess_params"][::std::mem::size_of::<pl_k_preprocess_params>() - 96usize];
     ["Alignment of pl_k_preprocess_params"]
         [::std::mem::align_of::<pl_k_preprocess_params>() - 8usize];
     ["Offset of field: pl_k_preprocess_params::pred"]
@@ -188,6 +199,8 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_preprocess_params, scale) - 64usize];
     ["Offset of field: pl_k_preprocess_params::shift"]
         [::std::mem::offset_of!(pl_k_preprocess_params, shift) - 76usize];
+    ["Offset of field: pl_k_preprocess_params::call"]
+        [::std::mem::offset_of!(pl_k_preprocess_params, call) - 88usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -532,10 +545,11 @@ pub struct pl_k_input_grad_params {
     pub scale: [f32; 3usize],
     pub beta: f32,
     pub reserved: i32,
+    pub call: *const ::std::os::raw::c_ulonglong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of pl_k_input_grad_params"][::std::mem::size_of::<pl_k_input_grad_params>() - 80usize];
+    ["Size of pl_k_input_grad_params"][::std::mem::size_of::<pl_k_input_grad_params>() - 88usize];
     ["Alignment of pl_k_input_grad_params"]
         [::std::mem::align_of::<pl_k_input_grad_params>() - 8usize];
     ["Offset of field: pl_k_input_grad_params::g"]
@@ -562,6 +576,8 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_input_grad_params, beta) - 68usize];
     ["Offset of field: pl_k_input_grad_params::reserved"]
         [::std::mem::offset_of!(pl_k_input_grad_params, reserved) - 72usize];
+    ["Offset of field: pl_k_input_grad_params::call"]
+        [::std::mem::offset_of!(pl_k_input_grad_params, call) - 80usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -749,6 +765,33 @@ const _: () = {
         [::std::mem::offset_of!(pl_k_parts_params, loss) - 8usize];
     ["Offset of field: pl_k_parts_params::present"]
         [::std::mem::offset_of!(pl_k_parts_params, present) - 16usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct pl_k_publish_params {
+    pub from: *const f32,
+    pub loss: *mut f32,
+    pub per_sample: *mut f32,
+    pub parts: *mut f32,
+    pub call: *const ::std::os::raw::c_ulonglong,
+    pub n: i64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_publish_params"][::std::mem::size_of::<pl_k_publish_params>() - 48usize];
+    ["Alignment of pl_k_publish_params"][::std::mem::align_of::<pl_k_publish_params>() - 8usize];
+    ["Offset of field: pl_k_publish_params::from"]
+        [::std::mem::offset_of!(pl_k_publish_params, from) - 0usize];
+    ["Offset of field: pl_k_publish_params::loss"]
+        [::std::mem::offset_of!(pl_k_publish_params, loss) - 8usize];
+    ["Offset of field: pl_k_publish_params::per_sample"]
+        [::std::mem::offset_of!(pl_k_publish_params, per_sample) - 16usize];
+    ["Offset of field: pl_k_publish_params::parts"]
+        [::std::mem::offset_of!(pl_k_publish_params, parts) - 24usize];
+    ["Offset of field: pl_k_publish_params::call"]
+        [::std::mem::offset_of!(pl_k_publish_params, call) - 32usize];
+    ["Offset of field: pl_k_publish_params::n"]
+        [::std::mem::offset_of!(pl_k_publish_params, n) - 40usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -306,6 +306,12 @@ impl CudaDevice {
         })
     }
 
+    /// The address of this stream's reduction scratch, if it has one.
+    pub(crate) fn reduce_scratch_addr(&self) -> Result<Option<u64>> {
+        let guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
+        Ok(guard.block.as_ref().map(|ws| ws.device_ptr(&self.stream).0))
+    }
+
     /// Checks that `[ptr, ptr + bytes)` lies inside one allocation of this
     /// device, so a wrong pointer or size is an error instead of a fault.
     pub(crate) fn check_buffer(

@@ -97,6 +97,8 @@ unsafe fn lpips_config(c: &pl_lpips_config) -> Result<LpipsConfig, Error> {
         memory_budget: (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes),
         allow_tf32: c.allow_tf32 != 0,
         check_finite: c.check_finite != 0,
+        // PERCEPTUAL_LOSS_CUDA_GRAPHS=1 is the C interface's switch.
+        cuda_graphs: false,
     })
 }
 

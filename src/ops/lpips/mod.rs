@@ -163,6 +163,9 @@ pub struct LpipsConfig {
     pub allow_tf32: bool,
     /// As [`PerceptualConfig::check_finite`].
     pub check_finite: bool,
+    /// As [`PerceptualConfig::cuda_graphs`] (the spatial map never uses
+    /// graphs).
+    pub cuda_graphs: bool,
 }
 
 impl Default for LpipsConfig {
@@ -175,6 +178,7 @@ impl Default for LpipsConfig {
             memory_budget: None,
             allow_tf32: false,
             check_finite: false,
+            cuda_graphs: false,
         }
     }
 }
@@ -236,6 +240,7 @@ impl Lpips {
             memory_budget: config.memory_budget,
             allow_tf32: config.allow_tf32,
             check_finite: config.check_finite,
+            cuda_graphs: config.cuda_graphs,
             ..Default::default()
         };
         let loss = PerceptualLoss::with_lpips(vgg, &base, Arc::new(config.lin.clone()))?;

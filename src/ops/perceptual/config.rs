@@ -118,6 +118,16 @@ pub struct PerceptualConfig {
     /// Make a NaN or infinite pred or target an error naming the first such
     /// element (see [`TvConfig::check_finite`](crate::TvConfig::check_finite)).
     pub check_finite: bool,
+    /// On CUDA, replay each call from a CUDA graph of the whole call (every
+    /// chunk, kernel and cuDNN call): the first call of a shape plans, the
+    /// second is captured, later ones are one copy and one launch, with the
+    /// same bits. Default off; `PERCEPTUAL_LOSS_CUDA_GRAPHS=1` or `0` turns
+    /// graphs on or off for every loss. While a call is being captured, no
+    /// other thread may queue work on the same stream (it would land in
+    /// the graph). Not used for LPIPS maps, chunks of unequal size, or a
+    /// call made while the caller's stream is being captured (which
+    /// captures the plain call into the caller's graph).
+    pub cuda_graphs: bool,
 }
 
 impl Default for PerceptualConfig {
@@ -137,6 +147,7 @@ impl Default for PerceptualConfig {
             memory_budget: None,
             allow_tf32: false,
             check_finite: false,
+            cuda_graphs: false,
         }
     }
 }
@@ -162,6 +173,7 @@ pub(crate) struct PerceptualSpec {
     pub chunk: Option<usize>,
     pub budget: Option<usize>,
     pub check_finite: bool,
+    pub graphs: bool,
 }
 
 impl PerceptualSpec {
@@ -197,6 +209,7 @@ impl PerceptualSpec {
             chunk: config.max_chunk_images,
             budget: config.memory_budget,
             check_finite: config.check_finite,
+            graphs: config.cuda_graphs,
         })
     }
 

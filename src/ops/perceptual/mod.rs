@@ -407,6 +407,14 @@ impl PerceptualLoss {
         cuda::cost::report(self.vgg().layers(), &self.op.spec, call, dtypes, want_grad)
     }
 
+    /// How many whole calls this loss holds CUDA graphs of
+    /// ([`PerceptualConfig::cuda_graphs`]): 0 on the CPU, before a shape's
+    /// second call, and where capturing failed (the calls then run without
+    /// graphs, and `PERCEPTUAL_LOSS_LOG_PLANS=1` says why).
+    pub fn cuda_graphs_held(&self) -> Result<usize> {
+        self.op.device.graphs_held()
+    }
+
     /// Device bytes of the buffers and cuDNN workspace a CUDA call on
     /// `shape` with its target passed holds (for one chunk when chunked;
     /// built now if not yet seen); `None` on the CPU. A call against a kept

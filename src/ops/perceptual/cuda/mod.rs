@@ -14,6 +14,7 @@
 mod convs;
 pub(crate) mod cost;
 mod exec;
+mod graph;
 mod kept;
 mod layout;
 mod plan;
@@ -35,6 +36,7 @@ pub(crate) use kept::DeviceTarget;
 use plan::{buffer_bytes, ShapePlan};
 pub(crate) use schedule::Batch;
 use std::sync::{Arc, Mutex};
+use steps::KeptAt;
 
 /// One call (or one chunk of images of it) on the device.
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +54,10 @@ pub(crate) struct CudaCall {
     pub accumulate: bool,
     /// An LPIPS call's spatial map terms (none for the others).
     pub terms: MapTerms,
+    /// The device address of the call table the caller's addresses refer
+    /// to (a call replayed from a CUDA graph, `graph.rs`), or 0: they are
+    /// real addresses.
+    pub table: u64,
 }
 
 /// Where an LPIPS call's per-pixel terms (the spatial map's, before the
@@ -96,6 +102,7 @@ impl CudaCall {
             first: 0,
             accumulate: false,
             terms: MapTerms::default(),
+            table: 0,
         }
     }
 
@@ -280,13 +287,35 @@ impl Plans {
             )));
         }
         let calls = whole.chunks(chunk);
+        let kept_at: Vec<KeptAt> = (calls.iter())
+            .map(|c| kept.map(|k| k.at(dev, c.first)).unwrap_or_default())
+            .collect();
+        // Chunks of one size run on one plan, which may replay the whole
+        // call from a CUDA graph.
+        if calls.iter().all(|c| c.io.shape == calls[0].io.shape) {
+            let graphs = graph::wanted(spec.graphs);
+            return self.with_plan(
+                dev,
+                vgg,
+                spec,
+                (calls[0].io.shape, holds),
+                |handle, plan| {
+                    plan.run_whole(
+                        dev,
+                        handle,
+                        (weights, vgg.layers(), spec),
+                        (&whole, calls[0].io.shape.n, graphs),
+                        (lpips, &kept_at),
+                    )
+                },
+            );
+        }
         // Every plan first (a full chunk's and the last one's), so that one
         // that cannot be built fails the call before anything is written.
         if let Some(last) = calls.last().filter(|c| c.io.shape.n != chunk) {
             self.with_plan(dev, vgg, spec, (last.io.shape, holds), |_, _| Ok(()))?;
         }
-        for call in calls {
-            let kept = kept.map(|k| k.at(dev, call.first)).unwrap_or_default();
+        for (call, kept) in calls.iter().zip(&kept_at) {
             self.with_plan(dev, vgg, spec, (call.io.shape, holds), |handle, plan| {
                 plan.run(
                     dev,
@@ -294,7 +323,7 @@ impl Plans {
                     weights,
                     vgg.layers(),
                     spec,
-                    (&call, lpips, &kept),
+                    (call, lpips, kept),
                 )
             })?;
         }
@@ -323,6 +352,12 @@ impl Plans {
         let addr = slice.device_ptr(dev.stream()).0;
         on.push((dev.ordinal(), slice));
         Ok(addr)
+    }
+
+    /// How many whole calls the plans hold CUDA graphs of.
+    pub(crate) fn graphs_held(&self) -> Result<usize> {
+        let plans = self.plans.lock().map_err(|_| Error::poisoned())?;
+        Ok(plans.iter().map(|p| p.graphs.len()).sum())
     }
 
     /// Device bytes of the buffers and cuDNN workspace a call on `shape`

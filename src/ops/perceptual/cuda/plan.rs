@@ -5,6 +5,7 @@
 
 use super::convs::Cudnn;
 use super::exec;
+use super::graph::{self, GraphKey, Graphs, Next};
 use super::layout::Layout;
 use super::schedule::{self, layer_dims, Batch, Step};
 use super::steps::{DeviceNet, Exec, KeptAt};
@@ -69,9 +70,12 @@ pub(crate) struct ShapePlan {
     workspace: CudaSlice<u8>,
     /// Device bytes held by this plan.
     pub footprint: usize,
-    /// A CUDA graph captured a call of this plan: its buffers must outlive
-    /// the graph, so the plan cache never drops it.
+    /// A caller's CUDA graph captured a call of this plan: its buffers
+    /// must outlive the graph, so the plan cache never drops it.
     pub captured: bool,
+    /// The plan's own CUDA graphs of whole calls (`graph.rs`), dropped
+    /// with it.
+    pub graphs: Graphs,
 }
 
 /// With PERCEPTUAL_LOSS_LOG_PLANS=1, every new plan is described on stderr:
@@ -235,10 +239,58 @@ impl ShapePlan {
             convs,
             footprint: layout.bytes.max(256) + workspace.len(),
             captured: false,
+            graphs: Graphs::default(),
             arena,
             layout,
             workspace,
         })
+    }
+
+    /// Queues `whole` on `dev`'s stream in chunks of `chunk` images, each
+    /// of this plan's shape, against `kept[i]` for chunk i: replayed from
+    /// a CUDA graph when `graphs` and the call allows it (see `graph.rs`).
+    pub(crate) fn run_whole(
+        &mut self,
+        dev: &CudaDevice,
+        handle: &Handle,
+        (weights, layers, spec): (&DeviceWeights, &[Layer], &PerceptualSpec),
+        (whole, chunk, graphs): (&CudaCall, usize, bool),
+        (lpips, kept): (u64, &[KeptAt]),
+    ) -> Result<()> {
+        let chunks = |plan: &mut Self, call: &CudaCall| -> Result<()> {
+            for (c, k) in call.chunks(chunk).iter().zip(kept) {
+                plan.run(dev, handle, weights, layers, spec, (c, lpips, k))?;
+            }
+            Ok(())
+        };
+        // Step times need an event after each step; a caller's capture
+        // takes the plain call into its own graph.
+        let graphed = graphs
+            && graph::eligible(whole)
+            && !crate::cuda::env_flag("PERCEPTUAL_LOSS_STEP_TIMES")
+            && !dev.capturing();
+        if !graphed {
+            return chunks(self, whole);
+        }
+        let key = |dev: &CudaDevice| -> Result<GraphKey> {
+            let scratch = dev.reduce_scratch_addr()?;
+            Ok(GraphKey::new(whole, chunk, (kept, lpips, scratch)))
+        };
+        let mut graphs = std::mem::take(&mut self.graphs);
+        let done = match graphs.next(&key(dev)?) {
+            Next::Replay(i) => graphs.replay(i, dev, &whole.io),
+            Next::Plain => chunks(self, whole).and_then(|()| {
+                graphs.saw(key(dev)?);
+                Ok(())
+            }),
+            Next::Capture => match graphs.capture(dev, key(dev)?, whole, |via| chunks(self, via)) {
+                Ok(true) => graphs.replay(graphs.len() - 1, dev, &whole.io),
+                Ok(false) => chunks(self, whole),
+                Err(e) => Err(e),
+            },
+        };
+        self.graphs = graphs;
+        done
     }
 
     /// Queues `call` on `dev`'s stream.

@@ -8,7 +8,7 @@ use super::layout::Layout;
 use super::schedule::Batch;
 use super::schedule::{self, layer_dims};
 use super::steps::{DeviceNet, Exec, KeptAt};
-use super::{exec, CudaCall};
+use super::{exec, graph, CudaCall};
 use crate::backend::DeviceIo;
 use crate::cuda::abi::pl_k_reduce;
 use crate::cuda::emulator::{addr, addr_mut, assert_close, load, store, values, Emulator};
@@ -279,6 +279,23 @@ fn emulate(
     }
 }
 
+/// [`emulate`] of `whole` as its CUDA graph runs it (`graph.rs`): the
+/// caller's addresses through a call table, the loss, parts and per-sample
+/// values into memory of its own, then published to the caller's.
+fn emulate_through_table(
+    loss: &PerceptualLoss,
+    net: DeviceNet<'_>,
+    whole: CudaCall,
+    kept: &dyn Fn(usize) -> KeptAt,
+    input: DType,
+) {
+    let table = graph::table_of_io(&whole.io);
+    let mut outputs = vec![f32::NAN; graph::outputs_bytes(whole.io.shape.n) / 4];
+    let via = graph::through_table(&whole, addr(&table), addr_mut(&mut outputs));
+    emulate(loss, net, via, kept, input);
+    graph::publish(Emulator::get().unwrap(), &via).unwrap();
+}
+
 /// Host memory in place of a kept target's slots on the device: the
 /// target's own forward through the emulator fills them.
 struct EmulatedTarget {
@@ -384,43 +401,55 @@ fn check_loss<T: Element>(loss: PerceptualLoss, case: Case, kept: Option<usize>)
         v.extend((0..GUARD).map(|_| T::from_f64(7.0)));
         v
     };
-    let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
-    let mut got_parts = [f32::NAN; 2];
-    got_per.extend([7.0; GUARD]);
-    let mut got_grad = guarded(&old);
     let kept_target = kept.map(|_| EmulatedTarget::new(&loss, net, &target, target_shape));
-    let io = DeviceIo {
-        shape: s,
-        dtype: T::DTYPE,
-        inputs: [addr(&pred), if kept.is_some() { 0 } else { addr(&target) }],
-        grad: want_grad.then(|| addr_mut(&mut got_grad)),
-        beta,
-        loss: &mut got as *mut f32 as u64,
-        per_sample: Some(addr_mut(&mut got_per)),
-        parts: Some(got_parts.as_mut_ptr() as u64),
+    // The call as it runs plainly, or as a CUDA graph runs it.
+    let run = |through_table: bool| {
+        let (mut got, mut got_per) = (f32::NAN, vec![f32::NAN; s.n]);
+        let mut got_parts = [f32::NAN; 2];
+        got_per.extend([7.0; GUARD]);
+        let mut got_grad = guarded(&old);
+        let io = DeviceIo {
+            shape: s,
+            dtype: T::DTYPE,
+            inputs: [addr(&pred), if kept.is_some() { 0 } else { addr(&target) }],
+            grad: want_grad.then(|| addr_mut(&mut got_grad)),
+            beta,
+            loss: &mut got as *mut f32 as u64,
+            per_sample: Some(addr_mut(&mut got_per)),
+            parts: Some(got_parts.as_mut_ptr() as u64),
+        };
+        let (holds, at): (_, &dyn Fn(usize) -> KeptAt) = match &kept_target {
+            None => (Batch::Pairs, &|_| KeptAt::default()),
+            Some(t) => (Batch::Pred, &|first| t.at(first)),
+        };
+        let whole = CudaCall::new(io, holds);
+        match through_table {
+            false => emulate(&loss, net, whole, at, T::DTYPE),
+            true => emulate_through_table(&loss, net, whole, at, T::DTYPE),
+        }
+        assert!(
+            got_grad[count..].iter().all(|v| v.to_f64() == 7.0)
+                && got_per[s.n..].iter().all(|&v| v == 7.0),
+            "a kernel wrote past the end of an output"
+        );
+        got_grad.truncate(count);
+        got_per.truncate(s.n);
+        (got, got_per, got_parts, got_grad)
     };
-    match &kept_target {
-        None => emulate(
-            &loss,
-            net,
-            CudaCall::new(io, Batch::Pairs),
-            &|_| KeptAt::default(),
-            T::DTYPE,
-        ),
-        Some(t) => emulate(
-            &loss,
-            net,
-            CudaCall::new(io, Batch::Pred),
-            &|first| t.at(first),
-            T::DTYPE,
-        ),
-    }
+    let plain = run(false);
+    let graphed = run(true);
+    let bits = |(l, per, parts, g): &(f32, Vec<f32>, [f32; 2], Vec<T>)| {
+        let mut b: Vec<u64> = vec![l.to_bits() as u64];
+        b.extend(per.iter().chain(parts).map(|v| v.to_bits() as u64));
+        b.extend(g.iter().map(|v| v.to_f64().to_bits()));
+        b
+    };
     assert!(
-        got_grad[count..].iter().all(|v| v.to_f64() == 7.0)
-            && got_per[s.n..].iter().all(|&v| v == 7.0),
-        "a kernel wrote past the end of an output"
+        bits(&plain) == bits(&graphed),
+        "the call through a CUDA graph's call table gave other bits than the plain call"
     );
-    let (got_grad, got_per) = (&got_grad[..count], &got_per[..s.n]);
+    let (got, got_per, got_parts, got_grad) = plain;
+    let (got_grad, got_per) = (&got_grad[..], &got_per[..]);
 
     // The CPU reference takes the target image by image.
     let target: Vec<T> = match target_shape.n {

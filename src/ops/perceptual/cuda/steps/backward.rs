@@ -83,6 +83,7 @@ impl InputGrad {
             scale: x.norm().0,
             beta: io.beta,
             reserved: 0,
+            call: x.call.table as *const _,
         };
         x.kernel("pl_vgg_input_grad", grid_for(s.n * s.h * s.w), &p)
     }

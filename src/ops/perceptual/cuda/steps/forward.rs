@@ -30,6 +30,7 @@ impl Preprocess {
             out_dtype: x.compute(),
             scale,
             shift,
+            call: x.call.table as *const _,
         };
         let images = if self.pairs { 2 * s.n } else { s.n };
         x.kernel("pl_vgg_preprocess", grid_for(images * s.h * s.w), &p)

@@ -172,6 +172,7 @@ impl Setup {
             chunk: None,
             budget: None,
             check_finite: false,
+            graphs: false,
         };
         let weights = LayerAddrs(vec![bias.map(|b| ConvAddrs {
             weight: 0,

@@ -1,0 +1,357 @@
+//! A whole call replayed from a CUDA graph (`cuda_graphs`).
+//!
+//! A shape's first call runs plainly: it plans (buffers, cuDNN algorithms,
+//! the stream's cuDNN handle and reduction scratch), so nothing in a
+//! capture allocates, creates a handle or waits. The next call that bakes
+//! in the same things (a [`GraphKey`]) is captured, every chunk and every
+//! kernel and cuDNN call, into a graph its plan keeps; later ones replay
+//! it with one copy and one launch.
+//!
+//! A graph must not bake the caller's tensors, which change from call to
+//! call: its kernels read pred and target and write the gradient through a
+//! call table (kernels/pl_kernel_abi.h), a few device words the host fills
+//! before each replay, and the taps leave the loss, parts and per-sample
+//! values in the graph's own memory, which a last kernel
+//! (`pl_vgg_publish`) copies to the caller's outputs through the table.
+//! The arithmetic is the plain call's, so the results are bit-identical.
+
+use super::steps::KeptAt;
+use super::{Batch, CudaCall, MapTerms};
+use crate::backend::DeviceIo;
+use crate::cuda::abi::{self, pl_k_call_slot, pl_k_publish_params};
+use crate::cuda::{env_flag, kernels, Gpu};
+use crate::device::CudaDevice;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Shape};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{result, CudaGraph, CudaSlice, DevicePtr};
+
+/// Addresses in a call table: one per `pl_k_call_slot`.
+pub(crate) const SLOTS: usize = abi::pl_k_call_slot_PL_K_CALL_SLOTS as usize;
+
+/// A caller address as a graph bakes it: the slot, and offset 0 (a
+/// chunk's shift adds to it).
+fn slot(s: pl_k_call_slot) -> u64 {
+    (s as u64 + 1) << abi::pl_k_call_encoding_PL_K_CALL_SLOT_SHIFT
+}
+
+/// The graph's own outputs: [loss][parts[2]][pad][per_sample[n]], f32.
+pub(crate) fn outputs_bytes(n: usize) -> usize {
+    4 * (4 + n)
+}
+
+/// What a call can go through a graph: not a target's own forward (done
+/// once per kept target) nor an LPIPS map (its scratch is the call's).
+pub(crate) fn eligible(call: &CudaCall) -> bool {
+    call.holds != Batch::Target && call.terms == MapTerms::default()
+}
+
+/// The call table's contents for `io`, by slot (0 for an output not asked
+/// for, or the target of a call against a kept one).
+pub(crate) fn table_of_io(io: &DeviceIo<2>) -> [u64; SLOTS] {
+    let mut t = [0; SLOTS];
+    t[abi::pl_k_call_slot_PL_K_CALL_PRED as usize] = io.inputs[0];
+    t[abi::pl_k_call_slot_PL_K_CALL_TARGET as usize] = io.inputs[1];
+    t[abi::pl_k_call_slot_PL_K_CALL_GRAD as usize] = io.grad.unwrap_or(0);
+    t[abi::pl_k_call_slot_PL_K_CALL_LOSS as usize] = io.loss;
+    t[abi::pl_k_call_slot_PL_K_CALL_PER_SAMPLE as usize] = io.per_sample.unwrap_or(0);
+    t[abi::pl_k_call_slot_PL_K_CALL_PARTS as usize] = io.parts.unwrap_or(0);
+    t
+}
+
+/// `whole` as its graph runs it: pred, target and the gradient through
+/// the call table at `table`, the loss, parts and per-sample values into
+/// the graph's own memory at `outputs` ([`outputs_bytes`]).
+pub(crate) fn through_table(whole: &CudaCall, table: u64, outputs: u64) -> CudaCall {
+    let io = whole.io;
+    let target = match io.inputs[1] {
+        0 => 0,
+        _ => slot(abi::pl_k_call_slot_PL_K_CALL_TARGET),
+    };
+    CudaCall {
+        io: DeviceIo {
+            inputs: [slot(abi::pl_k_call_slot_PL_K_CALL_PRED), target],
+            grad: io.grad.map(|_| slot(abi::pl_k_call_slot_PL_K_CALL_GRAD)),
+            loss: outputs,
+            parts: io.parts.map(|_| outputs + 4),
+            per_sample: io.per_sample.map(|_| outputs + 16),
+            ..io
+        },
+        table,
+        ..*whole
+    }
+}
+
+/// Queues `pl_vgg_publish`: the outputs of `via` (from [`through_table`])
+/// to the caller's, through the table.
+pub(crate) fn publish(gpu: &impl Gpu, via: &CudaCall) -> Result<()> {
+    let io = &via.io;
+    let p = pl_k_publish_params {
+        from: io.loss as *const f32,
+        loss: slot(abi::pl_k_call_slot_PL_K_CALL_LOSS) as *mut f32,
+        per_sample: io
+            .per_sample
+            .map_or(0, |_| slot(abi::pl_k_call_slot_PL_K_CALL_PER_SAMPLE))
+            as *mut f32,
+        parts: io
+            .parts
+            .map_or(0, |_| slot(abi::pl_k_call_slot_PL_K_CALL_PARTS)) as *mut f32,
+        call: via.table as *const u64,
+        n: io.shape.n as i64,
+    };
+    gpu.launch_symbol(&kernels::VGG, "pl_vgg_publish", (1, 1), &p)
+}
+
+/// Everything a captured call bakes in but the caller's addresses: a
+/// replay needs all of it unchanged. (The plan's own buffers, cuDNN
+/// handle and workspace, and the network's weights, belong to the plan or
+/// the loss and stay.)
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct GraphKey {
+    shape: Shape,
+    dtype: DType,
+    holds: Batch,
+    chunk: usize,
+    grad: bool,
+    beta: u32,
+    per_sample: bool,
+    parts: bool,
+    /// Each chunk's kept target slots.
+    kept: Vec<KeptAt>,
+    lpips: u64,
+    /// The stream's reduction scratch.
+    scratch: Option<u64>,
+}
+
+impl GraphKey {
+    pub(crate) fn new(
+        whole: &CudaCall,
+        chunk: usize,
+        (kept, lpips, scratch): (&[KeptAt], u64, Option<u64>),
+    ) -> Self {
+        let io = &whole.io;
+        GraphKey {
+            shape: io.shape,
+            dtype: io.dtype,
+            holds: whole.holds,
+            chunk,
+            grad: io.grad.is_some(),
+            beta: io.beta.to_bits(),
+            per_sample: io.per_sample.is_some(),
+            parts: io.parts.is_some(),
+            kept: kept.to_vec(),
+            lpips,
+            scratch,
+        }
+    }
+}
+
+/// Whether calls of a loss whose config says `configured` go through
+/// graphs: PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 decides for every loss (the
+/// C and Python interfaces' switch), read at each call.
+pub(crate) fn wanted(configured: bool) -> bool {
+    match std::env::var("PERCEPTUAL_LOSS_CUDA_GRAPHS").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => configured,
+    }
+}
+
+/// Graphs a plan keeps, and keys it remembers seeing once, most recent last.
+const KEPT_GRAPHS: usize = 4;
+
+/// A captured call, and the memory its taps write the loss to.
+struct CallGraph {
+    key: GraphKey,
+    graph: CudaGraph,
+    _outputs: CudaSlice<u8>,
+}
+
+// SAFETY: the driver asks that a graph's uses be serialised, not that they
+// stay on one thread; a plan, and so its graphs, is only used under its
+// loss's plan-cache lock.
+unsafe impl Send for CallGraph {}
+
+/// What a plan does with a call (see [`Graphs::next`]).
+pub(crate) enum Next {
+    /// Run it plainly: first of its key, or graphs failed on this plan.
+    Plain,
+    /// Capture it: its key was seen once.
+    Capture,
+    /// Replay graph `i`.
+    Replay(usize),
+}
+
+/// A plan's graphs: the call table they read, the calls captured, the
+/// keys seen once. A capture that fails (the driver refuses something the
+/// call queues) leaves the plan to plain calls, which give the same bits.
+#[derive(Default)]
+pub(crate) struct Graphs {
+    table: Option<CudaSlice<u64>>,
+    captured: Vec<CallGraph>,
+    seen: Vec<GraphKey>,
+    failed: bool,
+}
+
+fn addr<T>(s: &CudaSlice<T>, dev: &CudaDevice) -> u64 {
+    s.device_ptr(dev.stream()).0
+}
+
+impl Graphs {
+    /// How many calls this plan holds graphs of.
+    pub(crate) fn len(&self) -> usize {
+        self.captured.len()
+    }
+
+    pub(crate) fn next(&mut self, key: &GraphKey) -> Next {
+        if let Some(i) = self.captured.iter().position(|g| g.key == *key) {
+            return Next::Replay(i);
+        }
+        if self.failed {
+            return Next::Plain;
+        }
+        match self.seen.iter().position(|k| k == key) {
+            Some(i) => {
+                self.seen.remove(i);
+                Next::Capture
+            }
+            None => Next::Plain,
+        }
+    }
+
+    /// Notes a plain call of `key` (taken after it ran: a first call sets
+    /// up the stream's reduction scratch), so the next one is captured.
+    pub(crate) fn saw(&mut self, key: GraphKey) {
+        if !self.failed && !self.seen.contains(&key) {
+            if self.seen.len() == KEPT_GRAPHS {
+                self.seen.remove(0);
+            }
+            self.seen.push(key);
+        }
+    }
+
+    /// Captures `whole` on `dev`'s stream: `queue` queues every chunk of
+    /// the call it is given ([`through_table`] of `whole`), then the
+    /// outputs are published. Returns whether a graph was made (then
+    /// [`Graphs::replay`] of the last one runs the call); when not, nothing
+    /// was run and the plan stays plain from now on.
+    pub(crate) fn capture(
+        &mut self,
+        dev: &CudaDevice,
+        key: GraphKey,
+        whole: &CudaCall,
+        queue: impl FnOnce(&CudaCall) -> Result<()>,
+    ) -> Result<bool> {
+        let alloc_err = |what| move |e| Error::cuda_alloc(what, 0, e);
+        if self.table.is_none() {
+            // SAFETY: every replay fills the table before its graph runs.
+            let t = unsafe { dev.stream().alloc::<u64>(SLOTS) }
+                .map_err(alloc_err("the CUDA graph's call table"))?;
+            self.table = Some(t);
+        }
+        let table = addr(self.table.as_ref().expect("allocated above"), dev);
+        let n = whole.io.shape.n;
+        // SAFETY: the taps write every output the call asks for before
+        // pl_vgg_publish reads it.
+        let outputs = unsafe { dev.stream().alloc::<u8>(outputs_bytes(n)) }
+            .map_err(alloc_err("the CUDA graph's outputs"))?;
+        let via = through_table(whole, table, addr(&outputs, dev));
+        // Loaded now: every other kernel of the call ran in its plain calls.
+        dev.function(&kernels::VGG, "pl_vgg_publish")?;
+        let stream = dev.stream();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| Error::cuda("starting a CUDA graph capture", e))?;
+        let queued = queue(&via).and_then(|()| publish(dev, &via));
+        // Ended whatever happened, so the stream is not left capturing.
+        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
+        let why = match (queued, ended) {
+            (Ok(()), Ok(Some(graph))) => {
+                if self.captured.len() == KEPT_GRAPHS {
+                    self.captured.remove(0);
+                }
+                self.captured.push(CallGraph {
+                    key,
+                    graph,
+                    _outputs: outputs,
+                });
+                return Ok(true);
+            }
+            (Err(e), _) => e.to_string(),
+            (Ok(()), Err(e)) => format!("the driver ended it: {e}"),
+            (Ok(()), Ok(None)) => "the driver gave no graph".into(),
+        };
+        self.failed = true;
+        if env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
+            eprintln!(
+                "perceptual plan for {}: capturing a CUDA graph failed ({why}); its calls run \
+                 without graphs",
+                whole.io.shape
+            );
+        }
+        Ok(false)
+    }
+
+    /// Runs captured call `i` for `io`: fills the call table with its
+    /// addresses (one copy, from pageable memory, which the driver stages
+    /// before returning) and launches the graph.
+    pub(crate) fn replay(&self, i: usize, dev: &CudaDevice, io: &DeviceIo<2>) -> Result<()> {
+        let (Some(table), Some(g)) = (&self.table, self.captured.get(i)) else {
+            return Err(Error::Internal("a replay without its graph".into()));
+        };
+        let addrs = table_of_io(io);
+        dev.bind()?;
+        // SAFETY: the table holds SLOTS u64 on this stream's device.
+        unsafe { result::memcpy_htod_async(addr(table, dev), &addrs, dev.stream().cu_stream()) }
+            .map_err(|e| Error::cuda("filling the CUDA graph's call table", e))?;
+        let _range = crate::cuda::nvtx::range(|| format!("perceptual {} (CUDA graph)", io.shape));
+        g.graph
+            .launch()
+            .map_err(|e| Error::cuda("launching the call's CUDA graph", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Offsets of a chunk ride on the baked slot, NULL stays NULL, and a
+    /// slot's bits are above any address the table holds.
+    #[test]
+    fn a_baked_address_is_its_slot_plus_the_chunks_offset() {
+        let io = DeviceIo {
+            shape: Shape::new(4, 3, 8, 8),
+            dtype: DType::F32,
+            inputs: [0x7f00_0000_1000, 0],
+            grad: Some(0x7f00_0010_0000),
+            beta: 0.0,
+            loss: 0x7f00_0020_0000,
+            per_sample: None,
+            parts: Some(0x7f00_0030_0000),
+        };
+        let whole = CudaCall::new(io, Batch::Pred);
+        let via = through_table(&whole, 0xabc0, 0x5000);
+        assert_eq!(via.io.inputs, [1 << 56, 0]);
+        assert_eq!(via.io.grad, Some(3 << 56));
+        assert_eq!(
+            (via.io.loss, via.io.parts, via.io.per_sample),
+            (0x5000, Some(0x5004), None)
+        );
+        let second = via.chunks(2)[1];
+        assert_eq!(second.io.inputs[0], (1 << 56) + 2 * 3 * 64 * 4);
+        assert_eq!(second.table, 0xabc0);
+        let t = table_of_io(&io);
+        assert_eq!(
+            t,
+            [
+                io.inputs[0],
+                0,
+                io.grad.unwrap(),
+                io.loss,
+                0,
+                io.parts.unwrap()
+            ]
+        );
+        assert!(t.iter().all(|&a| a < slot(0)));
+    }
+}
