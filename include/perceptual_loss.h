@@ -188,9 +188,11 @@ typedef struct pl_lpips_config {
    */
   int32_t allow_tf32;
   /**
-   * Write 0 (as `pl_lpips_config_init` does).
+   * Nonzero: on CUDA, distances are replayed from CUDA graphs, as
+   * `pl_perceptual_config.cuda_graphs` (not the spatial map). Default 0
+   * (this field was `reserved`, which had to be 0).
    */
-  int32_t reserved;
+  int32_t cuda_graphs;
 } pl_lpips_config;
 
 /**
@@ -305,6 +307,18 @@ typedef struct pl_perceptual_config {
    * The style part's weight; default 1.
    */
   float style_weight;
+  /**
+   * Nonzero: on CUDA, calls are replayed from CUDA graphs of the whole
+   * call (the second call of a shape is captured; the same results;
+   * no other thread may queue work on the stream during that call).
+   * Default 0; PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 overrides it. This
+   * and the next field were added in the struct's third version.
+   */
+  int32_t cuda_graphs;
+  /**
+   * Write 0 (as `pl_perceptual_config_init` does).
+   */
+  int32_t reserved;
 } pl_perceptual_config;
 
 /**

@@ -42,11 +42,13 @@ pub struct pl_lpips_config {
     pub check_finite: i32,
     /// Nonzero lets f32 convolutions on CUDA use TF32; default 0.
     pub allow_tf32: i32,
-    /// Write 0 (as `pl_lpips_config_init` does).
-    pub reserved: i32,
+    /// Nonzero: on CUDA, distances are replayed from CUDA graphs, as
+    /// `pl_perceptual_config.cuda_graphs` (not the spatial map). Default 0
+    /// (this field was `reserved`, which had to be 0).
+    pub cuda_graphs: i32,
 }
 
-released!(pl_lpips_config, reserved reserved, last reserved: i32, {
+released!(pl_lpips_config, last cuda_graphs: i32, {
     lin_weights_path: std::ptr::null(),
     max_chunk_images: 0,
     memory_budget_bytes: 0,
@@ -55,7 +57,7 @@ released!(pl_lpips_config, reserved reserved, last reserved: i32, {
     weight: 1.0,
     check_finite: 0,
     allow_tf32: 0,
-    reserved: 0,
+    cuda_graphs: 0,
 });
 
 /// An LPIPS metric; it keeps its VGG alive and runs on its context's
@@ -97,8 +99,7 @@ unsafe fn lpips_config(c: &pl_lpips_config) -> Result<LpipsConfig, Error> {
         memory_budget: (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes),
         allow_tf32: c.allow_tf32 != 0,
         check_finite: c.check_finite != 0,
-        // PERCEPTUAL_LOSS_CUDA_GRAPHS=1 is the C interface's switch.
-        cuda_graphs: false,
+        cuda_graphs: c.cuda_graphs != 0,
     })
 }
 

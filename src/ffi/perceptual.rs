@@ -96,9 +96,18 @@ pub struct pl_perceptual_config {
     pub style_criterion: pl_criterion,
     /// The style part's weight; default 1.
     pub style_weight: f32,
+    /// Nonzero: on CUDA, calls are replayed from CUDA graphs of the whole
+    /// call (the second call of a shape is captured; the same results;
+    /// no other thread may queue work on the stream during that call).
+    /// Default 0; PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 overrides it. This
+    /// and the next field were added in the struct's third version.
+    pub cuda_graphs: i32,
+    /// Write 0 (as `pl_perceptual_config_init` does).
+    pub reserved: i32,
 }
 
-released!(pl_perceptual_config, since [style_taps], last style_weight: f32, {
+released!(pl_perceptual_config, since [style_taps, cuda_graphs], reserved reserved,
+    last reserved: i32, {
     taps: DEFAULT_TAPS.as_ptr(),
     tap_names: std::ptr::null(),
     num_taps: DEFAULT_TAPS.len(),
@@ -119,6 +128,8 @@ released!(pl_perceptual_config, since [style_taps], last style_weight: f32, {
     num_style_tap_weights: 0,
     style_criterion: PL_MSE,
     style_weight: 1.0,
+    cuda_graphs: 0,
+    reserved: 0,
 });
 
 /// A perceptual loss; it keeps its VGG alive and runs on its context's
@@ -260,6 +271,7 @@ unsafe fn perceptual_config(c: &pl_perceptual_config) -> Result<PerceptualConfig
     cfg.check_finite = c.check_finite != 0;
     cfg.max_chunk_images = (c.max_chunk_images > 0).then_some(c.max_chunk_images);
     cfg.memory_budget = (c.memory_budget_bytes > 0).then_some(c.memory_budget_bytes);
+    cfg.cuda_graphs = c.cuda_graphs != 0;
     Ok(cfg)
 }
 

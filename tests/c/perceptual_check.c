@@ -104,6 +104,7 @@ int main(int argc, char **argv) {
     parts[0] = -1.0f;
     CHECK(pl_perceptual_loss(combined, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK, "v1 outputs");
     CHECK(parts[0] == -1.0f, "a v1 pl_outputs has no parts pointer");
+    const float with_style = value;
     /* ... and its smaller config gets no style terms. */
     both.struct_size = offsetof(pl_perceptual_config, style_taps);
     pl_perceptual *old = NULL;
@@ -112,6 +113,22 @@ int main(int argc, char **argv) {
     CHECK(pl_perceptual_loss(old, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK && parts[1] == 0.0f,
           "a v1 config has no style part");
     pl_perceptual_destroy(old);
+    /* A caller built against the second version (style, no cuda_graphs)
+     * gets the same loss. */
+    both.struct_size = offsetof(pl_perceptual_config, cuda_graphs);
+    pl_perceptual *v2 = NULL;
+    float v2_value = -1.0f;
+    with_parts.loss = &v2_value;
+    CHECK(pl_perceptual_create(shallow, &both, &v2) == PL_OK, "v2 config");
+    CHECK(pl_perceptual_loss(v2, pred, target, PL_F32, N, C, H, W, &with_parts) == PL_OK && v2_value == with_style,
+          "a v2 config gives the same loss (%g vs %g)", v2_value, with_style);
+    with_parts.loss = &value;
+    pl_perceptual_destroy(v2);
+    CHECK(both.cuda_graphs == 0 && both.reserved == 0, "graphs off by default");
+    both.struct_size = sizeof both;
+    both.reserved = 1;
+    CHECK(pl_perceptual_create(shallow, &both, &v2) == PL_ERR_INVALID_ARGUMENT, "reserved must be 0");
+    both.reserved = 0;
     pl_perceptual_destroy(combined);
     pl_outputs tv_parts;
     pl_outputs_init(&tv_parts);

@@ -344,10 +344,12 @@ def _set_taps(cfg, prefix, taps, weights, keep):
         setattr(cfg, f"num_{prefix}tap_weights", len(weights))
 
 
-def _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite):
+def _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite, cuda_graphs):
     """The options a perceptual or LPIPS config shares: TF32, chunking, the
-    memory budget (bytes, or None for no limit) and check_finite."""
+    memory budget (bytes, or None for no limit), check_finite and CUDA
+    graphs."""
     cfg.allow_tf32, cfg.check_finite = int(bool(allow_tf32)), int(bool(check_finite))
+    cfg.cuda_graphs = int(bool(cuda_graphs))
     cfg.max_chunk_images = max_chunk_images
     if memory_budget is not None and memory_budget <= 0:
         raise ValueError("memory_budget must be a positive number of bytes (or None for no limit)")
@@ -364,11 +366,16 @@ class Perceptual:
     "fro"), weighted per tap and by `style_weight`. On CUDA,
     `max_chunk_images` and `memory_budget` (bytes for buffers and cuDNN
     workspace) split the batch into chunks; the loss is the same.
-    `check_finite` makes a NaN or infinite input an error naming it."""
+    `check_finite` makes a NaN or infinite input an error naming it.
+    `cuda_graphs` replays CUDA calls from CUDA graphs of the whole call
+    (captured at a shape's second call; the same results; no other thread
+    may queue work on the stream during that call);
+    PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 overrides it."""
 
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",
                  weight=1.0, allow_tf32=False, max_chunk_images=0, memory_budget=None, check_finite=False,
-                 style_taps=None, style_tap_weights=None, style_criterion="mse", style_weight=1.0):
+                 style_taps=None, style_tap_weights=None, style_criterion="mse", style_weight=1.0,
+                 cuda_graphs=False):
         cfg = _lib.PerceptualConfig()
         _check(_lib.pl_perceptual_config_init(ctypes.byref(cfg)))  # the article's defaults
         keep = []  # arrays the config points into, alive until create returns
@@ -384,7 +391,7 @@ class Perceptual:
         cfg.input_norm = _choice(NORMS, input_norm, "input normalisation")
         cfg.pooling = _choice(POOLINGS, pooling, "pooling")
         cfg.weight = weight
-        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite)
+        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite, cuda_graphs)
         handle = ctypes.c_void_p()
         _check(_lib.pl_perceptual_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle
@@ -503,12 +510,12 @@ class Lpips(Perceptual):
     `per_sample=True`, each image's distance; as `Perceptual` otherwise."""
 
     def __init__(self, vgg, normalize=False, lin=True, lin_weights=None, weight=1.0, allow_tf32=False,
-                 max_chunk_images=0, memory_budget=None, check_finite=False):
+                 max_chunk_images=0, memory_budget=None, check_finite=False, cuda_graphs=False):
         cfg = _lib.LpipsConfig()
         _check(_lib.pl_lpips_config_init(ctypes.byref(cfg)))
         cfg.normalize, cfg.lin, cfg.weight = int(bool(normalize)), int(bool(lin)), weight
         cfg.lin_weights_path = None if lin_weights is None else str(lin_weights).encode()
-        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite)
+        _device_options(cfg, allow_tf32, max_chunk_images, memory_budget, check_finite, cuda_graphs)
         handle = ctypes.c_void_p()
         _check(_lib.pl_lpips_create(vgg._handle, ctypes.byref(cfg), ctypes.byref(handle)))
         self.vgg, self._handle = vgg, handle

@@ -122,6 +122,8 @@ class PerceptualConfig(ctypes.Structure):
         ("num_style_tap_weights", c_size_t),
         ("style_criterion", c_int32),
         ("style_weight", c_float),
+        ("cuda_graphs", c_int32),
+        ("reserved", c_int32),
     ]
 
 
@@ -138,7 +140,7 @@ class LpipsConfig(ctypes.Structure):
         ("weight", c_float),
         ("check_finite", c_int32),
         ("allow_tf32", c_int32),
-        ("reserved", c_int32),
+        ("cuda_graphs", c_int32),
     ]
 
 

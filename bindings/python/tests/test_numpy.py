@@ -313,3 +313,39 @@ def test_plan_report_counts_a_small_call(seeded):
     assert kept["conv_flops"] == 2 * 2 * 64 * 8 * 9 * 16
     with pytest.raises(pl.Error, match="channels"):
         loss.plan_report((1, 2, 4, 4))
+
+
+@pytest.mark.parametrize(
+    "struct, init",
+    [
+        ("Outputs", "pl_outputs_init"),
+        ("TvConfig", "pl_tv_config_init"),
+        ("FeatureConfig", "pl_feature_config_init"),
+        ("VggOptions", "pl_vgg_options_init"),
+        ("PerceptualConfig", "pl_perceptual_config_init"),
+        ("LpipsConfig", "pl_lpips_config_init"),
+    ],
+)
+def test_the_ctypes_structs_are_the_librarys_size(struct, init):
+    """Each options struct's init writes the library's sizeof into
+    struct_size: the ctypes copy must be exactly that big (a smaller one
+    would be written past its end)."""
+    import ctypes
+
+    from perceptual_loss import _lib
+
+    cfg = getattr(_lib, struct)()
+    assert getattr(_lib, init)(ctypes.byref(cfg)) == 0
+    assert cfg.struct_size == ctypes.sizeof(cfg)
+
+
+def test_cuda_graphs_is_accepted_on_the_cpu_and_changes_nothing(seeded):
+    """The switch reaches the C config (a CPU loss ignores it): the same
+    bits with it on, for the perceptual loss and LPIPS."""
+    vgg = pl.Vgg(seeded)
+    rng = np.random.default_rng(6)
+    pred = rng.uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    target = rng.uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    for kind in (pl.Perceptual, pl.Lpips):
+        plain, graphed = kind(vgg)(pred, target), kind(vgg, cuda_graphs=True)(pred, target)
+        assert plain[0] == graphed[0] and np.array_equal(plain[1], graphed[1])

@@ -122,7 +122,7 @@ pub struct PerceptualConfig {
     /// chunk, kernel and cuDNN call): the first call of a shape plans, the
     /// second is captured, later ones are one copy and one launch, with the
     /// same bits. Default off; `PERCEPTUAL_LOSS_CUDA_GRAPHS=1` or `0` turns
-    /// graphs on or off for every loss. While a call is being captured, no
+    /// graphs on or off for every loss, whatever its config says. While a call is being captured, no
     /// other thread may queue work on the same stream (it would land in
     /// the graph). Not used for LPIPS maps, chunks of unequal size, or a
     /// call made while the caller's stream is being captured (which
