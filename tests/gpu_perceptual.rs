@@ -980,13 +980,15 @@ fn a_planned_call_is_captured_into_a_cuda_graph_and_replayed() {
 /// fresh buffers (so a replay must take the caller's addresses from its
 /// call table) and gives, bit for bit, what the same loss without graphs
 /// gives: perceptual and style parts, per-image values and a gradient
-/// added to the old one (beta 1), in two chunks, and against a kept
-/// target.
+/// added to the old one (beta 1), in two chunks, against a kept target,
+/// and on the legacy default stream (the capture is made on a stream of
+/// the plan's own either way).
 #[test]
 fn calls_replayed_from_the_losss_own_cuda_graph_give_the_plain_bits() {
     use perceptual_loss::{LossOutputs, TensorMut};
     let Some(dev) = gpu() else { return };
-    let st = dev.cuda_stream().unwrap();
+    // SAFETY: the legacy default stream of device 0's primary context.
+    let legacy = unsafe { Device::cuda_on_stream(0, std::ptr::null_mut()) }.unwrap();
     let s = Shape::new(2, 3, 32, 32);
     let image = 3 * 32 * 32;
     let style = PerceptualConfig {
@@ -996,17 +998,19 @@ fn calls_replayed_from_the_losss_own_cuda_graph_give_the_plain_bits() {
         ..Default::default()
     };
     let cases = [
-        (PerceptualConfig::default(), DType::BF16, false),
-        (style.clone(), DType::F32, false),
-        (style, DType::BF16, true),
+        (&dev, PerceptualConfig::default(), DType::BF16, false),
+        (&dev, style.clone(), DType::F32, false),
+        (&dev, style, DType::BF16, true),
+        (&legacy, PerceptualConfig::default(), DType::BF16, false),
     ];
-    for (cfg, compute, kept) in cases {
+    for (device, cfg, compute, kept) in cases {
+        let st = device.cuda_stream().unwrap();
         let graphed = PerceptualConfig {
             cuda_graphs: true,
             ..cfg.clone()
         };
-        let (_, plain) = losses(&dev, VggArch::Vgg16, &cfg, compute, 81);
-        let (_, graphs) = losses(&dev, VggArch::Vgg16, &graphed, compute, 81);
+        let (_, plain) = losses(device, VggArch::Vgg16, &cfg, compute, 81);
+        let (_, graphs) = losses(device, VggArch::Vgg16, &graphed, compute, 81);
         let mut rng = Rng::new(82);
         let target = rng.vec(s.n * image, 0.0, 1.0);
         if kept {
@@ -1040,7 +1044,11 @@ fn calls_replayed_from_the_losss_own_cuda_graph_give_the_plain_bits() {
                 .map(f32::to_bits)
                 .collect()
         };
-        let what = format!("{} {compute:?}, kept target {kept}", cfg.style_taps.len());
+        let what = format!(
+            "{} style taps, {compute:?}, kept target {kept}, on {:?}",
+            cfg.style_taps.len(),
+            st.cu_stream()
+        );
         for k in 0..4 {
             let (pred, old) = (
                 rng.vec(s.n * image, 0.0, 1.0),

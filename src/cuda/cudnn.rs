@@ -50,10 +50,16 @@ impl Handle {
         require()?;
         let h = result::create_handle().map_err(|e| err("creating a handle", e))?;
         let handle = Handle(h);
-        // SAFETY: a live handle and a stream of the current context.
-        unsafe { result::set_stream(h, stream as sys::cudaStream_t) }
-            .map_err(|e| err("setting the stream", e))?;
+        handle.set_stream(stream)?;
         Ok(handle)
+    }
+
+    /// Points the handle's calls at `stream`, a stream of the current
+    /// context (a CUDA graph of the crate's own is captured on another).
+    pub(crate) fn set_stream(&self, stream: cudarc::driver::sys::CUstream) -> Result<()> {
+        // SAFETY: a live handle and a stream of the current context.
+        unsafe { result::set_stream(self.0, stream as sys::cudaStream_t) }
+            .map_err(|e| err("setting the stream", e))
     }
 }
 

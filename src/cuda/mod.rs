@@ -32,7 +32,8 @@ pub(crate) fn skip_unless_required(require_var: &str, why: &str) {
 }
 use crate::tensor::DType;
 use abi::pl_k_reduce;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
 
 /// One kernel family as embedded by build.rs: the nvcc fatbin when nvcc was
 /// found at build time, and always the source for NVRTC.
@@ -186,19 +187,7 @@ impl Gpu for CudaDevice {
         grid: (u32, u32),
         params: &P,
     ) -> Result<()> {
-        let func = self.function(image, symbol)?;
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0, grid.1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut builder = self.stream().launch_builder(&func);
-        builder.arg(params);
-        // SAFETY: `params` matches the kernel's single by-value argument (the
-        // shared header), and the caller validated every address and size in it.
-        unsafe { builder.launch(cfg) }
-            .map_err(|e| Error::cuda(&format!("launching {symbol}"), e))?;
-        Ok(())
+        self.launch_on(self.stream(), image, symbol, grid, params)
     }
 
     fn with_reduce<R>(
@@ -209,6 +198,32 @@ impl Gpu for CudaDevice {
     ) -> Result<R> {
         let scratch = self.reduce_scratch(images, partials)?;
         f(scratch.reduce)
+    }
+}
+
+impl CudaDevice {
+    /// [`Gpu::launch_symbol`] on `stream`, a stream of this device.
+    pub(crate) fn launch_on<P: DeviceRepr + Copy>(
+        &self,
+        stream: &Arc<CudaStream>,
+        image: &KernelImage,
+        symbol: &str,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        let func = self.function(image, symbol)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0, grid.1, 1),
+            block_dim: (BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(params);
+        // SAFETY: `params` matches the kernel's single by-value argument (the
+        // shared header), and the caller validated every address and size in it.
+        unsafe { builder.launch(cfg) }
+            .map_err(|e| Error::cuda(&format!("launching {symbol}"), e))?;
+        Ok(())
     }
 }
 

@@ -54,6 +54,8 @@ fn shared(ordinal: usize) -> Result<Arc<Shared>> {
 
 /// A CUDA device plus the stream its work goes to.
 pub(crate) struct CudaDevice {
+    /// Numbers devices for the keys of CUDA graphs (`NEXT_ID`).
+    id: u64,
     shared: Arc<Shared>,
     stream: Arc<CudaStream>,
     reduce_scratch: Mutex<Scratch>,
@@ -80,6 +82,9 @@ pub(crate) struct ReduceScratch<'a> {
 
 const COUNTER_BYTES: usize = 256;
 
+/// The next [`CudaDevice::id`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The error for `what` (an allocation, a new handle, a wait) that a call
 /// would do while its stream is being captured into a CUDA graph.
 pub(crate) fn capture_forbids(what: String) -> Error {
@@ -101,6 +106,7 @@ impl CudaDevice {
             Some(s) => unsafe { shared.ctx.wrap_borrowed_stream(s) },
         };
         Ok(CudaDevice {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shared,
             stream,
             reduce_scratch: Mutex::default(),
@@ -306,10 +312,27 @@ impl CudaDevice {
         })
     }
 
-    /// The address of this stream's reduction scratch, if it has one.
-    pub(crate) fn reduce_scratch_addr(&self) -> Result<Option<u64>> {
+    /// The address and bytes of this stream's reduction scratch, if it has
+    /// one.
+    pub(crate) fn reduce_scratch_block(&self) -> Result<Option<(u64, usize)>> {
         let guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
-        Ok(guard.block.as_ref().map(|ws| ws.device_ptr(&self.stream).0))
+        Ok(guard
+            .block
+            .as_ref()
+            .map(|ws| (ws.device_ptr(&self.stream).0, ws.len())))
+    }
+
+    /// This device's number, never given to another in this process.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// A new stream of this device's context (non-blocking).
+    pub(crate) fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.shared
+            .ctx
+            .new_stream()
+            .map_err(|e| Error::cuda("creating a stream", e))
     }
 
     /// Checks that `[ptr, ptr + bytes)` lies inside one allocation of this

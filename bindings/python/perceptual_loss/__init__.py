@@ -368,8 +368,7 @@ class Perceptual:
     workspace) split the batch into chunks; the loss is the same.
     `check_finite` makes a NaN or infinite input an error naming it.
     `cuda_graphs` replays CUDA calls from CUDA graphs of the whole call
-    (captured at a shape's second call; the same results; no other thread
-    may queue work on the stream during that call);
+    (captured at a shape's second call; the same results);
     PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 overrides it."""
 
     def __init__(self, vgg, taps=None, tap_weights=None, criterion="mse", input_norm="none", pooling="max",

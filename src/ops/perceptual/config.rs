@@ -122,11 +122,10 @@ pub struct PerceptualConfig {
     /// chunk, kernel and cuDNN call): the first call of a shape plans, the
     /// second is captured, later ones are one copy and one launch, with the
     /// same bits. Default off; `PERCEPTUAL_LOSS_CUDA_GRAPHS=1` or `0` turns
-    /// graphs on or off for every loss, whatever its config says. While a call is being captured, no
-    /// other thread may queue work on the same stream (it would land in
-    /// the graph). Not used for LPIPS maps, chunks of unequal size, or a
-    /// call made while the caller's stream is being captured (which
-    /// captures the plain call into the caller's graph).
+    /// graphs on or off for every loss, whatever its config says. Not used
+    /// for LPIPS maps, chunks of unequal size, or a call made while the
+    /// caller's stream is being captured (which captures the plain call
+    /// into the caller's graph).
     pub cuda_graphs: bool,
 }
 

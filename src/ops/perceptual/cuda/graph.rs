@@ -5,7 +5,9 @@
 //! capture allocates, creates a handle or waits. The next call that bakes
 //! in the same things (a [`GraphKey`]) is captured, every chunk and every
 //! kernel and cuDNN call, into a graph its plan keeps; later ones replay
-//! it with one copy and one launch.
+//! it on the caller's stream with one copy and one launch. The capture is
+//! made on a stream of the plan's own, so nothing another thread queues
+//! on the caller's stream meanwhile is captured.
 //!
 //! A graph must not bake the caller's tensors, which change from call to
 //! call: its kernels read pred and target and write the gradient through a
@@ -18,13 +20,15 @@
 use super::steps::KeptAt;
 use super::{Batch, CudaCall, MapTerms};
 use crate::backend::DeviceIo;
-use crate::cuda::abi::{self, pl_k_call_slot, pl_k_publish_params};
-use crate::cuda::{env_flag, kernels, Gpu};
+use crate::cuda::abi::{self, pl_k_call_slot, pl_k_publish_params, pl_k_reduce};
+use crate::cuda::cudnn::Handle;
+use crate::cuda::{env_flag, kernels, Gpu, KernelImage};
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Shape};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{result, CudaGraph, CudaSlice, DevicePtr};
+use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{result, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use std::sync::Arc;
 
 /// Addresses in a call table: one per `pl_k_call_slot`.
 pub(crate) const SLOTS: usize = abi::pl_k_call_slot_PL_K_CALL_SLOTS as usize;
@@ -119,18 +123,23 @@ pub(crate) struct GraphKey {
     /// Each chunk's kept target slots.
     kept: Vec<KeptAt>,
     lpips: u64,
-    /// The stream's reduction scratch.
-    scratch: Option<u64>,
+    /// The device (never reused within the process): its cuDNN handle
+    /// and reduction scratch are baked.
+    device: u64,
+    /// The reduction scratch's address and bytes: a larger block replaces
+    /// it, and a freed one may come back at the same address smaller.
+    scratch: Option<(u64, usize)>,
 }
 
 impl GraphKey {
     pub(crate) fn new(
         whole: &CudaCall,
         chunk: usize,
-        (kept, lpips, scratch): (&[KeptAt], u64, Option<u64>),
-    ) -> Self {
+        (kept, lpips): (&[KeptAt], u64),
+        dev: &CudaDevice,
+    ) -> Result<Self> {
         let io = &whole.io;
-        GraphKey {
+        Ok(GraphKey {
             shape: io.shape,
             dtype: io.dtype,
             holds: whole.holds,
@@ -141,14 +150,15 @@ impl GraphKey {
             parts: io.parts.is_some(),
             kept: kept.to_vec(),
             lpips,
-            scratch,
-        }
+            device: dev.id(),
+            scratch: dev.reduce_scratch_block()?,
+        })
     }
 }
 
 /// Whether calls of a loss whose config says `configured` go through
-/// graphs: PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 decides for every loss (the
-/// C and Python interfaces' switch), read at each call.
+/// graphs: PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 decides for every loss,
+/// read at each call.
 pub(crate) fn wanted(configured: bool) -> bool {
     match std::env::var("PERCEPTUAL_LOSS_CUDA_GRAPHS").as_deref() {
         Ok("1") => true,
@@ -160,10 +170,30 @@ pub(crate) fn wanted(configured: bool) -> bool {
 /// Graphs a plan keeps, and keys it remembers seeing once, most recent last.
 const KEPT_GRAPHS: usize = 4;
 
+/// An instantiated graph, destroyed with it. (cudarc's `CudaGraph` ends
+/// a capture through a context check that can fail first, which would
+/// leave the stream capturing; the raw calls here cannot.)
+struct Executable {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+impl Drop for Executable {
+    fn drop(&mut self) {
+        // SAFETY: made by one capture and instantiate, destroyed once; the
+        // driver frees an executable still running when its launch ends.
+        // An error here has nowhere to go.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
 /// A captured call, and the memory its taps write the loss to.
 struct CallGraph {
     key: GraphKey,
-    graph: CudaGraph,
+    graph: Executable,
     _outputs: CudaSlice<u8>,
 }
 
@@ -182,12 +212,96 @@ pub(crate) enum Next {
     Replay(usize),
 }
 
+/// Queues a call's kernels on the capture stream (the device's reduction
+/// scratch, the stream's own launches), so that only the call's work is
+/// captured: other work a thread queues on the caller's stream meanwhile
+/// runs there as usual.
+pub(crate) struct OnStream<'a> {
+    dev: &'a CudaDevice,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl Gpu for OnStream<'_> {
+    fn launch_symbol<P: DeviceRepr + Copy>(
+        &self,
+        image: &KernelImage,
+        symbol: &str,
+        grid: (u32, u32),
+        params: &P,
+    ) -> Result<()> {
+        self.dev.launch_on(self.stream, image, symbol, grid, params)
+    }
+
+    fn with_reduce<R>(
+        &self,
+        images: usize,
+        partials: usize,
+        f: impl FnOnce(pl_k_reduce) -> Result<R>,
+    ) -> Result<R> {
+        self.dev.with_reduce(images, partials, f)
+    }
+}
+
+/// Ends a capture when dropped, so neither an error nor a panic in the
+/// queueing leaves the stream capturing; `end` gives the graph.
+struct Capture(sys::CUstream);
+
+impl Capture {
+    fn begin(stream: &CudaStream) -> Result<Self> {
+        // SAFETY: a live stream of the current context.
+        unsafe {
+            result::stream::begin_capture(
+                stream.cu_stream(),
+                CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(|e| Error::cuda("starting a CUDA graph capture", e))?;
+        Ok(Capture(stream.cu_stream()))
+    }
+
+    fn end(self) -> Result<Executable> {
+        let stream = self.0;
+        std::mem::forget(self);
+        // SAFETY: this thread began the capture on `stream`.
+        let graph = unsafe { result::stream::end_capture(stream) }
+            .map_err(|e| Error::cuda("ending the capture", e))?;
+        if graph.is_null() {
+            return Err(Error::cuda(
+                "ending the capture",
+                "the driver gave no graph",
+            ));
+        }
+        // SAFETY: a graph the capture just made, destroyed on failure.
+        match unsafe { result::graph::instantiate(graph, CUgraphInstantiate_flags(0)) } {
+            Ok(exec) => Ok(Executable { graph, exec }),
+            Err(e) => {
+                // SAFETY: as above; nothing else holds it.
+                let _ = unsafe { result::graph::destroy(graph) };
+                Err(Error::cuda("instantiating the graph", e))
+            }
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        // SAFETY: this thread began the capture; its graph is discarded.
+        if let Ok(g) = unsafe { result::stream::end_capture(self.0) } {
+            if !g.is_null() {
+                let _ = unsafe { result::graph::destroy(g) };
+            }
+        }
+    }
+}
+
 /// A plan's graphs: the call table they read, the calls captured, the
-/// keys seen once. A capture that fails (the driver refuses something the
-/// call queues) leaves the plan to plain calls, which give the same bits.
+/// keys seen once, and the stream captures are made on. A capture that
+/// fails (the driver refuses something the call queues) leaves the plan to
+/// plain calls, which give the same bits.
 #[derive(Default)]
 pub(crate) struct Graphs {
     table: Option<CudaSlice<u64>>,
+    stream: Option<Arc<CudaStream>>,
     captured: Vec<CallGraph>,
     seen: Vec<GraphKey>,
     failed: bool,
@@ -230,56 +344,27 @@ impl Graphs {
         }
     }
 
-    /// Captures `whole` on `dev`'s stream: `queue` queues every chunk of
-    /// the call it is given ([`through_table`] of `whole`), then the
-    /// outputs are published. Returns whether a graph was made (then
-    /// [`Graphs::replay`] of the last one runs the call); when not, nothing
-    /// was run and the plan stays plain from now on.
+    /// Captures `whole` on a stream of the plan's own, with `handle` (the
+    /// caller stream's cuDNN handle) pointed at it meanwhile: `queue`
+    /// queues every chunk of the call it is given ([`through_table`] of
+    /// `whole`) through the [`OnStream`], then the outputs are published.
+    /// Returns whether a graph was made (then [`Graphs::replay`] of the
+    /// last one runs the call); when not, nothing ran and the plan stays
+    /// plain from now on.
     pub(crate) fn capture(
         &mut self,
-        dev: &CudaDevice,
+        (dev, handle): (&CudaDevice, &Handle),
         key: GraphKey,
         whole: &CudaCall,
-        queue: impl FnOnce(&CudaCall) -> Result<()>,
+        queue: impl FnOnce(&CudaCall, &OnStream<'_>) -> Result<()>,
     ) -> Result<bool> {
-        let alloc_err = |what| move |e| Error::cuda_alloc(what, 0, e);
-        if self.table.is_none() {
-            // SAFETY: every replay fills the table before its graph runs.
-            let t = unsafe { dev.stream().alloc::<u64>(SLOTS) }
-                .map_err(alloc_err("the CUDA graph's call table"))?;
-            self.table = Some(t);
-        }
-        let table = addr(self.table.as_ref().expect("allocated above"), dev);
-        let n = whole.io.shape.n;
-        // SAFETY: the taps write every output the call asks for before
-        // pl_vgg_publish reads it.
-        let outputs = unsafe { dev.stream().alloc::<u8>(outputs_bytes(n)) }
-            .map_err(alloc_err("the CUDA graph's outputs"))?;
-        let via = through_table(whole, table, addr(&outputs, dev));
-        // Loaded now: every other kernel of the call ran in its plain calls.
-        dev.function(&kernels::VGG, "pl_vgg_publish")?;
-        let stream = dev.stream();
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| Error::cuda("starting a CUDA graph capture", e))?;
-        let queued = queue(&via).and_then(|()| publish(dev, &via));
-        // Ended whatever happened, so the stream is not left capturing.
-        let ended = stream.end_capture(CUgraphInstantiate_flags(0));
-        let why = match (queued, ended) {
-            (Ok(()), Ok(Some(graph))) => {
-                if self.captured.len() == KEPT_GRAPHS {
-                    self.captured.remove(0);
-                }
-                self.captured.push(CallGraph {
-                    key,
-                    graph,
-                    _outputs: outputs,
-                });
-                return Ok(true);
-            }
-            (Err(e), _) => e.to_string(),
-            (Ok(()), Err(e)) => format!("the driver ended it: {e}"),
-            (Ok(()), Ok(None)) => "the driver gave no graph".into(),
+        let made = self.try_capture((dev, handle), key, whole, queue);
+        // The handle serves the caller's stream again whatever happened.
+        let restored = handle.set_stream(dev.stream().cu_stream());
+        let why = match (made, restored) {
+            (Ok(()), Ok(())) => return Ok(true),
+            (_, Err(e)) => return Err(e),
+            (Err(e), Ok(())) => e.to_string(),
         };
         self.failed = true;
         if env_flag("PERCEPTUAL_LOSS_LOG_PLANS") {
@@ -292,21 +377,67 @@ impl Graphs {
         Ok(false)
     }
 
-    /// Runs captured call `i` for `io`: fills the call table with its
-    /// addresses (one copy, from pageable memory, which the driver stages
-    /// before returning) and launches the graph.
+    fn try_capture(
+        &mut self,
+        (dev, handle): (&CudaDevice, &Handle),
+        key: GraphKey,
+        whole: &CudaCall,
+        queue: impl FnOnce(&CudaCall, &OnStream<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let alloc_err = |what| move |e| Error::cuda_alloc(what, 0, e);
+        if self.table.is_none() {
+            // SAFETY: every replay fills the table before its graph runs.
+            let t = unsafe { dev.stream().alloc::<u64>(SLOTS) }
+                .map_err(alloc_err("the CUDA graph's call table"))?;
+            self.table = Some(t);
+        }
+        if self.stream.is_none() {
+            self.stream = Some(dev.new_stream()?);
+        }
+        let (Some(table), Some(stream)) = (&self.table, &self.stream) else {
+            return Err(Error::Internal("no call table or capture stream".into()));
+        };
+        // SAFETY: the taps write every output the call asks for before
+        // pl_vgg_publish reads it.
+        let outputs = unsafe { dev.stream().alloc::<u8>(outputs_bytes(whole.io.shape.n)) }
+            .map_err(alloc_err("the CUDA graph's outputs"))?;
+        let via = through_table(whole, addr(table, dev), addr(&outputs, dev));
+        // Loaded now: every other kernel of the call ran in its plain calls.
+        dev.function(&kernels::VGG, "pl_vgg_publish")?;
+        // The table and outputs are allocated on the caller's stream, and
+        // replays run there after those allocations.
+        handle.set_stream(stream.cu_stream())?;
+        let on = OnStream { dev, stream };
+        let capture = Capture::begin(stream)?;
+        queue(&via, &on).and_then(|()| publish(&on, &via))?;
+        let graph = capture.end()?;
+        if self.captured.len() == KEPT_GRAPHS {
+            self.captured.remove(0);
+        }
+        self.captured.push(CallGraph {
+            key,
+            graph,
+            _outputs: outputs,
+        });
+        Ok(())
+    }
+
+    /// Runs captured call `i` for `io` on the caller's stream: fills the
+    /// call table with its addresses (one copy, from pageable memory,
+    /// which the driver stages before returning) and launches the graph.
     pub(crate) fn replay(&self, i: usize, dev: &CudaDevice, io: &DeviceIo<2>) -> Result<()> {
         let (Some(table), Some(g)) = (&self.table, self.captured.get(i)) else {
             return Err(Error::Internal("a replay without its graph".into()));
         };
         let addrs = table_of_io(io);
+        let stream = dev.stream().cu_stream();
         dev.bind()?;
-        // SAFETY: the table holds SLOTS u64 on this stream's device.
-        unsafe { result::memcpy_htod_async(addr(table, dev), &addrs, dev.stream().cu_stream()) }
+        // SAFETY: the table holds SLOTS u64 on this device.
+        unsafe { result::memcpy_htod_async(addr(table, dev), &addrs, stream) }
             .map_err(|e| Error::cuda("filling the CUDA graph's call table", e))?;
         let _range = crate::cuda::nvtx::range(|| format!("perceptual {} (CUDA graph)", io.shape));
-        g.graph
-            .launch()
+        // SAFETY: an executable graph of this context, on a stream of it.
+        unsafe { result::graph::launch(g.graph.exec, stream) }
             .map_err(|e| Error::cuda("launching the call's CUDA graph", e))
     }
 }

@@ -301,8 +301,7 @@ impl Plans {
                 (calls[0].io.shape, holds),
                 |handle, plan| {
                     plan.run_whole(
-                        dev,
-                        handle,
+                        (dev, handle),
                         (weights, vgg.layers(), spec),
                         (&whole, calls[0].io.shape.n, graphs),
                         (lpips, &kept_at),
@@ -318,11 +317,9 @@ impl Plans {
         for (call, kept) in calls.iter().zip(&kept_at) {
             self.with_plan(dev, vgg, spec, (call.io.shape, holds), |handle, plan| {
                 plan.run(
-                    dev,
+                    (dev, dev),
                     handle,
-                    weights,
-                    vgg.layers(),
-                    spec,
+                    (weights, vgg.layers(), spec),
                     (call, lpips, kept),
                 )
             })?;

@@ -5,13 +5,14 @@
 
 use super::convs::Cudnn;
 use super::exec;
-use super::graph::{self, GraphKey, Graphs, Next};
+use super::graph::{self, GraphKey, Graphs, Next, OnStream};
 use super::layout::Layout;
 use super::schedule::{self, layer_dims, Batch, Step};
 use super::steps::{DeviceNet, Exec, KeptAt};
 use super::CudaCall;
 use crate::cuda::cudnn::{self, CudnnConv, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
 use crate::cuda::step_times::StepTimes;
+use crate::cuda::Gpu;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::ops::perceptual::config::PerceptualSpec;
@@ -251,17 +252,21 @@ impl ShapePlan {
     /// a CUDA graph when `graphs` and the call allows it (see `graph.rs`).
     pub(crate) fn run_whole(
         &mut self,
-        dev: &CudaDevice,
-        handle: &Handle,
-        (weights, layers, spec): (&DeviceWeights, &[Layer], &PerceptualSpec),
+        (dev, handle): (&CudaDevice, &Handle),
+        net: (&DeviceWeights, &[Layer], &PerceptualSpec),
         (whole, chunk, graphs): (&CudaCall, usize, bool),
         (lpips, kept): (u64, &[KeptAt]),
     ) -> Result<()> {
-        let chunks = |plan: &mut Self, call: &CudaCall| -> Result<()> {
-            for (c, k) in call.chunks(chunk).iter().zip(kept) {
-                plan.run(dev, handle, weights, layers, spec, (c, lpips, k))?;
-            }
-            Ok(())
+        let chunks = |plan: &mut Self,
+                      gpu: &dyn Fn(&mut Self, &CudaCall, &KeptAt) -> Result<()>,
+                      call: &CudaCall| {
+            call.chunks(chunk)
+                .iter()
+                .zip(kept)
+                .try_for_each(|(c, k)| gpu(plan, c, k))
+        };
+        let plain = |plan: &mut Self, c: &CudaCall, k: &KeptAt| {
+            plan.run((dev, dev), handle, net, (c, lpips, k))
         };
         // Step times need an event after each step; a caller's capture
         // takes the plain call into its own graph.
@@ -270,37 +275,41 @@ impl ShapePlan {
             && !crate::cuda::env_flag("PERCEPTUAL_LOSS_STEP_TIMES")
             && !dev.capturing();
         if !graphed {
-            return chunks(self, whole);
+            return chunks(self, &plain, whole);
         }
-        let key = |dev: &CudaDevice| -> Result<GraphKey> {
-            let scratch = dev.reduce_scratch_addr()?;
-            Ok(GraphKey::new(whole, chunk, (kept, lpips, scratch)))
-        };
+        let key = GraphKey::new(whole, chunk, (kept, lpips), dev)?;
         let mut graphs = std::mem::take(&mut self.graphs);
-        let done = match graphs.next(&key(dev)?) {
+        let done = match graphs.next(&key) {
             Next::Replay(i) => graphs.replay(i, dev, &whole.io),
-            Next::Plain => chunks(self, whole).and_then(|()| {
-                graphs.saw(key(dev)?);
+            Next::Plain => chunks(self, &plain, whole).and_then(|()| {
+                // Taken again: the call may have set up the reduction scratch.
+                graphs.saw(GraphKey::new(whole, chunk, (kept, lpips), dev)?);
                 Ok(())
             }),
-            Next::Capture => match graphs.capture(dev, key(dev)?, whole, |via| chunks(self, via)) {
-                Ok(true) => graphs.replay(graphs.len() - 1, dev, &whole.io),
-                Ok(false) => chunks(self, whole),
-                Err(e) => Err(e),
-            },
+            Next::Capture => {
+                let queue = |via: &CudaCall, on: &OnStream<'_>| {
+                    let captured = |plan: &mut Self, c: &CudaCall, k: &KeptAt| {
+                        plan.run((dev, on), handle, net, (c, lpips, k))
+                    };
+                    chunks(self, &captured, via)
+                };
+                match graphs.capture((dev, handle), key, whole, queue) {
+                    Ok(true) => graphs.replay(graphs.len() - 1, dev, &whole.io),
+                    Ok(false) => chunks(self, &plain, whole),
+                    Err(e) => Err(e),
+                }
+            }
         };
         self.graphs = graphs;
         done
     }
 
-    /// Queues `call` on `dev`'s stream.
-    pub(crate) fn run(
+    /// Queues `call` on `gpu` (`dev` itself, or its capture stream).
+    pub(crate) fn run<G: Gpu>(
         &mut self,
-        dev: &CudaDevice,
+        (dev, gpu): (&CudaDevice, &G),
         handle: &Handle,
-        weights: &DeviceWeights,
-        layers: &[Layer],
-        spec: &PerceptualSpec,
+        (weights, layers, spec): (&DeviceWeights, &[Layer], &PerceptualSpec),
         (call, lpips, kept): (&CudaCall, u64, &KeptAt),
     ) -> Result<()> {
         let cudnn = Cudnn {
@@ -310,7 +319,7 @@ impl ShapePlan {
         };
         let addrs = weights.addrs(dev);
         let x = Exec {
-            gpu: dev,
+            gpu,
             convs: &cudnn,
             net: DeviceNet {
                 layers,
