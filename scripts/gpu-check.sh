@@ -50,7 +50,16 @@ mkdir -p "$bundle/bindings" "$bundle/scripts"
 mkdir -p "$bundle/bindings/python"  # the package, its tests and examples (not a local build/)
 cp -r bindings/python/perceptual_loss bindings/python/tests bindings/python/examples "$bundle/bindings/python/"
 cp scripts/torch_tv_bench.py scripts/torch_perceptual_bench.py scripts/torch_style_lpips_bench.py \
-    scripts/export_vgg.py scripts/torch_reference.py scripts/torch_parity.sh scripts/step_times.py "$bundle/scripts/"
+    scripts/export_vgg.py scripts/torch_reference.py scripts/torch_parity.sh scripts/step_times.py \
+    scripts/cupti_trace.py "$bundle/scripts/"
+# NVIDIA's CUPTI bindings for the timeline (scripts/cupti_trace.py), for the
+# GPU machine's Python 3.12 and CUDA 13.0 (its CUPTI library and
+# cuda-bindings are there already). Without a network the step is skipped.
+mkdir -p "$bundle/wheels"
+"${PERCEPTUAL_LOSS_PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+    -d "$bundle/wheels" "cupti-python==13.0.1" ||
+    echo "(no cupti-python wheel: the bundle's timeline step will be skipped)"
 # The lpips package (pure Python, BSD-2-Clause, with its lin weights) for the
 # LPIPS baseline: the GPU machine cannot install it. Taken from the Python
 # the tests use, when it has it.
@@ -133,6 +142,24 @@ PERCEPTUAL_LOSS_CUDNN_BENCHMARK=1 PERCEPTUAL_LOSS_LOG_PLANS=1 timeout 180 ./bin/
 echo "=== where the headline case spends its time (PERCEPTUAL_LOSS_STEP_TIMES=1, medians over calls)"
 PERCEPTUAL_LOSS_STEP_TIMES=1 timeout 180 ./bin/bench-perceptual --gpu-only 2>steps.log >/dev/null
 python3 scripts/step_times.py "[8, 3, 256, 256] bf16 fwd+bwd" <steps.log
+echo "=== one headline call's timeline, recorded with CUPTI (scripts/cupti_trace.py)"
+# The trace JSON and the ranges' table land in $OUT when the device tool
+# sets it (it brings them back), else here.
+: >cupti.log
+if ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+    verdict="skipped (torch has no CUDA device here)"
+elif ls wheels/cupti_python-*.whl >/dev/null 2>&1 &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/cupti-site wheels/cupti_python-*.whl >cupti-pip.log 2>&1; then
+    if PERCEPTUAL_LOSS_LIB="$PWD/lib/libperceptual_loss.so" \
+        PYTHONPATH="/tmp/cupti-site:$PWD/bindings/python${PYTHONPATH:+:$PYTHONPATH}" \
+        timeout 120 python3 scripts/cupti_trace.py --out "${OUT:-$PWD}/cupti" >cupti.log 2>&1; then
+        verdict=pass; else verdict=FAIL; fi
+    tail -70 cupti.log
+else
+    verdict="skipped (no cupti-python wheel, or it did not install: cupti-pip.log)"
+fi
+summary+=("| cupti_trace.py (timeline; every step ranged) | $verdict | $(tail -1 cupti.log) | |")
 echo "=== Nsight Compute on the fused relu1_2+pool1+tap pass (the slowest of our kernels)"
 if command -v ncu >/dev/null; then
     timeout 90 ncu --kernel-name regex:bias_act_pool_tap --launch-count 1 --section SpeedOfLight \
