@@ -309,8 +309,7 @@ typedef struct pl_perceptual_config {
   float style_weight;
   /**
    * Nonzero: on CUDA, calls are replayed from CUDA graphs of the whole
-   * call (the second call of a shape is captured; the same results;
-   * no other thread may queue work on the stream during that call).
+   * call (the second call of a shape is captured; the same results).
    * Default 0; PERCEPTUAL_LOSS_CUDA_GRAPHS=1 or 0 overrides it. This
    * and the next field were added in the struct's third version.
    */

@@ -398,6 +398,12 @@ typedef struct pl_k_parts_params {
     int32_t present[2];   /* whether each part has terms */
 } pl_k_parts_params;
 
+/* Before a replay: the call's addresses, by slot, into its call table. */
+typedef struct pl_k_call_table_params {
+    unsigned long long *table;
+    unsigned long long addrs[PL_K_CALL_SLOTS];
+} pl_k_call_table_params;
+
 /* The end of a call replayed from a CUDA graph: its taps left the loss,
  * the parts and the per-sample values in the graph's own memory, and this
  * copies them to the caller's outputs through the call table. */

@@ -522,6 +522,10 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_parts_total(pl_k_p
     *p.loss = p.parts[0] + p.parts[1];
 }
 
+extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_call_table(pl_k_call_table_params p) {
+    if (blockIdx.x == 0 && threadIdx.x < PL_K_CALL_SLOTS) p.table[threadIdx.x] = p.addrs[threadIdx.x];
+}
+
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_publish(pl_k_publish_params p) {
     if (blockIdx.x != 0) return;
     float *per_sample = pl_call_addr(p.call, p.per_sample);

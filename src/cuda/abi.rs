@@ -768,6 +768,22 @@ const _: () = {
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
+pub struct pl_k_call_table_params {
+    pub table: *mut ::std::os::raw::c_ulonglong,
+    pub addrs: [::std::os::raw::c_ulonglong; 6usize],
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of pl_k_call_table_params"][::std::mem::size_of::<pl_k_call_table_params>() - 56usize];
+    ["Alignment of pl_k_call_table_params"]
+        [::std::mem::align_of::<pl_k_call_table_params>() - 8usize];
+    ["Offset of field: pl_k_call_table_params::table"]
+        [::std::mem::offset_of!(pl_k_call_table_params, table) - 0usize];
+    ["Offset of field: pl_k_call_table_params::addrs"]
+        [::std::mem::offset_of!(pl_k_call_table_params, addrs) - 8usize];
+};
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
 pub struct pl_k_publish_params {
     pub from: *const f32,
     pub loss: *mut f32,

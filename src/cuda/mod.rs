@@ -68,6 +68,7 @@ unsafe impl DeviceRepr for abi::pl_k_copy_params {}
 unsafe impl DeviceRepr for abi::pl_k_gram_backward_params {}
 unsafe impl DeviceRepr for abi::pl_k_parts_params {}
 unsafe impl DeviceRepr for abi::pl_k_publish_params {}
+unsafe impl DeviceRepr for abi::pl_k_call_table_params {}
 unsafe impl DeviceRepr for abi::pl_k_lpips_tap_params {}
 unsafe impl DeviceRepr for abi::pl_k_lpips_maps_params {}
 

@@ -25,16 +25,19 @@ pub(crate) struct StepTimes {
     steps: Vec<(&'static str, String, CudaEvent)>,
 }
 
+/// Whether calls are timed step by step: PERCEPTUAL_LOSS_STEP_TIMES=1,
+/// read once per call.
+pub(crate) fn wanted() -> bool {
+    super::env_flag("PERCEPTUAL_LOSS_STEP_TIMES")
+}
+
 impl StepTimes {
-    /// Starts timing on `dev`'s stream when PERCEPTUAL_LOSS_STEP_TIMES=1.
-    pub(crate) fn start(dev: &CudaDevice) -> Result<Option<Self>> {
-        if !super::env_flag("PERCEPTUAL_LOSS_STEP_TIMES") {
-            return Ok(None);
-        }
-        Ok(Some(StepTimes {
+    /// Starts timing on `dev`'s stream.
+    pub(crate) fn start(dev: &CudaDevice) -> Result<Self> {
+        Ok(StepTimes {
             start: event(dev)?,
             steps: Vec::new(),
-        }))
+        })
     }
 
     /// Marks the end of a step just queued.

@@ -62,13 +62,16 @@ pub(crate) struct CudaDevice {
     cudnn: Mutex<Option<crate::cuda::cudnn::Handle>>,
 }
 
-/// The stream's reduction scratch. A block a CUDA graph captured is never
-/// freed while the device lives (the graph holds its address): a larger
-/// one replaces it, and it is retired instead.
+/// The stream's reduction scratch. A block a CUDA graph holds the address
+/// of is never freed while the device lives: a larger one replaces it, and
+/// it is retired instead. `captured`: a caller's capture used it (the C
+/// context then keeps this device); `baked`: a graph of the crate's own
+/// did (its plan keeps the graph, whose key names this device).
 #[derive(Default)]
 struct Scratch {
     block: Option<CudaSlice<u8>>,
     captured: bool,
+    baked: bool,
     retired: Vec<CudaSlice<u8>>,
 }
 
@@ -244,7 +247,15 @@ impl CudaDevice {
         // thread may not have made ours current yet.
         self.bind()?;
         let handle = match guard.take() {
-            Some(h) => h,
+            // Each use starts on this stream: a capture of the crate's own
+            // points the handle at a stream of its plan for a while.
+            Some(h) => match h.set_stream(self.stream.cu_stream()) {
+                Ok(()) => h,
+                Err(e) => {
+                    *guard = Some(h);
+                    return Err(e);
+                }
+            },
             None => {
                 self.refuse_in_capture(|| {
                     "this stream has no cuDNN handle yet (run one call on it before capturing): \
@@ -266,9 +277,24 @@ impl CudaDevice {
         images: usize,
         partials: usize,
     ) -> Result<ReduceScratch<'_>> {
+        self.scratch(images, partials, false)
+    }
+
+    /// [`CudaDevice::reduce_scratch`] for a launch a graph of the crate's
+    /// own captures (on a stream of its own, so this stream is not
+    /// capturing): it must not grow, and its block is kept from now on.
+    pub(crate) fn reduce_scratch_for_graph(
+        &self,
+        images: usize,
+        partials: usize,
+    ) -> Result<ReduceScratch<'_>> {
+        self.scratch(images, partials, true)
+    }
+
+    fn scratch(&self, images: usize, partials: usize, baking: bool) -> Result<ReduceScratch<'_>> {
         let mut guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
-        let capturing = self.capturing();
+        let capturing = baking || self.capturing();
         if guard.block.as_ref().is_none_or(|ws| ws.len() < need) {
             if capturing {
                 return Err(capture_forbids(format!(
@@ -279,20 +305,22 @@ impl CudaDevice {
             // Zeroed: the counter must start at 0 (each launch leaves it at 0).
             let size = need.next_power_of_two().max(4096);
             let old = guard.block.take();
-            match (old, guard.captured) {
+            match (old, guard.captured || guard.baked) {
                 // A graph holds its address: kept, not freed.
                 (Some(old), true) => guard.retired.push(old),
                 // Freed first (stream-ordered), so its memory serves the new one.
                 (old, _) => drop(old),
             }
             guard.captured = false;
+            guard.baked = false;
             guard.block = Some(
                 self.stream
                     .alloc_zeros::<u8>(size)
                     .map_err(|e| Error::cuda_alloc("reduction scratch", size, e))?,
             );
         }
-        guard.captured |= capturing;
+        guard.captured |= capturing && !baking;
+        guard.baked |= baking;
         let base = {
             let ws = guard.block.as_ref().expect("allocated above");
             let (ptr, _sync) = ws.device_ptr(&self.stream);

@@ -120,9 +120,10 @@ pub struct PerceptualConfig {
     pub check_finite: bool,
     /// On CUDA, replay each call from a CUDA graph of the whole call (every
     /// chunk, kernel and cuDNN call): the first call of a shape plans, the
-    /// second is captured, later ones are one copy and one launch, with the
-    /// same bits. Default off; `PERCEPTUAL_LOSS_CUDA_GRAPHS=1` or `0` turns
-    /// graphs on or off for every loss, whatever its config says. Not used
+    /// second is captured, later ones are two launches (the call table's
+    /// and the graph's), with the same bits. Default off;
+    /// `PERCEPTUAL_LOSS_CUDA_GRAPHS=1` or `0` turns graphs on or off for
+    /// every loss, whatever its config says. Not used
     /// for LPIPS maps, chunks of unequal size, or a call made while the
     /// caller's stream is being captured (which captures the plain call
     /// into the caller's graph).

@@ -2,12 +2,13 @@
 //!
 //! A shape's first call runs plainly: it plans (buffers, cuDNN algorithms,
 //! the stream's cuDNN handle and reduction scratch), so nothing in a
-//! capture allocates, creates a handle or waits. The next call that bakes
-//! in the same things (a [`GraphKey`]) is captured, every chunk and every
-//! kernel and cuDNN call, into a graph its plan keeps; later ones replay
-//! it on the caller's stream with one copy and one launch. The capture is
-//! made on a stream of the plan's own, so nothing another thread queues
-//! on the caller's stream meanwhile is captured.
+//! capture needs to allocate, create a handle or wait (and the scratch
+//! refuses to grow in one). The next call that bakes in the same things
+//! (a [`GraphKey`]) is captured, every chunk and every kernel and cuDNN
+//! call, into a graph its plan keeps; later ones replay it on the caller's
+//! stream with two launches (the call table's, then the graph's). The
+//! capture is made on a stream of the plan's own, so nothing another
+//! thread queues on the caller's stream meanwhile is captured.
 //!
 //! A graph must not bake the caller's tensors, which change from call to
 //! call: its kernels read pred and target and write the gradient through a
@@ -20,7 +21,9 @@
 use super::steps::KeptAt;
 use super::{Batch, CudaCall, MapTerms};
 use crate::backend::DeviceIo;
-use crate::cuda::abi::{self, pl_k_call_slot, pl_k_publish_params, pl_k_reduce};
+use crate::cuda::abi::{
+    self, pl_k_call_slot, pl_k_call_table_params, pl_k_publish_params, pl_k_reduce,
+};
 use crate::cuda::cudnn::Handle;
 use crate::cuda::{env_flag, kernels, Gpu, KernelImage};
 use crate::device::CudaDevice;
@@ -52,7 +55,7 @@ pub(crate) fn eligible(call: &CudaCall) -> bool {
 
 /// The call table's contents for `io`, by slot (0 for an output not asked
 /// for, or the target of a call against a kept one).
-pub(crate) fn table_of_io(io: &DeviceIo<2>) -> [u64; SLOTS] {
+fn table_of_io(io: &DeviceIo<2>) -> [u64; SLOTS] {
     let mut t = [0; SLOTS];
     t[abi::pl_k_call_slot_PL_K_CALL_PRED as usize] = io.inputs[0];
     t[abi::pl_k_call_slot_PL_K_CALL_TARGET as usize] = io.inputs[1];
@@ -84,6 +87,17 @@ pub(crate) fn through_table(whole: &CudaCall, table: u64, outputs: u64) -> CudaC
         table,
         ..*whole
     }
+}
+
+/// Queues `pl_vgg_call_table`, which writes `io`'s addresses to the call
+/// table at `table`: the addresses travel as the launch's parameters, so
+/// no host memory has to outlive the call, and nothing waits.
+pub(crate) fn fill_table(gpu: &impl Gpu, table: u64, io: &DeviceIo<2>) -> Result<()> {
+    let p = pl_k_call_table_params {
+        table: table as *mut u64,
+        addrs: table_of_io(io),
+    };
+    gpu.launch_symbol(&kernels::VGG, "pl_vgg_call_table", (1, 1), &p)
 }
 
 /// Queues `pl_vgg_publish`: the outputs of `via` (from [`through_table`])
@@ -238,7 +252,8 @@ impl Gpu for OnStream<'_> {
         partials: usize,
         f: impl FnOnce(pl_k_reduce) -> Result<R>,
     ) -> Result<R> {
-        self.dev.with_reduce(images, partials, f)
+        let scratch = self.dev.reduce_scratch_for_graph(images, partials)?;
+        f(scratch.reduce)
     }
 }
 
@@ -404,6 +419,7 @@ impl Graphs {
         let via = through_table(whole, addr(table, dev), addr(&outputs, dev));
         // Loaded now: every other kernel of the call ran in its plain calls.
         dev.function(&kernels::VGG, "pl_vgg_publish")?;
+        dev.function(&kernels::VGG, "pl_vgg_call_table")?;
         // The table and outputs are allocated on the caller's stream, and
         // replays run there after those allocations.
         handle.set_stream(stream.cu_stream())?;
@@ -423,19 +439,14 @@ impl Graphs {
     }
 
     /// Runs captured call `i` for `io` on the caller's stream: fills the
-    /// call table with its addresses (one copy, from pageable memory,
-    /// which the driver stages before returning) and launches the graph.
+    /// call table with its addresses and launches the graph.
     pub(crate) fn replay(&self, i: usize, dev: &CudaDevice, io: &DeviceIo<2>) -> Result<()> {
         let (Some(table), Some(g)) = (&self.table, self.captured.get(i)) else {
             return Err(Error::Internal("a replay without its graph".into()));
         };
-        let addrs = table_of_io(io);
-        let stream = dev.stream().cu_stream();
-        dev.bind()?;
-        // SAFETY: the table holds SLOTS u64 on this device.
-        unsafe { result::memcpy_htod_async(addr(table, dev), &addrs, stream) }
-            .map_err(|e| Error::cuda("filling the CUDA graph's call table", e))?;
         let _range = crate::cuda::nvtx::range(|| format!("perceptual {} (CUDA graph)", io.shape));
+        fill_table(dev, addr(table, dev), io)?;
+        let stream = dev.stream().cu_stream();
         // SAFETY: an executable graph of this context, on a stream of it.
         unsafe { result::graph::launch(g.graph.exec, stream) }
             .map_err(|e| Error::cuda("launching the call's CUDA graph", e))

@@ -314,10 +314,11 @@ impl Plans {
         if let Some(last) = calls.last().filter(|c| c.io.shape.n != chunk) {
             self.with_plan(dev, vgg, spec, (last.io.shape, holds), |_, _| Ok(()))?;
         }
+        let timed = crate::cuda::step_times::wanted();
         for (call, kept) in calls.iter().zip(&kept_at) {
             self.with_plan(dev, vgg, spec, (call.io.shape, holds), |handle, plan| {
                 plan.run(
-                    (dev, dev),
+                    (dev, dev, timed),
                     handle,
                     (weights, vgg.layers(), spec),
                     (call, lpips, kept),

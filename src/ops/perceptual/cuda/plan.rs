@@ -11,7 +11,7 @@ use super::schedule::{self, layer_dims, Batch, Step};
 use super::steps::{DeviceNet, Exec, KeptAt};
 use super::CudaCall;
 use crate::cuda::cudnn::{self, CudnnConv, Handle, Scratch, WorkspaceLimit, MAX_WORKSPACE};
-use crate::cuda::step_times::StepTimes;
+use crate::cuda::step_times::{self, StepTimes};
 use crate::cuda::Gpu;
 use crate::device::CudaDevice;
 use crate::error::{Error, Result};
@@ -265,15 +265,13 @@ impl ShapePlan {
                 .zip(kept)
                 .try_for_each(|(c, k)| gpu(plan, c, k))
         };
+        let timed = step_times::wanted();
         let plain = |plan: &mut Self, c: &CudaCall, k: &KeptAt| {
-            plan.run((dev, dev), handle, net, (c, lpips, k))
+            plan.run((dev, dev, timed), handle, net, (c, lpips, k))
         };
         // Step times need an event after each step; a caller's capture
         // takes the plain call into its own graph.
-        let graphed = graphs
-            && graph::eligible(whole)
-            && !crate::cuda::env_flag("PERCEPTUAL_LOSS_STEP_TIMES")
-            && !dev.capturing();
+        let graphed = graphs && graph::eligible(whole) && !timed && !dev.capturing();
         if !graphed {
             return chunks(self, &plain, whole);
         }
@@ -289,7 +287,7 @@ impl ShapePlan {
             Next::Capture => {
                 let queue = |via: &CudaCall, on: &OnStream<'_>| {
                     let captured = |plan: &mut Self, c: &CudaCall, k: &KeptAt| {
-                        plan.run((dev, on), handle, net, (c, lpips, k))
+                        plan.run((dev, on, false), handle, net, (c, lpips, k))
                     };
                     chunks(self, &captured, via)
                 };
@@ -304,10 +302,11 @@ impl ShapePlan {
         done
     }
 
-    /// Queues `call` on `gpu` (`dev` itself, or its capture stream).
+    /// Queues `call` on `gpu` (`dev` itself, or its capture stream), with
+    /// an event after each step when `timed` (on `dev` itself only).
     pub(crate) fn run<G: Gpu>(
         &mut self,
-        (dev, gpu): (&CudaDevice, &G),
+        (dev, gpu, timed): (&CudaDevice, &G, bool),
         handle: &Handle,
         (weights, layers, spec): (&DeviceWeights, &[Layer], &PerceptualSpec),
         (call, lpips, kept): (&CudaCall, u64, &KeptAt),
@@ -333,7 +332,7 @@ impl ShapePlan {
             base: addr(&self.arena, dev),
             kept,
         };
-        let mut times = StepTimes::start(dev)?;
+        let mut times = timed.then(|| StepTimes::start(dev)).transpose()?;
         exec::run(&x, |step| match times.as_mut() {
             Some(t) => t.after(dev, step.kind(), step.label(layers)),
             None => Ok(()),

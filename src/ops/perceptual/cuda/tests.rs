@@ -289,11 +289,14 @@ fn emulate_through_table(
     kept: &dyn Fn(usize) -> KeptAt,
     input: DType,
 ) {
-    let table = graph::table_of_io(&whole.io);
+    let emu = Emulator::get().unwrap();
+    // Filled as a replay fills it: by its kernel.
+    let mut table = vec![u64::MAX; graph::SLOTS];
+    graph::fill_table(emu, addr_mut(&mut table), &whole.io).unwrap();
     let mut outputs = vec![f32::NAN; graph::outputs_bytes(whole.io.shape.n) / 4];
     let via = graph::through_table(&whole, addr(&table), addr_mut(&mut outputs));
     emulate(loss, net, via, kept, input);
-    graph::publish(Emulator::get().unwrap(), &via).unwrap();
+    graph::publish(emu, &via).unwrap();
 }
 
 /// Host memory in place of a kept target's slots on the device: the
