@@ -332,6 +332,8 @@ impl Graphs {
         self.captured.len()
     }
 
+    /// What to do with a call of `key`: replay its graph, capture it (its
+    /// key was seen once), or run it plainly.
     pub(crate) fn next(&mut self, key: &GraphKey) -> Next {
         if let Some(i) = self.captured.iter().position(|g| g.key == *key) {
             return Next::Replay(i);
@@ -399,11 +401,11 @@ impl Graphs {
         whole: &CudaCall,
         queue: impl FnOnce(&CudaCall, &OnStream<'_>) -> Result<()>,
     ) -> Result<()> {
-        let alloc_err = |what| move |e| Error::cuda_alloc(what, 0, e);
+        let alloc_err = |what, bytes| move |e| Error::cuda_alloc(what, bytes, e);
         if self.table.is_none() {
             // SAFETY: every replay fills the table before its graph runs.
             let t = unsafe { dev.stream().alloc::<u64>(SLOTS) }
-                .map_err(alloc_err("the CUDA graph's call table"))?;
+                .map_err(alloc_err("the CUDA graph's call table", 8 * SLOTS))?;
             self.table = Some(t);
         }
         if self.stream.is_none() {
@@ -414,8 +416,9 @@ impl Graphs {
         };
         // SAFETY: the taps write every output the call asks for before
         // pl_vgg_publish reads it.
-        let outputs = unsafe { dev.stream().alloc::<u8>(outputs_bytes(whole.io.shape.n)) }
-            .map_err(alloc_err("the CUDA graph's outputs"))?;
+        let bytes = outputs_bytes(whole.io.shape.n);
+        let outputs = unsafe { dev.stream().alloc::<u8>(bytes) }
+            .map_err(alloc_err("the CUDA graph's outputs", bytes))?;
         let via = through_table(whole, addr(table, dev), addr(&outputs, dev));
         // Loaded now: every other kernel of the call ran in its plain calls.
         dev.function(&kernels::VGG, "pl_vgg_publish")?;
