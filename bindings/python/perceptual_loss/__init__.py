@@ -400,14 +400,18 @@ class Perceptual:
         costs, counted from its schedule without running anything (no GPU
         needed), in the weights' compute dtype (float32 for weights on the
         CPU): {"chunks", "kernel_launches", "cudnn_calls",
-        "kernel_bytes_read", "kernel_bytes_written", "conv_flops", "gram_flops"}.
+        "kernel_bytes_read", "kernel_bytes_written", "conv_flops", "gram_flops",
+        "graph_nodes"} (graph_nodes: the nodes of its CUDA graph with
+        `cuda_graphs`, as the Rust `PlanReport::graph_nodes` counts them).
         With `kept`, of a call against a kept target (`set_target`): the
         network runs over pred alone."""
         report = _lib.PlanReport()
         _check(_lib.pl_plan_report_init(ctypes.byref(report)))
         of = _lib.pl_perceptual_resident_plan_report if kept else _lib.pl_perceptual_plan_report
         _check(of(self._handle, _choice(DTYPES, dtype, "dtype"), *shape, int(bool(grad)), ctypes.byref(report)))
-        return {name: getattr(report, name) for name, _ in _lib.PlanReport._fields_[1:]}
+        counts = {name: getattr(report, name) for name, _ in _lib.PlanReport._fields_[1:]}
+        counts["graph_nodes"] = counts["kernel_launches"] + counts["cudnn_calls"] + 1  # and pl_vgg_publish
+        return counts
 
     def raw(self, pred_ptr, target_ptr, dtype, shape, out):
         """The C call on raw addresses (device addresses for a CUDA

@@ -304,6 +304,7 @@ def test_plan_report_counts_a_small_call(seeded):
         "kernel_bytes_written": 2 * 8 * 16 * 4 + 2 * act + mask + act + act + 48 * 4,
         "conv_flops": 3 * 2 * 64 * 8 * 9 * 16,
         "gram_flops": 0,
+        "graph_nodes": 6 + 3 + 1,  # and pl_vgg_publish
     }
     assert loss.plan_report((1, 3, 4, 4), grad=False)["kernel_launches"] == 4
     # Against a kept target: pred's half of the forward alone.

@@ -81,6 +81,15 @@ impl Floor {
 }
 
 impl PlanReport {
+    /// Nodes of the call's CUDA graph with `cuda_graphs`: the kernels, the
+    /// cuDNN calls at one node each (cuDNN may launch more than one kernel
+    /// for a call) and `pl_vgg_publish` (one more per chunk of a call that
+    /// asks for parts: the parts' sum). Replaying it takes two launches
+    /// however many nodes it has.
+    pub fn graph_nodes(&self) -> usize {
+        self.kernel_launches + self.cudnn_calls + 1
+    }
+
     /// The time floor this call implies on `card`.
     pub fn floor(&self, card: &Card) -> Floor {
         Floor {
@@ -117,12 +126,13 @@ impl std::fmt::Display for PlanReport {
         let floor = self.floor(&Card::H200);
         write!(
             f,
-            "{} chunk(s): {} kernel launches, {} cuDNN calls, kernels read {:.1} MiB and write {:.1} MiB, \
-             convolutions {:.2} GFLOP, Grams {:.2} GFLOP; floor on an {}: {:.1} us memory + {:.1} us \
-             compute + {:.1} us Grams",
+            "{} chunk(s): {} kernel launches, {} cuDNN calls ({} CUDA graph nodes), kernels read \
+             {:.1} MiB and write {:.1} MiB, convolutions {:.2} GFLOP, Grams {:.2} GFLOP; floor on an \
+             {}: {:.1} us memory + {:.1} us compute + {:.1} us Grams",
             self.chunks,
             self.kernel_launches,
             self.cudnn_calls,
+            self.graph_nodes(),
             self.kernel_bytes_read as f64 / (1u64 << 20) as f64,
             self.kernel_bytes_written as f64 / (1u64 << 20) as f64,
             self.conv_flops as f64 / 1e9,
@@ -406,6 +416,8 @@ mod tests {
         assert_eq!(r.kernel_launches, 6);
         // conv1_1 forward on each half, and its backward-data.
         assert_eq!(r.cudnn_calls, 3);
+        // Those, and pl_vgg_publish.
+        assert_eq!(r.graph_nodes(), 10);
         let read = 2 * 48 * 4 // the caller's pred and target
             + act + act       // bias+ReLU, in place, each half
             + 2 * act         // the tap reads both
