@@ -62,7 +62,7 @@ typedef enum pl_k_criterion {
 /*
  * A call replayed from a CUDA graph reads the caller's tensors through a
  * call table: device memory of PL_K_CALL_SLOTS addresses, one per slot
- * below, that the host fills with one copy before each replay. The graph
+ * below, that pl_vgg_call_table fills before each replay. The graph
  * bakes each caller address as its slot and an offset,
  * ((slot + 1) << PL_K_CALL_SLOT_SHIFT) | offset (real device addresses
  * never reach those bits), and the `call` member of the struct that holds
@@ -82,6 +82,13 @@ typedef enum pl_k_call_slot {
 typedef enum pl_k_call_encoding {
     PL_K_CALL_SLOT_SHIFT = 56
 } pl_k_call_encoding;
+
+/* Where pl_vgg_publish finds the parts and the per-sample values in the
+ * graph's own outputs, in floats: [loss][parts[2]][pad][per_sample[n]]. */
+typedef enum pl_k_publish_layout {
+    PL_K_PUBLISH_PARTS_AT = 1,
+    PL_K_PUBLISH_PER_SAMPLE_AT = 4
+} pl_k_publish_layout;
 
 /*
  * Scratch memory for the deterministic two-stage reduction. Each block
@@ -408,7 +415,7 @@ typedef struct pl_k_call_table_params {
  * the parts and the per-sample values in the graph's own memory, and this
  * copies them to the caller's outputs through the call table. */
 typedef struct pl_k_publish_params {
-    const float *from;    /* [loss][parts[2]][pad][per_sample[n]] */
+    const float *from;    /* the graph's outputs (pl_k_publish_layout) */
     float *loss;          /* call-table addresses (pl_k_call_slot) */
     float *per_sample;    /* NULL when not asked for */
     float *parts;         /* NULL when not asked for */

@@ -530,11 +530,11 @@ extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_publish(pl_k_publi
     if (blockIdx.x != 0) return;
     float *per_sample = pl_call_addr(p.call, p.per_sample);
     if (per_sample)
-        for (int64_t i = threadIdx.x; i < p.n; i += PL_BLOCK) per_sample[i] = p.from[4 + i];
+        for (int64_t i = threadIdx.x; i < p.n; i += PL_BLOCK) per_sample[i] = p.from[PL_K_PUBLISH_PER_SAMPLE_AT + i];
     if (threadIdx.x != 0) return;
     *pl_call_addr(p.call, p.loss) = p.from[0];
     float *parts = pl_call_addr(p.call, p.parts);
-    if (parts) parts[0] = p.from[1], parts[1] = p.from[2];
+    if (parts) parts[0] = p.from[PL_K_PUBLISH_PARTS_AT], parts[1] = p.from[PL_K_PUBLISH_PARTS_AT + 1];
 }
 
 extern "C" __global__ void __launch_bounds__(PL_BLOCK) pl_vgg_copy(pl_k_copy_params p) {

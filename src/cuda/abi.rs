@@ -30,6 +30,9 @@ pub const pl_k_call_slot_PL_K_CALL_SLOTS: pl_k_call_slot = 6;
 pub type pl_k_call_slot = ::std::os::raw::c_uint;
 pub const pl_k_call_encoding_PL_K_CALL_SLOT_SHIFT: pl_k_call_encoding = 56;
 pub type pl_k_call_encoding = ::std::os::raw::c_uint;
+pub const pl_k_publish_layout_PL_K_PUBLISH_PARTS_AT: pl_k_publish_layout = 1;
+pub const pl_k_publish_layout_PL_K_PUBLISH_PER_SAMPLE_AT: pl_k_publish_layout = 4;
+pub type pl_k_publish_layout = ::std::os::raw::c_uint;
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct pl_k_reduce {

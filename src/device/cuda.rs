@@ -294,9 +294,11 @@ impl CudaDevice {
     fn scratch(&self, images: usize, partials: usize, baking: bool) -> Result<ReduceScratch<'_>> {
         let mut guard = self.reduce_scratch.lock().map_err(|_| Error::poisoned())?;
         let need = COUNTER_BYTES + 8 * (images + partials);
-        let capturing = baking || self.capturing();
+        // A graph of the crate's own is captured on a stream of its plan,
+        // outside any capture of this one.
+        let caller_capturing = !baking && self.capturing();
         if guard.block.as_ref().is_none_or(|ws| ws.len() < need) {
-            if capturing {
+            if baking || caller_capturing {
                 return Err(capture_forbids(format!(
                     "this call needs {need} bytes of reduction scratch on this stream (run it once \
                      there before capturing): allocating them"
@@ -319,7 +321,7 @@ impl CudaDevice {
                     .map_err(|e| Error::cuda_alloc("reduction scratch", size, e))?,
             );
         }
-        guard.captured |= capturing && !baking;
+        guard.captured |= caller_capturing;
         guard.baked |= baking;
         let base = {
             let ws = guard.block.as_ref().expect("allocated above");

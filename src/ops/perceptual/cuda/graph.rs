@@ -42,9 +42,14 @@ fn slot(s: pl_k_call_slot) -> u64 {
     (s as u64 + 1) << abi::pl_k_call_encoding_PL_K_CALL_SLOT_SHIFT
 }
 
-/// The graph's own outputs: [loss][parts[2]][pad][per_sample[n]], f32.
+/// Byte offsets of the parts and the per-sample values in the graph's own
+/// outputs (`pl_k_publish_layout`, in floats), after the loss.
+const PARTS_AT: usize = 4 * abi::pl_k_publish_layout_PL_K_PUBLISH_PARTS_AT as usize;
+const PER_SAMPLE_AT: usize = 4 * abi::pl_k_publish_layout_PL_K_PUBLISH_PER_SAMPLE_AT as usize;
+
+/// Bytes of the graph's own outputs for `n` images.
 pub(crate) fn outputs_bytes(n: usize) -> usize {
-    4 * (4 + n)
+    PER_SAMPLE_AT + 4 * n
 }
 
 /// What a call can go through a graph: not a target's own forward (done
@@ -80,8 +85,8 @@ pub(crate) fn through_table(whole: &CudaCall, table: u64, outputs: u64) -> CudaC
             inputs: [slot(abi::pl_k_call_slot_PL_K_CALL_PRED), target],
             grad: io.grad.map(|_| slot(abi::pl_k_call_slot_PL_K_CALL_GRAD)),
             loss: outputs,
-            parts: io.parts.map(|_| outputs + 4),
-            per_sample: io.per_sample.map(|_| outputs + 16),
+            parts: io.parts.map(|_| outputs + PARTS_AT as u64),
+            per_sample: io.per_sample.map(|_| outputs + PER_SAMPLE_AT as u64),
             ..io
         },
         table,
