@@ -7,14 +7,22 @@
 //! of work has the workers at a time; one that finds them busy (another
 //! thread's loss call) starts threads of its own, as before.
 
+use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
+thread_local! {
+    /// Set while this thread runs one branch of [`both`]: its work stays
+    /// on this thread's core.
+    static ONE_CORE: Cell<bool> = const { Cell::new(false) };
+}
+
 /// `run(part)` for every part in 0..`parts`, in no set order, on the
-/// caller's thread and the cores' workers; returns once all are done. A
-/// panic in a part is raised here after every part has finished.
+/// caller's thread and the cores' workers (on the caller's alone inside a
+/// branch of [`both`]); returns once all are done. A panic in a part is
+/// raised here after every part has finished.
 pub(crate) fn run_parts(parts: usize, run: &(dyn Fn(usize) + Sync)) {
-    if parts <= 1 {
+    if parts <= 1 || ONE_CORE.get() {
         return (0..parts).for_each(run);
     }
     let free = |p: &'static Pool| match p.idle.try_lock() {
@@ -32,6 +40,50 @@ pub(crate) fn run_parts(parts: usize, run: &(dyn Fn(usize) + Sync)) {
             run(0);
         }),
     }
+}
+
+/// `a()` and `b()`; on a two-core machine at once, each on one core with
+/// its products unsplit. Two independent pieces of work of about the same
+/// size (a target's forward and pred's) use two cores better that way:
+/// splitting each product between the cores leaves them about a third
+/// idle at VGG's layer sizes (the passes between products run on one, and
+/// each product waits for its slower half). With more cores each would
+/// get only one of them, so there, and inside a branch, they run one after
+/// the other with their products split as usual.
+pub(crate) fn both<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if super::cores() != 2 || ONE_CORE.get() {
+        return (a(), b());
+    }
+    // What each branch takes (its closure) and gives (its value).
+    fn take<T>(m: &Mutex<Option<T>>) -> Option<T> {
+        m.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+    fn put<T>(m: &Mutex<Option<T>>, value: Option<T>) {
+        *m.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+    let (a, b) = (Mutex::new(Some(a)), Mutex::new(Some(b)));
+    let (got_a, got_b) = (Mutex::new(None), Mutex::new(None));
+    run_parts(2, &|part| {
+        ONE_CORE.set(true);
+        // Cleared however the branch ends (a panic reaches the caller
+        // through run_parts; the thread may be a worker that goes on).
+        struct Clear;
+        impl Drop for Clear {
+            fn drop(&mut self) {
+                ONE_CORE.set(false);
+            }
+        }
+        let _clear = Clear;
+        match part {
+            0 => put(&got_a, take(&a).map(|f| f())),
+            _ => put(&got_b, take(&b).map(|f| f())),
+        }
+    });
+    let ran = "run_parts runs every part";
+    (take(&got_a).expect(ran), take(&got_b).expect(ran))
 }
 
 /// The workers: one fewer than the cores (the caller is the last), or
@@ -211,5 +263,41 @@ mod tests {
             hits.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(hits.load(Ordering::Relaxed), 5);
+    }
+
+    /// `both` gives each branch's value; inside a branch (on a two-core
+    /// machine) every part of a product runs on the branch's own thread, and
+    /// a nested `both` runs in order; a branch's panic reaches the caller,
+    /// and afterwards the caller's products are split again.
+    #[test]
+    fn both_gives_each_value_and_keeps_a_branch_on_its_core() {
+        let parts_on_own_thread = || {
+            let me = std::thread::current().id();
+            let others = AtomicUsize::new(0);
+            run_parts(8, &|_| {
+                if std::thread::current().id() != me {
+                    others.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            others.load(Ordering::Relaxed) == 0
+        };
+        let (a, b) = both(
+            || (1 + 2, parts_on_own_thread()),
+            || (both(|| "x", || "y"), parts_on_own_thread()),
+        );
+        assert_eq!((a.0, b.0), (3, ("x", "y")));
+        if crate::ops::cores() == 2 {
+            assert!(a.1 && b.1, "a branch's parts stayed on its thread");
+        }
+        for branch in [0, 1] {
+            let caught = catch_unwind(AssertUnwindSafe(|| {
+                both(
+                    || assert!(branch != 0, "branch 0"),
+                    || assert!(branch != 1, "branch 1"),
+                )
+            }));
+            assert!(caught.is_err(), "branch {branch}'s panic");
+        }
+        assert!(!ONE_CORE.get(), "the caller's products are split again");
     }
 }

@@ -88,20 +88,28 @@ fn for_each_segment(
     }
 }
 
+/// The row stride of unfolded columns for a band of `width` pixels: padded
+/// where the packed product reads them (see `packed::row_stride`).
+fn cols_stride(width: usize) -> usize {
+    match packed::available() {
+        true => packed::row_stride(width),
+        false => width,
+    }
+}
+
 /// Unfolds output pixels `pixels` of a C x H x W image into rows (c, ky,
-/// kx) and columns (the pixels) of `cols`, with zeros where the 3x3
-/// window hangs over the padding.
+/// kx), `ld` apart, and columns (the pixels) of `cols`, with zeros where
+/// the 3x3 window hangs over the padding.
 fn im2col(
     x: &[f32],
     dims: (usize, usize, usize),
     pixels: Range<usize>,
-    cols: &mut Vec<f32>,
+    (cols, ld): (&mut Vec<f32>, usize),
 ) -> Result<()> {
-    let width = pixels.len();
-    set_len(cols, dims.0 * 9 * width, "unfolded convolution columns")?;
+    set_len(cols, dims.0 * 9 * ld, "unfolded convolution columns")?;
     let w = dims.2;
     for_each_segment(dims, pixels, |row, seg, source| {
-        let dst = &mut cols[row * width + seg.offset..][..seg.j1 - seg.j0];
+        let dst = &mut cols[row * ld + seg.offset..][..seg.j1 - seg.j0];
         let Some(source) = source else {
             dst.fill(0.0);
             return;
@@ -115,15 +123,19 @@ fn im2col(
     Ok(())
 }
 
-/// The adjoint of `im2col`: adds each column entry of the band back to
-/// its pixel of `dx`.
-fn col2im(cols: &[f32], dims: (usize, usize, usize), pixels: Range<usize>, dx: &mut [f32]) {
-    let width = pixels.len();
+/// The adjoint of `im2col`: adds each column entry of the band (rows `ld`
+/// apart) back to its pixel of `dx`.
+fn col2im(
+    (cols, ld): (&[f32], usize),
+    dims: (usize, usize, usize),
+    pixels: Range<usize>,
+    dx: &mut [f32],
+) {
     let w = dims.2;
     for_each_segment(dims, pixels, |row, seg, source| {
         let Some(source) = source else { return };
         let (valid, from) = seg.valid();
-        let src = &cols[row * width + seg.offset + valid.start..][..valid.len()];
+        let src = &cols[row * ld + seg.offset + valid.start..][..valid.len()];
         let dst = &mut dx[source * w + from..][..valid.len()];
         dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
     });
@@ -194,15 +206,15 @@ pub(crate) fn conv(
     let band = band_pixels(k, hw);
     for first in (0..hw).step_by(band) {
         let pixels = first..(first + band).min(hw);
-        let width = pixels.len();
-        im2col(x, (p.in_c, h, w), pixels, cols)?;
+        let (width, ld) = (pixels.len(), cols_stride(pixels.len()));
+        im2col(x, (p.in_c, h, w), pixels, (cols, ld))?;
         let c = (&mut out[first..], hw);
         match packed::available() {
             true => {
                 let a = Prepared::Packed.of(p);
-                packed::product_on_cores(a, (p.out_c, k, width), (cols, width), c)
+                packed::product_on_cores(a, (p.out_c, k, width), (cols, ld), c)
             }
-            false => sgemm((p.out_c, k, width), &p.weight, false, (cols, width), c),
+            false => sgemm((p.out_c, k, width), &p.weight, false, (cols, ld), c),
         }
     }
     add_bias(out, &p.bias, hw);
@@ -236,17 +248,17 @@ pub(crate) fn conv_backward(
     let band = band_pixels(k, hw);
     for first in (0..hw).step_by(band) {
         let pixels = first..(first + band).min(hw);
-        let width = pixels.len();
-        set_len(cols, k * width, "unfolded convolution columns")?;
+        let (width, ld) = (pixels.len(), cols_stride(pixels.len()));
+        set_len(cols, k * ld, "unfolded convolution columns")?;
         let b = (&dout[first..], hw);
         match packed::available() {
             true => {
                 let a = Prepared::PackedTransposed.of(p);
-                packed::product_on_cores(a, (k, p.out_c, width), b, (cols, width))
+                packed::product_on_cores(a, (k, p.out_c, width), b, (cols, ld))
             }
-            false => sgemm((k, p.out_c, width), &p.weight, true, b, (cols, width)),
+            false => sgemm((k, p.out_c, width), &p.weight, true, b, (cols, ld)),
         }
-        col2im(cols, (p.in_c, h, w), pixels, dx);
+        col2im((cols, ld), (p.in_c, h, w), pixels, dx);
     }
     Ok(())
 }
@@ -403,7 +415,12 @@ mod tests {
         let (mut out, mut dx, mut cols) = (Vec::new(), Vec::new(), Vec::new());
         conv(&x, h, w, &p, &mut out, &mut cols).unwrap();
         conv_backward(&dout, h, w, &p, &mut dx, &mut cols).unwrap();
-        assert!(cols.len() <= BAND_ELEMENTS + in_c * 9, "the band bound");
+        // The bound, with each unfolded row padded by up to 31 floats
+        // (`cols_stride`) and the last band's rounding.
+        assert!(
+            cols.len() <= BAND_ELEMENTS + in_c * 9 * 32,
+            "the band bound"
+        );
         // Every (o, c, ky, kx, output pixel, input pixel) pair of the
         // padded 3x3 convolution.
         let mut want_out: Vec<f64> = (0..out_c * h * w)

@@ -19,6 +19,7 @@ use crate::fallible;
 use crate::ops::feature::cpu::distance_sum;
 use crate::ops::feature::Criterion;
 use crate::ops::lpips;
+use crate::ops::parts;
 use crate::tensor::{as_bytes, DType, Element, Shape};
 use crate::vgg::{output_dims, HostWeights, Layer, Module};
 use std::sync::{Arc, Mutex};
@@ -291,7 +292,8 @@ fn compose(terms: &Terms, sums: &[Vec<f64>]) -> Values {
 /// The batch loss and each image's; writes `beta * grad + dL/dpred` when
 /// `grad` is given, once every image has succeeded (a failure part way,
 /// such as an allocation, leaves it untouched). A Fro term's gradient
-/// needs the batch's norm first: then the forward runs once more.
+/// needs the batch's norm first: then the forward runs once more. With
+/// `keep`, also the target's tap data when it was computed from images.
 fn network<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -299,11 +301,14 @@ fn network<T: Element>(
     target: Target<'_, T>,
     s: Shape,
     grad: Option<HostGrad<'_, T>>,
-) -> Result<Values> {
+    keep: bool,
+) -> Result<(Values, Option<TapFeatures>)> {
     let terms = Terms::new(net, spec, s);
+    let mut computed = None;
     let totals = match grad.is_some() && spec.has_norm_terms() {
         true => {
-            let sums = pass(net, spec, &terms, pred, &target, s, None, &[])?;
+            let (sums, taps) = pass(net, spec, &terms, pred, &target, s, None, (&[], keep))?;
+            computed = taps;
             let totals = (0..terms.terms.len())
                 .map(|t| sums.iter().map(|s| s[t]).sum())
                 .collect::<Vec<f64>>();
@@ -312,12 +317,44 @@ fn network<T: Element>(
         false => None,
     };
     let scales = terms.grad_scales(totals.as_deref());
-    let sums = pass(net, spec, &terms, pred, &target, s, grad, &scales)?;
-    Ok(compose(&terms, &sums))
+    let (sums, taps) = match &computed {
+        // The first pass's target taps serve the second.
+        Some(taps) => {
+            let target = Target::Features(taps);
+            pass(net, spec, &terms, pred, &target, s, grad, (&scales, false))?
+        }
+        None => pass(net, spec, &terms, pred, &target, s, grad, (&scales, keep))?,
+    };
+    Ok((compose(&terms, &sums), computed.or(taps)))
+}
+
+/// One tapped layer of a pred image's forward: the layer, its features,
+/// and their (C, H*W).
+type PredTap = (usize, Vec<f32>, (usize, usize));
+
+/// One pred image (normalised, `x`) through the network to the deepest
+/// tap, keeping what backward needs when `saved` is given: a copy of each
+/// tapped layer's features, compared with the target's once both are done.
+fn pred_forward(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    x: Vec<f32>,
+    (h, w): (usize, usize),
+    saved: Option<&mut Vec<Saved>>,
+) -> Result<Vec<PredTap>> {
+    let mut taps = Vec::new();
+    forward(net, spec, x, h, w, saved, |layer, f, dims| {
+        taps.push((layer, fallible::copied(f, "a tap's features")?, dims));
+        Ok(())
+    })?;
+    Ok(taps)
 }
 
 /// One pass over the batch: each image's term sums, and, when `grad` is
-/// given, the gradient with each term's slopes times `scales[term]`.
+/// given, the gradient with each term's slopes times `scales[term]`. With
+/// `collect`, the tap data of target images it computed (`None` for kept
+/// ones). Images go two at a time (`parts::both`: on a two-core machine, a
+/// core each).
 #[allow(clippy::too_many_arguments)]
 fn pass<T: Element>(
     net: HostNet<'_>,
@@ -327,115 +364,145 @@ fn pass<T: Element>(
     target: &Target<'_, T>,
     s: Shape,
     grad: Option<HostGrad<'_, T>>,
-    scales: &[f64],
-) -> Result<Vec<Vec<f64>>> {
+    (scales, collect): (&[f64], bool),
+) -> Result<(Vec<Vec<f64>>, Option<TapFeatures>)> {
     let (hw, image) = (s.h * s.w, s.image_len());
-    let dims = (s.c, s.h, s.w);
     let mut sums = fallible::with_capacity(s.n, "per-image losses")?;
+    let mut collected = Vec::new();
     // What the gradient will hold once every image is done (blended with
     // beta and rounded, as a direct store would be), copied in at the end.
     let staged_len = if grad.is_some() { pred.len() } else { 0 };
     let mut staged = fallible::filled(staged_len, T::from_f64(0.0), "the staged input gradient")?;
-    let want_grad = grad.is_some();
-    for n in 0..s.n {
-        let range = n * image..(n + 1) * image;
-        // This image's target: kept tap data borrowed, or computed now
-        // and each tap's dropped once it is done (it would otherwise stay
-        // alive through the whole pred pass).
-        // A kept target of one image serves every pred image.
-        let (kept, mut computed) = match target {
-            Target::Features(f) => (Some(&f[if f.len() == 1 { 0 } else { n }]), Vec::new()),
-            Target::Images(t) => (None, image_features(net, spec, &t[range.clone()], dims)?),
-        };
-        let mut saved = want_grad.then(Vec::new);
-        let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
-        let mut image_sums = vec![0.0; terms.terms.len()];
-        let mut k = 0;
-        let x = preprocess(&pred[range.clone()], s.c, hw, spec.norm)?;
-        forward(
-            net,
-            spec,
-            x,
-            s.h,
-            s.w,
-            saved.as_mut(),
-            |layer, f, (c, m)| {
-                let taken;
-                let t = match kept {
-                    Some(kept) => &kept[k],
-                    None => {
-                        taken = std::mem::take(&mut computed[k]);
-                        &taken
-                    }
-                };
-                k += 1;
-                let g_len = if want_grad { f.len() } else { 0 };
-                let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
-                if let Some(term) = terms.index(layer, false) {
-                    let scale = scales.get(term).copied().unwrap_or(0.0);
-                    image_sums[term] = match &spec.lpips {
-                        // LPIPS's taps are the perceptual taps, in order.
-                        Some(lin) => {
-                            let slot = want_grad.then_some(&mut g[..]);
-                            lpips::cpu::tap_sum(
-                                f,
-                                &t.features,
-                                (c, m),
-                                lin.layer(term),
-                                slot,
-                                lpips::cpu::Scale::All(scale),
-                            )
-                        }
-                        None => {
-                            let slot = want_grad.then(|| HostGrad {
-                                values: &mut g[..],
-                                beta: 0.0,
-                            });
-                            distance_sum(spec.criterion, f, &t.features, slot, scale)
-                        }
-                    };
-                }
-                if let Some(term) = terms.index(layer, true) {
-                    let gp = gram::gram(f, c, m)?;
-                    let e_len = if want_grad { gp.len() } else { 0 };
-                    let mut e = fallible::filled(e_len, 0f32, "a Gram matrix's gradient")?;
-                    let slot = want_grad.then(|| HostGrad {
-                        values: &mut e[..],
-                        beta: 0.0,
-                    });
-                    let scale = scales.get(term).copied().unwrap_or(0.0);
-                    image_sums[term] =
-                        distance_sum(spec.style_criterion, &gp, &t.gram, slot, scale);
-                    if want_grad {
-                        let mut gs = fallible::filled(f.len(), 0f32, "a style tap's gradient")?;
-                        gram::gram_backward(&e, f, c, m, &mut gs)?;
-                        g.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
-                    }
-                }
-                if want_grad {
-                    tap_grads.push((layer, g));
-                }
-                Ok(())
-            },
-        )?;
-        sums.push(image_sums);
-
-        let (Some(out), Some(saved)) = (grad.as_ref(), saved) else {
-            continue;
-        };
-        let g = backward(net, spec, saved, tap_grads)?;
-        // Through the normalisation, and back to one channel for grayscale.
-        for ch in 0..s.c {
-            for i in 0..hw {
-                let at = range.start + ch * hw + i;
-                staged[at] = out.blended(at, input_grad(&g, s.c, hw, spec.norm, ch, i));
+    let run = |n: usize| {
+        let at = (&pred[n * image..(n + 1) * image], n);
+        image_pass(net, spec, terms, at, target, s, (grad.is_some(), scales))
+    };
+    let mut n = 0;
+    while n < s.n {
+        let (first, second) = match n + 1 < s.n {
+            true => {
+                let (a, b) = parts::both(|| run(n), || run(n + 1));
+                (a?, Some(b?))
             }
+            false => (run(n)?, None),
+        };
+        for done in std::iter::once(first).chain(second) {
+            sums.push(done.sums);
+            if let (true, Some(computed)) = (collect, done.computed) {
+                collected.push(computed);
+            }
+            // Through the normalisation, and back to one channel for
+            // grayscale.
+            if let (Some(out), Some(g)) = (grad.as_ref(), done.grad) {
+                for ch in 0..s.c {
+                    for i in 0..hw {
+                        let at = n * image + ch * hw + i;
+                        staged[at] = out.blended(at, input_grad(&g, s.c, hw, spec.norm, ch, i));
+                    }
+                }
+            }
+            n += 1;
         }
     }
     if let Some(out) = grad {
         out.values.copy_from_slice(&staged);
     }
-    Ok(sums)
+    let collected = (collect && matches!(target, Target::Images(_))).then_some(collected);
+    Ok((sums, collected))
+}
+
+/// What one image of a pass gives.
+struct ImagePass {
+    /// Its term sums.
+    sums: Vec<f64>,
+    /// The target's tap data, where it was computed from the image.
+    computed: Option<Vec<TapTarget>>,
+    /// The gradient w.r.t. its normalised image, when asked for.
+    grad: Option<Vec<f32>>,
+}
+
+/// Pred image `n` (`pred`, CHW) of a pass against its target.
+fn image_pass<T: Element>(
+    net: HostNet<'_>,
+    spec: &PerceptualSpec,
+    terms: &Terms,
+    (pred, n): (&[T], usize),
+    target: &Target<'_, T>,
+    s: Shape,
+    (want_grad, scales): (bool, &[f64]),
+) -> Result<ImagePass> {
+    let mut saved = want_grad.then(Vec::new);
+    let x = preprocess(pred, s.c, s.h * s.w, spec.norm)?;
+    let pred_taps = |saved: Option<&mut Vec<Saved>>| pred_forward(net, spec, x, (s.h, s.w), saved);
+    // The target: kept tap data borrowed, or computed now, beside pred's
+    // forward (`parts::both`).
+    let (computed, pred_taps) = match target {
+        Target::Features(_) => (None, pred_taps(saved.as_mut())?),
+        Target::Images(t) => {
+            let image = &t[n * s.image_len()..(n + 1) * s.image_len()];
+            let target_taps = || image_features(net, spec, image, (s.c, s.h, s.w));
+            let (computed, pred_taps) = parts::both(target_taps, || pred_taps(saved.as_mut()));
+            (Some(computed?), pred_taps?)
+        }
+    };
+    let targets = match (target, &computed) {
+        (Target::Features(f), _) => &f[if f.len() == 1 { 0 } else { n }],
+        (_, Some(computed)) => computed,
+        (Target::Images(_), None) => unreachable!("an image target's taps are computed"),
+    };
+    let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
+    let mut image_sums = vec![0.0; terms.terms.len()];
+    for ((layer, f, (c, m)), t) in pred_taps.into_iter().zip(targets) {
+        let g_len = if want_grad { f.len() } else { 0 };
+        let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
+        if let Some(term) = terms.index(layer, false) {
+            let scale = scales.get(term).copied().unwrap_or(0.0);
+            image_sums[term] = match &spec.lpips {
+                // LPIPS's taps are the perceptual taps, in order.
+                Some(lin) => {
+                    let slot = want_grad.then_some(&mut g[..]);
+                    let lin = lin.layer(term);
+                    let scale = lpips::cpu::Scale::All(scale);
+                    lpips::cpu::tap_sum(&f, &t.features, (c, m), lin, slot, scale)
+                }
+                None => {
+                    let slot = want_grad.then(|| HostGrad {
+                        values: &mut g[..],
+                        beta: 0.0,
+                    });
+                    distance_sum(spec.criterion, &f, &t.features, slot, scale)
+                }
+            };
+        }
+        if let Some(term) = terms.index(layer, true) {
+            let gp = gram::gram(&f, c, m)?;
+            let e_len = if want_grad { gp.len() } else { 0 };
+            let mut e = fallible::filled(e_len, 0f32, "a Gram matrix's gradient")?;
+            let slot = want_grad.then(|| HostGrad {
+                values: &mut e[..],
+                beta: 0.0,
+            });
+            let scale = scales.get(term).copied().unwrap_or(0.0);
+            image_sums[term] = distance_sum(spec.style_criterion, &gp, &t.gram, slot, scale);
+            if want_grad {
+                let mut gs = fallible::filled(f.len(), 0f32, "a style tap's gradient")?;
+                gram::gram_backward(&e, &f, c, m, &mut gs)?;
+                g.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
+            }
+        }
+        if want_grad {
+            tap_grads.push((layer, g));
+        }
+    }
+    let grad = match saved {
+        Some(saved) => Some(backward(net, spec, saved, tap_grads)?),
+        None => None,
+    };
+    Ok(ImagePass {
+        sums: image_sums,
+        computed,
+        grad,
+    })
 }
 
 /// Back-propagates the tap gradients of one pred image through the layers
@@ -579,14 +646,8 @@ pub(crate) fn with_features<T: Element>(
     features: &TapFeatures,
 ) -> Result<Values> {
     let [pred] = io.inputs;
-    network(
-        net,
-        spec,
-        pred,
-        Target::Features(features),
-        io.shape,
-        io.grad,
-    )
+    let target = Target::Features(features);
+    Ok(network(net, spec, pred, target, io.shape, io.grad, false)?.0)
 }
 
 impl TargetCache {
@@ -603,7 +664,11 @@ impl TargetCache {
             .collect()
     }
 
-    /// The loss of `io.inputs[0]` (pred) against `io.inputs[1]` (target).
+    /// The loss of `io.inputs[0]` (pred) against `io.inputs[1]` (target):
+    /// against the previous call's tap data when the target is the same
+    /// (same shape, dtype and bytes); else with the target's forward run
+    /// beside pred's, its tap data kept for the next call when small
+    /// enough.
     pub(crate) fn evaluate<T: Element>(
         &self,
         net: HostNet<'_>,
@@ -611,31 +676,32 @@ impl TargetCache {
         io: HostIo<'_, T, 2>,
     ) -> Result<Values> {
         let [pred, target] = io.inputs;
-        let features = self.features(net, spec, target, io.shape)?;
-        let target = match &features {
-            Some(f) => Target::Features(f),
-            None => Target::Images(target),
-        };
-        network(net, spec, pred, target, io.shape, io.grad)
-    }
-
-    /// The target's tap features: those of the previous call when the
-    /// target is the same, computed and kept when small enough, `None` for
-    /// a target too large to keep (the loss then computes them one image
-    /// at a time).
-    fn features<T: Element>(
-        &self,
-        net: HostNet<'_>,
-        spec: &PerceptualSpec,
-        target: &[T],
-        s: Shape,
-    ) -> Result<Option<Arc<TapFeatures>>> {
-        let bytes = as_bytes(target);
+        let (s, bytes) = (io.shape, as_bytes(target));
         if let Some(k) = self.last.lock().map_err(|_| Error::poisoned())?.as_ref() {
             if k.shape == s && k.dtype == T::DTYPE && k.input == bytes {
-                return Ok(Some(k.features.clone()));
+                let features = k.features.clone();
+                let target = Target::Features(&features);
+                return Ok(network(net, spec, pred, target, s, io.grad, false)?.0);
             }
         }
+        let keep = Self::fits(net, spec, s, bytes.len());
+        // Computed without the lock: other threads' calls go on meanwhile.
+        let target = Target::Images(target);
+        let (values, features) = network(net, spec, pred, target, s, io.grad, keep)?;
+        if let Some(features) = features {
+            *self.last.lock().map_err(|_| Error::poisoned())? = Some(KeptTarget {
+                shape: s,
+                dtype: T::DTYPE,
+                input: fallible::copied(bytes, "the kept target")?,
+                features: Arc::new(features),
+            });
+        }
+        Ok(values)
+    }
+
+    /// Whether a target of shape `s` and `bytes` input bytes is kept
+    /// between calls: with its tap data, at most `TARGET_CACHE_BYTES`.
+    fn fits(net: HostNet<'_>, spec: &PerceptualSpec, s: Shape, bytes: usize) -> bool {
         let dims = output_dims(net.layers, (3, s.h, s.w));
         let features = spec
             .taps
@@ -643,18 +709,7 @@ impl TargetCache {
             .map(|&(l, _)| dims[l].0 * dims[l].1 * dims[l].2);
         let grams = spec.style.iter().map(|&(l, _)| dims[l].0 * dims[l].0);
         let per_image: usize = features.chain(grams).sum();
-        if s.n * per_image * 4 + bytes.len() > TARGET_CACHE_BYTES {
-            return Ok(None);
-        }
-        // Computed without the lock: other threads' calls go on meanwhile.
-        let features = Arc::new(Self::features_of(net, spec, target, s)?);
-        *self.last.lock().map_err(|_| Error::poisoned())? = Some(KeptTarget {
-            shape: s,
-            dtype: T::DTYPE,
-            input: fallible::copied(bytes, "the kept target")?,
-            features: features.clone(),
-        });
-        Ok(Some(features))
+        s.n * per_image * 4 + bytes <= TARGET_CACHE_BYTES
     }
 }
 
@@ -675,6 +730,55 @@ mod tests {
         }
     }
 
+    /// A batch of three (two images side by side, then one alone) gives
+    /// each image what it gives alone: its per-sample value, and its
+    /// gradient over the batch size.
+    #[test]
+    fn images_run_in_pairs_give_each_image_its_own_loss_and_gradient() {
+        let loss = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
+        let net = HostNet {
+            layers: loss.vgg().layers(),
+            weights: loss.vgg().host_weights().unwrap(),
+        };
+        let s = Shape::new(3, 3, 16, 12);
+        let len = s.n * s.image_len();
+        let pred: Vec<f32> = (0..len).map(|i| (i * 7 % 97) as f32 / 97.0).collect();
+        let target: Vec<f32> = (0..len).map(|i| (i * 5 % 89) as f32 / 89.0).collect();
+        let run = |pred: &[f32], target: &[f32], s: Shape| {
+            let mut grad = vec![0f32; pred.len()];
+            let out = HostGrad {
+                values: &mut grad,
+                beta: 0.0,
+            };
+            let t = Target::Images(target);
+            let values = network(net, loss.spec(), pred, t, s, Some(out), false)
+                .unwrap()
+                .0;
+            (values, grad)
+        };
+        let (batch, batch_grad) = run(&pred, &target, s);
+        for n in 0..s.n {
+            let image = n * s.image_len()..(n + 1) * s.image_len();
+            let one = Shape { n: 1, ..s };
+            let (alone, grad) = run(&pred[image.clone()], &target[image.clone()], one);
+            let (got, want) = (batch.per_sample[n], alone.loss);
+            assert!(
+                (got - want).abs() <= 1e-6 * want,
+                "image {n}: {got} vs {want}"
+            );
+            // To f32 rounding (the batch's weight is rounded to f32 over
+            // three images, the image's alone over one).
+            let largest = grad.iter().fold(0f32, |m, g| m.max(g.abs()));
+            for (i, (b, a)) in batch_grad[image].iter().zip(&grad).enumerate() {
+                let want = a / s.n as f32;
+                assert!(
+                    (b - want).abs() <= 1e-5 * largest,
+                    "image {n} grad[{i}]: {b} vs {want}"
+                );
+            }
+        }
+    }
+
     fn kept_target_gives_the_images_bits(config: &PerceptualConfig) {
         let loss = PerceptualLoss::seeded(VggArch::Vgg16, config);
         let net = HostNet {
@@ -691,7 +795,9 @@ mod tests {
                 values: &mut grad,
                 beta: 0.0,
             };
-            let values = network(net, loss.spec(), &pred, t, s, Some(out)).unwrap();
+            let values = network(net, loss.spec(), &pred, t, s, Some(out), false)
+                .unwrap()
+                .0;
             (values, grad)
         };
         let features: TapFeatures = target

@@ -4,28 +4,90 @@
 //! its operands on every call, which for VGG's per-image products cost
 //! more time than the multiply-adds (docs/performance.md).
 //!
-//! The kernel holds a block of 6 rows x 64 columns of C in 24 AVX-512
-//! registers and runs along k: per step one broadcast of each of the 6
-//! packed A values, four 16-lane loads of B's row, 24 fused multiply-adds.
-//! Sums run in a fixed order, so results are the same run to run. Without
-//! AVX-512 the caller keeps the unpacked filters and the general product.
+//! A kernel holds a block of 6 rows of C in vector registers and runs
+//! along k: per step one broadcast of each of the 6 packed A values, one
+//! load of each vector of B's row, and a fused multiply-add for each
+//! register. With AVX-512 a block is 64 columns (24 registers of 16
+//! lanes); with AVX2 and FMA, 16 columns (12 registers of 8 lanes). The
+//! driver walks k in slices of `KC` and A in strips of `MC_PANELS` panels,
+//! so the slice of B a block reads stays in the first-level cache and the
+//! strip of A in the second while the columns go by; C carries each sum
+//! from one slice to the next. Every element of C is then one fused
+//! multiply-add chain in k order whatever the kernel or the blocking, so
+//! results are the same run to run and on both instruction sets. Without
+//! either the caller keeps the unpacked filters and the general product.
 
 /// Rows of A, and of C, per kernel block.
 const MR: usize = 6;
 
-/// Columns of C per kernel block (four 16-lane vectors).
-const NR: usize = 64;
+/// Steps of k per pass over a strip of C: a kernel's slice of B (`KC`
+/// rows of its block's columns: 16 KiB with AVX2, 64 KiB with AVX-512)
+/// stays in cache while every panel of the strip reads it.
+const KC: usize = 256;
 
-/// Whether this machine runs the packed kernel.
+/// Panels of A per strip: 96 rows by `KC`, 96 KiB, stay in the second-level
+/// cache while the strip runs along all of C's columns.
+const MC_PANELS: usize = 16;
+
+/// The vector kernels, by instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// AVX-512F: blocks of 6 x 64.
+    Avx512,
+    /// AVX2 with FMA: blocks of 6 x 16.
+    Avx2,
+}
+
+impl Kernel {
+    /// The widest kernel this machine runs, if any.
+    pub(crate) fn best() -> Option<Kernel> {
+        [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.runs_here())
+    }
+
+    /// Whether this machine has the kernel's instructions.
+    pub(crate) fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Kernel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Kernel::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = self;
+            false
+        }
+    }
+
+    /// Columns of C per kernel block.
+    fn nr(self) -> usize {
+        match self {
+            Kernel::Avx512 => 64,
+            Kernel::Avx2 => 16,
+        }
+    }
+}
+
+/// Whether this machine runs a packed kernel.
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::best().is_some()
+}
+
+/// A row stride of at least `n` floats for a B (or C) the kernels read
+/// where it lies: a whole and odd number of 64-byte lines. Rows a power of
+/// two apart (the 4096 tiles of a 128 x 128 image's first Winograd layer,
+/// 16 KiB) all fall in one set of the caches, which then hold 8 of the
+/// 256 rows a slice of k reads; an odd number of lines apart, successive
+/// rows go to successive sets.
+pub(crate) fn row_stride(n: usize) -> usize {
+    let lines = n.div_ceil(16);
+    (lines | 1) * 16
 }
 
 /// Floats of `m` x `k` packed: panels of MR rows, the last one padded with
@@ -49,18 +111,24 @@ pub(crate) fn pack(a: &[f32], (m, k): (usize, usize), out: &mut [f32]) {
     }
 }
 
-/// An error unless the operands of C (m x n, rows `ldc` apart) = A B hold
-/// what the product reads and writes: A packed from m x k (k > 0), B k x n
-/// with rows `ldb` apart.
+/// Panics unless `kernel` runs here and the operands of C (m x n, rows
+/// `ldc` apart) = A B hold what the product reads and writes: A packed
+/// from m x k (k > 0), B k x n with rows `ldb` apart.
 fn check(
+    kernel: Kernel,
     a: &[f32],
     (m, k, n): (usize, usize, usize),
     (b, ldb): (&[f32], usize),
     (c, ldc): (&[f32], usize),
 ) {
-    assert!(k > 0 && a.len() >= packed_len(m, k) && available());
+    assert!(k > 0 && a.len() >= packed_len(m, k) && kernel.runs_here());
     assert!(n == 0 || (ldb >= n && b.len() >= (k - 1) * ldb + n));
     assert!(n == 0 || m == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
+}
+
+/// The best kernel, which the callers made sure of through [`available`].
+fn best() -> Kernel {
+    Kernel::best().expect("a packed product on a machine without its instructions")
 }
 
 /// C (m x n, rows `ldc` apart) = A B: A packed by [`pack`] from m x k, B
@@ -68,13 +136,24 @@ fn check(
 pub(crate) fn product(
     a: &[f32],
     shape: (usize, usize, usize),
+    b: (&[f32], usize),
+    c: (&mut [f32], usize),
+) {
+    product_with(best(), a, shape, b, c)
+}
+
+/// [`product`] with a chosen kernel, which must run here.
+pub(crate) fn product_with(
+    kernel: Kernel,
+    a: &[f32],
+    shape: (usize, usize, usize),
     (b, ldb): (&[f32], usize),
     (c, ldc): (&mut [f32], usize),
 ) {
-    check(a, shape, (b, ldb), (c, ldc));
-    // SAFETY: checked above: AVX-512 is present and the operands hold
-    // every element the product touches.
-    unsafe { raw(a, shape, (b.as_ptr(), ldb), (c.as_mut_ptr(), ldc)) }
+    check(kernel, a, shape, (b, ldb), (c, ldc));
+    // SAFETY: checked above: the kernel's instructions are present and the
+    // operands hold every element the product touches.
+    unsafe { raw(kernel, a, shape, (b.as_ptr(), ldb), (c.as_mut_ptr(), ldc)) }
 }
 
 /// [`product`] with C shared among the cores in blocks of whole kernel
@@ -86,9 +165,14 @@ pub(crate) fn product_on_cores(
     (b, ldb): (&[f32], usize),
     (c, ldc): (&mut [f32], usize),
 ) {
-    check(a, (m, k, n), (b, ldb), (c, ldc));
+    let kernel = best();
+    check(kernel, a, (m, k, n), (b, ldb), (c, ldc));
     let by_columns = n >= m;
-    let (len, unit) = if by_columns { (n, NR) } else { (m, MR) };
+    let (len, unit) = if by_columns {
+        (n, kernel.nr())
+    } else {
+        (m, MR)
+    };
     let parts = crate::ops::cores()
         .min(m * k * n / super::gemm::MIN_PART)
         .min(len / unit)
@@ -103,10 +187,16 @@ pub(crate) fn product_on_cores(
         // no element is written by two parts.
         unsafe {
             match by_columns {
-                true => raw(a, (m, k, size), (b.add(start), ldb), (c.add(start), ldc)),
+                true => raw(
+                    kernel,
+                    a,
+                    (m, k, size),
+                    (b.add(start), ldb),
+                    (c.add(start), ldc),
+                ),
                 false => {
                     let a = &a[start * k..];
-                    raw(a, (size, k, n), (b, ldb), (c.add(start * ldc), ldc))
+                    raw(kernel, a, (size, k, n), (b, ldb), (c.add(start * ldc), ldc))
                 }
             }
         }
@@ -114,82 +204,109 @@ pub(crate) fn product_on_cores(
     crate::ops::parts::run_parts(len.div_ceil(block), &|t| run(t * block));
 }
 
-/// The product on raw operands.
+/// One kernel block: `rows` (<= MR) rows and `cols` (<= the kernel's
+/// width) columns of C from `kc` steps of a panel of A and of B's rows.
+/// With `carry`, the block adds to what C holds (the sums of the earlier
+/// slices of k); else it starts from zero.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Block {
+    panel: *const f32,
+    kc: usize,
+    b: *const f32,
+    ldb: usize,
+    cols: usize,
+    rows: usize,
+    c: *mut f32,
+    ldc: usize,
+    carry: bool,
+}
+
+/// The product on raw operands, in slices of k and strips of A (see the
+/// module's comment).
 ///
 /// # Safety
-/// AVX-512 is present, and the operands hold what [`check`] asks of them.
+/// The kernel's instructions are present, and the operands hold what
+/// [`check`] asks of them.
 unsafe fn raw(
+    kernel: Kernel,
     a: &[f32],
-    shape: (usize, usize, usize),
-    b: (*const f32, usize),
-    c: (*mut f32, usize),
+    (m, k, n): (usize, usize, usize),
+    (b, ldb): (*const f32, usize),
+    (c, ldc): (*mut f32, usize),
 ) {
+    let (nr, panels) = (kernel.nr(), m.div_ceil(MR));
+    for k0 in (0..k).step_by(KC) {
+        for p0 in (0..panels).step_by(MC_PANELS) {
+            for j0 in (0..n).step_by(nr) {
+                for p in p0..(p0 + MC_PANELS).min(panels) {
+                    let block = Block {
+                        panel: a.as_ptr().add(p * MR * k + k0 * MR),
+                        kc: KC.min(k - k0),
+                        b: b.add(k0 * ldb + j0),
+                        ldb,
+                        cols: (n - j0).min(nr),
+                        rows: (m - p * MR).min(MR),
+                        c: c.add(p * MR * ldc + j0),
+                        ldc,
+                        carry: k0 > 0,
+                    };
+                    run_block(kernel, &block);
+                }
+            }
+        }
+    }
+}
+
+/// One block by `kernel`.
+///
+/// # Safety
+/// As [`raw`], for the block's operands.
+unsafe fn run_block(kernel: Kernel, block: &Block) {
     #[cfg(target_arch = "x86_64")]
-    avx512::product(a, shape, b, c);
+    match kernel {
+        Kernel::Avx512 => x86::avx512_block(block),
+        Kernel::Avx2 => x86::avx2_block(block),
+    }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (a, shape, b, c);
+        let _ = (kernel, block);
         unreachable!("the packed product runs on x86-64 only");
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{MR, NR};
+mod x86 {
+    use super::{Block, MR};
     use std::arch::x86_64::*;
 
-    /// See [`super::product`].
+    /// A block with AVX-512F: 6 x 64, four masked vectors of 16 lanes a
+    /// row.
     ///
     /// # Safety
-    /// AVX-512F is present; the operands hold what the caller checked.
+    /// AVX-512F is present; the block's masked lanes lie inside the
+    /// operands. The addresses of vectors whose lanes are all masked off
+    /// are formed with wrapping arithmetic (they may lie past the
+    /// operands; nothing is read or written there).
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn product(
-        a: &[f32],
-        (m, k, n): (usize, usize, usize),
-        (b, ldb): (*const f32, usize),
-        (c, ldc): (*mut f32, usize),
-    ) {
-        for j0 in (0..n).step_by(NR) {
-            // Lanes of each of the four vectors that lie inside C.
-            let cols = (n - j0).min(NR);
-            let masks: [__mmask16; 4] = std::array::from_fn(|v| {
-                let lanes = cols.saturating_sub(16 * v).min(16);
-                ((1u32 << lanes) - 1) as __mmask16
-            });
-            for p in 0..m.div_ceil(MR) {
-                let panel = a.as_ptr().add(p * MR * k);
-                let rows = (m - p * MR).min(MR);
-                let c = c.add(p * MR * ldc + j0);
-                block(panel, k, b.add(j0), ldb, masks, rows, c, ldc);
+    pub(super) unsafe fn avx512_block(blk: &Block) {
+        let masks: [__mmask16; 4] = std::array::from_fn(|v| {
+            let lanes = blk.cols.saturating_sub(16 * v).min(16);
+            ((1u32 << lanes) - 1) as __mmask16
+        });
+        let c_at = |r: usize, v: usize| blk.c.wrapping_add(r * blk.ldc + 16 * v);
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
+        if blk.carry {
+            for (r, acc_row) in acc.iter_mut().enumerate().take(blk.rows) {
+                for (v, slot) in acc_row.iter_mut().enumerate() {
+                    *slot = _mm512_maskz_loadu_ps(masks[v], c_at(r, v));
+                }
             }
         }
-    }
-
-    /// One MR x NR block of C from a panel of A and k rows of B from `b`.
-    ///
-    /// # Safety
-    /// As [`product`]: `rows` <= MR rows of C and the masked lanes of B's
-    /// rows lie inside the operands. The addresses of vectors whose lanes
-    /// are all masked off are formed with wrapping arithmetic (they may lie
-    /// past the operands; nothing is read or written there).
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn block(
-        panel: *const f32,
-        k: usize,
-        b: *const f32,
-        ldb: usize,
-        masks: [__mmask16; 4],
-        rows: usize,
-        c: *mut f32,
-        ldc: usize,
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
-        for kk in 0..k {
-            let row = b.wrapping_add(kk * ldb);
+        for kk in 0..blk.kc {
+            let row = blk.b.wrapping_add(kk * blk.ldb);
             let bv: [__m512; 4] =
                 std::array::from_fn(|v| _mm512_maskz_loadu_ps(masks[v], row.wrapping_add(16 * v)));
-            let a = panel.add(kk * MR);
+            let a = blk.panel.add(kk * MR);
             for (r, acc_row) in acc.iter_mut().enumerate() {
                 let av = _mm512_set1_ps(*a.add(r));
                 for (v, slot) in acc_row.iter_mut().enumerate() {
@@ -197,10 +314,57 @@ mod avx512 {
                 }
             }
         }
-        for (r, acc_row) in acc.iter().enumerate().take(rows) {
+        for (r, acc_row) in acc.iter().enumerate().take(blk.rows) {
             for (v, slot) in acc_row.iter().enumerate() {
-                let at = c.wrapping_add(r * ldc + 16 * v);
-                _mm512_mask_storeu_ps(at, masks[v], *slot);
+                _mm512_mask_storeu_ps(c_at(r, v), masks[v], *slot);
+            }
+        }
+    }
+
+    /// A block with AVX2 and FMA: 6 x 16, two vectors of 8 lanes a row;
+    /// a block narrower than 16 columns reads and writes through lane
+    /// masks, a whole one without.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are present; as [`avx512_block`] for the operands.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn avx2_block(blk: &Block) {
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let masks: [__m256i; 2] = std::array::from_fn(|v| {
+            let lanes = blk.cols.saturating_sub(8 * v).min(8) as i32;
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), lane)
+        });
+        let whole = blk.cols == 16;
+        let load = |at: *const f32, v: usize| match whole {
+            true => _mm256_loadu_ps(at),
+            false => _mm256_maskload_ps(at, masks[v]),
+        };
+        let c_at = |r: usize, v: usize| blk.c.wrapping_add(r * blk.ldc + 8 * v);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        if blk.carry {
+            for (r, acc_row) in acc.iter_mut().enumerate().take(blk.rows) {
+                for (v, slot) in acc_row.iter_mut().enumerate() {
+                    *slot = load(c_at(r, v), v);
+                }
+            }
+        }
+        for kk in 0..blk.kc {
+            let row = blk.b.wrapping_add(kk * blk.ldb);
+            let bv: [__m256; 2] = std::array::from_fn(|v| load(row.wrapping_add(8 * v), v));
+            let a = blk.panel.add(kk * MR);
+            for (r, acc_row) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(r));
+                for (v, slot) in acc_row.iter_mut().enumerate() {
+                    *slot = _mm256_fmadd_ps(av, bv[v], *slot);
+                }
+            }
+        }
+        for (r, acc_row) in acc.iter().enumerate().take(blk.rows) {
+            for (v, slot) in acc_row.iter().enumerate() {
+                match whole {
+                    true => _mm256_storeu_ps(c_at(r, v), *slot),
+                    false => _mm256_maskstore_ps(c_at(r, v), masks[v], *slot),
+                }
             }
         }
     }
@@ -210,16 +374,38 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// Against a float64 product, for shapes with partial panels and
-    /// partial column blocks, strided B and C, and k = 1.
+    /// Padded strides hold a row and are a whole, odd number of lines.
+    #[test]
+    fn row_strides_are_an_odd_number_of_lines() {
+        for n in (0..600).chain([4096, 16384, 65536 + 5]) {
+            let ld = row_stride(n);
+            assert!(
+                ld >= n && ld.is_multiple_of(16) && !(ld / 16).is_multiple_of(2),
+                "{n}: {ld}"
+            );
+            assert!(ld < n + 32, "{n}: {ld} pads by less than two lines");
+        }
+    }
+
+    /// Every kernel this machine runs against a float64 product, for
+    /// shapes with partial panels and partial column blocks, strided B and
+    /// C, k = 1, and k over several slices with A over several strips; and
+    /// the kernels against each other, bit for bit (one multiply-add chain
+    /// per element whatever the kernel).
     #[test]
     fn matches_a_plain_product() {
-        if !available() {
-            crate::skipped::report_skip("no AVX-512 on this machine (the packed product)");
+        let kernels: Vec<Kernel> = [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect();
+        if kernels.is_empty() {
+            crate::skipped::report_skip("no AVX2 or AVX-512 on this machine (the packed product)");
             return;
         }
-        // The last two are large enough for product_on_cores to split
-        // them: along the rows (n < m), and along the columns.
+        // (600, 128, 70) and (8, 64, 9000) are large enough for
+        // product_on_cores to split them: along the rows (n < m), and
+        // along the columns. (100, 700, 37) takes three slices of k
+        // (the last partial) and two strips of A.
         for (m, k, n, ldb, ldc) in [
             (13, 37, 150, 160, 151),
             (6, 1, 64, 64, 64),
@@ -227,6 +413,7 @@ mod tests {
             (64, 64, 16, 16, 16),
             (600, 128, 70, 70, 80),
             (8, 64, 9000, 9000, 9000),
+            (100, 700, 37, 40, 45),
         ] {
             let a: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
@@ -236,14 +423,19 @@ mod tests {
                 .collect();
             let mut packed = vec![f32::NAN; packed_len(m, k)];
             pack(&a, (m, k), &mut packed);
-            let mut c = vec![7.0f32; (m - 1) * ldc + n];
-            product(&packed, (m, k, n), (&b, ldb), (&mut c, ldc));
-            let mut split = vec![7.0f32; c.len()];
+            let mut split = vec![7.0f32; (m - 1) * ldc + n];
             product_on_cores(&packed, (m, k, n), (&b, ldb), (&mut split, ldc));
-            assert!(c == split, "{m}x{k}x{n}: split across the cores");
+            for &kernel in &kernels {
+                let mut c = vec![7.0f32; split.len()];
+                product_with(kernel, &packed, (m, k, n), (&b, ldb), (&mut c, ldc));
+                assert!(
+                    c == split,
+                    "{m}x{k}x{n} {kernel:?}: against the split on the best kernel"
+                );
+            }
             for i in 0..m {
-                for j in 0..ldc.min(c.len() - i * ldc) {
-                    let got = c[i * ldc + j];
+                for j in 0..ldc.min(split.len() - i * ldc) {
+                    let got = split[i * ldc + j];
                     if j >= n {
                         assert_eq!(got, 7.0, "({i}, {j}) past n written");
                         continue;

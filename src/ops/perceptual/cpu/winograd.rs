@@ -129,9 +129,16 @@ pub(crate) fn conv(
 ) -> Result<()> {
     let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
     // A band is whole rows of tiles, as many as the bound allows, or part
-    // of one row when a row alone is over it.
+    // of one row when a row alone is over it. Rows of the band's matrices
+    // are padded to an odd number of lines (`packed::row_stride`); a band
+    // of at most an odd number of whole lines of tiles stays within the
+    // bound padded.
     let per_tile = POSITIONS * (in_c + out_c);
-    let band_tiles = (BAND_ELEMENTS / per_tile).max(1);
+    let cap = BAND_ELEMENTS / per_tile;
+    let band_tiles = match cap / 16 {
+        0 => cap.max(1),
+        lines => (lines - 1 + lines % 2) * 16,
+    };
     let cols_per_band = band_tiles.min(tiles_w);
     let rows_per_band = (band_tiles / tiles_w).clamp(1, tiles_h);
     for first_row in (0..tiles_h).step_by(rows_per_band) {
@@ -142,22 +149,29 @@ pub(crate) fn conv(
                 cols: first_col..(first_col + cols_per_band).min(tiles_w),
             };
             let tiles = band.tiles();
-            scratch.clear();
-            fallible::resize(scratch, per_tile * tiles, 0.0, "Winograd tiles")?;
-            let (v, m) = scratch.split_at_mut(POSITIONS * in_c * tiles);
-            transform_input(x, in_c, (h, w), &band, v);
+            // Rows of V and M are `ld` apart; the general product of the
+            // fallback takes them contiguous.
+            let ld = match packed::available() {
+                true => packed::row_stride(tiles),
+                false => tiles,
+            };
+            // Every element the band reads is written first: no clearing.
+            scratch.truncate(per_tile * ld);
+            fallible::resize(scratch, per_tile * ld, 0.0, "Winograd tiles")?;
+            let (v, m) = scratch.split_at_mut(POSITIONS * in_c * ld);
+            transform_input(x, in_c, (h, w), &band, (v, ld));
             let shape = (out_c, in_c, tiles);
             if packed::available() {
                 let len = packed::packed_len(out_c, in_c);
                 each_part(m, POSITIONS, out_c * in_c * tiles, |pos, m_pos| {
                     let u = &u[pos * len..][..len];
-                    let v = &v[pos * in_c * tiles..][..in_c * tiles];
-                    packed::product(u, shape, (v, tiles), (m_pos, tiles));
+                    let v = &v[pos * in_c * ld..][..in_c * ld];
+                    packed::product(u, shape, (v, ld), (m_pos, ld));
                 });
             } else {
                 sgemm_batch(POSITIONS, shape, u, v, m);
             }
-            transform_output(m, out_c, (h, w), &band, out);
+            transform_output((m, ld), out_c, (h, w), &band, out);
         }
     }
     Ok(())
@@ -175,27 +189,90 @@ impl Band {
     }
 }
 
-/// V (16 x in_c x tiles) of the tiles of `band`: each tile's 4x4 patch
-/// from row 2 ti - 1 and column 2 tj - 1 (zero outside the image), B^T d B.
-/// The column transform B^T runs along whole rows (four input rows make
-/// four transformed ones, in vector lanes), then the row transform along
-/// each tile's four columns of them.
-fn transform_input(x: &[f32], in_c: usize, (h, w): (usize, usize), band: &Band, v: &mut [f32]) {
-    let (tiles, ncols) = (band.tiles(), band.cols.len());
-    // The image columns the band's tiles read, from 2 tj0 - 1, with zeros
-    // past either side of the image: four per tile, overlapping by two.
-    let width = 2 * ncols + 2;
-    let first = 2 * band.cols.start as isize - 1;
-    let (lo, hi) = (
-        (-first).max(0) as usize,
-        (w as isize - first).clamp(0, width as isize) as usize,
-    );
-    let mut padded = [0, 1, 2, 3].map(|_| vec![0f32; width]);
-    let mut t = [0, 1, 2, 3].map(|_| vec![0f32; width]);
-    for c in 0..in_c {
-        let plane = &x[c * h * w..(c + 1) * h * w];
+/// Values a transform writes below which it stays on one core: handing
+/// channels to another core and waiting for it costs microseconds.
+const MIN_SPLIT: usize = 1 << 16;
+
+/// `f(channels)` for contiguous ranges of channels covering 0..`count`,
+/// shared among the cores when the transform writes `values` in all.
+fn channels_on_cores(count: usize, values: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    let parts = crate::ops::cores()
+        .min(count)
+        .min(values / MIN_SPLIT)
+        .max(1);
+    let per = count.div_ceil(parts);
+    crate::ops::parts::run_parts(count.div_ceil(per), &|t| {
+        f(t * per..((t + 1) * per).min(count))
+    });
+}
+
+/// V (16 x in_c rows of the band's tiles, `ld` apart) of the tiles of
+/// `band`: each tile's 4x4 patch from row 2 ti - 1 and column 2 tj - 1
+/// (zero outside the image), B^T d B; the channels shared among the cores.
+fn transform_input(
+    x: &[f32],
+    in_c: usize,
+    (h, w): (usize, usize),
+    band: &Band,
+    (v, ld): (&mut [f32], usize),
+) {
+    let tiles = band.tiles();
+    assert!(tiles <= ld && v.len() >= POSITIONS * in_c * ld);
+    let v_at = v.as_mut_ptr() as usize;
+    channels_on_cores(in_c, POSITIONS * in_c * tiles, |channels| {
+        let mut scratch = InputRows::new(band);
+        for c in channels {
+            // SAFETY: row (pos, c) of V lies inside `v` (asserted above),
+            // and the 16 rows of channel c are written by this part alone:
+            // the parts' channel ranges are disjoint.
+            let rows: [&mut [f32]; POSITIONS] = std::array::from_fn(|pos| unsafe {
+                let at = (v_at as *mut f32).add((pos * in_c + c) * ld);
+                std::slice::from_raw_parts_mut(at, tiles)
+            });
+            scratch.channel(&x[c * h * w..(c + 1) * h * w], (h, w), band, rows);
+        }
+    });
+}
+
+/// One part's rows for [`transform_input`]: four padded image rows and
+/// their column transforms.
+struct InputRows {
+    padded: [Vec<f32>; 4],
+    t: [Vec<f32>; 4],
+}
+
+impl InputRows {
+    fn new(band: &Band) -> InputRows {
+        let width = 2 * band.cols.len() + 2;
+        InputRows {
+            padded: [0, 1, 2, 3].map(|_| vec![0f32; width]),
+            t: [0, 1, 2, 3].map(|_| vec![0f32; width]),
+        }
+    }
+
+    /// The 16 transformed rows (one per position, over the band's tiles)
+    /// of one channel's `plane`. The column transform B^T runs along whole
+    /// rows (four input rows make four transformed ones, in vector lanes),
+    /// then the row transform along each tile's four columns of them.
+    fn channel(
+        &mut self,
+        plane: &[f32],
+        (h, w): (usize, usize),
+        band: &Band,
+        mut v: [&mut [f32]; POSITIONS],
+    ) {
+        let ncols = band.cols.len();
+        // The image columns the band's tiles read, from 2 tj0 - 1, with
+        // zeros past either side of the image: four per tile, overlapping
+        // by two.
+        let width = 2 * ncols + 2;
+        let first = 2 * band.cols.start as isize - 1;
+        let (lo, hi) = (
+            (-first).max(0) as usize,
+            (w as isize - first).clamp(0, width as isize) as usize,
+        );
         for (band_row, ti) in band.rows.clone().enumerate() {
-            for (dy, row) in padded.iter_mut().enumerate() {
+            for (dy, row) in self.padded.iter_mut().enumerate() {
                 let i = (2 * ti + dy).checked_sub(1).filter(|&i| i < h);
                 match i {
                     Some(i) if lo < hi => {
@@ -207,71 +284,104 @@ fn transform_input(x: &[f32], in_c: usize, (h, w): (usize, usize), band: &Band, 
                     _ => row.fill(0.0),
                 }
             }
-            let [r0, r1, r2, r3] = &padded;
-            let [t0, t1, t2, t3] = &mut t;
+            let [r0, r1, r2, r3] = &self.padded;
+            let [t0, t1, t2, t3] = &mut self.t;
             for j in 0..width {
                 let col = bt([r0[j], r1[j], r2[j], r3[j]]);
                 (t0[j], t1[j], t2[j], t3[j]) = (col[0], col[1], col[2], col[3]);
             }
             let first_tile = band_row * ncols;
-            for (y, row) in t.iter().enumerate() {
+            for (y, row) in self.t.iter().enumerate() {
                 // The four positions (y, 0..3) of every tile of this row.
-                let at = |xx: usize| ((y * 4 + xx) * in_c + c) * tiles + first_tile;
-                let (o0, o1, o2, o3) = (at(0), at(1), at(2), at(3));
+                let [v0, v1, v2, v3]: &mut [&mut [f32]; 4] = (&mut v[4 * y..4 * y + 4])
+                    .try_into()
+                    .expect("four positions a row");
+                let (v0, v1) = (
+                    &mut v0[first_tile..][..ncols],
+                    &mut v1[first_tile..][..ncols],
+                );
+                let (v2, v3) = (
+                    &mut v2[first_tile..][..ncols],
+                    &mut v3[first_tile..][..ncols],
+                );
                 for tj in 0..ncols {
                     let q = &row[2 * tj..2 * tj + 4];
-                    let [a, b, cc, d] = bt([q[0], q[1], q[2], q[3]]);
-                    v[o0 + tj] = a;
-                    v[o1 + tj] = b;
-                    v[o2 + tj] = cc;
-                    v[o3 + tj] = d;
+                    [v0[tj], v1[tj], v2[tj], v3[tj]] = bt([q[0], q[1], q[2], q[3]]);
                 }
             }
         }
     }
 }
 
-/// Each tile of M (16 x out_c x tiles) of `band` back to its 2x2 outputs,
-/// A^T M A, into `out` (out_c x h x w), dropping what lies past the
-/// image: the column transform A^T along each tile row's 16 runs (one per
-/// position, contiguous over the tiles), then the row transform into two
-/// image rows.
-fn transform_output(m: &[f32], out_c: usize, (h, w): (usize, usize), band: &Band, out: &mut [f32]) {
-    let (tiles, ncols) = (band.tiles(), band.cols.len());
+/// Each tile of M (16 x out_c rows of the band's tiles, `ld` apart) of
+/// `band` back to its 2x2 outputs, A^T M A, into `out` (out_c x h x w),
+/// dropping what lies past the image; the channels shared among the cores.
+fn transform_output(
+    (m, ld): (&[f32], usize),
+    out_c: usize,
+    (h, w): (usize, usize),
+    band: &Band,
+    out: &mut [f32],
+) {
+    assert!(out.len() >= out_c * h * w);
+    let out_at = out.as_mut_ptr() as usize;
+    channels_on_cores(out_c, out_c * 4 * band.tiles(), |channels| {
+        let ncols = band.cols.len();
+        // s[4 r + x]: row r of A^T M at column x, for every tile of a row.
+        let mut s = [0, 1, 2, 3, 4, 5, 6, 7].map(|_| vec![0f32; ncols]);
+        let mut line = vec![0f32; 2 * ncols];
+        for o in channels {
+            // SAFETY: plane o lies inside `out` (asserted above) and is
+            // written by this part alone: the parts' channels are disjoint.
+            let plane = unsafe {
+                let at = (out_at as *mut f32).add(o * h * w);
+                std::slice::from_raw_parts_mut(at, h * w)
+            };
+            let runs = |pos: usize| &m[(pos * out_c + o) * ld..][..band.tiles()];
+            output_channel(runs, (h, w), band, (&mut s, &mut line), plane);
+        }
+    });
+}
+
+/// One output channel of [`transform_output`] from its 16 runs of M (one
+/// per position, over the band's tiles): the column transform A^T along
+/// each tile row's runs, then the row transform into two image rows.
+fn output_channel<'m>(
+    runs: impl Fn(usize) -> &'m [f32],
+    (h, w): (usize, usize),
+    band: &Band,
+    (s, line): (&mut [Vec<f32>; 8], &mut [f32]),
+    plane: &mut [f32],
+) {
+    let ncols = band.cols.len();
     // The image columns the band's tiles write.
     let j0 = 2 * band.cols.start;
     let cols = (2 * ncols).min(w - j0);
-    // s[4 r + x]: row r of A^T M at column x, for every tile of a row.
-    let mut s = [0, 1, 2, 3, 4, 5, 6, 7].map(|_| vec![0f32; ncols]);
-    let mut line = vec![0f32; 2 * ncols];
-    for o in 0..out_c {
-        let plane = &mut out[o * h * w..(o + 1) * h * w];
-        for (band_row, ti) in band.rows.clone().enumerate() {
-            let first_tile = band_row * ncols;
-            let run = |pos: usize| &m[(pos * out_c + o) * tiles + first_tile..][..ncols];
-            for x in 0..4 {
-                let (m0, m1, m2, m3) = (run(x), run(4 + x), run(8 + x), run(12 + x));
-                let (lo, hi) = s.split_at_mut(4);
-                let (s0, s1) = (&mut lo[x], &mut hi[x]);
-                for tj in 0..ncols {
-                    let [a, b] = at([m0[tj], m1[tj], m2[tj], m3[tj]]);
-                    s0[tj] = a;
-                    s1[tj] = b;
-                }
+    for (band_row, ti) in band.rows.clone().enumerate() {
+        let first_tile = band_row * ncols;
+        let run = |pos: usize| &runs(pos)[first_tile..][..ncols];
+        for x in 0..4 {
+            let (m0, m1, m2, m3) = (run(x), run(4 + x), run(8 + x), run(12 + x));
+            let (lo, hi) = s.split_at_mut(4);
+            let (s0, s1) = (&mut lo[x], &mut hi[x]);
+            for tj in 0..ncols {
+                let [a, b] = at([m0[tj], m1[tj], m2[tj], m3[tj]]);
+                s0[tj] = a;
+                s1[tj] = b;
             }
-            for r in 0..2 {
-                let i = 2 * ti + r;
-                if i >= h {
-                    continue;
-                }
-                let [s0, s1, s2, s3] = [&s[4 * r], &s[4 * r + 1], &s[4 * r + 2], &s[4 * r + 3]];
-                for tj in 0..ncols {
-                    let [a, b] = at([s0[tj], s1[tj], s2[tj], s3[tj]]);
-                    line[2 * tj] = a;
-                    line[2 * tj + 1] = b;
-                }
-                plane[i * w + j0..][..cols].copy_from_slice(&line[..cols]);
+        }
+        for r in 0..2 {
+            let i = 2 * ti + r;
+            if i >= h {
+                continue;
             }
+            let [s0, s1, s2, s3] = [&s[4 * r], &s[4 * r + 1], &s[4 * r + 2], &s[4 * r + 3]];
+            for tj in 0..ncols {
+                let [a, b] = at([s0[tj], s1[tj], s2[tj], s3[tj]]);
+                line[2 * tj] = a;
+                line[2 * tj + 1] = b;
+            }
+            plane[i * w + j0..][..cols].copy_from_slice(&line[..cols]);
         }
     }
 }
