@@ -581,17 +581,22 @@ pub(crate) fn lpips_maps<T: Element>(
     let lin = (spec.lpips.as_ref())
         .ok_or_else(|| Error::Internal("LPIPS maps of a loss that is not LPIPS".into()))?;
     let (c, h, w) = dims;
-    let targets = image_features(net, spec, target, dims)?;
     let layer_dims = output_dims(net.layers, (3, h, w));
-    let mut maps = Vec::new();
     let x = preprocess(pred, c, h * w, spec.norm)?;
-    forward(net, spec, x, h, w, None, |layer, f, (ch, m)| {
-        let k = maps.len();
-        let values = lpips::cpu::pixel_values(f, &targets[k].features, (ch, m), lin.layer(k));
-        maps.push((values, (layer_dims[layer].1, layer_dims[layer].2)));
-        Ok(())
-    })?;
-    Ok(maps)
+    let (targets, taps) = parts::both(
+        || image_features(net, spec, target, dims),
+        || pred_forward(net, spec, x, (h, w), None),
+    );
+    let (targets, taps) = (targets?, taps?);
+    let maps = taps
+        .iter()
+        .zip(&targets)
+        .enumerate()
+        .map(|(k, ((layer, f, dims), t))| {
+            let values = lpips::cpu::pixel_values(f, &t.features, *dims, lin.layer(k));
+            (values, (layer_dims[*layer].1, layer_dims[*layer].2))
+        });
+    Ok(maps.collect())
 }
 
 /// dL/dpred (CHW, the caller's channels, into `out`) of one pred image
@@ -612,22 +617,24 @@ pub(crate) fn lpips_map_grad<T: Element>(
         .ok_or_else(|| Error::Internal("LPIPS maps of a loss that is not LPIPS".into()))?;
     let (c, h, w) = dims;
     let hw = h * w;
-    let targets = image_features(net, spec, target, dims)?;
     let layer_dims = output_dims(net.layers, (3, h, w));
     let mut saved = Vec::new();
-    let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
     let x = preprocess(pred, c, hw, spec.norm)?;
-    forward(net, spec, x, h, w, Some(&mut saved), |layer, f, (ch, m)| {
-        let k = tap_grads.len();
-        let (_, lh, lw) = layer_dims[layer];
+    let (targets, taps) = parts::both(
+        || image_features(net, spec, target, dims),
+        || pred_forward(net, spec, x, (h, w), Some(&mut saved)),
+    );
+    let (targets, taps) = (targets?, taps?);
+    let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
+    for (k, ((layer, f, (ch, m)), t)) in taps.iter().zip(&targets).enumerate() {
+        let (_, lh, lw) = layer_dims[*layer];
         let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw))?;
         let mut g = fallible::filled(f.len(), 0f32, "a tap's gradient")?;
-        let t = &targets[k].features;
         let pixels = lpips::cpu::Scale::Pixels(&scale);
-        lpips::cpu::tap_sum(f, t, (ch, m), lin.layer(k), Some(&mut g), pixels);
-        tap_grads.push((layer, g));
-        Ok(())
-    })?;
+        let (t, lin) = (&t.features, lin.layer(k));
+        lpips::cpu::tap_sum(f, t, (*ch, *m), lin, Some(&mut g), pixels);
+        tap_grads.push((*layer, g));
+    }
     let g = backward(net, spec, saved, tap_grads)?;
     for ch in 0..c {
         for i in 0..hw {
