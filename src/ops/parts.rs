@@ -54,7 +54,7 @@ pub(crate) fn both<A: Send, B: Send>(
     a: impl FnOnce() -> A + Send,
     b: impl FnOnce() -> B + Send,
 ) -> (A, B) {
-    if super::cores() != 2 || ONE_CORE.get() {
+    if !together() {
         return (a(), b());
     }
     // What each branch takes (its closure) and gives (its value).
@@ -84,6 +84,12 @@ pub(crate) fn both<A: Send, B: Send>(
     });
     let ran = "run_parts runs every part";
     (take(&got_a).expect(ran), take(&got_b).expect(ran))
+}
+
+/// Whether [`both`] here runs its two pieces of work at once (else one
+/// after the other): on a two-core machine, outside a branch.
+pub(crate) fn together() -> bool {
+    super::cores() == 2 && !ONE_CORE.get()
 }
 
 /// The workers: one fewer than the cores (the caller is the last), or

@@ -2,7 +2,8 @@
 //! F(2x2, 3x3), `winograd.rs`, or im2col + sgemm for few channels) and its
 //! input gradient, the bias, ReLU, and 2x2 pooling with its gradient. The CUDA steps' tests compose these into the reference of
 //! each fused kernel. Every buffer whose size follows the image is
-//! allocated fallibly; the unfolded columns never exceed a fixed bound.
+//! allocated fallibly; the unfolded columns stay within a fixed bound (plus
+//! each row's padding to an odd number of cache lines).
 
 use super::gemm::sgemm;
 use super::{packed, winograd};

@@ -375,7 +375,15 @@ fn pass<T: Element>(
     let mut staged = fallible::filled(staged_len, T::from_f64(0.0), "the staged input gradient")?;
     let run = |n: usize| {
         let at = (&pred[n * image..(n + 1) * image], n);
-        image_pass(net, spec, terms, at, target, s, (grad.is_some(), scales))
+        image_pass(
+            net,
+            spec,
+            terms,
+            at,
+            target,
+            s,
+            (grad.is_some(), scales, collect),
+        )
     };
     let mut n = 0;
     while n < s.n {
@@ -421,7 +429,11 @@ struct ImagePass {
     grad: Option<Vec<f32>>,
 }
 
-/// Pred image `n` (`pred`, CHW) of a pass against its target.
+/// Pred image `n` (`pred`, CHW) of a pass against its target. Where the
+/// target's forward runs beside pred's (`parts::together`), pred's tap
+/// features are copied and compared once both are done; otherwise each
+/// tap is compared as pred's forward reaches it, and the target's tap
+/// data computed for it is dropped there unless `collect` keeps it.
 fn image_pass<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -429,80 +441,136 @@ fn image_pass<T: Element>(
     (pred, n): (&[T], usize),
     target: &Target<'_, T>,
     s: Shape,
-    (want_grad, scales): (bool, &[f64]),
+    (want_grad, scales, collect): (bool, &[f64], bool),
 ) -> Result<ImagePass> {
     let mut saved = want_grad.then(Vec::new);
     let x = preprocess(pred, s.c, s.h * s.w, spec.norm)?;
-    let pred_taps = |saved: Option<&mut Vec<Saved>>| pred_forward(net, spec, x, (s.h, s.w), saved);
-    // The target: kept tap data borrowed, or computed now, beside pred's
-    // forward (`parts::both`).
-    let (computed, pred_taps) = match target {
-        Target::Features(_) => (None, pred_taps(saved.as_mut())?),
-        Target::Images(t) => {
-            let image = &t[n * s.image_len()..(n + 1) * s.image_len()];
-            let target_taps = || image_features(net, spec, image, (s.c, s.h, s.w));
-            let (computed, pred_taps) = parts::both(target_taps, || pred_taps(saved.as_mut()));
-            (Some(computed?), pred_taps?)
+    let mut tap = TapTerms {
+        spec,
+        terms,
+        scales,
+        want_grad,
+        sums: vec![0.0; terms.terms.len()],
+        grads: Vec::new(),
+    };
+    let image = n * s.image_len()..(n + 1) * s.image_len();
+    let target_taps = |t: &[T]| image_features(net, spec, &t[image.clone()], (s.c, s.h, s.w));
+    let computed = match target {
+        Target::Images(t) if parts::together() => {
+            let (computed, pred_taps) = parts::both(
+                || target_taps(t),
+                || pred_forward(net, spec, x, (s.h, s.w), saved.as_mut()),
+            );
+            let (computed, pred_taps) = (computed?, pred_taps?);
+            if pred_taps.len() != computed.len() {
+                return Err(Error::Internal("pred and target tap counts differ".into()));
+            }
+            for ((layer, f, dims), t) in pred_taps.into_iter().zip(&computed) {
+                tap.add(layer, &f, dims, t)?;
+            }
+            Some(computed)
+        }
+        _ => {
+            // Kept tap data borrowed, or the target's computed first and
+            // each tap's taken (and dropped, unless collected) as pred's
+            // forward reaches it.
+            let (kept, mut computed) = match target {
+                Target::Features(f) => (Some(&f[if f.len() == 1 { 0 } else { n }]), Vec::new()),
+                Target::Images(t) => (None, target_taps(t)?),
+            };
+            let mut k = 0;
+            forward(net, spec, x, s.h, s.w, saved.as_mut(), |layer, f, dims| {
+                let taken;
+                let t = match (kept, collect) {
+                    (Some(kept), _) => kept.get(k),
+                    (None, true) => computed.get(k),
+                    (None, false) => {
+                        taken = computed.get_mut(k).map(std::mem::take);
+                        taken.as_ref()
+                    }
+                };
+                let t = t.ok_or_else(|| Error::Internal("the target has fewer taps".into()))?;
+                k += 1;
+                tap.add(layer, f, dims, t)
+            })?;
+            (kept.is_none() && collect).then_some(computed)
         }
     };
-    let targets = match (target, &computed) {
-        (Target::Features(f), _) => &f[if f.len() == 1 { 0 } else { n }],
-        (_, Some(computed)) => computed,
-        (Target::Images(_), None) => unreachable!("an image target's taps are computed"),
+    let grad = match saved {
+        Some(saved) => Some(backward(net, spec, saved, tap.grads)?),
+        None => None,
     };
-    let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
-    let mut image_sums = vec![0.0; terms.terms.len()];
-    for ((layer, f, (c, m)), t) in pred_taps.into_iter().zip(targets) {
+    Ok(ImagePass {
+        sums: tap.sums,
+        computed,
+        grad,
+    })
+}
+
+/// One pred image's terms, tap by tap: each term's sum and, when the
+/// gradient is wanted, each tapped layer's gradient.
+struct TapTerms<'a> {
+    spec: &'a PerceptualSpec,
+    terms: &'a Terms,
+    scales: &'a [f64],
+    want_grad: bool,
+    sums: Vec<f64>,
+    grads: Vec<(usize, Vec<f32>)>,
+}
+
+impl TapTerms<'_> {
+    /// The terms at `layer`, whose pred features are `f` ((C, H*W) =
+    /// `(c, m)`), against the target's tap data `t`.
+    fn add(
+        &mut self,
+        layer: usize,
+        f: &[f32],
+        (c, m): (usize, usize),
+        t: &TapTarget,
+    ) -> Result<()> {
+        let (spec, want_grad) = (self.spec, self.want_grad);
         let g_len = if want_grad { f.len() } else { 0 };
         let mut g = fallible::filled(g_len, 0f32, "a tap's gradient")?;
-        if let Some(term) = terms.index(layer, false) {
-            let scale = scales.get(term).copied().unwrap_or(0.0);
-            image_sums[term] = match &spec.lpips {
+        if let Some(term) = self.terms.index(layer, false) {
+            let scale = self.scales.get(term).copied().unwrap_or(0.0);
+            self.sums[term] = match &spec.lpips {
                 // LPIPS's taps are the perceptual taps, in order.
                 Some(lin) => {
                     let slot = want_grad.then_some(&mut g[..]);
                     let lin = lin.layer(term);
                     let scale = lpips::cpu::Scale::All(scale);
-                    lpips::cpu::tap_sum(&f, &t.features, (c, m), lin, slot, scale)
+                    lpips::cpu::tap_sum(f, &t.features, (c, m), lin, slot, scale)
                 }
                 None => {
                     let slot = want_grad.then(|| HostGrad {
                         values: &mut g[..],
                         beta: 0.0,
                     });
-                    distance_sum(spec.criterion, &f, &t.features, slot, scale)
+                    distance_sum(spec.criterion, f, &t.features, slot, scale)
                 }
             };
         }
-        if let Some(term) = terms.index(layer, true) {
-            let gp = gram::gram(&f, c, m)?;
+        if let Some(term) = self.terms.index(layer, true) {
+            let gp = gram::gram(f, c, m)?;
             let e_len = if want_grad { gp.len() } else { 0 };
             let mut e = fallible::filled(e_len, 0f32, "a Gram matrix's gradient")?;
             let slot = want_grad.then(|| HostGrad {
                 values: &mut e[..],
                 beta: 0.0,
             });
-            let scale = scales.get(term).copied().unwrap_or(0.0);
-            image_sums[term] = distance_sum(spec.style_criterion, &gp, &t.gram, slot, scale);
+            let scale = self.scales.get(term).copied().unwrap_or(0.0);
+            self.sums[term] = distance_sum(spec.style_criterion, &gp, &t.gram, slot, scale);
             if want_grad {
                 let mut gs = fallible::filled(f.len(), 0f32, "a style tap's gradient")?;
-                gram::gram_backward(&e, &f, c, m, &mut gs)?;
+                gram::gram_backward(&e, f, c, m, &mut gs)?;
                 g.iter_mut().zip(&gs).for_each(|(a, b)| *a += b);
             }
         }
         if want_grad {
-            tap_grads.push((layer, g));
+            self.grads.push((layer, g));
         }
+        Ok(())
     }
-    let grad = match saved {
-        Some(saved) => Some(backward(net, spec, saved, tap_grads)?),
-        None => None,
-    };
-    Ok(ImagePass {
-        sums: image_sums,
-        computed,
-        grad,
-    })
 }
 
 /// Back-propagates the tap gradients of one pred image through the layers
@@ -588,6 +656,9 @@ pub(crate) fn lpips_maps<T: Element>(
         || pred_forward(net, spec, x, (h, w), None),
     );
     let (targets, taps) = (targets?, taps?);
+    if targets.len() != taps.len() {
+        return Err(Error::Internal("pred and target tap counts differ".into()));
+    }
     let maps = taps
         .iter()
         .zip(&targets)
@@ -625,6 +696,9 @@ pub(crate) fn lpips_map_grad<T: Element>(
         || pred_forward(net, spec, x, (h, w), Some(&mut saved)),
     );
     let (targets, taps) = (targets?, taps?);
+    if targets.len() != taps.len() {
+        return Err(Error::Internal("pred and target tap counts differ".into()));
+    }
     let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
     for (k, ((layer, f, (ch, m)), t)) in taps.iter().zip(&targets).enumerate() {
         let (_, lh, lw) = layer_dims[*layer];
@@ -684,12 +758,13 @@ impl TargetCache {
     ) -> Result<Values> {
         let [pred, target] = io.inputs;
         let (s, bytes) = (io.shape, as_bytes(target));
-        if let Some(k) = self.last.lock().map_err(|_| Error::poisoned())?.as_ref() {
-            if k.shape == s && k.dtype == T::DTYPE && k.input == bytes {
-                let features = k.features.clone();
-                let target = Target::Features(&features);
-                return Ok(network(net, spec, pred, target, s, io.grad, false)?.0);
-            }
+        // The lock is let go before the call runs.
+        let hit = (self.last.lock().map_err(|_| Error::poisoned())?.as_ref())
+            .filter(|k| k.shape == s && k.dtype == T::DTYPE && k.input == bytes)
+            .map(|k| k.features.clone());
+        if let Some(features) = hit {
+            let target = Target::Features(&features);
+            return Ok(network(net, spec, pred, target, s, io.grad, false)?.0);
         }
         let keep = Self::fits(net, spec, s, bytes.len());
         // Computed without the lock: other threads' calls go on meanwhile.
@@ -739,7 +814,7 @@ mod tests {
 
     /// A batch of three (two images side by side, then one alone) gives
     /// each image what it gives alone: its per-sample value, and its
-    /// gradient over the batch size.
+    /// gradient over the batch size; and keeps every image's target taps.
     #[test]
     fn images_run_in_pairs_give_each_image_its_own_loss_and_gradient() {
         let loss = PerceptualLoss::seeded(VggArch::Vgg16, &PerceptualConfig::default());
@@ -764,6 +839,25 @@ mod tests {
             (values, grad)
         };
         let (batch, batch_grad) = run(&pred, &target, s);
+        // What a call keeps for the target cache is every image's tap
+        // data, paired or not, and with a Fro term's two passes.
+        let fro = PerceptualConfig {
+            criterion: Criterion::Fro,
+            ..Default::default()
+        };
+        for loss in [&loss, &PerceptualLoss::seeded(VggArch::Vgg16, &fro)] {
+            let mut grad = vec![0f32; len];
+            let out = HostGrad {
+                values: &mut grad,
+                beta: 0.0,
+            };
+            let t = Target::Images(&target[..]);
+            let kept = network(net, loss.spec(), &pred, t, s, Some(out), true)
+                .unwrap()
+                .1;
+            let want = TargetCache::features_of(net, loss.spec(), &target, s).unwrap();
+            assert_eq!(kept, Some(want), "the kept tap data");
+        }
         for n in 0..s.n {
             let image = n * s.image_len()..(n + 1) * s.image_len();
             let one = Shape { n: 1, ..s };

@@ -10,19 +10,21 @@
 //! register. With AVX-512 a block is 64 columns (24 registers of 16
 //! lanes); with AVX2 and FMA, 16 columns (12 registers of 8 lanes). The
 //! driver walks k in slices of `KC` and A in strips of `MC_PANELS` panels,
-//! so the slice of B a block reads stays in the first-level cache and the
-//! strip of A in the second while the columns go by; C carries each sum
-//! from one slice to the next. Every element of C is then one fused
-//! multiply-add chain in k order whatever the kernel or the blocking, so
-//! results are the same run to run and on both instruction sets. Without
-//! either the caller keeps the unpacked filters and the general product.
+//! so the slice of B a block reads stays in cache (the first level with
+//! AVX2) and the strip of A in the second level while the columns go by;
+//! C carries each sum from one slice to the next. Every element of C is
+//! then one fused multiply-add chain in k order whatever the kernel or
+//! the blocking, so results are the same run to run and on both
+//! instruction sets. Without either the caller keeps the unpacked filters
+//! and the general product.
 
 /// Rows of A, and of C, per kernel block.
 const MR: usize = 6;
 
 /// Steps of k per pass over a strip of C: a kernel's slice of B (`KC`
-/// rows of its block's columns: 16 KiB with AVX2, 64 KiB with AVX-512)
-/// stays in cache while every panel of the strip reads it.
+/// rows of its block's columns: 16 KiB with AVX2, in the first-level
+/// cache; 64 KiB with AVX-512, in the second) stays in cache while every
+/// panel of the strip reads it.
 const KC: usize = 256;
 
 /// Panels of A per strip: 96 rows by `KC`, 96 KiB, stay in the second-level

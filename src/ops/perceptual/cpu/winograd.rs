@@ -132,7 +132,8 @@ pub(crate) fn conv(
     // of one row when a row alone is over it. Rows of the band's matrices
     // are padded to an odd number of lines (`packed::row_stride`); a band
     // of at most an odd number of whole lines of tiles stays within the
-    // bound padded.
+    // bound padded. (Below one line of tiles, more than 16384 channels, a
+    // band of one line is over the bound: VGG has at most 1024.)
     let per_tile = POSITIONS * (in_c + out_c);
     let cap = BAND_ELEMENTS / per_tile;
     let band_tiles = match cap / 16 {
