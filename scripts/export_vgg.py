@@ -18,8 +18,10 @@ import sys
 import urllib.error
 
 import torch
-import torchvision
 from safetensors.torch import save_file
+
+# torchvision is imported where it is used: converting a checkpoint file
+# does not need it (and it takes longer to import than torch).
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 CONVS = {"vgg16": 13, "vgg19": 16}
@@ -34,6 +36,8 @@ def fail(message):
 def pretrained(arch):
     """torchvision's ImageNet weights; without a network, one line saying
     what to do instead."""
+    import torchvision
+
     weights = getattr(torchvision.models, {"vgg16": "VGG16_Weights", "vgg19": "VGG19_Weights"}[arch]).IMAGENET1K_V1
     try:
         return features_of(weights.get_state_dict(progress=True), arch, weights.url)
@@ -73,6 +77,8 @@ def features_of(state, arch, origin):
 
 
 def seeded(arch, seed):
+    import torchvision
+
     torch.manual_seed(seed)
     return getattr(torchvision.models, arch)(weights=None).features.state_dict()
 

@@ -17,13 +17,14 @@ bf16 implementation there. Both errors are printed.
 """
 import argparse
 import copy
+import functools
 import json
 import sys
 
 import torch
 import torchvision
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -44,12 +45,30 @@ PRESETS = {
 
 
 def load_features(weights_path, arch, device):
-    """torchvision's `features` of `arch` with the file's weights, float64."""
-    model = getattr(torchvision.models, arch)(weights=None)
+    """torchvision's `features` of `arch` with the file's weights, float64.
+    The model is built on the meta device (its 120M-parameter classifier
+    is never initialised) and the file's tensors are assigned to it."""
+    with torch.device("meta"):
+        model = getattr(torchvision.models, arch)(weights=None)
     state = {k.removeprefix("features."): v.double() for k, v in load_file(str(weights_path)).items()
              if k.startswith("features.")}
-    model.features.load_state_dict(state)
-    return model.features.double().to(device).eval()
+    model.features.load_state_dict(state, assign=True)
+    return model.features.to(device).eval()
+
+
+@functools.cache
+def _seeded_features(arch, seed):
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, arch)(weights=None)
+    return {f"features.{k}": v.contiguous() for k, v in model.features.state_dict().items()}
+
+
+def write_torchvision_weights(path, arch, seed):
+    """Writes the `features` of torchvision's own initialisation of `arch`
+    after `torch.manual_seed(seed)` as safetensors; returns `path`. Built
+    once per (arch, seed) in a process (a VGG takes seconds to initialise)."""
+    save_file(_seeded_features(arch, seed), str(path))
+    return path
 
 
 def reference(features, pred, target, taps, weights, criterion, imagenet):

@@ -6,7 +6,7 @@
 //! in child processes, in batches (a crash fails the batch, and the child's
 //! last line names the case), each batch bounded in time.
 //!
-//! `PERCEPTUAL_LOSS_FUZZ_SECONDS` sets each batch's time (default 6) and
+//! `PERCEPTUAL_LOSS_FUZZ_SECONDS` sets each batch's time in seconds (default 2) and
 //! `PERCEPTUAL_LOSS_FUZZ_SEED` the first seed; `fuzz/` has a cargo-fuzz
 //! target for longer, coverage-guided runs.
 
@@ -198,7 +198,7 @@ fn seconds() -> u64 {
     std::env::var("PERCEPTUAL_LOSS_FUZZ_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(6)
+        .unwrap_or(2)
 }
 
 fn first_seed() -> u64 {

@@ -315,7 +315,7 @@ fn malformed_weight_files_name_the_tensor() {
         "{msg}"
     );
     // Non-finite weights.
-    if let common::vgg::Op::Conv { w, .. } = &mut net.ops[5] {
+    if let common::vgg::Op::Conv { w, .. } = &mut net.ops_mut()[5] {
         w[3] = f64::NAN;
     }
     let nan = net.export_safetensors(Dtype::F32, "", |_| false);

@@ -4,6 +4,8 @@
 use super::Rng;
 use perceptual_loss::{Element, LossOutputs, PerceptualLoss, Shape, TensorMut, TensorRef, VggArch};
 use safetensors::{tensor::TensorView, Dtype};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 /// VGG `features` channel lists (0 = 2x2 max-pool), from torchvision.
 pub fn cfg(arch: VggArch) -> Vec<usize> {
@@ -32,8 +34,27 @@ pub enum Op {
 
 /// A seeded network: modules in torchvision order, He-scaled weights.
 pub struct Net {
-    pub ops: Vec<Op>,
+    ops: Vec<Op>,
+    /// The last few inputs of [`Net::features`] and what it gave: finite
+    /// differences change one image of a batch, so the others' (and the
+    /// targets') features are looked up instead of computed again.
+    memo: Mutex<VecDeque<(FeaturesCall, Arc<Outputs>)>>,
 }
+
+/// Each module's output, in order.
+type Outputs = Vec<Vec<f64>>;
+
+/// The arguments of one [`Net::features`] call.
+#[derive(PartialEq)]
+struct FeaturesCall {
+    x: Vec<f64>,
+    dims: (usize, usize),
+    last: usize,
+    avg_pool: bool,
+}
+
+/// Calls [`Net`] remembers.
+const MEMO_CALLS: usize = 8;
 
 impl Net {
     pub fn random(arch: VggArch, seed: u64) -> Net {
@@ -65,7 +86,17 @@ impl Net {
             ops.push(Op::Relu);
             in_c = c;
         }
-        Net { ops }
+        Net {
+            ops,
+            memo: Mutex::default(),
+        }
+    }
+
+    /// The modules, to edit (what [`Net::features`] remembers is dropped).
+    #[allow(dead_code)]
+    pub fn ops_mut(&mut self) -> &mut [Op] {
+        self.memo.get_mut().unwrap().clear();
+        &mut self.ops
     }
 
     /// Channels of module `layer`'s output.
@@ -89,6 +120,7 @@ impl Net {
         prefix: &str,
         skip: impl Fn(&str) -> bool,
     ) -> Vec<u8> {
+        self.memo.get_mut().unwrap().clear();
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (index, op) in self.ops.iter_mut().enumerate() {
             if let Op::Conv { in_c, out_c, w, b } = op {
@@ -131,14 +163,28 @@ impl Net {
     }
 
     /// Module outputs of one C x H x W image for modules 0..=last.
-    pub fn features(
-        &self,
-        x: &[f64],
-        h: usize,
-        w: usize,
-        last: usize,
-        avg_pool: bool,
-    ) -> Vec<Vec<f64>> {
+    pub fn features(&self, x: &[f64], h: usize, w: usize, last: usize, avg_pool: bool) -> Outputs {
+        let call = FeaturesCall {
+            x: x.to_vec(),
+            dims: (h, w),
+            last,
+            avg_pool,
+        };
+        let memo = self.memo.lock().unwrap();
+        if let Some((_, outs)) = memo.iter().find(|(c, _)| *c == call) {
+            return outs.to_vec();
+        }
+        drop(memo);
+        let outs = Arc::new(self.compute(x, h, w, last, avg_pool));
+        let mut memo = self.memo.lock().unwrap();
+        if memo.len() == MEMO_CALLS {
+            memo.pop_front();
+        }
+        memo.push_back((call, outs.clone()));
+        outs.to_vec()
+    }
+
+    fn compute(&self, x: &[f64], h: usize, w: usize, last: usize, avg_pool: bool) -> Outputs {
         let (mut c, mut h, mut w) = (3, h, w);
         let mut cur = x.to_vec();
         let mut outs = Vec::new();
@@ -150,30 +196,26 @@ impl Net {
                     w: k,
                     b,
                 } => {
-                    let mut y = vec![0.0; out_c * h * w];
-                    for o in 0..*out_c {
-                        for i in 0..h {
-                            for j in 0..w {
-                                let mut acc = b[o];
-                                for ci in 0..*in_c {
-                                    for dy in 0..3 {
-                                        for dx in 0..3 {
-                                            let (si, sj) = (
-                                                i as isize + dy as isize - 1,
-                                                j as isize + dx as isize - 1,
-                                            );
-                                            if si >= 0
-                                                && sj >= 0
-                                                && (si as usize) < h
-                                                && (sj as usize) < w
-                                            {
-                                                acc += k[((o * in_c + ci) * 3 + dy) * 3 + dx]
-                                                    * cur[(ci * h + si as usize) * w + sj as usize];
-                                            }
-                                        }
-                                    }
+                    // y[o][i][j] = b[o] + sum over (ci, dy, dx) of k * x[ci][i+dy-1][j+dx-1],
+                    // the taps outside the image left out. The sums run in that
+                    // order for every pixel; the loops go over whole rows of
+                    // valid (i, j) so that the inner loop has no bounds tests.
+                    let (hw, mut y) = (h * w, vec![0.0; out_c * h * w]);
+                    for (o, yo) in y.chunks_exact_mut(hw).enumerate() {
+                        yo.fill(b[o]);
+                        for (ci, xc) in cur.chunks_exact(hw).enumerate() {
+                            for (dy, dx) in (0..3).flat_map(|dy| (0..3).map(move |dx| (dy, dx))) {
+                                let kv = k[((o * in_c + ci) * 3 + dy) * 3 + dx];
+                                let rows =
+                                    1usize.saturating_sub(dy)..(h + 1).saturating_sub(dy).min(h);
+                                let cols =
+                                    1usize.saturating_sub(dx)..(w + 1).saturating_sub(dx).min(w);
+                                for i in rows {
+                                    let from = (i + dy - 1) * w + cols.start + dx - 1;
+                                    let dst = &mut yo[i * w + cols.start..i * w + cols.end];
+                                    let src = &xc[from..from + cols.len()];
+                                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += kv * s);
                                 }
-                                y[(o * h + i) * w + j] = acc;
                             }
                         }
                     }

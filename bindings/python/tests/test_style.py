@@ -16,7 +16,7 @@ import perceptual_loss as pl  # noqa: E402
 from perceptual_loss.basicsr import PerceptualLoss as BasicsrLoss  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "scripts"))
-from torch_reference import load_features  # noqa: E402
+from torch_reference import load_features, write_torchvision_weights  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MEAN = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
@@ -26,12 +26,7 @@ VGG19_NAMES = {"relu1_1": 1, "conv1_2": 2, "relu1_2": 3, "relu2_2": 8, "conv3_4"
 
 
 def seeded_weights(path, arch):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(1)
-    model = getattr(torchvision.models, arch)(weights=None)
-    save_file({f"features.{k}": v.contiguous() for k, v in model.features.state_dict().items()}, str(path))
-    return path
+    return write_torchvision_weights(path, arch, seed=1)
 
 
 def gram(f):

@@ -13,7 +13,8 @@ import perceptual_loss as pl  # noqa: E402
 
 # The PyTorch reference of scripts/torch_reference.py (the parity script).
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[3] / "scripts"))
-from torch_reference import half_grad_ok, load_features, reference, same_precision_errors  # noqa: E402
+from torch_reference import (half_grad_ok, load_features, reference, same_precision_errors,  # noqa: E402
+                             write_torchvision_weights)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -46,12 +47,7 @@ def test_tv_matches_autograd(device, variant):
 
 def torchvision_weights(path, arch):
     """torchvision's own (seeded) initialisation, written for the crate."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)(weights=None)
-    save_file({f"features.{k}": v.contiguous() for k, v in model.features.state_dict().items()}, str(path))
-    return path
+    return write_torchvision_weights(path, arch, seed=0)
 
 
 def check_perceptual(path, arch, pred, target, loss_options, ref_options, tol, compute="float32", grad_tol=None):
