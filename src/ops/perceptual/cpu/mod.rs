@@ -328,26 +328,57 @@ fn network<T: Element>(
     Ok((compose(&terms, &sums), computed.or(taps)))
 }
 
-/// One tapped layer of a pred image's forward: the layer, its features,
-/// and their (C, H*W).
-type PredTap = (usize, Vec<f32>, (usize, usize));
-
-/// One pred image (normalised, `x`) through the network to the deepest
-/// tap, keeping what backward needs when `saved` is given: a copy of each
-/// tapped layer's features, compared with the target's once both are done.
-fn pred_forward(
+/// A pred image (normalised, `x`, `dims` = (C, H, W) of the caller's
+/// image) through the network to the deepest tap against one target image
+/// (CHW, the caller's channels), keeping what backward needs when `saved`
+/// is given: `each(layer, f, (C, H*W), t)` for each tap, with pred's
+/// features `f` there and the target's tap data `t`. Where the target's
+/// forward runs beside pred's (`parts::together`), pred's tap features are
+/// copied and compared once both are done; otherwise the target's taps are
+/// computed first and each is compared as pred's forward reaches it, its
+/// data dropped there unless `keep`. Returns the target's tap data (empty
+/// where it was dropped).
+fn against_target_image<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
-    x: Vec<f32>,
-    (h, w): (usize, usize),
-    saved: Option<&mut Vec<Saved>>,
-) -> Result<Vec<PredTap>> {
-    let mut taps = Vec::new();
+    (x, target): (Vec<f32>, &[T]),
+    (c, h, w): (usize, usize, usize),
+    (saved, keep): (Option<&mut Vec<Saved>>, bool),
+    mut each: impl FnMut(usize, &[f32], (usize, usize), &TapTarget) -> Result<()>,
+) -> Result<Vec<TapTarget>> {
+    let target_taps = || image_features(net, spec, target, (c, h, w));
+    if parts::together() {
+        let (computed, pred_taps) = parts::both(target_taps, || {
+            let mut taps = Vec::new();
+            forward(net, spec, x, h, w, saved, |layer, f, dims| {
+                taps.push((layer, fallible::copied(f, "a tap's features")?, dims));
+                Ok(())
+            })?;
+            Ok(taps)
+        });
+        let (computed, pred_taps) = (computed?, pred_taps?);
+        if pred_taps.len() != computed.len() {
+            return Err(Error::Internal("pred and target tap counts differ".into()));
+        }
+        for ((layer, f, dims), t) in pred_taps.into_iter().zip(&computed) {
+            each(layer, &f, dims, t)?;
+        }
+        return Ok(computed);
+    }
+    let mut computed = target_taps()?;
+    let mut k = 0;
     forward(net, spec, x, h, w, saved, |layer, f, dims| {
-        taps.push((layer, fallible::copied(f, "a tap's features")?, dims));
+        let t = computed
+            .get_mut(k)
+            .ok_or_else(|| Error::Internal("the target has fewer taps".into()))?;
+        k += 1;
+        each(layer, f, dims, t)?;
+        if !keep {
+            *t = TapTarget::default();
+        }
         Ok(())
     })?;
-    Ok(taps)
+    Ok(computed)
 }
 
 /// One pass over the batch: each image's term sums, and, when `grad` is
@@ -429,11 +460,9 @@ struct ImagePass {
     grad: Option<Vec<f32>>,
 }
 
-/// Pred image `n` (`pred`, CHW) of a pass against its target. Where the
-/// target's forward runs beside pred's (`parts::together`), pred's tap
-/// features are copied and compared once both are done; otherwise each
-/// tap is compared as pred's forward reaches it, and the target's tap
-/// data computed for it is dropped there unless `collect` keeps it.
+/// Pred image `n` (`pred`, CHW) of a pass against its target (images, as
+/// [`against_target_image`] compares them, their tap data kept when
+/// `collect`; or kept tap data).
 fn image_pass<T: Element>(
     net: HostNet<'_>,
     spec: &PerceptualSpec,
@@ -453,47 +482,26 @@ fn image_pass<T: Element>(
         sums: vec![0.0; terms.terms.len()],
         grads: Vec::new(),
     };
-    let image = n * s.image_len()..(n + 1) * s.image_len();
-    let target_taps = |t: &[T]| image_features(net, spec, &t[image.clone()], (s.c, s.h, s.w));
+    let dims = (s.c, s.h, s.w);
     let computed = match target {
-        Target::Images(t) if parts::together() => {
-            let (computed, pred_taps) = parts::both(
-                || target_taps(t),
-                || pred_forward(net, spec, x, (s.h, s.w), saved.as_mut()),
-            );
-            let (computed, pred_taps) = (computed?, pred_taps?);
-            if pred_taps.len() != computed.len() {
-                return Err(Error::Internal("pred and target tap counts differ".into()));
-            }
-            for ((layer, f, dims), t) in pred_taps.into_iter().zip(&computed) {
-                tap.add(layer, &f, dims, t)?;
-            }
-            Some(computed)
+        Target::Images(t) => {
+            let image = &t[n * s.image_len()..(n + 1) * s.image_len()];
+            let (x, saved) = ((x, image), (saved.as_mut(), collect));
+            let each = |layer, f: &[f32], dims, t: &TapTarget| tap.add(layer, f, dims, t);
+            let computed = against_target_image(net, spec, x, dims, saved, each)?;
+            collect.then_some(computed)
         }
-        _ => {
-            // Kept tap data borrowed, or the target's computed first and
-            // each tap's taken (and dropped, unless collected) as pred's
-            // forward reaches it.
-            let (kept, mut computed) = match target {
-                Target::Features(f) => (Some(&f[if f.len() == 1 { 0 } else { n }]), Vec::new()),
-                Target::Images(t) => (None, target_taps(t)?),
-            };
+        // Kept tap data, one image's for any batch or one per pred image.
+        Target::Features(f) => {
+            let kept = &f[if f.len() == 1 { 0 } else { n }];
             let mut k = 0;
             forward(net, spec, x, s.h, s.w, saved.as_mut(), |layer, f, dims| {
-                let taken;
-                let t = match (kept, collect) {
-                    (Some(kept), _) => kept.get(k),
-                    (None, true) => computed.get(k),
-                    (None, false) => {
-                        taken = computed.get_mut(k).map(std::mem::take);
-                        taken.as_ref()
-                    }
-                };
+                let t = kept.get(k);
                 let t = t.ok_or_else(|| Error::Internal("the target has fewer taps".into()))?;
                 k += 1;
                 tap.add(layer, f, dims, t)
             })?;
-            (kept.is_none() && collect).then_some(computed)
+            None
         }
     };
     let grad = match saved {
@@ -651,23 +659,20 @@ pub(crate) fn lpips_maps<T: Element>(
     let (c, h, w) = dims;
     let layer_dims = output_dims(net.layers, (3, h, w));
     let x = preprocess(pred, c, h * w, spec.norm)?;
-    let (targets, taps) = parts::both(
-        || image_features(net, spec, target, dims),
-        || pred_forward(net, spec, x, (h, w), None),
-    );
-    let (targets, taps) = (targets?, taps?);
-    if targets.len() != taps.len() {
-        return Err(Error::Internal("pred and target tap counts differ".into()));
-    }
-    let maps = taps
-        .iter()
-        .zip(&targets)
-        .enumerate()
-        .map(|(k, ((layer, f, dims), t))| {
-            let values = lpips::cpu::pixel_values(f, &t.features, *dims, lin.layer(k));
-            (values, (layer_dims[*layer].1, layer_dims[*layer].2))
-        });
-    Ok(maps.collect())
+    let mut maps = Vec::new();
+    against_target_image(
+        net,
+        spec,
+        (x, target),
+        dims,
+        (None, false),
+        |layer, f, cm, t| {
+            let values = lpips::cpu::pixel_values(f, &t.features, cm, lin.layer(maps.len()));
+            maps.push((values, (layer_dims[layer].1, layer_dims[layer].2)));
+            Ok(())
+        },
+    )?;
+    Ok(maps)
 }
 
 /// dL/dpred (CHW, the caller's channels, into `out`) of one pred image
@@ -691,24 +696,25 @@ pub(crate) fn lpips_map_grad<T: Element>(
     let layer_dims = output_dims(net.layers, (3, h, w));
     let mut saved = Vec::new();
     let x = preprocess(pred, c, hw, spec.norm)?;
-    let (targets, taps) = parts::both(
-        || image_features(net, spec, target, dims),
-        || pred_forward(net, spec, x, (h, w), Some(&mut saved)),
-    );
-    let (targets, taps) = (targets?, taps?);
-    if targets.len() != taps.len() {
-        return Err(Error::Internal("pred and target tap counts differ".into()));
-    }
     let mut tap_grads: Vec<(usize, Vec<f32>)> = Vec::new();
-    for (k, ((layer, f, (ch, m)), t)) in taps.iter().zip(&targets).enumerate() {
-        let (_, lh, lw) = layer_dims[*layer];
-        let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw))?;
-        let mut g = fallible::filled(f.len(), 0f32, "a tap's gradient")?;
-        let pixels = lpips::cpu::Scale::Pixels(&scale);
-        let (t, lin) = (&t.features, lin.layer(k));
-        lpips::cpu::tap_sum(f, t, (*ch, *m), lin, Some(&mut g), pixels);
-        tap_grads.push((*layer, g));
-    }
+    let saved_here = (Some(&mut saved), false);
+    against_target_image(
+        net,
+        spec,
+        (x, target),
+        dims,
+        saved_here,
+        |layer, f, cm, t| {
+            let (_, lh, lw) = layer_dims[layer];
+            let scale = lpips::cpu::upsampled_grad(map_grad, (h, w), (lh, lw))?;
+            let mut g = fallible::filled(f.len(), 0f32, "a tap's gradient")?;
+            let pixels = lpips::cpu::Scale::Pixels(&scale);
+            let lin = lin.layer(tap_grads.len());
+            lpips::cpu::tap_sum(f, &t.features, cm, lin, Some(&mut g), pixels);
+            tap_grads.push((layer, g));
+            Ok(())
+        },
+    )?;
     let g = backward(net, spec, saved, tap_grads)?;
     for ch in 0..c {
         for i in 0..hw {
@@ -878,6 +884,39 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// LPIPS's maps and their gradient give the same bits whether the
+    /// target's forward runs beside pred's (here, on a two-core machine)
+    /// or before it, its taps compared as pred's forward reaches them (in a
+    /// branch of `parts::both`, where nothing runs beside).
+    #[test]
+    fn lpips_maps_are_the_same_with_the_target_beside_or_before() {
+        let bytes = crate::vgg::seeded_safetensors(VggArch::Vgg16, 4).unwrap();
+        let source = crate::vgg::WeightsSource::Bytes(&bytes);
+        let vgg = crate::Vgg::load(&crate::Device::cpu(), source, VggArch::Vgg16, DType::F32);
+        let lpips = crate::Lpips::new(vgg.unwrap(), &Default::default()).unwrap();
+        let (loss, dims) = (lpips.perceptual(), (3, 16, 20));
+        let net = HostNet {
+            layers: loss.vgg().layers(),
+            weights: loss.vgg().host_weights().unwrap(),
+        };
+        let len = 3 * 16 * 20;
+        let pred: Vec<f32> = (0..len).map(|i| (i * 7 % 97) as f32 / 48.5 - 1.0).collect();
+        let target: Vec<f32> = (0..len).map(|i| (i * 5 % 89) as f32 / 44.5 - 1.0).collect();
+        let map_grad: Vec<f64> = (0..16 * 20).map(|i| (i % 13) as f64 / 13.0).collect();
+        let run = || {
+            let maps = lpips_maps(net, loss.spec(), (&pred, &target), dims).unwrap();
+            let mut grad = vec![0f64; len];
+            let images = (&pred[..], &target[..]);
+            lpips_map_grad(net, loss.spec(), images, dims, &map_grad, &mut grad).unwrap();
+            (maps, grad)
+        };
+        let (here, (before, beside)) = (run(), parts::both(run, parts::together));
+        assert!(!beside, "a branch of parts::both runs nothing beside it");
+        assert_eq!(here.0.len(), 5);
+        assert!(here.1.iter().any(|&g| g != 0.0));
+        assert_eq!(here, before);
     }
 
     fn kept_target_gives_the_images_bits(config: &PerceptualConfig) {
