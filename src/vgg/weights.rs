@@ -37,10 +37,12 @@ pub(crate) struct ConvWeights {
     pub prepared: [std::sync::OnceLock<Vec<f32>>; 4],
 }
 
-/// Every convolution's parameters in f32, by layer index.
+/// Every convolution's parameters in f32, by layer index, and the CPU
+/// passes' buffers kept between calls.
 #[derive(Debug, Clone)]
 pub(crate) struct HostWeights {
     by_layer: Vec<Option<ConvWeights>>,
+    pub buffers: crate::ops::perceptual::cpu::buffers::Buffers,
 }
 
 impl HostWeights {
@@ -538,7 +540,8 @@ pub(crate) fn read(
             prepared: Default::default(),
         });
     }
-    Ok((HostWeights { by_layer }, count))
+    let buffers = Default::default();
+    Ok((HostWeights { by_layer, buffers }, count))
 }
 
 /// A tensor's values in f32, all finite.

@@ -240,12 +240,15 @@ pub(crate) fn conv_backward(
     cols: &mut Vec<f32>,
 ) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
-    dx.clear();
-    fallible::resize(dx, p.in_c * hw, 0.0, "a convolution's input gradient")?;
     if winograd::suits(p.in_c, p.out_c, h, w) {
+        // Every value is written: what the buffer held can stay.
+        set_len(dx, p.in_c * hw, "a convolution's input gradient")?;
         let u = Prepared::WinogradBackward.of(p);
         return winograd::conv(dout, (p.out_c, p.in_c), (h, w), u, dx, cols);
     }
+    // col2im adds each band's columns in.
+    dx.clear();
+    fallible::resize(dx, p.in_c * hw, 0.0, "a convolution's input gradient")?;
     let band = band_pixels(k, hw);
     for first in (0..hw).step_by(band) {
         let pixels = first..(first + band).min(hw);
@@ -276,13 +279,12 @@ pub(crate) fn relu(x: &mut [f32], mask: Option<&mut Vec<bool>>) -> Result<()> {
     Ok(())
 }
 
-/// ReLU's gradient: zero where the output was not positive.
+/// ReLU's gradient: zero where the output was not positive. (A select,
+/// not a conditional store: it runs in vector lanes.)
 pub(crate) fn relu_backward(g: &mut [f32], mask: &[bool]) {
-    g.iter_mut().zip(mask).for_each(|(v, &m)| {
-        if !m {
-            *v = 0.0
-        }
-    });
+    g.iter_mut()
+        .zip(mask)
+        .for_each(|(v, &m)| *v = if m { *v } else { 0.0 });
 }
 
 /// 2x2 stride-2 pooling, floor mode. For max-pooling `argmax` (when given)
@@ -298,37 +300,50 @@ pub(crate) fn pool(
     mut argmax: Option<&mut Vec<u8>>,
 ) -> Result<()> {
     let (oh, ow) = (h / 2, w / 2);
-    out.clear();
-    fallible::reserve(out, c * oh * ow, "a pool's output")?;
+    // Every value is written (by index, in loops the compiler can run in
+    // vector lanes: each window's maximum is a chain of selects).
+    set_len(out, c * oh * ow, "a pool's output")?;
     if let Some(a) = argmax.as_deref_mut() {
         a.clear();
-        fallible::reserve(a, c * oh * ow, "a pool's argmax")?;
+        fallible::resize(a, c * oh * ow, 0, "a pool's argmax")?;
     }
-    for ch in 0..c {
-        let plane = &x[ch * h * w..(ch + 1) * h * w];
+    for (ch, plane) in x.chunks_exact(h * w).take(c).enumerate() {
         for i in 0..oh {
-            for j in 0..ow {
-                let win = [(0, 0), (0, 1), (1, 0), (1, 1)]
-                    .map(|(di, dj)| plane[(2 * i + di) * w + 2 * j + dj]);
-                match kind {
-                    Pooling::Max => {
-                        let mut best = 0;
-                        for (k, &v) in win.iter().enumerate().skip(1) {
-                            if v > win[best] || (v.is_nan() && !win[best].is_nan()) {
-                                best = k;
-                            }
-                        }
-                        out.push(win[best]);
-                        if let Some(a) = argmax.as_deref_mut() {
-                            a.push(best as u8);
-                        }
+            let (top, bottom) = (
+                &plane[2 * i * w..][..2 * ow],
+                &plane[(2 * i + 1) * w..][..2 * ow],
+            );
+            let o = (ch * oh + i) * ow;
+            let dst = &mut out[o..o + ow];
+            let win = |j: usize| [top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]];
+            match (kind, argmax.as_deref_mut()) {
+                (Pooling::Max, Some(a)) => {
+                    let a = &mut a[o..o + ow];
+                    for j in 0..ow {
+                        (a[j], dst[j]) = first_max(win(j));
                     }
-                    Pooling::Avg => out.push(win.iter().sum::<f32>() * 0.25),
+                }
+                (Pooling::Max, None) => (0..ow).for_each(|j| dst[j] = first_max(win(j)).1),
+                (Pooling::Avg, _) => {
+                    (0..ow).for_each(|j| dst[j] = win(j).iter().sum::<f32>() * 0.25)
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The position (0..4, row-major) of a 2x2 window's maximum and its value:
+/// the first maximum, or the first NaN where there is one (NaN propagates,
+/// as in PyTorch).
+#[inline(always)]
+fn first_max(win: [f32; 4]) -> (u8, f32) {
+    let (mut at, mut best) = (0, win[0]);
+    for (k, &v) in (1..).zip(&win[1..]) {
+        let take = v > best || (v.is_nan() && !best.is_nan());
+        (at, best) = if take { (k, v) } else { (at, best) };
+    }
+    (at, best)
 }
 
 /// Pooling's gradient w.r.t. its c x h x w input (rows/columns dropped by
@@ -369,6 +384,58 @@ mod tests {
         (0..len)
             .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5 - 1.0)
             .collect()
+    }
+
+    /// Hand-worked 2x2 pools of a 3 x 7 plane (the floor drops its last
+    /// row and column), into buffers holding stale values: the first of
+    /// equal maxima wins (-0 before +0), NaN wins from where it first is,
+    /// and every value of each output (the gradient's dropped row and
+    /// column too) is written.
+    #[test]
+    fn pools_and_their_gradients_match_hand_worked_windows() {
+        let nan = f32::NAN;
+        #[rustfmt::skip]
+        let x = [
+            1.0, 3.0, -0.0, 0.0, 5.0, nan, 9.0,
+            3.0, 2.0, 0.0, -1.0, 7.0, nan, 9.0,
+            9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0,
+        ];
+        let (mut out, mut argmax) = (vec![7f32; 40], vec![9u8; 40]);
+        pool(&x, 1, 3, 7, Pooling::Max, &mut out, Some(&mut argmax)).unwrap();
+        assert_eq!(argmax, [1, 0, 1]);
+        assert_eq!(
+            (out.len(), out[0], out[1].to_bits()),
+            (3, 3.0, (-0f32).to_bits())
+        );
+        assert!(out[2].is_nan());
+        let mut without = vec![7f32; 2];
+        pool(&x, 1, 3, 7, Pooling::Max, &mut without, None).unwrap();
+        assert_eq!(without[..2], out[..2]);
+        pool(&x, 1, 3, 7, Pooling::Avg, &mut out, None).unwrap();
+        assert_eq!(out[..2], [2.25, -0.25]);
+        assert!(out[2].is_nan());
+        let mut dx = vec![7f32; 50];
+        pool_backward(&[1.0, 2.0, 4.0], 1, 3, 7, Pooling::Max, &argmax, &mut dx).unwrap();
+        #[rustfmt::skip]
+        let want = [
+            0.0, 1.0, 2.0, 0.0, 0.0, 4.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        assert_eq!(dx, want);
+        pool_backward(&[4.0, 8.0, 12.0], 1, 3, 7, Pooling::Avg, &[], &mut dx).unwrap();
+        #[rustfmt::skip]
+        let want = [
+            1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 0.0,
+            1.0, 1.0, 2.0, 2.0, 3.0, 3.0, 0.0,
+            0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ];
+        assert_eq!(dx, want);
+        // ReLU's gradient keeps what the mask marks, whatever it is.
+        let mut g = [nan, -2.0, 3.0, nan];
+        relu_backward(&mut g, &[false, true, false, true]);
+        assert_eq!((g[0], g[1], g[2]), (0.0, -2.0, 0.0));
+        assert!(g[3].is_nan());
     }
 
     /// The banded convolution and its input gradient against direct f64

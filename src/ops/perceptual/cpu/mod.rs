@@ -6,6 +6,7 @@
 //! fused steps has a CPU composition of the functions here and in
 //! `layers.rs` (see `cuda/steps/tests/`).
 
+pub(crate) mod buffers;
 mod gemm;
 pub(crate) mod gram;
 pub(crate) mod layers;
@@ -103,7 +104,8 @@ fn forward(
 ) -> Result<()> {
     let tapped = spec.tapped();
     let (mut c, mut h, mut w) = (3, h, w);
-    let (mut next, mut cols) = (Vec::new(), Vec::new());
+    let buffers = &net.weights.buffers;
+    let (mut next, mut cols) = (buffers.take(), buffers.take());
     for layer in &net.layers[..=spec.deepest()] {
         match layer.module {
             Module::Conv { out_c, .. } => {
@@ -141,6 +143,7 @@ fn forward(
             at_tap(layer.index, &x, (c, h * w))?;
         }
     }
+    [x, next, cols].into_iter().for_each(|b| buffers.give(b));
     Ok(())
 }
 
@@ -590,7 +593,8 @@ fn backward(
     mut tap_grads: Vec<(usize, Vec<f32>)>,
 ) -> Result<Vec<f32>> {
     let mut g: Vec<f32> = Vec::new();
-    let (mut next, mut cols) = (Vec::new(), Vec::new());
+    let buffers = &net.weights.buffers;
+    let (mut next, mut cols) = (buffers.take(), buffers.take());
     for (layer, step) in net.layers[..=spec.deepest()].iter().zip(saved).rev() {
         if let Some(pos) = tap_grads.iter().position(|(i, _)| *i == layer.index) {
             let tg = std::mem::take(&mut tap_grads[pos].1);
@@ -598,6 +602,7 @@ fn backward(
                 g = tg;
             } else {
                 g.iter_mut().zip(&tg).for_each(|(a, b)| *a += b);
+                buffers.give(tg);
             }
         }
         match step {
@@ -613,6 +618,8 @@ fn backward(
             }
         }
     }
+    buffers.give(next);
+    buffers.give(cols);
     Ok(g)
 }
 
