@@ -235,26 +235,36 @@ fn transform_input(
     });
 }
 
-/// One part's rows for [`transform_input`]: four padded image rows and
-/// their column transforms.
+/// One part's rows for [`transform_input`]: one padded image row, the
+/// even and odd columns of four of them, and their column transforms.
 struct InputRows {
-    padded: [Vec<f32>; 4],
-    t: [Vec<f32>; 4],
+    padded: Vec<f32>,
+    even: [Vec<f32>; 4],
+    odd: [Vec<f32>; 4],
+    t_even: [Vec<f32>; 4],
+    t_odd: [Vec<f32>; 4],
 }
 
 impl InputRows {
     fn new(band: &Band) -> InputRows {
-        let width = 2 * band.cols.len() + 2;
+        let half = band.cols.len() + 1;
+        let four = || [0, 1, 2, 3].map(|_| vec![0f32; half]);
         InputRows {
-            padded: [0, 1, 2, 3].map(|_| vec![0f32; width]),
-            t: [0, 1, 2, 3].map(|_| vec![0f32; width]),
+            padded: vec![0f32; 2 * half],
+            even: four(),
+            odd: four(),
+            t_even: four(),
+            t_odd: four(),
         }
     }
 
     /// The 16 transformed rows (one per position, over the band's tiles)
     /// of one channel's `plane`. The column transform B^T runs along whole
-    /// rows (four input rows make four transformed ones, in vector lanes),
-    /// then the row transform along each tile's four columns of them.
+    /// rows (four input rows make four transformed ones), then the row
+    /// transform along each tile's four columns of them. Both run on the
+    /// rows' even and odd columns apart, so that every loop reads and
+    /// writes consecutive values (in vector lanes): tile tj's columns are
+    /// even[tj], odd[tj], even[tj + 1], odd[tj + 1].
     fn channel(
         &mut self,
         plane: &[f32],
@@ -266,14 +276,15 @@ impl InputRows {
         // The image columns the band's tiles read, from 2 tj0 - 1, with
         // zeros past either side of the image: four per tile, overlapping
         // by two.
-        let width = 2 * ncols + 2;
+        let (width, half) = (2 * ncols + 2, ncols + 1);
         let first = 2 * band.cols.start as isize - 1;
         let (lo, hi) = (
             (-first).max(0) as usize,
             (w as isize - first).clamp(0, width as isize) as usize,
         );
         for (band_row, ti) in band.rows.clone().enumerate() {
-            for (dy, row) in self.padded.iter_mut().enumerate() {
+            for dy in 0..4 {
+                let row = &mut self.padded[..width];
                 let i = (2 * ti + dy).checked_sub(1).filter(|&i| i < h);
                 match i {
                     Some(i) if lo < hi => {
@@ -284,33 +295,86 @@ impl InputRows {
                     }
                     _ => row.fill(0.0),
                 }
+                deinterleave(row, &mut self.even[dy][..half], &mut self.odd[dy][..half]);
             }
-            let [r0, r1, r2, r3] = &self.padded;
-            let [t0, t1, t2, t3] = &mut self.t;
-            for j in 0..width {
-                let col = bt([r0[j], r1[j], r2[j], r3[j]]);
-                (t0[j], t1[j], t2[j], t3[j]) = (col[0], col[1], col[2], col[3]);
+            for (rows, out) in [(&self.even, &mut self.t_even), (&self.odd, &mut self.t_odd)] {
+                let [t0, t1, t2, t3] = out.each_mut().map(|t| &mut t[..half]);
+                bt_columns(rows.each_ref().map(|r| &r[..half]), t0, t1, t2, t3);
             }
             let first_tile = band_row * ncols;
-            for (y, row) in self.t.iter().enumerate() {
+            for y in 0..4 {
+                let (e, o) = (&self.t_even[y][..half], &self.t_odd[y][..half]);
                 // The four positions (y, 0..3) of every tile of this row.
                 let [v0, v1, v2, v3]: &mut [&mut [f32]; 4] = (&mut v[4 * y..4 * y + 4])
                     .try_into()
                     .expect("four positions a row");
-                let (v0, v1) = (
-                    &mut v0[first_tile..][..ncols],
-                    &mut v1[first_tile..][..ncols],
-                );
-                let (v2, v3) = (
-                    &mut v2[first_tile..][..ncols],
-                    &mut v3[first_tile..][..ncols],
-                );
-                for tj in 0..ncols {
-                    let q = &row[2 * tj..2 * tj + 4];
-                    [v0[tj], v1[tj], v2[tj], v3[tj]] = bt([q[0], q[1], q[2], q[3]]);
-                }
+                let [v0, v1, v2, v3] = [v0, v1, v2, v3].map(|v| &mut v[first_tile..][..ncols]);
+                bt_tiles((e, o), v0, v1, v2, v3);
             }
         }
+    }
+}
+
+// The transforms' loops. Each is a function of its own with its outputs
+// as `&mut` parameters, which the compiler knows alias nothing else, and
+// every slice cut to the loop's length: so it can run them in vector lanes
+// (written inline in the passes, the outputs might have overlapped the
+// inputs for all it knew, and the loops ran one value at a time).
+
+/// even[k], odd[k] = row[2k], row[2k + 1].
+fn deinterleave(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let n = even.len();
+    let (row, odd) = (&row[..2 * n], &mut odd[..n]);
+    for k in 0..n {
+        (even[k], odd[k]) = (row[2 * k], row[2 * k + 1]);
+    }
+}
+
+/// B^T down the columns of four rows `r`: t0..t3[j] = B^T (r0..r3[j]).
+fn bt_columns(r: [&[f32]; 4], t0: &mut [f32], t1: &mut [f32], t2: &mut [f32], t3: &mut [f32]) {
+    let n = t0.len();
+    let [r0, r1, r2, r3] = r.map(|r| &r[..n]);
+    let (t1, t2, t3) = (&mut t1[..n], &mut t2[..n], &mut t3[..n]);
+    for j in 0..n {
+        [t0[j], t1[j], t2[j], t3[j]] = bt([r0[j], r1[j], r2[j], r3[j]]);
+    }
+}
+
+/// B^T along each tile's four columns of one row, given as its even and
+/// odd columns: v0..v3[tj] = B^T (e[tj], o[tj], e[tj + 1], o[tj + 1]).
+fn bt_tiles(
+    (e, o): (&[f32], &[f32]),
+    v0: &mut [f32],
+    v1: &mut [f32],
+    v2: &mut [f32],
+    v3: &mut [f32],
+) {
+    let n = v0.len();
+    let (e, o) = (&e[..n + 1], &o[..n + 1]);
+    let (v1, v2, v3) = (&mut v1[..n], &mut v2[..n], &mut v3[..n]);
+    for tj in 0..n {
+        [v0[tj], v1[tj], v2[tj], v3[tj]] = bt([e[tj], o[tj], e[tj + 1], o[tj + 1]]);
+    }
+}
+
+/// A^T down four runs of M: s0, s1[tj] = A^T (m0..m3[tj]).
+fn at_columns(m: [&[f32]; 4], s0: &mut [f32], s1: &mut [f32]) {
+    let n = s0.len();
+    let [m0, m1, m2, m3] = m.map(|m| &m[..n]);
+    let s1 = &mut s1[..n];
+    for tj in 0..n {
+        [s0[tj], s1[tj]] = at([m0[tj], m1[tj], m2[tj], m3[tj]]);
+    }
+}
+
+/// A^T along each tile's four values of the rows `s`, into its two
+/// output columns: line[2 tj], line[2 tj + 1] = A^T (s0..s3[tj]).
+fn at_tiles(s: [&[f32]; 4], line: &mut [f32]) {
+    let n = line.len() / 2;
+    let [s0, s1, s2, s3] = s.map(|s| &s[..n]);
+    let line = &mut line[..2 * n];
+    for tj in 0..n {
+        [line[2 * tj], line[2 * tj + 1]] = at([s0[tj], s1[tj], s2[tj], s3[tj]]);
     }
 }
 
@@ -362,26 +426,19 @@ fn output_channel<'m>(
         let first_tile = band_row * ncols;
         let run = |pos: usize| &runs(pos)[first_tile..][..ncols];
         for x in 0..4 {
-            let (m0, m1, m2, m3) = (run(x), run(4 + x), run(8 + x), run(12 + x));
+            let m = [run(x), run(4 + x), run(8 + x), run(12 + x)];
             let (lo, hi) = s.split_at_mut(4);
-            let (s0, s1) = (&mut lo[x], &mut hi[x]);
-            for tj in 0..ncols {
-                let [a, b] = at([m0[tj], m1[tj], m2[tj], m3[tj]]);
-                s0[tj] = a;
-                s1[tj] = b;
-            }
+            at_columns(m, &mut lo[x][..ncols], &mut hi[x][..ncols]);
         }
         for r in 0..2 {
             let i = 2 * ti + r;
             if i >= h {
                 continue;
             }
-            let [s0, s1, s2, s3] = [&s[4 * r], &s[4 * r + 1], &s[4 * r + 2], &s[4 * r + 3]];
-            for tj in 0..ncols {
-                let [a, b] = at([s0[tj], s1[tj], s2[tj], s3[tj]]);
-                line[2 * tj] = a;
-                line[2 * tj + 1] = b;
-            }
+            at_tiles(
+                [0, 1, 2, 3].map(|k| &s[4 * r + k][..ncols]),
+                &mut line[..2 * ncols],
+            );
             plane[i * w + j0..][..cols].copy_from_slice(&line[..cols]);
         }
     }
