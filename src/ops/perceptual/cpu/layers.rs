@@ -7,7 +7,7 @@
 
 use super::gemm::sgemm;
 use super::{packed, winograd};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::fallible;
 use crate::vgg::{ConvWeights, Pooling};
 use std::ops::Range;
@@ -300,6 +300,11 @@ pub(crate) fn pool(
     mut argmax: Option<&mut Vec<u8>>,
 ) -> Result<()> {
     let (oh, ow) = (h / 2, w / 2);
+    if x.len() < c * h * w {
+        return Err(Error::Internal(
+            "a pool's input is shorter than its shape".into(),
+        ));
+    }
     // Every value is written (by index, in loops the compiler can run in
     // vector lanes: each window's maximum is a chain of selects).
     set_len(out, c * oh * ow, "a pool's output")?;
@@ -334,8 +339,8 @@ pub(crate) fn pool(
 }
 
 /// The position (0..4, row-major) of a 2x2 window's maximum and its value:
-/// the first maximum, or the first NaN where there is one (NaN propagates,
-/// as in PyTorch).
+/// the first maximum, or the first NaN where there is one (the value NaN,
+/// as PyTorch gives).
 #[inline(always)]
 fn first_max(win: [f32; 4]) -> (u8, f32) {
     let (mut at, mut best) = (0, win[0]);

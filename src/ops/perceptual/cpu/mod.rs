@@ -442,6 +442,7 @@ fn pass<T: Element>(
                         staged[at] = out.blended(at, input_grad(&g, s.c, hw, spec.norm, ch, i));
                     }
                 }
+                net.weights.buffers.give(g);
             }
             n += 1;
         }
@@ -602,7 +603,6 @@ fn backward(
                 g = tg;
             } else {
                 g.iter_mut().zip(&tg).for_each(|(a, b)| *a += b);
-                buffers.give(tg);
             }
         }
         match step {
@@ -728,6 +728,7 @@ pub(crate) fn lpips_map_grad<T: Element>(
             out[ch * hw + i] = input_grad(&g, c, hw, spec.norm, ch, i);
         }
     }
+    net.weights.buffers.give(g);
     Ok(())
 }
 
@@ -894,9 +895,10 @@ mod tests {
     }
 
     /// LPIPS's maps and their gradient give the same bits whether the
-    /// target's forward runs beside pred's (here, on a two-core machine)
-    /// or before it, its taps compared as pred's forward reaches them (in a
-    /// branch of `parts::both`, where nothing runs beside).
+    /// target's forward runs beside pred's (here, on a two-core machine;
+    /// elsewhere both runs take the other path) or before it, its taps
+    /// compared as pred's forward reaches them (in a branch of
+    /// `parts::both`, where nothing runs beside).
     #[test]
     fn lpips_maps_are_the_same_with_the_target_beside_or_before() {
         let bytes = crate::vgg::seeded_safetensors(VggArch::Vgg16, 4).unwrap();
