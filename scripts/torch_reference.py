@@ -58,9 +58,9 @@ def load_features(weights_path, arch, device):
 
 @functools.cache
 def _seeded_features(arch, seed):
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, arch)(weights=None)
-    return {f"features.{k}": v.contiguous() for k, v in model.features.state_dict().items()}
+    from export_vgg import seeded  # beside this file
+
+    return {f"features.{k}": v.contiguous() for k, v in seeded(arch, seed).items()}
 
 
 def write_torchvision_weights(path, arch, seed):
