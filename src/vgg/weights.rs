@@ -34,7 +34,7 @@ pub(crate) struct ConvWeights {
     pub bias: Vec<f32>,
     /// The filters as the CPU's products take them, each made on first use
     /// (`cpu::layers::Prepared` names them).
-    pub prepared: [std::sync::OnceLock<Vec<f32>>; 4],
+    pub prepared: [std::sync::OnceLock<Vec<f32>>; 6],
 }
 
 /// Every convolution's parameters in f32, by layer index, and the CPU

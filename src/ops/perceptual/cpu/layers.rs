@@ -146,9 +146,13 @@ fn col2im(
 /// `ConvWeights::prepared` once made.
 #[derive(Clone, Copy)]
 enum Prepared {
-    /// Winograd's transformed filters, forward and for the input gradient.
+    /// Winograd's transformed filters, forward and for the input gradient,
+    /// as the rows of its products (many tiles)...
     Winograd = 0,
     WinogradBackward = 1,
+    /// ...and as their columns (few tiles).
+    WinogradColumns = 4,
+    WinogradColumnsBackward = 5,
     /// The filters (out_c x 9 in_c) and their transpose, packed for
     /// `packed::product` (where the machine runs it).
     Packed = 2,
@@ -156,10 +160,23 @@ enum Prepared {
 }
 
 impl Prepared {
+    /// Winograd's filters for `products`, forward or `backward`.
+    fn winograd(products: winograd::Products, backward: bool) -> Prepared {
+        match (products, backward) {
+            (winograd::Products::FilterRows, false) => Prepared::Winograd,
+            (winograd::Products::FilterRows, true) => Prepared::WinogradBackward,
+            (winograd::Products::TileRows, false) => Prepared::WinogradColumns,
+            (winograd::Products::TileRows, true) => Prepared::WinogradColumnsBackward,
+        }
+    }
+
     fn of(self, p: &ConvWeights) -> &[f32] {
+        use winograd::Products::{FilterRows, TileRows};
         p.prepared[self as usize].get_or_init(|| match self {
-            Prepared::Winograd => winograd::filters(p, false),
-            Prepared::WinogradBackward => winograd::filters(p, true),
+            Prepared::Winograd => winograd::filters(p, false, FilterRows),
+            Prepared::WinogradBackward => winograd::filters(p, true, FilterRows),
+            Prepared::WinogradColumns => winograd::filters(p, false, TileRows),
+            Prepared::WinogradColumnsBackward => winograd::filters(p, true, TileRows),
             Prepared::Packed => pack_filters(p, false),
             Prepared::PackedTransposed => pack_filters(p, true),
         })
@@ -198,9 +215,9 @@ pub(crate) fn conv(
 ) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
     set_len(out, p.out_c * hw, "a convolution's output")?;
-    if winograd::suits(p.in_c, p.out_c, h, w) {
-        let u = Prepared::Winograd.of(p);
-        winograd::conv(x, (p.in_c, p.out_c), (h, w), u, out, cols)?;
+    if let Some(products) = winograd::products(p.in_c, p.out_c, h, w) {
+        let u = Prepared::winograd(products, false).of(p);
+        winograd::conv(x, (p.in_c, p.out_c), (h, w), (u, products), out, cols)?;
         add_bias(out, &p.bias, hw);
         return Ok(());
     }
@@ -240,10 +257,10 @@ pub(crate) fn conv_backward(
     cols: &mut Vec<f32>,
 ) -> Result<()> {
     let (hw, k) = (h * w, p.in_c * 9);
-    if winograd::suits(p.in_c, p.out_c, h, w) {
+    if let Some(products) = winograd::products(p.in_c, p.out_c, h, w) {
         // Every value is written: what the buffer held can stay.
         set_len(dx, p.in_c * hw, "a convolution's input gradient")?;
-        let u = Prepared::WinogradBackward.of(p);
+        let u = (Prepared::winograd(products, true).of(p), products);
         return winograd::conv(dout, (p.out_c, p.in_c), (h, w), u, dx, cols);
     }
     // col2im adds each band's columns in.
@@ -456,21 +473,36 @@ mod tests {
         }
     }
 
-    /// The Winograd path (16 channels or more on both sides, 32 tiles or
-    /// more): odd and even sizes (tiles that hang past the image), one row,
-    /// an image of several bands of tile rows (64 + 64 channels at 200 x
-    /// 180: 100 x 90 tiles, 22 rows of tiles a band), and rows longer than
-    /// a band (16 + 16 channels: 8192 tiles a band, rows of 10,000).
+    /// The Winograd path (16 channels or more on both sides) with the
+    /// filters as the products' rows (32 tiles or more): odd and even sizes
+    /// (tiles that hang past the image), one row, an image of several bands
+    /// of tile rows (64 + 64 channels at 200 x 180: 100 x 90 tiles, 22 rows
+    /// of tiles a band), and rows longer than a band (16 + 16 channels:
+    /// 8192 tiles a band, rows of 10,000); and, where the packed product
+    /// runs, with the tiles as the rows (fewer than 32): 16 tiles of 8 x 8
+    /// (two and three panels of 6), one tile of 1 x 1, an odd 5 x 7 (12
+    /// tiles) and 3 x 9 (10), and channels past one or two panels of 64
+    /// columns (70, 130) or short of one (24).
     #[test]
     fn winograd_convolution_matches_direct_sums() {
-        for (in_c, out_c, h, w) in [
-            (16, 24, 13, 11),
-            (32, 16, 16, 16),
-            (24, 16, 1, 77),
-            (64, 64, 200, 180),
-            (16, 16, 3, 20_000),
+        use winograd::Products::{FilterRows, TileRows};
+        for (in_c, out_c, h, w, products) in [
+            (16, 24, 13, 11, FilterRows),
+            (32, 16, 16, 16, FilterRows),
+            (24, 16, 1, 77, FilterRows),
+            (64, 64, 200, 180, FilterRows),
+            (16, 16, 3, 20_000, FilterRows),
+            (64, 70, 8, 8, TileRows),
+            (130, 24, 8, 8, TileRows),
+            (16, 16, 1, 1, TileRows),
+            (24, 40, 5, 7, TileRows),
+            (40, 16, 3, 9, TileRows),
         ] {
-            assert!(winograd::suits(in_c, out_c, h, w));
+            let got = winograd::products(in_c, out_c, h, w);
+            match (products, packed::available()) {
+                (TileRows, false) => assert_eq!(got, None, "unfolded without the packed product"),
+                _ => assert_eq!(got, Some(products)),
+            }
             check_against_direct_sums(in_c, out_c, h, w);
         }
     }

@@ -17,6 +17,12 @@
 //! the blocking, so results are the same run to run and on both
 //! instruction sets. Without either the caller keeps the unpacked filters
 //! and the general product.
+//!
+//! Where A has only a few rows (the tiles of a small image's deep layers)
+//! the filters are B instead, packed once in panels of `NC` columns
+//! ([`pack_columns`]) so that the product streams them in order, and A is
+//! packed per call from the tiles ([`pack_transposed`]): see
+//! [`product_packed`].
 
 /// Rows of A, and of C, per kernel block.
 const MR: usize = 6;
@@ -30,6 +36,10 @@ const KC: usize = 256;
 /// Panels of A per strip: 96 rows by `KC`, 96 KiB, stay in the second-level
 /// cache while the strip runs along all of C's columns.
 const MC_PANELS: usize = 16;
+
+/// Columns per panel of a packed B ([`pack_columns`]): one AVX-512 block,
+/// four AVX2 ones.
+pub(crate) const NC: usize = 64;
 
 /// The vector kernels, by instruction set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,18 +123,63 @@ pub(crate) fn pack(a: &[f32], (m, k): (usize, usize), out: &mut [f32]) {
     }
 }
 
+/// Floats of `k` x `n` packed by columns: panels of `NC` columns, the last
+/// one padded with zero columns.
+pub(crate) fn packed_columns_len(k: usize, n: usize) -> usize {
+    n.div_ceil(NC) * NC * k
+}
+
+/// Row-major `b` (k x n) packed into `out` (`packed_columns_len` floats):
+/// panel q holds columns q NC.. q NC + NC - 1, row by row, NC values a
+/// row, so a product reading B panel by panel reads it in order.
+pub(crate) fn pack_columns(b: &[f32], (k, n): (usize, usize), out: &mut [f32]) {
+    assert!(b.len() >= k * n && out.len() >= packed_columns_len(k, n));
+    for (q, panel) in out
+        .chunks_exact_mut(NC * k)
+        .take(n.div_ceil(NC))
+        .enumerate()
+    {
+        for (kk, row) in panel.chunks_exact_mut(NC).enumerate() {
+            let cols = (n - q * NC).min(NC);
+            row[..cols].copy_from_slice(&b[kk * n + q * NC..][..cols]);
+            row[cols..].fill(0.0);
+        }
+    }
+}
+
+/// A = V^T packed as [`pack`] packs it (m x k, k > 0), from `v` (k x m,
+/// rows `ld` apart): the A of a product whose rows are the columns of V.
+pub(crate) fn pack_transposed((v, ld): (&[f32], usize), (m, k): (usize, usize), out: &mut [f32]) {
+    assert!(k > 0 && ld >= m && v.len() >= (k - 1) * ld + m && out.len() >= packed_len(m, k));
+    for (p, panel) in out
+        .chunks_exact_mut(MR * k)
+        .take(m.div_ceil(MR))
+        .enumerate()
+    {
+        let rows = (m - p * MR).min(MR);
+        for (kk, values) in panel.chunks_exact_mut(MR).enumerate() {
+            values[..rows].copy_from_slice(&v[kk * ld + p * MR..][..rows]);
+            values[rows..].fill(0.0);
+        }
+    }
+}
+
 /// Panics unless `kernel` runs here and the operands of C (m x n, rows
 /// `ldc` apart) = A B hold what the product reads and writes: A packed
-/// from m x k (k > 0), B k x n with rows `ldb` apart.
+/// from m x k (k > 0), B k x n with rows `ldb` apart (`None`: B packed
+/// by columns).
 fn check(
     kernel: Kernel,
     a: &[f32],
     (m, k, n): (usize, usize, usize),
-    (b, ldb): (&[f32], usize),
+    b: (&[f32], Option<usize>),
     (c, ldc): (&[f32], usize),
 ) {
     assert!(k > 0 && a.len() >= packed_len(m, k) && kernel.runs_here());
-    assert!(n == 0 || (ldb >= n && b.len() >= (k - 1) * ldb + n));
+    match b {
+        (b, Some(ldb)) => assert!(n == 0 || (ldb >= n && b.len() >= (k - 1) * ldb + n)),
+        (b, None) => assert!(b.len() >= packed_columns_len(k, n) && NC.is_multiple_of(kernel.nr())),
+    }
     assert!(n == 0 || m == 0 || (ldc >= n && c.len() >= (m - 1) * ldc + n));
 }
 
@@ -152,10 +207,61 @@ pub(crate) fn product_with(
     (b, ldb): (&[f32], usize),
     (c, ldc): (&mut [f32], usize),
 ) {
-    check(kernel, a, shape, (b, ldb), (c, ldc));
+    check(kernel, a, shape, (b, Some(ldb)), (c, ldc));
     // SAFETY: checked above: the kernel's instructions are present and the
     // operands hold every element the product touches.
     unsafe { raw(kernel, a, shape, (b.as_ptr(), ldb), (c.as_mut_ptr(), ldc)) }
+}
+
+/// C (m x n, rows `ldc` apart) = A B: A packed by [`pack`] (or
+/// [`pack_transposed`]) from m x k, B by [`pack_columns`] from k x n. On
+/// one thread; only where [`available`]. B is read once, panel by panel
+/// in order, and A once per slice of k of each kernel block of columns: A
+/// of a few rows stays in cache. Each element of C is the same
+/// multiply-add chain as in [`product`], so the two give the same bits.
+pub(crate) fn product_packed(
+    a: &[f32],
+    shape: (usize, usize, usize),
+    b: &[f32],
+    c: (&mut [f32], usize),
+) {
+    product_packed_with(best(), a, shape, b, c)
+}
+
+/// [`product_packed`] with a chosen kernel, which must run here.
+pub(crate) fn product_packed_with(
+    kernel: Kernel,
+    a: &[f32],
+    (m, k, n): (usize, usize, usize),
+    b: &[f32],
+    (c, ldc): (&mut [f32], usize),
+) {
+    check(kernel, a, (m, k, n), (b, None), (c, ldc));
+    let (nr, panels) = (kernel.nr(), m.div_ceil(MR));
+    for j0 in (0..n).step_by(nr) {
+        let b_panel = &b[(j0 / NC) * NC * k + j0 % NC..];
+        for k0 in (0..k).step_by(KC) {
+            for p in 0..panels {
+                let block = Block {
+                    panel: a[p * MR * k + k0 * MR..].as_ptr(),
+                    kc: KC.min(k - k0),
+                    b: b_panel[k0 * NC..].as_ptr(),
+                    ldb: NC,
+                    cols: (n - j0).min(nr),
+                    rows: (m - p * MR).min(MR),
+                    c: c[p * MR * ldc + j0..].as_mut_ptr(),
+                    ldc,
+                    carry: k0 > 0,
+                };
+                // SAFETY: the kernel's instructions are present (checked);
+                // the block's panel of A, its kc rows of B's panel (NC
+                // apart, all within the padded panel) and its rows of C
+                // lie inside the operands, which hold what `check` and
+                // the packed lengths ask.
+                unsafe { run_block(kernel, &block) };
+            }
+        }
+    }
 }
 
 /// [`product`] with C shared among the cores in blocks of whole kernel
@@ -168,7 +274,7 @@ pub(crate) fn product_on_cores(
     (c, ldc): (&mut [f32], usize),
 ) {
     let kernel = best();
-    check(kernel, a, (m, k, n), (b, ldb), (c, ldc));
+    check(kernel, a, (m, k, n), (b, Some(ldb)), (c, ldc));
     let by_columns = n >= m;
     let (len, unit) = if by_columns {
         (n, kernel.nr())
@@ -427,12 +533,32 @@ mod tests {
             pack(&a, (m, k), &mut packed);
             let mut split = vec![7.0f32; (m - 1) * ldc + n];
             product_on_cores(&packed, (m, k, n), (&b, ldb), (&mut split, ldc));
+            // B row-major (k x n) packed by columns, and A packed from its
+            // transpose (k x m, rows m + 3 apart).
+            let dense: Vec<f32> = (0..k * n).map(|i| b[i / n * ldb + i % n]).collect();
+            let mut b_panels = vec![f32::NAN; packed_columns_len(k, n)];
+            pack_columns(&dense, (k, n), &mut b_panels);
+            let a_t: Vec<f32> = (0..k * (m + 3))
+                .map(|i| match i % (m + 3) {
+                    row if row < m => a[row * k + i / (m + 3)],
+                    _ => f32::NAN,
+                })
+                .collect();
+            let mut from_t = vec![f32::NAN; packed_len(m, k)];
+            pack_transposed((&a_t, m + 3), (m, k), &mut from_t);
+            assert!(from_t == packed, "{m}x{k}: A packed from its transpose");
             for &kernel in &kernels {
                 let mut c = vec![7.0f32; split.len()];
                 product_with(kernel, &packed, (m, k, n), (&b, ldb), (&mut c, ldc));
                 assert!(
                     c == split,
                     "{m}x{k}x{n} {kernel:?}: against the split on the best kernel"
+                );
+                let mut c = vec![7.0f32; split.len()];
+                product_packed_with(kernel, &packed, (m, k, n), &b_panels, (&mut c, ldc));
+                assert!(
+                    c == split,
+                    "{m}x{k}x{n} {kernel:?}: B packed by columns against the split"
                 );
             }
             for i in 0..m {

@@ -9,6 +9,12 @@
 //!
 //! The input gradient is the same convolution of the output gradient with
 //! the filters flipped and their channels swapped.
+//!
+//! Each channel product has one operand packed once, with the filters:
+//! with many tiles, the filters are its rows (out_c x in_c) and the tiles
+//! its columns, read where they lie; with few (the 8 x 8 maps of a 64 x 64
+//! image: 16 tiles), the tiles are its rows, packed per call, and the
+//! filters its columns ([`Products`]).
 
 use super::gemm::{each_part, sgemm_batch};
 use super::packed;
@@ -28,29 +34,50 @@ const BAND_ELEMENTS: usize = 1 << 22;
 /// products would be too thin to run at speed.
 const MIN_CHANNELS: usize = 16;
 
-/// Tiles below which the unfolded product is used instead. The 16
-/// transformed filters are 16/9 of the filters, and on a few tiles (VGG's
-/// 8 x 8 layers of a 64 x 64 image) reading them costs more than the
-/// multiply-adds saved. Chosen when each product still packed both of its
-/// operands per call: a 1x3x64x64 VGG16 call took 44 ms with every layer
-/// here, 34 ms from 32 tiles on, 36 ms with none (2 cores, AVX-512). Both
-/// paths now read filters packed once (`layers::Prepared`); re-checked
-/// then on a 2-core AMD EPYC, thresholds of 16 and 4 tiles made LPIPS at
-/// 1x3x64x64 about 10% and 15% slower (fastest of 15 calls).
-const MIN_TILES: usize = 32;
+/// Tiles below which the tiles, not the filters, are the packed rows of
+/// the channel products. With the filters as rows, the tiles are the
+/// columns of a kernel block (64 with AVX-512), and a few tiles leave most
+/// of its lanes idle: on VGG's 8 x 8 layers of a 64 x 64 image (16 tiles)
+/// the products ran slower than the unfolded convolution's with 9/4 of
+/// the multiply-adds, which those layers then used. With the tiles as rows
+/// (blocks of 6) and the filters as columns streamed in order, the
+/// product kernel's share of a 1x3x64x64 VGG16 call fell by a quarter
+/// (docs/performance.md, 2026-12-02). Without the packed kernels such a
+/// convolution is unfolded.
+const FEW_TILES: usize = 32;
 
-/// Whether a convolution of `in_c` -> `out_c` channels over h x w runs here.
-pub(crate) fn suits(in_c: usize, out_c: usize, h: usize, w: usize) -> bool {
-    in_c.min(out_c) >= MIN_CHANNELS && h.div_ceil(2) * w.div_ceil(2) >= MIN_TILES
+/// How a convolution's 16 channel products run: which operand is packed
+/// once with the filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Products {
+    /// The filters are the rows (packed by `packed::pack`), the tiles the
+    /// columns, read where they lie.
+    FilterRows,
+    /// The filters are the columns (packed by `packed::pack_columns`), the
+    /// few tiles the rows, packed per call.
+    TileRows,
+}
+
+/// How a convolution of `in_c` -> `out_c` channels over h x w runs here,
+/// if it does (else it is unfolded).
+pub(crate) fn products(in_c: usize, out_c: usize, h: usize, w: usize) -> Option<Products> {
+    let few = h.div_ceil(2) * w.div_ceil(2) < FEW_TILES;
+    match (in_c.min(out_c) >= MIN_CHANNELS, few, packed::available()) {
+        (false, ..) => None,
+        (true, false, _) => Some(Products::FilterRows),
+        (true, true, true) => Some(Products::TileRows),
+        (true, true, false) => None,
+    }
 }
 
 /// The filters of `p` (out_c x in_c x 3 x 3) in the transform domain, as
 /// 16 matrices of out_c x in_c (position-major), U = G g G^T with G =
-/// [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]: packed for
-/// the packed product where the machine runs it, else row-major. With
-/// `backward`, of the flipped filters with in and out swapped: the input
-/// gradient's convolution.
-pub(crate) fn filters(p: &ConvWeights, backward: bool) -> Vec<f32> {
+/// [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]], as
+/// `products` reads them: packed as rows or, transposed (in_c x out_c),
+/// as columns where the machine runs the packed product, else row-major.
+/// With `backward`, of the flipped filters with in and out swapped: the
+/// input gradient's convolution.
+pub(crate) fn filters(p: &ConvWeights, backward: bool, products: Products) -> Vec<f32> {
     let (rows, cols) = match backward {
         true => (p.in_c, p.out_c),
         false => (p.out_c, p.in_c),
@@ -59,10 +86,22 @@ pub(crate) fn filters(p: &ConvWeights, backward: bool) -> Vec<f32> {
     if !packed::available() {
         return u;
     }
-    let len = packed::packed_len(rows, cols);
+    let len = match products {
+        Products::FilterRows => packed::packed_len(rows, cols),
+        Products::TileRows => packed::packed_columns_len(cols, rows),
+    };
     let mut out = vec![0f32; POSITIONS * len];
+    let mut transposed = vec![0f32; rows * cols];
     for (plain, dst) in u.chunks_exact(rows * cols).zip(out.chunks_exact_mut(len)) {
-        packed::pack(plain, (rows, cols), dst);
+        match products {
+            Products::FilterRows => packed::pack(plain, (rows, cols), dst),
+            Products::TileRows => {
+                for (r, row) in plain.chunks_exact(cols).enumerate() {
+                    (0..cols).for_each(|c| transposed[c * rows + r] = row[c]);
+                }
+                packed::pack_columns(&transposed, (cols, rows), dst);
+            }
+        }
     }
     out
 }
@@ -117,16 +156,19 @@ fn at([a, b, c, d]: [f32; 4]) -> [f32; 2] {
 }
 
 /// out (`out_c` x h x w) = the convolution of `x` (`in_c` x h x w) whose
-/// transformed filters are `u` (from [`filters`]); `scratch` holds the
-/// transform domain of a band of tiles.
+/// transformed filters are `u` (from [`filters`] for `products`);
+/// `scratch` holds the transform domain of a band of tiles.
 pub(crate) fn conv(
     x: &[f32],
     (in_c, out_c): (usize, usize),
     (h, w): (usize, usize),
-    u: &[f32],
+    (u, products): (&[f32], Products),
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) -> Result<()> {
+    if products == Products::TileRows {
+        return conv_by_tile_rows(x, (in_c, out_c), (h, w), u, out, scratch);
+    }
     let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
     // A band is whole rows of tiles, as many as the bound allows, or part
     // of one row when a row alone is over it. Rows of the band's matrices
@@ -172,9 +214,56 @@ pub(crate) fn conv(
             } else {
                 sgemm_batch(POSITIONS, shape, u, v, m);
             }
-            transform_output((m, ld), out_c, (h, w), &band, out);
+            transform_output((m, ld, out_c * ld), out_c, (h, w), &band, out);
         }
     }
+    Ok(())
+}
+
+/// [`conv`] of an image of few tiles (one band), the tiles as the rows of
+/// each channel product: per position, V^T (tiles x in_c) packed, times
+/// the filters' columns, gives M^T (tiles x out_c), turned back to M
+/// (out_c x tiles) for the output transform. The positions' M, packed V^T
+/// and M^T lie together, one position's work apart.
+fn conv_by_tile_rows(
+    x: &[f32],
+    (in_c, out_c): (usize, usize),
+    (h, w): (usize, usize),
+    u: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<()> {
+    let band = Band {
+        rows: 0..h.div_ceil(2),
+        cols: 0..w.div_ceil(2),
+    };
+    let tiles = band.tiles();
+    let (m_len, a_len) = (out_c * tiles, packed::packed_len(tiles, in_c));
+    let per_position = m_len + a_len + tiles * out_c;
+    let v_len = POSITIONS * in_c * tiles;
+    // Every element the products read is written first: no clearing.
+    scratch.truncate(v_len + POSITIONS * per_position);
+    fallible::resize(
+        scratch,
+        v_len + POSITIONS * per_position,
+        0.0,
+        "Winograd tiles",
+    )?;
+    let (v, work) = scratch.split_at_mut(v_len);
+    transform_input(x, in_c, (h, w), &band, (v, tiles));
+    let b_len = packed::packed_columns_len(in_c, out_c);
+    each_part(work, POSITIONS, out_c * in_c * tiles, |pos, work| {
+        let (m, rest) = work.split_at_mut(m_len);
+        let (a, m_t) = rest.split_at_mut(a_len);
+        let v = &v[pos * in_c * tiles..][..in_c * tiles];
+        packed::pack_transposed((v, tiles), (tiles, in_c), a);
+        let u = &u[pos * b_len..][..b_len];
+        packed::product_packed(a, (tiles, in_c, out_c), u, (m_t, out_c));
+        for (t, row) in m_t.chunks_exact(out_c).enumerate() {
+            (0..out_c).for_each(|o| m[o * tiles + t] = row[o]);
+        }
+    });
+    transform_output((work, tiles, per_position), out_c, (h, w), &band, out);
     Ok(())
 }
 
@@ -378,11 +467,12 @@ fn at_tiles(s: [&[f32]; 4], line: &mut [f32]) {
     }
 }
 
-/// Each tile of M (16 x out_c rows of the band's tiles, `ld` apart) of
-/// `band` back to its 2x2 outputs, A^T M A, into `out` (out_c x h x w),
-/// dropping what lies past the image; the channels shared among the cores.
+/// Each tile of M (16 matrices `stride` apart, of out_c rows of the band's
+/// tiles, `ld` apart) of `band` back to its 2x2 outputs, A^T M A, into
+/// `out` (out_c x h x w), dropping what lies past the image; the channels
+/// shared among the cores.
 fn transform_output(
-    (m, ld): (&[f32], usize),
+    (m, ld, stride): (&[f32], usize, usize),
     out_c: usize,
     (h, w): (usize, usize),
     band: &Band,
@@ -402,7 +492,7 @@ fn transform_output(
                 let at = (out_at as *mut f32).add(o * h * w);
                 std::slice::from_raw_parts_mut(at, h * w)
             };
-            let runs = |pos: usize| &m[(pos * out_c + o) * ld..][..band.tiles()];
+            let runs = |pos: usize| &m[pos * stride + o * ld..][..band.tiles()];
             output_channel(runs, (h, w), band, (&mut s, &mut line), plane);
         }
     });
