@@ -324,10 +324,9 @@ fn transform_input(
     });
 }
 
-/// One part's rows for [`transform_input`]: one padded image row, the
-/// even and odd columns of four of them, and their column transforms.
+/// One part's rows for [`transform_input`]: the even and odd columns of
+/// four image rows, and their column transforms.
 struct InputRows {
-    padded: Vec<f32>,
     even: [Vec<f32>; 4],
     odd: [Vec<f32>; 4],
     t_even: [Vec<f32>; 4],
@@ -339,7 +338,6 @@ impl InputRows {
         let half = band.cols.len() + 1;
         let four = || [0, 1, 2, 3].map(|_| vec![0f32; half]);
         InputRows {
-            padded: vec![0f32; 2 * half],
             even: four(),
             odd: four(),
             t_even: four(),
@@ -353,7 +351,8 @@ impl InputRows {
     /// transform along each tile's four columns of them. Both run on the
     /// rows' even and odd columns apart, so that every loop reads and
     /// writes consecutive values (in vector lanes): tile tj's columns are
-    /// even[tj], odd[tj], even[tj + 1], odd[tj + 1].
+    /// even[tj], odd[tj], even[tj + 1], odd[tj + 1]. A tile row's last two
+    /// image rows are the next one's first two: those are split once.
     fn channel(
         &mut self,
         plane: &[f32],
@@ -364,27 +363,26 @@ impl InputRows {
         let ncols = band.cols.len();
         // The image columns the band's tiles read, from 2 tj0 - 1, with
         // zeros past either side of the image: four per tile, overlapping
-        // by two.
-        let (width, half) = (2 * ncols + 2, ncols + 1);
+        // by two; the even ones (from 2 tj0 - 1) and the odd ones (from
+        // 2 tj0).
+        let half = ncols + 1;
         let first = 2 * band.cols.start as isize - 1;
-        let (lo, hi) = (
-            (-first).max(0) as usize,
-            (w as isize - first).clamp(0, width as isize) as usize,
-        );
         for (band_row, ti) in band.rows.clone().enumerate() {
-            for dy in 0..4 {
-                let row = &mut self.padded[..width];
-                let i = (2 * ti + dy).checked_sub(1).filter(|&i| i < h);
-                match i {
-                    Some(i) if lo < hi => {
-                        let src = (first + lo as isize) as usize;
-                        row[lo..hi].copy_from_slice(&plane[i * w + src..][..hi - lo]);
-                        row[..lo].fill(0.0);
-                        row[hi..].fill(0.0);
+            let fresh = match band_row {
+                0 => 0..4,
+                _ => {
+                    for split in [&mut self.even, &mut self.odd] {
+                        split.swap(0, 2);
+                        split.swap(1, 3);
                     }
-                    _ => row.fill(0.0),
+                    2..4
                 }
-                deinterleave(row, &mut self.even[dy][..half], &mut self.odd[dy][..half]);
+            };
+            for dy in fresh {
+                let i = (2 * ti + dy).checked_sub(1).filter(|&i| i < h);
+                let row = i.map(|i| &plane[i * w..(i + 1) * w]);
+                every_other(row, first, &mut self.even[dy][..half]);
+                every_other(row, first + 1, &mut self.odd[dy][..half]);
             }
             for (rows, out) in [(&self.even, &mut self.t_even), (&self.odd, &mut self.t_odd)] {
                 let [t0, t1, t2, t3] = out.each_mut().map(|t| &mut t[..half]);
@@ -410,12 +408,30 @@ impl InputRows {
 // (written inline in the passes, the outputs might have overlapped the
 // inputs for all it knew, and the loops ran one value at a time).
 
-/// even[k], odd[k] = row[2k], row[2k + 1].
-fn deinterleave(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let n = even.len();
-    let (row, odd) = (&row[..2 * n], &mut odd[..n]);
+/// out[k] = row[start + 2k], 0 where that column lies outside the row
+/// (or everywhere for a row of padding, `None`).
+fn every_other(row: Option<&[f32]>, start: isize, out: &mut [f32]) {
+    let Some(row) = row else {
+        return out.fill(0.0);
+    };
+    // The k whose column lies in the row: start + 2k in 0..len.
+    let n = out.len() as isize;
+    let lo = ((-start + 1) / 2).clamp(0, n) as usize;
+    let hi = ((row.len() as isize - start + 1) / 2).clamp(lo as isize, n) as usize;
+    out[..lo].fill(0.0);
+    out[hi..].fill(0.0);
+    if lo < hi {
+        let from = (start + 2 * lo as isize) as usize;
+        strided_copy(&row[from..from + 2 * (hi - lo) - 1], &mut out[lo..hi]);
+    }
+}
+
+/// out[k] = src[2k].
+fn strided_copy(src: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    let src = &src[..2 * n - 1];
     for k in 0..n {
-        (even[k], odd[k]) = (row[2 * k], row[2 * k + 1]);
+        out[k] = src[2 * k];
     }
 }
 
@@ -525,11 +541,17 @@ fn output_channel<'m>(
             if i >= h {
                 continue;
             }
-            at_tiles(
-                [0, 1, 2, 3].map(|k| &s[4 * r + k][..ncols]),
-                &mut line[..2 * ncols],
-            );
-            plane[i * w + j0..][..cols].copy_from_slice(&line[..cols]);
+            let s = [0, 1, 2, 3].map(|k| &s[4 * r + k][..ncols]);
+            let dst = &mut plane[i * w + j0..][..cols];
+            // Straight into the image row, but for a last tile that hangs
+            // past it.
+            match cols == 2 * ncols {
+                true => at_tiles(s, dst),
+                false => {
+                    at_tiles(s, &mut line[..2 * ncols]);
+                    dst.copy_from_slice(&line[..cols]);
+                }
+            }
         }
     }
 }
