@@ -14,7 +14,7 @@ use std::ops::Range;
 
 /// Sets `v`'s length to `len`; contents are unspecified (every caller
 /// overwrites them), so no time goes into clearing.
-fn set_len(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
+pub(super) fn set_len(v: &mut Vec<f32>, len: usize, what: &str) -> Result<()> {
     v.truncate(len);
     fallible::resize(v, len, 0.0, what)
 }
@@ -190,11 +190,7 @@ fn pack_filters(p: &ConvWeights, transposed: bool) -> Vec<f32> {
         false => (p.out_c, k, p.weight.clone()),
         true => {
             let mut t = vec![0f32; k * p.out_c];
-            for o in 0..p.out_c {
-                for i in 0..k {
-                    t[i * p.out_c + o] = p.weight[o * k + i];
-                }
-            }
+            packed::transpose(&p.weight, (p.out_c, k), &mut t);
             (k, p.out_c, t)
         }
     };

@@ -123,6 +123,14 @@ pub(crate) fn pack(a: &[f32], (m, k): (usize, usize), out: &mut [f32]) {
     }
 }
 
+/// `a` (rows x cols, row-major) transposed into `out` (cols x rows).
+pub(crate) fn transpose(a: &[f32], (rows, cols): (usize, usize), out: &mut [f32]) {
+    let out = &mut out[..rows * cols];
+    for (r, row) in a[..rows * cols].chunks_exact(cols).enumerate() {
+        (0..cols).for_each(|c| out[c * rows + r] = row[c]);
+    }
+}
+
 /// Floats of `k` x `n` packed by columns: panels of `NC` columns, the last
 /// one padded with zero columns.
 pub(crate) fn packed_columns_len(k: usize, n: usize) -> usize {

@@ -17,9 +17,9 @@
 //! filters its columns ([`Products`]).
 
 use super::gemm::{each_part, sgemm_batch};
+use super::layers::set_len;
 use super::packed;
 use crate::error::Result;
-use crate::fallible;
 use crate::vgg::ConvWeights;
 
 /// Transform positions per tile.
@@ -96,9 +96,7 @@ pub(crate) fn filters(p: &ConvWeights, backward: bool, products: Products) -> Ve
         match products {
             Products::FilterRows => packed::pack(plain, (rows, cols), dst),
             Products::TileRows => {
-                for (r, row) in plain.chunks_exact(cols).enumerate() {
-                    (0..cols).for_each(|c| transposed[c * rows + r] = row[c]);
-                }
+                packed::transpose(plain, (rows, cols), &mut transposed);
                 packed::pack_columns(&transposed, (cols, rows), dst);
             }
         }
@@ -199,8 +197,7 @@ pub(crate) fn conv(
                 false => tiles,
             };
             // Every element the band reads is written first: no clearing.
-            scratch.truncate(per_tile * ld);
-            fallible::resize(scratch, per_tile * ld, 0.0, "Winograd tiles")?;
+            set_len(scratch, per_tile * ld, "Winograd tiles")?;
             let (v, m) = scratch.split_at_mut(POSITIONS * in_c * ld);
             transform_input(x, in_c, (h, w), &band, (v, ld));
             let shape = (out_c, in_c, tiles);
@@ -242,13 +239,7 @@ fn conv_by_tile_rows(
     let per_position = m_len + a_len + tiles * out_c;
     let v_len = POSITIONS * in_c * tiles;
     // Every element the products read is written first: no clearing.
-    scratch.truncate(v_len + POSITIONS * per_position);
-    fallible::resize(
-        scratch,
-        v_len + POSITIONS * per_position,
-        0.0,
-        "Winograd tiles",
-    )?;
+    set_len(scratch, v_len + POSITIONS * per_position, "Winograd tiles")?;
     let (v, work) = scratch.split_at_mut(v_len);
     transform_input(x, in_c, (h, w), &band, (v, tiles));
     let b_len = packed::packed_columns_len(in_c, out_c);
@@ -259,9 +250,7 @@ fn conv_by_tile_rows(
         packed::pack_transposed((v, tiles), (tiles, in_c), a);
         let u = &u[pos * b_len..][..b_len];
         packed::product_packed(a, (tiles, in_c, out_c), u, (m_t, out_c));
-        for (t, row) in m_t.chunks_exact(out_c).enumerate() {
-            (0..out_c).for_each(|o| m[o * tiles + t] = row[o]);
-        }
+        packed::transpose(m_t, (tiles, out_c), m);
     });
     transform_output((work, tiles, per_position), out_c, (h, w), &band, out);
     Ok(())
